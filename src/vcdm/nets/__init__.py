@@ -1,0 +1,30 @@
+"""Networks (EDM parameter names) and the preconditioned denoiser that wraps them."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+
+def network_classes() -> dict[str, type[nn.Module]]:
+    from vcdm.nets.adm import DhariwalUNet
+    from vcdm.nets.prior import PriorTransformer
+    from vcdm.nets.songunet import SongUNet
+
+    return {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "PriorTransformer": PriorTransformer}
+
+
+def build_network(class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    classes = network_classes()
+    if class_name not in classes:
+        raise ValueError(f"unknown network class '{class_name}' (known: {', '.join(classes)})")
+    return classes[class_name](**kwargs)
+
+
+def build_denoiser(config: Mapping[str, Any]):
+    """Rebuild a Denoiser (random weights) from a checkpoint config."""
+    from vcdm.data.structure import Structure
+    from vcdm.nets.precond import Denoiser
+
+    net = build_network(config["network"]["class"], config["network"]["kwargs"])
+    return Denoiser(net, Structure.from_dict(config["structure"]), **config["denoiser"])
