@@ -125,21 +125,31 @@ class Structure:
     def unflatten_observed(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return self._unflatten(self.observed_names, y)
 
-    def per_tensor(self, values: str | Sequence[float] | None, flag: str, default: float) -> torch.Tensor:
-        """Expand a per-tensor option (the seed's --noise_mult / --pred_x0, one value per *existing*
-        tensor or per data tensor) into a per-element vector over the flat latent."""
+    def tensor_values(self, values: str | Sequence[float] | float | None, flag: str, default: float) -> tuple[float, ...]:
+        """Resolve a per-tensor option (the seed's --noise_mult / --pred_x0) to one value per data tensor.
+        As in the seed, a single value is broadcast and a full list is indexed by data tensor; a list
+        with one value per *existing* tensor is accepted too (non-existing tensors get `default`)."""
         if values is None or values == "":
-            vals = [default] * len(self.names)
-        else:
+            return (float(default),) * len(self.names)
+        if isinstance(values, (int, float)):
+            values = [values]
+        try:
             vals = [float(v) for v in (values.split(",") if isinstance(values, str) else values)]
-            n_exist = sum(self.exist)
-            if len(vals) == 1:
-                vals = vals * len(self.names)
-            elif len(vals) == n_exist and n_exist != len(self.names):
-                it = iter(vals)
-                vals = [next(it) if e else default for e in self.exist]
-            elif len(vals) != len(self.names):
-                raise StructureError(f"{flag}: expected 1, {n_exist} or {len(self.names)} values, got '{values}'")
+        except ValueError:
+            raise StructureError(f"{flag}: expected a comma-separated list of numbers, got '{values}'") from None
+        n_exist = sum(self.exist)
+        if len(vals) == 1:
+            vals = vals * len(self.names)
+        elif len(vals) == n_exist and n_exist != len(self.names):
+            it = iter(vals)
+            vals = [next(it) if e else float(default) for e in self.exist]
+        elif len(vals) != len(self.names):
+            raise StructureError(f"{flag}: expected 1, {n_exist} or {len(self.names)} values, got '{values}'")
+        return tuple(vals)
+
+    def per_tensor(self, values: str | Sequence[float] | float | None, flag: str, default: float) -> torch.Tensor:
+        """Expand a per-tensor option into a per-element float64 vector over the flat latent."""
+        vals = self.tensor_values(values, flag, default)
         pieces = [torch.full((self.numel(n),), vals[self.names.index(n)], dtype=torch.float64)
                   for n in self.latent_names]
         return torch.cat(pieces)

@@ -1,0 +1,126 @@
+"""`vcdm generate` (and root generate.py): the original release's sampling command, flag for flag."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import click
+
+from vcdm.fileio import parse_int_list
+
+# (flag, SamplerOptions field, click type, help). The seed's flag names; --disc maps to `discretization`.
+SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("steps", "num_steps", click.IntRange(min=1), "Number of sampling steps"),
+    ("sigma_min", "sigma_min", click.FloatRange(min=0, min_open=True), "Lowest noise level  [default: varies]"),
+    ("sigma_max", "sigma_max", click.FloatRange(min=0, min_open=True), "Highest noise level  [default: varies]"),
+    ("rho", "rho", click.FloatRange(min=0, min_open=True), "Time step exponent"),
+    ("S_churn", "S_churn", click.FloatRange(min=0), "Stochasticity strength"),
+    ("S_min", "S_min", click.FloatRange(min=0), "Stoch. min noise level"),
+    ("S_max", "S_max", click.FloatRange(min=0), "Stoch. max noise level"),
+    ("S_noise", "S_noise", float, "Stoch. noise inflation"),
+    ("solver", "solver", click.Choice(["euler", "heun"]), "Ablate ODE solver"),
+    ("disc", "discretization", click.Choice(["vp", "ve", "iddpm", "edm"]), "Ablate time step discretization {t_i}"),
+    ("schedule", "schedule", click.Choice(["vp", "ve", "linear"]), "Ablate noise schedule sigma(t)"),
+    ("scaling", "scaling", click.Choice(["vp", "none"]), "Ablate signal scaling s(t)"),
+    ("sampler", "sampler", click.Choice(["edm", "dpm2m"]),
+     "edm: Heun + churn (the ablation sampler if --solver/--disc/--schedule/--scaling is given); "
+     "dpm2m: DPM-Solver++(2M), deterministic  [default: edm]"),
+    ("guidance", "guidance", click.FloatRange(min=0, min_open=True),
+     "Classifier-free guidance scale (1 = none; needs a model trained with label dropout)"),
+]
+SEED_DEFAULTS: dict[str, Any] = {"num_steps": 18, "rho": 7.0, "S_churn": 0.0, "S_min": 0.0, "S_max": math.inf,
+                                 "S_noise": 1.0, "guidance": 1.0}
+
+
+def sampler_options(prefix: str = "", defaults: dict[str, Any] | None = None, stage: str = "") -> Callable:
+    """Click options for one stage's sampler: ``--steps`` … or ``--<prefix>steps`` …"""
+    defaults = {**SEED_DEFAULTS, **(defaults or {})}
+
+    def decorate(f: Callable) -> Callable:
+        for flag, key, type_, help_ in reversed(SAMPLER_FLAGS):
+            dest = prefix.replace("-", "_") + key
+            f = click.option(f"--{prefix}{flag}", dest, type=type_, default=defaults.get(key),
+                             show_default=key in defaults, help=f"{stage}{help_}")(f)
+        return f
+    return decorate
+
+
+def pop_sampler_options(kwargs: dict[str, Any], prefix: str = ""):
+    """Remove one stage's sampler options from click's kwargs → SamplerOptions."""
+    from vcdm.generate import SamplerOptions
+
+    dest = prefix.replace("-", "_")
+    return SamplerOptions(**{key: kwargs.pop(dest + key) for _, key, _, _ in SAMPLER_FLAGS})
+
+
+def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        seeds = parse_int_list(value, f"--{param.name}")
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+    if any(s < 0 for s in seeds):
+        raise click.BadParameter(f"seeds must be non-negative, got '{value}'")
+    return seeds
+
+
+def fail(e: Exception) -> click.ClickException:
+    """A library error (bad file, model, or combination of flags) as click's one-line error."""
+    return click.ClickException(str(e))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--network", "network", required=True, metavar="PATH",
+              help="Checkpoint to sample (.safetensors; convert EDM/VCDM .pkl files with `vcdm import-edm`)")
+@click.option("--outdir", metavar="DIR", help="Where to write the samples  [default: results/<run-id>/<checkpoint>/"
+              "<sampler args>/[<load_obs_from>/]samples-<first>-<last>]")
+@click.option("--data_path", metavar="PATH", help="Dataset to draw conditioning from, instead of the training data's "
+              "recorded path (conditional models without --load_obs_from)")
+@click.option("--load_obs_from", metavar="DIR", help="Condition on previously sampled tensors: DIR/<seed:06d>.pt "
+              "(e.g. a prior's embeddings)")
+@click.option("--seeds", default="0-63", show_default=True, metavar="LIST", callback=parse_seeds,
+              help="Random seeds, one sample each (e.g. 1,2,5-10)")
+@click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="INT",
+              help="Class label  [default: random per seed]")
+@click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
+              help="Maximum batch size")
+@click.option("--increment_seeds", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
+              help="Add to every seed's noise seed: other samples for the same observations")
+@sampler_options()
+@click.option("--device", metavar="DEV", help="torch device  [default: cuda (one GPU per torchrun rank) if available, "
+              "else cpu]")
+@click.option("--bf16", is_flag=True, help="Run the network under bfloat16 autocast (faster on GPUs; changes results, "
+              "so it enters the results directory name)")
+@click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
+@click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
+              help="Local CLIP weights, for conditioning on embeddings of dataset images  [env: VCDM_CLIP_WEIGHTS]")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar")
+def command(network: str, seeds: list[int], **kwargs: Any) -> None:
+    """Generate one sample per seed with the techniques of "Elucidating the Design Space of Diffusion-Based
+    Generative Models", skipping seeds already generated. Image models write <seed:06d>.png; models of
+    embeddings write <seed:06d>.pt, which an image model reads back with --load_obs_from.
+
+    \b
+    Examples:
+    # Embeddings from a prior, then images given them (the original release's recipe)
+    torchrun --standalone --nproc_per_node=1 generate.py --seeds=0-19999 --batch=64 \\
+        --network=training-runs/<PRIOR-ID>/network-snapshot-<KIMG>.safetensors --steps 40 --S_churn 50 --S_noise 1.007
+    torchrun --standalone --nproc_per_node=1 generate.py --seeds=0-19999 --batch=64 \\
+        --network=training-runs/<IMAGE-ID>/network-snapshot-<KIMG>.safetensors --steps 40 --S_churn 50 \\
+        --S_noise 1.007 --load_obs_from results/<PRIOR-ID>/network-snapshot-<KIMG>/<sampler args>/samples-0-19999/
+    \b
+    # 64 images to out/ with the deterministic DPM-Solver++(2M), 20 steps, and a grid
+    vcdm generate --network model.safetensors --outdir out --seeds 0-63 --sampler dpm2m --steps 20 --grid grid.png
+    """
+    from vcdm.generate import generate
+
+    try:
+        opts = pop_sampler_options(kwargs)
+        result = generate(network, seeds, opts=opts, **kwargs)
+    except ValueError as e:
+        raise fail(e) from None
+    from vcdm.generate import distributed
+
+    if distributed.rank() == 0:
+        click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"
+                   + (f"; grid {kwargs['grid']}" if kwargs.get("grid") else ""))

@@ -1,0 +1,59 @@
+"""`vcdm variations`: embed real images, sample images conditioned on each embedding, one grid per input."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vcdm.cli.generate import fail, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.sample import STAGE_DEFAULTS
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--image-model", "image_model", required=True, metavar="PATH",
+              help="Checkpoint of an image model conditioned on embeddings")
+@click.option("--images", required=True, multiple=True, metavar="PNG...",
+              help="Input image(s); repeat the flag or list several after it")
+@click.argument("more_images", nargs=-1, metavar="")
+@click.option("--n", "n", type=click.IntRange(min=1), default=8, show_default=True, metavar="INT",
+              help="Variations per input (seeds 0..n-1 unless --seeds is given)")
+@click.option("--seeds", default=None, metavar="LIST", callback=lambda c, p, v: None if v is None else parse_seeds(c, p, v),
+              help="Seeds of the variations, one each (e.g. 0-7); its length must equal --n if both are given")
+@click.option("--outdir", default="variations", show_default=True, metavar="DIR",
+              help="Writes DIR/<input name>.png: the input (centre-cropped, resized), then its variations")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="INT",
+              help="Class label for class-conditional models  [default: random per seed]")
+@click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
+              help="Maximum batch size")
+@sampler_options("", STAGE_DEFAULTS)
+@click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
+              help="Local CLIP weights for the embedder  [env: VCDM_CLIP_WEIGHTS]")
+@click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
+@click.option("--bf16", is_flag=True, help="Run the network under bfloat16 autocast")
+def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, ...], n: int, seeds: list[int] | None,
+            **kwargs: Any) -> None:
+    """Image variations (unCLIP-style): embed each input with the image model's own embedder (as
+    recorded in its checkpoint) and sample images conditioned on that embedding.
+
+    \b
+    Example:
+    vcdm variations --image-model runs/image/network-snapshot-010000.safetensors \\
+        --images cat.png dog.png --n 8 --clip-weights ViT-B-32.pt
+    """
+    import torch
+
+    from vcdm.generate import variations
+
+    ctx = click.get_current_context()
+    if seeds is None:
+        seeds = list(range(n))
+    elif ctx.get_parameter_source("n") != click.core.ParameterSource.DEFAULT and len(seeds) != n:
+        raise click.BadParameter(f"{len(seeds)} seeds given but --n {n}", param_hint="'--seeds'")
+    kwargs["device"] = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        opts = pop_sampler_options(kwargs)
+        written = variations(image_model, [*images, *more_images], seeds, opts=opts, **kwargs)
+    except ValueError as e:
+        raise fail(e) from None
+    for path in written:
+        click.echo(path)

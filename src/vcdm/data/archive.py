@@ -1,0 +1,243 @@
+"""EDM-format image archives: a zip or a folder of ``00000/img00000000.png`` … plus ``dataset.json``.
+
+Reading is lazy and process-safe (each process opens its own zip handle); writing is atomic (a temp
+zip or temp folder beside the destination, renamed into place only when complete). Both the
+dataset tool and ImageDataset decode through `to_rgb`, so they agree on every pixel format.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+import PIL.Image
+
+from vcdm.fileio import atomic_write, umask
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+METADATA_NAME = "dataset.json"
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so identical inputs give byte-identical zips
+BACKGROUND = 255  # transparent pixels are composited onto white
+
+
+class DatasetError(ValueError):
+    """A dataset source, destination or archive that cannot be used as asked."""
+
+
+def is_image(name: str | os.PathLike) -> bool:
+    return os.path.splitext(str(name))[1].lower() in IMAGE_EXTENSIONS
+
+
+def archive_name(index: int) -> str:
+    """EDM's name for image `index`: 1000 images per folder, e.g. 1234 -> '00001/img00001234.png'."""
+    return f"{index // 1000:05d}/img{index:08d}.png"
+
+
+def to_rgb(img: PIL.Image.Image, *, keep_gray: bool = False) -> PIL.Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (or L when `keep_gray` and the image is gray), deliberately:
+
+    - alpha (RGBA, LA, PA, palette transparency) is composited onto white, not dropped;
+    - 16/32-bit gray ('I;16*', 'I') is rescaled from [0, 65535] to [0, 255] (Pillow's convert clips);
+    - palette, 1-bit, CMYK, YCbCr, … go through Pillow's own conversion.
+    """
+    mode = img.mode
+    if mode == "RGB" or (keep_gray and mode == "L"):
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        gray = PIL.Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+        return gray if keep_gray else gray.convert("RGB")
+    if mode == "F":
+        raise DatasetError("floating-point ('F' mode) images are not supported; save them as 8- or 16-bit")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        base = PIL.Image.new("RGBA", img.size, (BACKGROUND,) * 3 + (255,))
+        img = PIL.Image.alpha_composite(base, img).convert("RGB")
+        if keep_gray and mode in ("LA", "La"):
+            return img.convert("L")
+        return img
+    if keep_gray and mode == "1":
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def decode_image(data: IO[bytes], name: str, *, keep_gray: bool = False) -> PIL.Image.Image:
+    """Open and fully decode one image (first frame); a corrupt file raises DatasetError naming it."""
+    try:
+        with PIL.Image.open(data) as img:
+            img.load()
+            return to_rgb(img, keep_gray=keep_gray)
+    except DatasetError as e:
+        raise DatasetError(f"{name}: {e}") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, … for bad files
+        raise DatasetError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
+
+
+def encode_png(img: PIL.Image.Image) -> bytes:
+    """Uncompressed PNG, exactly as EDM stores dataset images (deterministic bytes)."""
+    buf = io.BytesIO()
+    img.save(buf, format="png", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def path_sort_key(rel: str) -> tuple[str, ...]:
+    """Component-wise order of relative paths, as pathlib sorts them: 'a/x' < 'a-b/x' (strings disagree)."""
+    return tuple(rel.split("/"))
+
+
+class Archive:
+    """Read-only view of a folder or zip of images. Lazy; safe to pickle and to use after fork.
+
+    `names` are relative paths with '/' separators in plain string order, as EDM's reader sorts them.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid = -1
+        if self.path.is_dir():
+            self.kind = "dir"
+            names = []
+            for root, dirs, files in os.walk(self.path):
+                dirs.sort()
+                rel_root = os.path.relpath(root, self.path)
+                for f in files:
+                    names.append(f if rel_root == "." else f"{rel_root}/{f}".replace(os.sep, "/"))
+            self.names = sorted(names)
+        elif self.path.is_file():
+            if not zipfile.is_zipfile(self.path):
+                raise DatasetError(f"{self.path} is not a zip archive or a folder")
+            self.kind = "zip"
+            self.names = sorted(n for n in self._zipfile().namelist() if not n.endswith("/"))
+        else:
+            raise DatasetError(f"dataset path {self.path} does not exist")
+        self.image_names = [n for n in self.names if is_image(n)]
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per (worker) process
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def open(self, name: str) -> IO[bytes]:
+        if self.kind == "dir":
+            return open(self.path / name, "rb")
+        return self._zipfile().open(name, "r")
+
+    def describe(self, name: str) -> str:
+        return str(self.path / name) if self.kind == "dir" else f"{self.path}:{name}"
+
+    def read_image(self, name: str, *, keep_gray: bool = False) -> PIL.Image.Image:
+        try:
+            f = self.open(name)
+        except OSError as e:
+            raise DatasetError(f"cannot read image {self.describe(name)}: {e}") from None
+        with f:
+            return decode_image(f, self.describe(name), keep_gray=keep_gray)
+
+    def read_labels(self) -> dict[str, Any] | None:
+        """`dataset.json`'s labels as {relative name: label}; None when absent or null."""
+        if METADATA_NAME not in self.names:
+            return None
+        try:
+            with self.open(METADATA_NAME) as f:
+                labels = json.load(f)["labels"]
+            return None if labels is None else {str(k).replace("\\", "/"): v for k, v in labels}
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{self.describe(METADATA_NAME)}: expected {{\"labels\": [[name, label], ...] or null}} "
+                               f"({e})") from None
+
+    def has_metadata(self) -> bool:
+        return METADATA_NAME in self.names
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        self._zip = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _zip=None, _zip_pid=-1)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def check_dest(dest: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a destination that exists (unless `overwrite`) or whose kind (zip vs folder) differs."""
+    dest = Path(dest)
+    is_zip = dest.suffix.lower() == ".zip"
+    if dest.is_dir() and is_zip:
+        raise DatasetError(f"--dest {dest} is a folder but its name ends in .zip; choose another name")
+    if dest.exists() and not is_zip and not dest.is_dir():
+        raise DatasetError(f"--dest {dest} is a file; a folder destination must not exist (or use a .zip name)")
+    empty_dir = dest.is_dir() and not any(dest.iterdir())
+    if dest.exists() and not empty_dir and not overwrite:
+        raise DatasetError(f"--dest {dest} already exists; pass --overwrite to replace it")
+    return dest
+
+
+class ArchiveWriter:
+    """Write an EDM-format zip (dest ends in .zip) or folder, atomically.
+
+    Use as a context manager: entries go to a temp zip / temp folder beside `dest`, which replaces
+    `dest` only when the block completes; an exception (Ctrl-C included) leaves `dest` untouched.
+    """
+
+    def __init__(self, dest: str | os.PathLike):
+        self.dest = Path(dest)
+        self.is_zip = self.dest.suffix.lower() == ".zip"
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_zip:
+            with atomic_write(self.dest, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+                self._zf = zf
+                yield
+            return
+        tmp = Path(tempfile.mkdtemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".tmp"))
+        try:
+            os.chmod(tmp, 0o777 & ~umask())
+            self._root = tmp
+            yield
+            trash = None
+            if self.dest.exists():
+                trash = Path(tempfile.mkdtemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".old"))
+                os.replace(self.dest, trash / "old")
+            os.replace(tmp, self.dest)
+            if trash is not None:
+                shutil.rmtree(trash)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def __enter__(self) -> ArchiveWriter:
+        self._cm = self._open()
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._cm.__exit__(*exc)
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.is_zip:
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+            info.external_attr = 0o644 << 16
+            self._zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+        else:
+            path = self._root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+    def write_labels(self, labels: list[list] | None) -> None:
+        """dataset.json in EDM's exact format: json.dumps with default separators."""
+        self.write(METADATA_NAME, json.dumps({"labels": labels}).encode("utf8"))

@@ -1,0 +1,100 @@
+"""Embedders: images in [-1, 1] → (B, D) float32 vectors that the prior models and the image model
+is conditioned on.
+
+- ``clip-vit-b32``: the paper's embedder (CLIP ViT-B/32 image tower, local weights; see clip.py).
+- ``pixel-pca``: needs no download; fitted on the training set and stored with the run (see pca.py).
+  For CPU/offline use and the demo; it is not what the paper's results use.
+Either may be followed by the seed's post-processing (``n_comp``, ``n_clusters``, ``normalise``).
+
+A checkpoint records ``embedder.identity()`` in its config and ``embedder.export_state()`` in its
+``embedder`` tensor group; `load_embedder` rebuilds the embedder from the two and `compatible`
+refuses to chain models whose identities differ.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from vcdm.embedders.base import (Embedder, EmbedderError, EmbedderMismatch, compatible, default_cache_dir,
+                                 image_batches)
+from vcdm.embedders.clip import CLIPEmbedder, ClipWeightsError
+from vcdm.embedders.pca import PixelPCA
+from vcdm.embedders.postprocess import PostProcess, PostProcessed, fit_postprocess
+
+EMBEDDERS = ("clip-vit-b32", "pixel-pca")
+
+__all__ = ["EMBEDDERS", "CLIPEmbedder", "ClipWeightsError", "Embedder", "EmbedderError", "EmbedderMismatch",
+           "PixelPCA", "PostProcess", "PostProcessed", "build_embedder", "compatible", "default_cache_dir",
+           "fit_postprocess", "image_batches", "load_embedder"]
+
+
+def build_embedder(name: str, *, clip_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   trainable: bool = False, data: Any = None, cache_dir: str | os.PathLike | None = None,
+                   seed: int = 0, max_images: int | None = None, data_key: str | None = None,
+                   dim: int = 64, size: int = 16, whiten: bool = True,
+                   n_comp: int = 0, n_clusters: int = 0, normalise: bool = False,
+                   batch_size: int = 100, progress: bool = True) -> Embedder:
+    """Build (and, where needed, fit on `data`) an embedder for training.
+
+    clip-vit-b32 uses `clip_weights` / $VCDM_CLIP_WEIGHTS (see clip.py); `trainable` is the seed's
+    --train_embedder. pixel-pca uses `dim`, `size`, `whiten`. `n_comp`, `n_clusters`, `normalise` add
+    the seed's post-processing. Fitting uses `data` (a dataset or image tensor; see `image_batches`),
+    `max_images` of it (default all) chosen with `seed`, and caches its result in `cache_dir`
+    (e.g. `default_cache_dir(dataset_path)`); `data_key` can name the data version in that cache.
+    """
+    post = n_comp or n_clusters or normalise
+    if name not in EMBEDDERS:
+        raise EmbedderError(f"unknown embedder '{name}'; choose one of {', '.join(EMBEDDERS)}")
+    if data is None and (post or name == "pixel-pca"):
+        raise EmbedderError(f"embedder '{name}'{' with post-processing' if post else ''} is fitted on the "
+                            f"training data, but no data was given")
+    fit_opts = dict(seed=seed, max_images=max_images, cache_dir=cache_dir, data_key=data_key)
+    if name == "clip-vit-b32":
+        base: Embedder = CLIPEmbedder.from_file(clip_weights, trainable=trainable, device=device)
+    else:
+        base = PixelPCA.fit(data, dim=dim, size=size, whiten=whiten, **fit_opts).to(device)
+    if not post:
+        return base
+    return fit_postprocess(base, data, n_comp=n_comp, n_clusters=n_clusters, normalise=normalise,
+                           batch_size=batch_size, progress=progress, **fit_opts)
+
+
+def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torch.Tensor] | None, *,
+                  clip_weights: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu") -> Embedder | None:
+    """Rebuild the embedder a checkpoint recorded (`identity` from its config, `tensors` from its
+    ``embedder`` group). Raises EmbedderMismatch if the result's fingerprint differs from the
+    recorded one (e.g. other CLIP weights than those the model was trained with)."""
+    if identity is None:
+        return None
+    tensors = dict(tensors or {})
+    name, config = identity.get("name"), dict(identity.get("config") or {})
+    if identity.get("post"):
+        base = load_embedder(identity["base"], _sub(tensors, "base."), clip_weights=clip_weights, device=device)
+        post = PostProcess(base.dim, **identity["post"]).load_state(_sub(tensors, "post."))
+        embedder: Embedder = PostProcessed(base, post.to(base.device))
+    elif name == "clip-vit-b32":
+        trained = _sub(tensors, "visual.")
+        if trained:
+            embedder = CLIPEmbedder(trained, trainable=bool(config.get("trainable"))).to(device)
+        else:
+            embedder = CLIPEmbedder.from_file(clip_weights, trainable=bool(config.get("trainable")), device=device)
+    elif name == "pixel-pca":
+        try:
+            embedder = PixelPCA(int(identity["dim"]), int(config["size"]), int(config["channels"]), bool(config["whiten"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EmbedderError(f"pixel-pca identity lacks its options ({e}): {dict(identity)}") from None
+        embedder = embedder.load_state(tensors).to(device)
+    else:
+        raise EmbedderError(f"checkpoint records unknown embedder {name!r}; this vcdm knows {', '.join(EMBEDDERS)}")
+    if identity.get("fingerprint") and embedder.fingerprint() != identity["fingerprint"]:
+        what = "the CLIP weights found" if name == "clip-vit-b32" and not tensors else "the stored embedder state"
+        raise EmbedderMismatch(f"{what} (fingerprint {embedder.fingerprint()}) differ from those the model was "
+                               f"trained with ({identity['fingerprint']})")
+    return embedder
+
+
+def _sub(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

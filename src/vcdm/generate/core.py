@@ -1,0 +1,216 @@
+"""Batch generation for a list of seeds: the seed release's generate.py, resumable and torchrun-aware.
+
+One seed → one sample: latents, random class labels and dataset picks come from a per-seed generator
+(EDM's StackedRandomGenerator), so a seed's file does not depend on --batch or the number of processes.
+The draws follow the original release: with --load_obs_from the latent noise uses seed+1 (so an image
+is not drawn from the noise that drew its embedding); otherwise a seed draws its latent noise first,
+then its class label (EDM's order), or its dataset pick for models conditioned on embeddings.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from vcdm.checkpoints import load_checkpoint
+from vcdm.data.structure import Structure
+from vcdm.generate import distributed
+from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
+                                 write_tensors)
+from vcdm.generate.options import GenerateError, SamplerOptions, results_dir, seed_path
+
+GRID_MAX = 256
+
+
+@dataclass
+class Model:
+    """A loaded checkpoint: the denoiser (eval, on device), its config, and its other tensor groups."""
+    path: Path
+    denoiser: torch.nn.Module
+    config: dict
+    tensors: dict = field(default_factory=dict)
+
+    @property
+    def structure(self) -> Structure:
+        return self.denoiser.structure
+
+    @property
+    def makes_images(self) -> bool:
+        return "image" in self.structure.latent_names
+
+    @property
+    def ext(self) -> str:
+        return "png" if self.makes_images else "pt"
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
+    denoiser, config, tensors = load_checkpoint(path, device)
+    return Model(Path(path), denoiser, config, tensors)
+
+
+def load_embedder(model: Model, clip_weights: str | os.PathLike | None, device: torch.device):
+    """The embedder a model was trained with, rebuilt from its config and ``embedder`` tensors."""
+    from vcdm.embedders import load_embedder as _load
+
+    identity = model.config.get("embedder")
+    if identity is None:
+        raise GenerateError(f"{model.path}: the checkpoint records no embedder, so it cannot embed images")
+    return _load(identity, model.tensors.get("embedder"), clip_weights=clip_weights, device=device).eval()
+
+
+@dataclass
+class GenerateResult:
+    outdir: Path
+    written: list[int]  # seeds this process wrote
+    generated: int      # seeds all processes generated
+    skipped: int        # seeds whose files already existed
+
+
+class DatasetConditions:
+    """Observed tensors of random training items, for a conditional model run without --load_obs_from
+    (the original release's behaviour): the item's label and its image's embedding."""
+
+    def __init__(self, model: Model, data_path: str | None, clip_weights: str | None, device: torch.device):
+        from vcdm.data.dataset import ImageDataset, to_float
+
+        self.names = model.structure.observed_names
+        path = data_path or (model.config.get("data") or {}).get("path")
+        if not path or not Path(path).exists():
+            raise GenerateError(f"{model.path} is conditioned on {list(self.names)}: pass --load_obs_from DIR "
+                                f"(samples of a prior) or --data_path to draw them from data "
+                                f"(training data {path!r} not found)")
+        self.data = ImageDataset(path, use_labels="label" in self.names)
+        self.to_float, self.device = to_float, device
+        self.embedder = load_embedder(model, clip_weights, device) if "embedding" in self.names else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @torch.no_grad()
+    def observed(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        items = [self.data[int(i)] for i in indices]
+        images = self.to_float(torch.stack([img for img, _ in items])).to(self.device)
+        out = {"image": images, "label": torch.stack([label for _, label in items]).to(self.device)}
+        if self.embedder is not None:
+            out["embedding"] = self.embedder.embed(images).float()
+        return {k: out[k] for k in self.names}
+
+
+def check_class(structure: Structure, class_idx: int | None) -> None:
+    if class_idx is None:
+        return
+    if "label" not in structure.observed_names:
+        raise GenerateError("--class: the model is not conditioned on a class label")
+    label_dim = structure.shape("label")[0]
+    if not 0 <= class_idx < label_dim:
+        raise GenerateError(f"--class: expected 0..{label_dim - 1}, got {class_idx}")
+
+
+def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx: int | None = None,
+         load_obs_from: str | os.PathLike | None = None, dataset: DatasetConditions | None = None,
+         observed: dict[str, torch.Tensor] | None = None, increment_seeds: int = 0):
+    """Per-seed latent noise and conditioning for one batch → ``(latents, observed dict, rnd)``."""
+    from vcdm.diffusion.rng import StackedRandomGenerator
+
+    s, n = model.structure, len(seeds)
+    obs = dict(observed or {})
+    if load_obs_from is not None:
+        optional = ("label",) if class_idx is not None else ()
+        per_seed = [read_observed(load_obs_from, seed, s, optional) for seed in seeds]
+        obs.update({k: torch.stack([p[k] for p in per_seed]).to(device) for k in per_seed[0]})
+        offset = 1
+    elif dataset is not None:
+        picks = StackedRandomGenerator(device, list(seeds)).randint(len(dataset), size=[n], device=device)
+        obs.update(dataset.observed(picks))
+        offset = 0
+    else:
+        offset = 0
+    rnd = StackedRandomGenerator(device, [seed + offset + increment_seeds for seed in seeds])
+    latents = rnd.randn([n, s.latent_dim], device=device)
+    if "label" in s.observed_names and (class_idx is not None or "label" not in obs):
+        label_dim = s.shape("label")[0]
+        labels = torch.full([n], class_idx, device=device) if class_idx is not None else \
+            rnd.randint(label_dim, size=[n], device=device)
+        obs["label"] = torch.eye(label_dim, device=device)[labels]
+    return latents, obs, rnd
+
+
+def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
+            bf16: bool = False) -> torch.Tensor:
+    """Run the sampler; returns the flat latent samples (B, N) in float64."""
+    from vcdm.diffusion.samplers import sample
+
+    y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
+    with torch.no_grad(), torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return sample(model.denoiser, latents, y, randn_like=rnd.randn_like, **opts.sampler_kwargs())
+
+
+def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
+    """PNG per seed for image models; ``{name: tensor}`` ``.pt`` (latents + observed) otherwise."""
+    tensors = model.structure.unflatten_latent(x)
+    if model.makes_images:
+        for path, image in zip(paths, to_uint8(tensors["image"])):
+            write_png(path, image)
+        return
+    tensors = {**obs, **tensors}
+    for i, path in enumerate(paths):
+        write_tensors(path, {k: v[i] for k, v in tensors.items()})
+
+
+def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir: str | os.PathLike | None = None,
+             opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64, class_idx: int | None = None,
+             load_obs_from: str | os.PathLike | None = None, subdirs: bool = False, data_path: str | None = None,
+             increment_seeds: int = 0, device: str | torch.device | None = None, bf16: bool = False,
+             grid: str | os.PathLike | None = None, clip_weights: str | None = None,
+             progress: bool = True) -> GenerateResult:
+    """Sample one file per seed into ``outdir`` (default: the seed's results layout), skipping seeds whose
+    file exists. Under torchrun each rank takes every world-size-th batch of the missing seeds."""
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise GenerateError("--seeds: no seeds given")
+    if min(seeds) < 0:
+        raise GenerateError(f"--seeds: seeds must be non-negative, got {min(seeds)}")
+    if max_batch_size < 1:
+        raise GenerateError(f"--batch: expected a positive batch size, got {max_batch_size}")
+    device = distributed.init(device)
+    model = network if isinstance(network, Model) else load_model(network, device)
+    s = model.structure
+    check_class(s, class_idx)
+    if opts.guidance != 1.0 and not s.observed_names:
+        raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model")
+    if grid is not None and not model.makes_images:
+        raise GenerateError("--grid: the model generates embeddings, not images")
+    if outdir is None:
+        outdir = results_dir(model.path, opts, seeds, class_idx=class_idx, load_obs_from=load_obs_from,
+                             increment_seeds=increment_seeds, bf16=bf16)
+    outdir = Path(outdir)
+    if load_obs_from is not None:
+        check_obs_files(load_obs_from, seeds)
+
+    todo = [seed for seed in seeds if not seed_path(outdir, seed, model.ext, subdirs).is_file()]
+    distributed.barrier()  # every rank has listed what exists before anyone writes
+    rank, world = distributed.rank(), distributed.world_size()
+    written: list[int] = []
+    if todo:
+        dataset = None
+        if load_obs_from is None and set(s.observed_names) - {"label"}:
+            dataset = DatasetConditions(model, data_path, clip_weights, device)
+        num_batches = ((len(todo) - 1) // (max_batch_size * world) + 1) * world
+        batches = [b.tolist() for b in torch.as_tensor(todo).tensor_split(num_batches)][rank::world]
+        for batch in tqdm(batches, unit="batch", disable=not progress or rank != 0):
+            if not batch:
+                continue
+            latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
+                                     dataset=dataset, increment_seeds=increment_seeds)
+            x = denoise(model, latents, obs, rnd, opts, bf16)
+            save_samples(model, x, obs, [seed_path(outdir, seed, model.ext, subdirs) for seed in batch])
+            written += batch
+    distributed.barrier()
+    if grid is not None and rank == 0:
+        shown = seeds[:GRID_MAX]
+        write_png(grid, make_grid([read_png(seed_path(outdir, seed, "png", subdirs)) for seed in shown]))
+    return GenerateResult(outdir, written, len(todo), len(seeds) - len(todo))

@@ -1,0 +1,99 @@
+"""Per-seed sample files: PNG images, ``.pt`` observed-tensor dicts, and image grids. All writes atomic."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from vcdm.data import dataset
+from vcdm.data.structure import Structure
+from vcdm.fileio import atomic_write
+from vcdm.generate.options import GenerateError, seed_path
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) floats in [-1, 1] → (B, H, W, C) uint8, rounding as EDM's generate.py does."""
+    return dataset.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write one (H, W, C) uint8 image; C = 1 gives a grayscale PNG."""
+    pil = PIL.Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else PIL.Image.fromarray(image, "RGB")
+    with atomic_write(path, "wb") as f:
+        pil.save(f, format="PNG")
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    with PIL.Image.open(path) as img:
+        arr = np.asarray(img)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``{name: tensor}`` (per-sample shapes, own storage) as a ``weights_only``-loadable ``.pt``."""
+    with atomic_write(path, "wb") as f:
+        torch.save({k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}, f)
+
+
+def obs_path(load_obs_from: str | os.PathLike, seed: int) -> Path:
+    """The observation file of a seed: ``<dir>/<seed:06d>.pt``, or under ``--subdirs`` thousands."""
+    flat = seed_path(load_obs_from, seed, "pt")
+    nested = seed_path(load_obs_from, seed, "pt", subdirs=True)
+    return nested if not flat.is_file() and nested.is_file() else flat
+
+
+def check_obs_files(load_obs_from: str | os.PathLike, seeds: Sequence[int]) -> None:
+    if not Path(load_obs_from).is_dir():
+        raise GenerateError(f"--load_obs_from: {load_obs_from} is not a directory")
+    missing = [s for s in seeds if not obs_path(load_obs_from, s).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise GenerateError(f"--load_obs_from: no observation for seed {missing[0]}: "
+                            f"{obs_path(load_obs_from, missing[0])} is missing{more}")
+
+
+def read_observed(load_obs_from: str | os.PathLike, seed: int, structure: Structure,
+                  optional: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Read the tensors ``structure`` observes from a seed's ``.pt`` (a ``{name: tensor}`` dict, or the
+    original release's list ordered like the data class's tensors). Names in ``optional`` may be absent."""
+    path = obs_path(load_obs_from, seed)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors have no common base class
+        raise GenerateError(f"--load_obs_from: cannot read {path}: {e}") from None
+    if isinstance(data, (list, tuple)) and len(data) == len(structure.names):
+        data = {n: t for n, t in zip(structure.names, data) if t is not None}
+    if not isinstance(data, dict):
+        raise GenerateError(f"--load_obs_from: {path} holds a {type(data).__name__}, expected a dict of tensors")
+    out = {}
+    for name in structure.observed_names:
+        if name not in data:
+            if name in optional:
+                continue
+            raise GenerateError(f"--load_obs_from: {path} has no tensor '{name}' (has {sorted(data)}), "
+                                f"which the model is conditioned on")
+        t = data[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != structure.shape(name):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise GenerateError(f"--load_obs_from: {path}: '{name}' has shape {shape}, "
+                                f"the model expects {structure.shape(name)}")
+        out[name] = t.to(torch.float32)
+    return out
+
+
+def make_grid(images: Sequence[np.ndarray], cols: int | None = None) -> np.ndarray:
+    """Tile (H, W, C) uint8 images row by row; ``cols`` defaults to a near-square layout."""
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w, c = images[0].shape
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    return grid

@@ -1,0 +1,129 @@
+"""Sampler options and the seed release's results layout.
+
+Without ``--outdir`` samples go to
+``results/<run-id>/<checkpoint-stem>/<sampler args>/[<load_obs_from parts joined by _>/]samples-<first>-<last>/``
+where ``<sampler args>`` is ``key-value`` pairs sorted by key and joined by ``_``, exactly as the original
+release spells them (``S_churn-50.0_S_max-inf_..._solver-None``). Options this toolkit added enter the
+name only when they differ from their default, so the original names stay exact.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
+SAMPLERS = ("edm", "ablation", "dpm2m")
+
+
+class GenerateError(ValueError):
+    """Bad generation input (options, files, models); the message names the flag or file."""
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The seed's sampler arguments (EDM's names) plus ``sampler`` and ``guidance``.
+
+    ``sampler=None`` picks EDM's rule: the ablation sampler when any of solver / discretization /
+    schedule / scaling is given, else the EDM Heun sampler with churn.
+    """
+    num_steps: int = 18
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float = 7.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+    solver: str | None = None
+    discretization: str | None = None
+    schedule: str | None = None
+    scaling: str | None = None
+    sampler: str | None = None
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Floats print as the seed's click-parsed floats did ("50.0", not "50"), so directory names match.
+        for key in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, float(value))
+        object.__setattr__(self, "num_steps", int(self.num_steps))
+        if self.num_steps < 1:
+            raise GenerateError(f"--steps: expected a positive number of steps, got {self.num_steps}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise GenerateError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+        ablation = [k for k in ABLATION_KEYS if getattr(self, k) is not None]
+        if ablation and self.sampler in ("edm", "dpm2m"):
+            raise GenerateError(f"--sampler {self.sampler} does not take --{', --'.join(ablation)} "
+                                "(those select the ablation sampler)")
+        if self.sampler == "dpm2m" and (self.S_churn or self.S_noise != 1.0 or self.S_min or self.S_max != math.inf):
+            raise GenerateError("--sampler dpm2m is deterministic: drop --S_churn/--S_min/--S_max/--S_noise")
+        if self.guidance <= 0:
+            raise GenerateError(f"--guidance: expected a positive scale, got {self.guidance}")
+
+    @property
+    def resolved_sampler(self) -> str:
+        if self.sampler is not None:
+            return self.sampler
+        return "ablation" if any(getattr(self, k) is not None for k in ABLATION_KEYS) else "edm"
+
+    def sampler_kwargs(self) -> dict:
+        """Keyword arguments for ``vcdm.diffusion.samplers.sample`` (None values left to its defaults)."""
+        keys = ["num_steps", "sigma_min", "sigma_max", "rho"]
+        if self.resolved_sampler != "dpm2m":
+            keys += ["S_churn", "S_min", "S_max", "S_noise"]
+        if self.resolved_sampler == "ablation":
+            keys += list(ABLATION_KEYS)
+        kwargs = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {"sampler": self.resolved_sampler, "guidance": self.guidance, **kwargs}
+
+    def replace(self, **changes) -> "SamplerOptions":
+        return SamplerOptions(**{**asdict(self), **changes})
+
+
+def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0,
+                   bf16: bool = False) -> str:
+    """``<sorted key-value pairs>[_<increment_seeds>]``, the seed's name for a set of sampler arguments."""
+    items: dict[str, object] = {k: getattr(opts, k) for k in
+                                ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
+                                 "solver", "discretization", "schedule", "scaling")}
+    items["class"] = class_idx
+    if opts.sampler == "dpm2m":
+        items["sampler"] = opts.sampler
+    if opts.guidance != 1.0:
+        items["guidance"] = opts.guidance
+    if bf16:
+        items["bf16"] = True
+    name = "_".join(f"{k}-{v}" for k, v in sorted(items.items()))
+    return name + (f"_{increment_seeds}" if increment_seeds > 0 else "")
+
+
+def obs_dirname(load_obs_from: str | os.PathLike) -> str:
+    """The seed's sub-directory for conditioned samples: the path's parts joined by '_' (anchor dropped,
+    so an absolute path does not escape the results tree)."""
+    path = Path(load_obs_from)
+    parts = path.parts[1:] if path.anchor else path.parts
+    return "_".join(parts)
+
+
+def results_dir(network: str | os.PathLike, opts: SamplerOptions, seeds: Sequence[int], *,
+                class_idx: int | None = None, load_obs_from: str | os.PathLike | None = None,
+                increment_seeds: int = 0, bf16: bool = False, root: str | os.PathLike = "results") -> Path:
+    """Where the seed release writes samples of ``network`` when no --outdir is given."""
+    network = Path(network)
+    run_id = network.parent.name or "."
+    out = Path(root) / run_id / network.stem / sample_dirname(opts, class_idx, increment_seeds, bf16)
+    if load_obs_from is not None:
+        out = out / obs_dirname(load_obs_from)
+    return out / f"samples-{seeds[0]}-{seeds[-1]}"
+
+
+def seed_path(outdir: str | os.PathLike, seed: int, ext: str, subdirs: bool = False) -> Path:
+    """``<outdir>/[<thousands>/]<seed:06d>.<ext>`` (EDM's --subdirs groups seeds by thousand)."""
+    outdir = Path(outdir)
+    if subdirs:
+        outdir = outdir / f"{seed - seed % 1000:06d}"
+    return outdir / f"{seed:06d}.{ext}"

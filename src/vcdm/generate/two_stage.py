@@ -1,0 +1,81 @@
+"""Two-stage sampling: a prior samples embeddings, an image model samples images given them.
+
+The result is byte-for-byte what running ``generate`` twice gives (the seed README's recipe): the prior
+writes ``<seed>.pt`` files, and the image model reads them back as with ``--load_obs_from``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vcdm.checkpoints import read_config
+from vcdm.data.structure import Structure
+from vcdm.generate.core import GenerateResult, generate
+from vcdm.generate.options import GenerateError, SamplerOptions
+
+
+class IncompatibleModels(GenerateError):
+    """A prior and an image model that cannot be chained."""
+
+
+def check_chain(prior: dict, image: dict, *, prior_name: str = "prior", image_name: str = "image model",
+                class_idx: int | None = None) -> None:
+    """Refuse a prior/image-model pair whose tensors, shapes or embedders do not line up (configs as
+    stored in the checkpoints)."""
+    ps, its = Structure.from_dict(prior["structure"]), Structure.from_dict(image["structure"])
+    if "image" in ps.latent_names:
+        raise IncompatibleModels(f"--prior {prior_name} generates images, not embeddings; pass it as --image-model")
+    if "image" not in its.latent_names:
+        raise IncompatibleModels(f"--image-model {image_name} does not generate images "
+                                 f"(it generates {list(its.latent_names)})")
+    produced = set(ps.latent_names) | set(ps.observed_names)
+    for name in its.observed_names:
+        if name not in produced:
+            if name == "label" and class_idx is not None:
+                continue
+            hint = " (pass --class)" if name == "label" else ""
+            raise IncompatibleModels(f"{image_name} is conditioned on '{name}', which {prior_name} does not "
+                                     f"produce{hint}")
+        if ps.shape(name) != its.shape(name):
+            raise IncompatibleModels(f"dimension mismatch: {prior_name} produces '{name}' of shape {ps.shape(name)}, "
+                                     f"{image_name} expects {its.shape(name)}")
+    if "embedding" not in its.observed_names:
+        return
+    from vcdm.embedders import compatible
+
+    try:
+        compatible(prior.get("embedder"), image.get("embedder"))
+    except ValueError as e:
+        raise IncompatibleModels(f"{prior_name} and {image_name} cannot be chained: {e}") from None
+
+
+@dataclass
+class TwoStageResult:
+    embeddings: GenerateResult
+    images: GenerateResult
+
+
+def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, seeds: Sequence[int], *,
+                     outdir: str | os.PathLike | None = None, prior_opts: SamplerOptions = SamplerOptions(),
+                     image_opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64,
+                     class_idx: int | None = None, subdirs: bool = False, increment_seeds: int = 0,
+                     device: str | torch.device | None = None, bf16: bool = False,
+                     grid: str | os.PathLike | None = None, progress: bool = True) -> TwoStageResult:
+    """Embeddings into ``<outdir>/embeddings`` and images into ``<outdir>/images`` — or, without
+    ``outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
+    prior_cfg, image_cfg = read_config(prior), read_config(image_model)
+    check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
+    conditioned = [class_idx if "label" in Structure.from_dict(c["structure"]).observed_names else None
+                   for c in (prior_cfg, image_cfg)]
+    outdir = Path(outdir) if outdir is not None else None
+    common = dict(max_batch_size=max_batch_size, subdirs=subdirs, increment_seeds=increment_seeds, device=device,
+                  bf16=bf16, progress=progress)
+    emb = generate(prior, seeds, outdir=outdir / "embeddings" if outdir else None, opts=prior_opts,
+                   class_idx=conditioned[0], **common)
+    img = generate(image_model, seeds, outdir=outdir / "images" if outdir else None, opts=image_opts,
+                   class_idx=conditioned[1], load_obs_from=emb.outdir, grid=grid, **common)
+    return TwoStageResult(emb, img)

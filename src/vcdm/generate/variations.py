@@ -1,0 +1,73 @@
+"""unCLIP-style variations: embed real images with the image model's own embedder, then sample images
+conditioned on each embedding. One grid PNG per input: the input (as the model sees it) first."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_model
+from vcdm.generate.files import make_grid, to_uint8, write_png
+from vcdm.generate.options import GenerateError, SamplerOptions
+
+
+def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.ndarray:
+    """Centre-crop to a square and resize (Lanczos) to the model's resolution → (H, W, C) uint8."""
+    try:
+        with PIL.Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, PIL.UnidentifiedImageError) as e:
+        raise GenerateError(f"--images: cannot read {path}: {e}") from None
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), PIL.Image.LANCZOS)
+    arr = np.asarray(img)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLike], seeds: Sequence[int], *,
+               outdir: str | os.PathLike = "variations", opts: SamplerOptions = SamplerOptions(),
+               class_idx: int | None = None, max_batch_size: int = 64, clip_weights: str | None = None,
+               device: str | torch.device = "cpu", bf16: bool = False) -> list[Path]:
+    """Write ``<outdir>/<input stem>.png`` per input: the input, then one variation per seed."""
+    stems = [Path(p).stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise GenerateError("--images: two inputs share a file name; their grids would overwrite each other")
+    if not seeds or min(seeds) < 0:
+        raise GenerateError("--seeds: expected one or more non-negative seeds")
+    device = torch.device(device)
+    model = load_model(image_model, device)
+    s = model.structure
+    if not model.makes_images or "embedding" not in s.observed_names:
+        raise GenerateError(f"--image-model {image_model}: variations need a model of images conditioned on "
+                            f"an embedding (it generates {list(s.latent_names)} given {list(s.observed_names)})")
+    if set(s.observed_names) - {"embedding", "label"}:
+        raise GenerateError(f"--image-model {image_model}: conditioned on {list(s.observed_names)}; "
+                            "only an embedding (and a class label) can be supplied")
+    check_class(s, class_idx)
+    embedder = load_embedder(model, clip_weights, device)
+    channels, resolution = s.shape("image")[0], s.shape("image")[-1]
+    written = []
+    for path, stem in zip(images, stems):
+        shown = load_image(path, resolution, channels)
+        pixels = torch.as_tensor(shown, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            emb = embedder.embed(pixels).float()
+        if tuple(emb.shape[1:]) != s.shape("embedding"):
+            raise GenerateError(f"{image_model}: its embedder gives shape {tuple(emb.shape[1:])}, "
+                                f"the model expects {s.shape('embedding')}")
+        tiles = [shown]
+        for start in range(0, len(seeds), max_batch_size):
+            batch = list(seeds[start:start + max_batch_size])
+            latents, obs, rnd = draw(model, batch, device, class_idx=class_idx,
+                                     observed={"embedding": emb.expand(len(batch), -1)})
+            x = denoise(model, latents, obs, rnd, opts, bf16)
+            tiles += list(to_uint8(s.unflatten_latent(x)["image"]))
+        out = Path(outdir) / f"{stem}.png"
+        write_png(out, make_grid(tiles))
+        written.append(out)
+    return written

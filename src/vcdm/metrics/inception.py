@@ -1,0 +1,110 @@
+"""TensorFlow-compatible Inception-v3 pool features (2048-d) through torch-fidelity.
+
+The network is torch-fidelity's port of the 2015-12-05 TensorFlow graph that FID was defined with,
+so scores are comparable with EDM's and the literature's. Its weights are one file,
+`weights-inception-2015-12-05-6726825d.pth`, looked up in this order: an explicit path
+(`--inception-weights`), `$VCDM_INCEPTION_WEIGHTS`, torch.hub's checkpoint cache (where
+torch-fidelity itself keeps it), then downloaded into that cache. The file is read with
+`torch.load(weights_only=True)`, so a tampered file cannot run code.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vcdm.fileio import atomic_write
+
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
+WEIGHTS_ENV = "VCDM_INCEPTION_WEIGHTS"
+FEATURE_DIM = 2048
+
+
+class InceptionWeightsError(ValueError):
+    """The Inception weights are missing, unreadable, or not torch-fidelity's Inception-v3."""
+
+
+def cached_weights_path() -> Path:
+    """Where torch-fidelity (via torch.hub) keeps the weights: $TORCH_HOME/hub/checkpoints/…"""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def download(url: str, dest: str | os.PathLike, *, timeout: float = 60.0, progress: bool = True) -> Path:
+    """Download `url` to `dest` atomically (a broken transfer leaves nothing behind)."""
+    from tqdm import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "vcdm"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, atomic_write(dest) as f:
+        size = response.headers.get("Content-Length")
+        with tqdm.wrapattr(f, "write", total=int(size) if size else None, desc=Path(dest).name,
+                           unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as out:
+            shutil.copyfileobj(response, out)
+    return Path(dest)
+
+
+def resolve_weights(path: str | os.PathLike | None = None, *, allow_download: bool = True,
+                    progress: bool = True) -> Path:
+    """Find the Inception weights file (see the module docstring for the order); download if needed."""
+    for given, origin in ((path, "--inception-weights"), (os.environ.get(WEIGHTS_ENV) or None, f"${WEIGHTS_ENV}")):
+        if given is not None:
+            if not Path(given).is_file():
+                raise InceptionWeightsError(f"{origin}: no such file '{given}' (expected {WEIGHTS_FILE} from {WEIGHTS_URL})")
+            return Path(given)
+    cached = cached_weights_path()
+    if cached.is_file():
+        return cached
+    hint = (f"Inception-v3 weights not found. Download {WEIGHTS_URL} and either put it at {cached}, "
+            f"pass --inception-weights PATH, or set ${WEIGHTS_ENV}=PATH")
+    if not allow_download:
+        raise InceptionWeightsError(hint)
+    try:
+        return download(WEIGHTS_URL, cached, progress=progress)
+    except OSError as e:  # URLError, timeouts, refused connections, read-only cache …
+        raise InceptionWeightsError(f"{hint} (download failed: {e})") from None
+
+
+class InceptionFeatures(nn.Module):
+    """uint8 images (B, 1|3, H, W), any size → (B, 2048) float32 pool3 features.
+
+    Grayscale is replicated to RGB; torch-fidelity resizes to 299x299 the way TensorFlow 1.x did.
+    """
+
+    dim = FEATURE_DIM
+
+    def __init__(self, weights: str | os.PathLike | None = None, *, allow_download: bool = True,
+                 progress: bool = True) -> None:
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.weights_path = resolve_weights(weights, allow_download=allow_download, progress=progress)
+        try:
+            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InceptionWeightsError(f"{self.weights_path}: not a readable Inception-v3 weights file ({e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise InceptionWeightsError(f"{self.weights_path}: expected a state dict of tensors ({WEIGHTS_FILE})")
+        # torch-fidelity unpickles the path it is given; hand it the tensors just read safely instead.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
+                                                   feature_extractor_weights_path=buffer)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise InceptionWeightsError(f"{self.weights_path}: does not fit torch-fidelity's Inception-v3 ({first})") from None
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"Inception expects uint8 images (B, 1|3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        device = next(self.net.parameters()).device
+        return self.net(images.to(device))[0]

@@ -1,0 +1,91 @@
+"""Network presets for the seed's ``--arch`` names, with its ``--cbase``/``--cres``/``--dropout`` overrides."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from vcdm.nets import build_network
+from vcdm.nets.layers import GroupNorm
+
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2")
+DEFAULT_DROPOUT = 0.13  # train.py's --dropout default (EDM and the seed), applied to every U-Net
+
+_SONG = {
+    "ddpmpp": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                   channel_mult_noise=1, resample_filter=[1, 1]),
+    "ncsnpp": dict(embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1]),
+}
+
+
+class PresetError(ValueError):
+    """An --arch / --cbase / --cres / resolution combination that cannot build a network."""
+
+
+def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_dim: int, augment_dim: int,
+           cbase: int | None = None, cres: Sequence[int] | None = None,
+           dropout: float | None = None) -> tuple[str, dict[str, Any]]:
+    """(network class name, constructor kwargs) for `arch`.
+
+    ddpmpp/ncsnpp: EDM's DDPM++/NCSN++ (cbase 128; cres 2,2,2 up to 32x32 as EDM's CIFAR-10 models,
+    1,2,2,2 above as its and the seed's 64x64 models). adm: EDM's ADM (cbase 192, cres 1,2,3,4).
+    dalle2: the prior transformer over an `embed_dim` vector (dim 512, depth 6, 8 heads x 64, no
+    dropout unless given). `label_dim` is the size of the conditioning vector (0: unconditional);
+    `resolution`/`channels` are ignored for dalle2 and `embed_dim` for the U-Nets.
+    """
+    if arch not in ARCHS:
+        raise PresetError(f"--arch: unknown architecture '{arch}' (expected one of {', '.join(ARCHS)})")
+    if dropout is not None and not 0 <= dropout <= 1:
+        raise PresetError(f"--dropout: expected a probability in [0, 1], got {dropout}")
+    if label_dim < 0 or augment_dim < 0:
+        raise PresetError(f"label_dim and augment_dim must be >= 0, got {label_dim} and {augment_dim}")
+    if arch == "dalle2":
+        if embed_dim <= 0:
+            raise PresetError(f"--arch=dalle2 generates one embedding vector; expected its size > 0, got {embed_dim}")
+        if cbase is not None or cres is not None:
+            raise PresetError("--cbase/--cres apply to the U-Nets (ddpmpp, ncsnpp, adm), not to --arch=dalle2")
+        return "PriorTransformer", dict(embed_dim=embed_dim, label_dim=label_dim, augment_dim=augment_dim, dim=512,
+                                        depth=6, heads=8, dim_head=64, dropout=0.0 if dropout is None else dropout)
+
+    if arch == "adm":
+        default_cbase, default_cres = 192, [1, 2, 3, 4]
+    else:
+        default_cbase, default_cres = 128, [2, 2, 2] if resolution <= 32 else [1, 2, 2, 2]
+    cbase = default_cbase if cbase is None else cbase
+    cres = default_cres if cres is None else list(cres)
+    _check_unet(arch, resolution, channels, cbase, cres)
+    kwargs = dict(img_resolution=resolution, in_channels=channels, out_channels=channels, label_dim=label_dim,
+                  augment_dim=augment_dim, model_channels=cbase, channel_mult=cres,
+                  dropout=DEFAULT_DROPOUT if dropout is None else dropout)
+    name, kwargs = ("DhariwalUNet", kwargs) if arch == "adm" else ("SongUNet", {**kwargs, **_SONG[arch]})
+    _check_group_norms(name, kwargs)
+    return name, kwargs
+
+
+def _check_unet(arch: str, resolution: int, channels: int, cbase: int, cres: list[int]) -> None:
+    if channels <= 0:
+        raise PresetError(f"--arch={arch}: expected images with >= 1 channel, got {channels}")
+    if cbase <= 0 or not cres or min(cres) <= 0:
+        raise PresetError(f"--cbase/--cres: expected positive integers, got cbase={cbase}, cres={cres}")
+    levels = len(cres)
+    if resolution <= 0 or resolution % 2 ** (levels - 1):
+        raise PresetError(f"--cres: {levels} levels halve the resolution {levels - 1} times, so it must be a "
+                          f"multiple of {2 ** (levels - 1)}; got {resolution}x{resolution} (use fewer --cres entries)")
+    if arch == "adm":
+        for level, mult in enumerate(cres):
+            res = resolution >> level
+            if (res in (32, 16, 8) or level == levels - 1) and (cbase * mult) % 64:
+                raise PresetError(f"--cbase/--cres: ADM attends with 64 channels per head, but {res}x{res} "
+                                  f"has {cbase * mult} channels (use a multiple of 64)")
+
+
+def _check_group_norms(name: str, kwargs: dict[str, Any]) -> None:
+    """Every GroupNorm needs min(32, channels // 4) >= 1 groups dividing its channels (built on the meta device)."""
+    with torch.device("meta"):
+        net = build_network(name, kwargs)
+    bad = sorted({m.weight.shape[0] for m in net.modules()
+                  if isinstance(m, GroupNorm) and (m.num_groups == 0 or m.weight.shape[0] % m.num_groups)})
+    if bad:
+        raise PresetError(f"--cbase/--cres: GroupNorm cannot split {bad} channels into min(32, channels/4) "
+                          f"equal groups; use a multiple of 32 for --cbase")

@@ -1,0 +1,58 @@
+"""Turn a data batch into the named tensors a model sees, then into (x, y, augment_labels).
+
+image uint8 → float [-1, 1] → augmentation (AugmentPipe) → embedding = embedder(augmented image),
+as the original release does, so the conditioning matches what the network sees → label (one-hot)
+→ Structure.flatten → x (latents), y (observed). Without augmentation, embeddings may come from a
+precomputed per-index table (`cached`) instead of running the embedder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vcdm.data.dataset import to_float
+from vcdm.data.structure import Structure
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor | None
+    augment_labels: torch.Tensor | None
+    tensors: dict[str, torch.Tensor]
+
+
+class BatchMaker:
+    def __init__(self, structure: Structure, device: torch.device, *, embedder=None, augment_pipe=None,
+                 cached: torch.Tensor | None = None):
+        if cached is not None and augment_pipe is not None:
+            raise ValueError("cached embeddings are only valid without augmentation")
+        self.structure, self.device = structure, device
+        self.embedder, self.augment_pipe, self.cached = embedder, augment_pipe, cached
+        self.used = {n for n, e in zip(structure.names, structure.exist) if e}
+
+    def tensors(self, indices: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Named tensors (only those the model uses) and the augment labels."""
+        image = to_float(images.to(self.device, non_blocking=True))
+        augment_labels = None
+        if self.augment_pipe is not None:
+            image, augment_labels = self.augment_pipe(image, generator=generator)
+        out = {}
+        if "image" in self.used:
+            out["image"] = image
+        if "embedding" in self.used:
+            if self.cached is not None:
+                out["embedding"] = self.cached[indices.to(self.cached.device)].to(self.device)
+            else:
+                out["embedding"] = self.embedder.embed(image).to(self.device)
+        if "label" in self.used:
+            out["label"] = labels.to(self.device, torch.float32)
+        return out, augment_labels
+
+    def __call__(self, indices: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator | None = None) -> Batch:
+        tensors, augment_labels = self.tensors(indices, images, labels, generator)
+        return Batch(self.structure.flatten_latent(tensors), self.structure.flatten_observed(tensors),
+                     augment_labels, tensors)

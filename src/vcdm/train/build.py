@@ -1,0 +1,163 @@
+"""Build what a training run needs from its options: dataset, embedder, Structure, network, denoiser,
+loss, augmentation, and the checkpoint config that records them."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vcdm.data.structure import Structure
+from vcdm.fileio import parse_int_list
+from vcdm.train import distributed as dist
+from vcdm.train.options import OptionError, TrainOptions
+
+FIT_SEED = 0  # embedder fits use a fixed seed, so a prior and an image model trained apart share them
+
+
+@dataclass
+class Setup:
+    dataset: Any
+    embedder: Any
+    structure: Structure
+    denoiser: Any
+    net_class: str
+    net_kwargs: dict[str, Any]
+    loss_fn: Any
+    augment_pipe: Any
+    cache_dir: Path
+    data_key: str
+
+    def config(self, training: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint config (see vcdm.checkpoints)."""
+        d = self.dataset
+        return {"network": {"class": self.net_class, "kwargs": self.net_kwargs},
+                "denoiser": self.denoiser.config(), "structure": self.structure.to_dict(),
+                "embedder": None if self.embedder is None else self.embedder.identity(),
+                "data": {"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
+                         "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name},
+                "training": training}
+
+
+def data_key(path: str | os.PathLike, dataset) -> str:
+    """Names one version of a dataset for caches: path, size and modification time."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{len(dataset)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def open_dataset(opts: TrainOptions):
+    from vcdm.data.dataset import ImageDataset
+
+    names = opts.tensor_names
+    exist = opts.exist_flags.split(",")
+    use_labels = "label" in names and len(exist) == len(names) and exist[names.index("label")].strip() == "1"
+    if not Path(opts.path).exists():
+        raise OptionError(f"--path: {opts.path} does not exist (expected a dataset zip or folder)")
+    dataset = ImageDataset(opts.path, use_labels=use_labels, xflip=opts.xflip, cache=opts.cache)
+    if use_labels and not dataset.has_labels:
+        raise OptionError(f"--exist: the label tensor is used but {opts.path} has no labels in dataset.json")
+    return dataset
+
+
+def _single(values: str, flag: str, names: tuple[str, ...]) -> int:
+    """The seed gives --n_comp/--n_clusters per tensor; only the embedding's entry can be non-zero here."""
+    vals = parse_int_list(values, flag)
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) != len(names) or "embedding" not in names:
+        raise OptionError(f"{flag}: expected one value or one per tensor {list(names)}, got '{values}'")
+    if any(v for v, n in zip(vals, names) if n != "embedding"):
+        raise OptionError(f"{flag}: post-processing applies to the embedding only, got '{values}'")
+    return vals[names.index("embedding")]
+
+
+def make_embedder(opts: TrainOptions, dataset, device: torch.device, cache_dir: Path, key: str):
+    """Build the embedder; data-fitted ones are fitted once (process 0 first, the others read its cache)."""
+    from vcdm.embedders import build_embedder
+
+    name = opts.embedder_name
+    if name is None:
+        return None
+    kwargs = dict(clip_weights=opts.clip_weights, device=device, trainable=opts.train_embedder, data=dataset,
+                  cache_dir=cache_dir if _writable(cache_dir) else None, seed=FIT_SEED, data_key=key,
+                  dim=opts.pca_dim, n_comp=_single(opts.n_comp, "--n_comp", opts.tensor_names),
+                  n_clusters=_single(opts.n_clusters, "--n_clusters", opts.tensor_names), progress=dist.rank() == 0)
+    if dist.rank() != 0:
+        dist.barrier()
+    embedder = build_embedder(name, **kwargs)
+    if dist.rank() == 0:
+        dist.barrier()
+    return embedder
+
+
+def _writable(cache_dir: Path) -> bool:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return os.access(cache_dir, os.W_OK)
+    except OSError:
+        return False
+
+
+def make_structure(opts: TrainOptions, dataset, embedder) -> Structure:
+    shapes = {"image": (dataset.num_channels, dataset.resolution, dataset.resolution),
+              "embedding": (embedder.dim if embedder is not None else 0,),
+              "label": (dataset.label_dim,)}
+    return Structure.from_flags({n: shapes[n] for n in opts.tensor_names}, opts.exist_flags, opts.observed)
+
+
+def default_arch(structure: Structure) -> str:
+    return "ddpmpp" if structure.latent_names == ("image",) else "dalle2"
+
+
+def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> tuple[str, dict[str, Any]]:
+    from vcdm.nets.presets import preset
+
+    arch = opts.arch or default_arch(structure)
+    image_latent = structure.latent_names == ("image",)
+    if arch == "dalle2" and "image" in structure.latent_names:
+        raise OptionError("--arch=dalle2 models embedding vectors, but the image is generated; use "
+                          "--arch=ddpmpp|ncsnpp|adm, or observe the image")
+    if arch != "dalle2" and not image_latent:
+        raise OptionError(f"--arch={arch} is an image U-Net, but the generated tensors are "
+                          f"{list(structure.latent_names)}; use --arch=dalle2 for embeddings")
+    res = structure.shape("image")[1] if "image" in structure.names else 0
+    chans = structure.shape("image")[0] if "image" in structure.names else 0
+    cres = parse_int_list(opts.cres, "--cres") if opts.cres else None
+    name, kwargs = preset(arch, resolution=res, channels=chans, embed_dim=0 if image_latent else structure.latent_dim,
+                          label_dim=structure.observed_dim, augment_dim=augment_dim, cbase=opts.cbase, cres=cres,
+                          dropout=opts.dropout)
+    if arch == "dalle2":
+        kwargs.update({k: v for k, v in (("dim", opts.prior_dim), ("depth", opts.prior_depth)) if v is not None})
+    elif opts.prior_dim is not None or opts.prior_depth is not None:
+        raise OptionError("--prior-dim/--prior-depth apply to --arch=dalle2 only")
+    return name, kwargs
+
+
+def make_loss(precond: str):
+    from vcdm.diffusion.loss import EDMLoss, VELoss, VPLoss
+
+    return {"edm": EDMLoss, "vp": VPLoss, "ve": VELoss}[precond]()
+
+
+def build(opts: TrainOptions, device: torch.device) -> Setup:
+    from vcdm.diffusion.augment import edm_augment_pipe
+    from vcdm.embedders.base import default_cache_dir
+    from vcdm.nets import build_network
+    from vcdm.nets.precond import Denoiser
+
+    dataset = open_dataset(opts)
+    key = data_key(opts.path, dataset)
+    cache_dir = default_cache_dir(opts.path)
+    embedder = make_embedder(opts, dataset, device, cache_dir, key)
+    structure = make_structure(opts, dataset, embedder)
+    augment_pipe = edm_augment_pipe(opts.augment) if opts.augment > 0 else None
+    if augment_pipe is not None and "image" not in structure.names:
+        raise OptionError("--augment: augmentation needs images")
+    augment_dim = augment_pipe.label_dim if augment_pipe is not None else 0
+    net_class, net_kwargs = make_network(opts, structure, augment_dim)
+    net = build_network(net_class, net_kwargs)
+    denoiser = Denoiser(net, structure, kind=opts.precond, noise_mult=opts.noise_mult, pred_x0=opts.pred_x0)
+    return Setup(dataset, embedder, structure, denoiser.to(device), net_class, net_kwargs, make_loss(opts.precond),
+                 augment_pipe, cache_dir, key)

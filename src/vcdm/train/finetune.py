@@ -1,0 +1,54 @@
+"""Initialising a training network from other weights.
+
+--pretrained_weights (the original release): every tensor must fit, except the new conditioning
+input ``map_label`` which starts at zero; --freeze_pretrained trains only that (vcdm.legacy does it).
+--transfer (EDM's): copy whatever tensors match by name and shape, leave the rest as initialised, and
+run the EMA without ramp-up.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vcdm.train import distributed as dist
+from vcdm.train.options import OptionError
+
+
+def load_pretrained(path: str, net: nn.Module, *, freeze: bool) -> None:
+    from vcdm.legacy import LegacyError, load_pretrained as legacy_load
+
+    if not Path(path).is_file():
+        raise OptionError(f"--pretrained_weights: {path} does not exist")
+    try:
+        report = legacy_load(path, net, freeze=freeze)
+    except (LegacyError, ValueError) as e:
+        raise OptionError(f"--pretrained_weights: {e}") from None
+    dist.print0(f"Pretrained weights: {report}")
+
+
+def source_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The network tensors of a vcdm .safetensors checkpoint or an EDM/VCDM pickle (read safely)."""
+    if not Path(path).is_file():
+        raise OptionError(f"--transfer: {path} does not exist")
+    try:
+        if Path(path).suffix == ".safetensors":
+            from vcdm.checkpoints import load_tensors, read_config
+            read_config(path)
+            return load_tensors(path).get("net", {})
+        from vcdm.legacy import load_legacy_pickle
+        return load_legacy_pickle(path).state_dict
+    except ValueError as e:
+        raise OptionError(f"--transfer: {e}") from None
+
+
+def transfer(path: str, net: nn.Module) -> None:
+    source = source_tensors(path)
+    target = net.state_dict()
+    copied = {k: v for k, v in source.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
+    if not copied:
+        raise OptionError(f"--transfer: no tensor of {path} matches this network by name and shape")
+    net.load_state_dict(copied, strict=False)
+    dist.print0(f"Transferred {len(copied)} of {len(target)} tensors from {path} "
+                f"({len(target) - len(copied)} keep their initialisation)")

@@ -1,0 +1,123 @@
+"""Training states: `training-state-<kimg:06d>.pt` + a JSON sidecar with its size and SHA-256.
+
+A state holds only state dicts, tensors and plain numbers, so ``torch.load(weights_only=True)`` reads
+it. Writes are atomic (a killed run never leaves a truncated state); a state damaged elsewhere fails
+its sidecar check or ``torch.load`` and is skipped by ``--resume=auto`` with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vcdm.fileio import atomic_path, atomic_write
+
+STATE_RE = re.compile(r"training-state-(\d+)\.pt")
+
+
+class StateError(ValueError):
+    """A training state that cannot be used."""
+
+
+def state_name(kimg: int) -> str:
+    return f"training-state-{kimg:06d}.pt"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        sidecar = {"size": tmp.stat().st_size, "sha256": _digest(tmp), "nimg": int(state["counters"]["nimg"])}
+    with atomic_write(path.with_name(path.name + ".json"), "w") as f:
+        json.dump(sidecar, f)
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a state; raise StateError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"{path}: no such training state")
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (json.JSONDecodeError, OSError) as e:
+            raise StateError(f"{sidecar}: unreadable sidecar ({e})") from None
+        size = path.stat().st_size
+        if size != meta.get("size"):
+            raise StateError(f"{path}: {size} bytes, its sidecar records {meta.get('size')} (truncated or replaced)")
+        if _digest(path) != meta.get("sha256"):
+            raise StateError(f"{path}: SHA-256 differs from its sidecar (file damaged)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files
+        raise StateError(f"{path}: not a readable training state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not {"net", "ema", "optimizer", "counters"} <= set(state):
+        raise StateError(f"{path}: not a vcdm training state (missing net/ema/optimizer/counters)")
+    return state
+
+
+def newest_valid_state(run_dirs: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable state (by images seen, then modification time) in `run_dirs`."""
+    candidates = []
+    for d in run_dirs:
+        for p in d.glob("training-state-*.pt"):
+            if STATE_RE.fullmatch(p.name):
+                candidates.append(p)
+
+    def key(p: Path):
+        try:
+            nimg = json.loads(p.with_name(p.name + ".json").read_text())["nimg"]
+        except (OSError, ValueError, KeyError, TypeError):
+            nimg = int(STATE_RE.fullmatch(p.name).group(1)) * 1000
+        return nimg, p.stat().st_mtime
+
+    for p in sorted(candidates, key=key, reverse=True):
+        try:
+            return p, load_state(p)
+        except StateError as e:
+            warnings.warn(f"skipping training state: {e}", stacklevel=2)
+    return None
+
+
+def capture_rng(sampler_position: int) -> dict[str, Any]:
+    """This process's random states as tensors and ints (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+        "sampler_position": int(sampler_position),
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"].numel():
+        states = list(rng["cuda"])
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))

@@ -1,0 +1,399 @@
+"""Safe import of EDM / VCDM-release network pickles (vcdm.legacy, `vcdm import-edm`).
+
+The pickles are built here in EDM's persistence format: persistent objects reduce to
+`torch_utils.persistence._reconstruct_persistent_obj(meta)` with the module's source in `meta`. Our
+source is a payload that writes a marker file if anything ever executes it.
+"""
+from __future__ import annotations
+
+import collections
+import copyreg
+import math
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.cli.main import cli
+from vcdm.data.structure import Structure
+from vcdm.legacy import (LegacyError, UnsafePickleError, import_edm, load_legacy_pickle, load_pretrained,
+                         read_pickle, to_vcdm)
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.songunet import SongUNet
+
+TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0,
+            embedding_type="positional", channel_mult_noise=1, encoder_type="standard", decoder_type="standard",
+            resample_filter=[1, 1], augment_dim=9)
+
+
+def _never_called(meta):  # what the pickle names; the real one would exec meta['module_src']
+    raise AssertionError("the file's reconstruct function was called")
+
+
+@pytest.fixture
+def fake_modules(monkeypatch, tmp_path):
+    """Register `torch_utils.persistence` and `training.structure` so the pickler can name them."""
+    tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    _never_called.__module__, _never_called.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
+    pers._reconstruct_persistent_obj = _never_called
+    training, tstruct = types.ModuleType("training"), types.ModuleType("training.structure")
+    SeedStructure.__module__ = "training.structure"
+    tstruct.Structure = SeedStructure
+    for mod in (tu, pers, training, tstruct):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    return tmp_path
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "PAYLOAD_RAN"
+    assert not path.exists()
+    return path
+
+
+def payload_src(marker) -> str:
+    return f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\nclass SongUNet: pass\n"
+
+
+class Persistent:
+    """Stand-in for an EDM persistent object: pickles exactly as torch_utils.persistence makes it."""
+
+    def __init__(self, class_name, state, src):
+        self.class_name, self.state, self.src = class_name, state, src
+
+    def __reduce__(self):
+        meta = dict(type="class", version=6, module_src=self.src, class_name=self.class_name, state=self.state)
+        return _never_called, (meta,)
+
+
+class SeedStructure:
+    """Stand-in for the release's training.structure.Structure (pickled by name with its __dict__)."""
+
+
+def edm_form(module, src, init_kwargs=None):
+    """A vcdm module tree in EDM's pickled form: our classes as persistent records, torch containers
+    (ModuleDict) pickled by reference, as EDM's are."""
+    if type(module).__module__.startswith("torch.nn"):
+        clone = type(module)()
+        clone.__dict__["_modules"] = collections.OrderedDict((k, edm_form(v, src)) for k, v in module._modules.items())
+        return clone
+    state = {k: v for k, v in module.__getstate__().items()
+             if isinstance(v, (bool, int, float, str, type(None), dict, set))}
+    state["_modules"] = collections.OrderedDict((k, None if v is None else edm_form(v, src)) for k, v in module._modules.items())
+    kwargs = dict(init_kwargs or {})
+    if type(module).__name__ == "UNetBlock":
+        kwargs["skip_scale"] = np.sqrt(0.5)  # EDM records numpy scalars among constructor kwargs
+    state["_init_args"], state["_init_kwargs"] = (), kwargs
+    return Persistent(type(module).__name__, state, src)
+
+
+def tiny_net(label_dim=0, seed=0, **over):
+    torch.manual_seed(seed)
+    kwargs = dict(img_resolution=8, in_channels=3, out_channels=3, label_dim=label_dim, **{**TINY, **over})
+    net = SongUNet(**kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))  # make zero-initialised tensors distinguishable too
+    return net, kwargs
+
+
+def edm_pickle(path, marker, *, precond="VPPrecond", label_dim=0, save="pickle", extra=None, **over):
+    """An EDM network pickle of a tiny SongUNet; returns the vcdm net it was made from."""
+    net, kwargs = tiny_net(label_dim, **over)
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("img_resolution", "in_channels", "out_channels", "label_dim")}
+    pkw = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_type="SongUNet", **model_kwargs)
+    attrs = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False)
+    if precond == "VPPrecond":
+        pkw.update(beta_d=18.0, beta_min=0.2, M=1000, epsilon_t=1e-5)
+        attrs.update(beta_d=18.0, beta_min=0.2, M=1000, epsilon_t=1e-5, sigma_min=0.002, sigma_max=80.0)
+    elif precond == "VEPrecond":
+        attrs.update(sigma_min=0.02, sigma_max=100)
+    else:
+        attrs.update(sigma_min=0, sigma_max=float("inf"), sigma_data=0.5)
+    src = payload_src(marker)
+    state = dict(training=False, _parameters=collections.OrderedDict(), _buffers=collections.OrderedDict(),
+                 _modules=collections.OrderedDict(model=edm_form(net, src, kwargs)), _init_args=(), _init_kwargs=pkw, **attrs)
+    data = dict(ema=Persistent(precond, state, src),
+                loss_fn=Persistent("VPLoss", dict(beta_d=18.0, _init_args=(), _init_kwargs={}), src),
+                augment_pipe=None, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset",
+                                                       path="datasets/tiny.zip", resolution=8, max_size=10),
+                **(extra or {}))
+    with open(path, "wb") as f:
+        if save == "pickle":
+            pickle.dump(data, f)
+        else:
+            torch.save(data, f, _use_new_zipfile_serialization=(save == "zip"))
+    return net, kwargs
+
+
+def assert_state_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("save", ["pickle", "zip", "legacy"])
+def test_import_edm_pickle_roundtrip(fake_modules, marker, save):
+    src, dest = fake_modules / "edm.pkl", fake_modules / "edm.safetensors"
+    net, kwargs = edm_pickle(src, marker, save=save)
+
+    rec = load_legacy_pickle(src)
+    assert (rec.release, rec.precond_class, rec.kind, rec.net_class) == ("edm", "VPPrecond", "vp", "SongUNet")
+    assert rec.net_kwargs == kwargs
+    assert rec.num_parameters == sum(p.numel() for p in net.parameters())
+    assert_state_equal(rec.state_dict, net.state_dict())
+
+    import_edm(src, dest)
+    denoiser, config, _ = load_checkpoint(dest)
+    assert_state_equal(denoiser.net.state_dict(), net.state_dict())
+    assert config["network"] == {"class": "SongUNet", "kwargs": kwargs}
+    assert config["denoiser"]["kind"] == "vp" and config["denoiser"]["beta_d"] == 18.0 and config["denoiser"]["beta_min"] == 0.2
+    assert config["structure"] == {"names": ["image", "label"], "shapes": [[3, 8, 8], [0]], "exist": [1, 0], "observed": [0, 0]}
+    assert config["imported_from"]["file"] == "edm.pkl" and config["data"]["path"] == "datasets/tiny.zip"
+
+    # Same function as the original network under the same preconditioning.
+    reference = Denoiser(net.eval(), Structure.from_dict(config["structure"]), **config["denoiser"])
+    x, sigma = torch.randn(2, 3 * 8 * 8), torch.tensor([0.5, 3.0])
+    with torch.no_grad():
+        assert torch.equal(denoiser(x, sigma), reference(x, sigma))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("precond,kind", [("EDMPrecond", "edm"), ("VEPrecond", "ve")])
+def test_precond_kinds_and_conditional(fake_modules, marker, precond, kind):
+    src = fake_modules / "c.pkl"
+    net, kwargs = edm_pickle(src, marker, precond=precond, label_dim=5, embedding_type="fourier",
+                             channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+    config, state = to_vcdm(load_legacy_pickle(src))
+    assert config["denoiser"]["kind"] == kind
+    if kind == "ve":
+        assert (config["denoiser"]["sigma_min"], config["denoiser"]["sigma_max"]) == (0.02, 100)
+    else:
+        assert config["denoiser"]["sigma_min"] is None and config["denoiser"]["sigma_max"] is None
+    assert config["structure"]["exist"] == [1, 1] and config["structure"]["observed"] == [0, 1]
+    assert config["structure"]["shapes"] == [[3, 8, 8], [5]]
+    assert "map_noise.freqs" in state
+    assert_state_equal(state, net.state_dict())
+
+
+def test_retarget_unconditional_to_embedding(fake_modules, marker):
+    src = fake_modules / "u.pkl"
+    net, _ = edm_pickle(src, marker)
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (7,)}, "1,1", "0,1")
+    config, state = to_vcdm(load_legacy_pickle(src), structure=structure)
+    assert config["network"]["kwargs"]["label_dim"] == 7
+    assert torch.equal(state["map_label.weight"], torch.zeros(16, 7)) and torch.equal(state["map_label.bias"], torch.zeros(16))
+    # Zero map_label: the conditioning is ignored, the network computes what it did.
+    save_checkpoint(fake_modules / "r.safetensors", {"net": state}, config)
+    denoiser, _, _ = load_checkpoint(fake_modules / "r.safetensors")
+    ref = Denoiser(net.eval(), Structure.from_flags({"image": (3, 8, 8), "label": (0,)}, "1,0", "0,0"), kind="vp",
+                   beta_d=18.0, beta_min=0.2)
+    x, s, y = torch.randn(2, 192), torch.tensor([1.0, 2.0]), torch.randn(2, 7)
+    with torch.no_grad():
+        assert torch.allclose(denoiser(x, s, y), ref(x, s), atol=1e-6)
+    with pytest.raises(LegacyError, match="does not fit"):
+        to_vcdm(load_legacy_pickle(src), structure=Structure.from_flags({"image": (3, 16, 16), "e": (7,)}, "1,1", "0,1"))
+
+
+def test_vcdm_release_snapshot(fake_modules, marker):
+    """The original release's snapshot: its EDMPrecond records the Structure and per-tensor options,
+    the inner WrappedOriginalSongUNet derives image size and label_dim from it."""
+    net, kwargs = tiny_net(label_dim=6)
+    s = SeedStructure()
+    s.__dict__.update(exist=np.array([1, 1], dtype=np.uint8), observed=np.array([0, 1], dtype=np.uint8),
+                      latent=np.array([1, 0], dtype=np.uint8), shapes=[torch.Size([3, 8, 8]), torch.Size([6])],
+                      is_onehot=[0, 0], names=["image", "embedding"])
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("img_resolution", "in_channels", "out_channels", "label_dim")}
+    src = payload_src(marker)
+    inner = edm_form(net, src, dict(structure=s, softmax_onehot=False, **model_kwargs))
+    inner.class_name = "WrappedOriginalSongUNet"
+    pkw = dict(structure=s, pred_x0=(0,), noise_mult=(1.0, 2.0), pretrained_weights=None,
+               model_type="WrappedOriginalSongUNet", use_fp16=False, softmax_onehot=False, **model_kwargs)
+    state = dict(_parameters=collections.OrderedDict(), _buffers=collections.OrderedDict(), structure=s,
+                 _modules=collections.OrderedDict(model=inner), _init_args=(), _init_kwargs=pkw,
+                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5, use_fp16=False)
+    path = fake_modules / "network-snapshot-000100.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(dict(ema=Persistent("EDMPrecond", state, src), augment_pipe=None,
+                         dataset_kwargs=dict(class_name="training.dataset.CLIPDataset", path="d.zip")), f)
+    rec = load_legacy_pickle(path)
+    assert rec.release == "vcdm" and rec.structure["exist"] == [1, 1] and rec.structure["shapes"] == [[3, 8, 8], [6]]
+    config, state = to_vcdm(rec)
+    assert config["network"]["kwargs"] == kwargs
+    assert config["structure"] == {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]], "exist": [1, 1], "observed": [0, 1]}
+    assert config["denoiser"]["noise_mult"] == [1.0, 2.0] and config["denoiser"]["pred_x0"] == [0, 0]
+    assert config["data"]["data_class"] == "CLIPDataset"
+    assert_state_equal(state, net.state_dict())
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Malicious and damaged files.
+
+class Evil:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker):
+    write = f"open({str(marker)!r}, 'w').write('ran')"
+    touch = f"touch {marker}"
+    return {
+        "posix.system": pickle.dumps(Evil(os.system, touch)),
+        "os.system": b"cos\nsystem\n(S'" + touch.encode() + b"'\ntR.",
+        "builtins.eval": pickle.dumps(Evil(eval, write)),
+        "builtins.exec": pickle.dumps(Evil(exec, write)),
+        "subprocess.check_call": pickle.dumps(Evil(subprocess.check_call, ["touch", str(marker)])),
+    }
+
+
+@pytest.mark.parametrize("name", ["posix.system", "os.system", "builtins.eval", "builtins.exec", "subprocess.check_call"])
+def test_code_payloads_refused_and_never_run(tmp_path, marker, name):
+    blob = payloads(marker)[name]
+    pickle.loads(blob)  # control: the payload is real
+    assert marker.exists()
+    marker.unlink()
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match=f"'{name}'"):
+        read_pickle(path)
+    assert not marker.exists()
+
+
+def test_payload_hidden_in_persistent_state_and_storage_blob(fake_modules, marker):
+    src = payload_src(marker)
+    exec(compile(src, "<control>", "exec"), {})  # control: running module_src would write the marker
+    assert marker.exists()
+    marker.unlink()
+    touch = f"touch {marker}"
+    hidden = dict(ema=Persistent("EDMPrecond", dict(_init_kwargs=dict(x=Evil(os.system, touch))), src))
+    in_storage = dict(ema=Evil(torch.storage._load_from_bytes, pickle.dumps(Evil(os.system, touch))))
+    called = Persistent("EDMPrecond", {}, src)
+    called_record = b"ctraining.networks\nEvil\n(S'x'\ntR."  # an allowed record class called like a function
+    for i, blob in enumerate([pickle.dumps(hidden), pickle.dumps(in_storage), pickle.dumps(called)]):
+        (fake_modules / f"{i}.pkl").write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match="'posix.system'"):
+        load_legacy_pickle(fake_modules / "0.pkl")
+    with pytest.raises(UnsafePickleError, match="'posix.system'"):
+        load_legacy_pickle(fake_modules / "1.pkl")
+    with pytest.raises(LegacyError, match="no inner network"):  # module_src alone is inert
+        load_legacy_pickle(fake_modules / "2.pkl")
+    (fake_modules / "3.pkl").write_bytes(called_record)
+    with pytest.raises(UnsafePickleError, match="calls 'training.networks.Evil' with arguments"):
+        read_pickle(fake_modules / "3.pkl")
+    (fake_modules / "4.pkl").write_bytes(b"cbuiltins\ngetattr\n(cbuiltins\ndict\nS'get'\ntR.")
+    with pytest.raises(UnsafePickleError, match="'builtins.getattr'"):
+        read_pickle(fake_modules / "4.pkl")
+    (fake_modules / "5.pkl").write_bytes(pickle.dumps(copyreg._reconstructor))
+    with pytest.raises(LegacyError):
+        load_legacy_pickle(fake_modules / "5.pkl")
+    assert not marker.exists()
+
+
+def test_damaged_files(fake_modules, marker):
+    good = fake_modules / "good.pkl"
+    edm_pickle(good, marker)
+    blob = good.read_bytes()
+    cases = {"truncated.pkl": blob[: len(blob) // 2], "empty.pkl": b"", "text.pkl": b"hello, not a pickle\n",
+             "trailing-cut.pkl": blob[:-1]}
+    for name, data in cases.items():
+        (fake_modules / name).write_bytes(data)
+        with pytest.raises(LegacyError, match=f"{name}: not a readable network pickle") as err:
+            load_legacy_pickle(fake_modules / name)
+        assert "\n" not in str(err.value)
+    zipped = fake_modules / "zip.pkl"
+    edm_pickle(zipped, marker, save="zip")
+    (fake_modules / "cut.pt").write_bytes(zipped.read_bytes()[:-300])
+    with pytest.raises(LegacyError, match="cut.pt"):
+        load_legacy_pickle(fake_modules / "cut.pt")
+    with pytest.raises(LegacyError, match="no such file"):
+        load_legacy_pickle(fake_modules / "missing.pkl")
+    (fake_modules / "list.pkl").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(LegacyError, match="expected EDM's dict"):
+        load_legacy_pickle(fake_modules / "list.pkl")
+
+
+def test_unsupported_networks_refused(fake_modules, marker):
+    src = fake_modules / "i.pkl"
+    edm_pickle(src, marker, precond="iDDPMPrecond")
+    with pytest.raises(LegacyError, match="preconditioner 'iDDPMPrecond' is not supported"):
+        to_vcdm(load_legacy_pickle(src))
+    rec = load_legacy_pickle(src)
+    rec.net_class = "DALLE2CLIPModel"
+    with pytest.raises(LegacyError, match="DALLE2CLIPModel' has no vcdm equivalent"):
+        to_vcdm(rec)
+
+
+# ------------------------------------------------------------------------------------------------
+# --pretrained_weights / --transfer
+
+@pytest.mark.parametrize("fmt", ["pkl", "safetensors"])
+def test_load_pretrained_zero_inits_map_label_and_freezes(fake_modules, marker, fmt):
+    src = fake_modules / "u.pkl"
+    source, _ = edm_pickle(src, marker)
+    if fmt == "safetensors":
+        import_edm(src, fake_modules / "u.safetensors")
+        src = fake_modules / "u.safetensors"
+    target, _ = tiny_net(label_dim=7, seed=1)
+    report = load_pretrained(src, target, freeze=True)
+    assert report.zero_init == ["map_label.bias", "map_label.weight"]
+    sd, ref = target.state_dict(), source.state_dict()
+    assert torch.count_nonzero(sd["map_label.weight"]) == 0 and torch.count_nonzero(sd["map_label.bias"]) == 0
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    trainable = sorted(n for n, p in target.named_parameters() if p.requires_grad)
+    assert trainable == ["map_label.bias", "map_label.weight"]
+    assert report.trainable == 16 * 7 + 16 and report.frozen == sum(p.numel() for p in source.parameters())
+
+    unfrozen, _ = tiny_net(label_dim=7, seed=1)
+    load_pretrained(src, unfrozen)
+    assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+def test_load_pretrained_refuses_mismatches(fake_modules, marker):
+    src = fake_modules / "u.pkl"
+    edm_pickle(src, marker)
+    wider, _ = tiny_net(model_channels=32)
+    with pytest.raises(LegacyError, match="differ in shape"):
+        load_pretrained(src, wider)
+    no_augment, _ = tiny_net(augment_dim=0)
+    with pytest.raises(LegacyError, match="1 unexpected e.g. \\['map_augment.weight'\\]"):
+        load_pretrained(src, no_augment)
+    conditional = fake_modules / "c.pkl"
+    edm_pickle(conditional, marker, label_dim=5)
+    other_labels, _ = tiny_net(label_dim=7)
+    with pytest.raises(LegacyError, match="map_label.weight"):
+        load_pretrained(conditional, other_labels)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_import_edm(fake_modules, marker):
+    src, dest = fake_modules / "edm.pkl", fake_modules / "out.safetensors"
+    net, _ = edm_pickle(src, marker)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["import-edm", str(src), str(dest)])
+    assert res.exit_code == 0, res.output
+    assert "VPPrecond (vp) wrapping SongUNet" in res.output
+    assert f"parameters: {sum(p.numel() for p in net.parameters()):,}" in res.output
+    mtime = dest.stat().st_mtime_ns
+    res = runner.invoke(cli, ["import-edm", str(src), str(dest)])
+    assert res.exit_code == 2 and "--overwrite" in res.output and dest.stat().st_mtime_ns == mtime
+    assert runner.invoke(cli, ["import-edm", str(src), str(dest), "--overwrite"]).exit_code == 0
+    bad = fake_modules / "bad.pkl"
+    bad.write_bytes(payloads(marker)["os.system"])
+    res = runner.invoke(cli, ["import-edm", str(bad), str(fake_modules / "bad.safetensors")])
+    assert res.exit_code == 2 and "'os.system'" in res.output
+    assert not (fake_modules / "bad.safetensors").exists() and not marker.exists()
+    assert [p.name for p in fake_modules.iterdir() if p.name.endswith(".tmp")] == []
