@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from vcdm.checkpoints import load_tensors, read_config, save_checkpoint
-from vcdm.embedders import (CLIPEmbedder, ClipWeightsError, Embedder, EmbedderError, EmbedderMismatch, PixelPCA,
+from vcdm.embedders import (ClipWeightsError, Embedder, EmbedderError, EmbedderMismatch, PixelPCA,
                             build_embedder, compatible, fit_postprocess, image_batches, load_embedder)
 from vcdm.embedders import base as base_mod
 from vcdm.embedders import clip as clip_mod
@@ -35,10 +35,9 @@ def clip_model():
 def clip_files(clip_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("clip")
     sd = {k: v.contiguous() for k, v in clip_model.state_dict().items()}
-    save_file(sd, d / "open_clip_model.safetensors")
-    torch.save(sd, d / "open_clip_pytorch_model.bin")
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, d / "epoch_3.pt")
-
+    save_file(sd, d / "open_clip_model.safetensors")  # the whole model, as open_clip publishes it
+    visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in visual.items()}}, d / "epoch_3.pt")
     class Archive(torch.nn.Module):  # a TorchScript archive laid out like OpenAI's ViT-B-32.pt (fp16)
         def __init__(self):
             super().__init__()
@@ -69,7 +68,7 @@ def _bilinear_reference(img: np.ndarray, out: int) -> np.ndarray:
         np.add.at(w, (np.arange(out), hi), src - lo)
         return w
     wy, wx = weights(img.shape[1]), weights(img.shape[2])
-    return np.einsum("yh,chw,xw->cyx", wy, img, wx)
+    return wy @ img @ wx.T
 
 
 def test_clip_preprocess_matches_hand_reference(clip_embedder):
@@ -80,7 +79,7 @@ def test_clip_preprocess_matches_hand_reference(clip_embedder):
         ref = (ref + 1) / 2
         ref = (ref - np.array(clip_mod.MEAN)[:, None, None]) / np.array(clip_mod.STD)[:, None, None]
         got = clip_embedder.preprocess(img.float())[0].double().numpy()
-        np.testing.assert_allclose(got, ref, atol=2e-5)
+        np.testing.assert_allclose(got, ref, atol=2e-4)  # float32 resize
     antialiased = torch.nn.functional.interpolate(img.float(), size=(224, 224), mode="bilinear", antialias=True)
     assert not torch.allclose(clip_embedder.preprocess(torch.rand(1, 3, 250, 230)),
                               ((antialiased + 1) / 2 - clip_embedder.pixel_mean) / clip_embedder.pixel_std)
@@ -94,15 +93,16 @@ def test_clip_embed_is_raw_encode_image(clip_embedder, clip_model):
         ref = clip_model.encode_image(clip_embedder.preprocess(images), normalize=False)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(out.norm(dim=1), torch.ones(2))  # no L2 normalisation
-    gray = clip_embedder.embed(images[:, :1])
-    torch.testing.assert_close(gray, clip_embedder.embed(images[:, :1].expand(-1, 3, -1, -1)))
+    gray = images[:1, :1]
+    torch.testing.assert_close(clip_embedder.embed(gray), clip_embedder.embed(gray.expand(-1, 3, -1, -1)))
 
 
 def test_clip_file_formats_give_same_weights(clip_embedder, clip_files):
     fp = clip_embedder.fingerprint()
-    for name in ["open_clip_pytorch_model.bin", "epoch_3.pt", "ViT-B-32.pt"]:
+    for name in ["epoch_3.pt", "ViT-B-32.pt"]:
         state = clip_mod.read_state_dict(clip_files / name)
-        assert clip_mod.state_fingerprint(clip_mod.build_visual(state).state_dict(), {"model": clip_mod.MODEL}) == fp, name
+        visual = clip_mod.build_visual(state).state_dict()
+        assert clip_mod.state_fingerprint(visual, {"model": clip_mod.MODEL}) == fp, name
     assert clip_mod._is_torchscript(clip_files / "ViT-B-32.pt")
 
 
@@ -121,13 +121,11 @@ def test_clip_bad_files(tmp_path, clip_model):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ClipWeightsError, match="cannot read CLIP weights"):
             build_embedder("clip-vit-b32", clip_weights=tmp_path / name)
-    sd = {k: v.contiguous() for k, v in clip_model.state_dict().items()}
-    save_file({k: v for k, v in sd.items() if not k.startswith("visual.transformer.resblocks.11")}, tmp_path / "cut.safetensors")
+    visual = clip_model.visual.state_dict()
     with pytest.raises(ClipWeightsError, match="lack"):
-        build_embedder("clip-vit-b32", clip_weights=tmp_path / "cut.safetensors")
-    save_file({**sd, "visual.conv1.weight": torch.zeros(768, 3, 16, 16)}, tmp_path / "b16.safetensors")
+        clip_mod.build_visual({k: v for k, v in visual.items() if not k.startswith("transformer.resblocks.11")})
     with pytest.raises(ClipWeightsError, match="conv1.weight"):
-        build_embedder("clip-vit-b32", clip_weights=tmp_path / "b16.safetensors")
+        clip_mod.build_visual({**visual, "conv1.weight": torch.zeros(768, 3, 16, 16)})  # ViT-B/16's
     save_file({"patch_embed.proj.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
     with pytest.raises(ClipWeightsError, match="open_clip_model.safetensors"):
         build_embedder("clip-vit-b32", clip_weights=tmp_path / "model.safetensors")
@@ -157,10 +155,11 @@ def test_clip_weights_resolution_and_missing_message(monkeypatch, clip_files):
     assert clip_mod.resolve_weights() == path
 
 
-def test_clip_trainable_and_reload(clip_files, clip_embedder, tmp_path):
+@pytest.mark.slow  # a ViT-B/32 backward pass and two more loads: a few seconds, more on a busy machine
+def test_clip_trainable_and_reload(clip_files, clip_embedder):
     trainable = build_embedder("clip-vit-b32", clip_weights=clip_files / "epoch_3.pt", trainable=True)
     assert all(p.requires_grad for p in trainable.parameters())
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
     out = trainable.embed(images)
     assert out.requires_grad
     out.sum().backward()
@@ -171,10 +170,9 @@ def test_clip_trainable_and_reload(clip_files, clip_embedder, tmp_path):
     assert identity["fingerprint"] != clip_embedder.fingerprint()
     reloaded = load_embedder(json.loads(json.dumps(identity)), state)  # no weights file needed
     torch.testing.assert_close(reloaded.embed(images), trainable.embed(images).detach())
-    # Frozen identity + other weights on disk → refused.
-    save_file({f"visual.{k}": v.contiguous() for k, v in trainable.visual.state_dict().items()}, tmp_path / "other.safetensors")
+    # A frozen identity whose recorded weights differ from those found → refused.
     with pytest.raises(EmbedderMismatch, match="CLIP weights"):
-        load_embedder(clip_embedder.identity(), {}, clip_weights=tmp_path / "other.safetensors")
+        load_embedder({**clip_embedder.identity(), "fingerprint": "0" * 16}, {}, clip_weights=clip_files / "epoch_3.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,16 +191,17 @@ def test_pixel_pca_fit_and_reconstruction():
     images = _synthetic_images(300, seed=0)
     errors = []
     for dim in (2, 4, 8):
-        emb = PixelPCA.fit(images, dim=dim, size=16)
+        emb = PixelPCA.fit(images, dim=dim, size=8)
         z = emb.embed(images)
         assert z.shape == (300, dim) and z.dtype == torch.float32
         torch.testing.assert_close(z.std(0), torch.full((dim,), 0.5), atol=0.01, rtol=0)  # whitened to sigma_data
-        errors.append((emb.reconstruct(z) - emb.pixels(images)).pow(2).mean().item())
+        errors.append((emb.reconstruct(z).flatten(1) - emb.pixels(images)).pow(2).mean().item())
     assert errors[0] > errors[1] > errors[2]
-    raw = PixelPCA.fit(images, dim=4, whiten=False)
+    raw = PixelPCA.fit(images, dim=4, size=8, whiten=False)
     assert raw.embed(images)[:, 0].std() > raw.embed(images)[:, 3].std()
     with pytest.raises(EmbedderError, match="channels"):
         raw.embed(torch.zeros(1, 1, 16, 16))
+    assert PixelPCA.fit(images[:40], dim=4).embed(images).shape == (300, 4)  # default size 16
 
 
 def test_pixel_pca_deterministic_and_fingerprints():
@@ -269,7 +268,8 @@ def test_postprocess_kmeans_pca_normalise():
     assert len(onehot.argmax(1).unique()) > 1
     assert torch.equal(fit_postprocess(base, images, n_clusters=5).embed(images), onehot)  # deterministic
     pca = fit_postprocess(base, images, n_comp=3)
-    assert pca.embed(images).shape == (120, 3) and pca.identity()["post"] == {"n_comp": 3, "n_clusters": 0, "normalise": False}
+    assert pca.embed(images).shape == (120, 3)
+    assert pca.identity()["post"] == {"n_comp": 3, "n_clusters": 0, "normalise": False}
     norm = fit_postprocess(base, images, n_comp=3, normalise=True)
     z = norm.embed(images)
     assert z.abs().max() <= 3

@@ -41,10 +41,8 @@ def _never_called(meta):  # what the pickle names; the real one would exec meta[
 def fake_modules(monkeypatch, tmp_path):
     """Register `torch_utils.persistence` and `training.structure` so the pickler can name them."""
     tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    _never_called.__module__, _never_called.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
     pers._reconstruct_persistent_obj = _never_called
     training, tstruct = types.ModuleType("training"), types.ModuleType("training.structure")
-    SeedStructure.__module__ = "training.structure"
     tstruct.Structure = SeedStructure
     for mod in (tu, pers, training, tstruct):
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
@@ -75,6 +73,10 @@ class Persistent:
 
 class SeedStructure:
     """Stand-in for the release's training.structure.Structure (pickled by name with its __dict__)."""
+
+
+_never_called.__module__, _never_called.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
+SeedStructure.__module__, SeedStructure.__qualname__ = "training.structure", "Structure"
 
 
 def edm_form(module, src, init_kwargs=None):
@@ -126,8 +128,8 @@ def edm_pickle(path, marker, *, precond="VPPrecond", label_dim=0, save="pickle",
                                                        path="datasets/tiny.zip", resolution=8, max_size=10),
                 **(extra or {}))
     with open(path, "wb") as f:
-        if save == "pickle":
-            pickle.dump(data, f)
+        if save.startswith("pickle"):
+            pickle.dump(data, f, protocol=int(save[6:] or pickle.DEFAULT_PROTOCOL))
         else:
             torch.save(data, f, _use_new_zipfile_serialization=(save == "zip"))
     return net, kwargs
@@ -141,13 +143,15 @@ def assert_state_equal(a, b):
 
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("save", ["pickle", "zip", "legacy"])
+@pytest.mark.parametrize("save", ["pickle", "pickle0", "pickle2", "zip", "legacy"])
 def test_import_edm_pickle_roundtrip(fake_modules, marker, save):
     src, dest = fake_modules / "edm.pkl", fake_modules / "edm.safetensors"
     net, kwargs = edm_pickle(src, marker, save=save)
 
     rec = load_legacy_pickle(src)
     assert (rec.release, rec.precond_class, rec.kind, rec.net_class) == ("edm", "VPPrecond", "vp", "SongUNet")
+    block = read_pickle(src)["ema"].state["_modules"]["model"].state["_modules"]["enc"].state["_modules"]["8x8_block0"]
+    assert block.class_name == "UNetBlock" and block.init_kwargs["skip_scale"] == math.sqrt(0.5)  # numpy scalar
     assert rec.net_kwargs == kwargs
     assert rec.num_parameters == sum(p.numel() for p in net.parameters())
     assert_state_equal(rec.state_dict, net.state_dict())
@@ -155,7 +159,8 @@ def test_import_edm_pickle_roundtrip(fake_modules, marker, save):
     import_edm(src, dest)
     denoiser, config, _ = load_checkpoint(dest)
     assert_state_equal(denoiser.net.state_dict(), net.state_dict())
-    assert config["network"] == {"class": "SongUNet", "kwargs": kwargs}
+    assert config["network"]["class"] == "SongUNet" and config["network"]["kwargs"] == {**config["network"]["kwargs"], **kwargs}
+    assert config["network"]["kwargs"]["channel_mult_emb"] == 4  # defaults written out
     assert config["denoiser"]["kind"] == "vp" and config["denoiser"]["beta_d"] == 18.0 and config["denoiser"]["beta_min"] == 0.2
     assert config["structure"] == {"names": ["image", "label"], "shapes": [[3, 8, 8], [0]], "exist": [1, 0], "observed": [0, 0]}
     assert config["imported_from"]["file"] == "edm.pkl" and config["data"]["path"] == "datasets/tiny.zip"
@@ -190,7 +195,7 @@ def test_retarget_unconditional_to_embedding(fake_modules, marker):
     net, _ = edm_pickle(src, marker)
     structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (7,)}, "1,1", "0,1")
     config, state = to_vcdm(load_legacy_pickle(src), structure=structure)
-    assert config["network"]["kwargs"]["label_dim"] == 7
+    assert config["network"]["kwargs"]["label_dim"] == 7 and config["data"]["data_class"] == "CLIPDataset"
     assert torch.equal(state["map_label.weight"], torch.zeros(16, 7)) and torch.equal(state["map_label.bias"], torch.zeros(16))
     # Zero map_label: the conditioning is ignored, the network computes what it did.
     save_checkpoint(fake_modules / "r.safetensors", {"net": state}, config)
@@ -228,7 +233,7 @@ def test_vcdm_release_snapshot(fake_modules, marker):
     rec = load_legacy_pickle(path)
     assert rec.release == "vcdm" and rec.structure["exist"] == [1, 1] and rec.structure["shapes"] == [[3, 8, 8], [6]]
     config, state = to_vcdm(rec)
-    assert config["network"]["kwargs"] == kwargs
+    assert config["network"]["kwargs"] == {**config["network"]["kwargs"], **kwargs}
     assert config["structure"] == {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]], "exist": [1, 1], "observed": [0, 1]}
     assert config["denoiser"]["noise_mult"] == [1.0, 2.0] and config["denoiser"]["pred_x0"] == [0, 0]
     assert config["data"]["data_class"] == "CLIPDataset"
@@ -375,6 +380,9 @@ def test_load_pretrained_refuses_mismatches(fake_modules, marker):
     other_labels, _ = tiny_net(label_dim=7)
     with pytest.raises(LegacyError, match="map_label.weight"):
         load_pretrained(conditional, other_labels)
+    (fake_modules / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(LegacyError, match="not a safetensors file"):
+        load_pretrained(fake_modules / "junk.safetensors", other_labels)
 
 
 # ------------------------------------------------------------------------------------------------

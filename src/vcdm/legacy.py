@@ -67,7 +67,7 @@ class Record:
             raise UnsafePickleError(f"the file calls '{cls.class_name}' with arguments; only rebuilding "
                                     "objects from their recorded state is allowed")
         self = super().__new__(cls)
-        self.state, self.init_args, self.init_kwargs, self.persistent = {}, (), {}, False
+        self.state, self.init_args, self.init_kwargs = {}, (), {}
         return self
 
     def __setstate__(self, state: Any) -> None:  # pickle's BUILD
@@ -99,7 +99,6 @@ def _persistent_record(meta: Any) -> Record:
     rec.__setstate__(meta.get("state") or {})
     rec.init_args = tuple(rec.state.get("_init_args") or ())
     rec.init_kwargs = dict(rec.state.get("_init_kwargs") or {})
-    rec.persistent = True
     return rec
 
 
@@ -196,7 +195,8 @@ def _storage_from_bytes(blob: Any) -> _Storage:
     """Stand-in for ``torch.storage._load_from_bytes``: the blob is one storage in torch's format."""
     if not isinstance(blob, (bytes, bytearray)):
         raise LegacyError("storage blob is not bytes")
-    obj = _read_torch_stream(io.BytesIO(blob))
+    f = io.BytesIO(blob)
+    obj = _read_torch_stream(f, _unpickle(f))
     if not isinstance(obj, _Storage):
         raise LegacyError(f"embedded storage blob holds a {type(obj).__name__}, expected a storage")
     return obj
@@ -317,10 +317,9 @@ def _unpickle(f: Any, persistent: Callable[[Any], Any] | None = None) -> Any:
     return _SafeUnpickler(f, persistent).load()
 
 
-def _read_torch_stream(f: io.BufferedIOBase, first: Any = None, have_first: bool = False) -> Any:
-    """torch's legacy format: magic, protocol, sys info, the object (storages as persistent ids),
-    the list of storage keys, then per storage an int64 element count and the raw bytes."""
-    magic = first if have_first else _unpickle(f)
+def _read_torch_stream(f: Any, magic: Any) -> Any:
+    """torch's legacy format after its first object, ``magic``: protocol, sys info, the object (storages
+    as persistent ids), the list of storage keys, then per storage an int64 element count and the bytes."""
     if not (type(magic) is int and magic == TORCH_MAGIC):
         raise LegacyError("not torch's serialization format (bad magic number)")
     if _unpickle(f) != TORCH_PROTOCOL:
@@ -402,7 +401,7 @@ def read_pickle(path: PathLike) -> Any:
             f.seek(0)
             first = _unpickle(f)
             if type(first) is int and first == TORCH_MAGIC:
-                return _read_torch_stream(f, first, have_first=True)
+                return _read_torch_stream(f, first)
             return first
     except LegacyError as e:
         raise type(e)(f"{path}: {e}") from None
@@ -423,7 +422,7 @@ NET_CLASSES = {"SongUNet": "SongUNet", "DhariwalUNet": "DhariwalUNet", "Original
 _SEED_DATA_CLASSES = {"ImageFolderDataset": "ImageFolderDataset", "LabelledImageDataset": "ImageFolderDataset",
                       "CLIPDataset": "CLIPDataset", "LabelledCLIPDataset": "LabelledCLIPDataset",
                       "NewClass": "LabelledCLIPDataset"}
-_IGNORED_KWARGS = {"structure": None, "softmax_onehot": False, "emb_layer_type": None}
+_IGNORED_KWARGS = {"softmax_onehot": False, "emb_layer_type": None}  # the release's, at their no-op values
 
 
 @dataclass
@@ -505,7 +504,8 @@ def load_legacy_pickle(path: PathLike) -> LegacyNetwork:
     """Read an EDM network pickle (``edm-*.pkl``) or a snapshot/training state of the VCDM release."""
     obj = read_pickle(path)
     precond = _select_network(obj)
-    model = precond.state.get("_modules", {}).get("model")
+    modules = precond.state.get("_modules")
+    model = modules.get("model") if isinstance(modules, dict) else None
     if not isinstance(model, Record):
         raise LegacyError(f"{path}: {precond.class_name} has no inner network 'model' (not an EDM preconditioner)")
     state: dict[str, torch.Tensor] = {}
@@ -514,7 +514,7 @@ def load_legacy_pickle(path: PathLike) -> LegacyNetwork:
     kwargs = dict(precond.init_kwargs)
     seed_structure = kwargs.get("structure")
     attrs = {k: _plain(v) for k, v in precond.state.items()
-             if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None), np.generic))}
+             if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
     dataset_kwargs = obj.get("dataset_kwargs") if isinstance(obj, dict) else None
     return LegacyNetwork(
         path=str(path), release="vcdm" if isinstance(seed_structure, Record) else "edm",
@@ -526,11 +526,6 @@ def load_legacy_pickle(path: PathLike) -> LegacyNetwork:
         structure=_plain(seed_structure.state) if isinstance(seed_structure, Record) else None)
 
 
-def _data_class(record: LegacyNetwork) -> str | None:
-    name = str((record.dataset_kwargs or {}).get("class_name", "")).rsplit(".", 1)[-1]
-    return _SEED_DATA_CLASSES.get(name)
-
-
 def _seed_structure(record: LegacyNetwork) -> Structure:
     """The release's Structure (names/shapes/observed of *existing* tensors, exist over all) in vcdm's terms."""
     s = record.structure or {}
@@ -539,7 +534,8 @@ def _seed_structure(record: LegacyNetwork) -> Structure:
         names, shapes, observed = list(s["names"]), [tuple(sh) for sh in s["shapes"]], [int(o) for o in s["observed"]]
     except (KeyError, TypeError, ValueError):
         raise LegacyError(f"{record.path}: the release's recorded structure is incomplete") from None
-    all_names = DATA_CLASS_TENSORS.get(_data_class(record) or "", ())
+    data_class = str((record.dataset_kwargs or {}).get("class_name", "")).rsplit(".", 1)[-1]
+    all_names = DATA_CLASS_TENSORS.get(_SEED_DATA_CLASSES.get(data_class, ""), ())
     if len(all_names) != len(exist) or [n for n, e in zip(all_names, exist) if e] != names:
         all_names, exist = tuple(names), [1] * len(names)  # unknown data class: keep the existing tensors only
     known = dict(zip(names, zip(shapes, observed)))
@@ -560,8 +556,9 @@ def _network_kwargs(record: LegacyNetwork) -> tuple[str, dict]:
                           f"(supported: {', '.join(sorted(NET_CLASSES))}){hint}")
     kwargs = dict(record.net_kwargs)
     for key, default in _IGNORED_KWARGS.items():
-        if kwargs.pop(key, default) != default:
-            raise LegacyError(f"{record.path}: {record.net_class} was built with {key}={kwargs.get(key)!r}, "
+        value = kwargs.pop(key, default)
+        if value != default:
+            raise LegacyError(f"{record.path}: {record.net_class} was built with {key}={value!r}, "
                               "which vcdm does not implement")
     if record.release == "vcdm":  # the release's wrappers derive the image geometry from the structure
         img = tuple((record.structure or {}).get("shapes", [()])[0])
@@ -575,7 +572,9 @@ def _network_kwargs(record: LegacyNetwork) -> tuple[str, dict]:
     if unknown:
         raise LegacyError(f"{record.path}: {record.net_class} records constructor arguments vcdm's {cls} does not take: "
                           f"{', '.join(unknown)}")
-    return cls, kwargs
+    # EDM records only the arguments it was given; write the defaults out so the checkpoint is explicit.
+    defaults = {k: _plain(p.default) for k, p in known.items() if p.default is not inspect.Parameter.empty}
+    return cls, {**defaults, **kwargs}
 
 
 def _denoiser_config(record: LegacyNetwork) -> dict:
@@ -645,8 +644,9 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
                           f"dim {structure.observed_dim}) does not fit an image network of {image} with "
                           f"{label_dim}-d conditioning")
     try:
-        with torch.device("meta"):
-            denoiser = Denoiser(build_network(cls, kwargs), structure, **denoiser_cfg)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            net = build_network(cls, kwargs)
+        denoiser = Denoiser(net, structure, **denoiser_cfg)
     except (TypeError, ValueError) as e:
         raise LegacyError(f"{record.path}: recorded settings do not build a vcdm network: {e}") from None
     expected = denoiser.net.state_dict()
@@ -663,13 +663,13 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
         k = wrong[0]
         raise LegacyError(f"{record.path}: {len(wrong)} tensors have other shapes than vcdm's {cls} implies, "
                           f"e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}")
-    data = record.dataset_kwargs or {}
+    data_class = next((k for k, names in DATA_CLASS_TENSORS.items() if names == structure.names), None)
     config = {
         "network": {"class": cls, "kwargs": kwargs},
         "denoiser": denoiser.config(),
         "structure": structure.to_dict(),
         "embedder": None,
-        "data": {"data_class": _data_class(record) or "ImageFolderDataset", "path": data.get("path"),
+        "data": {"data_class": data_class, "path": (record.dataset_kwargs or {}).get("path"),
                  "resolution": kwargs["img_resolution"], "label_dim": label_dim},
         "training": {},
         "imported_from": {"file": Path(record.path).name, "release": record.release, "precond": record.precond_class,
@@ -712,10 +712,13 @@ class PretrainedReport:
 
 def _source_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from vcdm.checkpoints import load_tensors, read_config
+        from vcdm.checkpoints import CheckpointError, load_tensors, read_config
 
-        read_config(path)
-        return load_tensors(path).get("net", {})
+        try:
+            read_config(path)
+            return load_tensors(path).get("net", {})
+        except CheckpointError as e:
+            raise LegacyError(str(e)) from None
     record = load_legacy_pickle(path)
     _network_kwargs(record)  # refuses networks without a vcdm equivalent, with the reason
     return record.state_dict

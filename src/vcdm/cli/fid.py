@@ -127,7 +127,7 @@ def command() -> None:
 @click.option("--data", "data_path", required=True, metavar="PATH|ZIP", help="Dataset: EDM-format zip or a folder of images (recursive).")
 @click.option("--dest", "dest_path", required=True, metavar="NPZ", help="Reference statistics to write (.npz).")
 @click.option("--metrics", "metrics_text", default="fid", show_default=True, metavar="LIST",
-              help="Metrics this reference will serve; kid and pr also store the features (N x 2048 float32). " + METRIC_HELP)
+              help="Metrics this reference will serve; kid and pr also store the features (N x 2048 float32). " + METRIC_HELP + ".")
 @click.option("--overwrite", is_flag=True, help="Recompute even if --dest exists.")
 @_common
 def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batch: int, weights: str | None,
@@ -179,7 +179,10 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
 @_common
 def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str, json_path: str | None, batch: int,
          weights: str | None, device: str | None, workers: int, progress: bool) -> None:
-    """Score a set of images against reference statistics; prints one `name value` line per number."""
+    """Score images against reference statistics.
+
+    Prints one `name value` line per number on stdout (e.g. `fid 2.3901`); progress goes to stderr.
+    """
     metrics = _parse_metrics(metrics_text)
     keep = any(m != "fid" for m in metrics)
 

@@ -31,6 +31,8 @@ def command(src: Path, dest: Path, overwrite: bool) -> None:
         record, config = import_edm(src, dest)
     except LegacyError as e:
         raise click.BadParameter(str(e), param_hint="SRC") from None
+    except OSError as e:
+        raise click.FileError(str(dest), hint=e.strerror or str(e)) from None
     net = config["network"]
     click.echo(f"found: {record.precond_class} ({record.kind}) wrapping {record.net_class}, "
                f"{'VCDM release' if record.release == 'vcdm' else 'EDM'} pickle")

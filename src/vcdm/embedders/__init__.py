@@ -83,7 +83,8 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
             embedder = CLIPEmbedder.from_file(clip_weights, trainable=bool(config.get("trainable")), device=device)
     elif name == "pixel-pca":
         try:
-            embedder = PixelPCA(int(identity["dim"]), int(config["size"]), int(config["channels"]), bool(config["whiten"]))
+            embedder = PixelPCA(int(identity["dim"]), int(config["size"]), int(config["channels"]),
+                                bool(config["whiten"]))
         except (KeyError, TypeError, ValueError) as e:
             raise EmbedderError(f"pixel-pca identity lacks its options ({e}): {dict(identity)}") from None
         embedder = embedder.load_state(tensors).to(device)

@@ -94,17 +94,20 @@ class CLIPEmbedder(Embedder):
         return self._fingerprint
 
 
+def _not_random_init_notice(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def _quiet_open_clip():
     """open_clip logs 'No pretrained weights loaded … initialized randomly' for the empty shell we
     fill with the user's weights; that line would mislead, so it is filtered out here."""
     root = logging.getLogger()
-    drop = lambda record: "No pretrained weights loaded" not in record.getMessage()  # noqa: E731
-    root.addFilter(drop)
+    root.addFilter(_not_random_init_notice)
     try:
         yield
     finally:
-        root.removeFilter(drop)
+        root.removeFilter(_not_random_init_notice)
 
 
 def build_visual(state: Mapping[str, torch.Tensor]) -> torch.nn.Module:

@@ -51,7 +51,8 @@ class PixelPCA(Embedder):
     def __init__(self, dim: int = 64, size: int = 16, channels: int = 3, whiten: bool = True):
         super().__init__(trainable=False)
         if dim < 1 or size < 1 or dim > channels * size * size:
-            raise EmbedderError(f"pixel-pca: need 1 <= dim <= channels*size*size = {channels * size * size}, got dim={dim}")
+            raise EmbedderError(f"pixel-pca: need 1 <= dim <= channels*size*size = {channels * size * size}, "
+                                f"got dim={dim}")
         self.dim, self.size, self.channels, self.whiten = int(dim), int(size), int(channels), bool(whiten)
         self.normalisation = "whitened (std 0.5 per component)" if whiten else "none"
         d = channels * size * size

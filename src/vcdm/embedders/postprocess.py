@@ -35,7 +35,8 @@ class PostProcess(torch.nn.Module):
         if n_comp < 0 or n_clusters < 0:
             raise EmbedderError(f"--n_comp/--n_clusters must be >= 0, got {n_comp}/{n_clusters}")
         if n_clusters and (n_comp or normalise):
-            raise EmbedderError("--n_clusters gives one-hot embeddings: it cannot be combined with --n_comp or normalisation")
+            raise EmbedderError("--n_clusters gives one-hot embeddings: "
+                                "it cannot be combined with --n_comp or normalisation")
         if n_comp > in_dim:
             raise EmbedderError(f"--n_comp {n_comp} exceeds the embedding dimension {in_dim}")
         self.in_dim, self.n_comp, self.n_clusters, self.normalise = in_dim, n_comp, n_clusters, bool(normalise)
@@ -128,7 +129,8 @@ def fit_postprocess(base: Embedder, source: Any, *, n_comp: int = 0, n_clusters:
     post = PostProcess(base.dim, n_comp, n_clusters, normalise)
     if not post.active:
         return base
-    key = {"base": base.name, "base_fingerprint": base.fingerprint(), **post.options(), "seed": seed,
+    base_fp = base.fingerprint()
+    key = {"base": base.name, "base_fingerprint": base_fp, **post.options(), "seed": seed,
            "max_images": max_images, "num_images": len(source), "data_key": data_key}
 
     def fit() -> dict[str, torch.Tensor]:
@@ -139,6 +141,6 @@ def fit_postprocess(base: Embedder, source: Any, *, n_comp: int = 0, n_clusters:
                                                                desc=f"embedding for {base.name} post-processing")])
         return post.fit(emb, seed).state_dict()
 
-    stem = f"embed-post-{base.name}-c{n_comp}-k{n_clusters}-n{int(normalise)}"
+    stem = f"embed-post-{base.name}-{base_fp[:8]}-c{n_comp}-k{n_clusters}-n{int(normalise)}"
     post.load_state(cached_fit(cache_dir, stem, key, fit))
     return PostProcessed(base, post.to(base.device))

@@ -24,6 +24,7 @@ from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read
 from vcdm.generate.options import GenerateError, SamplerOptions, results_dir, seed_path
 
 GRID_MAX = 256
+PAD_MULTIPLE = 8
 
 
 @dataclass
@@ -139,6 +140,28 @@ def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx:
     return latents, obs, rnd
 
 
+class PaddedDenoiser:
+    """The denoiser evaluated on a multiple of ``multiple`` samples (the last one repeated).
+
+    Matrix-multiply kernels round differently for the few leftover rows of an odd-sized batch, so the
+    same seed would give last-bit different samples at --batch 1 and 3. Padding keeps every real
+    sample on the full-tile path (measured batch-invariant on CPU). Other attributes pass through.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, multiple: int = PAD_MULTIPLE):
+        self.denoiser, self.multiple = denoiser, multiple
+
+    def __getattr__(self, name: str):
+        return getattr(self.denoiser, name)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        n, pad = x.shape[0], -x.shape[0] % self.multiple
+        if pad:
+            grow = lambda t: t if t is None or t.ndim == 0 or t.numel() == 1 else torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+            x, sigma, y = grow(x), grow(torch.as_tensor(sigma)), grow(y)
+        return self.denoiser(x, sigma, y)[:n]
+
+
 def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
             bf16: bool = False) -> torch.Tensor:
     """Run the sampler; returns the flat latent samples (B, N) in float64."""
@@ -146,7 +169,7 @@ def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], r
 
     y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
     with torch.no_grad(), torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return sample(model.denoiser, latents, y, randn_like=rnd.randn_like, **opts.sampler_kwargs())
+        return sample(PaddedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, **opts.sampler_kwargs())
 
 
 def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:

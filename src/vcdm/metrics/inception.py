@@ -69,6 +69,33 @@ def resolve_weights(path: str | os.PathLike | None = None, *, allow_download: bo
         raise InceptionWeightsError(f"{hint} (download failed: {e})") from None
 
 
+def save_random_weights(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write torch-fidelity's Inception-v3 with random weights, in the real weights file's format.
+
+    For tests and benchmarks where the real file is absent: same architecture, cost and loading
+    path, meaningless features. Convolutions get He-normal weights so activations neither vanish nor
+    explode through the network (PyTorch's default init shrinks them to ~1e-8).
+    """
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)], feature_extractor_weights_path=empty)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+    with atomic_write(path) as f:
+        torch.save(net.state_dict(), f)
+    return Path(path)
+
+
 class InceptionFeatures(nn.Module):
     """uint8 images (B, 1|3, H, W), any size → (B, 2048) float32 pool3 features.
 

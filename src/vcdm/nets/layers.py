@@ -183,6 +183,8 @@ def condition_input(labels: Tensor | None, label_dim: int, dropout: float, train
     batch = like.shape[0]
     if labels is None:
         return torch.zeros(batch, label_dim, device=like.device, dtype=like.dtype)
+    if labels.shape != (batch, label_dim):
+        raise ValueError(f"class_labels: expected shape ({batch}, {label_dim}), got {tuple(labels.shape)}")
     if training and dropout:
         labels = labels * (torch.rand([batch, 1], device=labels.device) >= dropout).to(labels.dtype)
     return labels

@@ -76,8 +76,9 @@ class PriorTransformer(nn.Module):
     The conditioning vector enters as its own token ``map_label(labels * sqrt(label_dim))`` (scaled as
     in SongUNet, so a one-hot or unit-norm vector has unit RMS); None, or label dropout in training,
     gives zeros. Missing augment labels mean "not augmented" (zeros). The noise label gets a
-    sinusoidal embedding and a 2-hidden-layer SiLU MLP. x is projected to ``dim`` and back when
-    ``embed_dim != dim``.
+    sinusoidal embedding and a 2-hidden-layer SiLU MLP. x always enters through a linear projection:
+    with x as a raw token, pre-norm LayerNorms would make the output exactly invariant to adding a
+    constant to every coordinate of x.
     """
 
     def __init__(self, embed_dim: int, label_dim: int = 0, augment_dim: int = 0, dim: int = 512, depth: int = 6,
@@ -92,7 +93,7 @@ class PriorTransformer(nn.Module):
         self.map_noise = PositionalEmbedding(dim, endpoint=True)
         self.noise_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim), nn.SiLU(),
                                        nn.Linear(2 * dim, dim))
-        self.proj_in = nn.Linear(embed_dim, dim) if embed_dim != dim else nn.Identity()
+        self.proj_in = nn.Linear(embed_dim, dim)  # even when embed_dim == dim: see the class docstring
         self.query = nn.Parameter(torch.randn(dim))
         self.blocks = nn.ModuleList(Block(dim, heads, dim_head, ff_mult, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, bias=False)

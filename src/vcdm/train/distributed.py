@@ -5,6 +5,7 @@ The same code runs on CPU (gloo) and CUDA (NCCL): the backend follows the device
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from typing import Any
 
@@ -87,12 +88,24 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+class DDP(nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that also exposes the wrapped network's attributes (e.g. label_dim)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
 def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel over `net` when there are several processes, else `net` itself."""
+    """DDP over `net` when there are several processes, else `net` itself. Buffers are not re-sent
+    at every forward (the networks' buffers are constants)."""
     if world_size() == 1:
         return net
-    ids = [device] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DDP(net, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
 def with_net(denoiser: nn.Module, net: nn.Module) -> nn.Module:

@@ -202,8 +202,8 @@ class Trainer:
 
         # Data: position-indexed, rank-sharded, endless.
         augment_pipe = s.augment_pipe
-        cached = self.embedding_table(s) if (embedder is not None and augment_pipe is None and not o.train_embedder
-                                             and "embedding" in _used(structure)) else None
+        cached = self.embedding_table(s) if (o.embed_cache and embedder is not None and augment_pipe is None
+                                             and not o.train_embedder and "embedding" in _used(structure)) else None
         maker = BatchMaker(structure, self.device, embedder=embedder, augment_pipe=augment_pipe, cached=cached)
         loader = torch.utils.data.DataLoader(
             ShuffledDataset(s.dataset, o.seed), batch_size=batch_gpu, num_workers=o.workers,
@@ -282,11 +282,13 @@ class Trainer:
         return table.to(self.device)
 
     def preview_setup(self, s: Setup, cached, batch_gpu: int, run_dir: Path, first: bool) -> dict[str, Any] | None:
-        """Fixed conditioning for sample grids (image models only; process 0)."""
+        """Fixed conditioning for sample grids (image models only: None otherwise)."""
         from vcdm.train.preview import conditioning, save_grid
 
-        if self.rank != 0 or s.structure.latent_names != ("image",):
+        if s.structure.latent_names != ("image",):
             return None
+        if self.rank != 0:
+            return {}  # process 0 draws the grids; the others only join its error check
         n = min(batch_gpu, PREVIEW_MAX)
         maker = BatchMaker(s.structure, self.device, embedder=s.embedder, cached=cached)
         y, reals = conditioning(s.dataset, maker, n)
@@ -319,7 +321,7 @@ class Trainer:
         o, device, structure = self.opts, self.device, s.structure
         net = s.denoiser.net
         per_rank = batch_gpu * rounds
-        total_nimg = max(int(o.duration * 1e6), 1)
+        total_nimg = max(round(o.duration * 1e6), 1)
         autocast = (torch.autocast(device.type, dtype=torch.float16) if o.fp16 else
                     torch.autocast(device.type, dtype=torch.bfloat16) if o.bf16 else contextlib.nullcontext())
         names = structure.latent_names

@@ -46,6 +46,7 @@ class TrainOptions:
     n_clusters: str = "0"
     pca_dim: int = 64
     train_embedder: bool = False
+    embed_cache: bool = True
     # Model.
     arch: str | None = None
     precond: str = "edm"
@@ -56,7 +57,7 @@ class TrainOptions:
     cres: str | None = None
     prior_dim: int | None = None
     prior_depth: int | None = None
-    dropout: float = 0.13
+    dropout: float | None = None  # None: 0.13 for the U-Nets (EDM), 0 for dalle2 (the release ignores it)
     augment: float = 0.12
     pretrained_weights: str | None = None
     freeze_pretrained: bool = False
@@ -79,7 +80,7 @@ class TrainOptions:
     outdir: str = "training-runs"
     desc: str | None = None
     nosubdir: bool = False
-    tick: int = 50
+    tick: float = 50
     snap: int = 50
     dump: int = 50
     sample: int = 50
@@ -138,12 +139,14 @@ class TrainOptions:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:
             raise OptionError(f"--batch-gpu {self.batch_gpu} is larger than --batch {self.batch}")
-        for name in ("batch", "tick", "snap", "dump", "sample"):
+        if not self.tick > 0:
+            raise OptionError(f"--tick: must be positive (kimg), got {self.tick}")
+        for name in ("batch", "snap", "dump", "sample"):
             if getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if not self.duration > 0:
             raise OptionError(f"--duration: must be positive (Mimg), got {self.duration}")
-        if not (0 <= self.augment <= 1 and 0 <= self.dropout <= 1):
+        if not (0 <= self.augment <= 1 and 0 <= (self.dropout or 0) <= 1):
             raise OptionError("--augment and --dropout: probabilities must lie in [0, 1]")
         if self.workers < 0 or self.max_nonfinite < 0:
             raise OptionError("--workers and --max-nonfinite: must not be negative")

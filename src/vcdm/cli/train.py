@@ -1,0 +1,149 @@
+"""`vcdm train` / `train.py`: the original release's training command, flag for flag.
+
+Every flag is accepted with underscores or hyphens (`--data_class`, `--data-class`) and as
+`--flag value` or `--flag=value`. Boolean flags take an optional value, as the release's do
+(`--fp16`, `--fp16=1`, `--fp16 True`).
+"""
+from __future__ import annotations
+
+import click
+
+from vcdm.train.options import ARCHS, EMBEDDERS, PRECONDS, TrainOptions, default_workers
+
+D = TrainOptions()
+
+
+def opt(name: str, *extra: str, **kwargs):
+    """A click option under `name` and its underscore/hyphen twin."""
+    twin = "--" + (name[2:].replace("_", "-") if "_" in name else name[2:].replace("-", "_"))
+    names = [name] + ([twin] if twin != name else []) + list(extra)
+    dest = name[2:].replace("-", "_")
+    if kwargs.get("type") is bool:
+        kwargs.update(is_flag=False, flag_value=True)
+    if "default" in kwargs and kwargs["default"] is not None:
+        kwargs.setdefault("show_default", True)
+    return click.option(*names, dest, **kwargs)
+
+
+OPTIONS = [
+    # Data and structure.
+    opt("--path", "--data", metavar="ZIP|DIR", type=str, required=True, help="Dataset (EDM-format zip or folder)."),
+    opt("--data_class", type=click.Choice(["ImageFolderDataset", "CLIPDataset", "LabelledCLIPDataset"]),
+        required=True, help="Tensors per sample: image,label | image,embedding | image,embedding,label."),
+    opt("--exist", metavar="LIST", type=str, default=None,
+        help="0/1 per tensor: which tensors the model uses  [default: all]"),
+    opt("--observed", metavar="LIST", type=str, required=True,
+        help="0/1 per tensor: which are conditioning (the rest are generated)."),
+    opt("--xflip", type=bool, default=D.xflip, help="Double the dataset with mirrored images."),
+    opt("--cache", type=bool, default=D.cache, help="Keep decoded images in memory."),
+    # Embedder.
+    opt("--embedder", type=click.Choice(EMBEDDERS), default=None,
+        help="Embedding of each (augmented) image: clip-vit-b32 (the paper's) or pixel-pca (offline, fitted on "
+             "the data)  [default: clip-vit-b32]"),
+    opt("--clip-weights", metavar="FILE", type=str, default=None,
+        help="CLIP ViT-B/32 weights (open_clip state dict or OpenAI's ViT-B-32.pt)  [default: $VCDM_CLIP_WEIGHTS]"),
+    opt("--pca-dim", metavar="INT", type=click.IntRange(min=1), default=D.pca_dim, help="pixel-pca: embedding size."),
+    opt("--n_comp", metavar="LIST", type=str, default=D.n_comp, help="PCA of embeddings to this many components (0: off)."),
+    opt("--n_clusters", metavar="LIST", type=str, default=D.n_clusters,
+        help="k-means of embeddings into one-hot cluster vectors (0: off)."),
+    opt("--train_embedder", type=bool, default=D.train_embedder, help="Train the embedder with the network."),
+    opt("--embed-cache", type=bool, default=D.embed_cache,
+        help="Without augmentation, embed each image once (cached beside the dataset) instead of every batch."),
+    opt("--embedder_path", type=str, default=None, hidden=True, expose_value=False,
+        help="Ignored (kept for compatibility, as in the original release)."),
+    # Model.
+    opt("--arch", type=click.Choice(ARCHS), default=None,
+        help="Network: DDPM++/NCSN++/ADM U-Net for images, dalle2 prior for embeddings  [default: by latent]"),
+    opt("--precond", type=click.Choice(PRECONDS), default=D.precond, help="Preconditioning and loss."),
+    opt("--pred_x0", metavar="LIST", type=str, default=D.pred_x0,
+        help="0/1 per tensor: the network predicts x0 directly for these."),
+    opt("--noise_mult", metavar="LIST", type=str, default=D.noise_mult, help="Noise multiplier per tensor."),
+    opt("--equally_weight_tensors", type=bool, default=D.equally_weight_tensors,
+        help="Weight each generated tensor's mean loss equally."),
+    opt("--cbase", metavar="INT", type=click.IntRange(min=1), default=None, help="U-Net channel multiplier  [default: varies]"),
+    opt("--cres", metavar="LIST", type=str, default=None, help="U-Net channels per resolution  [default: varies]"),
+    opt("--prior-dim", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2 width  [default: 512]"),
+    opt("--prior-depth", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2 blocks  [default: 6]"),
+    opt("--dropout", metavar="FLOAT", type=click.FloatRange(0, 1), default=None,
+        help="Dropout probability  [default: 0.13 for U-Nets, 0 for dalle2]"),
+    opt("--augment", metavar="FLOAT", type=click.FloatRange(0, 1), default=D.augment, help="Augment probability."),
+    opt("--pretrained_weights", metavar="PKL|SAFETENSORS", type=str, default=None,
+        help="Initialise from these weights (EDM .pkl or vcdm checkpoint); new conditioning starts at zero."),
+    opt("--freeze_pretrained", type=bool, default=D.freeze_pretrained,
+        help="Train only the parameters --pretrained_weights lacks."),
+    opt("--transfer", metavar="PKL|SAFETENSORS", type=str, default=None,
+        help="Transfer learning: copy the tensors that match, no EMA ramp-up."),
+    # Optimisation.
+    opt("--duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True), default=D.duration,
+        help="Training duration."),
+    opt("--batch", metavar="INT", type=click.IntRange(min=1), default=D.batch, help="Total batch size."),
+    opt("--batch-gpu", metavar="INT", type=click.IntRange(min=1), default=None, help="Limit batch size per process."),
+    opt("--lr", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=D.lr, help="Learning rate."),
+    opt("--lr-rampup", metavar="KIMG", type=click.FloatRange(min=0), default=D.lr_rampup,
+        help="Learning-rate ramp-up (0: none)."),
+    opt("--ema", metavar="MIMG", type=click.FloatRange(min=0), default=D.ema, help="EMA half-life."),
+    opt("--ema-rampup", metavar="RATIO", type=click.FloatRange(min=0), default=D.ema_rampup,
+        help="EMA half-life ramp-up ratio (0: none)."),
+    opt("--ls", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=D.ls, help="Loss scaling."),
+    opt("--fp16", type=bool, default=D.fp16, help="Mixed precision: float16 autocast + GradScaler (CUDA)."),
+    opt("--bf16", type=bool, default=D.bf16, help="Mixed precision: bfloat16 autocast (CUDA or CPU)."),
+    opt("--bench", type=bool, default=D.bench, help="Enable cuDNN benchmarking."),
+    opt("--seed", metavar="INT", type=int, default=None, help="Random seed  [default: random]"),
+    opt("--max-nonfinite", metavar="N", type=click.IntRange(min=0), default=D.max_nonfinite,
+        help="Stop (saving a state) after N consecutive non-finite losses (0: never)."),
+    # I/O.
+    opt("--outdir", metavar="DIR", type=str, default=D.outdir, help="Where to make run directories."),
+    opt("--desc", metavar="STR", type=str, default=None, help="Appended to the run directory name."),
+    opt("--nosubdir", type=bool, default=D.nosubdir, help="Write into --outdir itself."),
+    opt("--tick", metavar="KIMG", type=click.FloatRange(min=0, min_open=True), default=D.tick, help="How often to print progress."),
+    opt("--snap", metavar="TICKS", type=click.IntRange(min=1), default=D.snap, help="How often to save snapshots."),
+    opt("--dump", metavar="TICKS", type=click.IntRange(min=1), default=D.dump, help="How often to save training states."),
+    opt("--sample", metavar="TICKS", type=click.IntRange(min=1), default=D.sample,
+        help="How often to save a sample grid (image models)."),
+    opt("--resume", metavar="PT|DIR|auto", type=str, default=None,
+        help="Resume from a training state, the newest valid one in a run directory, or 'auto' (the newest "
+             "matching run in --outdir; starts fresh if none)."),
+    opt("--device", type=str, default=None, help="cpu | cuda | cuda:N  [default: cuda if available]"),
+    opt("--workers", metavar="INT", type=click.IntRange(min=0), default=default_workers(),
+        help="DataLoader worker processes."),
+    opt("--tensorboard", type=bool, default=D.tensorboard, help="Also log to TensorBoard (run dir/tensorboard)."),
+    opt("--wandb_dir", metavar="DIR", type=str, default=D.wandb_dir,
+        help="wandb's directory (wandb is used when WANDB_ENTITY and WANDB_PROJECT are set)."),
+    opt("--resume_id", metavar="ID", type=str, default=None, help="wandb run id to continue."),
+    opt("--dry-run", "-n", type=bool, default=False, help="Print the options and exit, writing nothing."),
+]
+
+
+def _command(**kwargs) -> None:
+    """Train a prior (model of embeddings) or an image model, EDM-style. Run with plain `python`
+    (one process) or under `torchrun --standalone --nproc_per_node=N` (DDP; NCCL on GPUs, gloo on CPU).
+
+    \b
+    # Model of CLIP embeddings (the paper's auxiliary model), 1 GPU:
+    torchrun --standalone --nproc_per_node=1 train.py --path=datasets/afhqv2-64x64.zip \\
+        --data_class CLIPDataset --batch 256 --seed 1 --exist 0,1 --observed 0,0 --arch=dalle2 \\
+        --lr=1e-4 --augment=0.15 --pred_x0 1
+    # Image model given CLIP embeddings, 4 GPUs:
+    torchrun --standalone --nproc_per_node=4 train.py --path=datasets/afhqv2-64x64.zip \\
+        --data_class CLIPDataset --batch 128 --seed 1 --exist 1,1 --observed 0,1 --arch=ddpmpp \\
+        --cres=1,2,2,2 --lr=1e-4 --dropout=0.05 --augment=0.15
+    """
+    from vcdm.checkpoints import CheckpointError
+    from vcdm.train import TrainingError, train
+
+    opts = TrainOptions(**kwargs)
+    try:
+        train(opts)
+    except TrainingError as e:
+        raise click.ClickException(str(e)) from None
+    except CheckpointError as e:
+        raise click.UsageError(str(e)) from None
+    except ValueError as e:  # OptionError, StructureError, DatasetError, EmbedderError, PresetError, …
+        raise click.UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+command = _command
+for _o in reversed(OPTIONS):
+    command = _o(command)
+command = click.command(name="train", context_settings={"help_option_names": ["-h", "--help"],
+                                                        "max_content_width": 110})(command)

@@ -1,0 +1,302 @@
+"""Generation: seed-compatible results layout, per-seed determinism, resume, two-stage, variations."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vcdm.checkpoints import save_checkpoint
+from vcdm.cli.generate import command as generate_cmd
+from vcdm.cli.sample import command as sample_cmd
+from vcdm.cli.variations import command as variations_cmd
+from vcdm.data.structure import Structure
+from vcdm.embedders import PixelPCA
+from vcdm.generate import SamplerOptions, generate, results_dir
+from vcdm.nets import build_network
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
+
+REPO = Path(__file__).resolve().parents[1]
+RES, EMB = 8, 8
+SEED_ARGS = "S_churn-50.0_S_max-inf_S_min-0.0_S_noise-1.007_class-None_discretization-None_num_steps-40_rho-7.0_" \
+            "scaling-None_schedule-None_sigma_max-None_sigma_min-None_solver-None"
+FAST = ["--steps", "2", "--S_churn", "50", "--S_noise", "1.007"]
+
+
+def pixel_pca(seed: int, dim: int = EMB) -> PixelPCA:
+    pca = PixelPCA(dim=dim, size=4, channels=3)
+    pca.components.copy_(torch.randn(pca.components.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return pca
+
+
+def write_model(path: Path, kind: str, *, embedder: PixelPCA | None = None, emb_dim: int = EMB, label_dim: int = 0,
+                data_path: str | None = None) -> Path:
+    """Tiny random-weight checkpoint. kind: prior (embedding | label?), image (image | embedding, label?), uncond."""
+    names = {"image": (3, RES, RES), "embedding": (emb_dim,), **({"label": (label_dim,)} if label_dim else {})}
+    lab = ",1" if label_dim else ""
+    exist, observed = {"prior": ("0,1" + lab, "0,0" + lab), "image": ("1,1" + lab, "0,1" + lab),
+                       "uncond": ("1,0", "0,0")}[kind]
+    structure = Structure.from_flags(names, exist, observed)
+    if kind == "prior":
+        cls, kwargs = preset("dalle2", resolution=RES, channels=3, embed_dim=emb_dim, label_dim=structure.observed_dim,
+                             augment_dim=0)
+        kwargs.update(dim=32, depth=1, heads=2, dim_head=16)
+    else:
+        cls, kwargs = preset("ddpmpp", resolution=RES, channels=3, embed_dim=0, label_dim=structure.observed_dim,
+                             augment_dim=0, cbase=16, cres=[1], dropout=0.0)
+        kwargs.update(num_blocks=1, attn_resolutions=[])
+    torch.manual_seed(len(str(path)))
+    net = build_network(cls, kwargs)
+    denoiser = Denoiser(net, structure)
+    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": denoiser.config(),
+              "structure": structure.to_dict(), "embedder": embedder.identity() if embedder else None,
+              "data": {"data_class": "CLIPDataset", "path": data_path, "resolution": RES, "label_dim": label_dim},
+              "training": {}}
+    save_checkpoint(path, {"net": net.state_dict(), "embedder": embedder.export_state() if embedder else {}}, config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    pca, other = pixel_pca(0), pixel_pca(1)
+    snap = "network-snapshot-000000.safetensors"
+    return {
+        "prior": write_model(root / "training-runs" / "prior01" / snap, "prior", embedder=pca),
+        "image": write_model(root / "training-runs" / "image01" / snap, "image", embedder=pca),
+        "uncond": write_model(root / "training-runs" / "uncond01" / snap, "uncond"),
+        "other_prior": write_model(root / "other" / snap, "prior", embedder=other),
+        "wide_prior": write_model(root / "wide" / snap, "prior", embedder=pixel_pca(0, 16), emb_dim=16),
+        "cond_prior": write_model(root / "cond" / snap, "prior", embedder=pca, label_dim=3),
+    }
+
+
+def run(cmd, args, ok: bool = True):
+    result = CliRunner().invoke(cmd, [str(a) for a in args] + ["--no-progress"] * (cmd is not variations_cmd))
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_results_dir_matches_seed_readme():
+    opts = SamplerOptions(num_steps=40, S_churn=50, S_noise=1.007)
+    prior = "training-runs/<AUX ID>/network-snapshot-<AUX KIMG>.pkl"
+    emb_dir = results_dir(prior, opts, range(20000))
+    assert str(emb_dir) == f"results/<AUX ID>/network-snapshot-<AUX KIMG>/{SEED_ARGS}/samples-0-19999"
+    img_dir = results_dir("training-runs/<IMG ID>/network-snapshot-<IMG KIMG>.pkl", opts, range(20000),
+                          load_obs_from=f"{emb_dir}/")
+    assert str(img_dir) == (f"results/<IMG ID>/network-snapshot-<IMG KIMG>/{SEED_ARGS}/results_<AUX ID>_"
+                            f"network-snapshot-<AUX KIMG>_{SEED_ARGS}_samples-0-19999/samples-0-19999")
+    # New options enter the name only when set; --increment_seeds is appended as in the seed.
+    dpm = results_dir(prior, opts.replace(sampler="dpm2m", S_churn=0, S_noise=1), [3, 5], increment_seeds=2)
+    assert dpm.name == "samples-3-5" and dpm.parent.name == (
+        "S_churn-0.0_S_max-inf_S_min-0.0_S_noise-1.0_class-None_discretization-None_num_steps-40_rho-7.0_"
+        "sampler-dpm2m_scaling-None_schedule-None_sigma_max-None_sigma_min-None_solver-None_2")
+    assert "guidance-2.0" in results_dir(prior, opts.replace(guidance=2), [0]).parts[3]
+
+
+def test_seed_readme_commands_then_sample_gives_identical_files(models, tmp_path, monkeypatch):
+    """The README's two generate commands (paths/sizes adapted) → the README's layout; `vcdm sample` → same bytes."""
+    runs = models["prior"].parents[1]
+    work_a, work_b = tmp_path / "a", tmp_path / "b"
+    for work in (work_a, work_b):
+        work.mkdir()
+        (work / "training-runs").symlink_to(runs)
+    monkeypatch.chdir(work_a)
+    prior, image = "training-runs/prior01/network-snapshot-000000.safetensors", \
+        "training-runs/image01/network-snapshot-000000.safetensors"
+    run(generate_cmd, ["--seeds=0-4", "--batch=2", f"--network={prior}", *FAST])
+    args = SEED_ARGS.replace("num_steps-40", "num_steps-2")
+    emb_dir = f"results/prior01/network-snapshot-000000/{args}/samples-0-4"
+    assert sorted(os.listdir(emb_dir)) == [f"{s:06d}.pt" for s in range(5)]
+    obs = torch.load(f"{emb_dir}/000003.pt", weights_only=True)
+    assert set(obs) == {"embedding"} and obs["embedding"].shape == (EMB,) and obs["embedding"].dtype == torch.float32
+
+    run(generate_cmd, ["--seeds=0-4", "--batch=2", f"--network={image}", *FAST, "--load_obs_from", emb_dir + "/"])
+    img_dir = Path(f"results/image01/network-snapshot-000000/{args}/{emb_dir.replace('/', '_')}/samples-0-4")
+    assert sorted(os.listdir(img_dir)) == [f"{s:06d}.png" for s in range(5)]
+    assert np.asarray(PIL.Image.open(img_dir / "000000.png")).shape == (RES, RES, 3)
+
+    monkeypatch.chdir(work_b)
+    run(sample_cmd, ["--prior", prior, "--image-model", image, "--seeds", "0-4", "--batch", "3",
+                     "--prior-steps", 2, "--image-steps", 2])
+    assert files(work_b / "results") == files(work_a / "results")
+    # With --outdir: embeddings/ and images/ hold the same files.
+    run(sample_cmd, ["--prior", prior, "--image-model", image, "--seeds", "0-4", "--outdir", "out",
+                     "--prior-steps", 2, "--image-steps", 2])
+    assert files(Path("out/images")) == files(work_a / img_dir)
+    assert files(Path("out/embeddings")) == files(work_a / emb_dir)
+
+
+def test_same_seed_same_bytes_whatever_batch(models, tmp_path):
+    outs = {}
+    for batch in (1, 3, 7):
+        for kind in ("uncond", "prior"):
+            run(generate_cmd, ["--network", models[kind], "--outdir", tmp_path / f"{kind}{batch}", "--seeds", "0-6",
+                               "--batch", batch, *FAST])
+            outs[kind, batch] = files(tmp_path / f"{kind}{batch}")
+    for kind, ext in (("uncond", "png"), ("prior", "pt")):
+        assert sorted(outs[kind, 1]) == [f"{s:06d}.{ext}" for s in range(7)]
+        assert outs[kind, 1] == outs[kind, 3] == outs[kind, 7]
+    assert len(set(outs["uncond", 1].values())) == 7  # seeds differ from each other
+
+
+def test_resume_writes_only_missing_files(models, tmp_path):
+    out = tmp_path / "out"
+    first = generate(models["uncond"], range(10), outdir=out, opts=SamplerOptions(num_steps=2), max_batch_size=4,
+                     progress=False)
+    assert sorted(first.written) == list(range(10))
+    before = files(out)
+    for seed in (2, 3, 8):
+        (out / f"{seed:06d}.png").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = generate(models["uncond"], range(10), outdir=out, opts=SamplerOptions(num_steps=2), max_batch_size=4,
+                     progress=False)
+    assert sorted(again.written) == [2, 3, 8] and again.skipped == 7
+    assert files(out) == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in kept} == kept
+    assert not list(out.glob(".*"))  # no temp files left behind
+    assert generate(models["uncond"], range(10), outdir=out, progress=False).written == []
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(models, tmp_path):
+    single = tmp_path / "single"
+    run(generate_cmd, ["--network", models["uncond"], "--outdir", single, "--seeds", "0-6", "--batch", 2, *FAST])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "generate.py"),
+           f"--network={models['uncond']}", f"--outdir={tmp_path / 'multi'}", "--seeds=0-6", "--batch=2", *FAST,
+           "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert files(tmp_path / "multi") == files(single)
+
+
+def test_grid(models, tmp_path):
+    run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / "o", "--seeds", "0-4", "--steps", 2,
+                       "--grid", tmp_path / "grid.png"])
+    grid = np.asarray(PIL.Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * RES, 3 * RES, 3)
+    assert np.array_equal(grid[RES:, :RES], np.asarray(PIL.Image.open(tmp_path / "o" / "000003.png")))
+    bad = run(generate_cmd, ["--network", models["prior"], "--outdir", tmp_path / "p", "--seeds", "0", "--grid",
+                             tmp_path / "g2.png"], ok=False)
+    assert bad.exit_code == 1 and "--grid" in bad.output
+
+
+def test_refuses_incompatible_prior(models, tmp_path):
+    for prior, message in (("other_prior", "embedders differ: fingerprint"), ("wide_prior", "dimension mismatch"),
+                           ("image", "generates images, not embeddings")):
+        result = run(sample_cmd, ["--prior", models[prior], "--image-model", models["image"], "--seeds", "0-1",
+                                  "--outdir", tmp_path / prior], ok=False)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / prior).exists()
+
+
+def test_class_conditional_prior_chain(models, tmp_path):
+    """A class-conditional prior stores its label with the embedding; --class fixes it."""
+    out = tmp_path / "c"
+    run(sample_cmd, ["--prior", models["cond_prior"], "--image-model", models["image"], "--seeds", "0-3",
+                     "--outdir", out, "--prior-steps", 2, "--image-steps", 2, "--class", 2])
+    obs = torch.load(out / "embeddings" / "000001.pt", weights_only=True)
+    assert torch.equal(obs["label"], torch.tensor([0.0, 0.0, 1.0])) and obs["embedding"].shape == (EMB,)
+    assert len(list((out / "images").glob("*.png"))) == 4
+    rnd = generate(models["cond_prior"], range(12), outdir=tmp_path / "r", opts=SamplerOptions(num_steps=1),
+                   progress=False)
+    labels = {int(torch.load(p, weights_only=True)["label"].argmax()) for p in rnd.outdir.glob("*.pt")}
+    assert len(labels) > 1  # random class per seed without --class
+    bad = run(generate_cmd, ["--network", models["cond_prior"], "--outdir", tmp_path / "x", "--class", 3], ok=False)
+    assert "--class: expected 0..2" in bad.output
+
+
+def test_missing_observation_names_seed(models, tmp_path):
+    obs = tmp_path / "obs"
+    generate(models["prior"], [0, 1, 3], outdir=obs, opts=SamplerOptions(num_steps=1), progress=False)
+    result = run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "img", "--seeds", "0-3",
+                                "--load_obs_from", obs], ok=False)
+    assert result.exit_code == 1
+    assert "no observation for seed 2" in result.output and "000002.pt" in result.output
+    assert not (tmp_path / "img").exists()
+    torch.save({"embedding": torch.zeros(5)}, obs / "000002.pt")
+    result = run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "img", "--seeds", "2",
+                                "--load_obs_from", obs], ok=False)
+    assert "'embedding' has shape (5,), the model expects (8,)" in result.output
+
+
+@pytest.mark.parametrize("seeds", ["1,x", "5-2", "-3"])
+def test_bad_seeds_one_line_error(models, tmp_path, seeds):
+    result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path, "--seeds", seeds], ok=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error) == 1 and "'--seeds'" in error[0]
+
+
+def test_bad_options(models, tmp_path):
+    result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path, "--sampler", "dpm2m",
+                                "--S_churn", 10], ok=False)
+    assert result.exit_code == 1 and "dpm2m is deterministic" in result.output
+    result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path, "--guidance", 2], ok=False)
+    assert "--guidance" in result.output
+    result = run(generate_cmd, ["--network", tmp_path / "missing.safetensors"], ok=False)
+    assert result.exit_code == 1 and "missing.safetensors" in result.output
+
+
+def test_dpm2m_and_ablation_samplers_run(models, tmp_path):
+    for args in (["--sampler", "dpm2m"], ["--solver", "euler", "--disc", "vp"]):
+        run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / args[1], "--seeds", "0-1",
+                           "--steps", 3, *args])
+        assert len(list((tmp_path / args[1]).glob("*.png"))) == 2
+
+
+def test_conditioning_from_data(models, tmp_path):
+    """Without --load_obs_from an image model is conditioned on embeddings of random dataset images."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        PIL.Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    result = run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "x", "--seeds", "0"], ok=False)
+    assert "--load_obs_from" in result.output and "--data_path" in result.output
+    for batch in (1, 4):
+        run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / f"d{batch}", "--seeds", "0-3",
+                           "--data_path", data, "--batch", batch, "--steps", 2])
+    assert files(tmp_path / "d1") == files(tmp_path / "d4") and len(files(tmp_path / "d1")) == 4
+
+
+def test_variations_grid_per_input(models, tmp_path):
+    rng = np.random.default_rng(1)
+    inputs = []
+    for name, size in (("cat", (20, 12)), ("dog", (RES, RES))):
+        PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        inputs.append(tmp_path / f"{name}.png")
+    result = run(variations_cmd, ["--image-model", models["image"], "--images", *inputs, "--n", 3, "--steps", 2,
+                                  "--outdir", tmp_path / "var", "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "var").iterdir()) == ["cat.png", "dog.png"], result.output
+    grid = np.asarray(PIL.Image.open(tmp_path / "var" / "dog.png"))
+    assert grid.shape == (2 * RES, 2 * RES, 3)
+    assert np.array_equal(grid[:RES, :RES], np.asarray(PIL.Image.open(inputs[1])))  # input first
+    assert not np.array_equal(grid[:RES, RES:], grid[RES:, :RES])  # different seeds, different variations
+    bad = run(variations_cmd, ["--image-model", models["uncond"], "--images", inputs[0], "--outdir", tmp_path / "u"],
+              ok=False)
+    assert bad.exit_code == 1 and "conditioned on an embedding" in bad.output
+    bad = run(variations_cmd, ["--image-model", models["image"], "--images", inputs[0], "--n", 2, "--seeds", "0-4"],
+              ok=False)
+    assert bad.exit_code == 2 and "--n 2" in bad.output
+
+
+def test_root_script_help():
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--network", "--load_obs_from", "--S_churn", "--disc", "--subdirs", "--increment_seeds", "--sampler"):
+        assert flag in proc.stdout

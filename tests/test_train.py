@@ -1,0 +1,385 @@
+"""Training: CLI flags, tiny end-to-end runs (prior and image model), overfitting, bit-identical
+resume, DDP equivalence, fine-tuning from an EDM pickle, non-finite and disk-full stops."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vcdm.checkpoints import load_checkpoint, read_config
+from vcdm.cli.train import command
+from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
+from vcdm.train import build as build_mod
+from vcdm.train.sampler import PositionSampler, ShuffledDataset
+from vcdm.train.state import StateError, load_state, newest_valid_state, save_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_UNET = ["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,1"]
+TINY_PRIOR = ["--arch", "dalle2", "--prior-dim", "32", "--prior-depth", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks on a shared machine run fastest (and deterministically) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_dataset(dest: Path, n: int = 16, res: int = 8, seed: int = 0) -> Path:
+    """Two classes of noisy red / green images, with labels, as an EDM-format zip."""
+    rng = np.random.default_rng(seed)
+    labels = []
+    with ArchiveWriter(dest) as w:
+        for i in range(n):
+            c = i % 2
+            img = np.full((res, res, 3), 30, np.uint8)
+            img[..., c] = 200
+            img = np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
+            w.write(archive_name(i), encode_png(PIL.Image.fromarray(img)))
+            labels.append([archive_name(i), c])
+        w.write_labels(labels)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
+
+
+def base_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--path", str(data), "--data_class", "CLIPDataset", "--embedder", "pixel-pca", "--pca-dim", "8",
+            "--workers", "0", "--device", "cpu", "--outdir", str(out), "--seed", "1", "--batch", "4",
+            "--tick", "0.004", "--lr-rampup", "0", *extra]
+
+
+def run(args: list[str], code: int = 0):
+    result = CliRunner().invoke(command, args, catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+def run_dir(out: Path) -> Path:
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def last_state(d: Path) -> dict:
+    return load_state(sorted(d.glob("training-state-*.pt"))[-1])
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_dry_run_prints_options_and_writes_nothing(data, tmp_path):
+    out = tmp_path / "runs"
+    r = run(base_args(data, out, "--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--batch_gpu=2",
+                      "--fp16=0", "--bf16", "--dry-run"))
+    opts = json.loads(r.output[:r.output.index("\n}\n") + 2])
+    assert opts["batch_gpu"] == 2 and opts["bf16"] is True and opts["fp16"] is False and opts["batch"] == 4
+    assert "SongUNet" in r.output and "Dry run" in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--exist", "1", "--observed", "0,1"], "--exist"),
+    (["--observed", "1,1"], "--exist/--observed"),
+    (["--exist", "1,1", "--observed", "0,1", "--arch", "dalle2"], "--arch=dalle2"),
+    (["--exist", "0,1", "--observed", "0,0", "--arch", "ddpmpp"], "--arch=ddpmpp"),
+    (["--exist", "1,1", "--observed", "0,1", "--cres", "1,x"], "--cres"),
+    (["--exist", "1,1", "--observed", "0,1", "--resume", "nowhere.pt"], "--resume"),
+])
+def test_bad_flags_give_one_line_errors(data, tmp_path, extra, flag):
+    r = run(base_args(data, tmp_path / "runs", *extra), code=2)
+    err = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(err) == 1 and flag in err[0], r.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def test_prior_end_to_end(data, tmp_path):
+    out = tmp_path / "runs"
+    run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--pred_x0", "1",
+                  "--augment", "0.15", "--duration", "0.000012", "--desc", "prior"))
+    d = run_dir(out)
+    assert len(d.name) == 8 + len("-prior") and d.name.endswith("-prior")
+    for name in ("training_options.json", "log.txt", "stats.jsonl", "loss.png", "network-snapshot-000000.safetensors",
+                 "training-state-000000.pt", "training-state-000000.pt.json"):
+        assert (d / name).is_file(), name
+    assert not list(d.glob("samples-*.png"))  # grids are for image models
+    stats = [json.loads(line) for line in (d / "stats.jsonl").read_text().splitlines()]
+    assert [s["nimg"] for s in stats] == [4, 8, 12] and all(np.isfinite(s["loss"]) for s in stats)
+    assert "tick 2" in (d / "log.txt").read_text() and "sec/kimg" in (d / "log.txt").read_text()
+    denoiser, config, tensors = load_checkpoint(d / "network-snapshot-000000.safetensors")
+    assert set(config) >= {"network", "denoiser", "structure", "embedder", "data", "training"}
+    assert config["network"]["class"] == "PriorTransformer" and config["denoiser"]["pred_x0"] == [1, 1]
+    assert config["embedder"]["name"] == "pixel-pca" and set(tensors["embedder"]) == {"mean", "components", "scale"}
+    assert denoiser.structure.latent_names == ("embedding",) and denoiser.net.augment_dim == 9
+    state = torch.load(d / "training-state-000000.pt", weights_only=True)
+    assert state["counters"]["nimg"] == 12 and set(state) >= {"net", "ema", "optimizer", "rng"}
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory) -> Path:
+    """A random-weight open_clip ViT-B/32 state dict in a file, loaded by the real --clip-weights path."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("visual.")}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_image_model_with_clip_end_to_end(data, tmp_path, clip_weights):
+    out = tmp_path / "runs"
+    args = base_args(data, out, "--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--duration", "0.000008",
+                     "--augment", "0.15", "--workers", "1", "--sample", "1")
+    args[args.index("pixel-pca")] = "clip-vit-b32"
+    run(args + ["--clip-weights", str(clip_weights)])
+    d = run_dir(out)
+    assert (d / "samples-000000.png").is_file() and (d / "samples-conditioning.png").is_file()
+    grid = PIL.Image.open(d / "samples-000000.png")
+    assert grid.size == (16, 16)  # 4 samples of 8x8 in a 2x2 grid
+    config = read_config(d / "network-snapshot-000000.safetensors")
+    assert config["embedder"]["name"] == "clip-vit-b32" and config["structure"]["shapes"][1] == [512]
+    assert config["network"]["kwargs"]["label_dim"] == 512 and config["network"]["kwargs"]["augment_dim"] == 9
+    assert config["data"]["data_class"] == "CLIPDataset" and config["data"]["resolution"] == 8
+
+
+def test_overfits_a_fixed_batch(tmp_path):
+    """4 images, batch 4: every step sees the same batch; the loss on it (fixed noise) must fall."""
+    small = write_dataset(tmp_path / "four.zip", n=4)
+    out = tmp_path / "runs"
+    run(base_args(small, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
+                  "--ema", "0", "--duration", "0.0004", "--tick", "1", "--lr", "2e-3"))
+    d = run_dir(out)
+    denoiser, config, _ = load_checkpoint(d / "network-snapshot-000000.safetensors")
+    from vcdm.diffusion.loss import EDMLoss
+    from vcdm.embedders import load_embedder
+    from vcdm.embedders.base import image_batches
+
+    emb = load_embedder(config["embedder"], load_checkpoint(d / "network-snapshot-000000.safetensors")[2]["embedder"])
+    x = emb.embed(next(image_batches(build_mod.open_dataset(_opts(small)), batch_size=4)))
+    from vcdm.nets import build_denoiser
+
+    torch.manual_seed(1)
+    init = build_denoiser(config).eval()
+
+    def loss_of(den):
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return torch.stack([EDMLoss()(den, x, generator=g).mean() for _ in range(64)]).mean().item()
+
+    before, after = loss_of(init), loss_of(denoiser)
+    assert after < 0.6 * before, (before, after)
+
+
+def _opts(path: Path):
+    from vcdm.train.options import TrainOptions
+    return TrainOptions(path=str(path), data_class="CLIPDataset", exist="1,1", observed="0,1")
+
+
+# ------------------------------------------------------------------------------------------------ reliability
+
+def _interrupt_after(monkeypatch, calls: int, sig=signal.SIGTERM):
+    """Deliver `sig` to this process during the `calls`-th loss evaluation."""
+    real = build_mod.make_loss
+    count = {"n": 0}
+
+    def make_loss(precond):
+        loss = real(precond)
+
+        def wrapped(*a, **k):
+            count["n"] += 1
+            if count["n"] == calls:
+                os.kill(os.getpid(), sig)
+            return loss(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(build_mod, "make_loss", make_loss)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    for group in ("net", "ema"):
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs"
+
+
+def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
+    args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0.3", "--dropout", "0.2",
+            "--duration", "0.000024", "--sample", "100", "--snap", "100", "--dump", "100"]
+    straight = tmp_path / "straight"
+    run(base_args(data, straight, *args))
+    reference = last_state(run_dir(straight))
+    assert reference["counters"]["nimg"] == 24
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        r = run(base_args(data, interrupted, *args))  # SIGTERM: finish the step, save, exit 0
+    assert "SIGTERM" in r.output
+    d = run_dir(interrupted)
+    half = load_state(d / "training-state-000000.pt")
+    assert half["counters"]["nimg"] == 12
+    # A truncated state from elsewhere looks newer but must be skipped by --resume=auto.
+    bad = d / "training-state-000007.pt"
+    bad.write_bytes((d / "training-state-000000.pt").read_bytes()[:5000])
+    shutil.copy(d / "training-state-000000.pt.json", d / "training-state-000007.pt.json")
+    with pytest.warns(UserWarning, match="training-state-000007.pt"):
+        r = run(base_args(data, interrupted, *args, "--resume", "auto"))
+    assert "Resuming from" in r.output and "training-state-000000.pt" in r.output
+    assert run_dir(interrupted) == d  # continued in the same run directory
+    _assert_same_weights(reference, load_state(d / "training-state-000000.pt"))
+    stats = [json.loads(line)["nimg"] for line in (d / "stats.jsonl").read_text().splitlines()]
+    assert stats == [json.loads(line)["nimg"] for line in (run_dir(straight) / "stats.jsonl").read_text().splitlines()]
+
+
+def test_embedding_cache_gives_identical_results(data, tmp_path):
+    args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--duration", "0.000008",
+            "--sample", "100"]
+    run(base_args(data, tmp_path / "a", *args, "--embed-cache", "1"))
+    run(base_args(data, tmp_path / "b", *args, "--embed-cache", "0"))
+    assert list((data.parent / "cache" / "tiny").glob("embeddings-pixel-pca-*.safetensors"))
+    _assert_same_weights(last_state(run_dir(tmp_path / "a")), last_state(run_dir(tmp_path / "b")))
+
+
+def test_nonfinite_losses_stop_with_a_state(data, tmp_path, monkeypatch):
+    real = build_mod.make_loss
+    monkeypatch.setattr(build_mod, "make_loss", lambda p: (lambda *a, **k: real(p)(*a, **k) * float("nan")))
+    out = tmp_path / "runs"
+    r = run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
+                      "--max-nonfinite", "3", "--duration", "1"), code=1)
+    err = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(err) == 1 and "3 consecutive non-finite losses" in err[0]
+    state = last_state(run_dir(out))
+    assert state["counters"]["nimg"] == 12 and state["counters"]["nonfinite"] == 3
+    assert all(torch.isfinite(v).all() for v in state["net"].values())  # gradients were zeroed
+
+
+def test_disk_full_keeps_previous_state(data, tmp_path, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "runs"
+    r = run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
+                      "--dump", "1", "--tick", "0.004", "--duration", "1"), code=1)
+    err = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(err) == 1 and "disk full" in err[0] and "training-state-000000.pt" in err[0]
+    d = run_dir(out)
+    assert load_state(d / "training-state-000000.pt")["counters"]["nimg"] == 8  # the tick-1 state, intact
+    assert not list(d.glob(".*.tmp"))
+
+
+def test_state_checks_and_newest_valid(tmp_path):
+    state = {"net": {"w": torch.ones(3)}, "ema": {}, "optimizer": {}, "counters": {"nimg": 5}}
+    save_state(tmp_path / "training-state-000000.pt", state)
+    assert torch.equal(load_state(tmp_path / "training-state-000000.pt")["net"]["w"], torch.ones(3))
+    blob = (tmp_path / "training-state-000000.pt").read_bytes()
+    (tmp_path / "training-state-000001.pt").write_bytes(blob[:-10])  # truncated, no sidecar
+    with pytest.raises(StateError, match="training-state-000001.pt"):
+        load_state(tmp_path / "training-state-000001.pt")
+    with pytest.warns(UserWarning, match="skipping"):
+        path, _ = newest_valid_state([tmp_path])
+    assert path.name == "training-state-000000.pt"
+    (tmp_path / "training-state-000000.pt").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))  # same size, damaged
+    with pytest.raises(StateError, match="SHA-256"):
+        load_state(tmp_path / "training-state-000000.pt")
+
+
+def test_sampler_shards_a_global_batch_into_blocks():
+    take = lambda s, n: [p for _, p in zip(range(n), s)]  # noqa: E731
+    assert take(PositionSampler(batch=8, rank=0, world_size=2), 8) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert take(PositionSampler(batch=8, rank=1, world_size=2, start=16), 4) == [20, 21, 22, 23]
+    ds = ShuffledDataset(list(range(10)), seed=3)
+    epoch0 = [ds[p][1] for p in range(10)]
+    assert sorted(epoch0) == list(range(10)) and epoch0 != list(range(10))
+    assert [ds[p][1] for p in range(10, 20)] != epoch0 and ShuffledDataset(list(range(10)), seed=3)[4] == ds[4]
+
+
+# ------------------------------------------------------------------------------------------------ DDP, fine-tuning
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(data, tmp_path):
+    args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0.2", "--dropout", "0",
+            "--duration", "0.000008", "--sample", "100"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+           *base_args(data, tmp_path / "ddp", *args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes x 1 rounds x 4" in proc.stdout
+    run(base_args(data, tmp_path / "one", *args, "--batch-gpu", "4"))
+    ddp, one = last_state(run_dir(tmp_path / "ddp")), last_state(run_dir(tmp_path / "one"))
+    torch.manual_seed(1)
+    from vcdm.train.options import TrainOptions
+    init = build_mod.build(TrainOptions(**{**_opts(data).__dict__, "cbase": 8, "cres": "1,1", "arch": "ddpmpp",
+                                          "embedder": "pixel-pca", "pca_dim": 8, "augment": 0.2, "dropout": 0.0}),
+                           torch.device("cpu")).denoiser.net.state_dict()
+    moved = 0
+    for k, v in one["net"].items():
+        torch.testing.assert_close(ddp["net"][k], v, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(v, init[k])
+    assert moved > 10  # the update did something
+
+
+@pytest.fixture
+def edm_pickle_file(tmp_path, monkeypatch):
+    """An EDM-format pickle of an unconditional tiny DDPM++, built with the legacy tests' helper."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_legacy import SeedStructure, _never_called, edm_pickle
+    import types
+
+    tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    pers._reconstruct_persistent_obj = _never_called
+    training, tstruct = types.ModuleType("training"), types.ModuleType("training.structure")
+    tstruct.Structure = SeedStructure
+    for mod in (tu, pers, training, tstruct):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    path = tmp_path / "edm-uncond.pkl"
+    net, _ = edm_pickle(path, tmp_path / "PAYLOAD_RAN", model_channels=8, channel_mult=[1, 1], num_blocks=4,
+                        attn_resolutions=[16], augment_dim=0)
+    return path, net.state_dict(), sorted(n for n, _ in net.named_parameters())
+
+
+def test_pretrained_weights_zero_map_label_and_freeze(data, tmp_path, edm_pickle_file):
+    pkl, source, params = edm_pickle_file
+    args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--sample", "100",
+            "--pretrained_weights", str(pkl), "--freeze_pretrained", "1"]
+    out = tmp_path / "a"
+    r = run(base_args(data, out, *args, "--duration", "0.000004", "--lr-rampup", "10000"))  # 1 step at lr 0
+    assert "zero-initialised new map_label.bias, map_label.weight" in r.output
+    state = last_state(run_dir(out))
+    assert sorted(state["frozen"]) == params  # every pretrained parameter; map_label (new) trains
+    assert torch.count_nonzero(state["net"]["map_label.weight"]) == 0
+    for k, v in source.items():
+        assert torch.equal(state["net"][k], v), k
+
+    out = tmp_path / "b"
+    run(base_args(data, out, *args, "--duration", "0.000008"))  # 2 steps at full lr: only map_label moves
+    state = last_state(run_dir(out))
+    assert torch.count_nonzero(state["net"]["map_label.weight"]) > 0
+    for k, v in source.items():
+        assert torch.equal(state["net"][k], v), k
