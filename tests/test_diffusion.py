@@ -198,10 +198,12 @@ def test_real_denoiser_with_noise_mult_and_pred_x0_samples_gaussian():
     assert den.noise_scale.tolist() == [1, 1, 1, 0.5, 0.5] and den.x0_mask.tolist() == [0, 0, 0, 1, 1]
     x = sample(den, whitened(4000, 5), num_steps=64)
     err_mean, err_cov = moment_errors(x, MU, _cov(5))
-    assert err_mean < 5e-3 and err_cov < 0.02, (err_mean, err_cov)  # measured 2.0e-3, 0.0069
-    x = sample(den, whitened(20000, 5), num_steps=128, S_churn=40, S_min=0.05, S_max=50, randn_like=randn_from(4))
+    # measured 4.5e-3 (mu / sigma_max offset, larger for the label's halved sigma_max), 0.0061; a sampler
+    # that ignores noise_mult gives a covariance error of 2.2
+    assert err_mean < 0.01 and err_cov < 0.02, (err_mean, err_cov)
+    x = sample(den, whitened(10000, 5), num_steps=128, S_churn=40, S_min=0.05, S_max=50, randn_like=randn_from(4))
     err_mean, err_cov = moment_errors(x, MU, _cov(5))
-    assert err_mean < 0.02 and err_cov < 0.04, (err_mean, err_cov)
+    assert err_mean < 0.025 and err_cov < 0.05, (err_mean, err_cov)  # measured 0.010, 0.028
 
 
 def test_noise_mult_scales_the_initial_noise():

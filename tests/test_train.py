@@ -162,11 +162,11 @@ def test_image_model_with_clip_end_to_end(data, tmp_path, clip_weights):
 
 
 def test_overfits_a_fixed_batch(tmp_path):
-    """4 images, batch 4: every step sees the same batch; the loss on it (fixed noise) must fall."""
-    small = write_dataset(tmp_path / "four.zip", n=4)
+    """8 images, batch 8: every step sees the same batch; the loss on it (fixed noise) must fall."""
+    small = write_dataset(tmp_path / "eight.zip", n=8)
     out = tmp_path / "runs"
-    run(base_args(small, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
-                  "--ema", "0", "--duration", "0.0004", "--tick", "1", "--lr", "2e-3"))
+    run(base_args(small, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0", "--pca-dim", "4",
+                  "--batch", "8", "--ema", "0", "--duration", "0.0008", "--tick", "1", "--lr", "2e-3"))
     d = run_dir(out)
     denoiser, config, _ = load_checkpoint(d / "network-snapshot-000000.safetensors")
     from vcdm.diffusion.loss import EDMLoss
@@ -174,7 +174,7 @@ def test_overfits_a_fixed_batch(tmp_path):
     from vcdm.embedders.base import image_batches
 
     emb = load_embedder(config["embedder"], load_checkpoint(d / "network-snapshot-000000.safetensors")[2]["embedder"])
-    x = emb.embed(next(image_batches(build_mod.open_dataset(_opts(small)), batch_size=4)))
+    x = emb.embed(next(image_batches(build_mod.open_dataset(_opts(small)), batch_size=8)))
     from vcdm.nets import build_denoiser
 
     torch.manual_seed(1)
@@ -313,10 +313,12 @@ def test_sampler_shards_a_global_batch_into_blocks():
     take = lambda s, n: [p for _, p in zip(range(n), s)]  # noqa: E731
     assert take(PositionSampler(batch=8, rank=0, world_size=2), 8) == [0, 1, 2, 3, 8, 9, 10, 11]
     assert take(PositionSampler(batch=8, rank=1, world_size=2, start=16), 4) == [20, 21, 22, 23]
-    ds = ShuffledDataset(list(range(10)), seed=3)
+    items = [(i,) for i in range(10)]
+    ds = ShuffledDataset(items, seed=3)
     epoch0 = [ds[p][1] for p in range(10)]
     assert sorted(epoch0) == list(range(10)) and epoch0 != list(range(10))
-    assert [ds[p][1] for p in range(10, 20)] != epoch0 and ShuffledDataset(list(range(10)), seed=3)[4] == ds[4]
+    assert all(ds[p][2] == ds[p][1] for p in range(25))  # (position, index, *item)
+    assert [ds[p][1] for p in range(10, 20)] != epoch0 and ShuffledDataset(items, seed=3)[14] == ds[14]
 
 
 # ------------------------------------------------------------------------------------------------ DDP, fine-tuning
