@@ -275,7 +275,8 @@ def test_vp_and_ve_preconditioning_formulas():
     s = sigma.reshape(-1, 1).double()
     beta_d, beta_min, M = 19.9, 0.1, 1000
     vp_inv = ((beta_min ** 2 + 2 * beta_d * (1 + s ** 2).log()).sqrt() - beta_min) / beta_d
-    for kind, c_in, c_out, c_noise in (("vp", 1 / (s ** 2 + 1).sqrt(), -s, (M - 1) * vp_inv), ("ve", torch.ones_like(s), s, (0.5 * s).log())):
+    expected = {"vp": (1 / (s ** 2 + 1).sqrt(), -s, (M - 1) * vp_inv), "ve": (torch.ones_like(s), s, (0.5 * s).log())}
+    for kind, (c_in, c_out, c_noise) in expected.items():
         net = Recorder(4)
         den = Denoiser(net, st, kind=kind)
         D = den(x, sigma)

@@ -84,11 +84,13 @@ def edm_form(module, src, init_kwargs=None):
     (ModuleDict) pickled by reference, as EDM's are."""
     if type(module).__module__.startswith("torch.nn"):
         clone = type(module)()
-        clone.__dict__["_modules"] = collections.OrderedDict((k, edm_form(v, src)) for k, v in module._modules.items())
+        clone.__dict__["_modules"] = collections.OrderedDict((k, edm_form(v, src))
+                                                             for k, v in module._modules.items())
         return clone
     state = {k: v for k, v in module.__getstate__().items()
              if isinstance(v, (bool, int, float, str, type(None), dict, set))}
-    state["_modules"] = collections.OrderedDict((k, None if v is None else edm_form(v, src)) for k, v in module._modules.items())
+    state["_modules"] = collections.OrderedDict((k, None if v is None else edm_form(v, src))
+                                                for k, v in module._modules.items())
     kwargs = dict(init_kwargs or {})
     if type(module).__name__ == "UNetBlock":
         kwargs["skip_scale"] = np.sqrt(0.5)  # EDM records numpy scalars among constructor kwargs
@@ -106,11 +108,15 @@ def tiny_net(label_dim=0, seed=0, **over):
     return net, kwargs
 
 
-def edm_pickle(path, marker, *, precond="VPPrecond", label_dim=0, save="pickle", extra=None, **over):
+GEOMETRY = ("img_resolution", "in_channels", "out_channels", "label_dim")  # EDM's preconditioner passes these
+
+
+def edm_pickle(path, marker, *, precond="VPPrecond", label_dim=0, save="pickle", **over):
     """An EDM network pickle of a tiny SongUNet; returns the vcdm net it was made from."""
     net, kwargs = tiny_net(label_dim, **over)
-    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("img_resolution", "in_channels", "out_channels", "label_dim")}
-    pkw = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_type="SongUNet", **model_kwargs)
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in GEOMETRY}
+    pkw = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_type="SongUNet",
+               **model_kwargs)
     attrs = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False)
     if precond == "VPPrecond":
         pkw.update(beta_d=18.0, beta_min=0.2, M=1000, epsilon_t=1e-5)
@@ -121,12 +127,12 @@ def edm_pickle(path, marker, *, precond="VPPrecond", label_dim=0, save="pickle",
         attrs.update(sigma_min=0, sigma_max=float("inf"), sigma_data=0.5)
     src = payload_src(marker)
     state = dict(training=False, _parameters=collections.OrderedDict(), _buffers=collections.OrderedDict(),
-                 _modules=collections.OrderedDict(model=edm_form(net, src, kwargs)), _init_args=(), _init_kwargs=pkw, **attrs)
+                 _modules=collections.OrderedDict(model=edm_form(net, src, kwargs)), _init_args=(),
+                 _init_kwargs=pkw, **attrs)
     data = dict(ema=Persistent(precond, state, src),
                 loss_fn=Persistent("VPLoss", dict(beta_d=18.0, _init_args=(), _init_kwargs={}), src),
                 augment_pipe=None, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset",
-                                                       path="datasets/tiny.zip", resolution=8, max_size=10),
-                **(extra or {}))
+                                                       path="datasets/tiny.zip", resolution=8, max_size=10))
     with open(path, "wb") as f:
         if save.startswith("pickle"):
             pickle.dump(data, f, protocol=int(save[6:] or pickle.DEFAULT_PROTOCOL))
@@ -159,10 +165,13 @@ def test_import_edm_pickle_roundtrip(fake_modules, marker, save):
     import_edm(src, dest)
     denoiser, config, _ = load_checkpoint(dest)
     assert_state_equal(denoiser.net.state_dict(), net.state_dict())
-    assert config["network"]["class"] == "SongUNet" and config["network"]["kwargs"] == {**config["network"]["kwargs"], **kwargs}
+    net_cfg = config["network"]
+    assert net_cfg["class"] == "SongUNet" and net_cfg["kwargs"] == {**net_cfg["kwargs"], **kwargs}
     assert config["network"]["kwargs"]["channel_mult_emb"] == 4  # defaults written out
-    assert config["denoiser"]["kind"] == "vp" and config["denoiser"]["beta_d"] == 18.0 and config["denoiser"]["beta_min"] == 0.2
-    assert config["structure"] == {"names": ["image", "label"], "shapes": [[3, 8, 8], [0]], "exist": [1, 0], "observed": [0, 0]}
+    den = config["denoiser"]
+    assert (den["kind"], den["beta_d"], den["beta_min"], den["M"], den["epsilon_t"]) == ("vp", 18.0, 0.2, 1000, 1e-5)
+    assert config["structure"] == {"names": ["image", "label"], "shapes": [[3, 8, 8], [0]],
+                                   "exist": [1, 0], "observed": [0, 0]}
     assert config["imported_from"]["file"] == "edm.pkl" and config["data"]["path"] == "datasets/tiny.zip"
 
     # Same function as the original network under the same preconditioning.
@@ -196,7 +205,8 @@ def test_retarget_unconditional_to_embedding(fake_modules, marker):
     structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (7,)}, "1,1", "0,1")
     config, state = to_vcdm(load_legacy_pickle(src), structure=structure)
     assert config["network"]["kwargs"]["label_dim"] == 7 and config["data"]["data_class"] == "CLIPDataset"
-    assert torch.equal(state["map_label.weight"], torch.zeros(16, 7)) and torch.equal(state["map_label.bias"], torch.zeros(16))
+    assert torch.equal(state["map_label.weight"], torch.zeros(16, 7))
+    assert torch.equal(state["map_label.bias"], torch.zeros(16))
     # Zero map_label: the conditioning is ignored, the network computes what it did.
     save_checkpoint(fake_modules / "r.safetensors", {"net": state}, config)
     denoiser, _, _ = load_checkpoint(fake_modules / "r.safetensors")
@@ -206,7 +216,8 @@ def test_retarget_unconditional_to_embedding(fake_modules, marker):
     with torch.no_grad():
         assert torch.allclose(denoiser(x, s, y), ref(x, s), atol=1e-6)
     with pytest.raises(LegacyError, match="does not fit"):
-        to_vcdm(load_legacy_pickle(src), structure=Structure.from_flags({"image": (3, 16, 16), "e": (7,)}, "1,1", "0,1"))
+        wrong_size = Structure.from_flags({"image": (3, 16, 16), "embedding": (7,)}, "1,1", "0,1")
+        to_vcdm(load_legacy_pickle(src), structure=wrong_size)
 
 
 def test_vcdm_release_snapshot(fake_modules, marker):
@@ -217,7 +228,7 @@ def test_vcdm_release_snapshot(fake_modules, marker):
     s.__dict__.update(exist=np.array([1, 1], dtype=np.uint8), observed=np.array([0, 1], dtype=np.uint8),
                       latent=np.array([1, 0], dtype=np.uint8), shapes=[torch.Size([3, 8, 8]), torch.Size([6])],
                       is_onehot=[0, 0], names=["image", "embedding"])
-    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("img_resolution", "in_channels", "out_channels", "label_dim")}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in GEOMETRY}
     src = payload_src(marker)
     inner = edm_form(net, src, dict(structure=s, softmax_onehot=False, **model_kwargs))
     inner.class_name = "WrappedOriginalSongUNet"
@@ -234,7 +245,8 @@ def test_vcdm_release_snapshot(fake_modules, marker):
     assert rec.release == "vcdm" and rec.structure["exist"] == [1, 1] and rec.structure["shapes"] == [[3, 8, 8], [6]]
     config, state = to_vcdm(rec)
     assert config["network"]["kwargs"] == {**config["network"]["kwargs"], **kwargs}
-    assert config["structure"] == {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]], "exist": [1, 1], "observed": [0, 1]}
+    assert config["structure"] == {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]],
+                                   "exist": [1, 1], "observed": [0, 1]}
     assert config["denoiser"]["noise_mult"] == [1.0, 2.0] and config["denoiser"]["pred_x0"] == [0, 0]
     assert config["data"]["data_class"] == "CLIPDataset"
     assert_state_equal(state, net.state_dict())
@@ -245,11 +257,11 @@ def test_vcdm_release_snapshot(fake_modules, marker):
 # Malicious and damaged files.
 
 class Evil:
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
+    def __init__(self, func, *args, state=None):
+        self.func, self.args, self.state = func, args, state
 
     def __reduce__(self):
-        return self.func, self.args
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
 
 
 def payloads(marker):
@@ -264,7 +276,8 @@ def payloads(marker):
     }
 
 
-@pytest.mark.parametrize("name", ["posix.system", "os.system", "builtins.eval", "builtins.exec", "subprocess.check_call"])
+@pytest.mark.parametrize("name", ["posix.system", "os.system", "builtins.eval", "builtins.exec",
+                                  "subprocess.check_call"])
 def test_code_payloads_refused_and_never_run(tmp_path, marker, name):
     blob = payloads(marker)[name]
     pickle.loads(blob)  # control: the payload is real
@@ -304,6 +317,10 @@ def test_payload_hidden_in_persistent_state_and_storage_blob(fake_modules, marke
     (fake_modules / "5.pkl").write_bytes(pickle.dumps(copyreg._reconstructor))
     with pytest.raises(LegacyError):
         load_legacy_pickle(fake_modules / "5.pkl")
+    stateful = Evil(collections.OrderedDict, state={"attr": 1})  # a real object given state (pickle's BUILD)
+    (fake_modules / "6.pkl").write_bytes(pickle.dumps(Persistent("X", dict(_init_kwargs=dict(a=stateful)), src)))
+    with pytest.raises(UnsafePickleError, match="sets the state of a OrderedDict"):
+        read_pickle(fake_modules / "6.pkl")
     assert not marker.exists()
 
 

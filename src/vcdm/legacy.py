@@ -17,7 +17,7 @@ What such a file holds (facts of the format, read off NVlabs/edm and torch's ser
 Here every global a file names is looked up in an allow-list that maps it to *our* code: tensor
 rebuilding from raw bytes, a few builtin containers, and :class:`Record`, an inert stand-in that only
 keeps a class name and data. ``module_src`` is never executed (nor kept). Any other global is refused
-before anything is called.
+before anything is called, and only Records accept state from the file (pickle's BUILD).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -95,7 +95,8 @@ def _persistent_record(meta: Any) -> Record:
     the module source in ``meta`` is dropped unread."""
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
         raise LegacyError("malformed persistent-object record (expected type 'class' and a class_name)")
-    rec = _record_class(meta["class_name"]).__new__(_record_class(meta["class_name"]))
+    cls = _record_class(meta["class_name"])
+    rec = cls.__new__(cls)
     rec.__setstate__(meta.get("state") or {})
     rec.init_args = tuple(rec.state.get("_init_args") or ())
     rec.init_kwargs = dict(rec.state.get("_init_kwargs") or {})
@@ -140,12 +141,12 @@ class _StorageType:
 class _Storage:
     """One storage's bytes (filled possibly after tensors viewing it were built) and its saved dtype."""
 
-    def __init__(self, dtype: torch.dtype, numel: int, data: torch.Tensor | None = None):
+    def __init__(self, dtype: torch.dtype, numel: int):
         if not isinstance(numel, int) or numel < 0:
             raise LegacyError(f"bad storage size {numel!r}")
         self.dtype = dtype
         self.nbytes = numel * _itemsize(dtype)
-        self.data = torch.empty(self.nbytes, dtype=torch.uint8) if data is None else data
+        self.data = torch.empty(self.nbytes, dtype=torch.uint8)
 
     def fill(self, raw: bytes) -> None:
         if len(raw) != self.nbytes:
@@ -212,6 +213,15 @@ class _NDArrayType:
     """Stand-in for the class ``numpy.ndarray`` (only ever passed to ``_reconstruct``)."""
 
 
+class _NumpyDType(Record):
+    """A numeric numpy dtype: its type code, and the byte order its pickled state gives."""
+    class_name = "numpy.dtype"
+
+    def __setstate__(self, state: Any) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else "="
+        self.dtype = self.dtype.newbyteorder(order) if order in ("<", ">") else self.dtype
+
+
 class _NDArray(Record):
     class_name = "numpy.ndarray"
 
@@ -219,21 +229,23 @@ class _NDArray(Record):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise LegacyError("malformed numpy array state")
         shape, dtype, fortran, raw = state[-4:]
-        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(raw, (bytes, bytearray)):
+        if not isinstance(dtype, _NumpyDType) or not isinstance(raw, (bytes, bytearray)):
             raise LegacyError("numpy array of objects or without raw data is not allowed")
-        self.array = np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+        self.array = np.frombuffer(bytes(raw), dtype=dtype.dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
-def _np_dtype(code: Any, align: Any = False, copy: Any = False) -> np.dtype:
+def _np_dtype(code: Any, align: Any = False, copy: Any = False) -> _NumpyDType:
     if not isinstance(code, str) or not _NUMPY_DTYPE.fullmatch(code):
         raise UnsafePickleError(f"numpy dtype {code!r} is not a plain numeric type")
-    return np.dtype(code)
+    rec = _NumpyDType.__new__(_NumpyDType)
+    rec.dtype = np.dtype(code)
+    return rec
 
 
 def _np_scalar(dtype: Any, raw: Any = None) -> int | float | complex | bool:
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(raw, (bytes, bytearray)):
+    if not isinstance(dtype, _NumpyDType) or not isinstance(raw, (bytes, bytearray)):
         raise UnsafePickleError("numpy scalar of a non-numeric type")
-    return np.frombuffer(bytes(raw), dtype=dtype, count=1)[0].item()
+    return np.frombuffer(bytes(raw), dtype=dtype.dtype, count=1)[0].item()
 
 
 def _np_reconstruct(cls: Any, shape: Any, typecode: Any) -> _NDArray:
@@ -299,13 +311,27 @@ def _resolve_global(module: str, name: str) -> Any:
                             "or data constructor vcdm allows (loading it could run code)")
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class _SafeUnpickler(pickle._Unpickler):
+    """Python's own unpickler (the pure-Python one, whose opcodes can be overridden) with globals
+    resolved through the allow-list and state (BUILD) given only to Records: a tensor or container
+    never runs its __setstate__ on data from the file."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: Any, persistent: Callable[[Any], Any] | None = None):
         super().__init__(file)
         self._persistent = persistent
 
     def find_class(self, module: str, name: str) -> Any:
         return _resolve_global(module, name)
+
+    def load_build(self) -> None:
+        state, inst = self.stack.pop(), self.stack[-1]
+        if isinstance(inst, Record):
+            inst.__setstate__(state)
+        elif state:
+            raise UnsafePickleError(f"the file sets the state of a {type(inst).__name__}; only recorded objects "
+                                    "take state")
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
@@ -330,19 +356,17 @@ def _read_torch_stream(f: Any, magic: Any) -> Any:
     storages: dict[str, _Storage] = {}
 
     def persistent(pid: Any) -> Any:
-        if isinstance(pid, tuple) and pid and pid[0] == "module":  # a class saved with its source: keep the name only
+        if isinstance(pid, tuple) and pid and pid[0] == "module":  # a class saved with its source: name only
             return pid[1]
-        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
             raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r}")
         _, stype, key, _location, numel, view = pid
+        if view is not None:
+            raise LegacyError("storage views (files of torch before 1.0) are not supported")
         if key not in storages:
             storages[key] = _Storage(stype.dtype, numel)
-        root = storages[key]
-        if view is None:
-            return root
-        view_key, offset, view_numel = view  # an old-style storage view: bytes shared with the root
-        size = _itemsize(root.dtype)
-        return _Storage(root.dtype, view_numel, root.data[offset * size:(offset + view_numel) * size])
+        return storages[key]
 
     obj = _unpickle(f, persistent)
     keys = _unpickle(f)
@@ -371,7 +395,8 @@ def _read_torch_zip(f: Any) -> Any:
         storages: dict[str, _Storage] = {}
 
         def persistent(pid: Any) -> _Storage:
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                    and isinstance(pid[1], _StorageType)):
                 raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r}")
             _, stype, key, _location, numel = pid
             if key not in storages:
@@ -570,8 +595,8 @@ def _network_kwargs(record: LegacyNetwork) -> tuple[str, dict]:
     known = inspect.signature(network_classes()[cls]).parameters
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
-        raise LegacyError(f"{record.path}: {record.net_class} records constructor arguments vcdm's {cls} does not take: "
-                          f"{', '.join(unknown)}")
+        raise LegacyError(f"{record.path}: {record.net_class} records constructor arguments vcdm's {cls} "
+                          f"does not take: {', '.join(unknown)}")
     # EDM records only the arguments it was given; write the defaults out so the checkpoint is explicit.
     defaults = {k: _plain(p.default) for k, p in known.items() if p.default is not inspect.Parameter.empty}
     return cls, {**defaults, **kwargs}
@@ -656,8 +681,8 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
             state[key] = torch.zeros(expected[key].shape, dtype=torch.float32)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise LegacyError(f"{record.path}: weights do not match vcdm's {cls} ({len(missing)} missing e.g. {missing[:3]}, "
-                          f"{len(unexpected)} unexpected e.g. {unexpected[:3]})")
+        raise LegacyError(f"{record.path}: weights do not match vcdm's {cls} ({len(missing)} missing e.g. "
+                          f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]})")
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]

@@ -33,7 +33,8 @@ class Denoiser(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"denoiser kind: expected one of {', '.join(KINDS)}, got '{kind}'")
         self.net, self.structure, self.kind = net, structure, kind
-        self.sigma_data, self.beta_d, self.beta_min, self.M, self.epsilon_t = float(sigma_data), float(beta_d), float(beta_min), int(M), float(epsilon_t)
+        self.sigma_data = float(sigma_data)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
         self.noise_mult = structure.tensor_values(noise_mult, "--noise_mult", 1.0)
         if any(not (m > 0 and math.isfinite(m)) for m in self.noise_mult):
             raise ValueError(f"--noise_mult: every multiplier must be a positive number, got {list(self.noise_mult)}")

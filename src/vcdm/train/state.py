@@ -112,7 +112,7 @@ def capture_rng(sampler_position: int) -> dict[str, Any]:
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
-    pass  # torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and rng["cuda"].numel():
         states = list(rng["cuda"])
         if len(states) == torch.cuda.device_count():
