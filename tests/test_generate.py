@@ -106,6 +106,7 @@ def test_results_dir_matches_seed_readme():
     assert "guidance-2.0" in results_dir(prior, opts.replace(guidance=2), [0]).parts[3]
 
 
+@pytest.mark.slow
 def test_seed_readme_commands_then_sample_gives_identical_files(models, tmp_path, monkeypatch):
     """The README's two generate commands (paths/sizes adapted) → the README's layout; `vcdm sample` → same bytes."""
     runs = models["prior"].parents[1]
@@ -139,6 +140,7 @@ def test_seed_readme_commands_then_sample_gives_identical_files(models, tmp_path
     assert files(Path("out/embeddings")) == files(work_a / emb_dir)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_batch(models, tmp_path):
     outs = {}
     for batch in (1, 3, 7):
@@ -170,13 +172,27 @@ def test_resume_writes_only_missing_files(models, tmp_path):
     assert generate(models["uncond"], range(10), outdir=out, progress=False).written == []
 
 
+def test_subdirs_and_increment_seeds(models, tmp_path):
+    emb = tmp_path / "emb"
+    run(generate_cmd, ["--network", models["prior"], "--outdir", emb, "--seeds", "998-1001", "--subdirs", "--steps", 1])
+    assert sorted(str(p.relative_to(emb)) for p in emb.rglob("*.pt")) == [
+        "000000/000998.pt", "000000/000999.pt", "001000/001000.pt", "001000/001001.pt"]
+    run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "img", "--seeds", "999-1000",
+                       "--load_obs_from", emb, "--steps", 1])  # reads the thousands sub-directories
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["000999.png", "001000.png"]
+    # --increment_seeds shifts the noise seed only: seed 998 + 2 draws what seed 1000 draws.
+    run(generate_cmd, ["--network", models["prior"], "--outdir", tmp_path / "inc", "--seeds", "998",
+                       "--increment_seeds", 2, "--steps", 1])
+    assert (tmp_path / "inc" / "000998.pt").read_bytes() == (emb / "001000" / "001000.pt").read_bytes()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(models, tmp_path):
     single = tmp_path / "single"
     run(generate_cmd, ["--network", models["uncond"], "--outdir", single, "--seeds", "0-6", "--batch", 2, *FAST])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "generate.py"),
-           f"--network={models['uncond']}", f"--outdir={tmp_path / 'multi'}", "--seeds=0-6", "--batch=2", *FAST,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "generate.py"), f"--network={models['uncond']}", f"--outdir={tmp_path / 'multi'}", "--seeds=0-6", "--batch=2", *FAST,
            "--device", "cpu", "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -252,7 +268,7 @@ def test_bad_options(models, tmp_path):
 
 
 def test_dpm2m_and_ablation_samplers_run(models, tmp_path):
-    for args in (["--sampler", "dpm2m"], ["--solver", "euler", "--disc", "vp"]):
+    for args in (["--sampler", "dpm2m"], ["--solver", "euler", "--disc", "vp"], ["--bf16", "--device", "cpu"]):
         run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / args[1], "--seeds", "0-1",
                            "--steps", 3, *args])
         assert len(list((tmp_path / args[1]).glob("*.png"))) == 2
@@ -300,3 +316,54 @@ def test_root_script_help():
     assert proc.returncode == 0
     for flag in ("--network", "--load_obs_from", "--S_churn", "--disc", "--subdirs", "--increment_seeds", "--sampler"):
         assert flag in proc.stdout
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks train fastest on one thread on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_seed_workflow_on_tiny_trained_models(tmp_path, monkeypatch, one_thread):
+    """Train a tiny prior and image model (pixel-pca embeddings), then the README's sampling commands."""
+    from vcdm.cli.train import command as train_cmd
+
+    data = tmp_path / "datasets" / "tiny"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        img = np.full((RES, RES, 3), 30, np.uint8)
+        img[..., i % 2] = 200
+        PIL.Image.fromarray(img + rng.integers(0, 40, img.shape, dtype=np.uint8)).save(data / f"{i:02d}.png")
+    monkeypatch.chdir(tmp_path)
+    common = ["--path", "datasets/tiny", "--data_class", "CLIPDataset", "--embedder", "pixel-pca", "--pca-dim", "8",
+              "--workers", "0", "--device", "cpu", "--seed", "1", "--batch", "4", "--augment", "0", "--tick", "0.004",
+              "--lr-rampup", "0", "--duration", "0.000008"]
+    for args in (["--exist", "0,1", "--observed", "0,0", "--arch", "dalle2", "--prior-dim", "32", "--prior-depth", "1",
+                  "--pred_x0", "1", "--desc", "prior"],
+                 ["--exist", "1,1", "--observed", "0,1", "--arch", "ddpmpp", "--cbase", "8", "--cres", "1,1",
+                  "--desc", "image"]):
+        result = CliRunner().invoke(train_cmd, common + args)
+        assert result.exit_code == 0, result.output
+    (prior,) = Path("training-runs").glob("*-prior/network-snapshot-000000.safetensors")
+    (image,) = Path("training-runs").glob("*-image/network-snapshot-000000.safetensors")
+
+    steps = ["--steps", "3", "--S_churn", "50", "--S_noise", "1.007"]
+    run(generate_cmd, ["--seeds=0-5", "--batch=4", f"--network={prior}", *steps])
+    args = SEED_ARGS.replace("num_steps-40", "num_steps-3")
+    emb_dir = f"results/{prior.parent.name}/network-snapshot-000000/{args}/samples-0-5"
+    run(generate_cmd, ["--seeds=0-5", "--batch=4", f"--network={image}", *steps, "--load_obs_from", emb_dir + "/"])
+    img_dir = Path(f"results/{image.parent.name}/network-snapshot-000000/{args}/{emb_dir.replace('/', '_')}") / \
+        "samples-0-5"
+    assert sorted(p.name for p in img_dir.iterdir()) == [f"{s:06d}.png" for s in range(6)]
+    # The two runs share their (cached) pixel-pca fit, so `vcdm sample` accepts the pair and agrees.
+    run(sample_cmd, ["--prior", prior, "--image-model", image, "--seeds", "0-5", "--outdir", "two-stage",
+                     "--prior-steps", 3, "--image-steps", 3])
+    assert files(Path("two-stage/images")) == files(img_dir)
+    # Without --load_obs_from the image model embeds random training images (the recorded data path).
+    run(generate_cmd, ["--seeds=0-1", f"--network={image}", "--steps", 2, "--outdir", "from-data"])
+    assert len(list(Path("from-data").glob("*.png"))) == 2

@@ -1,10 +1,15 @@
 """`vcdm fid ref` and `vcdm fid calc`: EDM's fid.py, with KID and precision/recall, offline-friendly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import TYPE_CHECKING, Iterator
 
 import click
+
+if TYPE_CHECKING:
+    import torch
 
 METRIC_HELP = "fid: Fréchet Inception Distance; kid: Kernel Inception Distance; pr: precision/recall (k=3)"
 
@@ -19,27 +24,24 @@ def _parse_metrics(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _setup(device: str | None):
-    """Join torchrun's process group (if launched by it) and pick this rank's device."""
+@contextlib.contextmanager
+def _distributed(device: str | None) -> Iterator[torch.device]:
+    """Join torchrun's process group when launched by it (leaving it on exit); yield this rank's device."""
     import torch
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joined:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def _teardown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        yield torch.device(device) if device else torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def _say(message: str) -> None:
@@ -112,7 +114,8 @@ def command() -> None:
     \b
     Examples:
       vcdm fid ref --data datasets/ffhq-64x64.zip --dest fid-refs/ffhq-64x64.npz
-      torchrun --standalone --nproc_per_node=1 fid.py calc --images=samples --ref=fid-refs/ffhq-64x64.npz --num 20000
+      python fid.py calc --images=samples --ref=fid-refs/ffhq-64x64.npz --num 20000
+      torchrun --standalone --nproc_per_node=2 fid.py calc --images=samples --ref=fid-refs/ffhq-64x64.npz --num-images 20000
       vcdm fid ref --data datasets/afhqv2-64x64.zip --dest refs/afhq.npz --metrics fid,kid
       vcdm fid calc --images samples --ref refs/afhq.npz --num 20000 --metrics fid,kid --json scores.json
 
@@ -142,6 +145,7 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
 
     def run() -> None:
         from vcdm.metrics import FeatureStats, compute_stats
+        from vcdm.metrics.stats import rank_and_world
 
         if os.path.exists(dest_path) and not overwrite:
             if keep and FeatureStats.load(dest_path).features is None:
@@ -149,20 +153,15 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
                                        "pass --overwrite to recompute it")
             _say(f"{dest_path} exists; skipping (pass --overwrite to recompute)")
             return
-        torch_device = _setup(device)
-        try:
+        with _distributed(device) as torch_device:
             dataset = _open_images(data_path)
             net = _inception(weights, torch_device, progress)
             _say(f"Computing reference statistics of {len(dataset)} images from {data_path}...")
             stats = compute_stats(dataset, net, batch=batch, device=torch_device, keep_features=keep,
                                   num_workers=workers, progress=progress)
-            from vcdm.metrics.stats import rank_and_world
-
             if rank_and_world()[0] == 0:
                 stats.save(dest_path)
             _say(f"Saved {dest_path}")
-        finally:
-            _teardown()
 
     _guard(run)
 
@@ -171,8 +170,9 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
 @click.option("--images", "image_path", required=True, metavar="PATH|ZIP", help="Images to score: a folder (recursive) or zip.")
 @click.option("--ref", "ref_path", required=True, metavar="NPZ|URL",
               help="Reference statistics: from `vcdm fid ref`, or EDM's fid-refs (file or URL).")
-@click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True,
-              help="Number of images to use (a random subset if there are more); fewer is an error.")
+@click.option("--num", "--num-images", "num", type=click.IntRange(min=2), default=50000, show_default=True,
+              help="Number of images to use (a random subset if there are more); fewer is an error. Under "
+                   "torchrun >= 2.9 spell it --num-images: torchrun rejects --num as ambiguous with its --numa-binding.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed for choosing the subset.")
 @click.option("--metrics", "metrics_text", default="fid", show_default=True, metavar="LIST", help=METRIC_HELP + ".")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Also write the results as JSON.")
@@ -194,8 +194,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
         if keep and reference.features is None:
             raise click.UsageError(f"--ref {ref_path} holds only mu/sigma, but {','.join(m for m in metrics if m != 'fid')} "
                                    "compare feature sets; make it with `vcdm fid ref --metrics fid,kid,pr`")
-        torch_device = _setup(device)
-        try:
+        with _distributed(device) as torch_device:
             dataset = _open_images(image_path, num, seed)
             net = _inception(weights, torch_device, progress)
             _say(f"Computing statistics of {len(dataset)} images from {image_path}...")
@@ -219,7 +218,5 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
                               inception_weights=str(net.weights_path), metrics=results)
                 with atomic_write(json_path, "w") as f:
                     json.dump(record, f, indent=2)
-        finally:
-            _teardown()
 
     _guard(run)

@@ -39,7 +39,8 @@ def sampler_options(prefix: str = "", defaults: dict[str, Any] | None = None, st
     def decorate(f: Callable) -> Callable:
         for flag, key, type_, help_ in reversed(SAMPLER_FLAGS):
             dest = prefix.replace("-", "_") + key
-            f = click.option(f"--{prefix}{flag}", dest, type=type_, default=defaults.get(key),
+            metavar = None if isinstance(type_, click.Choice) else "INT" if key == "num_steps" else "FLOAT"
+            f = click.option(f"--{prefix}{flag}", dest, type=type_, default=defaults.get(key), metavar=metavar,
                              show_default=key in defaults, help=f"{stage}{help_}")(f)
         return f
     return decorate

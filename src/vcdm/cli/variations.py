@@ -9,6 +9,10 @@ from vcdm.cli.generate import fail, parse_seeds, pop_sampler_options, sampler_op
 from vcdm.cli.sample import STAGE_DEFAULTS
 
 
+def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    return None if value is None else parse_seeds(ctx, param, value)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--image-model", "image_model", required=True, metavar="PATH",
               help="Checkpoint of an image model conditioned on embeddings")
@@ -17,7 +21,7 @@ from vcdm.cli.sample import STAGE_DEFAULTS
 @click.argument("more_images", nargs=-1, metavar="")
 @click.option("--n", "n", type=click.IntRange(min=1), default=8, show_default=True, metavar="INT",
               help="Variations per input (seeds 0..n-1 unless --seeds is given)")
-@click.option("--seeds", default=None, metavar="LIST", callback=lambda c, p, v: None if v is None else parse_seeds(c, p, v),
+@click.option("--seeds", default=None, metavar="LIST", callback=optional_seeds,
               help="Seeds of the variations, one each (e.g. 0-7); its length must equal --n if both are given")
 @click.option("--outdir", default="variations", show_default=True, metavar="DIR",
               help="Writes DIR/<input name>.png: the input (centre-cropped, resized), then its variations")

@@ -1,7 +1,8 @@
 """Batch generation for a list of seeds: the seed release's generate.py, resumable and torchrun-aware.
 
 One seed → one sample: latents, random class labels and dataset picks come from a per-seed generator
-(EDM's StackedRandomGenerator), so a seed's file does not depend on --batch or the number of processes.
+(EDM's StackedRandomGenerator), and network evaluations are padded to a fixed multiple of samples so
+kernels round alike: a seed's file does not depend on --batch or the number of processes.
 The draws follow the original release: with --load_obs_from the latent noise uses seed+1 (so an image
 is not drawn from the noise that drew its embedding); otherwise a seed draws its latent noise first,
 then its class label (EDM's order), or its dataset pick for models conditioned on embeddings.
@@ -9,6 +10,7 @@ then its class label (EDM's order), or its dataset pick for models conditioned o
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -156,8 +158,13 @@ class PaddedDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         n, pad = x.shape[0], -x.shape[0] % self.multiple
+
+        def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.ndim == 0 or t.shape[0] != n:  # shared sigma: nothing to pad
+                return t
+            return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+
         if pad:
-            grow = lambda t: t if t is None or t.ndim == 0 or t.numel() == 1 else torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
             x, sigma, y = grow(x), grow(torch.as_tensor(sigma)), grow(y)
         return self.denoiser(x, sigma, y)[:n]
 
@@ -199,6 +206,8 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
         raise GenerateError(f"--seeds: seeds must be non-negative, got {min(seeds)}")
     if max_batch_size < 1:
         raise GenerateError(f"--batch: expected a positive batch size, got {max_batch_size}")
+    if isinstance(network, Model) and device is None:
+        device = next(network.denoiser.parameters()).device
     device = distributed.init(device)
     model = network if isinstance(network, Model) else load_model(network, device)
     s = model.structure
@@ -217,6 +226,9 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
     todo = [seed for seed in seeds if not seed_path(outdir, seed, model.ext, subdirs).is_file()]
     distributed.barrier()  # every rank has listed what exists before anyone writes
     rank, world = distributed.rank(), distributed.world_size()
+    if progress and rank == 0:
+        print(f'Generating {len(todo)} of {len(seeds)} seeds ({len(seeds) - len(todo)} already there) into "{outdir}"',
+              file=sys.stderr)
     written: list[int] = []
     if todo:
         dataset = None

@@ -54,7 +54,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
     written = []
     for path, stem in zip(images, stems):
         shown = load_image(path, resolution, channels)
-        pixels = torch.as_tensor(shown, device=device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        pixels = torch.from_numpy(shown.copy()).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             emb = embedder.embed(pixels).float()
         if tuple(emb.shape[1:]) != s.shape("embedding"):

@@ -9,6 +9,7 @@ torch-fidelity itself keeps it), then downloaded into that cache. The file is re
 """
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import shutil
@@ -65,7 +66,7 @@ def resolve_weights(path: str | os.PathLike | None = None, *, allow_download: bo
         raise InceptionWeightsError(hint)
     try:
         return download(WEIGHTS_URL, cached, progress=progress)
-    except OSError as e:  # URLError, timeouts, refused connections, read-only cache …
+    except (OSError, http.client.HTTPException) as e:  # no network, timeouts, HTTP errors, read-only cache …
         raise InceptionWeightsError(f"{hint} (download failed: {e})") from None
 
 

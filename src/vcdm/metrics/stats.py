@@ -6,6 +6,7 @@ not Gaussians, so a reference made for them also stores `features` (N, D) float3
 """
 from __future__ import annotations
 
+import http.client
 import os
 import sys
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ def compute_stats(dataset: Dataset, extractor: FeatureExtractor, *, batch: int =
     shards = [[b for b in torch.arange(n).tensor_split(num_batches)[r::world] if len(b)] for r in range(world)]
     mine = shards[rank]
     loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in mine], collate_fn=_stack_images,
-                        num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+                        num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+                        pin_memory=device.type == "cuda")
 
     dim = extractor.dim
     mu = torch.zeros([dim], dtype=torch.float64, device=device)
@@ -109,26 +111,29 @@ def compute_stats(dataset: Dataset, extractor: FeatureExtractor, *, batch: int =
                 kept.append(f.float())
             bar.update(len(images))
 
-    features = None
-    local = torch.cat(kept) if kept else torch.zeros([0, dim], device=device)
+    features = torch.cat(kept) if kept else torch.zeros([0, dim], device=device)
     if world > 1:
         dist.all_reduce(mu)
         dist.all_reduce(sigma)
         if keep_features:
-            counts = [sum(len(b) for b in s) for s in shards]
-            padded = torch.zeros([max(counts), dim], device=device)
-            padded[: len(local)] = local
-            gathered = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(gathered, padded)
-            order = torch.cat([torch.cat(s) for s in shards if s])
-            local = torch.empty([n, dim], device=device)
-            local[order.to(device)] = torch.cat([g[:c] for g, c in zip(gathered, counts)])
-    if keep_features:
-        features = local.cpu().numpy()
+            features = _gather_rows(features, shards, n)
     mu /= n
     sigma -= mu.outer(mu) * n
     sigma /= n - 1
-    return FeatureStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, features)
+    return FeatureStats(mu.cpu().numpy(), sigma.cpu().numpy(), n, features.cpu().numpy() if keep_features else None)
+
+
+def _gather_rows(local: torch.Tensor, shards: list[list[torch.Tensor]], n: int) -> torch.Tensor:
+    """All-gather each rank's rows (for the dataset indices in its shard) back into dataset order."""
+    counts = [sum(len(b) for b in s) for s in shards]
+    padded = local.new_zeros([max(counts), local.shape[1]])  # all_gather needs equal sizes
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in shards]
+    dist.all_gather(gathered, padded)
+    order = torch.cat([torch.cat(s) for s in shards if s]).to(local.device)
+    rows = local.new_empty([n, local.shape[1]])
+    rows[order] = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    return rows
 
 
 def load_reference(ref: str, *, progress: bool = True) -> FeatureStats:
@@ -140,7 +145,7 @@ def load_reference(ref: str, *, progress: bool = True) -> FeatureStats:
         if not cached.is_file():
             try:
                 download(ref, cached, progress=progress)
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 raise StatsError(f"--ref: cannot download {ref} ({e}); download it yourself and pass the local path") from None
         ref = str(cached)
     if not Path(ref).is_file():
