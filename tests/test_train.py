@@ -92,6 +92,29 @@ def test_dry_run_prints_options_and_writes_nothing(data, tmp_path):
     assert not out.exists()
 
 
+SEED_COMMANDS = [  # the original release's README, verbatim but for the paths
+    "--path=DATA --data_class CLIPDataset --batch 256 --seed 1 --exist 0,1 --observed 0,0 --arch=dalle2 "
+    "--lr=1e-4 --augment=0.15 --pred_x0 1",
+    "--path=DATA --data_class CLIPDataset --batch 128 --seed 1 --exist 1,1 --observed 0,1 --arch=ddpmpp "
+    "--cres=1,2,2,2 --lr=1e-4 --dropout=0.05 --augment=0.15",
+    "--path=DATA --data_class CLIPDataset --batch 128 --seed 1 --exist 1,1 --observed 0,1 --arch=ddpmpp "
+    "--cres=1,2,2,2 --lr=1e-4 --dropout=0.05 --augment=0.15 --pretrained_weights pretrained/edm-ffhq-64x64-uncond-vp.pkl",
+]
+
+
+@pytest.mark.parametrize("cmd", SEED_COMMANDS)
+def test_seed_commands_parse(tmp_path, cmd):
+    data = write_dataset(tmp_path / "afhqv2-64x64.zip", n=2, res=64)
+    r = run(cmd.replace("DATA", str(data)).split() + ["--outdir", str(tmp_path / "runs"), "--dry-run"])
+    opts = json.loads(r.output[:r.output.index("\n}\n") + 2])
+    assert opts["lr"] == 1e-4 and opts["seed"] == 1 and opts["embedder"] is None  # CLIP by default
+    assert "512 values" in r.output  # the CLIP embedding
+    if "dalle2" in cmd:
+        assert opts["pred_x0"] == "1" and opts["batch"] == 256 and "PriorTransformer" in r.output
+    else:
+        assert '"channel_mult": [1, 2, 2, 2]' in r.output and '"dropout": 0.05' in r.output
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--exist", "1", "--observed", "0,1"], "--exist"),
     (["--observed", "1,1"], "--exist/--observed"),

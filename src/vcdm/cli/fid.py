@@ -187,7 +187,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
     keep = any(m != "fid" for m in metrics)
 
     def run() -> None:
-        from vcdm.metrics import compute_stats, fid, kid, load_reference, precision_recall
+        from vcdm.metrics import compute_stats, fid_score, kid_score, load_reference, precision_recall
         from vcdm.metrics.stats import rank_and_world
 
         reference = load_reference(ref_path, progress=progress)
@@ -204,9 +204,9 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
                 return
             results: dict[str, float] = {}
             if "fid" in metrics:
-                results["fid"] = fid(stats, reference)
+                results["fid"] = fid_score(stats, reference)
             if "kid" in metrics:
-                results.update(kid(stats.features, reference.features))
+                results.update(kid_score(stats.features, reference.features))
             if "pr" in metrics:
                 results.update(precision_recall(stats.features, reference.features))
             for name, value in results.items():

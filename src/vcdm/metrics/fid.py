@@ -27,5 +27,5 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(np.real(m + np.trace(sigma1 + sigma2 - 2 * s)))
 
 
-def fid(stats: FeatureStats, ref: FeatureStats) -> float:
+def fid_score(stats: FeatureStats, ref: FeatureStats) -> float:
     return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)

@@ -113,8 +113,9 @@ class InceptionFeatures(nn.Module):
         self.weights_path = resolve_weights(weights, allow_download=allow_download, progress=progress)
         try:
             state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InceptionWeightsError(f"{self.weights_path}: not a readable Inception-v3 weights file ({e})") from None
+        except Exception as e:  # truncated, not a torch file, or a pickle that would run code (refused)
+            raise InceptionWeightsError(f"{self.weights_path}: cannot be read as a state dict of tensors "
+                                        f"({type(e).__name__}); expected {WEIGHTS_FILE} from {WEIGHTS_URL}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise InceptionWeightsError(f"{self.weights_path}: expected a state dict of tensors ({WEIGHTS_FILE})")
         # torch-fidelity unpickles the path it is given; hand it the tensors just read safely instead.

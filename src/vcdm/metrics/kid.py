@@ -13,7 +13,7 @@ KID_SUBSET_SIZE = 1000
 KID_SEED = 2020
 
 
-def kid(features: np.ndarray, ref_features: np.ndarray, *, subsets: int = KID_SUBSETS,
+def kid_score(features: np.ndarray, ref_features: np.ndarray, *, subsets: int = KID_SUBSETS,
         subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> dict[str, float]:
     """{'kid_mean', 'kid_std', 'kid_subset_size'}; the subset size shrinks to the smaller set if needed."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric

@@ -35,8 +35,10 @@ def init(device: str) -> torch.device:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if launched_by_torchrun() and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
-                                device_id=dev if dev.type == "cuda" else None)
+        extra = {}
+        if dev.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            extra["device_id"] = dev  # binds NCCL to this GPU (torch >= 2.3)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://", **extra)
     return dev
 
 

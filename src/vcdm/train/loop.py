@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import json
 import math
+import os
 import secrets
 import signal
 import time
@@ -62,7 +63,7 @@ def dry_run(opts: TrainOptions) -> None:
     embedder = _Dim(opts) if opts.embedder_name else None
     structure = make_structure(opts, dataset, embedder)
     net_class, net_kwargs = make_network(opts, structure, 9 if opts.augment > 0 else 0)
-    if dist.launched_by_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return None
     print(json.dumps(opts.to_dict(), indent=2))
     print(f"dataset: {dataset!r}")
@@ -102,16 +103,18 @@ class Trainer:
                               f"(--batch {o.batch} over {self.world} processes)")
         return batch_gpu, per_rank // batch_gpu
 
-    def find_resume(self) -> Path | None:
+    def find_resume(self) -> tuple[Path, dict] | None:
+        """The training state to resume from, loaded and checked (process 0)."""
         o = self.opts
         if not o.resume:
             return None
         target = Path(o.resume)
         if o.resume != "auto" and target.is_file():
-            load_state(target)  # raises StateError naming the problem
-            return target
+            return target, load_state(target)  # raises StateError naming the problem
         if o.resume == "auto":
-            dirs = [d for d in Path(o.outdir).glob("*") if _matches(d, o)] if Path(o.outdir).is_dir() else []
+            out = Path(o.outdir)
+            candidates = [out] if o.nosubdir else (list(out.glob("*")) if out.is_dir() else [])
+            dirs = [d for d in candidates if _matches(d, o)]
         elif target.is_dir():
             dirs = [target]
         else:
@@ -122,7 +125,7 @@ class Trainer:
                 print("--resume=auto: no valid training state found for these options; starting a new run", flush=True)
                 return None
             raise OptionError(f"--resume: no valid training-state-*.pt in {o.resume}")
-        return found[0]
+        return found
 
     def make_run_dir(self, resume: Path | None) -> tuple[Path, str | None]:
         """(run directory, wandb id or None). Process 0 decides."""
@@ -143,8 +146,6 @@ class Trainer:
 
     def run(self) -> Path:
         o = self.opts
-        if o.seed is None:
-            o.seed = int(dist.broadcast_object(secrets.randbelow(1 << 31)))
         batch_gpu, rounds = self.geometry()
         torch.backends.cudnn.benchmark = o.bench
         torch.backends.cudnn.allow_tf32 = False
@@ -153,25 +154,31 @@ class Trainer:
             raise OptionError("--fp16 needs CUDA (GradScaler); on CPU use --bf16")
 
         # Run directory and resume target (process 0 decides; the others follow).
-        plan = None
+        plan, state = None, None
         if self.rank == 0:
             try:
-                resume = self.find_resume()
+                resume, state = self.find_resume() or (None, None)
                 run_dir, wandb_id = self.make_run_dir(resume)
-                plan = ("ok", str(resume) if resume else None, str(run_dir), wandb_id)
+                seed = json.loads(state.get("options", "{}")).get("seed") if state is not None else None
+                plan = ("ok", str(resume) if resume else None, str(run_dir), wandb_id,
+                        seed if seed is not None else secrets.randbelow(1 << 31))
             except (OptionError, StateError) as e:
-                plan = ("error", str(e), None, None)
+                plan = ("error", str(e), None, None, None)
         plan = dist.broadcast_object(plan)
         if plan[0] == "error":
             raise OptionError(plan[1])
         resume, run_dir, wandb_id = (Path(plan[1]) if plan[1] else None), Path(plan[2]), plan[3]
+        if o.seed is None:
+            o.seed = int(plan[4])  # the resumed run's seed (its data order and noise), else a random one
+        elif resume is not None and o.seed != plan[4]:
+            dist.print0(f"warning: --seed {o.seed} differs from the resumed run's {plan[4]}; data order and noise change")
 
         torch.manual_seed(o.seed)  # network initialisation: the same in every process, whatever their number
         s = build(o, self.device)
         denoiser, structure, embedder = s.denoiser, s.structure, s.embedder
         net = denoiser.net.train().requires_grad_(True)
-        frozen: list[str] = []
-        state = load_state(resume) if resume is not None else None
+        if resume is not None and state is None:
+            state = load_state(resume)
         if state is None:
             frozen = self.init_weights(net)
         else:
@@ -208,7 +215,8 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             ShuffledDataset(s.dataset, o.seed), batch_size=batch_gpu, num_workers=o.workers,
             sampler=PositionSampler(batch=o.batch, rank=self.rank, world_size=self.world, start=counters["position"]),
-            pin_memory=self.device.type == "cuda", prefetch_factor=2 if o.workers else None)
+            pin_memory=self.device.type == "cuda", prefetch_factor=2 if o.workers else None,
+            worker_init_fn=_quiet_worker)
         batches = iter(loader)
         if state is not None and len(state.get("rng", [])) == self.world:
             restore_rng(state["rng"][self.rank])
@@ -343,7 +351,7 @@ class Trainer:
                 gen = torch.Generator(device).manual_seed(mix_seed(o.seed, int(positions[0])))
                 sync = r == rounds - 1 or ddp is net
                 with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                    with autocast, torch.set_grad_enabled(o.train_embedder):
+                    with torch.set_grad_enabled(o.train_embedder):  # float32, so cached embeddings match
                         batch = maker(indices, images, labels, gen)
                     with autocast:
                         loss = s.loss_fn(train_denoiser, batch.x, batch.y, batch.augment_labels, generator=gen)
@@ -506,6 +514,12 @@ class Trainer:
 
         save_grid(sample_images(ema_denoiser, preview["y"], preview["n"], self.device), path)
         logger.image("samples", path, nimg)
+
+
+def _quiet_worker(_: int) -> None:
+    """DataLoader workers ignore Ctrl-C / SIGTERM: the main process stops them after saving."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _used(structure) -> set[str]:

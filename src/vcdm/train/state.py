@@ -40,11 +40,15 @@ def _digest(path: Path) -> str:
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write atomically, then the sidecar. A stale sidecar (same name) goes first, so a crash in between
+    leaves a state without sidecar (checked by loading), never one that fails its check."""
     path = Path(path)
+    side = path.with_name(path.name + ".json")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
         sidecar = {"size": tmp.stat().st_size, "sha256": _digest(tmp), "nimg": int(state["counters"]["nimg"])}
-    with atomic_write(path.with_name(path.name + ".json"), "w") as f:
+        side.unlink(missing_ok=True)
+    with atomic_write(side, "w") as f:
         json.dump(sidecar, f)
 
 

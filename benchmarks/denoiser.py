@@ -1,0 +1,220 @@
+"""Speed of one denoiser evaluation (DDPM++ 64x64, the seed's conditional image model) per inference path.
+
+    python benchmarks/denoiser.py                  # batch 8 and 32, 3 repetitions, every path (about an hour
+                                                   # on 2 busy CPU cores, most of it compiling)
+    python benchmarks/denoiser.py --quick          # batch 8, 2 repetitions, compile only channels_last+bf16
+    python benchmarks/denoiser.py --heun           # also sample 18-step Heun per path: sampling images/s and
+                                                   # how far the samples move from float32's
+    python benchmarks/denoiser.py --tiny --quick   # smoke run on a small network (seconds)
+
+The network is the full 61.9 M-parameter DDPM++ (preset ``ddpmpp``, 512-d conditioning embedding, 9
+augment labels) inside the EDM Denoiser, with random weights whose zero-initialised output layers are
+redrawn at the normal scale, so the network's output is not ~0 and the accuracy check means something.
+Each path is an ``InferenceSettings`` of ``vcdm.perf``; the reference is float32 eager in the same run.
+Timings are interleaved (every path once, then again, ...), so load from other processes on a shared
+machine affects every path alike; the "spread" column says how much repetitions disagreed.
+Accuracy: the largest |D_path - D_fp32| over the batch (data units: images in [-1, 1], one 8-bit level
+is 0.0078) and the RMS of the network-output difference relative to the RMS of the network output,
+at per-sample noise levels spanning sigma = 0.002 ... 80.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+
+from common import add_common_args, describe, interleaved, machine, markdown_table, median, result, row, spread, timed, write_json
+from vcdm.data.structure import Structure
+from vcdm.diffusion.rng import StackedRandomGenerator
+from vcdm.diffusion.samplers import karras_sigmas, sample
+from vcdm.nets import build_network
+from vcdm.nets.layers import Conv2d
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
+from vcdm.perf import FP32, InferenceSettings, autocast, default_settings, prepare
+
+EMBED_DIM = 512
+BF16 = torch.bfloat16
+EAGER = [FP32, InferenceSettings(channels_last=True), InferenceSettings(autocast_dtype=BF16),
+         InferenceSettings(channels_last=True, autocast_dtype=BF16)]
+COMPILED = [InferenceSettings(compile=True), InferenceSettings(channels_last=True, autocast_dtype=BF16, compile=True)]
+
+
+def unzero_init(net: torch.nn.Module) -> torch.nn.Module:
+    """Scale the layers EDM initialises at 1e-5 (block outputs, attention projections, output conv) back
+    to their normal xavier scale, so every block contributes and the output has unit-order magnitude."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, Conv2d) and m.weight is not None and m.weight.abs().max() < 1e-3:
+                m.weight.mul_(1e5)
+    return net
+
+
+def image_denoiser(tiny: bool) -> Denoiser:
+    res, embed = (16, 32) if tiny else (64, EMBED_DIM)
+    structure = Structure.from_flags({"image": (3, res, res), "embedding": (embed,)}, "1,1", "0,1")
+    cls, kwargs = preset("ddpmpp", resolution=res, channels=3, embed_dim=embed, label_dim=embed, augment_dim=9,
+                         **(dict(cbase=32, cres=[1, 2]) if tiny else {}))
+    torch.manual_seed(0)
+    return Denoiser(unzero_init(build_network(cls, kwargs)), structure).eval()
+
+
+def prior_denoiser(tiny: bool) -> Denoiser:
+    embed = 32 if tiny else EMBED_DIM
+    structure = Structure.from_flags({"embedding": (embed,)}, "1", "0")
+    cls, kwargs = preset("dalle2", resolution=0, channels=0, embed_dim=embed, label_dim=0, augment_dim=0)
+    if tiny:
+        kwargs.update(dim=64, depth=1, heads=2, dim_head=32)
+    torch.manual_seed(0)
+    return Denoiser(build_network(cls, kwargs), structure).eval()
+
+
+def inputs(denoiser: Denoiser, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Noisy samples at per-sample sigmas spanning 0.002 ... 80 (EDM's range), and unit-norm conditions."""
+    g = torch.Generator().manual_seed(batch)
+    sigma = karras_sigmas(batch, 0.002, 80.0).float()
+    x = torch.randn(batch, denoiser.structure.latent_dim, generator=g) * (0.5 ** 2 + sigma[:, None] ** 2).sqrt()
+    obs = denoiser.structure.observed_dim
+    y = torch.nn.functional.normalize(torch.randn(batch, obs, generator=g), dim=1) * math.sqrt(obs) if obs else None
+    return x, sigma, y
+
+
+def evaluator(denoiser: Denoiser, settings: InferenceSettings, x, sigma, y, out: dict):
+    def fn():
+        with torch.no_grad(), autocast(settings, "cpu"):
+            out[settings.name] = denoiser(x, sigma, y)
+    return fn
+
+
+def accuracy(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, d_ref: torch.Tensor, d: torch.Tensor):
+    """max |D - D_ref| and RMS(F - F_ref) / RMS(F_ref), with F = (D - c_skip x) / c_out the network output."""
+    c_skip, c_out, _, _ = denoiser.coefficients(sigma[:, None])
+    f_ref = (d_ref.double() - c_skip * x) / c_out
+    df = (d.double() - d_ref.double()) / c_out
+    return (d - d_ref).abs().max().item(), (df.square().mean().sqrt() / f_ref.square().mean().sqrt()).item()
+
+
+def bench_images(args, batch: int, paths: list[InferenceSettings], table: list, rows: list, samples: dict) -> None:
+    base = image_denoiser(args.tiny)
+    x, sigma, y = inputs(base, batch)
+    models, out, cases, compile_s = {}, {}, {}, {}
+    for s in paths:
+        models[s.name] = prepare(copy.deepcopy(base), s)
+        cases[s.name] = evaluator(models[s.name], s, x, sigma, y, out)
+        if s.compile:
+            _, compile_s[s.name] = timed(cases[s.name])  # first call: trace + compile + one evaluation
+            print(f"  compiled {s.name} at batch {batch} in {compile_s[s.name]:.0f} s", flush=True)
+    times = interleaved(cases, reps=args.reps, warmup=1)
+    ref = median(times[FP32.name])
+    best_eager = min(median(times[s.name]) for s in paths if not s.compile)
+    for s in paths:
+        sec = median(times[s.name])
+        max_abs, rel = accuracy(base, x, sigma, out[FP32.name], out[s.name])
+        comp, payoff = compile_s.get(s.name), None
+        if comp is not None:
+            comp = max(comp - sec, 0.0)
+            payoff = math.ceil(comp / (best_eager - sec)) if sec < best_eager else None
+        table.append(["DDPM++ image model", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{spread(times[s.name]):.0%}",
+                      comp, payoff, max_abs, rel])
+        rows.append(row(f"denoiser b{batch} {s.name}", batch / sec, "images/s", reference=f"denoiser b{batch} fp32",
+                        ratio=ref / sec, note=f"max|dD| {max_abs:.2g}, rel rms dF {rel:.2g}" +
+                        (f", compile {comp:.0f} s, pays off after {payoff} evals" if comp is not None else "")))
+    if args.heun and batch == args.batch[0]:
+        heun(args, base, models, paths, batch, table_rows=samples)
+
+
+def heun(args, base: Denoiser, models: dict, paths: list[InferenceSettings], batch: int, table_rows: dict) -> None:
+    """18-step deterministic Heun from the same seeds per path: sampling speed and sample differences."""
+    latents = StackedRandomGenerator("cpu", range(batch)).randn([batch, base.structure.latent_dim])
+    _, _, y = inputs(base, batch)
+    results = {}
+    for s in paths:
+        with torch.no_grad(), autocast(s, "cpu"):
+            results[s.name], sec = timed(lambda: sample(models[s.name], latents, y, num_steps=args.heun_steps))
+        table_rows[s.name] = [batch, args.heun_steps, sec, batch / sec]
+        print(f"  heun {s.name}: {sec:.1f} s", flush=True)
+    ref = results[FP32.name]
+    for s in paths:
+        diff = (results[s.name] - ref).abs()
+        u8 = lambda v: ((v + 1) * 127.5).round().clip(0, 255)
+        changed = (u8(results[s.name]) != u8(ref)).float().mean().item()
+        ref_rate = table_rows[FP32.name][3]
+        table_rows[s.name] += [table_rows[s.name][3] / ref_rate, diff.max().item(), diff.square().mean().sqrt().item(),
+                               changed, (u8(results[s.name]) - u8(ref)).abs().max().item()]
+
+
+def bench_prior(args, batch: int, table: list, rows: list) -> None:
+    base = prior_denoiser(args.tiny)
+    x, sigma, y = inputs(base, batch)
+    paths = [FP32, InferenceSettings(autocast_dtype=BF16)]
+    out = {}
+    cases = {s.name: evaluator(base, s, x, sigma, None, out) for s in paths}
+    times = interleaved(cases, reps=max(args.reps, 5), warmup=2)
+    ref = median(times[FP32.name])
+    for s in paths:
+        sec = median(times[s.name])
+        max_abs, rel = accuracy(base, x, sigma, out[FP32.name], out[s.name])
+        table.append(["prior (dalle2)", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{spread(times[s.name]):.0%}",
+                      None, None, max_abs, rel])
+        rows.append(row(f"prior b{batch} {s.name}", 1 / sec, "evaluations/s", reference=f"prior b{batch} fp32",
+                        ratio=ref / sec, note=f"{batch / sec:.1f} samples/s"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=None,
+                   help="batch sizes, comma-separated (default 8,32; --quick: 8)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per path (default 3; --quick: 2)")
+    p.add_argument("--compile", choices=["all", "fast", "none"], default=None,
+                   help="which compiled paths: all (fp32 and channels_last+bf16; default), fast (channels_last+bf16; "
+                        "--quick's default), none")
+    p.add_argument("--heun", action="store_true", help="also time 18-step Heun sampling per path at the first batch size")
+    p.add_argument("--heun-steps", type=int, default=18, help="Heun steps for --heun (default 18)")
+    p.add_argument("--tiny", action="store_true", help="small networks (16x16 DDPM++, 1-layer prior): a smoke test")
+    args = p.parse_args()
+    args.batch = args.batch or ([8] if args.quick else [8, 32])
+    args.reps = args.reps or (2 if args.quick else 3)
+    compiled = {"all": COMPILED, "fast": COMPILED[1:], "none": []}[args.compile or ("fast" if args.quick else "all")]
+    paths = EAGER + compiled
+
+    start = time.perf_counter()
+    info = machine("cpu")
+    print(f"machine: {describe(info)}", flush=True)
+    params = sum(p.numel() for p in image_denoiser(args.tiny).parameters())
+    table, rows, samples = [], [], {}
+    for batch in args.batch:
+        print(f"batch {batch}: {', '.join(s.name for s in paths)}", flush=True)
+        bench_images(args, batch, paths, table, rows, samples)
+        bench_prior(args, batch, table, rows)
+    info_end = machine("cpu")
+
+    print(f"\n## Denoiser evaluation ({'tiny test networks' if args.tiny else f'DDPM++ 64x64, {params / 1e6:.1f} M params'}; "
+          f"reference: fp32 eager, same run)\n")
+    print(markdown_table(["network", "batch", "path", "ms/eval", "images/s", "vs fp32", "spread", "compile s",
+                          "pays off after (evals)", "max abs dD", "rel RMS dF"], table))
+    if samples:
+        print(f"\n## {args.heun_steps}-step Heun sampling, batch {args.batch[0]} (seeds 0-{args.batch[0] - 1}), "
+              "compared with fp32 eager\n")
+        print(markdown_table(["path", "batch", "steps", "seconds", "images/s", "vs fp32", "max abs dx", "rms dx",
+                              "8-bit values changed", "max 8-bit change"], [[name, *r] for name, r in samples.items()]))
+        for name, r in samples.items():
+            rows.append(row(f"heun{args.heun_steps} b{r[0]} {name}", r[3], "images/s",
+                            reference=f"heun{args.heun_steps} b{r[0]} fp32", ratio=r[4],
+                            note=f"max|dx| {r[5]:.2g}, {r[7]:.1%} of 8-bit values changed"))
+    print(f"\ndefault settings on this machine (vcdm.perf.default_settings('cpu')): {default_settings('cpu').name}")
+    print(f"load average: {info['load_avg_1m']} at start, {info_end['load_avg_1m']} at end, on {info['cpus']} CPUs "
+          f"(other processes share them; compare ratios, not absolute numbers)")
+    wall = time.perf_counter() - start
+    print(f"wall time {wall:.0f} s")
+    if args.json:
+        write_json(args.json, result("denoiser", rows, info, wall, load_avg_end=info_end["load_avg_1m"],
+                                     params=params, default_settings=default_settings("cpu").to_dict(),
+                                     table=table, heun=samples))
+
+
+if __name__ == "__main__":
+    main()
