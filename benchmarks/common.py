@@ -48,12 +48,13 @@ def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": str(device), "name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def describe(info: Mapping[str, Any]) -> str:
     return (f"{info['device']} ({info['name']}), {info['threads']} threads on {info['cpus']} CPUs, "
-            f"torch {info['torch']}, load average {info['load_avg_1m']}")
+            f"OMP_WAIT_POLICY {info['omp_wait_policy']}, torch {info['torch']}, load average {info['load_avg_1m']}")
 
 
 def interleaved(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
@@ -132,4 +133,6 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
 
 def result(benchmark: str, rows: list[dict[str, Any]], info: Mapping[str, Any], wall_s: float,
            **extra: Any) -> dict[str, Any]:
-    return {"benchmark": benchmark, "machine": dict(info), "wall_s": round(wall_s, 1), "rows": rows, **extra}
+    """The --json document: ``info`` is ``machine()`` from the start; the load average at the end is added."""
+    return {"benchmark": benchmark, "machine": dict(info), "load_avg_end": round(os.getloadavg()[0], 2),
+            "wall_s": round(wall_s, 1), "rows": rows, **extra}

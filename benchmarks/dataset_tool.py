@@ -1,6 +1,6 @@
 """Dataset tool throughput: convert N generated 256x256 JPEGs to 64x64, serial vs parallel.
 
-    python benchmarks/dataset_tool.py [--count 2000] [--workers N]
+    python benchmarks/dataset_tool.py [--count 2000] [--workers N] [--quick] [--json out.json]
 
 Both runs write a zip in a temp dir; the table also checks the two zips are byte-identical.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from common import add_common_args, machine, result, row, write_json
 from vcdm.data.dataset_tool import convert_dataset
 
 
@@ -31,11 +32,14 @@ def make_jpegs(folder: Path, count: int, size: int, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--count", type=int, default=2000, help="number of JPEGs to generate (default 2000)")
+    add_common_args(p)
+    p.add_argument("--count", type=int, default=None, help="number of JPEGs to generate (default 2000; --quick: 200)")
     p.add_argument("--size", type=int, default=256, help="generated image size (default 256)")
     p.add_argument("--resolution", type=int, default=64, help="output resolution (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel workers (default: CPU count)")
     args = p.parse_args()
+    args.count = args.count or (200 if args.quick else 2000)
+    info, start = machine("cpu"), time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -57,6 +61,14 @@ def main() -> None:
         print(f"{mode:<10}{workers:>8}{args.count:>8}{res:>12}{sec:>10.2f}{args.count / sec:>10.1f}")
     print(f"\nspeed-up {rows[0][2] / rows[1][2]:.2f}x on {os.cpu_count()} CPUs; "
           f"outputs byte-identical: {'yes' if identical else 'NO'}")
+    if args.json:
+        (_, _, serial), (_, workers, parallel) = rows
+        note = f"{args.count} JPEGs {res}, outputs {'byte-identical' if identical else 'DIFFER'}"
+        write_json(args.json, result("dataset_tool", [
+            row("dataset tool, 1 worker", args.count / serial, "images/s", note=note),
+            row(f"dataset tool, {workers} workers", args.count / parallel, "images/s",
+                reference="dataset tool, 1 worker", ratio=serial / parallel, note=note)],
+            info, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

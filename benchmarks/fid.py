@@ -8,6 +8,7 @@ otherwise random weights of the same architecture, which cost exactly the same; 
 
     python benchmarks/fid.py                      # CUDA if available, else CPU (small default sizes)
     python benchmarks/fid.py --num 2048 --batch 128 --device cuda
+    python benchmarks/fid.py --quick --json out.json  # fewer images on CUDA; the table as JSON
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from common import add_common_args, machine, result, row, write_json
 from vcdm.data.dataset import ImageDataset
 from vcdm.metrics import InceptionFeatures, InceptionWeightsError, compute_stats, resolve_weights
 from vcdm.metrics.inception import WEIGHTS_FILE, save_random_weights
@@ -33,14 +35,16 @@ def synchronize(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num", type=int, default=None, help="images [default: 1024 on CUDA, 16 on CPU]")
+    add_common_args(parser)
+    parser.add_argument("--num", type=int, default=None, help="images [default: 1024 on CUDA (--quick: 256), 16 on CPU]")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--resolution", type=int, default=64, help="image size before Inception's resize to 299")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--inception-weights", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    num = args.num or (1024 if device.type == "cuda" else 16)
+    num = args.num or ((256 if args.quick else 1024) if device.type == "cuda" else 16)
+    info, start = machine(device), time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -73,6 +77,13 @@ def main() -> None:
     print(f"device: {name}; {kind}; {num} images {args.resolution}x{args.resolution}, batch {args.batch}")
     print(f"bare Inception forward (reference): {bare:8.1f} images/s")
     print(f"vcdm fid pipeline (PNG -> stats):   {full:8.1f} images/s  ({full / bare:.0%} of bare)")
+    if args.json:
+        note = f"{num} images {args.resolution}x{args.resolution}, batch {args.batch}, {kind.split(' (')[0]}"
+        write_json(args.json, result("fid", [
+            row("FID features, bare Inception forward", bare, "images/s", note=note),
+            row("FID features, vcdm fid pipeline (PNG -> stats)", full, "images/s",
+                reference="FID features, bare Inception forward", ratio=full / bare, note=note)],
+            info, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

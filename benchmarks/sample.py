@@ -1,10 +1,12 @@
 """Two-stage sampling speed: the default prior (dalle2) + a DDPM++ 64x64 image model, random weights.
 
-    python benchmarks/sample.py [--images 8] [--steps 2] [--device cpu]
+    python benchmarks/sample.py [--images 8] [--steps 2] [--device cpu] [--quick] [--json out.json]
 
 Runs both stages exactly as `vcdm sample` does (per-seed noise, files written) with few Heun steps,
 then extrapolates to the original release's 40 steps (79 evaluations per stage) by adding the missing
-evaluations, each timed on its own as a bare network call at the same batch size.
+evaluations, each timed on its own as a bare network call at the same batch size. It does so twice:
+with the default inference settings (vcdm.perf.default_settings for each network on this device) and,
+as the reference, with both networks in float32 eager (--fp32 --no-channels-last).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from common import add_common_args, machine, result, row, write_json
+from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.generate import SamplerOptions, generate, load_model
@@ -24,6 +28,7 @@ from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 
 EMBED_DIM = 512  # CLIP ViT-B/32
+PATHS = {"default": {}, "fp32": dict(bf16=False, channels_last=False)}  # generate() flags; fp32 is the reference
 
 
 def write_model(path: Path, arch: str, exist: str, observed: str) -> Path:
@@ -44,6 +49,7 @@ def evals(steps: int) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)  # --quick: the defaults below, which are already small
     p.add_argument("--images", type=int, default=8, help="images to sample (default 8, one batch)")
     p.add_argument("--steps", type=int, default=2, help="Heun steps per stage (default 2; the seed uses 40)")
     p.add_argument("--batch", type=int, default=None, help="maximum batch size (default: all images in one batch)")
@@ -53,44 +59,69 @@ def main() -> None:
     opts = SamplerOptions(num_steps=args.steps, S_churn=50, S_noise=1.007)
     seeds = list(range(args.images))
     batch = min(args.batch or args.images, args.images)
+    info, start = machine(device), time.perf_counter()
 
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
         prior = load_model(write_model(tmp / "prior.safetensors", "dalle2", "0,1", "0,0"), device)
         image = load_model(write_model(tmp / "image.safetensors", "ddpmpp", "1,1", "0,1"), device)
-        run = dict(opts=opts, max_batch_size=batch, device=device, progress=False)
-        evaluate(prior, batch, device)  # first-call overheads out of the timings (cheap for the prior)
-        t0 = time.perf_counter()
-        emb = generate(prior, seeds, outdir=tmp / "emb", **run)
-        t1 = time.perf_counter()
-        generate(image, seeds, outdir=tmp / "img", load_obs_from=emb.outdir, **run)
-        t2 = time.perf_counter()
-        per_eval = {"prior": evaluate(prior, batch, device), "image": evaluate(image, batch, device)}
+        for label, flags in PATHS.items():
+            run = dict(opts=opts, max_batch_size=batch, device=device, progress=False, **flags)
+            settings = {k: perf.resolve(device, m.denoiser, **flags) for k, m in (("prior", prior), ("image", image))}
+            for key, model in (("prior", prior), ("image", image)):  # first-call overheads out of the timings
+                evaluate(perf.prepare(model.denoiser, settings[key]), model.structure, batch, device, settings[key])
+            t0 = time.perf_counter()
+            emb = generate(prior, seeds, outdir=tmp / f"emb-{label}", **run)
+            t1 = time.perf_counter()
+            generate(image, seeds, outdir=tmp / f"img-{label}", load_obs_from=emb.outdir, **run)
+            t2 = time.perf_counter()
+            per_eval = {k: evaluate(m.denoiser, m.structure, batch, device, settings[k])
+                        for k, m in (("prior", prior), ("image", image))}
+            runs[label] = ({"prior": t1 - t0, "image": t2 - t1}, per_eval, settings)
 
     batches = -(-args.images // batch)
-    measured = {"prior": t1 - t0, "image": t2 - t1}
-    # Extrapolation: the per-batch network time scales with the evaluation count, the rest stays.
-    at40 = {k: measured[k] + (evals(40) - evals(args.steps)) * batches * per_eval[k] for k in measured}
     params = {k: sum(p.numel() for p in m.denoiser.parameters()) / 1e6 for k, m in (("prior", prior), ("image", image))}
     print(f"device {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {args.images} images, "
           f"batch {batch}; prior (dalle2) {params['prior']:.1f} M params, DDPM++ 64x64 {params['image']:.1f} M params")
-    print(f"one evaluation at batch {batch}: prior {per_eval['prior']:.3f} s, image model {per_eval['image']:.3f} s")
-    print(f"\n{'':<34}{'steps':>6}{'evals':>7}{'prior s':>9}{'image s':>9}{'images/s':>10}{'prior share':>13}")
-    for name, steps, sec in ((f"measured", args.steps, measured), ("extrapolated to the seed's 40", 40, at40)):
-        total = sec["prior"] + sec["image"]
-        print(f"{name:<34}{steps:>6}{evals(steps):>7}{sec['prior']:>9.2f}{sec['image']:>9.2f}"
-              f"{args.images / total:>10.4f}{sec['prior'] / total:>13.1%}")
+    rates, rows = {}, []
+    for label, (measured, per_eval, settings) in runs.items():
+        # Extrapolation: the per-batch network time scales with the evaluation count, the rest stays.
+        at40 = {k: measured[k] + (evals(40) - evals(args.steps)) * batches * per_eval[k] for k in measured}
+        names = f"prior {settings['prior'].name}, image model {settings['image'].name}"
+        print(f"\n{label} ({names}): one evaluation at batch {batch}: prior {per_eval['prior']:.3f} s, "
+              f"image model {per_eval['image']:.3f} s")
+        print(f"{'':<34}{'steps':>6}{'evals':>7}{'prior s':>9}{'image s':>9}{'images/s':>10}{'prior share':>13}")
+        for name, steps, sec in ((f"measured", args.steps, measured), ("extrapolated to the seed's 40", 40, at40)):
+            total = sec["prior"] + sec["image"]
+            print(f"{name:<34}{steps:>6}{evals(steps):>7}{sec['prior']:>9.2f}{sec['image']:>9.2f}"
+                  f"{args.images / total:>10.4f}{sec['prior'] / total:>13.1%}")
+        total = at40["prior"] + at40["image"]
+        rates[label] = (args.images / total, args.images / at40["image"], at40["prior"] / total, names)
+    ref = rates["fp32"]
+    for label, (two_stage, image_only, share, names) in rates.items():
+        vs = None if label == "fp32" else "two-stage sampling, fp32"
+        rows.append(row(f"two-stage sampling, {label}", two_stage, "images/s", reference=vs,
+                        ratio=None if vs is None else two_stage / ref[0],
+                        note=f"{names}; 40 Heun steps (extrapolated from {args.steps}), batch {batch}"))
+        rows.append(row(f"image-model stage, {label}", image_only, "images/s",
+                        reference=None if vs is None else "image-model stage, fp32",
+                        ratio=None if vs is None else image_only / ref[1]))
+        rows.append(row(f"prior share of two-stage time, {label}", 100 * share, "%"))
+    print(f"\ndefault vs fp32 eager: two-stage {rates['default'][0] / ref[0]:.2f}x, "
+          f"image-model stage {rates['default'][1] / ref[1]:.2f}x")
+    if args.json:
+        write_json(args.json, result("sample", rows, info, time.perf_counter() - start))
 
 
-def evaluate(model, batch: int, device: torch.device) -> float:
+def evaluate(denoiser, structure, batch: int, device: torch.device, settings: perf.InferenceSettings) -> float:
     """Seconds for one bare network evaluation at `batch` (no padding, no sampler, no files)."""
-    s = model.structure
-    x = torch.randn(batch, s.latent_dim, device=device)
-    y = torch.randn(batch, s.observed_dim, device=device) if s.observed_dim else None
-    with torch.no_grad():
+    x = torch.randn(batch, structure.latent_dim, device=device)
+    y = torch.randn(batch, structure.observed_dim, device=device) if structure.observed_dim else None
+    with torch.no_grad(), perf.autocast(settings, device):
         t = time.perf_counter()
-        model.denoiser(x, torch.tensor(1.0, device=device), y)
+        denoiser(x, torch.tensor(1.0, device=device), y)
         return time.perf_counter() - t
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
 
 def test_embedding_cache_gives_identical_results(data, tmp_path):
     args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--duration", "0.000008",
-            "--sample", "100"]
+            "--sample", "0"]
     run(base_args(data, tmp_path / "a", *args, "--embed-cache", "1"))
     run(base_args(data, tmp_path / "b", *args, "--embed-cache", "0"))
     assert list((data.parent / "cache" / "tiny").glob("embeddings-pixel-pca-*.safetensors"))
@@ -354,7 +354,7 @@ def test_sampler_shards_a_global_batch_into_blocks():
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(data, tmp_path):
     args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0.2", "--dropout", "0",
-            "--duration", "0.000004", "--sample", "100"]  # one step of a global batch of 4
+            "--duration", "0.000004", "--sample", "0"]  # one step of a global batch of 4
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
            *base_args(data, tmp_path / "ddp", *args)]
@@ -397,7 +397,7 @@ def edm_pickle_file(tmp_path, monkeypatch):
 
 def test_pretrained_weights_zero_map_label_and_freeze(data, tmp_path, edm_pickle_file):
     pkl, source, params = edm_pickle_file
-    args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--sample", "100",
+    args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--sample", "0",
             "--pretrained_weights", str(pkl), "--freeze_pretrained", "1"]
     out = tmp_path / "a"
     r = run(base_args(data, out, *args, "--duration", "0.000004", "--lr-rampup", "10000"))  # 1 step at lr 0
@@ -414,3 +414,51 @@ def test_pretrained_weights_zero_map_label_and_freeze(data, tmp_path, edm_pickle
     assert torch.count_nonzero(state["net"]["map_label.weight"]) > 0
     for k, v in source.items():
         assert torch.equal(state["net"][k], v), k
+
+
+@pytest.mark.slow
+def test_tensorboard_and_offline_wandb(data, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_ENTITY", "someone")
+    monkeypatch.setenv("WANDB_PROJECT", "vcdm-test")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "runs"
+    run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
+                  "--duration", "0.000008", "--tensorboard", "--wandb_dir", str(tmp_path / "wandb")))
+    d = run_dir(out)
+    assert list((d / "tensorboard").glob("events.out.tfevents.*"))
+    (offline,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    assert offline.name.endswith(d.name)  # the run directory is named by wandb's run id
+
+
+@pytest.mark.parametrize("data_class, exist, observed, arch, latent, cond_dim", [
+    ("ImageFolderDataset", "1,1", "0,1", TINY_UNET, "image", 2),                  # class-conditional images
+    ("LabelledCLIPDataset", "0,1,1", "0,0,1", TINY_PRIOR, "embedding", 2),        # prior given the class
+    ("LabelledCLIPDataset", "1,1,1", "0,1,1", TINY_UNET, "image", 8 + 2),         # images given embedding + class
+])
+def test_data_classes(data, tmp_path, data_class, exist, observed, arch, latent, cond_dim):
+    out = tmp_path / "runs"
+    run(base_args(data, out, "--data_class", data_class, "--exist", exist, "--observed", observed, *arch,
+                  "--augment", "0.1", "--duration", "0.000004", "--sample", "0"))
+    config = read_config(run_dir(out) / "network-snapshot-000000.safetensors")
+    assert config["structure"]["names"] == {"ImageFolderDataset": ["image", "label"]}.get(
+        data_class, ["image", "embedding", "label"])
+    assert config["network"]["kwargs"]["label_dim"] == cond_dim and config["data"]["label_dim"] == 2
+    assert (config["embedder"] is None) == (data_class == "ImageFolderDataset")
+
+
+def test_transfer_copies_matching_tensors(data, tmp_path):
+    """--transfer (EDM's): an unconditional model's weights seed a class-conditional one."""
+    common = ["--data_class", "ImageFolderDataset", *TINY_UNET, "--augment", "0", "--sample", "0"]
+    run(base_args(data, tmp_path / "src", *common, "--exist", "1,0", "--observed", "0,0", "--duration", "0.000008"))
+    src = run_dir(tmp_path / "src") / "network-snapshot-000000.safetensors"
+    args = base_args(data, tmp_path / "dst", *common, "--exist", "1,1", "--observed", "0,1",
+                     "--duration", "0.000004", "--lr-rampup", "10000", "--transfer", str(src))  # 1 step at lr 0
+    r = run(args)  # (the later --data_class wins, as click does for repeated options)
+    assert "Transferred" in r.output
+    from vcdm.checkpoints import load_tensors
+    source, state = load_tensors(src)["net"], last_state(run_dir(tmp_path / "dst"))["net"]
+    assert "map_label.weight" in state and "map_label.weight" not in source
+    for k, v in source.items():
+        assert torch.equal(state[k], v), k

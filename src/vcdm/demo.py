@@ -22,6 +22,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,29 +177,76 @@ def _sync(device: torch.device) -> None:
 
 
 def choose_threads(opts: TrainOptions) -> tuple[int, dict[str, float]]:
-    """On a CPU, the faster of one thread and torch's default for the image model (small networks on a
-    busy machine often run several times faster on one thread); returns (threads, its rates)."""
+    """On a CPU, one thread or torch's default for the image model; returns (threads, its rates).
+
+    Several threads pay off only on idle cores: when other processes keep the cores busy, threads wait
+    on each other and small networks run many times slower. So one thread is kept when the load
+    average already fills the cores, or when more threads are not clearly (1.3x) faster.
+    """
     default = torch.get_num_threads()
     if torch.device(opts.device).type != "cpu" or default == 1:
         return default, measure_rates(opts)
-    results = {}
-    for threads in (1, default):
-        torch.set_num_threads(threads)
-        results[threads] = measure_rates(opts)
-    best = max(results, key=lambda t: results[t]["train"])
-    torch.set_num_threads(best)
-    return best, results[best]
+    torch.set_num_threads(1)
+    single = measure_rates(opts)
+    if _busy_cores() >= (os.cpu_count() or 1) - 0.5:
+        return 1, single
+    torch.set_num_threads(default)
+    multi = measure_rates(opts)
+    if multi["train"] >= 1.3 * single["train"]:
+        return default, multi
+    torch.set_num_threads(1)
+    return 1, single
 
 
-def train_run(opts: TrainOptions) -> Path:
-    """Train with vcdm.train; return the final snapshot. A run stopped early (Ctrl-C) raises KeyboardInterrupt."""
+def _busy_cores() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[dict[str, bool]]:
+    """Stop a vcdm.train run after `seconds`: the training loop handles SIGTERM by finishing the step
+    and saving a snapshot, so a timer sends this process SIGTERM. Yields {'reached': bool}. While the
+    block runs, a SIGTERM that finds no training loop is ignored (a late timer must not end the demo).
+    Outside the main thread no timer is set."""
+    state = {"reached": False}
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    except ValueError:  # not the main thread
+        yield state
+        return
+
+    def fire() -> None:
+        state["reached"] = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(max(seconds, 0.0), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield state
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_run(opts: TrainOptions, max_seconds: float = math.inf) -> tuple[Path, float]:
+    """Train with vcdm.train, for at most `max_seconds` (then the run stops as on SIGTERM, after the
+    step, and saves); returns (final snapshot, kimg trained). A run stopped by anything else (Ctrl-C)
+    raises KeyboardInterrupt."""
     from vcdm.train import train
 
-    run_dir = train(opts)
+    with deadline(max_seconds) if math.isfinite(max_seconds) else contextlib.nullcontext({"reached": False}) as dl:
+        run_dir = train(opts)
     records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
-    if not records or records[-1]["nimg"] < round(opts.duration * 1e6):
-        raise KeyboardInterrupt
-    return sorted(run_dir.glob("network-snapshot-*.safetensors"))[-1]
+    nimg = records[-1]["nimg"] if records else 0
+    if nimg < round(opts.duration * 1e6):
+        if not dl["reached"]:
+            raise KeyboardInterrupt
+        say(f"      time budget of this stage reached: trained {nimg / 1000:g} of {opts.duration * 1000:g} kimg")
+    return sorted(run_dir.glob("network-snapshot-*.safetensors"))[-1], nimg / 1000
 
 
 def final_loss(run_dir: Path) -> float | None:
@@ -361,9 +410,21 @@ def make_judge(resolution: int, *, epochs: int, device: str, progress: bool = Tr
 
 
 def plan_kimg(rate: float, seconds: float, sizes: Sizes) -> float:
-    """Training length (kimg) for `seconds` at `rate` images/s, a whole number of batches, at least min_kimg."""
-    batches = max(math.floor(rate * seconds / sizes.batch), math.ceil(sizes.min_kimg * 1000 / sizes.batch), 1)
+    """Training length (kimg) for `seconds` at `rate` images/s, a whole number of batches, at least
+    min_kimg (exactly min_kimg for the smoke sizes)."""
+    batches = max(math.ceil(sizes.min_kimg * 1000 / sizes.batch), 1)
+    if sizes != SMOKE:
+        batches = max(math.floor(rate * seconds / sizes.batch), batches)
     return batches * sizes.batch / 1000
+
+
+def train_for(opts: TrainOptions, rate: float, seconds: float, sizes: Sizes) -> tuple[Path, float]:
+    """Train for about `seconds`: the length is planned from the measured `rate` (so the learning-rate
+    ramp-up and the ETA are right), and a deadline 5% later stops the run if the machine got slower.
+    Returns (final snapshot, kimg trained)."""
+    kimg = plan_kimg(rate, seconds, sizes)
+    opts = dataclasses.replace(opts, duration=kimg / 1000, lr_rampup=0.05 * kimg, tick=max(kimg / 10, sizes.batch / 1000))
+    return train_run(opts, math.inf if sizes == SMOKE else 1.05 * seconds + 2)
 
 
 def run_demo(outdir: str | os.PathLike = "demo-runs", *, minutes: float = 10.0, device: str | None = None,
@@ -372,6 +433,10 @@ def run_demo(outdir: str | os.PathLike = "demo-runs", *, minutes: float = 10.0, 
     if not minutes > 0:
         raise DemoError(f"--minutes: expected a positive number, got {minutes}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise DemoError(f"--device: expected cpu, cuda or cuda:N, got '{device}'") from None
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DemoError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     sizes = SMOKE if smoke else Sizes() if minutes >= 5 else dataclasses.replace(Sizes(), num_samples=128)
@@ -392,19 +457,24 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
     with clock.stage("data"):
         paths = digits.write_digits(run / "data", sizes.resolution)
 
-    say(f"[2/{total}] Training the judge: a small CNN classifier on the real training digits")
-    with clock.stage("classifier"):
-        judge = make_judge(sizes.resolution, epochs=sizes.classifier_epochs, device=device, progress=progress)
-    say(f"      held-out accuracy {judge.test_accuracy:.1%}")
-
-    say(f"[3/{total}] Measuring training and sampling speed on {device}")
+    say(f"[2/{total}] Measuring training and sampling speed on {device}")
     opts = {k: train_options(k, paths["train"], run / name, sizes, kimg=sizes.min_kimg, seed=seed + i, device=device)
             for i, (k, name) in enumerate([("prior", "prior"), ("image", "image-model")])}
     with clock.stage("calibration"):
-        threads, image_rates = choose_threads(opts["image"])
-        prior_rates = measure_rates(opts["prior"])
-    say(f"      {threads} thread(s); image model {image_rates['train']:.0f} img/s training, "
-        f"{image_rates['sample']:.0f} img/s per network evaluation; prior {prior_rates['train']:.0f} img/s training")
+        if smoke:  # fixed lengths: nothing to plan; tiny networks run fastest on one thread
+            torch.set_num_threads(threads := 1)
+            image_rates = prior_rates = {"train": math.inf, "sample": math.inf}
+        else:
+            threads, image_rates = choose_threads(opts["image"])
+            prior_rates = measure_rates(opts["prior"])
+            say(f"      {threads} thread(s); image model {image_rates['train']:.0f} img/s training, "
+                f"{image_rates['sample']:.0f} img/s per network evaluation; "
+                f"prior {prior_rates['train']:.0f} img/s training")
+
+    say(f"[3/{total}] Training the judge: a small CNN classifier on the real training digits")
+    with clock.stage("classifier"):
+        judge = make_judge(sizes.resolution, epochs=sizes.classifier_epochs, device=device, progress=progress)
+    say(f"      held-out accuracy {judge.test_accuracy:.1%}")
 
     nfe = 2 * sizes.steps - 1
     preview = 2 * min(sizes.batch, 64) * 35 / image_rates["sample"]  # training's first and last 18-step sample grids
@@ -413,23 +483,16 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
     if train_sec < 10 and not smoke:
         say(f"      warning: --minutes {minutes:g} leaves {fmt_time(max(train_sec, 0))} for training; "
             f"expect noise, not digits")
-    prior_kimg = plan_kimg(prior_rates["train"], sizes.prior_share * train_sec, sizes)
-    prior_opts = dataclasses.replace(opts["prior"], duration=prior_kimg / 1000, lr_rampup=0.05 * prior_kimg,
-                                     tick=max(prior_kimg / 10, sizes.batch / 1000))
-
-    say(f"[4/{total}] Training the prior (embeddings) for {prior_kimg:g} kimg, "
-        f"~{fmt_time(prior_kimg * 1000 / prior_rates['train'])}")
+    prior_sec = sizes.prior_share * train_sec
+    length = (lambda sec: "a few steps (smoke)") if smoke else (lambda sec: f"~{fmt_time(sec)}")
+    say(f"[4/{total}] Training the prior (embeddings) for {length(prior_sec)}")
     with clock.stage("prior_training"):
-        prior = train_run(prior_opts)
+        prior, prior_kimg = train_for(opts["prior"], prior_rates["train"], prior_sec, sizes)
 
-    train_sec = clock.left - sampling - preview - EVAL_RESERVE_SEC
-    image_kimg = plan_kimg(image_rates["train"], train_sec, sizes)
-    image_opts = dataclasses.replace(opts["image"], duration=image_kimg / 1000, lr_rampup=0.05 * image_kimg,
-                                     tick=max(image_kimg / 10, sizes.batch / 1000))
-    say(f"[5/{total}] Training the image model (images given embeddings) for {image_kimg:g} kimg, "
-        f"~{fmt_time(image_kimg * 1000 / image_rates['train'])}")
+    image_sec = clock.left - sampling - preview - EVAL_RESERVE_SEC
+    say(f"[5/{total}] Training the image model (images given embeddings) for {length(image_sec)}")
     with clock.stage("image_training"):
-        image_model = train_run(image_opts)
+        image_model, image_kimg = train_for(opts["image"], image_rates["train"], image_sec, sizes)
 
     seeds = list(range(sizes.num_samples))
     say(f"[6/{total}] Two-stage sampling of {len(seeds)} digits: prior → embeddings → image model → images")

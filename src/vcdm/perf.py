@@ -1,19 +1,30 @@
-"""How networks are evaluated at inference time: memory format, reduced precision, compilation.
+"""How a network is evaluated at inference time: memory format, reduced precision, compilation.
 
-One place decides the fastest numerically sound settings per device (``default_settings``), one applies
-them to a denoiser (``prepare``) and one wraps its evaluation (``autocast``). The sampler state stays
-float64 and the preconditioning float32 (the Denoiser casts); only the network's convolutions and
-matrix products run in bfloat16 under autocast, with float32 accumulation.
+One place decides the fastest numerically sound settings per device and network (``default_settings``),
+one applies them (``prepare``) and one wraps the evaluations (``autocast``). The sampler state stays
+float64 and the preconditioning float32 (the Denoiser casts); under bfloat16 autocast only the network's
+convolutions and matrix products run in bfloat16, accumulating in float32.
 
-Measured with ``benchmarks/denoiser.py`` (DDPM++ 64x64, 61.9 M parameters, on a 2-core AVX-512-BF16
-CPU): channels_last + bfloat16 autocast is the fastest eager path, and its outputs differ from float32
-by about 1% of their RMS, far below the difference between two seeds (see ``tests/test_perf.py`` for the
-distribution-level check). ``torch.compile`` (inductor, weights frozen) is faster still per evaluation
-but costs minutes of compilation per process and batch shape, so it stays opt-in.
+The CPU rules come from ``benchmarks/denoiser.py`` on a 2-core AMD EPYC with AVX512-BF16 (ratios to
+float32 eager, batch 8, one thread):
+
+- DDPM++ 64x64 (61.9 M params): channels_last + bf16 2.1x, bf16 2.0x, channels_last 1.1x.
+- 32x32 U-Nets: bf16 1.65-1.95x; adding channels_last is no better (1.5-1.95x).
+- 16x16 U-Nets with 32-64 channels (the demo's): bf16 0.93-1.17x, channels_last + bf16 0.7x: the
+  convolutions are too small for bf16 to win back the casts, so they stay float32.
+- The prior transformer (a few tokens per sample): bf16 0.8x at batch 8, 1.8x at 64; its share of
+  two-stage sampling time is under 2%, so it stays float32 on CPUs.
+
+bfloat16 moves the network output by about 2% RMS of the output (random weights) and the 18-step Heun
+samples by about a 1/255 level RMS; over many samples the distribution does not move measurably
+(``tests/test_perf.py``). ``torch.compile`` is faster per evaluation but costs minutes per process and
+batch shape, so it is opt-in. CUDA: channels_last + bfloat16 for U-Nets and bfloat16 for the prior, the
+usual mixed-precision recipe (not measured here: no GPU was available).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ContextManager
 
@@ -25,9 +36,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """``channels_last``: 4-D weights (and so activations) in NHWC order; ``autocast_dtype``: run the
+    """``channels_last``: 4-D weights (so activations) in NHWC order; ``autocast_dtype``: evaluate the
     network under ``torch.autocast`` with this dtype (None: float32); ``compile``: ``torch.compile`` the
-    network (inductor, weights frozen as constants)."""
+    network (inductor, weights frozen into the graph)."""
     channels_last: bool = False
     autocast_dtype: torch.dtype | None = None
     compile: bool = False
@@ -38,11 +49,10 @@ class InferenceSettings:
 
     @property
     def name(self) -> str:
-        """Short label: 'fp32', 'channels_last+bf16', 'channels_last+bf16+compile', ..."""
-        dtype = {v: k for k, v in DTYPES.items()}.get(self.autocast_dtype, "fp32")
-        parts = (["channels_last"] if self.channels_last else []) + ([dtype] if dtype != "fp32" or not
-                                                                     self.channels_last else [])
-        return "+".join(parts + (["compile"] if self.compile else []))
+        """Short label: 'fp32', 'channels_last', 'bf16', 'channels_last+bf16', 'fp32+compile', ..."""
+        dtype = {v: k for k, v in DTYPES.items()}.get(self.autocast_dtype)
+        parts = (["channels_last"] if self.channels_last else []) + ([dtype] if dtype else [])
+        return "+".join((parts or ["fp32"]) + (["compile"] if self.compile else []))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,29 +66,48 @@ class InferenceSettings:
 FP32 = InferenceSettings()
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def bf16_is_fast(device: torch.device | str) -> bool:
-    """Whether bfloat16 matrix products are native (not emulated) on ``device``."""
+    """Whether ``device`` multiplies bfloat16 natively: CPUs with AVX512-BF16 or AMX, CUDA GPUs since Ampere."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()))
     return False
 
 
-def default_settings(device: torch.device | str) -> InferenceSettings:
-    """The fastest numerically sound eager settings: channels_last + bfloat16 autocast on CPUs with native
-    bfloat16 (AVX512-BF16/AMX) and on CUDA GPUs since Ampere; plain float32 elsewhere. Never compiles."""
+def default_settings(device: torch.device | str, denoiser: nn.Module | None = None) -> InferenceSettings:
+    """The fastest numerically sound eager settings for ``denoiser`` (a Denoiser or a bare network; None:
+    a large U-Net) on ``device`` — see the module docstring for the measurements. Never compiles."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return FP32
-    return InferenceSettings(channels_last=True, autocast_dtype=torch.bfloat16 if bf16_is_fast(device) else None)
+    net = getattr(denoiser, "net", denoiser)
+    resolution = 1 << 30 if net is None else getattr(net, "img_resolution", None)  # None: a model of vectors
+    bf16 = torch.bfloat16 if bf16_is_fast(device) else None
+    if device.type == "cuda":
+        return InferenceSettings(channels_last=resolution is not None, autocast_dtype=bf16)
+    if resolution is None or resolution < 32:
+        return FP32
+    if resolution < 64:
+        return InferenceSettings(channels_last=bf16 is None, autocast_dtype=bf16)
+    return InferenceSettings(channels_last=True, autocast_dtype=bf16)
 
 
-def resolve(device: torch.device | str, *, bf16: bool | None = None, channels_last: bool | None = None,
-            compile: bool | None = None) -> InferenceSettings:
-    """``default_settings(device)`` with the command-line overrides that are not None."""
-    settings = default_settings(device)
+def resolve(device: torch.device | str, denoiser: nn.Module | None = None, *, bf16: bool | None = None,
+            channels_last: bool | None = None, compile: bool | None = None) -> InferenceSettings:
+    """``default_settings(device, denoiser)`` with the command-line choices that are not None."""
+    settings = default_settings(device, denoiser)
     if bf16 is not None:
         settings = settings.replace(autocast_dtype=torch.bfloat16 if bf16 else None)
     if channels_last is not None:
@@ -89,24 +118,23 @@ def resolve(device: torch.device | str, *, bf16: bool | None = None, channels_la
 
 
 def prepare(denoiser: nn.Module, settings: InferenceSettings) -> nn.Module:
-    """Apply ``settings`` to ``denoiser`` in place (for inference) and return it.
+    """Apply ``settings`` to ``denoiser`` in place, put it in eval mode, and return it.
 
-    channels_last converts the 4-D parameters and buffers; convolutions then produce NHWC activations
-    whatever the input's layout. compile compiles ``denoiser.net`` (or the module itself) in place, so
-    parameter names are unchanged; the weights are frozen into the compiled graph, so do not train or
-    load new weights into a compiled module.
+    channels_last converts the 4-D parameters and buffers (back to contiguous when off); convolutions
+    then produce NHWC activations whatever the input's layout. compile compiles ``denoiser.net`` (or
+    the module itself) in place, once, so parameter names do not change; the weights are frozen into the
+    compiled graph, so load new weights into a fresh module, not into a compiled one.
     """
     denoiser.eval()
-    if settings.channels_last:
-        denoiser.to(memory_format=torch.channels_last)
-    if settings.compile:
-        target = getattr(denoiser, "net", denoiser)
+    denoiser.to(memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)
+    target = getattr(denoiser, "net", denoiser)
+    if settings.compile and getattr(target, "_compiled_call_impl", None) is None:
         target.compile(options={"freezing": True})
     return denoiser
 
 
 def autocast(settings: InferenceSettings, device: torch.device | str) -> ContextManager:
-    """The autocast context for evaluating a prepared network (a no-op for float32)."""
+    """The context to evaluate a prepared network in (a no-op for float32)."""
     if settings.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=settings.autocast_dtype)

@@ -54,6 +54,23 @@ def pop_sampler_options(kwargs: dict[str, Any], prefix: str = ""):
     return SamplerOptions(**{key: kwargs.pop(dest + key) for _, key, _, _ in SAMPLER_FLAGS})
 
 
+def inference_options(f: Callable) -> Callable:
+    """--bf16/--fp32, --channels-last/--no-channels-last, --compile/--no-compile (unset: vcdm.perf's
+    choice for the device and network)."""
+    flags = [
+        ("--bf16/--fp32", "bf16", "Evaluate the network under bfloat16 autocast, or in float32; the sampler state "
+         "is float64 either way  [default: bf16 on CUDA, and on CPUs with native bfloat16 (AVX512-BF16/AMX) for "
+         "U-Nets of 32x32 and larger]"),
+        ("--channels-last/--no-channels-last", "channels_last", "NHWC memory format for U-Net convolutions  "
+         "[default: on CUDA; on CPU from 64x64 (from 32x32 without native bfloat16)]"),
+        ("--compile/--no-compile", "compile", "torch.compile the network: faster evaluations after minutes of "
+         "compiling per process and batch size, so it pays off only for long runs  [default: off]"),
+    ]
+    for decl, dest, help_ in reversed(flags):
+        f = click.option(decl, dest, default=None, help=help_)(f)
+    return f
+
+
 def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     try:
         seeds = parse_int_list(value, f"--{param.name}")
@@ -90,8 +107,7 @@ def fail(e: Exception) -> click.ClickException:
 @sampler_options()
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda (one GPU per torchrun rank) if available, "
               "else cpu]")
-@click.option("--bf16", is_flag=True, help="Run the network under bfloat16 autocast (faster on GPUs; changes results, "
-              "so it enters the results directory name)")
+@inference_options
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
 @click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
               help="Local CLIP weights, for conditioning on embeddings of dataset images  [env: VCDM_CLIP_WEIGHTS]")
@@ -124,4 +140,4 @@ def command(network: str, seeds: list[int], **kwargs: Any) -> None:
 
     if distributed.rank() == 0:
         click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"
-                   + (f"; grid {kwargs['grid']}" if kwargs.get("grid") else ""))
+                   + (f"; grid {kwargs['grid']}" if kwargs.get("grid") else "") + f" (network: {result.settings.name})")

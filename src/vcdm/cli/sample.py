@@ -6,7 +6,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vcdm.cli.generate import fail, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.generate import fail, inference_options, parse_seeds, pop_sampler_options, sampler_options
 
 # The original release's sampling recipe (its README), for both stages.
 STAGE_DEFAULTS = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
@@ -40,7 +40,7 @@ def stage_options(kwargs: dict[str, Any], prefix: str):
 @sampler_options("prior-", STAGE_DEFAULTS, stage="Prior: ")
 @sampler_options("image-", STAGE_DEFAULTS, stage="Image model: ")
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
-@click.option("--bf16", is_flag=True, help="Run both networks under bfloat16 autocast")
+@inference_options
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars")
 def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> None:
@@ -64,4 +64,5 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
         raise fail(e) from None
     if distributed.rank() == 0:
         for stage in (result.embeddings, result.images):
-            click.echo(f"{stage.outdir}: {stage.generated} generated, {stage.skipped} already there")
+            click.echo(f"{stage.outdir}: {stage.generated} generated, {stage.skipped} already there "
+                       f"(network: {stage.settings.name})")

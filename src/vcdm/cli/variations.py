@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from vcdm.cli.generate import fail, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.generate import fail, inference_options, parse_seeds, pop_sampler_options, sampler_options
 from vcdm.cli.sample import STAGE_DEFAULTS
 
 
@@ -33,7 +33,7 @@ def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
               help="Local CLIP weights for the embedder  [env: VCDM_CLIP_WEIGHTS]")
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
-@click.option("--bf16", is_flag=True, help="Run the network under bfloat16 autocast")
+@inference_options
 def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, ...], n: int, seeds: list[int] | None,
             **kwargs: Any) -> None:
     """Image variations (unCLIP-style): embed each input with the image model's own embedder (as

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from vcdm import perf
 from vcdm.checkpoints import load_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.generate import distributed
@@ -71,6 +72,7 @@ class GenerateResult:
     written: list[int]  # seeds this process wrote
     generated: int      # seeds all processes generated
     skipped: int        # seeds whose files already existed
+    settings: perf.InferenceSettings = perf.FP32  # how the network was evaluated
 
 
 class DatasetConditions:
@@ -170,12 +172,13 @@ class PaddedDenoiser:
 
 
 def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
-            bf16: bool = False) -> torch.Tensor:
-    """Run the sampler; returns the flat latent samples (B, N) in float64."""
+            settings: perf.InferenceSettings = perf.FP32) -> torch.Tensor:
+    """Run the sampler; returns the flat latent samples (B, N) in float64. The network is evaluated with
+    ``settings`` (apply ``perf.prepare`` to the model first); the sampler state stays float64."""
     from vcdm.diffusion.samplers import sample
 
     y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
-    with torch.no_grad(), torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), perf.autocast(settings, latents.device):
         return sample(PaddedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, **opts.sampler_kwargs())
 
 
@@ -194,11 +197,16 @@ def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], pa
 def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir: str | os.PathLike | None = None,
              opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64, class_idx: int | None = None,
              load_obs_from: str | os.PathLike | None = None, subdirs: bool = False, data_path: str | None = None,
-             increment_seeds: int = 0, device: str | torch.device | None = None, bf16: bool = False,
+             increment_seeds: int = 0, device: str | torch.device | None = None, bf16: bool | None = None,
+             channels_last: bool | None = None, compile: bool | None = None,
              grid: str | os.PathLike | None = None, clip_weights: str | None = None,
              progress: bool = True) -> GenerateResult:
     """Sample one file per seed into ``outdir`` (default: the seed's results layout), skipping seeds whose
-    file exists. Under torchrun each rank takes every world-size-th batch of the missing seeds."""
+    file exists. Under torchrun each rank takes every world-size-th batch of the missing seeds.
+
+    ``bf16``, ``channels_last``, ``compile``: how the network is evaluated; None takes
+    ``vcdm.perf.default_settings`` for this device and network. They change the samples only by
+    floating-point rounding, so they do not enter the results directory name (as the device does not)."""
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise GenerateError("--seeds: no seeds given")
@@ -210,6 +218,8 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
         device = next(network.denoiser.parameters()).device
     device = distributed.init(device)
     model = network if isinstance(network, Model) else load_model(network, device)
+    settings = perf.resolve(device, model.denoiser, bf16=bf16, channels_last=channels_last, compile=compile)
+    perf.prepare(model.denoiser, settings)
     s = model.structure
     check_class(s, class_idx)
     if opts.guidance != 1.0 and not s.observed_names:
@@ -218,7 +228,7 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
         raise GenerateError("--grid: the model generates embeddings, not images")
     if outdir is None:
         outdir = results_dir(model.path, opts, seeds, class_idx=class_idx, load_obs_from=load_obs_from,
-                             increment_seeds=increment_seeds, bf16=bf16)
+                             increment_seeds=increment_seeds)
     outdir = Path(outdir)
     if load_obs_from is not None:
         check_obs_files(load_obs_from, seeds)
@@ -241,11 +251,11 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
                 continue
             latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
                                      dataset=dataset, increment_seeds=increment_seeds)
-            x = denoise(model, latents, obs, rnd, opts, bf16)
+            x = denoise(model, latents, obs, rnd, opts, settings)
             save_samples(model, x, obs, [seed_path(outdir, seed, model.ext, subdirs) for seed in batch])
             written += batch
     distributed.barrier()
     if grid is not None and rank == 0:
         shown = seeds[:GRID_MAX]
         write_png(grid, make_grid([read_png(seed_path(outdir, seed, "png", subdirs)) for seed in shown]))
-    return GenerateResult(outdir, written, len(todo), len(seeds) - len(todo))
+    return GenerateResult(outdir, written, len(todo), len(seeds) - len(todo), settings)

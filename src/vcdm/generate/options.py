@@ -84,8 +84,7 @@ class SamplerOptions:
         return SamplerOptions(**{**asdict(self), **changes})
 
 
-def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0,
-                   bf16: bool = False) -> str:
+def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0) -> str:
     """``<sorted key-value pairs>[_<increment_seeds>]``, the seed's name for a set of sampler arguments."""
     items: dict[str, object] = {k: getattr(opts, k) for k in
                                 ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
@@ -95,8 +94,6 @@ def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment
         items["sampler"] = opts.sampler
     if opts.guidance != 1.0:
         items["guidance"] = opts.guidance
-    if bf16:
-        items["bf16"] = True
     name = "_".join(f"{k}-{v}" for k, v in sorted(items.items()))
     return name + (f"_{increment_seeds}" if increment_seeds > 0 else "")
 
@@ -111,11 +108,11 @@ def obs_dirname(load_obs_from: str | os.PathLike) -> str:
 
 def results_dir(network: str | os.PathLike, opts: SamplerOptions, seeds: Sequence[int], *,
                 class_idx: int | None = None, load_obs_from: str | os.PathLike | None = None,
-                increment_seeds: int = 0, bf16: bool = False, root: str | os.PathLike = "results") -> Path:
+                increment_seeds: int = 0, root: str | os.PathLike = "results") -> Path:
     """Where the seed release writes samples of ``network`` when no --outdir is given."""
     network = Path(network)
     run_id = network.parent.name or "."
-    out = Path(root) / run_id / network.stem / sample_dirname(opts, class_idx, increment_seeds, bf16)
+    out = Path(root) / run_id / network.stem / sample_dirname(opts, class_idx, increment_seeds)
     if load_obs_from is not None:
         out = out / obs_dirname(load_obs_from)
     return out / f"samples-{seeds[0]}-{seeds[-1]}"

@@ -63,7 +63,8 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
                      outdir: str | os.PathLike | None = None, prior_opts: SamplerOptions = SamplerOptions(),
                      image_opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64,
                      class_idx: int | None = None, subdirs: bool = False, increment_seeds: int = 0,
-                     device: str | torch.device | None = None, bf16: bool = False,
+                     device: str | torch.device | None = None, bf16: bool | None = None,
+                     channels_last: bool | None = None, compile: bool | None = None,
                      grid: str | os.PathLike | None = None, progress: bool = True) -> TwoStageResult:
     """Embeddings into ``<outdir>/embeddings`` and images into ``<outdir>/images`` — or, without
     ``outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
@@ -73,7 +74,7 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
                    for c in (prior_cfg, image_cfg)]
     outdir = Path(outdir) if outdir is not None else None
     common = dict(max_batch_size=max_batch_size, subdirs=subdirs, increment_seeds=increment_seeds, device=device,
-                  bf16=bf16, progress=progress)
+                  bf16=bf16, channels_last=channels_last, compile=compile, progress=progress)
     emb = generate(prior, seeds, outdir=outdir / "embeddings" if outdir else None, opts=prior_opts,
                    class_idx=conditioned[0], **common)
     img = generate(image_model, seeds, outdir=outdir / "images" if outdir else None, opts=image_opts,

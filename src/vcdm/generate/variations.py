@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from vcdm import perf
 from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
 from vcdm.generate.options import GenerateError, SamplerOptions
@@ -32,8 +33,10 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.nd
 def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLike], seeds: Sequence[int], *,
                outdir: str | os.PathLike = "variations", opts: SamplerOptions = SamplerOptions(),
                class_idx: int | None = None, max_batch_size: int = 64, clip_weights: str | None = None,
-               device: str | torch.device = "cpu", bf16: bool = False) -> list[Path]:
-    """Write ``<outdir>/<input stem>.png`` per input: the input, then one variation per seed."""
+               device: str | torch.device = "cpu", bf16: bool | None = None, channels_last: bool | None = None,
+               compile: bool | None = None) -> list[Path]:
+    """Write ``<outdir>/<input stem>.png`` per input: the input, then one variation per seed. ``bf16``,
+    ``channels_last``, ``compile``: as in ``generate``."""
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise GenerateError("--images: two inputs share a file name; their grids would overwrite each other")
@@ -41,6 +44,8 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
         raise GenerateError("--seeds: expected one or more non-negative seeds")
     device = torch.device(device)
     model = load_model(image_model, device)
+    settings = perf.resolve(device, model.denoiser, bf16=bf16, channels_last=channels_last, compile=compile)
+    perf.prepare(model.denoiser, settings)
     s = model.structure
     if not model.makes_images or "embedding" not in s.observed_names:
         raise GenerateError(f"--image-model {image_model}: variations need a model of images conditioned on "
@@ -65,7 +70,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
             batch = list(seeds[start:start + max_batch_size])
             latents, obs, rnd = draw(model, batch, device, class_idx=class_idx,
                                      observed={"embedding": emb.expand(len(batch), -1)})
-            x = denoise(model, latents, obs, rnd, opts, bf16)
+            x = denoise(model, latents, obs, rnd, opts, settings)
             tiles += list(to_uint8(s.unflatten_latent(x)["image"]))
         out = Path(outdir) / f"{stem}.png"
         write_png(out, make_grid(tiles))

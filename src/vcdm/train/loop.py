@@ -249,8 +249,11 @@ class Trainer:
                 print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
                       f"training for {o.duration:g} Mimg")
             preview = self.preview_setup(s, cached, batch_gpu, run_dir, first=resume is None)
-            self.loop(s, ddp, train_denoiser, ema, ema_denoiser, optimizer, scaler, maker, batches, counters,
-                      rounds, batch_gpu, frozen, config, run_dir, logger, preview)
+            try:
+                self.loop(s, ddp, train_denoiser, ema, ema_denoiser, optimizer, scaler, maker, batches, counters,
+                          rounds, batch_gpu, frozen, config, run_dir, logger, preview)
+            finally:
+                getattr(batches, "_shutdown_workers", lambda: None)()  # an endless iterator never does it itself
         return run_dir
 
     def init_weights(self, net) -> list[str]:
@@ -293,7 +296,7 @@ class Trainer:
         """Fixed conditioning for sample grids (image models only: None otherwise)."""
         from vcdm.train.preview import conditioning, save_grid
 
-        if s.structure.latent_names != ("image",):
+        if s.structure.latent_names != ("image",) or not self.opts.sample:
             return None
         if self.rank != 0:
             return {}  # process 0 draws the grids; the others only join its error check
@@ -452,10 +455,10 @@ class Trainer:
             tick = counters["tick"]
             counters["tick"] += 1  # the state records the next tick
             kimg_name = counters["nimg"] // 1000
-            if done or tick % o.snap == 0:
+            if done or (o.snap and tick % o.snap == 0):
                 path = run_dir / f"network-snapshot-{kimg_name:06d}.safetensors"
                 self.save(path, lambda: self.write_snapshot(path, ema, s, config, counters))
-            if done or (tick % o.dump == 0 and tick != 0):
+            if done or (o.dump and tick % o.dump == 0 and tick != 0):
                 rng = dist.gather_objects(capture_rng(counters["position"]))
                 state = {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler is not None else {},
@@ -464,7 +467,7 @@ class Trainer:
                          "options": json.dumps(o.to_dict())}
                 self.save(run_dir / state_name(kimg_name), lambda: save_state(run_dir / state_name(kimg_name), state))
                 del state
-            if preview is not None and (done or tick % o.sample == 0):
+            if preview is not None and o.sample and (done or tick % o.sample == 0):
                 path = run_dir / f"samples-{kimg_name:06d}.png"
                 self.save(path, lambda: self.write_preview(ema_denoiser, preview, path, counters["nimg"], logger))
 
@@ -517,7 +520,8 @@ class Trainer:
 
 
 def _quiet_worker(_: int) -> None:
-    """DataLoader workers ignore Ctrl-C / SIGTERM: the main process stops them after saving."""
+    """DataLoader workers ignore SIGINT/SIGTERM, which Ctrl-C and torchrun send to the whole process
+    group: the main process finishes its step, saves, and then stops them (or they notice it is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -141,9 +141,11 @@ class TrainOptions:
             raise OptionError(f"--batch-gpu {self.batch_gpu} is larger than --batch {self.batch}")
         if not self.tick > 0:
             raise OptionError(f"--tick: must be positive (kimg), got {self.tick}")
-        for name in ("batch", "snap", "dump", "sample"):
-            if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if self.batch < 1:
+            raise OptionError(f"--batch: must be at least 1, got {self.batch}")
+        for name in ("snap", "dump", "sample"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"--{name}: must be 0 (off) or a number of ticks, got {getattr(self, name)}")
         if not self.duration > 0:
             raise OptionError(f"--duration: must be positive (Mimg), got {self.duration}")
         if not (0 <= self.augment <= 1 and 0 <= (self.dropout or 0) <= 1):

@@ -1,0 +1,165 @@
+"""Demo: the bundled digits and their split, the classifier judge, the time budget helpers, the smoke
+run of `vcdm demo` end to end (files and sane metrics), and the quality benchmark's smoke run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vcdm.cli.demo import command
+from vcdm.data import digits
+from vcdm.data.dataset import ImageDataset
+from vcdm.demo import SMOKE, Sizes, deadline, plan_kimg
+from vcdm.metrics.classifier import accuracy, evaluate, feature_stats, label_statistics, train_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    split = digits.split_indices(labels)
+    assert len(split["train"]) == 1497 and len(split["test"]) == 300
+    assert not set(split["train"]) & set(split["test"])
+    assert np.bincount(labels[split["test"]]).tolist() == [digits.TEST_PER_CLASS] * 10
+    assert np.array_equal(digits.split_indices(labels)["test"], split["test"])  # same every time
+
+    images, y = digits.load_split("test", 16)
+    assert images.shape == (300, 16, 16, 3) and images.dtype == np.uint8 and y.tolist() == labels[split["test"]].tolist()
+    assert np.array_equal(images[..., 0], images[..., 2])  # gray stored as RGB
+    assert images.max() == 255 and images.min() < 40  # white paper, dark ink
+    with pytest.raises(ValueError, match="split"):
+        digits.load_split("val")
+
+
+def test_write_digits_gives_labelled_edm_zips(tmp_path):
+    paths = digits.write_digits(tmp_path, 16)
+    ds = ImageDataset(paths["test"], use_labels=True)
+    assert (len(ds), ds.resolution, ds.num_channels, ds.label_dim) == (300, 16, 3, 10)
+    images, labels = digits.load_tensors("test", 16)
+    image, label = ds[7]
+    assert torch.equal(image, images[7]) and int(label.argmax()) == int(labels[7])
+    mtime = paths["train"].stat().st_mtime_ns
+    assert digits.write_digits(tmp_path, 16)["train"].stat().st_mtime_ns == mtime  # kept, not rewritten
+
+
+def test_classifier_is_deterministic_and_its_metrics_make_sense():
+    images, labels = digits.load_tensors("train", 16)
+    images, labels = images[:400], labels[:400]
+    a = train_classifier(images, labels, epochs=2, progress=False)
+    b = train_classifier(images, labels, epochs=2, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert accuracy(a, images, labels) > 0.5  # two epochs on 400 images already learn something
+
+    ref = feature_stats(a, images)
+    same = evaluate(a, images, ref, labels=labels)
+    assert same["fd"] == pytest.approx(0, abs=1e-6)
+    noise = evaluate(a, torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), ref)
+    assert noise["fd"] > 10 * max(same["fd"], 1e-3)
+    assert 0 <= same["accuracy"] <= 1 and sum(same["predicted_class_counts"]) == 400
+
+
+def test_label_statistics():
+    uniform_marginal = torch.eye(10).repeat(3, 1)  # confident, every class equally often
+    s = label_statistics(uniform_marginal)
+    assert s["class_entropy"] == pytest.approx(math.log(10), rel=1e-6)
+    assert s["mean_confidence"] == pytest.approx(1.0) and s["classifier_score"] == pytest.approx(10, rel=1e-4)
+    collapsed = label_statistics(torch.full((5, 10), 0.1))
+    assert collapsed["mean_confidence"] == pytest.approx(0.1) and collapsed["classifier_score"] == pytest.approx(1.0)
+
+
+def test_plan_kimg_whole_batches_and_minimum():
+    sizes = Sizes(batch=64, min_kimg=1.0)
+    assert plan_kimg(100.0, 60.0, sizes) == 93 * 64 / 1000  # floor(6000 / 64) batches
+    assert plan_kimg(100.0, 0.1, sizes) == 16 * 64 / 1000  # at least min_kimg
+    assert plan_kimg(1e6, 1e3, SMOKE) == SMOKE.min_kimg  # smoke: fixed length
+
+
+def test_deadline_sends_sigterm_to_the_handler_inside_and_restores_the_old_one():
+    got = []
+    before = signal.getsignal(signal.SIGTERM)
+    with deadline(0.05) as state:
+        inner = signal.signal(signal.SIGTERM, lambda *_: got.append(1))  # what the training loop does
+        for _ in range(100):
+            if got:
+                break
+            time.sleep(0.01)
+        signal.signal(signal.SIGTERM, inner)
+    assert got and state["reached"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_demo_smoke_writes_the_run_folder(tmp_path):
+    result = CliRunner().invoke(command, ["--outdir", str(tmp_path), "--smoke", "--no-progress", "--device", "cpu"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    for name in ("samples.png", "real-vs-generated.png", "loss-curves.png", "metrics.json", "summary.txt"):
+        assert (run / name).is_file(), name
+    with PIL.Image.open(run / "samples.png") as im:
+        assert im.size[0] >= 16 * 4 and im.mode == "RGB"
+    assert len(list((run / "samples" / "images").glob("*.png"))) == SMOKE.num_samples
+    assert len(list((run / "samples" / "embeddings").glob("*.pt"))) == SMOKE.num_samples
+    assert list((run / "prior").glob("network-snapshot-*.safetensors"))
+    assert list((run / "image-model").glob("network-snapshot-*.safetensors"))
+
+    m = json.loads((run / "metrics.json").read_text())
+    g, real = m["generated"], m["real_training_digits"]
+    assert g["num_images"] == real["num_images"] == SMOKE.num_samples
+    assert 0 <= m["classifier"]["test_accuracy"] <= 1 and 0 <= real["accuracy"] <= 1
+    assert math.isfinite(g["fd"]) and g["fd"] >= 0 and math.isfinite(real["fd"]) and real["fd"] >= 0
+    assert 0 <= g["class_entropy"] <= math.log(10) + 1e-9 and 0.1 - 1e-6 <= g["mean_confidence"] <= 1
+    assert sum(g["predicted_class_counts"]) == SMOKE.num_samples
+    assert m["training"]["image_model"]["kimg"] == m["training"]["prior"]["kimg"] == SMOKE.min_kimg
+    times = m["wall_seconds"]
+    assert 0 < times["total"] < 600 and all(times[k] >= 0 for k in ("data", "classifier", "sampling"))
+    summary = (run / "summary.txt").read_text()
+    assert "real-vs-generated.png" in summary and "vcdm dataset" in summary and "--device cuda" in summary
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    result = CliRunner().invoke(command, ["--outdir", str(tmp_path), "--minutes", "0"])
+    assert result.exit_code == 2 and "--minutes" in result.output
+    result = CliRunner().invoke(command, ["--outdir", str(tmp_path), "--smoke", "--device", "gpu"])
+    assert result.exit_code == 2 and "--device" in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(command, ["--outdir", str(tmp_path), "--smoke", "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA" in result.output
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--no-progress",
+                           "--num", "12", "--outdir", str(tmp_path), "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| (a) unconditional |" in proc.stdout and "| (c) two-stage, true embeddings |" in proc.stdout
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    record = json.loads((run / "results.json").read_text())
+    rows = record["results"]["0"]
+    assert set(rows) == {"real", "uncond", "two_stage", "oracle"}
+    assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 for r in rows.values())
+    assert 0 <= rows["oracle"]["accuracy"] <= 1
+    assert (run / "samples-seed-0.png").is_file() and (run / "table.md").is_file()

@@ -1,0 +1,247 @@
+"""Fast inference paths (vcdm.perf): settings do what they say, stay close to float32, leave the sample
+distribution alone, reach the generation path; the benchmark scripts run (tiny configurations)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from vcdm import perf
+from vcdm.checkpoints import save_checkpoint
+from vcdm.data.structure import Structure
+from vcdm.diffusion.samplers import sample
+from vcdm.metrics.fid import frechet_distance
+from vcdm.nets import build_network
+from vcdm.nets.layers import Conv2d
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
+from vcdm.perf import FP32, InferenceSettings
+
+REPO = Path(__file__).resolve().parents[1]
+BF16 = InferenceSettings(autocast_dtype=torch.bfloat16)
+CL_BF16 = InferenceSettings(channels_last=True, autocast_dtype=torch.bfloat16)
+
+
+def unet(res: int = 16, label_dim: int = 0, seed: int = 0) -> Denoiser:
+    """A small DDPM++ whose 1e-5-initialised output layers are rescaled, so every block contributes."""
+    names = {"image": (3, res, res), **({"embedding": (label_dim,)} if label_dim else {})}
+    structure = Structure.from_flags(names, "1,1" if label_dim else "1", "0,1" if label_dim else "0")
+    cls, kwargs = preset("ddpmpp", resolution=res, channels=3, embed_dim=0, label_dim=label_dim, augment_dim=0,
+                         cbase=16, cres=[1, 2], dropout=0.0)
+    kwargs.update(num_blocks=1, attn_resolutions=[res // 2])
+    torch.manual_seed(seed)
+    net = build_network(cls, kwargs)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, Conv2d) and m.weight is not None and m.weight.abs().max() < 1e-3:
+                m.weight.mul_(1e5)
+    return Denoiser(net, structure).eval()
+
+
+def evaluate(denoiser: nn.Module, settings: InferenceSettings, x, sigma, y=None) -> torch.Tensor:
+    with torch.no_grad(), perf.autocast(settings, "cpu"):
+        return denoiser(x, sigma, y)
+
+
+def test_names_and_overrides():
+    assert [s.name for s in (FP32, InferenceSettings(channels_last=True), BF16, CL_BF16,
+                             CL_BF16.replace(compile=True), FP32.replace(compile=True))] == \
+        ["fp32", "channels_last", "bf16", "channels_last+bf16", "channels_last+bf16+compile", "fp32+compile"]
+    assert CL_BF16.to_dict() == {"channels_last": True, "autocast_dtype": "bfloat16", "compile": False}
+    s = perf.resolve("cpu", unet(), bf16=True, channels_last=False, compile=True)
+    assert s == InferenceSettings(channels_last=False, autocast_dtype=torch.bfloat16, compile=True)
+    assert perf.resolve("cpu", unet(), bf16=False).autocast_dtype is None
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        InferenceSettings(autocast_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_settings_follow_the_measurements(monkeypatch, native):
+    monkeypatch.setattr(perf, "bf16_is_fast", lambda device: native)
+    bf16 = torch.bfloat16 if native else None
+    nets = {res: nn.Module() for res in (16, 32, 64, 256)}  # a U-Net is told apart by its img_resolution
+    for res, net in nets.items():
+        net.img_resolution = res
+    assert perf.default_settings("cpu", nets[16]) == FP32  # small convolutions: casts cost more than they save
+    assert perf.default_settings("cpu", nets[32]) == InferenceSettings(channels_last=not native, autocast_dtype=bf16)
+    assert perf.default_settings("cpu", nets[64]) == perf.default_settings("cpu", nets[256]) == \
+        InferenceSettings(channels_last=True, autocast_dtype=bf16)
+    prior = nn.Linear(2, 2)  # no img_resolution: a model of vectors
+    assert perf.default_settings("cpu", prior) == FP32
+    assert perf.default_settings("cuda", prior) == InferenceSettings(autocast_dtype=bf16)
+    assert perf.default_settings("cuda", nets[16]) == InferenceSettings(channels_last=True, autocast_dtype=bf16)
+    assert perf.default_settings("mps", nets[64]) == FP32
+    assert not any(perf.default_settings(d, n).compile for d in ("cpu", "cuda") for n in nets.values())
+
+
+def test_prepare_sets_and_resets_channels_last():
+    d = unet()
+    weights = [p for p in d.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous() for p in weights)
+    assert perf.prepare(d, InferenceSettings(channels_last=True)) is d
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights)
+    perf.prepare(d, FP32)
+    assert all(p.is_contiguous() for p in weights)
+
+
+def test_autocast_runs_only_the_network_in_bf16():
+    d = unet(label_dim=8)
+    seen = []
+    d.net.enc["16x16_conv"].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, y = torch.randn(2, d.structure.latent_dim), torch.randn(2, 8)
+    for settings, dtype in ((FP32, torch.float32), (BF16, torch.bfloat16)):
+        out = evaluate(d, settings, x, torch.tensor(1.0), y)
+        assert seen.pop() == dtype and out.dtype == torch.float32
+    with perf.autocast(BF16, "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+        x64 = sample(d, torch.randn(2, d.structure.latent_dim, dtype=torch.float64), y, num_steps=2)
+    assert x64.dtype == torch.float64  # the sampler state stays float64
+    with perf.autocast(FP32, "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fast_paths_close_to_fp32():
+    d = unet(label_dim=8)
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([0.002, 0.1, 1.0, 80.0])
+    x = torch.randn(4, d.structure.latent_dim, generator=g) * (0.25 + sigma[:, None] ** 2).sqrt()
+    y = torch.randn(4, 8, generator=g)
+    ref = evaluate(d, FP32, x, sigma, y)
+    c_skip, c_out, _, _ = d.coefficients(sigma[:, None])
+    f_ref = (ref - c_skip * x) / c_out  # the network's own output, about unit scale
+    assert 0.3 < f_ref.std() < 30
+    errors = {}
+    for settings in (InferenceSettings(channels_last=True), BF16, CL_BF16):
+        out = evaluate(perf.prepare(unet(label_dim=8), settings), settings, x, sigma, y)
+        errors[settings.name] = ((out - ref) / c_out).square().mean().sqrt().item() / f_ref.square().mean().sqrt().item()
+        assert (out - ref).abs().max() < 0.1  # data units: images in [-1, 1]
+    assert errors["channels_last"] < 1e-5
+    assert 1e-4 < errors["bf16"] < 0.05 and 1e-4 < errors["channels_last+bf16"] < 0.05  # bf16 really ran, and is close
+
+
+class GaussianDenoiser(nn.Module):
+    """Exact denoiser of N(mu, cov): D(x; sigma) = mu + U diag(lam / (lam + sigma^2)) U^T (x - mu), with the
+    two products as matmuls, so bfloat16 autocast rounds them as it rounds a network's."""
+
+    def __init__(self, mu: torch.Tensor, cov: torch.Tensor):
+        super().__init__()
+        lam, u = torch.linalg.eigh(cov)
+        self.register_buffer("mu", mu.float())
+        self.register_buffer("lam", lam.float())
+        self.register_buffer("u", u.float())
+
+    def forward(self, x: torch.Tensor, sigma, y=None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1)
+        z = ((x.float() - self.mu) @ self.u) * (self.lam / (self.lam + sigma ** 2))
+        return (self.mu + z @ self.u.T).float()
+
+
+def test_bf16_sampling_leaves_the_distribution_alone():
+    """18-step Heun on an exact Gaussian denoiser: bf16 moves each sample a little (measured: 1.2 8-bit levels
+    RMS), but moves the sample set (Frechet distance) far less than drawing it with other seeds does, and
+    leaves its distance to the true N(mu, cov) where float32's is."""
+    dim, n = 8, 4000
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(dim, dim, generator=g)
+    cov = (a @ a.T / dim * 0.2 + 0.02 * torch.eye(dim)).double()
+    mu = (torch.randn(dim, generator=g) * 0.3).double()
+    den = GaussianDenoiser(mu, cov)
+    latents = torch.randn(2 * n, dim, generator=g, dtype=torch.float64)
+
+    def draw(settings, z):
+        with torch.no_grad(), perf.autocast(settings, "cpu"):
+            return sample(den, z, num_steps=18).numpy()
+
+    fp32_a, fp32_b, bf16_a = draw(FP32, latents[:n]), draw(FP32, latents[n:]), draw(BF16, latents[:n])
+    stats = lambda s: (s.mean(0), np.cov(s, rowvar=False))
+    rms_moved = np.sqrt(np.square(bf16_a - fp32_a).mean())
+    assert 1e-4 < rms_moved < 2 * 2 / 255  # bf16 really ran; samples move by under two 8-bit levels RMS
+    redraw = frechet_distance(*stats(fp32_a), *stats(fp32_b))
+    assert frechet_distance(*stats(fp32_a), *stats(bf16_a)) < 0.5 * redraw
+    truth = (mu.numpy(), cov.numpy())
+    assert abs(frechet_distance(*stats(bf16_a), *truth) - frechet_distance(*stats(fp32_a), *truth)) < 0.5 * redraw
+
+
+@pytest.fixture(scope="module")
+def checkpoint32(tmp_path_factory) -> Path:
+    """A tiny unconditional 32x32 image model: large enough for the CPU default to pick bf16 (where native)."""
+    structure = Structure.from_flags({"image": (3, 32, 32)}, "1", "0")
+    cls, kwargs = preset("ddpmpp", resolution=32, channels=3, embed_dim=0, label_dim=0, augment_dim=0,
+                         cbase=16, cres=[1], dropout=0.0)
+    kwargs.update(num_blocks=1, attn_resolutions=[])
+    torch.manual_seed(0)
+    net = build_network(cls, kwargs)
+    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": Denoiser(net, structure).config(),
+              "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
+    path = tmp_path_factory.mktemp("perf") / "run" / "network-snapshot-000000.safetensors"
+    path.parent.mkdir()
+    save_checkpoint(path, {"net": net.state_dict()}, config)
+    return path
+
+
+def test_generate_applies_settings_batch_invariantly(checkpoint32, tmp_path):
+    from vcdm.generate import SamplerOptions, generate, load_model, results_dir
+
+    opts = SamplerOptions(num_steps=2)
+    default = generate(checkpoint32, range(3), outdir=tmp_path / "default", opts=opts, device="cpu", progress=False)
+    assert default.settings == perf.default_settings("cpu", load_model(checkpoint32).denoiser)
+    outs = {}
+    for batch in (1, 3):
+        res = generate(checkpoint32, range(3), outdir=tmp_path / f"b{batch}", opts=opts, max_batch_size=batch,
+                       device="cpu", bf16=True, channels_last=True, progress=False)
+        assert res.settings == CL_BF16
+        outs[batch] = [p.read_bytes() for p in sorted((tmp_path / f"b{batch}").glob("*.png"))]
+    assert len(outs[1]) == 3 and outs[1] == outs[3]  # one seed, one image, whatever the batch, in bf16 too
+    fp32 = generate(checkpoint32, range(3), outdir=tmp_path / "fp32", opts=opts, device="cpu", bf16=False,
+                    channels_last=False, progress=False)
+    assert fp32.settings == FP32
+    assert "bf16" not in str(results_dir(checkpoint32, opts, [0, 1, 2]))  # execution details stay out of the layout
+
+
+def test_cli_flags(checkpoint32, tmp_path):
+    from vcdm.cli.generate import command
+
+    help_text = CliRunner().invoke(command, ["--help"]).output
+    for flag in ("--bf16 / --fp32", "--channels-last / --no-channels-last", "--compile / --no-compile"):
+        assert flag in help_text
+    result = CliRunner().invoke(command, ["--network", str(checkpoint32), "--outdir", str(tmp_path), "--seeds", "0",
+                                          "--steps", "1", "--fp32", "--no-channels-last", "--no-progress",
+                                          "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "(network: fp32)" in result.output and (tmp_path / "000000.png").is_file()
+
+
+def test_run_all_with_tiny_denoiser_and_a_failing_script(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--only", "denoiser", "--out", str(out),
+           "--script-args", "denoiser=--tiny --compile none --reps 1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads((out / "results.json").read_text())["results"]["denoiser"]
+    rows = {r["metric"]: r for r in res["rows"]}
+    assert rows["denoiser b8 fp32"]["ratio"] == 1.0
+    assert {"denoiser b8 channels_last", "denoiser b8 bf16", "denoiser b8 channels_last+bf16",
+            "prior b8 fp32", "prior b8 bf16"} <= set(rows)
+    assert all(r["value"] > 0 for r in rows.values())
+    assert "| denoiser | denoiser b8 channels_last+bf16 |" in (out / "results.md").read_text()
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise SystemExit('boom: no such dataset')\n")
+    failed = run_all.run_script("bad", bad, [], tmp_path / "bad-out", 60, {})
+    missing = run_all.run_script("gone", tmp_path / "gone.py", [], tmp_path / "bad-out", 60, {})
+    table = run_all.table_rows({"bad": failed, "gone": missing})
+    assert table[0][:2] == ["bad", "FAILED"] and "boom: no such dataset" in table[0][-1]
+    assert table[1][:2] == ["gone", "FAILED"] and "not found" in table[1][-1]
