@@ -21,15 +21,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from common import add_common_args, machine, result, row, write_json
+from common import add_common_args, machine, result, row, synchronize, write_json
 from vcdm.data.dataset import ImageDataset
 from vcdm.metrics import InceptionFeatures, InceptionWeightsError, compute_stats, resolve_weights
 from vcdm.metrics.inception import WEIGHTS_FILE, save_random_weights
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ excluded); the reference times forward + backward + Adam + EMA on random tensors
 
     python benchmarks/train.py                      # CPU, and CUDA if available
     python benchmarks/train.py --device cpu --steps 3 --batch 4
+    python benchmarks/train.py --quick --json out.json    # 2 timed steps; the table as JSON (run_all.py)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from common import add_common_args, machine, result, row, write_json
 from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
 from vcdm.train import TrainOptions, train
 from vcdm.train.build import build
@@ -82,11 +84,15 @@ def bare_rate(opts: TrainOptions, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement, after one warm-up (default 3; "
+                    "--quick: 2)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--models", default="ddpmpp-64,prior", help="comma-separated: ddpmpp-64, prior")
     a = ap.parse_args()
+    a.steps = a.steps or (2 if a.quick else 3)
+    info, start, rows = machine("cpu"), time.perf_counter(), []
     devices = ["cpu", "cuda"] if a.device == "all" else [a.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
@@ -105,6 +111,12 @@ def main() -> None:
                     sys.stdout = saved
                 bare = bare_rate(opts, a.steps)
                 print(f"{kind:<12s} {device:<6s} {a.batch:>5d} {loop:>11.2f} {bare:>11.2f} {loop / bare:>9.2f}", flush=True)
+                ref = f"bare training step, {kind} ({device})"
+                rows += [row(ref, bare, "images/s", note=f"batch {a.batch}"),
+                         row(f"training loop, {kind} ({device})", loop, "images/s", reference=ref, ratio=loop / bare,
+                             note=f"batch {a.batch}, {a.steps} timed steps")]
+    if a.json:
+        write_json(a.json, result("train", rows, info, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

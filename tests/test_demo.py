@@ -66,10 +66,10 @@ def test_write_digits_gives_labelled_edm_zips(tmp_path):
 def test_classifier_is_deterministic_and_its_metrics_make_sense():
     images, labels = digits.load_tensors("train", 16)
     images, labels = images[:400], labels[:400]
-    a = train_classifier(images, labels, epochs=2, progress=False)
-    b = train_classifier(images, labels, epochs=2, progress=False)
+    a = train_classifier(images, labels, epochs=8, progress=False)
+    b = train_classifier(images, labels, epochs=8, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert accuracy(a, images, labels) > 0.5  # two epochs on 400 images already learn something
+    assert accuracy(a, images, labels) > 0.8  # 8 epochs on 400 images already learn most digits
 
     ref = feature_stats(a, images)
     same = evaluate(a, images, ref, labels=labels)

@@ -3,8 +3,7 @@ distribution alone, reach the generation path; the benchmark scripts run (tiny c
 from __future__ import annotations
 
 import json
-import math
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,15 @@ from vcdm.perf import FP32, InferenceSettings
 REPO = Path(__file__).resolve().parents[1]
 BF16 = InferenceSettings(autocast_dtype=torch.bfloat16)
 CL_BF16 = InferenceSettings(channels_last=True, autocast_dtype=torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest, and steadiest on a shared machine, on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def unet(res: int = 16, label_dim: int = 0, seed: int = 0) -> Denoiser:
@@ -219,29 +227,49 @@ def test_cli_flags(checkpoint32, tmp_path):
     assert "(network: fp32)" in result.output and (tmp_path / "000000.png").is_file()
 
 
-def test_run_all_with_tiny_denoiser_and_a_failing_script(tmp_path):
-    out = tmp_path / "results"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--only", "denoiser", "--out", str(out),
-           "--script-args", "denoiser=--tiny --compile none --reps 1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    res = json.loads((out / "results.json").read_text())["results"]["denoiser"]
-    rows = {r["metric"]: r for r in res["rows"]}
-    assert rows["denoiser b8 fp32"]["ratio"] == 1.0
-    assert {"denoiser b8 channels_last", "denoiser b8 bf16", "denoiser b8 channels_last+bf16",
-            "prior b8 fp32", "prior b8 bf16"} <= set(rows)
-    assert all(r["value"] > 0 for r in rows.values())
-    assert "| denoiser | denoiser b8 channels_last+bf16 |" in (out / "results.md").read_text()
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """The benchmark scripts as modules (they import their shared ``common`` from their folder)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import denoiser
+    import run_all
+    return denoiser, run_all
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import run_all
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    bad = tmp_path / "bad.py"
-    bad.write_text("raise SystemExit('boom: no such dataset')\n")
-    failed = run_all.run_script("bad", bad, [], tmp_path / "bad-out", 60, {})
-    missing = run_all.run_script("gone", tmp_path / "gone.py", [], tmp_path / "bad-out", 60, {})
-    table = run_all.table_rows({"bad": failed, "gone": missing})
-    assert table[0][:2] == ["bad", "FAILED"] and "boom: no such dataset" in table[0][-1]
-    assert table[1][:2] == ["gone", "FAILED"] and "not found" in table[1][-1]
+
+def test_denoiser_benchmark_tiny(benchmarks, tmp_path, monkeypatch, capsys):
+    denoiser, _ = benchmarks
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the script points it at a fresh folder
+    monkeypatch.setattr(sys, "argv", ["denoiser.py", "--tiny", "--quick", "--compile", "none", "--reps", "1",
+                                      "--json", str(tmp_path / "d.json")])
+    denoiser.main()
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "d.json").read_text())["rows"]}
+    assert set(rows) == {"denoiser b8 fp32", "denoiser b8 channels_last", "denoiser b8 bf16",
+                         "denoiser b8 channels_last+bf16", "prior b8 fp32", "prior b8 bf16"}
+    assert rows["denoiser b8 fp32"]["ratio"] == 1.0 and all(r["value"] > 0 for r in rows.values())
+    assert rows["denoiser b8 bf16"]["reference"] == "denoiser b8 fp32" and rows["denoiser b8 bf16"]["ratio"] > 0
+    assert "| DDPM++ image model | 8 | channels_last+bf16 |" in capsys.readouterr().out
+
+
+def test_run_all_reports_failures_in_the_table(benchmarks, tmp_path, monkeypatch):
+    _, run_all = benchmarks
+    (tmp_path / "good.py").write_text(
+        "import json, sys\n"
+        "path = sys.argv[sys.argv.index('--json') + 1]\n"
+        "rows = [{'metric': 'ref', 'value': 2.0, 'unit': 'images/s', 'reference': None, 'ratio': None, 'note': ''},\n"
+        "        {'metric': 'fast', 'value': 5.0, 'unit': 'images/s', 'reference': 'ref', 'ratio': 2.5,\n"
+        "         'note': 'quick' if '--quick' in sys.argv else 'full'}]\n"
+        "json.dump({'benchmark': 'good', 'machine': {}, 'rows': rows}, open(path, 'w'))\n")
+    (tmp_path / "bad.py").write_text("raise SystemExit('boom: no such dataset')\n")
+    (tmp_path / "silent.py").write_text("print('forgot the json')\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "SCRIPTS", {name: (f"{name}.py", name) for name in ("good", "bad", "silent", "gone")})
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--out", str(tmp_path / "out")])
+    run_all.main()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| good | fast | 5 | images/s | ref | 2.50x | quick |" in md
+    assert "| bad | FAILED |" in md and "boom: no such dataset" in md
+    assert "| silent | FAILED |" in md and "no usable --json output" in md
+    assert "| gone | FAILED |" in md and "not found" in md
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert results["good"]["rows"][1]["ratio"] == 2.5 and results["bad"]["error"].startswith("exit code 1")
+    assert "boom" in (tmp_path / "out" / "logs" / "bad.log").read_text()

@@ -2,6 +2,7 @@
 resume, DDP equivalence, fine-tuning from an EDM pickle, non-finite and disk-full stops."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,12 @@ from click.testing import CliRunner
 from vcdm.checkpoints import load_checkpoint, read_config
 from vcdm.cli.train import command
 from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
+from vcdm.diffusion.loss import EDMLoss
+from vcdm.embedders import load_embedder
+from vcdm.embedders.base import image_batches
+from vcdm.nets import build_denoiser
 from vcdm.train import build as build_mod
+from vcdm.train.options import TrainOptions
 from vcdm.train.sampler import PositionSampler, ShuffledDataset
 from vcdm.train.state import StateError, load_state, newest_valid_state, save_state
 
@@ -164,9 +171,8 @@ def clip_weights(tmp_path_factory) -> Path:
         shapes = {k: v.shape for k, v in open_clip.create_model("ViT-B-32-quickgelu", pretrained=None,
                                                                 device="meta").visual.state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    state = {f"visual.{k}": (torch.ones(s) if k.endswith("ln_pre.weight") or k.endswith("ln_post.weight") or
-                             (".ln_" in k and k.endswith("weight")) else torch.randn(s, generator=g) * 0.02)
-             .half() for k, s in shapes.items()}
+    state = {f"visual.{k}": (torch.ones(s) if "ln_" in k and k.endswith("weight")  # LayerNorm gains
+                             else torch.randn(s, generator=g) * 0.02).half() for k, s in shapes.items()}
     path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
     save_file(state, path)
     return path
@@ -195,16 +201,9 @@ def test_overfits_a_fixed_batch(tmp_path):
     out = tmp_path / "runs"
     run(base_args(small, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0", "--pca-dim", "4",
                   "--batch", "8", "--ema", "0", "--duration", "0.0008", "--tick", "1", "--lr", "2e-3"))
-    d = run_dir(out)
-    denoiser, config, _ = load_checkpoint(d / "network-snapshot-000000.safetensors")
-    from vcdm.diffusion.loss import EDMLoss
-    from vcdm.embedders import load_embedder
-    from vcdm.embedders.base import image_batches
-
-    emb = load_embedder(config["embedder"], load_checkpoint(d / "network-snapshot-000000.safetensors")[2]["embedder"])
+    denoiser, config, tensors = load_checkpoint(run_dir(out) / "network-snapshot-000000.safetensors")
+    emb = load_embedder(config["embedder"], tensors["embedder"])
     x = emb.embed(next(image_batches(build_mod.open_dataset(_opts(small)), batch_size=8)))
-    from vcdm.nets import build_denoiser
-
     torch.manual_seed(1)
     init = build_denoiser(config).eval()
 
@@ -217,8 +216,7 @@ def test_overfits_a_fixed_batch(tmp_path):
     assert after < 0.6 * before, (before, after)
 
 
-def _opts(path: Path):
-    from vcdm.train.options import TrainOptions
+def _opts(path: Path) -> TrainOptions:
     return TrainOptions(path=str(path), data_class="CLIPDataset", exist="1,1", observed="0,1")
 
 
@@ -363,11 +361,10 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     assert "2 processes x 1 rounds x 2" in proc.stdout
     run(base_args(data, tmp_path / "one", *args, "--batch-gpu", "2"))  # 1 process, 2 accumulation rounds
     ddp, one = last_state(run_dir(tmp_path / "ddp")), last_state(run_dir(tmp_path / "one"))
-    torch.manual_seed(1)
-    from vcdm.train.options import TrainOptions
-    init = build_mod.build(TrainOptions(**{**_opts(data).__dict__, "cbase": 8, "cres": "1,1", "arch": "ddpmpp",
-                                          "embedder": "pixel-pca", "pca_dim": 8, "augment": 0.2, "dropout": 0.0}),
-                           torch.device("cpu")).denoiser.net.state_dict()
+    torch.manual_seed(1)  # the initial weights, as the runs made them
+    opts = dataclasses.replace(_opts(data), cbase=8, cres="1,1", arch="ddpmpp", embedder="pixel-pca", pca_dim=8,
+                               augment=0.2, dropout=0.0)
+    init = build_mod.build(opts, torch.device("cpu")).denoiser.net.state_dict()
     # Adam's first step moves each weight by about lr * g / (|g| + eps): float32 rounding of the
     # gradient sum only shows where g is near eps. So: (nearly) every element equal within 1e-6.
     diff = torch.cat([(ddp["net"][k] - v).abs().flatten() for k, v in one["net"].items()])
@@ -379,9 +376,8 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
 @pytest.fixture
 def edm_pickle_file(tmp_path, monkeypatch):
     """An EDM-format pickle of an unconditional tiny DDPM++, built with the legacy tests' helper."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     from test_legacy import SeedStructure, _never_called, edm_pickle
-    import types
 
     tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
     pers._reconstruct_persistent_obj = _never_called

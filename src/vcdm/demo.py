@@ -33,11 +33,14 @@ import numpy as np
 import torch
 
 from vcdm.data import digits
+from vcdm.data.dataset import ImageDataset
 from vcdm.fileio import atomic_path, atomic_write
 from vcdm.train.options import TrainOptions
 
 NEVER = 10**9  # --snap/--dump/--sample interval that leaves only the first and the last tick
-EVAL_RESERVE_SEC = 15.0  # figures, classifier features, summary
+EVAL_RESERVE_SEC = 10.0  # figures, classifier features, summary
+SAFETY = 1.3  # sampling estimates x this: the machine may get busier after the speed was measured
+FLOOR_PER_CLASS = 30  # real training digits kept from the classifier to score the floor (see Judge)
 
 
 class DemoError(ValueError):
@@ -56,7 +59,7 @@ class Sizes:
     prior_dim: int = 128
     prior_depth: int = 2
     prior_lr: float = 1e-3
-    prior_share: float = 0.12  # of the training time; the prior is ~30x cheaper per sample
+    prior_share: float = 0.08  # of the training time: the prior (~30x cheaper per sample) converges first
     num_samples: int = 256
     steps: int = 18  # Heun steps (35 network evaluations), both stages
     classifier_epochs: int = 15
@@ -380,12 +383,18 @@ def new_run_dir(outdir: str | os.PathLike, desc: str) -> Path:
 
 @dataclass
 class Judge:
-    """The classifier and the real-image references everything is measured against."""
+    """The classifier and the real digits that everything is measured against.
+
+    The classifier learns from the training split minus `floor_images` (FLOOR_PER_CLASS per digit).
+    Those are real training digits it has never seen, so their scores are what a perfect generator
+    (one that samples the training distribution) would get with as many images: the floor. Digits the
+    classifier was trained on would not do: their features are more extreme than any new image's.
+    """
     classifier: Any
     test_accuracy: float
-    ref: Any  # FeatureStats of the held-out real digits
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
+    ref: Any  # FeatureStats of the held-out test digits
+    floor_images: torch.Tensor
+    floor_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
 
@@ -393,20 +402,35 @@ class Judge:
         from vcdm.metrics.classifier import evaluate
         return evaluate(self.classifier, images, self.ref, labels=labels)
 
-    def real_floor(self, n: int, seed: int = 0) -> dict[str, Any]:
-        """The same metrics for `n` real training digits (a seeded subset): what a perfect model would score."""
-        idx = torch.randperm(len(self.train_images), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.evaluate(self.train_images[idx], self.train_labels[idx])
+    def real_floor(self, n: int) -> dict[str, Any]:
+        if n > len(self.floor_images):
+            raise DemoError(f"the real-digit floor has {len(self.floor_images)} images, {n} were asked for")
+        return self.evaluate(self.floor_images[:n], self.floor_labels[:n])
 
 
 def make_judge(resolution: int, *, epochs: int, device: str, progress: bool = True) -> Judge:
     from vcdm.metrics.classifier import accuracy, feature_stats, train_classifier
 
-    train_images, train_labels = digits.load_tensors("train", resolution)
+    images, labels = digits.load_tensors("train", resolution)
     test_images, test_labels = digits.load_tensors("test", resolution)
-    clf = train_classifier(train_images, train_labels, epochs=epochs, device=device, progress=progress)
+    floor = torch.from_numpy(digits.stratified_pick(labels.numpy(), FLOOR_PER_CLASS, seed=1))
+    floor = floor[torch.randperm(len(floor), generator=torch.Generator().manual_seed(1))]  # any prefix is balanced
+    rest = torch.ones(len(images), dtype=torch.bool)
+    rest[floor] = False
+    clf = train_classifier(images[rest], labels[rest], epochs=epochs, device=device, progress=progress)
     return Judge(clf, accuracy(clf, test_images, test_labels), feature_stats(clf, test_images),
-                 train_images, train_labels, test_images, test_labels)
+                 images[floor], labels[floor], test_images, test_labels)
+
+
+def after_training_sec(sizes: Sizes, image_rates: dict, prior_rates: dict, *, images: int, two_stage: int,
+                       num: int | None = None) -> float:
+    """Estimated seconds of the work that follows training: sampling `num` images from `images` image
+    models (`two_stage` of them after the prior), plus the two sample grids each image-model run draws
+    (its first and last tick, 18-step Heun on up to 64 images)."""
+    num = sizes.num_samples if num is None else num
+    nfe = 2 * sizes.steps - 1
+    return (num * nfe * (images / image_rates["sample"] + two_stage / prior_rates["sample"])
+            + images * 2 * min(sizes.batch, 64) * 35 / image_rates["sample"])
 
 
 def plan_kimg(rate: float, seconds: float, sizes: Sizes) -> float:
@@ -420,11 +444,11 @@ def plan_kimg(rate: float, seconds: float, sizes: Sizes) -> float:
 
 def train_for(opts: TrainOptions, rate: float, seconds: float, sizes: Sizes) -> tuple[Path, float]:
     """Train for about `seconds`: the length is planned from the measured `rate` (so the learning-rate
-    ramp-up and the ETA are right), and a deadline 5% later stops the run if the machine got slower.
+    ramp-up and the ETA are right), and a deadline stops the run there if the machine got slower.
     Returns (final snapshot, kimg trained)."""
     kimg = plan_kimg(rate, seconds, sizes)
     opts = dataclasses.replace(opts, duration=kimg / 1000, lr_rampup=0.05 * kimg, tick=max(kimg / 10, sizes.batch / 1000))
-    return train_run(opts, math.inf if sizes == SMOKE else 1.05 * seconds + 2)
+    return train_run(opts, math.inf if sizes == SMOKE else seconds)
 
 
 def run_demo(outdir: str | os.PathLike = "demo-runs", *, minutes: float = 10.0, device: str | None = None,
@@ -476,10 +500,8 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
         judge = make_judge(sizes.resolution, epochs=sizes.classifier_epochs, device=device, progress=progress)
     say(f"      held-out accuracy {judge.test_accuracy:.1%}")
 
-    nfe = 2 * sizes.steps - 1
-    preview = 2 * min(sizes.batch, 64) * 35 / image_rates["sample"]  # training's first and last 18-step sample grids
-    sampling = sizes.num_samples * nfe * (1 / image_rates["sample"] + 1 / prior_rates["sample"])
-    train_sec = clock.left - sampling - preview - EVAL_RESERVE_SEC
+    after_training = SAFETY * after_training_sec(sizes, image_rates, prior_rates, images=1, two_stage=1) + EVAL_RESERVE_SEC
+    train_sec = clock.left - after_training
     if train_sec < 10 and not smoke:
         say(f"      warning: --minutes {minutes:g} leaves {fmt_time(max(train_sec, 0))} for training; "
             f"expect noise, not digits")
@@ -489,7 +511,7 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
     with clock.stage("prior_training"):
         prior, prior_kimg = train_for(opts["prior"], prior_rates["train"], prior_sec, sizes)
 
-    image_sec = clock.left - sampling - preview - EVAL_RESERVE_SEC
+    image_sec = clock.left - after_training
     say(f"[5/{total}] Training the image model (images given embeddings) for {length(image_sec)}")
     with clock.stage("image_training"):
         image_model, image_kimg = train_for(opts["image"], image_rates["train"], image_sec, sizes)
@@ -511,7 +533,7 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
                           ("image model (given embeddings)", image_model.parent)], run / "loss-curves.png")
     metrics = {
         "data": {"name": "UCI handwritten digits (scikit-learn load_digits)", "resolution": sizes.resolution,
-                 "train_images": len(judge.train_images), "test_images": len(judge.test_images),
+                 "train_images": len(ImageDataset(paths["train"])), "test_images": len(judge.test_images),
                  "embedder": f"pixel-pca, {sizes.pca_dim} dims, fitted on the training split"},
         "classifier": {"test_accuracy": judge.test_accuracy, "feature_dim": judge.classifier.dim,
                        "epochs": sizes.classifier_epochs},

@@ -31,13 +31,17 @@ SOURCE_LEVELS = 16  # load_digits' grey levels run 0..16 (16 = full ink)
 DEFAULT_RESOLUTION = 16
 
 
+def stratified_pick(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of `per_class` items of each class, chosen with a frozen NumPy RandomState."""
+    rng = np.random.RandomState(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class]
+                                   for c in range(int(labels.max()) + 1)]))
+
+
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Sorted indices of each split: per class, the first TEST_PER_CLASS of a seeded permutation are test."""
-    rng = np.random.RandomState(SPLIT_SEED)
-    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:TEST_PER_CLASS]
-                           for c in range(int(labels.max()) + 1)])
+    """Sorted indices of each split: TEST_PER_CLASS images of each digit are test, the rest train."""
     mask = np.zeros(len(labels), bool)
-    mask[test] = True
+    mask[stratified_pick(labels, TEST_PER_CLASS, SPLIT_SEED)] = True
     return {"train": np.flatnonzero(~mask), "test": np.flatnonzero(mask)}
 
 

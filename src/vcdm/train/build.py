@@ -61,7 +61,7 @@ def open_dataset(opts: TrainOptions):
     return dataset
 
 
-def _single(values: str, flag: str, names: tuple[str, ...]) -> int:
+def embedding_option(values: str, flag: str, names: tuple[str, ...]) -> int:
     """The seed gives --n_comp/--n_clusters per tensor; only the embedding's entry can be non-zero here."""
     vals = parse_int_list(values, flag)
     if len(vals) == 1:
@@ -82,8 +82,8 @@ def make_embedder(opts: TrainOptions, dataset, device: torch.device, cache_dir: 
         return None
     kwargs = dict(clip_weights=opts.clip_weights, device=device, trainable=opts.train_embedder, data=dataset,
                   cache_dir=cache_dir if _writable(cache_dir) else None, seed=FIT_SEED, data_key=key,
-                  dim=opts.pca_dim, n_comp=_single(opts.n_comp, "--n_comp", opts.tensor_names),
-                  n_clusters=_single(opts.n_clusters, "--n_clusters", opts.tensor_names), progress=dist.rank() == 0)
+                  dim=opts.pca_dim, n_comp=embedding_option(opts.n_comp, "--n_comp", opts.tensor_names),
+                  n_clusters=embedding_option(opts.n_clusters, "--n_clusters", opts.tensor_names), progress=dist.rank() == 0)
     if dist.rank() != 0:
         dist.barrier()
     embedder = build_embedder(name, **kwargs)
@@ -100,10 +100,19 @@ def _writable(cache_dir: Path) -> bool:
         return False
 
 
-def make_structure(opts: TrainOptions, dataset, embedder) -> Structure:
+def embedding_dim(opts: TrainOptions) -> int:
+    """The embedding size the options give, without building the embedder (0: no embedding)."""
+    if opts.embedder_name is None:
+        return 0
+    names = opts.tensor_names
+    base = 512 if opts.embedder_name == "clip-vit-b32" else opts.pca_dim
+    return (embedding_option(opts.n_clusters, "--n_clusters", names)
+            or embedding_option(opts.n_comp, "--n_comp", names) or base)
+
+
+def make_structure(opts: TrainOptions, dataset, embed_dim: int) -> Structure:
     shapes = {"image": (dataset.num_channels, dataset.resolution, dataset.resolution),
-              "embedding": (embedder.dim if embedder is not None else 0,),
-              "label": (dataset.label_dim,)}
+              "embedding": (embed_dim,), "label": (dataset.label_dim,)}
     return Structure.from_flags({n: shapes[n] for n in opts.tensor_names}, opts.exist_flags, opts.observed)
 
 
@@ -151,7 +160,7 @@ def build(opts: TrainOptions, device: torch.device) -> Setup:
     key = data_key(opts.path, dataset)
     cache_dir = default_cache_dir(opts.path)
     embedder = make_embedder(opts, dataset, device, cache_dir, key)
-    structure = make_structure(opts, dataset, embedder)
+    structure = make_structure(opts, dataset, embedder.dim if embedder is not None else 0)
     augment_pipe = edm_augment_pipe(opts.augment) if opts.augment > 0 else None
     if augment_pipe is not None and "image" not in structure.names:
         raise OptionError("--augment: augmentation needs images")

@@ -18,10 +18,6 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def init(device: str) -> torch.device:
     """Join torchrun's process group (if any) and return this process's device.
 

@@ -57,11 +57,10 @@ def train(opts: TrainOptions) -> Path | None:
 
 def dry_run(opts: TrainOptions) -> None:
     """Print the options and what they imply; write nothing."""
-    from vcdm.train.build import make_network, make_structure, open_dataset
+    from vcdm.train.build import embedding_dim, make_network, make_structure, open_dataset
 
     dataset = open_dataset(opts)
-    embedder = _Dim(opts) if opts.embedder_name else None
-    structure = make_structure(opts, dataset, embedder)
+    structure = make_structure(opts, dataset, embedding_dim(opts))
     net_class, net_kwargs = make_network(opts, structure, 9 if opts.augment > 0 else 0)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
@@ -72,16 +71,6 @@ def dry_run(opts: TrainOptions) -> None:
     print(f"network: {net_class} {json.dumps(net_kwargs)}")
     print("Dry run; exiting.")
     return None
-
-
-class _Dim:
-    """The embedding size an embedder will have, without building it."""
-
-    def __init__(self, opts: TrainOptions):
-        from vcdm.train.build import _single
-        names = opts.tensor_names
-        base = 512 if opts.embedder_name == "clip-vit-b32" else opts.pca_dim
-        self.dim = _single(opts.n_clusters, "--n_clusters", names) or _single(opts.n_comp, "--n_comp", names) or base
 
 
 class Trainer:
