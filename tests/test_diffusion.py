@@ -22,13 +22,8 @@ from vcdm.nets.precond import Denoiser
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: BLAS threads only add contention (100x slower on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MU = torch.tensor([0.3, -0.2, 0.1, 0.25, -0.3], dtype=F64)
 
 

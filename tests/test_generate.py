@@ -318,13 +318,6 @@ def test_root_script_help():
         assert flag in proc.stdout
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks train fastest on one thread on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

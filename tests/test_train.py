@@ -36,13 +36,7 @@ TINY_UNET = ["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,1"]
 TINY_PRIOR = ["--arch", "dalle2", "--prior-dim", "32", "--prior-depth", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks on a shared machine run fastest (and deterministically) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_dataset(dest: Path, n: int = 16, res: int = 8, seed: int = 0) -> Path:

@@ -110,13 +110,12 @@ def say(text: str) -> None:
 
 # ------------------------------------------------------------------------------------------ training
 def train_options(kind: str, data_path: str | os.PathLike, outdir: str | os.PathLike, sizes: Sizes, *,
-                  kimg: float, seed: int, device: str) -> TrainOptions:
+                  seed: int, device: str) -> TrainOptions:
     """Options of one demo training run: kind 'prior' (embeddings), 'image' (images given embeddings)
     or 'uncond' (images, no conditioning). Written into `outdir` itself; only the first and the last
-    tick save a snapshot, a training state and a sample grid."""
-    common = dict(path=str(data_path), outdir=str(outdir), nosubdir=True, duration=kimg / 1000, batch=sizes.batch,
-                  lr_rampup=0.05 * kimg, augment=0.0, dropout=0.0, seed=seed, device=device, workers=0,
-                  tick=max(kimg / 10, sizes.batch / 1000), snap=NEVER, dump=NEVER, sample=NEVER)
+    tick save a snapshot, a training state and a sample grid. `train_for` sets the length."""
+    common = dict(path=str(data_path), outdir=str(outdir), nosubdir=True, batch=sizes.batch, augment=0.0,
+                  dropout=0.0, seed=seed, device=device, workers=0, snap=NEVER, dump=NEVER, sample=NEVER)
     if kind == "prior":
         return TrainOptions(data_class="CLIPDataset", exist="0,1", observed="0,0", embedder="pixel-pca",
                             pca_dim=sizes.pca_dim, arch="dalle2", pred_x0="1", prior_dim=sizes.prior_dim,
@@ -482,7 +481,7 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
         paths = digits.write_digits(run / "data", sizes.resolution)
 
     say(f"[2/{total}] Measuring training and sampling speed on {device}")
-    opts = {k: train_options(k, paths["train"], run / name, sizes, kimg=sizes.min_kimg, seed=seed + i, device=device)
+    opts = {k: train_options(k, paths["train"], run / name, sizes, seed=seed + i, device=device)
             for i, (k, name) in enumerate([("prior", "prior"), ("image", "image-model")])}
     with clock.stage("calibration"):
         if smoke:  # fixed lengths: nothing to plan; tiny networks run fastest on one thread

@@ -27,21 +27,12 @@ def _parse_metrics(text: str) -> list[str]:
 @contextlib.contextmanager
 def _distributed(device: str | None) -> Iterator[torch.device]:
     """Join torchrun's process group when launched by it (leaving it on exit); yield this rank's device."""
-    import torch
-    import torch.distributed as dist
+    from vcdm import distributed
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if joined:
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
     try:
-        yield torch.device(device) if device else torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        yield distributed.init(device)
     finally:
-        if joined:
-            dist.destroy_process_group()
+        distributed.shutdown()
 
 
 def _say(message: str) -> None:

@@ -136,7 +136,7 @@ def command(network: str, seeds: list[int], **kwargs: Any) -> None:
         result = generate(network, seeds, opts=opts, **kwargs)
     except ValueError as e:
         raise fail(e) from None
-    from vcdm.generate import distributed
+    from vcdm import distributed
 
     if distributed.rank() == 0:
         click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"

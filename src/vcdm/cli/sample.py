@@ -55,7 +55,8 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
     vcdm sample --prior runs/prior/network-snapshot-002000.safetensors \\
         --image-model runs/image/network-snapshot-010000.safetensors --seeds 0-999 --grid grid.png
     """
-    from vcdm.generate import distributed, sample_two_stage
+    from vcdm import distributed
+    from vcdm.generate import sample_two_stage
 
     try:
         prior_opts, image_opts = stage_options(kwargs, "prior-"), stage_options(kwargs, "image-")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vcdm import perf
 from vcdm.checkpoints import load_checkpoint
 from vcdm.data.structure import Structure
-from vcdm.generate import distributed
+from vcdm import distributed
 from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
                                  write_tensors)
 from vcdm.generate.options import GenerateError, SamplerOptions, results_dir, seed_path

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -157,7 +156,3 @@ def evaluate(classifier: DigitClassifier, images: torch.Tensor, ref: FeatureStat
         out["accuracy"] = float((probs.argmax(1) == labels.cpu().long()).float().mean())
     return out
 
-
-def as_numpy_images(images: torch.Tensor) -> np.ndarray:
-    """uint8 (N, C, H, W) → (N, H, W, C) for PIL and grids."""
-    return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from vcdm import distributed
 from vcdm.fileio import atomic_write
 
 
@@ -65,9 +66,7 @@ class FeatureStats:
 
 
 def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return distributed.rank(), distributed.world_size()
 
 
 def _stack_images(items: list) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from vcdm.data.structure import Structure
 from vcdm.fileio import parse_int_list
-from vcdm.train import distributed as dist
+from vcdm import distributed as dist
 from vcdm.train.options import OptionError, TrainOptions
 
 FIT_SEED = 0  # embedder fits use a fixed seed, so a prior and an image model trained apart share them

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vcdm.train import distributed as dist
+from vcdm import distributed as dist
 from vcdm.train.options import OptionError
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from vcdm.train import distributed as dist
+from vcdm import distributed as dist
+from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.batches import BatchMaker
 from vcdm.train.build import Setup, build
 from vcdm.train.loggers import RunLogger, format_time, new_run_id, rss_gb, start_wandb, wandb_wanted
@@ -216,9 +217,9 @@ class Trainer:
             torch.manual_seed(mix_seed(o.seed, (1 << 40) + self.rank))
         del state
 
-        ddp = dist.wrap_ddp(net, self.device)
-        train_denoiser = dist.with_net(denoiser, ddp)
-        ema_denoiser = dist.with_net(denoiser, ema)
+        ddp = wrap_ddp(net, self.device)
+        train_denoiser = with_net(denoiser, ddp)
+        ema_denoiser = with_net(denoiser, ema)
         training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu)
         config = s.config(training)
 

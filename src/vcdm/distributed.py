@@ -4,25 +4,26 @@ The same code runs on CPU (gloo) and CUDA (NCCL): the backend follows the device
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: str) -> torch.device:
+def init(device: str | torch.device | None = None) -> torch.device:
     """Join torchrun's process group (if any) and return this process's device.
 
-    `device` is 'cpu', 'cuda' or 'cuda:N'; under torchrun 'cuda' becomes cuda:LOCAL_RANK.
+    `device` is 'cpu', 'cuda' or 'cuda:N' (None: CUDA when available, else CPU); under torchrun
+    'cuda' becomes cuda:LOCAL_RANK.
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -84,33 +85,3 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-class DDP(nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel that also exposes the wrapped network's attributes (e.g. label_dim)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-
-def wrap_ddp(net: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over `net` when there are several processes, else `net` itself. Buffers are not re-sent
-    at every forward (the networks' buffers are constants)."""
-    if world_size() == 1:
-        return net
-    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return DDP(net, device_ids=[device] if device.type == "cuda" else None, **no_sync)
-
-
-def with_net(denoiser: nn.Module, net: nn.Module) -> nn.Module:
-    """A shallow view of `denoiser` whose `.net` is `net` (e.g. its DDP wrapper); parameters are shared."""
-    if net is denoiser.net:
-        return denoiser
-    view = copy.copy(denoiser)
-    view._modules = dict(denoiser._modules)
-    view._modules["net"] = net
-    return view
