@@ -90,17 +90,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: config does not describe a buildable network: {e}") from None
     state = tensors.pop("net", {})
-    missing, unexpected = _compare_keys(denoiser.net.state_dict(), state)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the recorded network "
-                              f"({len(missing)} missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]})")
-    for key, value in state.items():
-        expected = denoiser.net.state_dict()[key].shape
-        if value.shape != expected:
-            raise CheckpointError(f"{path}: tensor net.{key} has shape {tuple(value.shape)}, config implies {tuple(expected)}")
+    problem = state_dict_mismatch(denoiser.net.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not match the recorded network: {problem}")
     denoiser.net.load_state_dict(state)
     return denoiser.to(device).eval().requires_grad_(False), config, tensors
 
 
-def _compare_keys(expected: Mapping, got: Mapping) -> tuple[list[str], list[str]]:
-    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """Describe, in one line, how `got` fails to fit `expected` (missing/unexpected keys, shapes); None if it fits."""
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unexpected:
+        return f"{len(missing)} missing e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}"
+    wrong = [k for k in expected if tuple(got[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        return f"{len(wrong)} tensors differ in shape, e.g. {k}: {tuple(got[k].shape)} in the file vs {tuple(expected[k].shape)} expected"
+    return None

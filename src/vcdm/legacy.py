@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vcdm.checkpoints import state_dict_mismatch
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
 
 PathLike = str | os.PathLike
@@ -679,15 +680,9 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
     for key in expected:
         if key.startswith("map_label.") and key not in state and not recorded:
             state[key] = torch.zeros(expected[key].shape, dtype=torch.float32)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise LegacyError(f"{record.path}: weights do not match vcdm's {cls} ({len(missing)} missing e.g. "
-                          f"{missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]})")
-    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise LegacyError(f"{record.path}: {len(wrong)} tensors have other shapes than vcdm's {cls} implies, "
-                          f"e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}")
+    problem = state_dict_mismatch(expected, state)
+    if problem:
+        raise LegacyError(f"{record.path}: weights do not match vcdm's {cls}: {problem}")
     data_class = next((k for k, names in DATA_CLASS_TENSORS.items() if names == structure.names), None)
     config = {
         "network": {"class": cls, "kwargs": kwargs},
@@ -763,17 +758,11 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
     source = _source_state(path)
     target = net.state_dict()
     new = sorted(k for k in target if k not in source and k.startswith("map_label."))
-    missing = sorted(set(target) - set(source) - set(new))
-    unexpected = sorted(set(source) - set(target))
-    if missing or unexpected:
-        raise LegacyError(f"{path}: weights do not fit the network ({len(missing)} missing e.g. {missing[:3]}, "
-                          f"{len(unexpected)} unexpected e.g. {unexpected[:3]})")
-    wrong = [k for k in source if tuple(source[k].shape) != tuple(target[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise LegacyError(f"{path}: {len(wrong)} tensors differ in shape from the network's, e.g. {k}: "
-                          f"{tuple(source[k].shape)} in the file vs {tuple(target[k].shape)} here")
-    net.load_state_dict({**source, **{k: torch.zeros_like(target[k]) for k in new}})
+    new_state = {**source, **{k: torch.zeros_like(target[k]) for k in new}}
+    problem = state_dict_mismatch(target, new_state)
+    if problem:
+        raise LegacyError(f"{path}: weights do not fit the network: {problem}")
+    net.load_state_dict(new_state)
     report = PretrainedReport(str(path), sorted(source), new)
     if freeze:
         for name, p in net.named_parameters():
