@@ -104,14 +104,12 @@ class Structure:
         return torch.cat(parts, dim=1)
 
     def _unflatten(self, names: tuple[str, ...], flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for n in names:
-            k = self.numel(n)
-            out[n] = flat[:, i:i + k].reshape(flat.shape[0], *self.shape(n))
-            i += k
-        if i != flat.shape[1]:
-            raise StructureError(f"flat tensor has {flat.shape[1]} values per sample, expected {i}")
-        return out
+        sizes = [self.numel(n) for n in names]
+        if flat.ndim != 2 or flat.shape[1] != sum(sizes):
+            raise StructureError(f"flat tensor of shape {tuple(flat.shape)}: expected (B, {sum(sizes)}) values "
+                                 f"per sample for {list(names)}")
+        parts = flat.split(sizes, dim=1)
+        return {n: p.reshape(flat.shape[0], *self.shape(n)) for n, p in zip(names, parts)}
 
     def flatten_latent(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self._flatten(self.latent_names, tensors)
