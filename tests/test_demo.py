@@ -26,12 +26,7 @@ from vcdm.metrics.classifier import accuracy, evaluate, feature_stats, label_sta
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -124,7 +119,7 @@ def test_demo_smoke_writes_the_run_folder(tmp_path):
     assert list((run / "image-model").glob("network-snapshot-*.safetensors"))
 
     m = json.loads((run / "metrics.json").read_text())
-    g, real = m["generated"], m["real_training_digits"]
+    g, real = m["generated"], m["real_digits_floor"]
     assert g["num_images"] == real["num_images"] == SMOKE.num_samples
     assert 0 <= m["classifier"]["test_accuracy"] <= 1 and 0 <= real["accuracy"] <= 1
     assert math.isfinite(g["fd"]) and g["fd"] >= 0 and math.isfinite(real["fd"]) and real["fd"] >= 0

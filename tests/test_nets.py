@@ -14,7 +14,7 @@ from vcdm.nets.presets import PresetError, preset
 from vcdm.nets.prior import Attention, PriorTransformer, rotary, rotate
 from vcdm.nets.songunet import SongUNet
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "edm-networks-state-dict.json"
+REFERENCE = Path(__file__).parent / "data" / "edm-networks-state-dict.json"  # copy of shared/reference
 
 TINY_SONG = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2, 2],
                  num_blocks=2, attn_resolutions=[8], label_dim=10, augment_dim=9)
@@ -56,7 +56,6 @@ def unet_inputs(batch=4, label_dim=10, seed=2):
 
 # --- EDM compatibility -------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason="shared/reference not present")
 @pytest.mark.parametrize("entry, arch, resolution, label_dim, augment_dim", [
     ("SongUNet ddpmpp 64x64 cres=1,2,2,2 label_dim=0 augment_dim=9 (EDM FFHQ/AFHQv2 uncond)", "ddpmpp", 64, 0, 9),
     ("SongUNet ddpmpp 64x64 cres=1,2,2,2 label_dim=512 augment_dim=9 (VCDM image model)", "ddpmpp", 64, 512, 9),
