@@ -35,6 +35,7 @@ import torch
 from vcdm.data import digits
 from vcdm.data.dataset import ImageDataset
 from vcdm.fileio import atomic_path, atomic_write
+from vcdm.generate.options import SamplerOptions
 from vcdm.train.options import TrainOptions
 
 NEVER = 10**9  # --snap/--dump/--sample interval that leaves only the first and the last tick
@@ -234,25 +235,37 @@ def deadline(seconds: float) -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def train_run(opts: TrainOptions, max_seconds: float = math.inf) -> tuple[Path, float]:
+def read_stats(run_dir: Path) -> list[dict[str, Any]]:
+    """The tick records of a training run (its stats.jsonl)."""
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_run(opts: TrainOptions, max_seconds: float = math.inf) -> tuple[Path, float, bool]:
     """Train with vcdm.train, for at most `max_seconds` (then the run stops as on SIGTERM, after the
-    step, and saves); returns (final snapshot, kimg trained). A run stopped by anything else (Ctrl-C)
-    raises KeyboardInterrupt."""
+    step, and saves). Returns (final snapshot, kimg trained, whether the time ran out). A run stopped
+    by anything else (Ctrl-C) raises KeyboardInterrupt."""
     from vcdm.train import train
 
     with deadline(max_seconds) if math.isfinite(max_seconds) else contextlib.nullcontext({"reached": False}) as dl:
         run_dir = train(opts)
-    records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
+    records = read_stats(run_dir)
     nimg = records[-1]["nimg"] if records else 0
-    if nimg < round(opts.duration * 1e6):
-        if not dl["reached"]:
-            raise KeyboardInterrupt
+    stopped = nimg < round(opts.duration * 1e6)
+    if stopped and not dl["reached"]:
+        raise KeyboardInterrupt
+    if stopped:
         say(f"      time budget of this stage reached: trained {nimg / 1000:g} of {opts.duration * 1000:g} kimg")
-    return sorted(run_dir.glob("network-snapshot-*.safetensors"))[-1], nimg / 1000
+    return max(run_dir.glob("network-snapshot-*.safetensors")), nimg / 1000, stopped
+
+
+def observed_rate(run_dir: Path) -> float:
+    """Training images/s over the last (up to) three ticks of a run."""
+    recent = [r["sec_per_kimg"] for r in read_stats(run_dir)[1:][-3:] if r.get("sec_per_kimg")]
+    return 1000 / (sum(recent) / len(recent)) if recent else 0.0
 
 
 def final_loss(run_dir: Path) -> float | None:
-    records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
+    records = read_stats(run_dir)
     return records[-1].get("loss") if records else None
 
 
@@ -265,8 +278,8 @@ def read_images(outdir: Path, seeds: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack([read_png(seed_path(outdir, s, "png")) for s in seeds])).permute(0, 3, 1, 2)
 
 
-def sampler(steps: int):
-    from vcdm.generate import SamplerOptions
+def sampler(steps: int) -> SamplerOptions:
+    """EDM's deterministic Heun sampler with `steps` steps (both stages of the demo)."""
 
     return SamplerOptions(num_steps=steps)
 
@@ -355,8 +368,7 @@ def save_loss_curves(runs: Sequence[tuple[str, Path]], path: Path) -> None:
     plt = _figure()
     fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.4), dpi=100, squeeze=False)
     for ax, (title, run_dir) in zip(axes[0], runs):
-        records = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
-        pts = [(r["kimg"], r["loss"]) for r in records if r.get("loss") is not None]
+        pts = [(r["kimg"], r["loss"]) for r in read_stats(run_dir) if r.get("loss") is not None]
         if pts:
             ax.plot(*zip(*pts), marker=".")
         ax.set_title(title, fontsize=10)
@@ -429,7 +441,12 @@ def after_training_sec(sizes: Sizes, image_rates: dict, prior_rates: dict, *, im
     num = sizes.num_samples if num is None else num
     nfe = 2 * sizes.steps - 1
     return (num * nfe * (images / image_rates["sample"] + two_stage / prior_rates["sample"])
-            + images * 2 * min(sizes.batch, 64) * 35 / image_rates["sample"])
+            + images * 2 * preview_sec(sizes, image_rates))
+
+
+def preview_sec(sizes: Sizes, image_rates: dict) -> float:
+    """Estimated seconds of one sample grid drawn by the training loop (18-step Heun on up to 64 images)."""
+    return min(sizes.batch, 64) * 35 / image_rates["sample"]
 
 
 def plan_kimg(rate: float, seconds: float, sizes: Sizes) -> float:
@@ -441,13 +458,32 @@ def plan_kimg(rate: float, seconds: float, sizes: Sizes) -> float:
     return batches * sizes.batch / 1000
 
 
-def train_for(opts: TrainOptions, rate: float, seconds: float, sizes: Sizes) -> tuple[Path, float]:
-    """Train for about `seconds`: the length is planned from the measured `rate` (so the learning-rate
-    ramp-up and the ETA are right), and a deadline stops the run there if the machine got slower.
-    Returns (final snapshot, kimg trained)."""
+def train_for(opts: TrainOptions, rate: float, seconds: float, sizes: Sizes, *, tail_sec: float = 0.0,
+              max_legs: int = 3) -> tuple[Path, float]:
+    """Train for about `seconds` of wall-clock; returns (final snapshot, kimg trained).
+
+    The length is planned from the measured `rate`, so the learning-rate ramp-up and the trainer's ETA
+    are right. If the machine gets slower, a deadline stops the run in time; if it gets faster, the run
+    is resumed (bit-exactly as if it had been planned longer) for the time left at the speed it had.
+    `tail_sec` is what a run spends after its last step (its final sample grid)."""
+    end = time.perf_counter() + seconds
     kimg = plan_kimg(rate, seconds, sizes)
-    opts = dataclasses.replace(opts, duration=kimg / 1000, lr_rampup=0.05 * kimg, tick=max(kimg / 10, sizes.batch / 1000))
-    return train_run(opts, math.inf if sizes == SMOKE else seconds)
+    opts = dataclasses.replace(opts, duration=kimg / 1000, lr_rampup=0.05 * kimg,
+                               tick=max(kimg / 10, sizes.batch / 1000))
+    if sizes == SMOKE:
+        return train_run(opts)[:2]
+    for leg in range(max_legs):
+        snapshot, kimg, stopped = train_run(opts, end - time.perf_counter())
+        left = end - time.perf_counter() - tail_sec
+        if stopped or leg == max_legs - 1 or left < max(0.1 * seconds, 10):
+            break
+        extra = math.floor(observed_rate(snapshot.parent) * left / sizes.batch) * sizes.batch / 1000
+        if extra <= 0:
+            break
+        say(f"      ahead of plan: resuming the run for {extra:g} kimg more (~{fmt_time(left)} left)")
+        opts = dataclasses.replace(opts, duration=(kimg + extra) / 1000, resume=str(snapshot.parent),
+                                   tick=max(extra / 5, sizes.batch / 1000))
+    return snapshot, kimg
 
 
 def run_demo(outdir: str | os.PathLike = "demo-runs", *, minutes: float = 10.0, device: str | None = None,
@@ -513,7 +549,8 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
     image_sec = clock.left - after_training
     say(f"[5/{total}] Training the image model (images given embeddings) for {length(image_sec)}")
     with clock.stage("image_training"):
-        image_model, image_kimg = train_for(opts["image"], image_rates["train"], image_sec, sizes)
+        image_model, image_kimg = train_for(opts["image"], image_rates["train"], image_sec, sizes,
+                                            tail_sec=preview_sec(sizes, image_rates))
 
     seeds = list(range(sizes.num_samples))
     say(f"[6/{total}] Two-stage sampling of {len(seeds)} digits: prior → embeddings → image model → images")
@@ -537,7 +574,7 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
         "classifier": {"test_accuracy": judge.test_accuracy, "feature_dim": judge.classifier.dim,
                        "epochs": sizes.classifier_epochs},
         "generated": gen_metrics,
-        "real_training_digits": floor,
+        "real_digits_floor": floor,
         "training": {
             "prior": {"kimg": prior_kimg, "final_loss": final_loss(prior.parent),
                       "measured_img_per_sec": round(prior_rates["train"], 1), "snapshot": str(prior.relative_to(run))},
@@ -559,8 +596,16 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
 
 
 def summary_text(run: Path, m: dict[str, Any]) -> str:
-    g, floor, t = m["generated"], m["real_training_digits"], m["wall_seconds"]
+    g, floor, t = m["generated"], m["real_digits_floor"], m["wall_seconds"]
     prior, image = m["training"]["prior"], m["training"]["image_model"]
+    table = [("", "generated", "real digits*", ""),
+             ("Fréchet distance to held-out digits", f"{g['fd']:.2f}", f"{floor['fd']:.2f}",
+              "lower is better (the CNN's penultimate features)"),
+             ("mean classifier confidence", f"{g['mean_confidence']:.3f}", f"{floor['mean_confidence']:.3f}",
+              "recognisable digits score near 1"),
+             (f"predicted-class entropy (max {g['max_class_entropy']:.3f})", f"{g['class_entropy']:.3f}",
+              f"{floor['class_entropy']:.3f}", "all ten digits equally often = max")]
+    rows = "\n".join(f"  {a:<38s}{b:>10s}{c:>14s}   {d}".rstrip() for a, b, c, d in table)
     return f"""vcdm demo — {run}
 
 What happened ({fmt_time(t['total'])} wall; budget {m['run']['minutes']:g} min on {m['run']['device']}):
@@ -581,12 +626,11 @@ Files:
   samples/                 embeddings/<seed>.pt and images/<seed>.png of every sample
   data/                    the datasets (EDM-format zips; dataset.json holds the labels)
 
-Metrics (judged by a small CNN trained on the real training digits, held-out accuracy {m['classifier']['test_accuracy']:.1%}):
-                                       generated   real training digits (same count)
-  Fréchet distance to held-out digits  {g['fd']:9.2f}   {floor['fd']:9.2f}     (lower is better; features: the CNN's penultimate layer)
-  mean classifier confidence           {g['mean_confidence']:9.3f}   {floor['mean_confidence']:9.3f}     (recognisable digits score near 1)
-  predicted-class entropy (max {g['max_class_entropy']:.3f})   {g['class_entropy']:9.3f}   {floor['class_entropy']:9.3f}     (all ten digits equally often = max)
-  predicted digits 0-9: {g['predicted_class_counts']}
+Metrics (judged by a small CNN trained on real training digits; held-out accuracy {m['classifier']['test_accuracy']:.1%}):
+{rows}
+  how often each digit 0-9 was recognised: {g['predicted_class_counts']}
+  * {floor['num_images']} real training digits that the CNN never saw: what a perfect generator would score with as
+    many images (a Fréchet distance from a few hundred images is never 0).
 
 Next:
   * Your own images:   vcdm dataset --source=my-images/ --dest=datasets/mine-64x64.zip --resolution=64x64

@@ -5,21 +5,24 @@ one applies them (``prepare``) and one wraps the evaluations (``autocast``). The
 float64 and the preconditioning float32 (the Denoiser casts); under bfloat16 autocast only the network's
 convolutions and matrix products run in bfloat16, accumulating in float32.
 
-The CPU rules come from ``benchmarks/denoiser.py`` on a 2-core AMD EPYC with AVX512-BF16 (ratios to
-float32 eager, batch 8, one thread):
+The CPU rules come from ``benchmarks/denoiser.py`` and a sweep of DDPM++ sizes on a 2-core AMD EPYC with
+AVX512-BF16 (speed vs float32 eager, one thread, batch 8 / 64):
 
-- DDPM++ 64x64 (61.9 M params): channels_last + bf16 2.1x, bf16 2.0x, channels_last 1.1x.
-- 32x32 U-Nets: bf16 1.65-1.95x; adding channels_last is no better (1.5-1.95x).
-- 16x16 U-Nets with 32-64 channels (the demo's): bf16 0.93-1.17x, channels_last + bf16 0.7x: the
-  convolutions are too small for bf16 to win back the casts, so they stay float32.
+- 64x64, cbase 128 (61.9 M params): channels_last + bf16 2.1x, bf16 2.0x, channels_last 1.1x.
+- 64x64, cbase 32-64: channels_last + bf16 1.1-2.75x, bf16 1.05-2.4x.
+- 32x32, cbase 32-128: bf16 1.15-1.95x; channels_last + bf16 is never better than bf16 alone.
+- 16x16, cbase 32 (the demo's): bf16 0.9x, channels_last + bf16 0.7x: the convolutions are too small
+  to win back the casts, so these stay float32.
 - The prior transformer (a few tokens per sample): bf16 0.8x at batch 8, 1.8x at 64; its share of
-  two-stage sampling time is under 2%, so it stays float32 on CPUs.
+  two-stage sampling time is a few percent, so it stays float32 on CPUs.
 
-bfloat16 moves the network output by about 2% RMS of the output (random weights) and the 18-step Heun
-samples by about a 1/255 level RMS; over many samples the distribution does not move measurably
-(``tests/test_perf.py``). ``torch.compile`` is faster per evaluation but costs minutes per process and
-batch shape, so it is opt-in. CUDA: channels_last + bfloat16 for U-Nets and bfloat16 for the prior, the
-usual mixed-precision recipe (not measured here: no GPU was available).
+Soundness: bf16 moves the network output by 1-2% of its RMS. Through 18-step Heun, on a briefly trained
+32x32 DDPM++ (250 steps on the UCI digits), the samples move by 0.5 of an 8-bit level RMS (23% of 8-bit
+values change, the largest by 12 levels), and the Frechet distance between the float32 and bf16 sample sets of the same seeds is 1e-4 of
+that between two float32 sets of different seeds; ``tests/test_perf.py`` checks the same on an exact
+Gaussian denoiser. ``torch.compile`` is faster per evaluation but costs minutes per process and batch
+shape, so it is opt-in. CUDA: channels_last + bf16 for U-Nets and bf16 for the prior, the usual
+mixed-precision recipe (not measured here: no GPU was available).
 """
 from __future__ import annotations
 
