@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from click.testing import CliRunner
 from vcdm.cli.demo import command
 from vcdm.data import digits
 from vcdm.data.dataset import ImageDataset
-from vcdm.demo import SMOKE, Sizes, deadline, plan_kimg
+from vcdm.demo import SMOKE, Sizes, plan_kimg
 from vcdm.metrics.classifier import accuracy, evaluate, feature_stats, label_statistics, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,20 +86,6 @@ def test_plan_kimg_whole_batches_and_minimum():
     assert plan_kimg(100.0, 60.0, sizes) == 93 * 64 / 1000  # floor(6000 / 64) batches
     assert plan_kimg(100.0, 0.1, sizes) == 16 * 64 / 1000  # at least min_kimg
     assert plan_kimg(1e6, 1e3, SMOKE) == SMOKE.min_kimg  # smoke: fixed length
-
-
-def test_deadline_sends_sigterm_to_the_handler_inside_and_restores_the_old_one():
-    got = []
-    before = signal.getsignal(signal.SIGTERM)
-    with deadline(0.05) as state:
-        inner = signal.signal(signal.SIGTERM, lambda *_: got.append(1))  # what the training loop does
-        for _ in range(100):
-            if got:
-                break
-            time.sleep(0.01)
-        signal.signal(signal.SIGTERM, inner)
-    assert got and state["reached"]
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_demo_smoke_writes_the_run_folder(tmp_path):

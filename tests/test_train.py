@@ -292,6 +292,15 @@ def test_nonfinite_losses_stop_with_a_state(data, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["net"].values())  # gradients were zeroed
 
 
+def test_time_limit_stops_after_a_step_with_a_state(data, tmp_path):
+    out = tmp_path / "runs"
+    r = run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
+                      "--duration", "1", "--time-limit", "0.001"))
+    assert "Stopped by --time-limit" in r.output
+    state = last_state(run_dir(out))
+    assert 0 < state["counters"]["nimg"] < 10**6  # stopped early, after whole steps, with a state to resume
+
+
 def test_disk_full_keeps_previous_state(data, tmp_path, monkeypatch):
     real_save, calls = torch.save, {"n": 0}
 

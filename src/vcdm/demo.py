@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,51 +206,20 @@ def _busy_cores() -> float:
         return 0.0
 
 
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[dict[str, bool]]:
-    """Stop a vcdm.train run after `seconds`: the training loop handles SIGTERM by finishing the step
-    and saving a snapshot, so a timer sends this process SIGTERM. Yields {'reached': bool}. While the
-    block runs, a SIGTERM that finds no training loop is ignored (a late timer must not end the demo).
-    Outside the main thread no timer is set."""
-    state = {"reached": False}
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    except ValueError:  # not the main thread
-        yield state
-        return
-
-    def fire() -> None:
-        state["reached"] = True
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    timer = threading.Timer(max(seconds, 0.0), fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield state
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGTERM, previous)
-
-
 def read_stats(run_dir: Path) -> list[dict[str, Any]]:
     """The tick records of a training run (its stats.jsonl)."""
     return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines() if line.strip()]
 
 
 def train_run(opts: TrainOptions, max_seconds: float = math.inf) -> tuple[Path, float, bool]:
-    """Train with vcdm.train, for at most `max_seconds` (then the run stops as on SIGTERM, after the
-    step, and saves). Returns (final snapshot, kimg trained, whether the time ran out). A run stopped
-    by anything else (Ctrl-C) raises KeyboardInterrupt."""
+    """Train with vcdm.train, for at most `max_seconds` (the loop's --time-limit: it stops after the
+    step and saves). Returns (final snapshot, kimg trained, whether the time ran out)."""
     from vcdm.train import train
 
-    with deadline(max_seconds) if math.isfinite(max_seconds) else contextlib.nullcontext({"reached": False}) as dl:
-        run_dir = train(opts)
+    run_dir = train(dataclasses.replace(opts, time_limit=max_seconds if math.isfinite(max_seconds) else 0.0))
     records = read_stats(run_dir)
     nimg = records[-1]["nimg"] if records else 0
     stopped = nimg < round(opts.duration * 1e6)
-    if stopped and not dl["reached"]:
-        raise KeyboardInterrupt
     if stopped:
         say(f"      time budget of this stage reached: trained {nimg / 1000:g} of {opts.duration * 1000:g} kimg")
     return max(run_dir.glob("network-snapshot-*.safetensors")), nimg / 1000, stopped

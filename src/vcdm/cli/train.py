@@ -91,6 +91,8 @@ OPTIONS = [
     opt("--seed", metavar="INT", type=int, default=None, help="Random seed  [default: random]"),
     opt("--max-nonfinite", metavar="N", type=click.IntRange(min=0), default=D.max_nonfinite,
         help="Stop (saving a state) after N consecutive non-finite losses (0: never)."),
+    opt("--time-limit", metavar="SEC", type=click.FloatRange(min=0), default=D.time_limit,
+        help="Stop after this many seconds of this process, saving a state to --resume from (0: no limit)."),
     # I/O.
     opt("--outdir", metavar="DIR", type=str, default=D.outdir, help="Where to make run directories."),
     opt("--desc", metavar="STR", type=str, default=None, help="Appended to the run directory name."),

@@ -329,6 +329,7 @@ class Trainer:
         sizes = [structure.numel(n) for n in names]
         embedder_grads = s.embedder is not None and o.train_embedder and self.world > 1
         start_time = time.time() - counters["total_sec"]
+        deadline = time.time() + o.time_limit if o.time_limit > 0 else math.inf
         tick_start_nimg, tick_start_time = counters["nimg"], time.time()
         tick_loss = torch.zeros(len(names) + 1, dtype=torch.float64)
         tick_steps = tick_nonfinite = 0
@@ -361,6 +362,8 @@ class Trainer:
                         step_loss[i + 1] += p.sum(dtype=torch.float64)
 
             # One collective: loss sums and the stop flag.
+            if self.stop_signal is None and time.time() >= deadline:
+                self.stop_signal = "--time-limit"
             flags = [float(self.stop_signal is not None)]
             totals = dist.all_sum(step_loss.tolist() + flags, device)
             finite = all(math.isfinite(v) for v in totals[:-1])

@@ -76,6 +76,7 @@ class TrainOptions:
     bench: bool = True
     seed: int | None = None
     max_nonfinite: int = 10
+    time_limit: float = 0.0  # seconds for this process (0: none); then stop as on SIGTERM
     # I/O.
     outdir: str = "training-runs"
     desc: str | None = None
@@ -150,5 +151,5 @@ class TrainOptions:
             raise OptionError(f"--duration: must be positive (Mimg), got {self.duration}")
         if not (0 <= self.augment <= 1 and 0 <= (self.dropout or 0) <= 1):
             raise OptionError("--augment and --dropout: probabilities must lie in [0, 1]")
-        if self.workers < 0 or self.max_nonfinite < 0:
-            raise OptionError("--workers and --max-nonfinite: must not be negative")
+        if self.workers < 0 or self.max_nonfinite < 0 or self.time_limit < 0:
+            raise OptionError("--workers, --max-nonfinite and --time-limit: must not be negative")
