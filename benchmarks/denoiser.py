@@ -16,6 +16,10 @@ machine affects every path alike; the "spread" column says how much repetitions 
 Accuracy: the largest |D_path - D_fp32| over the batch (data units: images in [-1, 1], one 8-bit level
 is 0.0078) and the RMS of the network-output difference relative to the RMS of the network output,
 at per-sample noise levels spanning sigma = 0.002 ... 80.
+Compile columns: the first call's time beyond one evaluation, with this run's fresh inductor cache
+("cold"; at batch 32 it already holds batch 8's kernels) and again from that on-disk cache ("warm", what
+a later process pays); "pays off after" = cold compile time / time saved per evaluation against the
+fastest eager path.
 On a machine shared with other jobs set OMP_WAIT_POLICY=PASSIVE (run_all.py does): with libgomp's
 default busy-waiting, 2-thread runs there were up to 3x slower than 1-thread runs, and erratic.
 """
@@ -129,10 +133,12 @@ def bench_images(args, batch: int, paths: list[InferenceSettings], table: list, 
             payoff = math.ceil(cold / (best_eager - sec)) if sec < best_eager else None
         table.append(["DDPM++ image model", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{spread(times[s.name]):.0%}",
                       cold, warm, payoff, max_abs, rel])
-        rows.append(row(f"denoiser b{batch} {s.name}", batch / sec, "images/s", reference=f"denoiser b{batch} fp32",
-                        ratio=ref / sec, note=f"max|dD| {max_abs:.2g}, rel rms dF {rel:.2g}" +
-                        (f", compile {cold:.0f} s cold / {warm:.0f} s warm cache, pays off after {payoff} evals"
-                         if s.compile else "")))
+        is_ref = s == FP32
+        pays = f"pays off after {payoff} evals" if payoff else "never pays off at this batch size"
+        rows.append(row(f"denoiser b{batch} {s.name}", batch / sec, "images/s",
+                        reference=None if is_ref else f"denoiser b{batch} fp32", ratio=None if is_ref else ref / sec,
+                        note="reference" if is_ref else f"max|dD| {max_abs:.2g}, rel rms dF {rel:.2g}" +
+                        (f", compile {cold:.0f} s cold / {warm:.0f} s warm cache, {pays}" if s.compile else "")))
     if args.heun and batch == args.batch[0]:
         heun(args, base, models, paths, batch, table_rows=samples)
 
@@ -169,8 +175,10 @@ def bench_prior(args, batch: int, table: list, rows: list) -> None:
         max_abs, rel = accuracy(base, x, sigma, out[FP32.name], out[s.name])
         table.append(["prior (dalle2)", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{spread(times[s.name]):.0%}",
                       None, None, None, max_abs, rel])
-        rows.append(row(f"prior b{batch} {s.name}", 1 / sec, "evaluations/s", reference=f"prior b{batch} fp32",
-                        ratio=ref / sec, note=f"{batch / sec:.1f} samples/s"))
+        is_ref = s == FP32
+        rows.append(row(f"prior b{batch} {s.name}", 1 / sec, "evaluations/s",
+                        reference=None if is_ref else f"prior b{batch} fp32", ratio=None if is_ref else ref / sec,
+                        note=f"{batch / sec:.0f} samples/s" + ("" if is_ref else f", max|dD| {max_abs:.2g}")))
 
 
 def main() -> None:
@@ -219,8 +227,10 @@ def main() -> None:
                               "8-bit values changed", "max 8-bit change"],
                              [[name, *r[:7], f"{r[7]:.1%}", r[8]] for name, r in samples.items()]))
         for name, r in samples.items():
+            is_ref = name == FP32.name
             rows.append(row(f"heun{args.heun_steps} b{r[0]} {name}", r[3], "images/s",
-                            reference=f"heun{args.heun_steps} b{r[0]} fp32", ratio=r[4],
+                            reference=None if is_ref else f"heun{args.heun_steps} b{r[0]} fp32",
+                            ratio=None if is_ref else r[4],
                             note=f"max|dx| {r[5]:.2g}, {r[7]:.1%} of 8-bit values changed"))
     print(f"\ndefault settings here (vcdm.perf.default_settings): image model {default_settings('cpu', image_denoiser(args.tiny)).name}, "
           f"prior {default_settings('cpu', prior_denoiser(args.tiny)).name}")

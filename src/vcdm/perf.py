@@ -13,8 +13,8 @@ AVX512-BF16 (speed vs float32 eager, one thread, batch 8 / 64):
 - 32x32, cbase 32-128: bf16 1.15-1.95x; channels_last + bf16 is never better than bf16 alone.
 - 16x16, cbase 32 (the demo's): bf16 0.9x, channels_last + bf16 0.7x: the convolutions are too small
   to win back the casts, so these stay float32.
-- The prior transformer (a few tokens per sample): bf16 0.8x at batch 8, 1.8x at 64; its share of
-  two-stage sampling time is a few percent, so it stays float32 on CPUs.
+- The prior transformer (dim 512, a few tokens per sample): bf16 between 0.8x and 1.85x depending on
+  batch size, threads and load; it takes 1-3% of two-stage sampling time, so it stays float32 on CPUs.
 
 Soundness: bf16 moves the network output by 1-2% of its RMS. Through 18-step Heun, on a briefly trained
 32x32 DDPM++ (250 steps on the UCI digits), the samples move by 0.5 of an 8-bit level RMS (23% of 8-bit
