@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from test_legacy import fake_modules  # noqa: F401  (a fixture, used by edm_pickle_file)
 from vcdm.checkpoints import load_checkpoint, read_config
 from vcdm.cli.train import command
 from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
@@ -377,17 +377,12 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
 
 
 @pytest.fixture
-def edm_pickle_file(tmp_path, monkeypatch):
+def edm_pickle_file(tmp_path, monkeypatch, request):
     """An EDM-format pickle of an unconditional tiny DDPM++, built with the legacy tests' helper."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    from test_legacy import SeedStructure, _never_called, edm_pickle
+    from test_legacy import edm_pickle
 
-    tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
-    pers._reconstruct_persistent_obj = _never_called
-    training, tstruct = types.ModuleType("training"), types.ModuleType("training.structure")
-    tstruct.Structure = SeedStructure
-    for mod in (tu, pers, training, tstruct):
-        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    request.getfixturevalue("fake_modules")  # registers the EDM module names the pickler refers to
     path = tmp_path / "edm-uncond.pkl"
     net, _ = edm_pickle(path, tmp_path / "PAYLOAD_RAN", model_channels=8, channel_mult=[1, 1], num_blocks=4,
                         attn_resolutions=[16], augment_dim=0)
