@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_legacy import fake_modules  # noqa: F401  (a fixture, used by edm_pickle_file)
+from test_legacy import edm_pickle, fake_modules  # noqa: F401  (fake_modules: a fixture)
 from vcdm.checkpoints import load_checkpoint, read_config
 from vcdm.cli.train import command
 from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
@@ -377,12 +377,8 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
 
 
 @pytest.fixture
-def edm_pickle_file(tmp_path, monkeypatch, request):
+def edm_pickle_file(tmp_path, fake_modules):
     """An EDM-format pickle of an unconditional tiny DDPM++, built with the legacy tests' helper."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    from test_legacy import edm_pickle
-
-    request.getfixturevalue("fake_modules")  # registers the EDM module names the pickler refers to
     path = tmp_path / "edm-uncond.pkl"
     net, _ = edm_pickle(path, tmp_path / "PAYLOAD_RAN", model_channels=8, channel_mult=[1, 1], num_blocks=4,
                         attn_resolutions=[16], augment_dim=0)
