@@ -93,7 +93,7 @@ def main() -> None:
         print(f"\n{label} ({names}): one evaluation at batch {batch}: prior {per_eval['prior']:.3f} s, "
               f"image model {per_eval['image']:.3f} s")
         print(f"{'':<34}{'steps':>6}{'evals':>7}{'prior s':>9}{'image s':>9}{'images/s':>10}{'prior share':>13}")
-        for name, steps, sec in ((f"measured", args.steps, measured), ("extrapolated to the seed's 40", 40, at40)):
+        for name, steps, sec in (("measured", args.steps, measured), ("extrapolated to the seed's 40", 40, at40)):
             total = sec["prior"] + sec["image"]
             print(f"{name:<34}{steps:>6}{evals(steps):>7}{sec['prior']:>9.2f}{sec['image']:>9.2f}"
                   f"{args.images / total:>10.4f}{sec['prior'] / total:>13.1%}")
