@@ -222,7 +222,8 @@ def main() -> None:
                          table))
     if samples:
         print(f"\n## {args.heun_steps}-step Heun sampling, batch {args.batch[0]} (seeds 0-{args.batch[0] - 1}), "
-              "compared with fp32 eager (paths run one after the other, not interleaved)\n")
+              "compared with fp32 eager (one run per path, in sequence: for speed under changing load trust the "
+              "interleaved table above; this table is for how far the samples move)\n")
         print(markdown_table(["path", "batch", "steps", "seconds", "images/s", "vs fp32", "max abs dx", "rms dx",
                               "8-bit values changed", "max 8-bit change"],
                              [[name, *r[:7], f"{r[7]:.1%}", r[8]] for name, r in samples.items()]))

@@ -8,12 +8,13 @@ convolutions and matrix products run in bfloat16, accumulating in float32.
 The CPU rules come from ``benchmarks/denoiser.py`` and a sweep of DDPM++ sizes on a 2-core AMD EPYC with
 AVX512-BF16 (speed vs float32 eager, one thread, batch 8 / 64):
 
-- 64x64, cbase 128 (61.9 M params): channels_last + bf16 2.1x, bf16 2.0x, channels_last 1.1x.
+- 64x64, cbase 128 (61.9 M params): channels_last + bf16 2.0-2.3x, bf16 1.9-2.0x, channels_last 1.1-1.2x
+  (batch 8-32, 1 or 2 threads).
 - 64x64, cbase 32-64: channels_last + bf16 1.1-2.75x, bf16 1.05-2.4x.
 - 32x32, cbase 32-128: bf16 1.15-1.95x; channels_last + bf16 is never better than bf16 alone.
 - 16x16, cbase 32 (the demo's): bf16 0.9x, channels_last + bf16 0.7x: the convolutions are too small
   to win back the casts, so these stay float32.
-- The prior transformer (dim 512, a few tokens per sample): bf16 between 0.8x and 1.85x depending on
+- The prior transformer (dim 512, a few tokens per sample): bf16 between 0.8x and 2.4x depending on
   batch size, threads and load; it takes 1-3% of two-stage sampling time, so it stays float32 on CPUs.
 
 Soundness: bf16 moves the network output by 1-2% of its RMS. Through 18-step Heun, on a briefly trained
