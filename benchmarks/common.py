@@ -118,13 +118,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def rows_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    """The standard rows as a markdown table."""
-    return markdown_table(["metric", "value", "unit", "vs", "ratio", "note"],
-                          [[r["metric"], r["value"], r["unit"], r.get("reference") or "-",
-                            None if r.get("ratio") is None else f"{r['ratio']:.2f}x", r.get("note", "")] for r in rows])
-
-
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=2, default=str)

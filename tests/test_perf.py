@@ -3,7 +3,6 @@ distribution alone, reach the generation path; the benchmark scripts run (tiny c
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
