@@ -64,7 +64,8 @@ def unet_inputs(batch=4, label_dim=10, seed=2):
 ])
 def test_state_dict_keys_and_shapes_match_edm(entry, arch, resolution, label_dim, augment_dim):
     expected = json.loads(REFERENCE.read_text())[entry]
-    net = meta_network(arch, resolution=resolution, label_dim=label_dim, augment_dim=augment_dim)
+    cres = dict(cres=[1, 2, 2, 2]) if "cres=1,2,2,2" in entry else {}
+    net = meta_network(arch, resolution=resolution, label_dim=label_dim, augment_dim=augment_dim, **cres)
     got = {k: list(v.shape) for k, v in net.state_dict().items()}
     assert sorted(set(got) ^ set(expected)) == []
     assert {k: v for k, v in got.items() if v != expected[k]} == {}
@@ -73,7 +74,7 @@ def test_state_dict_keys_and_shapes_match_edm(entry, arch, resolution, label_dim
 @pytest.mark.parametrize("label_dim, augment_dim, count", [
     (0, 0, 61_804_419), (0, 9, 61_805_571), (512, 0, 61_870_083), (512, 9, 61_871_235)])
 def test_ddpmpp_64_parameter_counts(label_dim, augment_dim, count):
-    net = meta_network("ddpmpp", resolution=64, label_dim=label_dim, augment_dim=augment_dim)
+    net = meta_network("ddpmpp", resolution=64, label_dim=label_dim, augment_dim=augment_dim, cres=[1, 2, 2, 2])
     assert sum(p.numel() for p in net.parameters()) == count
 
 
@@ -241,7 +242,7 @@ def test_prior_rejects_odd_head_dim():
 
 def test_presets():
     name, kw = preset("ddpmpp", resolution=64, channels=3, embed_dim=512, label_dim=512, augment_dim=9)
-    assert name == "SongUNet" and kw["channel_mult"] == [1, 2, 2, 2] and kw["model_channels"] == 128
+    assert name == "SongUNet" and kw["channel_mult"] == [2, 2, 2] and kw["model_channels"] == 128  # the release's
     assert kw["embedding_type"] == "positional" and kw["resample_filter"] == [1, 1] and kw["dropout"] == 0.13
     name, kw = preset("ncsnpp", resolution=32, channels=3, embed_dim=0, label_dim=10, augment_dim=9)
     assert kw["channel_mult"] == [2, 2, 2] and kw["encoder_type"] == "residual" and kw["channel_mult_noise"] == 2

@@ -28,8 +28,8 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
            dropout: float | None = None) -> tuple[str, dict[str, Any]]:
     """(network class name, constructor kwargs) for `arch`.
 
-    ddpmpp/ncsnpp: EDM's DDPM++/NCSN++ (cbase 128; cres 2,2,2 up to 32x32 as EDM's CIFAR-10 models,
-    1,2,2,2 above as its and the seed's 64x64 models). adm: EDM's ADM (cbase 192, cres 1,2,3,4).
+    ddpmpp/ncsnpp: EDM's DDPM++/NCSN++ (cbase 128; cres 2,2,2 at every resolution, as the release's and
+    EDM's train.py: their 64x64 models pass --cres=1,2,2,2 explicitly). adm: EDM's ADM (cbase 192, cres 1,2,3,4).
     dalle2: the prior transformer over an `embed_dim` vector (dim 512, depth 6, 8 heads x 64, no
     dropout unless given). `label_dim` is the size of the conditioning vector (0: unconditional);
     `resolution`/`channels` are ignored for dalle2 and `embed_dim` for the U-Nets.
@@ -51,7 +51,7 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     if arch == "adm":
         default_cbase, default_cres = 192, [1, 2, 3, 4]
     else:
-        default_cbase, default_cres = 128, [2, 2, 2] if resolution <= 32 else [1, 2, 2, 2]
+        default_cbase, default_cres = 128, [2, 2, 2]
     cbase = default_cbase if cbase is None else cbase
     cres = default_cres if cres is None else list(cres)
     _check_unet(arch, resolution, channels, cbase, cres)
