@@ -1,0 +1,306 @@
+"""Import EDM's and the original VCDM release's network pickles without running anything from them.
+
+What such a file holds (facts of the format, read off NVlabs/edm and torch's serialization code):
+
+- A network pickle is ``pickle.dump`` of a dict: ``ema`` (the network), ``loss_fn``, ``augment_pipe``,
+  ``dataset_kwargs``. The release's training-state files are ``torch.save`` zip archives with ``net``.
+- EDM's classes are "persistent": an instance pickles as a call of
+  ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` holds the defining
+  module's *source code* (which the original loader executes), the class name and the instance state:
+  its ``__dict__`` with ``_parameters`` / ``_buffers`` / ``_modules`` and the recorded constructor
+  arguments ``_init_args`` / ``_init_kwargs``. Other classes (``torch.nn.ModuleDict``, the release's
+  ``Structure`` and prior layers) are pickled by name and rebuilt from their ``__dict__``.
+- A tensor pickles as ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)``. Under
+  plain pickle the storage is ``torch.storage._load_from_bytes(blob)``, ``blob`` being torch's legacy
+  serialization of that one storage; in a zip archive it is a persistent id naming ``data/<key>``.
+
+Here every global a file names is looked up in an allow-list that maps it to *our* code: tensor
+rebuilding from raw bytes, a few builtin containers, and :class:`Record`, an inert stand-in that only
+keeps a class name and data. ``module_src`` is never executed (nor kept). Any other global is refused
+before anything is called, and only Records accept state from the file (pickle's BUILD).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vcdm.legacy.records import (LegacyError, Record, UnsafePickleError, _EasyDict, _NDArrayType, _latin1,
+                                 _np_dtype, _np_reconstruct, _np_scalar, _persistent_record, _reconstructor,
+                                 _record_class)
+
+PathLike = str | os.PathLike
+
+
+# ------------------------------------------------------------------------------------------------
+# Storages and tensors, rebuilt from raw bytes.
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
+}
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in set(_STORAGE_DTYPES.values())}
+TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # first object of torch's legacy (non-zip) serialization
+TORCH_PROTOCOL = 1001
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    name: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _STORAGE_DTYPES[self.name]
+
+
+class _Storage:
+    """One storage's bytes (filled possibly after tensors viewing it were built) and its saved dtype."""
+
+    def __init__(self, dtype: torch.dtype, numel: int):
+        if not isinstance(numel, int) or numel < 0:
+            raise LegacyError(f"bad storage size {numel!r}")
+        self.dtype = dtype
+        self.nbytes = numel * _itemsize(dtype)
+        self.data = torch.empty(self.nbytes, dtype=torch.uint8)
+
+    def fill(self, raw: bytes) -> None:
+        if len(raw) != self.nbytes:
+            raise LegacyError(f"storage data has {len(raw)} bytes, expected {self.nbytes} (file truncated?)")
+        self.data.numpy()[:] = np.frombuffer(raw, dtype=np.uint8)
+
+    def tensor(self, offset: int, size: Any, stride: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        size, stride = tuple(size), tuple(stride)
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride)) or len(size) != len(stride):
+            raise LegacyError(f"bad tensor geometry: offset {offset!r}, size {size!r}, stride {stride!r}")
+        end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
+        if end * _itemsize(dtype) > self.nbytes:
+            raise LegacyError(f"tensor of size {size} reaches past the end of its storage")
+        return torch.empty(0, dtype=dtype).set_(self.data.untyped_storage(), offset, size, stride)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_ignored: Any) -> torch.Tensor:
+    if not isinstance(storage, _Storage):
+        raise LegacyError(f"tensor rebuilt from a {type(storage).__name__}, expected a storage")
+    return storage.tensor(offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if metadata:  # conj/neg bits: never set on network weights
+        raise LegacyError(f"tensor carries unsupported metadata {metadata!r}")
+    return _rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    if not isinstance(storage, _Storage) or not isinstance(dtype, torch.dtype) or metadata:
+        raise LegacyError("malformed tensor record (_rebuild_tensor_v3)")
+    return storage.tensor(offset, size, stride, dtype)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise LegacyError(f"parameter rebuilt from a {type(data).__name__}, expected a tensor")
+    return data
+
+
+def _storage_from_bytes(blob: Any) -> _Storage:
+    """Stand-in for ``torch.storage._load_from_bytes``: the blob is one storage in torch's format."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise LegacyError("storage blob is not bytes")
+    f = io.BytesIO(blob)
+    obj = _read_torch_stream(f, _unpickle(f))
+    if not isinstance(obj, _Storage):
+        raise LegacyError(f"embedded storage blob holds a {type(obj).__name__}, expected a storage")
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# The restricted unpickler.
+
+_ALLOWED: dict[str, Any] = {
+    "torch_utils.persistence._reconstruct_persistent_obj": _persistent_record,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch.storage._load_from_bytes": _storage_from_bytes,
+    "torch.Size": torch.Size,
+    "collections.OrderedDict": collections.OrderedDict,
+    "copyreg._reconstructor": _reconstructor,
+    "builtins.object": object,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.slice": slice,
+    "builtins.complex": complex,
+    "builtins.bytearray": bytearray,
+    "_codecs.encode": _latin1,
+    "dnnlib.util.EasyDict": _EasyDict,
+    "numpy.dtype": _np_dtype,
+    "numpy.ndarray": _NDArrayType,
+    "numpy.core.multiarray.scalar": _np_scalar,
+    "numpy._core.multiarray.scalar": _np_scalar,
+    "numpy.core.multiarray._reconstruct": _np_reconstruct,
+    "numpy._core.multiarray._reconstruct": _np_reconstruct,
+}
+# Classes pickled by name whose instances become inert Records: torch's standard layers and
+# containers, and the data/layer classes of EDM's and the release's `training` package (incl. the
+# prior's einops / rotary-embedding layers). Only their recorded __dict__ is kept.
+_RECORD_PREFIXES = ("torch.nn.modules.", "training.", "einops.layers.", "rotary_embedding_torch.")
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def _resolve_global(module: str, name: str) -> Any:
+    module = _PY2_MODULES.get(module, module)
+    qualname = f"{module}.{name}"
+    if qualname in _ALLOWED:
+        return _ALLOWED[qualname]
+    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+        return _StorageType(name)
+    if module == "torch" and name in _TORCH_DTYPES:
+        return _TORCH_DTYPES[name]
+    if module.startswith(_RECORD_PREFIXES) and name.isidentifier():
+        return _record_class(qualname)
+    raise UnsafePickleError(f"refused to unpickle: the file references '{qualname}', which is not a tensor "
+                            "or data constructor vcdm allows (loading it could run code)")
+
+
+class _SafeUnpickler(pickle._Unpickler):
+    """Python's own unpickler (the pure-Python one, whose opcodes can be overridden) with globals
+    resolved through the allow-list and state (BUILD) given only to Records: a tensor or container
+    never runs its __setstate__ on data from the file."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: Any, persistent: Callable[[Any], Any] | None = None):
+        super().__init__(file)
+        self._persistent = persistent
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _resolve_global(module, name)
+
+    def load_build(self) -> None:
+        state, inst = self.stack.pop(), self.stack[-1]
+        if isinstance(inst, Record):
+            inst.__setstate__(state)
+        elif state:
+            raise UnsafePickleError(f"the file sets the state of a {type(inst).__name__}; only recorded objects "
+                                    "take state")
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r} in a plain pickle")
+        return self._persistent(pid)
+
+
+def _unpickle(f: Any, persistent: Callable[[Any], Any] | None = None) -> Any:
+    return _SafeUnpickler(f, persistent).load()
+
+
+def _read_torch_stream(f: Any, magic: Any) -> Any:
+    """torch's legacy format after its first object, ``magic``: protocol, sys info, the object (storages
+    as persistent ids), the list of storage keys, then per storage an int64 element count and the bytes."""
+    if not (type(magic) is int and magic == TORCH_MAGIC):
+        raise LegacyError("not torch's serialization format (bad magic number)")
+    if _unpickle(f) != TORCH_PROTOCOL:
+        raise LegacyError("unsupported torch serialization protocol")
+    info = _unpickle(f)
+    if not isinstance(info, dict) or not info.get("little_endian", False):
+        raise LegacyError("big-endian torch files are not supported")
+    storages: dict[str, _Storage] = {}
+
+    def persistent(pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid and pid[0] == "module":  # a class saved with its source: name only
+            return pid[1]
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r}")
+        _, stype, key, _location, numel, view = pid
+        if view is not None:
+            raise LegacyError("storage views (files of torch before 1.0) are not supported")
+        if key not in storages:
+            storages[key] = _Storage(stype.dtype, numel)
+        return storages[key]
+
+    obj = _unpickle(f, persistent)
+    keys = _unpickle(f)
+    if not isinstance(keys, list) or set(keys) != set(storages):
+        raise LegacyError("storage key list does not match the storages the object uses")
+    for key in keys:
+        count = f.read(8)
+        if len(count) != 8:
+            raise LegacyError("file ends before the storage data (truncated?)")
+        storage = storages[key]
+        if struct.unpack("<q", count)[0] * _itemsize(storage.dtype) != storage.nbytes:
+            raise LegacyError(f"storage {key}: recorded size differs from its header")
+        storage.fill(f.read(storage.nbytes))
+    return obj
+
+
+def _read_torch_zip(f: Any) -> Any:
+    """torch.save's zip format: <root>/data.pkl with storages as persistent ids of <root>/data/<key>."""
+    with zipfile.ZipFile(f) as zf:
+        pkls = sorted((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
+        if not pkls:
+            raise LegacyError("zip archive without data.pkl (not a torch.save file)")
+        root = pkls[0][:-len("data.pkl")]
+        if f"{root}byteorder" in zf.namelist() and zf.read(f"{root}byteorder") != b"little":
+            raise LegacyError("big-endian torch files are not supported")
+        storages: dict[str, _Storage] = {}
+
+        def persistent(pid: Any) -> _Storage:
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                    and isinstance(pid[1], _StorageType)):
+                raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r}")
+            _, stype, key, _location, numel = pid
+            if key not in storages:
+                storage = _Storage(stype.dtype, numel)
+                try:
+                    storage.fill(zf.read(f"{root}data/{key}"))
+                except KeyError:
+                    raise LegacyError(f"storage data/{key} missing from the archive") from None
+                storages[key] = storage
+            return storages[key]
+
+        with zf.open(pkls[0]) as data:
+            return _unpickle(data, persistent)
+
+
+def read_pickle(path: PathLike) -> Any:
+    """Unpickle an EDM/VCDM file (plain pickle, torch legacy or torch zip) into plain containers,
+    tensors and :class:`Record` stand-ins, executing nothing from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise LegacyError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                f.seek(0)
+                return _read_torch_zip(f)
+            f.seek(0)
+            first = _unpickle(f)
+            if type(first) is int and first == TORCH_MAGIC:
+                return _read_torch_stream(f, first)
+            return first
+    except LegacyError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except Exception as e:  # anything else means damaged input: report it on one line
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LegacyError(f"{path}: not a readable network pickle (truncated or damaged?): {detail}") from None
+
