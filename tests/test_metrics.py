@@ -51,6 +51,27 @@ def test_frechet_diagonal_closed_form():
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
+def test_frechet_retries_with_inflated_covariances_when_sqrtm_is_not_finite(monkeypatch):
+    rng = np.random.default_rng(3)
+    mu1, s1 = random_gaussian(rng, 6)
+    mu2, s2 = random_gaussian(rng, 6)
+    calls, real = [], scipy.linalg.sqrtm
+
+    def flaky(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) < 3 else real(a)
+
+    monkeypatch.setattr("vcdm.metrics.fid.scipy.linalg.sqrtm", flaky)
+    got = frechet_distance(mu1, s1, mu2, s2)
+    eps = 2e-8 * np.eye(6)  # two failures: the third try uses sigma + 2e-8 I on both sides
+    np.testing.assert_allclose(calls[2], (s1 + eps) @ (s2 + eps), rtol=0, atol=0)
+    expected = np.square(mu1 - mu2).sum() + np.trace(s1 + s2 + 2 * eps - 2 * np.real(real((s1 + eps) @ (s2 + eps))))
+    assert len(calls) == 3 and got == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr("vcdm.metrics.fid.scipy.linalg.sqrtm", lambda a: np.full_like(a, np.inf))
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance(mu1, s1, mu2, s2)
+
+
 def test_frechet_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
