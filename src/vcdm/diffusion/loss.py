@@ -22,6 +22,15 @@ def _inner(denoiser: nn.Module) -> nn.Module:
     return inner
 
 
+def equally_weighted(loss: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The release's --equally_weight_tensors: the sum over generated tensors of each tensor's mean loss
+    over this accumulation round's batch (so, as in the release, each round adds a full mean).
+
+    `loss` is (B, latent_dim) as the losses return it; `sizes` are the tensors' flat sizes in order.
+    """
+    return sum(part.mean() for part in loss.split(sizes, dim=1))
+
+
 class _Loss:
     def sample_sigma(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError

@@ -3,7 +3,9 @@ structures and embedders, and with resumable, bit-reproducible state.
 
 One optimiser step: the global batch (`--batch`) is split over the processes and, within each, into
 accumulation rounds of `--batch-gpu` (DDP synchronises only the last round). The loss is the sum of
-EDM's per-element weighted loss divided by the per-process batch, times `--ls`; non-finite gradients
+EDM's per-element weighted loss divided by the per-process batch, times `--ls` (with
+--equally_weight_tensors, as the release: each round adds every tensor's mean over that round's batch,
+vcdm.diffusion.loss.equally_weighted); non-finite gradients
 are zeroed (nan_to_num, as EDM), Adam's learning rate ramps up linearly over `lr_rampup` kimg, and the
 EMA half-life ramps up with the images seen (`ema_rampup`). Random draws (augmentation, noise levels,
 noise) of a round come from a generator seeded by the global position of its first sample, so a run
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from vcdm import distributed as dist
+from vcdm.diffusion.loss import equally_weighted
 from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.batches import BatchMaker
 from vcdm.train.build import Setup, build
@@ -352,7 +355,7 @@ class Trainer:
                     loss = loss.float()
                     parts = loss.split(sizes, dim=1)
                     if o.equally_weight_tensors:
-                        scalar = sum(p.sum() / (p.shape[1] * per_rank) for p in parts) * o.ls
+                        scalar = equally_weighted(loss, sizes) * o.ls
                     else:
                         scalar = loss.sum() * (o.ls / per_rank)
                     (scaler.scale(scalar) if scaler is not None else scalar).backward()
