@@ -41,10 +41,14 @@ from pathlib import Path
 import torch
 
 from vcdm.data import digits
-from vcdm.demo import (EVAL_RESERVE_SEC, SAFETY, SMOKE, Clock, Sizes, after_training_sec, choose_threads, fmt_time,
-                       make_judge, measure_rates, new_run_dir, preview_sec, sample_model, sample_two_stage,
-                       save_panels, say, train_for, train_options, write_true_embeddings)
+from vcdm.demo.budget import (EVAL_RESERVE_SEC, SAFETY, SMOKE, Clock, Sizes, after_training_sec, choose_threads,
+                              fmt_time, measure_rates, preview_sec, say)
+from vcdm.demo.figures import save_panels
+from vcdm.demo.run import new_run_dir
+from vcdm.demo.sampling import sample_model, sample_two_stage, write_true_embeddings
+from vcdm.demo.training import train_for, train_options
 from vcdm.fileio import atomic_write, parse_int_list
+from vcdm.metrics.judge import make_judge
 
 MODELS = ("real", "uncond", "two_stage", "oracle")
 LABELS = {"real": "real digits (floor)", "uncond": "(a) unconditional", "two_stage": "(b) two-stage",

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from vcdm.cli.demo import command
 from vcdm.data import digits
 from vcdm.data.dataset import ImageDataset
-from vcdm.demo import SMOKE, Sizes, plan_kimg
+from vcdm.demo.budget import SMOKE, Sizes, plan_kimg
 from vcdm.metrics.classifier import accuracy, evaluate, feature_stats, label_statistics, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,59 @@
+"""Sampling the demo's models through vcdm.generate and reading the images back."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vcdm.generate.options import SamplerOptions
+
+
+def read_images(outdir: Path, seeds: Sequence[int]) -> torch.Tensor:
+    """uint8 (N, C, H, W) of the PNGs that vcdm.generate wrote for `seeds`."""
+    from vcdm.generate import seed_path
+    from vcdm.generate.files import read_png
+
+    return torch.from_numpy(np.stack([read_png(seed_path(outdir, s, "png")) for s in seeds])).permute(0, 3, 1, 2)
+
+
+def sampler(steps: int) -> SamplerOptions:
+    """EDM's deterministic Heun sampler with `steps` steps (both stages of the demo)."""
+
+    return SamplerOptions(num_steps=steps)
+
+
+def sample_two_stage(prior: Path, image_model: Path, seeds: Sequence[int], outdir: Path, *, steps: int,
+                     device: str, progress: bool = True) -> torch.Tensor:
+    from vcdm.generate import sample_two_stage as two_stage
+
+    res = two_stage(prior, image_model, seeds, outdir=outdir, prior_opts=sampler(steps), image_opts=sampler(steps),
+                    device=device, progress=progress)
+    return read_images(res.images.outdir, seeds)
+
+
+def sample_model(model: Path, seeds: Sequence[int], outdir: Path, *, steps: int, device: str,
+                 load_obs_from: Path | None = None, progress: bool = True) -> torch.Tensor:
+    from vcdm.generate import generate
+
+    res = generate(model, seeds, outdir=outdir, opts=sampler(steps), load_obs_from=load_obs_from, device=device,
+                   progress=progress)
+    return read_images(res.outdir, seeds)
+
+
+def write_true_embeddings(image_model: Path, images: torch.Tensor, outdir: Path, device: str) -> list[int]:
+    """Embed real uint8 images with the image model's own embedder and write them as per-seed
+    observation files (seed i ↔ image i), the format `--load_obs_from` reads; returns the seeds."""
+    from vcdm.data.dataset import to_float
+    from vcdm.generate import load_model, seed_path
+    from vcdm.generate.core import load_embedder
+    from vcdm.generate.files import write_tensors
+
+    model = load_model(image_model, device)
+    embedder = load_embedder(model, None, torch.device(device))
+    with torch.no_grad():
+        emb = torch.cat([embedder.embed(to_float(b)).cpu() for b in images.split(500)])
+    for i, e in enumerate(emb):
+        write_tensors(seed_path(outdir, i, "pt"), {"embedding": e})
+    return list(range(len(images)))
