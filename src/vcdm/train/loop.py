@@ -35,7 +35,7 @@ from vcdm.train.batches import BatchMaker
 from vcdm.train.build import Setup, build
 from vcdm.train.loggers import RunLogger, format_time, new_run_id, rss_gb, start_wandb, wandb_wanted
 from vcdm.train.options import OptionError, TrainOptions
-from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed
+from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
 from vcdm.train.state import STATE_RE, StateError, capture_rng, load_state, newest_valid_state, restore_rng, save_state, state_name
 
 RESUME_MATCH = ("path", "data_class", "exist", "observed", "arch", "precond", "desc")
@@ -138,6 +138,10 @@ class Trainer:
         return run_dir, wandb_id
 
     def run(self) -> Path:
+        with contextlib.ExitStack() as self.cleanup:  # DataLoader workers stop however the run ends
+            return self._run()
+
+    def _run(self) -> Path:
         o = self.opts
         batch_gpu, rounds = self.geometry()
         torch.backends.cudnn.benchmark = o.bench
@@ -173,7 +177,7 @@ class Trainer:
         if resume is not None and state is None:
             state = load_state(resume)
         if state is None:
-            frozen = self.init_weights(net)
+            frozen = self.init_weights(net, structure)
         else:
             frozen = list(state.get("frozen", []))
         for name, p in net.named_parameters():
@@ -210,7 +214,7 @@ class Trainer:
             sampler=PositionSampler(batch=o.batch, rank=self.rank, world_size=self.world, start=counters["position"]),
             pin_memory=self.device.type == "cuda", prefetch_factor=2 if o.workers else None,
             worker_init_fn=_quiet_worker)
-        batches = iter(loader)
+        batches = self.cleanup.enter_context(running(loader))
         if state is not None and len(state.get("rng", [])) == self.world:
             restore_rng(state["rng"][self.rank])
         else:
@@ -242,20 +246,17 @@ class Trainer:
                 print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
                       f"training for {o.duration:g} Mimg")
             preview = self.preview_setup(s, cached, batch_gpu, run_dir, first=resume is None)
-            try:
-                self.loop(s, ddp, train_denoiser, ema, ema_denoiser, optimizer, scaler, maker, batches, counters,
-                          rounds, batch_gpu, frozen, config, run_dir, logger, preview)
-            finally:
-                getattr(batches, "_shutdown_workers", lambda: None)()  # an endless iterator never does it itself
+            self.loop(s, ddp, train_denoiser, ema, ema_denoiser, optimizer, scaler, maker, batches, counters,
+                      rounds, batch_gpu, frozen, config, run_dir, logger, preview)
         return run_dir
 
-    def init_weights(self, net) -> list[str]:
+    def init_weights(self, net, structure) -> list[str]:
         """--pretrained_weights / --transfer; returns the names of frozen parameters."""
         from vcdm.train import finetune
 
         o = self.opts
         if o.pretrained_weights:
-            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained)
+            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained, structure=structure)
             return [n for n, p in net.named_parameters() if not p.requires_grad]
         if o.transfer:
             finetune.transfer(o.transfer, net)

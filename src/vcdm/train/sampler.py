@@ -9,6 +9,7 @@ global batch sees the same images and noise whatever the number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -65,3 +66,26 @@ class ShuffledDataset(Dataset):
     def __getitem__(self, position: int):
         i = self.index(position)
         return (position, i, *self.dataset[i])
+
+
+@contextlib.contextmanager
+def running(loader: torch.utils.data.DataLoader) -> Iterator[Iterator]:
+    """Iterate `loader` and stop its worker processes however the block ends.
+
+    An endless iterator never shuts its workers down itself, and at interpreter exit it no longer
+    can: multiprocessing then sends them SIGTERM, which they ignore (see the training loop's
+    worker_init_fn), and waits for them forever. So the workers are stopped here, killed if need be.
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        stop_workers(batches)
+
+
+def stop_workers(batches: Iterator) -> None:
+    getattr(batches, "_shutdown_workers", lambda: None)()
+    for w in getattr(batches, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
