@@ -111,5 +111,5 @@ class Denoiser(nn.Module):
         elif label_dim:
             y = torch.zeros([B, label_dim], device=x.device)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F = self.net((c_in * x).reshape(B, *self.net_shape), c_noise, class_labels=y, augment_labels=augment_labels)
+        F = self.net((c_in * x).reshape(B, *self.net_shape), c_noise, y, augment_labels=augment_labels)
         return c_skip * x + c_out * F.to(torch.float32).reshape(B, N)
