@@ -111,7 +111,7 @@ def test_seed_commands_parse(tmp_path, cmd):
     assert opts["lr"] == 1e-4 and opts["seed"] == 1 and opts["embedder"] is None  # CLIP by default
     assert "512 values" in r.output  # the CLIP embedding
     if "dalle2" in cmd:
-        assert opts["pred_x0"] == "1" and opts["batch"] == 256 and "PriorTransformer" in r.output
+        assert opts["pred_x0"] == "1" and opts["batch"] == 256 and "DALLE2Prior" in r.output
     else:
         assert '"channel_mult": [1, 2, 2, 2]' in r.output and '"dropout": 0.05' in r.output
 
@@ -270,13 +270,32 @@ def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
     assert stats == [json.loads(line)["nimg"] for line in (run_dir(straight) / "stats.jsonl").read_text().splitlines()]
 
 
-def test_embedding_cache_gives_identical_results(data, tmp_path):
+def _assert_close_weights(a: dict, b: dict, lr: float, steps: int) -> None:
+    """Weights of two runs whose gradients differ only by float32 rounding. Adam moves each weight by about
+    lr * g / (|g| + eps), so rounding shows only where g is near eps: (nearly) every element is equal
+    within 1e-6, and none is further apart than the `steps` updates of size lr can take it."""
+    for group in ("net", "ema"):
+        diff = torch.cat([(a[group][k] - v).abs().flatten() for k, v in b[group].items()])
+        assert (diff <= 1e-6).float().mean() > 0.999 and diff.max() <= 2 * lr * steps, (group, diff.max())
+
+
+def test_embedding_cache_matches_per_batch_embeddings(data, tmp_path):
+    """The cache embeds the dataset in batches of 64, training in batches of --batch-gpu: the same rows,
+    but BLAS kernels may block a matrix product by its row count (Intel AMX does), so the embeddings
+    agree only to float32 rounding, not bit for bit; the trained weights then agree as rounding allows."""
     args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--duration", "0.000008",
             "--sample", "0"]
     run(base_args(data, tmp_path / "a", *args, "--embed-cache", "1"))
     run(base_args(data, tmp_path / "b", *args, "--embed-cache", "0"))
-    assert list((data.parent / "cache" / "tiny").glob("embeddings-pixel-pca-*.safetensors"))
-    _assert_same_weights(last_state(run_dir(tmp_path / "a")), last_state(run_dir(tmp_path / "b")))
+    (cache,) = (data.parent / "cache" / "tiny").glob("embeddings-pixel-pca-*.safetensors")
+    from safetensors.torch import load_file
+    table = load_file(cache)["embeddings"]
+    _, config, tensors = load_checkpoint(run_dir(tmp_path / "a") / "network-snapshot-000000.safetensors")
+    emb = load_embedder(config["embedder"], tensors["embedder"])
+    per_batch = torch.cat([emb.embed(b) for b in image_batches(build_mod.open_dataset(_opts(data)), batch_size=4)])
+    assert table.shape == per_batch.shape == (16, 8)
+    torch.testing.assert_close(table, per_batch, rtol=1e-5, atol=1e-5)  # embeddings are O(0.5)
+    _assert_close_weights(last_state(run_dir(tmp_path / "a")), last_state(run_dir(tmp_path / "b")), lr=1e-3, steps=2)
 
 
 def test_nonfinite_losses_stop_with_a_state(data, tmp_path, monkeypatch):
