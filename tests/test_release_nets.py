@@ -3,9 +3,28 @@ vendored numbers, ImageNet fine-tuning from a class-conditional ADM, conditionin
 release's --equally_weight_tensors."""
 from __future__ import annotations
 
-import torch
+import collections
+import json
+import pickle
+from pathlib import Path
 
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_legacy import GEOMETRY, Persistent, edm_form, fake_modules, payload_src  # noqa: F401  (a fixture)
+from vcdm.cli.train import command as train_command
+from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import equally_weighted
+from vcdm.legacy import LegacyError, load_pretrained
+from vcdm.nets.adm import DhariwalUNet
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
+from vcdm.train.state import load_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_equally_weighted_is_a_per_round_mean_per_tensor():
@@ -15,3 +34,132 @@ def test_equally_weighted_is_a_per_round_mean_per_tensor():
     # batch, not by the per-process batch), so two rounds of one sample add up to twice the mean.
     rounds = equally_weighted(loss[:1], [2, 1]) + equally_weighted(loss[1:], [2, 1])
     assert rounds.item() == (1.0 + 3.0) + (3.0 + 5.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet path: EDM's class-conditional ADM fine-tuned on LabelledCLIPDataset's [embedding, one-hot label]
+
+def adm_kwargs(label_dim: int) -> dict:
+    return preset("adm", resolution=8, channels=3, embed_dim=0, label_dim=label_dim, augment_dim=0, cbase=64,
+                  cres=[1, 1], dropout=0.0)[1]
+
+
+def adm_pickle(path: Path, label_dim: int, seed: int = 0) -> DhariwalUNet:
+    """An EDM-format pickle (EDMPrecond around DhariwalUNet, as EDM's ImageNet model) of a tiny random ADM."""
+    torch.manual_seed(seed)
+    kwargs = adm_kwargs(label_dim)
+    net = DhariwalUNet(**kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero-initialised layers too, so every column matters
+    src = payload_src(path.parent / "PAYLOAD_RAN")
+    geometry = dict(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False)
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in GEOMETRY}
+    state = dict(training=False, _parameters=collections.OrderedDict(), _buffers=collections.OrderedDict(),
+                 _modules=collections.OrderedDict(model=edm_form(net, src, kwargs)), _init_args=(),
+                 _init_kwargs=dict(geometry, model_type="DhariwalUNet", **model_kwargs),
+                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5, **geometry)
+    with open(path, "wb") as f:
+        pickle.dump(dict(ema=Persistent("EDMPrecond", state, src), augment_pipe=None), f)
+    return net.eval()
+
+
+def labelled_clip_denoiser(embed_dim: int, classes: int) -> Denoiser:
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (embed_dim,), "label": (classes,)},
+                                     "1,1,1", "0,1,1")
+    return Denoiser(DhariwalUNet(**adm_kwargs(embed_dim + classes)), structure).eval()
+
+
+def test_class_conditional_adm_widens_map_label_as_the_release(fake_modules):
+    pkl = fake_modules / "adm-cond.pkl"
+    source = adm_pickle(pkl, label_dim=3)
+    target = labelled_clip_denoiser(embed_dim=5, classes=3)
+    report = load_pretrained(pkl, target, freeze=True)
+    assert "widened map_label.weight from 3 to 8 inputs (classes at columns 5..7)" in str(report)
+    wide, old = target.net.state_dict()["map_label.weight"], source.state_dict()["map_label.weight"]
+    assert torch.equal(wide[:, 5:], old) and torch.count_nonzero(wide[:, :5]) == 0
+    assert all(torch.equal(v, target.net.state_dict()[k]) for k, v in source.state_dict().items() if k != "map_label.weight")
+    assert [n for n, p in target.net.named_parameters() if p.requires_grad] == ["map_label.weight"]
+    # The fine-tuned model starts as the class-conditional one, whatever the embedding: same function.
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0.1, 1.0, 5.0, 40.0])
+    onehot = torch.eye(3)[torch.tensor([0, 2, 1, 2])]
+    y = torch.cat([torch.randn(4, 5, generator=g), onehot], dim=1)  # LabelledCLIPDataset: [embedding, label]
+    with torch.no_grad():
+        got = target.net(x, sigma.log() / 4, y)
+        want = source(x, sigma.log() / 4, onehot)
+    assert torch.equal(got, want)
+
+
+def test_class_count_mismatch_names_both_sizes(fake_modules):
+    pkl = fake_modules / "adm-cond.pkl"
+    adm_pickle(pkl, label_dim=4)
+    with pytest.raises(LegacyError, match="conditioned on 4 classes but the dataset has 3") as err:
+        load_pretrained(pkl, labelled_clip_denoiser(embed_dim=5, classes=3))
+    assert "\n" not in str(err.value)
+    clip_only = Denoiser(DhariwalUNet(**adm_kwargs(5)), Structure.from_flags(
+        {"image": (3, 8, 8), "embedding": (5,)}, "1,1", "0,1"))
+    with pytest.raises(LegacyError, match="conditioned on 4 classes but this model observes no class label"):
+        load_pretrained(pkl, clip_only)
+
+
+def write_labelled_folder(dest: Path, n: int = 12, classes: int = 3, res: int = 8) -> Path:
+    """A tiny labelled image folder in EDM's layout (PNG files + dataset.json with integer labels)."""
+    rng = np.random.default_rng(0)
+    dest.mkdir(parents=True)
+    labels = []
+    for i in range(n):
+        img = rng.integers(0, 256, (res, res, 3), dtype=np.uint8)
+        img[..., i % classes] = 230
+        PIL.Image.fromarray(img).save(dest / f"img{i:08d}.png")
+        labels.append([f"img{i:08d}.png", i % classes])
+    (dest / "dataset.json").write_text(json.dumps({"labels": labels}))
+    return dest
+
+
+def train_args(data: Path, out: Path, pkl: Path) -> list[str]:
+    return ["--path", str(data), "--data_class", "LabelledCLIPDataset", "--embedder", "pixel-pca", "--pca-dim", "8",
+            "--exist", "1,1,1", "--observed", "0,1,1", "--arch", "adm", "--cbase", "64", "--cres", "1,1",
+            "--dropout", "0", "--augment", "0", "--sample", "0", "--pretrained_weights", str(pkl),
+            "--workers", "0", "--device", "cpu", "--outdir", str(out), "--seed", "1", "--batch", "4",
+            "--tick", "0.004", "--duration", "0.000004", "--lr-rampup", "10000"]
+
+
+def test_train_fine_tunes_class_conditional_adm_on_labelled_clip_folder(fake_modules, tmp_path):
+    data = write_labelled_folder(tmp_path / "imagenet-tiny")
+    pkl = tmp_path / "edm-adm-cond.pkl"
+    source = adm_pickle(pkl, label_dim=3)
+    out = tmp_path / "runs"
+    r = CliRunner().invoke(train_command, train_args(data, out, pkl), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "widened map_label.weight from 3 to 11 inputs (classes at columns 8..10)" in r.output
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    state = load_state(sorted(run.glob("training-state-*.pt"))[-1])
+    wide = state["net"]["map_label.weight"]  # one step at lr 0: still the initialisation
+    assert torch.equal(wide[:, 8:], source.state_dict()["map_label.weight"]) and torch.count_nonzero(wide[:, :8]) == 0
+
+    other = tmp_path / "edm-adm-cond5.pkl"
+    adm_pickle(other, label_dim=5)
+    r = CliRunner().invoke(train_command, train_args(data, tmp_path / "runs2", other))
+    assert r.exit_code != 0
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert "conditioned on 5 classes but the dataset has 3" in line and "Traceback" not in r.output
+
+
+def test_labelled_clip_conditioning_is_embedding_then_float_one_hot(tmp_path):
+    """The release's LabelledCLIPDataset: y = [embedding, one-hot label] (float32, max label + 1 wide)."""
+    from vcdm.data.dataset import ImageDataset
+    from vcdm.train.batches import BatchMaker
+
+    class MeanEmbedder:
+        def embed(self, image):
+            return image.mean(dim=(2, 3))
+
+    data = ImageDataset(write_labelled_folder(tmp_path / "d", n=5, classes=3), use_labels=True)
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (3,), "label": (data.label_dim,)},
+                                     "1,1,1", "0,1,1")
+    images, labels = (torch.stack(t) for t in zip(*(data[i] for i in range(5))))
+    batch = BatchMaker(structure, torch.device("cpu"), embedder=MeanEmbedder())(torch.arange(5), images, labels)
+    onehot = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=torch.float32)
+    assert batch.y.dtype == torch.float32 and data.label_dim == 3
+    assert torch.equal(batch.y, torch.cat([(images.float() / 127.5 - 1).mean(dim=(2, 3)), onehot], dim=1))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vcdm.checkpoints import state_dict_mismatch
+from vcdm.data.structure import Structure
 from vcdm.legacy.edm import _network_kwargs, load_legacy_pickle
 from vcdm.legacy.records import LegacyError
 from vcdm.legacy.unpickle import PathLike
@@ -20,11 +21,14 @@ class PretrainedReport:
     zero_init: list[str]              # tensors the source lacks (map_label): set to zero
     frozen: int = 0                   # number of parameter values with requires_grad False
     trainable: int = 0
+    widened: str = ""                 # how a class-conditional map_label was widened, if it was
 
     def __str__(self) -> str:
         s = f"loaded {len(self.copied)} tensors from {self.source}"
         if self.zero_init:
             s += f"; zero-initialised new {', '.join(self.zero_init)}"
+        if self.widened:
+            s += f"; {self.widened}"
         if self.frozen:
             s += f"; froze {self.frozen:,} parameters, {self.trainable:,} trainable"
         return s
@@ -44,30 +48,71 @@ def _source_state(path: Path) -> dict[str, torch.Tensor]:
     return record.state_dict
 
 
-def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = False) -> PretrainedReport:
+def class_columns(structure: Structure | None) -> tuple[int, int] | None:
+    """(first column, number of classes) of the one-hot class label inside the conditioning vector
+    (observed tensors in name order: LabelledCLIPDataset gives [embedding, label]); None without one."""
+    if structure is None or "label" not in structure.observed_names:
+        return None
+    names = structure.observed_names
+    return sum(structure.numel(n) for n in names[:names.index("label")]), structure.numel("label")
+
+
+def widen_map_label(path: Path, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                    structure: Structure | None) -> str:
+    """The release's fine-tuning of a class-conditional ADM (WrappedDhariwalUNet.edit_pretrained_state_dict):
+    a wider ``map_label`` gets the pretrained class columns in the label's slice, zeros elsewhere (the new
+    conditioning starts ignored). Edits ``source`` in place; returns a description, "" if nothing to do."""
+    key = "map_label.weight"
+    if key not in source or key not in target or source[key].shape == target[key].shape:
+        return ""
+    old, shape = source[key], target[key].shape
+    if old.ndim != 2 or old.shape[0] != shape[0] or structure is None:
+        return ""  # a different network, or no structure to place the classes: reported by the shape check
+    classes, columns = old.shape[1], class_columns(structure)
+    if columns is None:
+        raise LegacyError(f"{path}: the pickle is conditioned on {classes} classes but this model observes no "
+                          f"class label (observe the label, e.g. --data_class=LabelledCLIPDataset --observed=0,1,1)")
+    start, count = columns
+    if count != classes:
+        raise LegacyError(f"{path}: the pickle is conditioned on {classes} classes but the dataset has {count}")
+    wide = torch.zeros(shape, dtype=old.dtype)
+    wide[:, start:start + count] = old
+    source[key] = wide
+    return f"widened {key} from {classes} to {shape[1]} inputs (classes at columns {start}..{start + count - 1})"
+
+
+def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = False,
+                    structure: Structure | None = None) -> PretrainedReport:
     """Copy a pretrained network's weights (EDM/VCDM .pkl or vcdm .safetensors) into ``target_net``.
 
     Tensors must match by name and shape, except ``map_label.*`` which an unconditional source lacks:
-    those start at zero, so the network initially ignores its new conditioning input. With
-    ``freeze``, only those new parameters stay trainable (the release's --freeze_pretrained).
+    those start at zero, so the network initially ignores its new conditioning input. A class-conditional
+    source's ``map_label`` is widened to the target's conditioning (`widen_map_label`, located by
+    ``structure``, by default a Denoiser's own). With ``freeze``, only those new or widened parameters
+    stay trainable (the release's --freeze_pretrained).
     """
     from vcdm.nets.precond import Denoiser
 
     path = Path(path)
-    net = target_net.net if isinstance(target_net, Denoiser) else target_net
-    source = _source_state(path)
+    if isinstance(target_net, Denoiser):
+        net, structure = target_net.net, structure or target_net.structure
+    else:
+        net = target_net
+    source = dict(_source_state(path))
     target = net.state_dict()
+    widened = widen_map_label(path, source, target, structure)
     new = sorted(k for k in target if k not in source and k.startswith("map_label."))
     new_state = {**source, **{k: torch.zeros_like(target[k]) for k in new}}
     problem = state_dict_mismatch(target, new_state)
     if problem:
         raise LegacyError(f"{path}: weights do not fit the network: {problem}")
     net.load_state_dict(new_state)
-    report = PretrainedReport(str(path), sorted(source), new)
+    report = PretrainedReport(str(path), sorted(source), new, widened=widened)
+    trainable = set(new) | ({"map_label.weight"} if widened else set())
     if freeze:
         for name, p in net.named_parameters():
-            p.requires_grad_(name in new)
-            if name in new:
+            p.requires_grad_(name in trainable)
+            if name in trainable:
                 report.trainable += p.numel()
             else:
                 report.frozen += p.numel()

@@ -1,7 +1,8 @@
 """Initialising a training network from other weights.
 
 --pretrained_weights (the original release): every tensor must fit, except the new conditioning
-input ``map_label`` which starts at zero; --freeze_pretrained trains only that (vcdm.legacy does it).
+input ``map_label`` which starts at zero, or, from a class-conditional network, is widened with the
+class columns copied into the label's slice; --freeze_pretrained trains only that (vcdm.legacy does it).
 --transfer (EDM's): copy whatever tensors match by name and shape, leave the rest as initialised, and
 run the EMA without ramp-up.
 """
@@ -13,16 +14,19 @@ import torch
 from torch import nn
 
 from vcdm import distributed as dist
+from vcdm.data.structure import Structure
 from vcdm.train.options import OptionError
 
 
-def load_pretrained(path: str, net: nn.Module, *, freeze: bool) -> None:
+def load_pretrained(path: str, net: nn.Module, *, freeze: bool, structure: Structure | None = None) -> None:
+    """`structure` locates the class label in the conditioning, for widening a class-conditional
+    ``map_label`` (EDM's ImageNet ADM fine-tuned on [embedding, label], as the release does)."""
     from vcdm.legacy import LegacyError, load_pretrained as legacy_load
 
     if not Path(path).is_file():
         raise OptionError(f"--pretrained_weights: {path} does not exist")
     try:
-        report = legacy_load(path, net, freeze=freeze)
+        report = legacy_load(path, net, freeze=freeze, structure=structure)
     except (LegacyError, ValueError) as e:
         raise OptionError(f"--pretrained_weights: {e}") from None
     dist.print0(f"Pretrained weights: {report}")
