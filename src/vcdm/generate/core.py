@@ -9,11 +9,12 @@ then its class label (EDM's order), or its dataset pick for models conditioned o
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -24,7 +25,9 @@ from vcdm.data.structure import Structure
 from vcdm import distributed
 from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
                                  write_tensors)
-from vcdm.generate.options import GenerateError, SamplerOptions, results_dir, seed_path
+from vcdm.generate.options import GenerateError, SamplerOptions, flag_values, results_dir, seed_path
+from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, file_sha256, manifest_digest
+from vcdm.paths import check_writable
 
 GRID_MAX = 256
 PAD_MULTIPLE = 8
@@ -75,6 +78,16 @@ class GenerateResult:
     settings: perf.InferenceSettings = perf.FP32  # how the network was evaluated
 
 
+def dataset_path(model: Model, data_path: str | None) -> str:
+    """The dataset a conditional model draws its conditioning from without --load_obs_from."""
+    path = data_path or (model.config.get("data") or {}).get("path")
+    if not path or not Path(path).exists():
+        raise GenerateError(f"{model.path} is conditioned on {list(model.structure.observed_names)}: pass "
+                            f"--load_obs_from DIR (samples of a prior) or --data_path to draw them from data "
+                            f"(training data {path!r} not found)")
+    return path
+
+
 class DatasetConditions:
     """Observed tensors of random training items, for a conditional model run without --load_obs_from
     (the original release's behaviour): the item's label and its image's embedding."""
@@ -83,12 +96,7 @@ class DatasetConditions:
         from vcdm.data.dataset import ImageDataset, to_float
 
         self.names = model.structure.observed_names
-        path = data_path or (model.config.get("data") or {}).get("path")
-        if not path or not Path(path).exists():
-            raise GenerateError(f"{model.path} is conditioned on {list(self.names)}: pass --load_obs_from DIR "
-                                f"(samples of a prior) or --data_path to draw them from data "
-                                f"(training data {path!r} not found)")
-        self.data = ImageDataset(path, use_labels="label" in self.names)
+        self.data = ImageDataset(dataset_path(model, data_path), use_labels="label" in self.names)
         self.to_float, self.device = to_float, device
         self.embedder = load_embedder(model, clip_weights, device) if "embedding" in self.names else None
 
@@ -117,8 +125,12 @@ def check_class(structure: Structure, class_idx: int | None) -> None:
 
 def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx: int | None = None,
          load_obs_from: str | os.PathLike | None = None, dataset: DatasetConditions | None = None,
-         observed: dict[str, torch.Tensor] | None = None, increment_seeds: int = 0):
-    """Per-seed latent noise and conditioning for one batch → ``(latents, observed dict, rnd)``."""
+         observed: dict[str, torch.Tensor] | None = None, given: dict[str, torch.Tensor] | None = None,
+         increment_seeds: int = 0):
+    """Per-seed latent noise and conditioning for one batch → ``(latents, observed dict, rnd)``.
+
+    ``observed``: fixed conditioning; ``given``: per-seed observations sampled by a prior (float32, as
+    read back from its files), which like ``load_obs_from`` moves the latent noise to seed + 1."""
     from vcdm.diffusion.rng import StackedRandomGenerator
 
     s, n = model.structure, len(seeds)
@@ -126,7 +138,9 @@ def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx:
     if load_obs_from is not None:
         optional = ("label",) if class_idx is not None else ()
         per_seed = [read_observed(load_obs_from, seed, s, optional) for seed in seeds]
-        obs.update({k: torch.stack([p[k] for p in per_seed]).to(device) for k in per_seed[0]})
+        given = {k: torch.stack([p[k] for p in per_seed]) for k in per_seed[0]}
+    if given is not None:
+        obs.update({k: v.to(device, torch.float32) for k, v in given.items()})
         offset = 1
     elif dataset is not None:
         picks = StackedRandomGenerator(device, list(seeds)).randint(len(dataset), size=[n], device=device)
@@ -194,19 +208,8 @@ def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], pa
         write_tensors(path, {k: v[i] for k, v in tensors.items()})
 
 
-def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir: str | os.PathLike | None = None,
-             opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64, class_idx: int | None = None,
-             load_obs_from: str | os.PathLike | None = None, subdirs: bool = False, data_path: str | None = None,
-             increment_seeds: int = 0, device: str | torch.device | None = None, bf16: bool | None = None,
-             channels_last: bool | None = None, compile: bool | None = None,
-             grid: str | os.PathLike | None = None, clip_weights: str | None = None,
-             progress: bool = True) -> GenerateResult:
-    """Sample one file per seed into ``outdir`` (default: the seed's results layout), skipping seeds whose
-    file exists. Under torchrun each rank takes every world-size-th batch of the missing seeds.
-
-    ``bf16``, ``channels_last``, ``compile``: how the network is evaluated; None takes
-    ``vcdm.perf.default_settings`` for this device and network. They change the samples only by
-    floating-point rounding, so they do not enter the results directory name (as the device does not)."""
+def check_seeds(seeds: Sequence[int], max_batch_size: int) -> list[int]:
+    """The seeds without repeats, in order; GenerateError for none, negative ones or a bad batch size."""
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise GenerateError("--seeds: no seeds given")
@@ -214,48 +217,167 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
         raise GenerateError(f"--seeds: seeds must be non-negative, got {min(seeds)}")
     if max_batch_size < 1:
         raise GenerateError(f"--batch: expected a positive batch size, got {max_batch_size}")
+    return seeds
+
+
+def split_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's batches: the seeds cut into a multiple of ``world`` near-equal batches, every
+    ``world``-th one (what a seed's file does not depend on, thanks to PaddedDenoiser)."""
+    if not seeds:
+        return []
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world) + 1) * world
+    return [b.tolist() for b in torch.as_tensor(list(seeds)).tensor_split(num_batches)][rank::world]
+
+
+def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, grid: object) -> None:
+    check_class(model.structure, class_idx)
+    if opts.guidance != 1.0 and not model.structure.observed_names:
+        raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model")
+    if grid is not None and not model.makes_images:
+        raise GenerateError("--grid: the model generates embeddings, not images")
+
+
+def conditioning_source(model: Model, load_obs_from: str | os.PathLike | None, data_path: str | None) -> str | None:
+    """Where the observed tensors other than a class label come from, for the manifest and the user."""
+    if load_obs_from is not None:
+        digest = manifest_digest(load_obs_from)
+        return f"--load_obs_from samples {digest}" if digest else f"--load_obs_from {Path(load_obs_from).resolve()}"
+    if set(model.structure.observed_names) - {"label"}:
+        path = data_path or (model.config.get("data") or {}).get("path")
+        return f"random items of {Path(path).resolve() if path else None}"
+    return None
+
+
+def manifest_settings(model: Model, opts: SamplerOptions, settings: perf.InferenceSettings, *,
+                      class_idx: int | None, increment_seeds: int, conditioning: str | None) -> dict:
+    """What made a results folder's files, flag name → value (JSON-normalised)."""
+    record = {"network": f"sha256:{file_sha256(model.path)}", **flag_values(opts),
+              "precision": "bf16" if settings.autocast_dtype is not None else "fp32", "--class": class_idx,
+              "--increment_seeds": increment_seeds, "conditioning": conditioning}
+    return json.loads(json.dumps(record))
+
+
+def open_folder(outdir: Path, record: dict, overwrite: bool) -> FolderLock:
+    """Check and write the folder's manifest (rank 0), then lock the folder for writing (every rank)."""
+    problem = None
+    if distributed.rank() == 0:
+        try:
+            claim_manifest(outdir, record, overwrite)
+        except GenerateError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise GenerateError(problem)
+    if distributed.rank() == 0:
+        lock = FolderLock(outdir)  # removes temp files of killed runs if no other run holds the folder
+    distributed.barrier()
+    return lock if distributed.rank() == 0 else FolderLock(outdir, clean=False)
+
+
+@dataclass
+class Plan:
+    """One process's share of a generate run."""
+    model: Model
+    outdir: Path
+    todo: list[int]
+    batches: list[list[int]]
+    subdirs: bool
+
+    def path(self, seed: int, ext: str | None = None) -> Path:
+        return seed_path(self.outdir, seed, ext or self.model.ext, self.subdirs)
+
+    def missing(self, batch: Sequence[int]) -> list[int]:
+        return [seed for seed in batch if not complete(self.path(seed))]
+
+
+def run_batches(plan: Plan, sample: Callable[[list[int]], tuple[torch.Tensor, dict]], progress: bool) -> list[int]:
+    """Sample and save each batch this process can claim; then wait for batches other processes hold, and
+    do any a dead process left. Returns the seeds written."""
+    written: list[int] = []
+    skipped: list[list[int]] = []
+    with tqdm(total=len(plan.batches), unit="batch", disable=not progress) as bar:
+        for wait, batches in ((False, plan.batches), (True, skipped)):
+            for batch in batches:
+                with claim(plan.outdir, batch[0], wait) as mine:
+                    todo = plan.missing(batch) if mine else []
+                    if todo:
+                        x, obs = sample(todo)
+                        save_samples(plan.model, x, obs, [plan.path(seed) for seed in todo])
+                        written += todo
+                if not mine:
+                    skipped.append(batch)
+                else:
+                    bar.update(1)
+    return written
+
+
+def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir: str | os.PathLike | None = None,
+             opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64, class_idx: int | None = None,
+             load_obs_from: str | os.PathLike | None = None, subdirs: bool = False, data_path: str | None = None,
+             increment_seeds: int = 0, device: str | torch.device | None = None, bf16: bool | None = None,
+             channels_last: bool | None = None, compile: bool | None = None,
+             grid: str | os.PathLike | None = None, clip_weights: str | None = None, overwrite: bool = False,
+             progress: bool = True) -> GenerateResult:
+    """Sample one file per seed into ``outdir`` (default: the seed's results layout), skipping seeds whose
+    file is complete. Under torchrun each rank takes every world-size-th batch of the missing seeds;
+    other processes on the same folder share the batches through claims.
+
+    ``bf16``, ``channels_last``, ``compile``: how the network is evaluated; None takes
+    ``vcdm.perf.default_settings`` for this device and network. They change the samples only by
+    floating-point rounding, so they do not enter the results directory name (as the device does not);
+    the precision enters the folder's manifest. ``overwrite``: replace samples of other settings."""
+    seeds = check_seeds(seeds, max_batch_size)
+    path = network.path if isinstance(network, Model) else Path(network)
+    if outdir is None:
+        outdir = results_dir(path, opts, seeds, class_idx=class_idx, load_obs_from=load_obs_from,
+                             increment_seeds=increment_seeds)
+    outdir = Path(outdir)
+    check_writable(outdir, "--outdir")
+    if grid is not None:
+        check_writable(grid, "--grid", is_dir=False)
     if isinstance(network, Model) and device is None:
         device = next(network.denoiser.parameters()).device
     device = distributed.init(device)
     model = network if isinstance(network, Model) else load_model(network, device)
     settings = perf.resolve(device, model.denoiser, bf16=bf16, channels_last=channels_last, compile=compile)
     perf.prepare(model.denoiser, settings)
-    s = model.structure
-    check_class(s, class_idx)
-    if opts.guidance != 1.0 and not s.observed_names:
-        raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model")
-    if grid is not None and not model.makes_images:
-        raise GenerateError("--grid: the model generates embeddings, not images")
-    if outdir is None:
-        outdir = results_dir(model.path, opts, seeds, class_idx=class_idx, load_obs_from=load_obs_from,
-                             increment_seeds=increment_seeds)
-    outdir = Path(outdir)
+    check_request(model, opts, class_idx, grid)
     if load_obs_from is not None:
         check_obs_files(load_obs_from, seeds)
-
-    todo = [seed for seed in seeds if not seed_path(outdir, seed, model.ext, subdirs).is_file()]
-    distributed.barrier()  # every rank has listed what exists before anyone writes
+    source = conditioning_source(model, load_obs_from, data_path)
+    needs_data = load_obs_from is None and bool(set(model.structure.observed_names) - {"label"})
+    if needs_data:
+        data_path = dataset_path(model, data_path)
+    record = manifest_settings(model, opts, settings, class_idx=class_idx, increment_seeds=increment_seeds,
+                               conditioning=source)
+    lock = open_folder(outdir, record, overwrite)
     rank, world = distributed.rank(), distributed.world_size()
-    if progress and rank == 0:
-        print(f'Generating {len(todo)} of {len(seeds)} seeds ({len(seeds) - len(todo)} already there) into "{outdir}"',
-              file=sys.stderr)
-    written: list[int] = []
-    if todo:
+    try:
+        plan = Plan(model, outdir, [], [], subdirs)
+        plan.todo = plan.missing(seeds)
+        distributed.barrier()  # every rank has listed what exists before anyone writes
+        plan.batches = split_batches(plan.todo, max_batch_size, rank, world)
+        show = progress and rank == 0
+        if show:
+            print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
+                  f'into "{outdir}"', file=sys.stderr)
         dataset = None
-        if load_obs_from is None and set(s.observed_names) - {"label"}:
+        if plan.todo and needs_data:
             dataset = DatasetConditions(model, data_path, clip_weights, device)
-        num_batches = ((len(todo) - 1) // (max_batch_size * world) + 1) * world
-        batches = [b.tolist() for b in torch.as_tensor(todo).tensor_split(num_batches)][rank::world]
-        for batch in tqdm(batches, unit="batch", disable=not progress or rank != 0):
-            if not batch:
-                continue
+            if rank == 0:
+                print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
+                      "DIR to condition on a prior's samples instead)", file=sys.stderr)
+
+        def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
             latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
                                      dataset=dataset, increment_seeds=increment_seeds)
-            x = denoise(model, latents, obs, rnd, opts, settings)
-            save_samples(model, x, obs, [seed_path(outdir, seed, model.ext, subdirs) for seed in batch])
-            written += batch
-    distributed.barrier()
+            return denoise(model, latents, obs, rnd, opts, settings), obs
+
+        written = run_batches(plan, sample, show)
+        distributed.barrier()
+    finally:
+        lock.close()
     if grid is not None and rank == 0:
         shown = seeds[:GRID_MAX]
-        write_png(grid, make_grid([read_png(seed_path(outdir, seed, "png", subdirs)) for seed in shown]))
-    return GenerateResult(outdir, written, len(todo), len(seeds) - len(todo), settings)
+        write_png(grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))
+    return GenerateResult(outdir, written, len(plan.todo), len(seeds) - len(plan.todo), settings)

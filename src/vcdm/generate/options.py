@@ -4,7 +4,9 @@ Without ``--outdir`` samples go to
 ``results/<run-id>/<checkpoint-stem>/<sampler args>/[<load_obs_from parts joined by _>/]samples-<first>-<last>/``
 where ``<sampler args>`` is ``key-value`` pairs sorted by key and joined by ``_``, exactly as the original
 release spells them (``S_churn-50.0_S_max-inf_..._solver-None``). Options this toolkit added enter the
-name only when they differ from their default, so the original names stay exact.
+name only when they differ from their default, so the original names stay exact. A name longer than
+255 bytes (a deep ``--load_obs_from`` path) becomes its first 238 bytes, ``~`` and 16 hex digits of its
+SHA-256 (``vcdm.paths.fit_name``): the same arguments always give the same folder.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+
+from vcdm.paths import fit_name
 
 ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
 SAMPLERS = ("edm", "ablation", "dpm2m")
@@ -84,6 +88,14 @@ class SamplerOptions:
         return SamplerOptions(**{**asdict(self), **changes})
 
 
+FLAG_NAMES = {"num_steps": "steps", "discretization": "disc"}  # field → command-line flag, where they differ
+
+
+def flag_values(opts: SamplerOptions) -> dict[str, object]:
+    """``{"--steps": 18, "--sigma_min": None, …}``: the options under their command-line names."""
+    return {f"--{FLAG_NAMES.get(k, k)}": v for k, v in asdict(opts).items()}
+
+
 def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0) -> str:
     """``<sorted key-value pairs>[_<increment_seeds>]``, the seed's name for a set of sampler arguments."""
     items: dict[str, object] = {k: getattr(opts, k) for k in
@@ -111,11 +123,10 @@ def results_dir(network: str | os.PathLike, opts: SamplerOptions, seeds: Sequenc
                 increment_seeds: int = 0, root: str | os.PathLike = "results") -> Path:
     """Where the seed release writes samples of ``network`` when no --outdir is given."""
     network = Path(network)
-    run_id = network.parent.name or "."
-    out = Path(root) / run_id / network.stem / sample_dirname(opts, class_idx, increment_seeds)
+    names = [network.parent.name or ".", network.stem, sample_dirname(opts, class_idx, increment_seeds)]
     if load_obs_from is not None:
-        out = out / obs_dirname(load_obs_from)
-    return out / f"samples-{seeds[0]}-{seeds[-1]}"
+        names.append(obs_dirname(load_obs_from))
+    return Path(root).joinpath(*map(fit_name, names), f"samples-{seeds[0]}-{seeds[-1]}")
 
 
 def seed_path(outdir: str | os.PathLike, seed: int, ext: str, subdirs: bool = False) -> Path:

@@ -14,8 +14,9 @@ import torch
 
 from vcdm.checkpoints import read_config
 from vcdm.data.structure import Structure
-from vcdm.generate.core import GenerateResult, generate
-from vcdm.generate.options import GenerateError, SamplerOptions
+from vcdm.generate.core import GenerateResult, check_seeds, generate
+from vcdm.generate.options import GenerateError, SamplerOptions, results_dir
+from vcdm.paths import check_writable
 
 
 class IncompatibleModels(GenerateError):
@@ -65,18 +66,28 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
                      class_idx: int | None = None, subdirs: bool = False, increment_seeds: int = 0,
                      device: str | torch.device | None = None, bf16: bool | None = None,
                      channels_last: bool | None = None, compile: bool | None = None,
-                     grid: str | os.PathLike | None = None, progress: bool = True) -> TwoStageResult:
+                     grid: str | os.PathLike | None = None, overwrite: bool = False,
+                     progress: bool = True) -> TwoStageResult:
     """Embeddings into ``<outdir>/embeddings`` and images into ``<outdir>/images`` — or, without
     ``outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
     prior_cfg, image_cfg = read_config(prior), read_config(image_model)
     check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
     conditioned = [class_idx if "label" in Structure.from_dict(c["structure"]).observed_names else None
                    for c in (prior_cfg, image_cfg)]
-    outdir = Path(outdir) if outdir is not None else None
+    seeds = check_seeds(seeds, max_batch_size)
+    if outdir is not None:
+        emb_dir, img_dir = Path(outdir) / "embeddings", Path(outdir) / "images"
+    else:
+        emb_dir = results_dir(prior, prior_opts, seeds, class_idx=conditioned[0], increment_seeds=increment_seeds)
+        img_dir = results_dir(image_model, image_opts, seeds, class_idx=conditioned[1], load_obs_from=emb_dir,
+                              increment_seeds=increment_seeds)
+    for path in (emb_dir, img_dir):  # both stages' outputs, before the first one samples
+        check_writable(path, "--outdir")
+    if grid is not None:
+        check_writable(grid, "--grid", is_dir=False)
     common = dict(max_batch_size=max_batch_size, subdirs=subdirs, increment_seeds=increment_seeds, device=device,
-                  bf16=bf16, channels_last=channels_last, compile=compile, progress=progress)
-    emb = generate(prior, seeds, outdir=outdir / "embeddings" if outdir else None, opts=prior_opts,
-                   class_idx=conditioned[0], **common)
-    img = generate(image_model, seeds, outdir=outdir / "images" if outdir else None, opts=image_opts,
-                   class_idx=conditioned[1], load_obs_from=emb.outdir, grid=grid, **common)
+                  bf16=bf16, channels_last=channels_last, compile=compile, overwrite=overwrite, progress=progress)
+    emb = generate(prior, seeds, outdir=emb_dir, opts=prior_opts, class_idx=conditioned[0], **common)
+    img = generate(image_model, seeds, outdir=img_dir, opts=image_opts, class_idx=conditioned[1],
+                   load_obs_from=emb.outdir, grid=grid, **common)
     return TwoStageResult(emb, img)
