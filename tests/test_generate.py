@@ -85,8 +85,9 @@ def run(cmd, args, ok: bool = True):
     return result
 
 
-def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def files(root: Path, manifests: bool = True) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and (manifests or p.name != "vcdm-manifest.json")}
 
 
 def test_results_dir_matches_seed_readme():
@@ -120,13 +121,13 @@ def test_seed_readme_commands_then_sample_gives_identical_files(models, tmp_path
     run(generate_cmd, ["--seeds=0-4", "--batch=2", f"--network={prior}", *FAST])
     args = SEED_ARGS.replace("num_steps-40", "num_steps-2")
     emb_dir = f"results/prior01/network-snapshot-000000/{args}/samples-0-4"
-    assert sorted(os.listdir(emb_dir)) == [f"{s:06d}.pt" for s in range(5)]
+    assert sorted(os.listdir(emb_dir)) == [f"{s:06d}.pt" for s in range(5)] + ["vcdm-manifest.json"]
     obs = torch.load(f"{emb_dir}/000003.pt", weights_only=True)
     assert set(obs) == {"embedding"} and obs["embedding"].shape == (EMB,) and obs["embedding"].dtype == torch.float32
 
     run(generate_cmd, ["--seeds=0-4", "--batch=2", f"--network={image}", *FAST, "--load_obs_from", emb_dir + "/"])
     img_dir = Path(f"results/image01/network-snapshot-000000/{args}/{emb_dir.replace('/', '_')}/samples-0-4")
-    assert sorted(os.listdir(img_dir)) == [f"{s:06d}.png" for s in range(5)]
+    assert sorted(os.listdir(img_dir)) == [f"{s:06d}.png" for s in range(5)] + ["vcdm-manifest.json"]
     assert np.asarray(PIL.Image.open(img_dir / "000000.png")).shape == (RES, RES, 3)
 
     monkeypatch.chdir(work_b)
@@ -149,9 +150,9 @@ def test_same_seed_same_bytes_whatever_batch(models, tmp_path):
                                "--batch", batch, *FAST])
             outs[kind, batch] = files(tmp_path / f"{kind}{batch}")
     for kind, ext in (("uncond", "png"), ("prior", "pt")):
-        assert sorted(outs[kind, 1]) == [f"{s:06d}.{ext}" for s in range(7)]
+        assert sorted(outs[kind, 1]) == [f"{s:06d}.{ext}" for s in range(7)] + ["vcdm-manifest.json"]
         assert outs[kind, 1] == outs[kind, 3] == outs[kind, 7]
-    assert len(set(outs["uncond", 1].values())) == 7  # seeds differ from each other
+    assert len(set(outs["uncond", 1].values())) == 8  # seeds differ from each other
 
 
 def test_resume_writes_only_missing_files(models, tmp_path):
@@ -168,8 +169,9 @@ def test_resume_writes_only_missing_files(models, tmp_path):
     assert sorted(again.written) == [2, 3, 8] and again.skipped == 7
     assert files(out) == before
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in kept} == kept
-    assert not list(out.glob(".*"))  # no temp files left behind
-    assert generate(models["uncond"], range(10), outdir=out, progress=False).written == []
+    assert not list(out.glob(".*"))  # no temp or claim files left behind
+    assert generate(models["uncond"], range(10), outdir=out, opts=SamplerOptions(num_steps=2), max_batch_size=3,
+                    progress=False).written == []
 
 
 def test_subdirs_and_increment_seeds(models, tmp_path):
@@ -179,7 +181,7 @@ def test_subdirs_and_increment_seeds(models, tmp_path):
         "000000/000998.pt", "000000/000999.pt", "001000/001000.pt", "001000/001001.pt"]
     run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "img", "--seeds", "999-1000",
                        "--load_obs_from", emb, "--steps", 1])  # reads the thousands sub-directories
-    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["000999.png", "001000.png"]
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == ["000999.png", "001000.png"]
     # --increment_seeds shifts the noise seed only: seed 998 + 2 draws what seed 1000 draws.
     run(generate_cmd, ["--network", models["prior"], "--outdir", tmp_path / "inc", "--seeds", "998",
                        "--increment_seeds", 2, "--steps", 1])
@@ -284,9 +286,11 @@ def test_conditioning_from_data(models, tmp_path):
     result = run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "x", "--seeds", "0"], ok=False)
     assert "--load_obs_from" in result.output and "--data_path" in result.output
     for batch in (1, 4):
-        run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / f"d{batch}", "--seeds", "0-3",
-                           "--data_path", data, "--batch", batch, "--steps", 2])
-    assert files(tmp_path / "d1") == files(tmp_path / "d4") and len(files(tmp_path / "d1")) == 4
+        result = run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / f"d{batch}", "--seeds", "0-3",
+                                    "--data_path", data, "--batch", batch, "--steps", 2])
+        # Says once where the conditioning comes from.
+        assert result.output.count(f"Conditioning on ['embedding'] of random items of {data}") == 1, result.output
+    assert files(tmp_path / "d1") == files(tmp_path / "d4") and len(files(tmp_path / "d1", manifests=False)) == 4
 
 
 def test_variations_grid_per_input(models, tmp_path):
@@ -299,9 +303,11 @@ def test_variations_grid_per_input(models, tmp_path):
                                   "--outdir", tmp_path / "var", "--device", "cpu"])
     assert sorted(p.name for p in (tmp_path / "var").iterdir()) == ["cat.png", "dog.png"], result.output
     grid = np.asarray(PIL.Image.open(tmp_path / "var" / "dog.png"))
-    assert grid.shape == (2 * RES, 2 * RES, 3)
-    assert np.array_equal(grid[:RES, :RES], np.asarray(PIL.Image.open(inputs[1])))  # input first
-    assert not np.array_equal(grid[:RES, RES:], grid[RES:, :RES])  # different seeds, different variations
+    step = RES + 2  # tiles 1 px apart on each side
+    assert grid.shape == (2 * step, 2 * step, 3)
+    assert np.array_equal(grid[1:1 + RES, 1:1 + RES], np.asarray(PIL.Image.open(inputs[1])))  # input first
+    assert (grid[0, :step] == [255, 64, 0]).all() and (grid[0, step:] == 0).all()  # only the input is framed
+    assert not np.array_equal(grid[1:1 + RES, step + 1:step + 1 + RES], grid[step + 1:step + 1 + RES, 1:1 + RES])
     bad = run(variations_cmd, ["--image-model", models["uncond"], "--images", inputs[0], "--outdir", tmp_path / "u"],
               ok=False)
     assert bad.exit_code == 1 and "conditioned on an embedding" in bad.output
@@ -352,7 +358,7 @@ def test_seed_workflow_on_tiny_trained_models(tmp_path, monkeypatch, one_thread)
     run(generate_cmd, ["--seeds=0-5", "--batch=4", f"--network={image}", *steps, "--load_obs_from", emb_dir + "/"])
     img_dir = Path(f"results/{image.parent.name}/network-snapshot-000000/{args}/{emb_dir.replace('/', '_')}") / \
         "samples-0-5"
-    assert sorted(p.name for p in img_dir.iterdir()) == [f"{s:06d}.png" for s in range(6)]
+    assert sorted(p.name for p in img_dir.glob("*.png")) == [f"{s:06d}.png" for s in range(6)]
     # The two runs share their (cached) pixel-pca fit, so `vcdm sample` accepts the pair and agrees.
     run(sample_cmd, ["--prior", prior, "--image-model", image, "--seeds", "0-5", "--outdir", "two-stage",
                      "--prior-steps", 3, "--image-steps", 3])

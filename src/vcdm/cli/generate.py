@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import click
 
+from vcdm.cli.errors import user_errors
 from vcdm.fileio import parse_int_list
 
 # (flag, SamplerOptions field, click type, help). The seed's flag names; --disc maps to `discretization`.
@@ -81,11 +82,6 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[
     return seeds
 
 
-def fail(e: Exception) -> click.ClickException:
-    """A library error (bad file, model, or combination of flags) as click's one-line error."""
-    return click.ClickException(str(e))
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--network", "network", required=True, metavar="PATH",
               help="Checkpoint to sample (.safetensors; convert EDM/VCDM .pkl files with `vcdm import-edm`)")
@@ -93,7 +89,7 @@ def fail(e: Exception) -> click.ClickException:
               "<sampler args>/[<load_obs_from>/]samples-<first>-<last>]")
 @click.option("--data_path", metavar="PATH", help="Dataset to draw conditioning from, instead of the training data's "
               "recorded path (conditional models without --load_obs_from)")
-@click.option("--load_obs_from", metavar="DIR", help="Condition on previously sampled tensors: DIR/<seed:06d>.pt "
+@click.option("--load_obs_from", "--load-obs-from", "load_obs_from", metavar="DIR", help="Condition on previously sampled tensors: DIR/<seed:06d>.pt "
               "(e.g. a prior's embeddings)")
 @click.option("--seeds", default="0-63", show_default=True, metavar="LIST", callback=parse_seeds,
               help="Random seeds, one sample each (e.g. 1,2,5-10)")
@@ -111,6 +107,8 @@ def fail(e: Exception) -> click.ClickException:
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
 @click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
               help="Local CLIP weights, for conditioning on embeddings of dataset images  [env: VCDM_CLIP_WEIGHTS]")
+@click.option("--overwrite", is_flag=True, help="Replace the samples of a results folder made with other settings "
+              "(its vcdm-manifest.json records them)  [default: refuse]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar")
 def command(network: str, seeds: list[int], **kwargs: Any) -> None:
     """Generate one sample per seed with the techniques of "Elucidating the Design Space of Diffusion-Based
@@ -129,14 +127,12 @@ def command(network: str, seeds: list[int], **kwargs: Any) -> None:
     # 64 images to out/ with the deterministic DPM-Solver++(2M), 20 steps, and a grid
     vcdm generate --network model.safetensors --outdir out --seeds 0-63 --sampler dpm2m --steps 20 --grid grid.png
     """
+    from vcdm import distributed
     from vcdm.generate import generate
 
-    try:
+    with user_errors():
         opts = pop_sampler_options(kwargs)
         result = generate(network, seeds, opts=opts, **kwargs)
-    except ValueError as e:
-        raise fail(e) from None
-    from vcdm import distributed
 
     if distributed.rank() == 0:
         click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"

@@ -6,7 +6,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vcdm.cli.generate import fail, inference_options, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.errors import user_errors
+from vcdm.cli.generate import inference_options, parse_seeds, pop_sampler_options, sampler_options
 
 # The original release's sampling recipe (its README), for both stages.
 STAGE_DEFAULTS = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
@@ -42,6 +43,8 @@ def stage_options(kwargs: dict[str, Any], prefix: str):
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
 @inference_options
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
+@click.option("--overwrite", is_flag=True, help="Replace samples in results folders made with other settings  "
+              "[default: refuse]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars")
 def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> None:
     """Sample embeddings with a prior, then images conditioned on them with an image model: the same
@@ -58,11 +61,9 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
     from vcdm import distributed
     from vcdm.generate import sample_two_stage
 
-    try:
+    with user_errors():
         prior_opts, image_opts = stage_options(kwargs, "prior-"), stage_options(kwargs, "image-")
         result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts, **kwargs)
-    except ValueError as e:
-        raise fail(e) from None
     if distributed.rank() == 0:
         for stage in (result.embeddings, result.images):
             click.echo(f"{stage.outdir}: {stage.generated} generated, {stage.skipped} already there "

@@ -5,7 +5,8 @@ from typing import Any
 
 import click
 
-from vcdm.cli.generate import fail, inference_options, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.errors import user_errors
+from vcdm.cli.generate import inference_options, parse_seeds, pop_sampler_options, sampler_options
 from vcdm.cli.sample import STAGE_DEFAULTS
 
 
@@ -54,10 +55,8 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
     elif ctx.get_parameter_source("n") != click.core.ParameterSource.DEFAULT and len(seeds) != n:
         raise click.BadParameter(f"{len(seeds)} seeds given but --n {n}", param_hint="'--seeds'")
     kwargs["device"] = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
+    with user_errors():
         opts = pop_sampler_options(kwargs)
         written = variations(image_model, [*images, *more_images], seeds, opts=opts, **kwargs)
-    except ValueError as e:
-        raise fail(e) from None
     for path in written:
         click.echo(path)

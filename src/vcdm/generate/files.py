@@ -86,14 +86,24 @@ def read_observed(load_obs_from: str | os.PathLike, seed: int, structure: Struct
     return out
 
 
-def make_grid(images: Sequence[np.ndarray], cols: int | None = None) -> np.ndarray:
-    """Tile (H, W, C) uint8 images row by row; ``cols`` defaults to a near-square layout."""
+MARK_COLOUR = (255, 64, 0)
+
+
+def make_grid(images: Sequence[np.ndarray], cols: int | None = None, *, pad: int = 0,
+              mark: int | None = None) -> np.ndarray:
+    """Tile (H, W, C) uint8 images row by row; ``cols`` defaults to a near-square layout. ``pad`` pixels
+    of black separate the tiles; image ``mark`` gets an orange frame in that gap (variations: the input)."""
     n = len(images)
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     h, w, c = images[0].shape
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    step_h, step_w = h + 2 * pad, w + 2 * pad
+    grid = np.zeros((rows * step_h, cols * step_w, c), dtype=np.uint8)
     for i, img in enumerate(images):
         r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+        top, left = r * step_h, q * step_w
+        if i == mark and pad:
+            colour = np.asarray(MARK_COLOUR if c == 3 else [255], dtype=np.uint8)
+            grid[top:top + step_h, left:left + step_w] = colour
+        grid[top + pad:top + pad + h, left + pad:left + pad + w] = img
     return grid

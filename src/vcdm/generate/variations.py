@@ -1,5 +1,6 @@
 """unCLIP-style variations: embed real images with the image model's own embedder, then sample images
-conditioned on each embedding. One grid PNG per input: the input (as the model sees it) first."""
+conditioned on each embedding. One grid PNG per input: the input (as the model sees it, framed in orange)
+first, then its variations, tiles a few pixels apart."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from vcdm import perf
 from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
 from vcdm.generate.options import GenerateError, SamplerOptions
+from vcdm.paths import check_writable
 
 
 def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.ndarray:
@@ -37,6 +39,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
                compile: bool | None = None) -> list[Path]:
     """Write ``<outdir>/<input stem>.png`` per input: the input, then one variation per seed. ``bf16``,
     ``channels_last``, ``compile``: as in ``generate``."""
+    check_writable(outdir, "--outdir")
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise GenerateError("--images: two inputs share a file name; their grids would overwrite each other")
@@ -73,6 +76,6 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
             x = denoise(model, latents, obs, rnd, opts, settings)
             tiles += list(to_uint8(s.unflatten_latent(x)["image"]))
         out = Path(outdir) / f"{stem}.png"
-        write_png(out, make_grid(tiles))
+        write_png(out, make_grid(tiles, pad=max(1, resolution // 32), mark=0))
         written.append(out)
     return written
