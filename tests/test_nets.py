@@ -250,6 +250,8 @@ def test_presets():
     assert name == "DhariwalUNet" and kw["model_channels"] == 192 and kw["channel_mult"] == [1, 2, 3, 4]
     assert kw["dropout"] == 0.1
     name, kw = preset("dalle2", resolution=64, channels=3, embed_dim=768, label_dim=0, augment_dim=9)
+    assert name == "DALLE2Prior" and kw["embed_dim"] == 768 and (kw["dim"], kw["depth"], kw["heads"]) == (512, 6, 8)
+    name, kw = preset("prior", resolution=64, channels=3, embed_dim=768, label_dim=0, augment_dim=9)
     assert name == "PriorTransformer" and kw["embed_dim"] == 768 and (kw["dim"], kw["depth"], kw["heads"]) == (512, 6, 8)
     name, kw = preset("ddpmpp", resolution=16, channels=1, embed_dim=0, label_dim=0, augment_dim=0, cbase=32, cres=[1, 2])
     assert (kw["model_channels"], kw["channel_mult"], kw["in_channels"]) == (32, [1, 2], 1)

@@ -53,7 +53,9 @@ OPTIONS = [
         help="Ignored (kept for compatibility, as in the original release)."),
     # Model.
     opt("--arch", type=click.Choice(ARCHS), default=None,
-        help="Network: DDPM++/NCSN++/ADM U-Net for images, dalle2 prior for embeddings  [default: by latent]"),
+        help="Network: DDPM++/NCSN++/ADM U-Net for images; for embeddings dalle2 (the original release's prior: "
+             "multi-query cosine-similarity attention, x as a raw token, no dropout) or prior (vcdm's: multi-head "
+             "attention, x through a projection, --dropout applies; for its older checkpoints)  [default: by latent]"),
     opt("--precond", type=click.Choice(PRECONDS), default=D.precond, help="Preconditioning and loss."),
     opt("--pred_x0", metavar="LIST", type=str, default=D.pred_x0,
         help="0/1 per tensor: the network predicts x0 directly for these."),
@@ -62,10 +64,10 @@ OPTIONS = [
         help="Weight each generated tensor's mean loss equally."),
     opt("--cbase", metavar="INT", type=click.IntRange(min=1), default=None, help="U-Net channel multiplier  [default: varies]"),
     opt("--cres", metavar="LIST", type=str, default=None, help="U-Net channels per resolution  [default: varies]"),
-    opt("--prior-dim", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2 width  [default: 512]"),
-    opt("--prior-depth", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2 blocks  [default: 6]"),
+    opt("--prior-dim", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2/prior width  [default: 512]"),
+    opt("--prior-depth", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2/prior blocks  [default: 6]"),
     opt("--dropout", metavar="FLOAT", type=click.FloatRange(0, 1), default=None,
-        help="Dropout probability  [default: 0.13 for U-Nets, 0 for dalle2]"),
+        help="Dropout probability (dalle2 ignores it)  [default: 0.13 for U-Nets, 0 for prior]"),
     opt("--augment", metavar="FLOAT", type=click.FloatRange(0, 1), default=D.augment, help="Augment probability."),
     opt("--pretrained_weights", metavar="PKL|SAFETENSORS", type=str, default=None,
         help="Initialise from these weights (EDM .pkl or vcdm checkpoint); new conditioning starts at zero."),

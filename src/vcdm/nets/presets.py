@@ -1,6 +1,7 @@
 """Network presets for the seed's ``--arch`` names, with its ``--cbase``/``--cres``/``--dropout`` overrides."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -8,7 +9,8 @@ import torch
 from vcdm.nets import build_network
 from vcdm.nets.layers import GroupNorm
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2")
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior")
+VECTOR_ARCHS = ("dalle2", "prior")  # transformers over embedding vectors; the others are image U-Nets
 DEFAULT_DROPOUT = 0.13  # train.py's --dropout default (EDM and the seed), applied to every U-Net
 
 _SONG = {
@@ -30,9 +32,11 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
 
     ddpmpp/ncsnpp: EDM's DDPM++/NCSN++ (cbase 128; cres 2,2,2 at every resolution, as the release's and
     EDM's train.py: their 64x64 models pass --cres=1,2,2,2 explicitly). adm: EDM's ADM (cbase 192, cres 1,2,3,4).
-    dalle2: the prior transformer over an `embed_dim` vector (dim 512, depth 6, 8 heads x 64, no
-    dropout unless given). `label_dim` is the size of the conditioning vector (0: unconditional);
-    `resolution`/`channels` are ignored for dalle2 and `embed_dim` for the U-Nets.
+    dalle2: the original release's prior transformer over an `embed_dim` vector (dim 512, depth 6,
+    8 heads x 64; it has no dropout, so --dropout is ignored with a warning, as the release ignores it).
+    prior: vcdm's own prior transformer (same sizes; dropout 0 unless given). `label_dim` is the size
+    of the conditioning vector (0: unconditional); `resolution`/`channels` are ignored for the priors
+    and `embed_dim` for the U-Nets.
     """
     if arch not in ARCHS:
         raise PresetError(f"--arch: unknown architecture '{arch}' (expected one of {', '.join(ARCHS)})")
@@ -40,13 +44,18 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
         raise PresetError(f"--dropout: expected a probability in [0, 1], got {dropout}")
     if label_dim < 0 or augment_dim < 0:
         raise PresetError(f"label_dim and augment_dim must be >= 0, got {label_dim} and {augment_dim}")
-    if arch == "dalle2":
+    if arch in VECTOR_ARCHS:
         if embed_dim <= 0:
-            raise PresetError(f"--arch=dalle2 generates one embedding vector; expected its size > 0, got {embed_dim}")
+            raise PresetError(f"--arch={arch} generates one embedding vector; expected its size > 0, got {embed_dim}")
         if cbase is not None or cres is not None:
-            raise PresetError("--cbase/--cres apply to the U-Nets (ddpmpp, ncsnpp, adm), not to --arch=dalle2")
-        return "PriorTransformer", dict(embed_dim=embed_dim, label_dim=label_dim, augment_dim=augment_dim, dim=512,
-                                        depth=6, heads=8, dim_head=64, dropout=0.0 if dropout is None else dropout)
+            raise PresetError(f"--cbase/--cres apply to the U-Nets (ddpmpp, ncsnpp, adm), not to --arch={arch}")
+        sizes = dict(embed_dim=embed_dim, augment_dim=augment_dim, dim=512, depth=6, heads=8, dim_head=64)
+        if arch == "prior":
+            return "PriorTransformer", dict(sizes, label_dim=label_dim, dropout=0.0 if dropout is None else dropout)
+        if dropout:
+            print(f"warning: --dropout={dropout} is ignored: --arch=dalle2 has no dropout (as in the original "
+                  "release); use --arch=prior for a prior with dropout", file=sys.stderr)
+        return "DALLE2Prior", dict(sizes, cond_dim=label_dim)
 
     if arch == "adm":
         default_cbase, default_cres = 192, [1, 2, 3, 4]

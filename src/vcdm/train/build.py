@@ -121,26 +121,26 @@ def default_arch(structure: Structure) -> str:
 
 
 def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> tuple[str, dict[str, Any]]:
-    from vcdm.nets.presets import preset
+    from vcdm.nets.presets import VECTOR_ARCHS, preset
 
     arch = opts.arch or default_arch(structure)
     image_latent = structure.latent_names == ("image",)
-    if arch == "dalle2" and "image" in structure.latent_names:
-        raise OptionError("--arch=dalle2 models embedding vectors, but the image is generated; use "
+    if arch in VECTOR_ARCHS and "image" in structure.latent_names:
+        raise OptionError(f"--arch={arch} models embedding vectors, but the image is generated; use "
                           "--arch=ddpmpp|ncsnpp|adm, or observe the image")
-    if arch != "dalle2" and not image_latent:
+    if arch not in VECTOR_ARCHS and not image_latent:
         raise OptionError(f"--arch={arch} is an image U-Net, but the generated tensors are "
-                          f"{list(structure.latent_names)}; use --arch=dalle2 for embeddings")
+                          f"{list(structure.latent_names)}; use --arch=dalle2 (or prior) for embeddings")
     res = structure.shape("image")[1] if "image" in structure.names else 0
     chans = structure.shape("image")[0] if "image" in structure.names else 0
     cres = parse_int_list(opts.cres, "--cres") if opts.cres else None
     name, kwargs = preset(arch, resolution=res, channels=chans, embed_dim=0 if image_latent else structure.latent_dim,
                           label_dim=structure.observed_dim, augment_dim=augment_dim, cbase=opts.cbase, cres=cres,
                           dropout=opts.dropout)
-    if arch == "dalle2":
+    if arch in VECTOR_ARCHS:
         kwargs.update({k: v for k, v in (("dim", opts.prior_dim), ("depth", opts.prior_depth)) if v is not None})
     elif opts.prior_dim is not None or opts.prior_depth is not None:
-        raise OptionError("--prior-dim/--prior-depth apply to --arch=dalle2 only")
+        raise OptionError("--prior-dim/--prior-depth apply to --arch=dalle2|prior only")
     return name, kwargs
 
 

@@ -1,0 +1,154 @@
+"""--arch dalle2: the original release's prior network, checked against numbers vendored from its code.
+
+tests/data/dalle2-keys.json: the release's state-dict keys/shapes and parameter count at full size.
+tests/data/dalle2-golden.json: its denoiser outputs (EDMPrecond over DALLE2CLIPModel) for small
+networks whose weights follow `seeded_weights`, on seeded inputs. Both were produced by running the
+release's own code from a scratch clone; nothing of that code is here.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.data.structure import Structure
+from vcdm.nets import build_network
+from vcdm.nets.dalle2 import DALLE2Prior, RelPosBias, Rotary
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
+
+DATA = Path(__file__).parent / "data"
+KEYS = json.loads((DATA / "dalle2-keys.json").read_text())
+GOLDEN = json.loads((DATA / "dalle2-golden.json").read_text())
+
+
+def seeded_weights(net: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The recipe the golden outputs used: in sorted key order, gains g ~ 1 + 0.1 N, matrices ~ N / sqrt(fan_in),
+    other tensors ~ 0.5 N; the rotary frequencies keep their fixed values."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in sorted(net.state_dict().items()):
+        if key.endswith("rotary_emb.freqs"):
+            state[key] = value.clone()
+            continue
+        noise = torch.randn(value.shape, generator=g)
+        if key.endswith(".g"):
+            state[key] = 1 + 0.1 * noise
+        elif noise.ndim == 2:
+            state[key] = noise * value.shape[-1] ** -0.5
+        else:
+            state[key] = 0.5 * noise
+    return state
+
+
+def golden_inputs(case: dict, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case["batch"], case["embed_dim"], generator=g)
+    cond = torch.randn(case["batch"], case["cond_dim"], generator=g) if case["cond_dim"] else None
+    aug = torch.randn(case["batch"], case["augment_dim"], generator=g) if case["augment_dim"] else None
+    return x, cond, aug
+
+
+def golden_denoiser(case: dict) -> Denoiser:
+    shapes = {"embedding": (case["embed_dim"],), "label": (max(case["cond_dim"], 1),)}
+    flags = ("1,1", "0,1") if case["cond_dim"] else ("1,0", "0,0")
+    net = DALLE2Prior(case["embed_dim"], cond_dim=case["cond_dim"], augment_dim=case["augment_dim"], **case["sizes"])
+    net.load_state_dict(seeded_weights(net))
+    return Denoiser(net, Structure.from_flags(shapes, *flags)).eval()
+
+
+@pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: c["name"])
+def test_outputs_match_the_release(case, one_thread):
+    """Denoiser outputs equal the release's for the same weights (measured: 0 on the machine that made them)."""
+    den = golden_denoiser(case)
+    weight_sum = sum(v.double().abs().sum().item() for v in den.net.state_dict().values())
+    assert weight_sum == pytest.approx(case["weight_abs_sum"], rel=1e-9)  # same weights as the release got
+    x, cond, aug = golden_inputs(case)
+    for run in case["runs"]:
+        labels = aug if run["augment_labels"] else None
+        with torch.no_grad():
+            out = den(x * run["x_scale"], torch.full([x.shape[0]], run["sigma"]), cond, augment_labels=labels)
+        want = torch.tensor(run["output"])
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5, msg=lambda m: f"sigma {run['sigma']}: {m}")
+
+
+def test_golden_outputs_depend_on_every_part():
+    """The comparison above can fail: a changed null key, bias, query or augment token changes the output."""
+    case = next(c for c in GOLDEN["cases"] if c["cond_dim"] and c["augment_dim"])
+    den = golden_denoiser(case)
+    x, cond, aug = golden_inputs(case)
+    sigma = torch.full([x.shape[0]], 2.0)
+    original = {k: v.clone() for k, v in den.net.state_dict().items()}
+    with torch.no_grad():
+        base = den(x, sigma, cond, augment_labels=aug)
+        assert (den(x, sigma, cond, augment_labels=None) - base).abs().max() > 1e-4
+        for key in ["causal_transformer.layers.0.0.null_kv", "causal_transformer.rel_pos_bias.relative_attention_bias.weight",
+                    "learned_query", "to_augment_embeds.0.bias", "to_cond_embeds.0.weight"]:
+            bump = 0.1 * torch.randn(original[key].shape, generator=torch.Generator().manual_seed(3))
+            den.net.load_state_dict({**original, key: original[key] + bump})
+            assert (den(x, sigma, cond, augment_labels=aug) - base).abs().max() > 1e-4, key
+
+
+def test_full_size_names_shapes_and_count():
+    name, kwargs = preset("dalle2", resolution=0, channels=0, embed_dim=512, label_dim=0, augment_dim=9)
+    with torch.device("meta"):
+        net = build_network(name, kwargs)
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == KEYS["state_dict"]
+    assert sum(p.numel() for p in net.parameters()) == KEYS["parameters"] == 24_791_552
+    assert all(not k.endswith("freqs") for k, _ in net.named_parameters())  # never trained
+
+
+def test_raw_token_ignores_a_constant_shift():
+    """x enters unprojected when its size is dim, so pre-norm makes the output blind to x + c (the release's property)."""
+    net = DALLE2Prior(64, dim=64, depth=2, heads=2).eval()
+    x, t = torch.randn(3, 64), torch.randn(3)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x + 5.0, t), net(x, t), atol=1e-4, rtol=1e-4)
+        assert (net(2 * x, t) - net(x, t)).abs().max() > 1e-3
+
+
+def test_rotary_rotates_interleaved_pairs_of_the_first_channels():
+    rot = Rotary(4)  # freqs 1, 1/100: pairs (0, 1) and (2, 3); channels 4.. untouched
+    t = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6) + 1
+    out = rot(t)
+    torch.testing.assert_close(out[0], t[0])  # position 0: no rotation
+    c, s = torch.cos(torch.tensor(1.0)), torch.sin(torch.tensor(1.0))
+    torch.testing.assert_close(out[1, :2], torch.stack([t[1, 0] * c - t[1, 1] * s, t[1, 1] * c + t[1, 0] * s]))
+    torch.testing.assert_close(out[1, 4:], t[1, 4:])
+
+
+def test_relative_position_buckets():
+    bias = RelPosBias(heads=1)
+    with torch.no_grad():
+        bias.relative_attention_bias.weight.copy_(torch.arange(32.0)[:, None])
+    # query i, key j (key 0 is the null key): bucket max(i - j, 0), exact below 16
+    want = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [2, 1, 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(bias(3, torch.device("cpu"))[0], want)
+    far = bias(130, torch.device("cpu"))[0]
+    assert far[20, 0] == 16 + int(torch.log(torch.tensor(20 / 16)) / torch.log(torch.tensor(8.0)) * 16)
+    assert far[129, 0] == 31
+
+
+def test_dropout_is_ignored_with_a_warning(capsys):
+    name, kwargs = preset("dalle2", resolution=0, channels=0, embed_dim=8, label_dim=0, augment_dim=0, dropout=0.1)
+    assert name == "DALLE2Prior" and "dropout" not in kwargs
+    assert "--dropout=0.1 is ignored" in capsys.readouterr().err
+    preset("dalle2", resolution=0, channels=0, embed_dim=8, label_dim=0, augment_dim=0, dropout=0.0)
+    assert capsys.readouterr().err == ""
+
+
+def test_prior_checkpoints_of_the_earlier_dalle2_still_load(tmp_path):
+    """Checkpoints written when --arch=dalle2 built vcdm's own prior record its class, and load as it."""
+    name, kwargs = preset("prior", resolution=0, channels=0, embed_dim=16, label_dim=0, augment_dim=0)
+    kwargs.update(dim=32, depth=1, heads=2, dim_head=16)
+    assert name == "PriorTransformer"
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (16,)}, "0,1", "0,0")
+    den = Denoiser(build_network(name, kwargs), structure)
+    config = {"network": {"class": name, "kwargs": kwargs}, "denoiser": den.config(),
+              "structure": structure.to_dict(), "training": {"arch": "dalle2"}}
+    save_checkpoint(tmp_path / "old.safetensors", {"net": den.net.state_dict()}, config)
+    loaded, _, _ = load_checkpoint(tmp_path / "old.safetensors")
+    assert type(loaded.net).__name__ == "PriorTransformer"
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x, 1.0), den.eval()(x, 1.0))
