@@ -37,7 +37,7 @@ import torch
 from common import add_common_args, describe, interleaved, machine, markdown_table, median, result, row, spread, timed, write_json
 from vcdm.data.structure import Structure
 from vcdm.diffusion.rng import StackedRandomGenerator
-from vcdm.diffusion.samplers import karras_sigmas, sample
+from vcdm.diffusion import karras_sigmas, sample
 from vcdm.nets import build_network
 from vcdm.nets.layers import Conv2d
 from vcdm.nets.precond import Denoiser

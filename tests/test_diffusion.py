@@ -450,13 +450,13 @@ def test_sigma_range_is_clipped_to_the_denoiser():
 
 def test_dispatcher_rejects_bad_options():
     z = torch.zeros(1, 3, dtype=F64)
-    with pytest.raises(ValueError, match="--sampler: expected one of edm|ablation|dpm2m"):
+    with pytest.raises(ValueError, match="sampler: expected one of edm|ablation|dpm2m"):
         sample(Gaussian(), z, sampler="ddim")
     with pytest.raises(ValueError, match="does not take option.*S_churn"):
         sample(Gaussian(), z, sampler="dpm2m", S_churn=1)
-    with pytest.raises(ValueError, match="--solver: expected heun|euler"):
+    with pytest.raises(ValueError, match="solver: expected heun|euler"):
         sample(Gaussian(), z, solver="rk4")
-    with pytest.raises(ValueError, match="--disc: expected one of"):
+    with pytest.raises(ValueError, match="discretization: expected one of"):
         sample(Gaussian(), z, sampler="ablation", discretization="cosine")
     x = sample(Gaussian(), z, num_steps=4, sigma_min=None, S_churn=None)  # None = default, as EDM's CLI
     assert torch.equal(x, sample(Gaussian(), z, num_steps=4))

@@ -15,7 +15,7 @@ from torch import nn
 from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
 from vcdm.data.structure import Structure
-from vcdm.diffusion.samplers import sample
+from vcdm.diffusion.sampling import sample
 from vcdm.metrics.fid import frechet_distance
 from vcdm.nets import build_network
 from vcdm.nets.layers import Conv2d

@@ -189,7 +189,7 @@ def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], r
             settings: perf.InferenceSettings = perf.FP32) -> torch.Tensor:
     """Run the sampler; returns the flat latent samples (B, N) in float64. The network is evaluated with
     ``settings`` (apply ``perf.prepare`` to the model first); the sampler state stays float64."""
-    from vcdm.diffusion.samplers import sample
+    from vcdm.diffusion.sampling import sample
 
     y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
     with torch.no_grad(), perf.autocast(settings, latents.device):

@@ -43,7 +43,7 @@ def save_grid(images: torch.Tensor, path: str | Path) -> None:
 def sample_images(denoiser, y: torch.Tensor | None, n: int, device: torch.device, num_steps: int = 18) -> torch.Tensor:
     """n images (uint8) from the denoiser for seeds 0..n-1 (EDM's Heun sampler)."""
     from vcdm.diffusion.rng import StackedRandomGenerator
-    from vcdm.diffusion.samplers import sample
+    from vcdm.diffusion.sampling import sample
 
     structure = denoiser.structure
     rnd = StackedRandomGenerator(device, range(n))

@@ -1,0 +1,162 @@
+"""``sample()``: latents → samples for a Denoiser, by name of a sampler and its options.
+
+The one place that turns a network into what the samplers see (``Model``: conditioning, guidance,
+float64, the model's noise multiplier and sigma rounding), builds the noise levels (vcdm.diffusion.
+schedules) and runs a sampler of vcdm.diffusion.samplers / solvers. Options are checked here, once,
+in the samplers' own terms; command-line layers map them to flags.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import tqdm
+
+from vcdm.diffusion import schedules, solvers
+from vcdm.diffusion.samplers import Callback, Churn, sample_ablation, sample_dpmpp_2m, sample_heun
+
+
+class Model:
+    """A denoiser as the samplers see it: ``model(x, sigma) -> D`` in float64, given the conditioning ``y``.
+
+    ``guidance`` != 1 is classifier-free guidance D = D(x | 0) + guidance * (D(x | y) - D(x | 0)), both
+    halves in one batched call. A denoiser's ``noise_scale`` (the original release's per-element noise
+    multiplier: element i is noised at sigma * noise_scale[i]) is absorbed by a change of variables: the
+    samplers integrate u = x / noise_scale with unit noise, which is exact because every sampler is
+    linear in (x, D, noise). ``round_sigma`` is the denoiser's own, when it has one.
+    """
+
+    def __init__(self, denoiser: Callable, y: torch.Tensor | None = None, guidance: float = 1.0):
+        if guidance != 1 and y is None:
+            raise ValueError(f"guidance {guidance}: classifier-free guidance needs conditioning, but y is None")
+        self.denoiser, self.y, self.guidance = denoiser, y, guidance
+        self.round_sigma = getattr(denoiser, "round_sigma", torch.as_tensor)
+        scale = getattr(denoiser, "noise_scale", None)
+        self.noise_scale = None if scale is None or bool((scale == 1).all()) else scale.to(torch.float64)
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.guidance == 1:
+            return self.denoiser(x, sigma, self.y).to(torch.float64)
+        y_pair = torch.cat([self.y, torch.zeros_like(self.y)])
+        cond, uncond = self.denoiser(torch.cat([x, x]), sigma, y_pair).to(torch.float64).chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+    def __call__(self, u: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.noise_scale is None:
+            return self._denoise(u, sigma)
+        scale = self.noise_scale.to(u.device)
+        return self._denoise(u * scale, sigma) / scale
+
+    def to_data(self, u: torch.Tensor) -> torch.Tensor:
+        """Sampler coordinates → data coordinates."""
+        return u if self.noise_scale is None else u * self.noise_scale.to(u.device)
+
+
+def guided(denoiser: Callable, y: torch.Tensor | None = None, guidance: float = 1.0) -> Model:
+    return Model(denoiser, y, guidance)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A sampler by name: its function, the options it takes, and how they are passed to it."""
+    fn: Callable
+    options: frozenset[str] = field(default_factory=frozenset)
+    churn: bool = False
+
+
+_SCHEDULE = {"num_steps", "sigma_min", "sigma_max", "rho"}
+_CHURN = {"S_churn", "S_min", "S_max", "S_noise"}
+_ABLATION = {"solver", "discretization", "schedule", "scaling", "epsilon_s", "C_1", "C_2", "M", "alpha"}
+REGISTRY: dict[str, Spec] = {
+    "edm": Spec(sample_heun, frozenset(_SCHEDULE | _CHURN | {"solver"}), churn=True),
+    "ablation": Spec(sample_ablation, frozenset(_SCHEDULE | _CHURN | _ABLATION), churn=True),
+    "dpm2m": Spec(sample_dpmpp_2m, frozenset(_SCHEDULE)),
+    "euler_a": Spec(solvers.sample_euler_ancestral, frozenset(_SCHEDULE | {"eta", "S_noise"})),
+    "dpm2m_sde": Spec(solvers.sample_dpmpp_2m_sde, frozenset(_SCHEDULE | {"eta", "S_noise"})),
+    "dpm3m_sde": Spec(solvers.sample_dpmpp_3m_sde, frozenset(_SCHEDULE | {"eta", "S_noise"})),
+    "unipc": Spec(solvers.sample_unipc, frozenset(_SCHEDULE | {"order"})),
+}
+SAMPLERS = tuple(REGISTRY)
+
+
+def noise_levels(model: Model, opts: dict[str, Any], device: torch.device,
+                 net_range: tuple[float, float]) -> tuple[torch.Tensor, tuple[float, float, float]]:
+    """Pops the discretisation options from ``opts``; returns the rounded noise levels, ending with 0,
+    and (sigma_min, sigma_max, epsilon_s). The range defaults to the discretisation's and is clipped to
+    the network's ``net_range``."""
+    disc = opts.pop("discretization", "edm")
+    num_steps, eps = int(opts.pop("num_steps", 18)), opts.pop("epsilon_s", 1e-3)
+    if num_steps < 1:
+        raise ValueError(f"num_steps: expected at least 1, got {num_steps}")
+    lo, hi = schedules.default_range(disc, eps)
+    sigma_min = max(opts.pop("sigma_min", lo), net_range[0])
+    sigma_max = min(opts.pop("sigma_max", hi), net_range[1])
+    rho = opts.pop("rho", 7.0)
+    if disc == "vp":
+        sigmas = schedules.vp_sigmas(num_steps, sigma_min, sigma_max, eps, device)
+    elif disc == "ve":
+        sigmas = schedules.ve_sigmas(num_steps, sigma_min, sigma_max, device)
+    elif disc == "iddpm":
+        iddpm = {k: opts.pop(k) for k in ("C_1", "C_2", "M") if k in opts}
+        sigmas = schedules.iddpm_sigmas(num_steps, sigma_min, sigma_max, device=device, **iddpm)
+    else:
+        sigmas = schedules.karras_sigmas(num_steps, sigma_min, sigma_max, rho, device)
+    for k in ("C_1", "C_2", "M"):
+        opts.pop(k, None)
+    return schedules.append_zero(model.round_sigma(sigmas)), (sigma_min, sigma_max, eps)
+
+
+def progress_bar(num_steps: int, desc: str) -> Callback:
+    bar = tqdm.tqdm(total=num_steps, desc=desc, unit="step", leave=False)
+
+    def update(info: dict[str, Any]) -> None:
+        bar.update(1)
+        if info["i"] == num_steps - 1:
+            bar.close()
+    return update
+
+
+def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = None, *, sampler: str = "edm",
+           randn_like: Callable = torch.randn_like, guidance: float = 1.0, callback: Callback = None,
+           progress: bool = False, **opts: Any) -> torch.Tensor:
+    """Generate x0 (float64 (B, N)) from unit-variance ``latents`` (B, N).
+
+    ``sampler``: one of SAMPLERS — ``edm`` (Heun, or ``solver='euler'``, with churn; EDM's defaults: 18
+    steps, sigma 0.002..80, rho 7), ``ablation`` (EDM's generalized sampler: solver, discretization,
+    schedule, scaling), ``dpm2m`` (DPM-Solver++(2M)), ``euler_a``, ``dpm2m_sde``, ``dpm3m_sde``, ``unipc``
+    (Karras levels). Options set to None take their default; the sigma range is clipped to the
+    denoiser's ``sigma_min``/``sigma_max``.
+    """
+    if sampler not in REGISTRY:
+        raise ValueError(f"sampler: expected one of {'|'.join(SAMPLERS)}, got '{sampler}'")
+    spec = REGISTRY[sampler]
+    opts = {k: v for k, v in opts.items() if v is not None}
+    unknown = sorted(set(opts) - spec.options)
+    if unknown:
+        raise ValueError(f"sampler '{sampler}' does not take option(s) {', '.join(unknown)} "
+                         f"(it takes {', '.join(sorted(spec.options))})")
+    model = Model(denoiser, y, guidance)
+    if spec.churn:
+        opts["churn"] = Churn(**{k: opts.pop(k) for k in sorted(_CHURN) if k in opts})
+    if sampler == "edm":
+        solver = opts.pop("solver", "heun")
+        if solver not in ("heun", "euler"):
+            raise ValueError(f"solver: expected heun|euler, got '{solver}'")
+        opts["second_order"] = solver == "heun"
+    net_range = float(getattr(denoiser, "sigma_min", 0.0)), float(getattr(denoiser, "sigma_max", math.inf))
+    sigmas, (sigma_min, sigma_max, eps) = noise_levels(model, opts, latents.device, net_range)
+    if sampler == "ablation":
+        opts["process"] = schedules.process(opts.pop("schedule", "linear"), opts.pop("scaling", "none"),
+                                            *schedules.vp_betas(sigma_min, sigma_max, eps))
+    if progress:
+        callback = _chain(callback, progress_bar(len(sigmas) - 1, sampler))
+    x = latents.to(torch.float64) * sigmas[0]
+    return model.to_data(spec.fn(model, x, sigmas, randn_like=randn_like, callback=callback, **opts))
+
+
+def _chain(first: Callback, second: Callback) -> Callback:
+    if first is None:
+        return second
+    return lambda info: (first(info), second(info))
