@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -18,13 +19,16 @@ from test_legacy import GEOMETRY, Persistent, edm_form, fake_modules, payload_sr
 from vcdm.cli.train import command as train_command
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import equally_weighted
+from vcdm.diffusion.sampling import sample
 from vcdm.legacy import LegacyError, load_pretrained
 from vcdm.nets.adm import DhariwalUNet
+from vcdm.nets.concatunet import ConcatUNet
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 from vcdm.train.state import load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(__file__).parent / "data"
 
 
 def test_equally_weighted_is_a_per_round_mean_per_tensor():
@@ -163,3 +167,79 @@ def test_labelled_clip_conditioning_is_embedding_then_float_one_hot(tmp_path):
     onehot = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=torch.float32)
     assert batch.y.dtype == torch.float32 and data.label_dim == 3
     assert torch.equal(batch.y, torch.cat([(images.float() / 127.5 - 1).mean(dim=(2, 3)), onehot], dim=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# concatunet: numbers vendored from the release's ConcatUNet (training/networks/networks.py) run on the same
+# seeded weights (`recipe`) and inputs (`concat_inputs`); see tests/data/README-release-nets.md.
+
+CONCAT = json.loads((DATA / "release-concatunet.json").read_text())
+
+
+def recipe(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded weights by parameter name (sorted): fan-in scaled normals for matrices and kernels, 1 + 0.1 N
+    for normalisation scales, 0.1 N for the other vectors. Independent of construction order."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name in sorted(params):
+            p, r = params[name], torch.randn(params[name].shape, generator=g)
+            if p.ndim >= 2:
+                p.copy_(r / math.sqrt(max(1, math.prod(p.shape[1:]))))
+            elif "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight"):
+                p.copy_(1 + 0.1 * r)
+            else:
+                p.copy_(0.1 * r)
+    return net.eval()
+
+
+def concat_inputs(c: dict, batch: int = 2, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    lat = sum(math.prod(s) for s, o in zip(c["shapes"], c["observed"]) if not o)
+    obs = sum(math.prod(s) for s, o in zip(c["shapes"], c["observed"]) if o)
+    x = torch.randn(batch, lat, generator=g)
+    y = torch.randn(batch, obs, generator=g) if obs else None
+    aug = torch.randn(batch, c["augment_dim"], generator=g) if c["augment_dim"] else None
+    return x, y, torch.tensor([0.3, 7.0]).log() / 4, aug
+
+
+def concat_net(c: dict) -> ConcatUNet:
+    kwargs = {k: v for k, v in c.items() if k not in ("shapes", "observed", "emb")}
+    return ConcatUNet(c["shapes"], c["observed"], emb_layer_type=c["emb"], **kwargs)
+
+
+@pytest.mark.parametrize("case", list(CONCAT))
+def test_concatunet_matches_the_release(case):
+    entry = CONCAT[case]
+    net = concat_net(entry["config"])
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == entry["keys"]  # names and shapes
+    x, y, noise, aug = concat_inputs(entry["config"])
+    with torch.no_grad():
+        out = recipe(net)(x, noise, y, augment_labels=aug)
+    want = torch.tensor(entry["output"]).reshape(out.shape)
+    assert (out - want).abs().max() < 1e-5  # measured: <= 1.3e-6 against the release's code
+
+
+def test_concatunet_samples_image_and_embedding_jointly():
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (6,)}, "1,1", "0,0")
+    cfg = CONCAT["joint image+embedding (shitty)"]["config"]
+    net = recipe(concat_net({**cfg, "augment_dim": 0}))
+    denoiser = Denoiser(net, structure).eval()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, structure.latent_dim, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        first = sample(denoiser, noise, num_steps=4)
+        moved = noise.clone()
+        moved[:, :192] = torch.randn(2, 192, generator=g, dtype=torch.float64)  # other image noise, same embedding noise
+        second = sample(denoiser, moved, num_steps=4)
+    out = structure.unflatten_latent(first)
+    assert out["image"].shape == (2, 3, 8, 8) and out["embedding"].shape == (2, 6) and first.isfinite().all()
+    # One network denoises both: the embedding it generates depends on the image being generated.
+    assert (structure.unflatten_latent(second)["embedding"] - out["embedding"]).abs().max() > 1e-3
+
+
+def test_concatunet_refuses_what_it_cannot_model():
+    with pytest.raises(ValueError, match="share one square size"):
+        ConcatUNet([[3, 8, 8], [1, 16, 16]], [0, 1])
+    with pytest.raises(ValueError, match="'attn' is not implemented"):
+        ConcatUNet([[3, 8, 8], [6]], [0, 0], emb_layer_type="attn")

@@ -50,7 +50,9 @@ class Denoiser(nn.Module):
         self.sigma_min = float(default_range[0] if sigma_min is None else sigma_min)
         self.sigma_max = float(default_range[1] if sigma_max is None else sigma_max)
         names = structure.latent_names
-        if len(names) == 1:
+        if getattr(net, "flat_latent", False):  # e.g. ConcatUNet: splits the flat latent into its tensors itself
+            self.net_shape = (structure.latent_dim,)
+        elif len(names) == 1:
             self.net_shape = structure.shape(names[0])
         elif all(len(structure.shape(n)) == 1 for n in names):
             self.net_shape = (structure.latent_dim,)  # several vectors (e.g. embedding + one-hot) → one vector

@@ -9,8 +9,9 @@ import torch
 from vcdm.nets import build_network
 from vcdm.nets.layers import GroupNorm
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior")
-VECTOR_ARCHS = ("dalle2", "prior")  # transformers over embedding vectors; the others are image U-Nets
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet")
+VECTOR_ARCHS = ("dalle2", "prior")  # transformers over embedding vectors
+JOINT_ARCHS = ("concatunet",)  # one U-Net over every tensor (images and vectors); the others are image U-Nets
 DEFAULT_DROPOUT = 0.13  # train.py's --dropout default (EDM and the seed), applied to every U-Net
 
 _SONG = {
@@ -40,6 +41,8 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     """
     if arch not in ARCHS:
         raise PresetError(f"--arch: unknown architecture '{arch}' (expected one of {', '.join(ARCHS)})")
+    if arch in JOINT_ARCHS:
+        raise PresetError(f"--arch={arch} is built from the whole structure: use concatunet_preset")
     if dropout is not None and not 0 <= dropout <= 1:
         raise PresetError(f"--dropout: expected a probability in [0, 1], got {dropout}")
     if label_dim < 0 or augment_dim < 0:
@@ -70,6 +73,29 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     name, kwargs = ("DhariwalUNet", kwargs) if arch == "adm" else ("SongUNet", {**kwargs, **_SONG[arch]})
     _check_group_norms(name, kwargs)
     return name, kwargs
+
+
+def concatunet_preset(shapes: Sequence[Sequence[int]], observed: Sequence[bool], *, augment_dim: int,
+                      cbase: int | None = None, cres: Sequence[int] | None = None,
+                      dropout: float | None = None) -> tuple[str, dict[str, Any]]:
+    """The release's ``--arch concatunet`` over the existing tensors (`shapes`, `observed`, in order):
+    cbase 128, cres 2,2,2, embedding and noise-embedding multipliers 4, its 'shitty' embedding blocks."""
+    images = [s for s in shapes if len(s) == 3]
+    resolution, channels = (images[0][2], sum(s[0] for s in images)) if images else (32, 1)
+    cbase, cres = 128 if cbase is None else cbase, [2, 2, 2] if cres is None else list(cres)
+    if dropout is not None and not 0 <= dropout <= 1:
+        raise PresetError(f"--dropout: expected a probability in [0, 1], got {dropout}")
+    _check_unet("concatunet", resolution, channels, cbase, cres)
+    kwargs = dict(shapes=[list(s) for s in shapes], observed=[bool(o) for o in observed], augment_dim=augment_dim,
+                  model_channels=cbase, channel_mult=cres, channel_mult_emb=4, channel_mult_noise=4,
+                  dropout=DEFAULT_DROPOUT if dropout is None else dropout, emb_layer_type="shitty")
+    try:
+        _check_group_norms("ConcatUNet", kwargs)
+    except PresetError:
+        raise
+    except ValueError as e:  # tensors ConcatUNet cannot take (e.g. images of different sizes)
+        raise PresetError(f"--arch=concatunet: {e}") from None
+    return "ConcatUNet", kwargs
 
 
 def _check_unet(arch: str, resolution: int, channels: int, cbase: int, cres: list[int]) -> None:
