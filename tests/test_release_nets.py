@@ -243,3 +243,24 @@ def test_concatunet_refuses_what_it_cannot_model():
         ConcatUNet([[3, 8, 8], [1, 16, 16]], [0, 1])
     with pytest.raises(ValueError, match="'attn' is not implemented"):
         ConcatUNet([[3, 8, 8], [6]], [0, 0], emb_layer_type="attn")
+
+
+def test_train_concatunet_joint_model_and_sample_from_its_checkpoint(tmp_path):
+    from vcdm.checkpoints import load_checkpoint
+
+    data = write_labelled_folder(tmp_path / "d")
+    out = tmp_path / "runs"
+    args = ["--path", str(data), "--data_class", "CLIPDataset", "--embedder", "pixel-pca", "--pca-dim", "4",
+            "--exist", "1,1", "--observed", "0,0", "--arch", "concatunet", "--cbase", "16", "--cres", "1,1",
+            "--augment", "0", "--sample", "0", "--workers", "0", "--device", "cpu", "--outdir", str(out),
+            "--seed", "1", "--batch", "4", "--tick", "0.004", "--duration", "0.000004"]
+    r = CliRunner().invoke(train_command, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "Network: ConcatUNet" in r.output and "generate ['image', 'embedding']" in r.output
+    (snapshot,) = out.glob("*/network-snapshot-*.safetensors")
+    denoiser, config, _ = load_checkpoint(snapshot)
+    assert config["network"]["kwargs"]["shapes"] == [[3, 8, 8], [4]] and config["network"]["kwargs"]["observed"] == [0, 0]
+    with torch.no_grad():
+        x = sample(denoiser.eval(), torch.randn(2, 3 * 64 + 4, dtype=torch.float64), num_steps=3)
+    got = denoiser.structure.unflatten_latent(x)
+    assert got["image"].shape == (2, 3, 8, 8) and got["embedding"].shape == (2, 4) and x.isfinite().all()

@@ -55,7 +55,9 @@ OPTIONS = [
     opt("--arch", type=click.Choice(ARCHS), default=None,
         help="Network: DDPM++/NCSN++/ADM U-Net for images; for embeddings dalle2 (the original release's prior: "
              "multi-query cosine-similarity attention, x as a raw token, no dropout) or prior (vcdm's: multi-head "
-             "attention, x through a projection, --dropout applies; for its older checkpoints)  [default: by latent]"),
+             "attention, x through a projection, --dropout applies; for its older checkpoints); concatunet (the release's "
+             "default: one U-Net over image and vector tensors, e.g. joint --exist 1,1 --observed 0,0)  "
+             "[default: by latent]"),
     opt("--precond", type=click.Choice(PRECONDS), default=D.precond, help="Preconditioning and loss."),
     opt("--pred_x0", metavar="LIST", type=str, default=D.pred_x0,
         help="0/1 per tensor: the network predicts x0 directly for these."),

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
+from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.layers import GroupNorm
 
@@ -75,11 +76,12 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     return name, kwargs
 
 
-def concatunet_preset(shapes: Sequence[Sequence[int]], observed: Sequence[bool], *, augment_dim: int,
-                      cbase: int | None = None, cres: Sequence[int] | None = None,
-                      dropout: float | None = None) -> tuple[str, dict[str, Any]]:
-    """The release's ``--arch concatunet`` over the existing tensors (`shapes`, `observed`, in order):
-    cbase 128, cres 2,2,2, embedding and noise-embedding multipliers 4, its 'shitty' embedding blocks."""
+def concatunet_preset(structure: Structure, *, augment_dim: int, cbase: int | None = None,
+                      cres: Sequence[int] | None = None, dropout: float | None = None) -> tuple[str, dict[str, Any]]:
+    """The release's ``--arch concatunet`` over the structure's existing tensors: cbase 128, cres 2,2,2,
+    embedding and noise-embedding multipliers 4, its 'shitty' embedding blocks."""
+    names = [n for n, e in zip(structure.names, structure.exist) if e]
+    shapes, observed = [structure.shape(n) for n in names], [n in structure.observed_names for n in names]
     images = [s for s in shapes if len(s) == 3]
     resolution, channels = (images[0][2], sum(s[0] for s in images)) if images else (32, 1)
     cbase, cres = 128 if cbase is None else cbase, [2, 2, 2] if cres is None else list(cres)

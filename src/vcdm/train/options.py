@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior")
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet")
 PRECONDS = ("edm", "vp", "ve")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
 
