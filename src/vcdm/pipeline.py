@@ -1,0 +1,253 @@
+"""The Python API: sample in memory, score images, train — for notebooks and scripts.
+
+``Pipeline`` (one checkpoint, as ``vcdm generate``) and ``TwoStagePipeline`` (prior → image model, as
+``vcdm sample``) take the commands' options under their flag names (``steps=``, ``S_churn=``,
+``prior_steps=``, ``image_disc=`` …) and give, for the same seeds and settings, byte for byte the
+images the commands write: the same per-seed generators, the same seed rule for conditioned samples
+(latent noise from seed + 1), the same batch padding, and the same float32 hand-over of embeddings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vcdm import perf
+from vcdm.checkpoints import read_config
+from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_model,
+                                split_batches)
+from vcdm.generate.files import check_obs_files, to_uint8
+from vcdm.generate.options import FLAG_NAMES, GenerateError, SamplerOptions
+from vcdm.generate.two_stage import check_chain
+
+INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
+RELEASE_RECIPE = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}  # `vcdm sample`'s defaults, both stages
+FIELDS = {FLAG_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(SamplerOptions)}  # flag → field
+
+
+@dataclass
+class PipelineOutput:
+    """Samples of a list of seeds, in seed order. ``images``: (N, H, W, C) uint8, as the PNGs hold them;
+    ``embeddings``: (N, D) float32, as the ``.pt`` files hold them; ``tensors``: every sampled or
+    observed tensor by name (float32)."""
+    seeds: list[int]
+    images: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def to_pil(self) -> list:
+        """The images as PIL images (grayscale for one channel)."""
+        import PIL.Image
+
+        if self.images is None:
+            raise GenerateError("this model generates embeddings, not images")
+        return [PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img) for img in self.images]
+
+
+def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None,
+                    deterministic_defaults: bool = False) -> SamplerOptions:
+    """Pop ``<prefix><flag>`` keys (``steps``, ``S_churn``, ``disc`` …) from ``options`` → SamplerOptions.
+    With ``deterministic_defaults`` (``vcdm sample``'s rule) a dpm2m stage drops the churn defaults."""
+    values = dict(defaults or {})
+    given = {FIELDS[k[len(prefix):]]: options.pop(k) for k in list(options)
+             if k.startswith(prefix) and k[len(prefix):] in FIELDS}
+    if deterministic_defaults and given.get("sampler") == "dpm2m":
+        values.update({k: v for k, v in (("S_churn", 0.0), ("S_noise", 1.0)) if k not in given})
+    return SamplerOptions(**{**values, **given})
+
+
+def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:
+    if options:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(options))}; expected {', '.join(valid)}")
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pipeline:
+    """One checkpoint — a prior (→ embeddings) or an image model (→ images) — sampled as ``vcdm generate``.
+
+    >>> pipe = vcdm.Pipeline.from_checkpoint("runs/uncond/network-snapshot-010000.safetensors")
+    >>> out = pipe(seeds=range(16), steps=18, batch=8)
+    >>> out.images.shape  # (16, H, W, C) uint8
+    """
+
+    def __init__(self, model: Model, device: torch.device, clip_weights: str | os.PathLike | None = None):
+        self.model, self.device, self.clip_weights = model, device, clip_weights
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        clip_weights: str | os.PathLike | None = None) -> "Pipeline":
+        device = default_device(device)
+        return cls(load_model(path, device), device, clip_weights)
+
+    @property
+    def options(self) -> list[str]:
+        return ["batch", "class_idx", "load_obs_from", "data_path", "increment_seeds", "progress", *FIELDS,
+                *INFERENCE_OPTIONS]
+
+    def __call__(self, seeds: Sequence[int], *, batch: int = 64, class_idx: int | None = None,
+                 load_obs_from: str | os.PathLike | None = None, data_path: str | None = None,
+                 increment_seeds: int = 0, progress: bool = False, **options: Any) -> PipelineOutput:
+        """Sample ``seeds``; ``options``: ``vcdm generate``'s sampler options under their flag names
+        (``steps``, ``sigma_min``, ``S_churn``, ``disc``, ``sampler``, ``guidance`` …) and ``bf16``,
+        ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
+        opts = sampler_options(options)
+        settings = self.prepare(options)
+        seeds = check_seeds(seeds, batch)
+        check_request(self.model, opts, class_idx, None)
+        if load_obs_from is not None:
+            check_obs_files(load_obs_from, seeds)
+        dataset = None
+        if load_obs_from is None and set(self.model.structure.observed_names) - {"label"}:
+            dataset = DatasetConditions(self.model, data_path, self.clip_weights, self.device)
+        return self.run(seeds, opts, settings, batch, progress, lambda b: dict(
+            class_idx=class_idx, load_obs_from=load_obs_from, dataset=dataset, increment_seeds=increment_seeds))
+
+    def prepare(self, options: dict[str, Any]) -> perf.InferenceSettings:
+        """Pop the inference options; evaluate the network as they (or vcdm.perf's defaults) say."""
+        choices = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
+        check_unknown(options, self.options)
+        settings = perf.resolve(self.device, self.model.denoiser, **choices)
+        perf.prepare(self.model.denoiser, settings)
+        return settings
+
+    def run(self, seeds: list[int], opts: SamplerOptions, settings: perf.InferenceSettings, batch: int,
+            progress: bool, conditioning: Callable[[list[int]], dict]) -> PipelineOutput:
+        """Sample batch by batch (``conditioning(batch)``: keyword arguments of ``draw``) → the output."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        with tqdm(split_batches(seeds, batch), unit="batch", disable=not progress) as bar:
+            for b in bar:
+                latents, obs, rnd = draw(self.model, b, self.device, **conditioning(b))
+                x = denoise(self.model, latents, obs, rnd, opts, settings)
+                tensors = {**obs, **self.model.structure.unflatten_latent(x)}
+                for name, value in tensors.items():
+                    parts.setdefault(name, []).append(value.detach().to("cpu", torch.float32))
+        tensors = {name: torch.cat(values) for name, values in parts.items()}
+        images = to_uint8(tensors.pop("image")) if "image" in tensors else None
+        emb = tensors.get("embedding")
+        return PipelineOutput(seeds, images, None if emb is None else emb.flatten(1).numpy(),
+                              {k: v.numpy() for k, v in tensors.items()})
+
+
+class TwoStagePipeline:
+    """A prior and an image model chained as ``vcdm sample``: embeddings, then images given them.
+
+    >>> pipe = vcdm.TwoStagePipeline.from_checkpoints("prior.safetensors", "image.safetensors")
+    >>> out = pipe(seeds=[0, 1, 2], prior_steps=40, image_steps=40, batch=64)
+    >>> out.images, out.embeddings  # (3, H, W, C) uint8, (3, D) float32
+    """
+
+    def __init__(self, prior: Pipeline, image: Pipeline):
+        check_chain(prior.model.config, image.model.config, prior_name=str(prior.model.path),
+                    image_name=str(image.model.path), class_idx=0)  # the class is checked per call
+        self.prior, self.image = prior, image
+
+    @classmethod
+    def from_checkpoints(cls, prior: str | os.PathLike, image_model: str | os.PathLike,
+                         device: str | torch.device | None = None,
+                         clip_weights: str | os.PathLike | None = None) -> "TwoStagePipeline":
+        check_chain(read_config(prior), read_config(image_model), prior_name=str(prior),
+                    image_name=str(image_model), class_idx=0)  # before loading any weights
+        return cls(Pipeline.from_checkpoint(prior, device, clip_weights),
+                   Pipeline.from_checkpoint(image_model, device, clip_weights))
+
+    def __call__(self, seeds: Sequence[int], *, batch: int = 64, class_idx: int | None = None,
+                 increment_seeds: int = 0, progress: bool = False, **options: Any) -> PipelineOutput:
+        """Sample ``seeds``; ``options``: ``vcdm sample``'s under their flag names — ``prior_steps``,
+        ``image_steps``, ``prior_S_churn``, ``image_sampler`` … (defaults: the original release's 40
+        steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``, ``compile``."""
+        prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True)
+        image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True)
+        inference = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
+        check_unknown(options, ["batch", "class_idx", "increment_seeds", "progress", *INFERENCE_OPTIONS,
+                                *(f"{stage}_{flag}" for stage in ("prior", "image") for flag in FIELDS)])
+        check_chain(self.prior.model.config, self.image.model.config, class_idx=class_idx)
+        seeds = check_seeds(seeds, batch)
+        stages = []
+        for pipe, opts in ((self.prior, prior_opts), (self.image, image_opts)):
+            conditioned = class_idx if "label" in pipe.model.structure.observed_names else None
+            check_request(pipe.model, opts, conditioned, None)
+            stages.append((pipe, opts, conditioned, pipe.prepare(dict(inference))))
+        (prior, p_opts, p_class, p_settings), (image, i_opts, i_class, i_settings) = stages
+        first = prior.run(seeds, p_opts, p_settings, batch, progress, lambda b: dict(
+            class_idx=p_class, increment_seeds=increment_seeds))
+        index = {seed: i for i, seed in enumerate(seeds)}
+        wanted = [n for n in image.model.structure.observed_names if n in first.tensors]
+
+        def given(b: list[int]) -> dict:
+            rows = [index[s] for s in b]
+            return dict(class_idx=i_class, increment_seeds=increment_seeds,
+                        given={n: torch.from_numpy(first.tensors[n][rows]) for n in wanted})
+
+        second = image.run(seeds, i_opts, i_settings, batch, progress, given)
+        return PipelineOutput(seeds, second.images, first.embeddings, {**first.tensors, **second.tensors})
+
+
+def _image_dataset(images: Any, num: int | None, seed: int):
+    """A folder/zip path → vcdm's ImageDataset; uint8 images in memory (N×H×W×C array, N×C×H×W tensor,
+    PIL images or a PipelineOutput) → a list of C×H×W uint8 tensors."""
+    if isinstance(images, (str, os.PathLike)):
+        from vcdm.data.dataset import ImageDataset
+
+        dataset = ImageDataset(str(images), max_size=num, random_seed=seed)
+        if num is not None and len(dataset) < num:
+            raise GenerateError(f"found {len(dataset)} images in {images}, but num asks for {num}")
+        return dataset
+    if isinstance(images, PipelineOutput):
+        images = images.images
+    if isinstance(images, (list, tuple)) and images and not isinstance(images[0], (np.ndarray, torch.Tensor)):
+        images = [np.asarray(img) for img in images]  # PIL images
+        images = np.stack([img[:, :, None] if img.ndim == 2 else img for img in images])
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise TypeError("images: expected a folder or zip path, PIL images, a PipelineOutput, or uint8 images "
+                        "(N, H, W, C) as an array or (N, C, H, W) as a tensor")
+    if num is not None:
+        if len(images) < num:
+            raise GenerateError(f"got {len(images)} images, but num asks for {num}")
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]]
+    return list(images)
+
+
+def fid(images: Any, ref: Any, *, metrics: Sequence[str] = ("fid",), num: int | None = None, seed: int = 0,
+        batch: int = 64, inception_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+        progress: bool = False) -> dict[str, float]:
+    """Score images against reference statistics, as ``vcdm fid calc`` → ``{"fid": …, "kid": …, …}``.
+
+    ``images``: a folder or zip, or images in memory (see ``_image_dataset``); ``ref``: an .npz path or
+    URL (``vcdm fid ref``, EDM's fid-refs) or a ``vcdm.metrics.FeatureStats``; ``metrics``: any of fid,
+    kid, pr (the last two need a reference with features); ``num``: a random subset of this size."""
+    from vcdm.metrics import (METRICS, FeatureStats, InceptionFeatures, compute_stats, fid_score, kid_score,
+                              load_reference, precision_recall)
+
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"metrics: expected a subset of {', '.join(METRICS)}, got {list(metrics)}")
+    reference = ref if isinstance(ref, FeatureStats) else load_reference(str(ref), progress=progress)
+    keep = any(m != "fid" for m in metrics)
+    if keep and reference.features is None:
+        raise ValueError("ref holds only mu/sigma; kid and pr need a reference made with its features")
+    device = default_device(device)
+    net = InceptionFeatures(inception_weights, progress=progress).to(device)
+    stats = compute_stats(_image_dataset(images, num, seed), net, batch=batch, device=device, keep_features=keep,
+                          progress=progress)
+    results: dict[str, float] = {}
+    if "fid" in metrics:
+        results["fid"] = fid_score(stats, reference)
+    if "kid" in metrics:
+        results.update(kid_score(stats.features, reference.features))
+    if "pr" in metrics:
+        results.update(precision_recall(stats.features, reference.features))
+    return results
