@@ -152,3 +152,34 @@ def test_prior_checkpoints_of_the_earlier_dalle2_still_load(tmp_path):
     assert type(loaded.net).__name__ == "PriorTransformer"
     x = torch.randn(2, 16)
     torch.testing.assert_close(loaded(x, 1.0), den.eval()(x, 1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prior samples (.pt) in the form the release's generate.py writes and its --load_obs_from reads.
+
+def release_reader(folder, seeds, exist, observed):
+    """What the release's generate.py does with --load_obs_from: torch.load each seed's list, stack entry
+    t over the batch (None stays None), keep the existing tensors, then the observed ones."""
+    unstacked = [torch.load(folder / f"{s:06d}.pt") for s in seeds]
+    data = tuple(torch.stack([d[t] for d in unstacked]) if unstacked[0][t] is not None else None
+                 for t in range(len(unstacked[0])))
+    existing = [t for t, e in zip(data, exist) if e]
+    return tuple(t for t, o in zip(existing, observed) if o)
+
+
+def test_prior_samples_are_release_lists_and_older_dicts_still_read(tmp_path):
+    from vcdm.generate.files import read_observed, read_tensors, write_tensors
+
+    emb, label = torch.randn(2, 6), torch.eye(3)[:2]
+    names = ("image", "embedding", "label")
+    for seed in range(2):
+        write_tensors(tmp_path / f"{seed:06d}.pt", {"embedding": emb[seed], "label": label[seed]}, names)
+    # the release's image model on LabelledCLIPDataset, conditioned on embedding and label
+    y = release_reader(tmp_path, [0, 1], exist=[1, 1, 1], observed=[0, 1, 1])
+    assert torch.equal(y[0], emb) and torch.equal(y[1], label)
+    image_model = Structure.from_flags({"image": (3, 8, 8), "embedding": (6,), "label": (3,)}, "1,1,1", "0,1,1")
+    assert torch.equal(read_observed(tmp_path, 1, image_model)["embedding"], emb[1])
+    torch.save({"embedding": emb[0]}, tmp_path / "old.pt")  # what vcdm wrote before
+    assert torch.equal(read_tensors(tmp_path / "old.pt")["embedding"], emb[0])
+    write_tensors(tmp_path / "plain.pt", {"embedding": emb[0]})  # names default to CLIPDataset's
+    assert torch.load(tmp_path / "plain.pt")[0] is None and set(read_tensors(tmp_path / "plain.pt")) == {"embedding"}

@@ -19,6 +19,7 @@ from vcdm.cli.variations import command as variations_cmd
 from vcdm.data.structure import Structure
 from vcdm.embedders import PixelPCA
 from vcdm.generate import SamplerOptions, generate, results_dir
+from vcdm.generate.files import read_tensors
 from vcdm.nets import build_network
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
@@ -122,8 +123,8 @@ def test_seed_readme_commands_then_sample_gives_identical_files(models, tmp_path
     args = SEED_ARGS.replace("num_steps-40", "num_steps-2")
     emb_dir = f"results/prior01/network-snapshot-000000/{args}/samples-0-4"
     assert sorted(os.listdir(emb_dir)) == [f"{s:06d}.pt" for s in range(5)] + ["vcdm-manifest.json"]
-    obs = torch.load(f"{emb_dir}/000003.pt", weights_only=True)
-    assert set(obs) == {"embedding"} and obs["embedding"].shape == (EMB,) and obs["embedding"].dtype == torch.float32
+    obs = torch.load(f"{emb_dir}/000003.pt", weights_only=True)  # the release's form: a list over (image, embedding)
+    assert obs[0] is None and obs[1].shape == (EMB,) and obs[1].dtype == torch.float32 and len(obs) == 2
 
     run(generate_cmd, ["--seeds=0-4", "--batch=2", f"--network={image}", *FAST, "--load_obs_from", emb_dir + "/"])
     img_dir = Path(f"results/image01/network-snapshot-000000/{args}/{emb_dir.replace('/', '_')}/samples-0-4")
@@ -226,12 +227,12 @@ def test_class_conditional_prior_chain(models, tmp_path):
     out = tmp_path / "c"
     run(sample_cmd, ["--prior", models["cond_prior"], "--image-model", models["image"], "--seeds", "0-3",
                      "--outdir", out, "--prior-steps", 2, "--image-steps", 2, "--class", 2])
-    obs = torch.load(out / "embeddings" / "000001.pt", weights_only=True)
+    obs = read_tensors(out / "embeddings" / "000001.pt")
     assert torch.equal(obs["label"], torch.tensor([0.0, 0.0, 1.0])) and obs["embedding"].shape == (EMB,)
     assert len(list((out / "images").glob("*.png"))) == 4
     rnd = generate(models["cond_prior"], range(12), outdir=tmp_path / "r", opts=SamplerOptions(num_steps=1),
                    progress=False)
-    labels = {int(torch.load(p, weights_only=True)["label"].argmax()) for p in rnd.outdir.glob("*.pt")}
+    labels = {int(read_tensors(p)["label"].argmax()) for p in rnd.outdir.glob("*.pt")}
     assert len(labels) > 1  # random class per seed without --class
     bad = run(generate_cmd, ["--network", models["cond_prior"], "--outdir", tmp_path / "x", "--class", 3], ok=False)
     assert "--class: expected 0..2" in bad.output

@@ -197,7 +197,7 @@ def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], r
 
 
 def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
-    """PNG per seed for image models; ``{name: tensor}`` ``.pt`` (latents + observed) otherwise."""
+    """PNG per seed for image models; otherwise a ``.pt`` of latents + observed in the release's list form."""
     tensors = model.structure.unflatten_latent(x)
     if model.makes_images:
         for path, image in zip(paths, to_uint8(tensors["image"])):
@@ -205,7 +205,7 @@ def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], pa
         return
     tensors = {**obs, **tensors}
     for i, path in enumerate(paths):
-        write_tensors(path, {k: v[i] for k, v in tensors.items()})
+        write_tensors(path, {k: v[i] for k, v in tensors.items()}, model.structure.names)
 
 
 def check_seeds(seeds: Sequence[int], max_batch_size: int) -> list[int]:

@@ -1,4 +1,9 @@
-"""Per-seed sample files: PNG images, ``.pt`` observed-tensor dicts, and image grids. All writes atomic."""
+"""Per-seed sample files: PNG images, ``.pt`` tensor lists, and image grids. All writes atomic.
+
+A ``.pt`` holds one sample as the original release's generate.py saves it (and its ``--load_obs_from``
+reads it): a list over the data class's tensors (e.g. image, embedding, label), None for those the
+sample lacks. vcdm before this format wrote ``{name: tensor}`` dicts; both are read.
+"""
 from __future__ import annotations
 
 import math
@@ -11,7 +16,7 @@ import PIL.Image
 import torch
 
 from vcdm.data import dataset
-from vcdm.data.structure import Structure
+from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
 from vcdm.fileio import atomic_write
 from vcdm.generate.options import GenerateError, seed_path
 
@@ -34,10 +39,39 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write ``{name: tensor}`` (per-sample shapes, own storage) as a ``weights_only``-loadable ``.pt``."""
+def tensor_order(names: Sequence[str]) -> tuple[str, ...]:
+    """The tensor list of the smallest data class that has all of `names` (the release's list order)."""
+    fits = [t for t in DATA_CLASS_TENSORS.values() if set(names) <= set(t)]
+    if not fits:
+        raise ValueError(f"no data class has the tensors {sorted(names)}")
+    return min(fits, key=len)
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                  names: Sequence[str] | None = None) -> None:
+    """Write one sample's ``{name: tensor}`` as the release's list over `names` (default: `tensor_order`),
+    float32 with its own storage, loadable with ``weights_only``."""
+    names = tensor_order(list(tensors)) if names is None else tuple(names)
+    if not set(tensors) <= set(names):
+        raise ValueError(f"tensors {sorted(set(tensors) - set(names))} are not among {list(names)}")
+    data = [tensors[n].detach().to("cpu", torch.float32).clone() if n in tensors else None for n in names]
     with atomic_write(path, "wb") as f:
-        torch.save({k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}, f)
+        torch.save(data, f)
+
+
+def read_tensors(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of a ``.pt`` sample: a dict, or a release-style list whose entries are named by
+    `names` (default: the smallest data class with an embedding that is long enough). As in the
+    release, entries past `names` are ignored: a labelled prior's samples serve an unlabelled model."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, (list, tuple)):
+        if names is None:
+            names = min((t for t in DATA_CLASS_TENSORS.values() if "embedding" in t and len(t) >= len(data)),
+                        key=len, default=DATA_CLASS_TENSORS["LabelledCLIPDataset"])
+        data = {n: t for n, t in zip(names, data) if t is not None}
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a {type(data).__name__}, expected a list or dict of tensors")
+    return data
 
 
 def obs_path(load_obs_from: str | os.PathLike, seed: int) -> Path:
@@ -59,17 +93,13 @@ def check_obs_files(load_obs_from: str | os.PathLike, seeds: Sequence[int]) -> N
 
 def read_observed(load_obs_from: str | os.PathLike, seed: int, structure: Structure,
                   optional: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """Read the tensors ``structure`` observes from a seed's ``.pt`` (a ``{name: tensor}`` dict, or the
-    original release's list ordered like the data class's tensors). Names in ``optional`` may be absent."""
+    """Read the tensors ``structure`` observes from a seed's ``.pt`` (see the module docstring). Names in
+    ``optional`` may be absent."""
     path = obs_path(load_obs_from, seed)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = read_tensors(path, structure.names)
     except Exception as e:  # pickle/zip errors have no common base class
         raise GenerateError(f"--load_obs_from: cannot read {path}: {e}") from None
-    if isinstance(data, (list, tuple)) and len(data) == len(structure.names):
-        data = {n: t for n, t in zip(structure.names, data) if t is not None}
-    if not isinstance(data, dict):
-        raise GenerateError(f"--load_obs_from: {path} holds a {type(data).__name__}, expected a dict of tensors")
     out = {}
     for name in structure.observed_names:
         if name not in data:
