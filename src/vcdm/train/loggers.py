@@ -66,13 +66,19 @@ def rss_gb() -> float:
 
 
 class _Tee:
-    def __init__(self, stream: TextIO, fd: int):
-        self.stream, self.fd = stream, fd
+    """Writes to `stream` and to log.txt; a failed log.txt write (e.g. a full disk) is recorded on
+    `owner.error` and stops the copying, instead of raising from whatever printed."""
+
+    def __init__(self, stream: TextIO, fd: int, owner: "RunLogger"):
+        self.stream, self.fd, self.owner = stream, fd, owner
 
     def write(self, text: str) -> int:
         self.stream.write(text)
-        if text:
-            os.write(self.fd, text.encode("utf-8", "replace"))
+        if text and not self.owner.error:
+            try:
+                os.write(self.fd, text.encode("utf-8", "replace"))
+            except OSError as e:
+                self.owner.error = e.strerror or str(e)
         return len(text)
 
     def flush(self) -> None:
@@ -107,11 +113,12 @@ class RunLogger:
                 raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.use_wandb = use_wandb
+        self.error = ""  # why writing log.txt failed, if it did
         self._fd = os.open(self.run_dir / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._saved = sys.stdout, sys.stderr
 
     def __enter__(self) -> "RunLogger":
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self._fd), _Tee(sys.stderr, self._fd)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self._fd, self), _Tee(sys.stderr, self._fd, self)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -134,12 +141,11 @@ class RunLogger:
             json.dump(options, f, indent=2)
 
     def tick(self, record: dict[str, Any]) -> None:
-        """Record one tick's statistics: stats.jsonl, loss.png, TensorBoard, wandb."""
+        """Record one tick's statistics: stats.jsonl, TensorBoard, wandb (then call plot_loss)."""
         record = dict(record, timestamp=time.time())
         self.records.append(record)
         with atomic_write(self.run_dir / "stats.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.records)
-        self._plot_loss()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "timestamp"}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -158,7 +164,8 @@ class RunLogger:
             import wandb
             wandb.log({name: wandb.Image(str(path))}, step=nimg)
 
-    def _plot_loss(self) -> None:
+    def plot_loss(self) -> None:
+        """loss.png: the loss curve so far."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -1,49 +1,44 @@
-"""EDM's training loop (Karras et al. 2022, NVlabs/edm training_loop.py), with the original release's
+"""EDM's training loop (Karras et al. 2022, NVlabs/edm training_loop.py) with the original release's
 structures and embedders, and with resumable, bit-reproducible state.
 
-One optimiser step: the global batch (`--batch`) is split over the processes and, within each, into
-accumulation rounds of `--batch-gpu` (DDP synchronises only the last round). The loss is the sum of
-EDM's per-element weighted loss divided by the per-process batch, times `--ls` (with
---equally_weight_tensors, as the release: each round adds every tensor's mean over that round's batch,
-vcdm.diffusion.loss.equally_weighted); non-finite gradients
-are zeroed (nan_to_num, as EDM), Adam's learning rate ramps up linearly over `lr_rampup` kimg, and the
-EMA half-life ramps up with the images seen (`ema_rampup`). Random draws (augmentation, noise levels,
-noise) of a round come from a generator seeded by the global position of its first sample, so a run
-is reproducible and independent of the number of processes; dropout uses the (saved) global RNG.
+The loop only orchestrates: `train_step` (step.py) updates a `TrainState` (state.py: networks, EMA,
+optimiser, counters, random states); every tick reports (ticks.py) and saves snapshots, training
+states and sample grids through one write-failure policy (outputs.py). Dropout uses the (saved)
+global RNG; everything else random is seeded by data positions (see step.py), so a run resumed from
+a state continues bit for bit as if it had never stopped.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import errno
 import json
 import math
 import os
-import secrets
+import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from vcdm import distributed as dist
-from vcdm.diffusion.loss import equally_weighted
-from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.batches import BatchMaker
 from vcdm.train.build import Setup, build
-from vcdm.train.loggers import RunLogger, format_time, new_run_id, rss_gb, start_wandb, wandb_wanted
+from vcdm.train.ddp import with_net, wrap_ddp
+from vcdm.train.ema import EMA
+from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
+from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshot
+from vcdm.train.rundir import RunPlan, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
-from vcdm.train.state import STATE_RE, StateError, capture_rng, load_state, newest_valid_state, restore_rng, save_state, state_name
+from vcdm.train.state import StateError, TrainState, load_state, save_state, state_name
+from vcdm.train.step import StepSetup, train_step
+from vcdm.train.ticks import TickStats, tick_line
 
-RESUME_MATCH = ("path", "data_class", "exist", "observed", "arch", "precond", "desc")
+__all__ = ["TrainingError", "train", "dry_run"]
 PREVIEW_MAX = 64
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (non-finite losses, a failed write); the message is one line."""
 
 
 def train(opts: TrainOptions) -> Path | None:
@@ -77,13 +72,27 @@ def dry_run(opts: TrainOptions) -> None:
     return None
 
 
+@dataclass
+class Run:
+    """One run's pieces, as the loop uses them."""
+    setup: Setup
+    state: TrainState
+    step: StepSetup
+    batches: Iterator
+    plan: RunPlan
+    outputs: Outputs
+    config: dict[str, Any]
+    logger: RunLogger | None = None
+    preview: dict[str, Any] | None = None
+    last_state: Path | None = None  # the newest training state written (or resumed from)
+
+
 class Trainer:
     def __init__(self, opts: TrainOptions, device: torch.device):
         self.opts, self.device = opts, device
         self.rank, self.world = dist.rank(), dist.world_size()
         self.stop_signal: str | None = None
 
-    # ---------------------------------------------------------------- setup
     def geometry(self) -> tuple[int, int]:
         """(batch per round, accumulation rounds)."""
         o = self.opts
@@ -95,47 +104,6 @@ class Trainer:
             raise OptionError(f"--batch-gpu {batch_gpu} does not divide the per-process batch {per_rank} "
                               f"(--batch {o.batch} over {self.world} processes)")
         return batch_gpu, per_rank // batch_gpu
-
-    def find_resume(self) -> tuple[Path, dict] | None:
-        """The training state to resume from, loaded and checked (process 0)."""
-        o = self.opts
-        if not o.resume:
-            return None
-        target = Path(o.resume)
-        if o.resume != "auto" and target.is_file():
-            return target, load_state(target)  # raises StateError naming the problem
-        if o.resume == "auto":
-            out = Path(o.outdir)
-            candidates = [out] if o.nosubdir else (list(out.glob("*")) if out.is_dir() else [])
-            dirs = [d for d in candidates if _matches(d, o)]
-        elif target.is_dir():
-            dirs = [target]
-        else:
-            raise OptionError(f"--resume: {o.resume} is neither a training state, a run directory nor 'auto'")
-        found = newest_valid_state(dirs)
-        if found is None:
-            if o.resume == "auto":
-                print("--resume=auto: no valid training state found for these options; starting a new run", flush=True)
-                return None
-            raise OptionError(f"--resume: no valid training-state-*.pt in {o.resume}")
-        return found
-
-    def make_run_dir(self, resume: Path | None) -> tuple[Path, str | None]:
-        """(run directory, wandb id or None). Process 0 decides."""
-        o = self.opts
-        if resume is not None:
-            run_dir = resume.parent
-            run_id = run_dir.name.split("-")[0]
-            wandb_id = start_wandb(o.to_dict(), run_id=run_id, wandb_dir=o.wandb_dir) if wandb_wanted() else None
-            return run_dir, wandb_id
-        wandb_id = start_wandb(o.to_dict(), run_id=o.resume_id, wandb_dir=o.wandb_dir) if wandb_wanted() else None
-        run_id = wandb_id or new_run_id()
-        if o.nosubdir:
-            return Path(o.outdir), wandb_id
-        run_dir = Path(o.outdir) / (f"{run_id}-{o.desc}" if o.desc else run_id)
-        if run_dir.exists():
-            raise OptionError(f"--outdir: run directory {run_dir} already exists")
-        return run_dir, wandb_id
 
     def run(self) -> Path:
         with contextlib.ExitStack() as self.cleanup:  # DataLoader workers stop however the run ends
@@ -149,114 +117,133 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = False
         if o.fp16 and self.device.type != "cuda":
             raise OptionError("--fp16 needs CUDA (GradScaler); on CPU use --bf16")
-
-        # Run directory and resume target (process 0 decides; the others follow).
-        plan, state = None, None
-        if self.rank == 0:
-            try:
-                resume, state = self.find_resume() or (None, None)
-                run_dir, wandb_id = self.make_run_dir(resume)
-                seed = json.loads(state.get("options", "{}")).get("seed") if state is not None else None
-                plan = ("ok", str(resume) if resume else None, str(run_dir), wandb_id,
-                        seed if seed is not None else secrets.randbelow(1 << 31))
-            except (OptionError, StateError) as e:
-                plan = ("error", str(e), None, None, None)
-        plan = dist.broadcast_object(plan)
-        if plan[0] == "error":
-            raise OptionError(plan[1])
-        resume, run_dir, wandb_id = (Path(plan[1]) if plan[1] else None), Path(plan[2]), plan[3]
+        plan, loaded = plan_run(o)
         if o.seed is None:
-            o.seed = int(plan[4])  # the resumed run's seed (its data order and noise), else a random one
-        elif resume is not None and o.seed != plan[4]:
-            dist.print0(f"warning: --seed {o.seed} differs from the resumed run's {plan[4]}; data order and noise change")
+            o.seed = plan.seed  # the resumed run's seed (its data order and noise), else a random one
+        elif plan.resume is not None and o.seed != plan.seed:
+            dist.print0(f"warning: --seed {o.seed} differs from the resumed run's {plan.seed}; data order and noise change")
 
         torch.manual_seed(o.seed)  # network initialisation: the same in every process, whatever their number
         s = build(o, self.device)
-        denoiser, structure, embedder = s.denoiser, s.structure, s.embedder
-        net = denoiser.net.train().requires_grad_(True)
-        if resume is not None and state is None:
-            state = load_state(resume)
-        if state is None:
-            frozen = self.init_weights(net, structure)
-        else:
-            frozen = list(state.get("frozen", []))
+        state = self.make_state(s, plan, loaded)
+        del loaded
+        cached = self.embedding_table(s) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None
+                                             and not o.train_embedder and "embedding" in _used(s.structure)) else None
+        maker = BatchMaker(s.structure, self.device, embedder=s.embedder, augment_pipe=s.augment_pipe, cached=cached)
+        batches = self.cleanup.enter_context(running(self.loader(s, batch_gpu, state.counters["position"])))
+        if not state.restore_rng(self.rank, self.world):
+            if plan.resume is not None:
+                print(f"warning: {plan.resume} was saved by {len(state.rng)} processes, this run has "
+                      f"{self.world}; dropout random streams restart", flush=True)
+            torch.manual_seed(mix_seed(o.seed, (1 << 40) + self.rank))
+
+        ddp = wrap_ddp(state.net, self.device)
+        step = self.step_setup(s, with_net(s.denoiser, ddp), ddp, maker, rounds, batch_gpu)
+        training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu)
+        run = Run(s, state, step, batches, plan, Outputs(plan.run_dir), s.config(training),
+                  last_state=plan.resume)
+        if self.rank == 0:
+            run.logger = self.start_logging(run, training)
+            if run.logger is not None:
+                self.cleanup.enter_context(run.logger)
+        run.outputs.check()
+        self.cleanup.enter_context(self.signals())
+        self.announce(run, rounds, batch_gpu)
+        run.preview = self.preview_setup(run, cached, batch_gpu)
+        self.loop(run)
+        return plan.run_dir
+
+    def make_state(self, s: Setup, plan: RunPlan, loaded: dict | None) -> TrainState:
+        """Networks, EMA and optimiser: initialised (--pretrained_weights, --transfer) or resumed."""
+        o = self.opts
+        net = s.denoiser.net.train().requires_grad_(True)
+        if plan.resume is not None and loaded is None:
+            loaded = load_state(plan.resume)  # processes other than 0
+        frozen = self.init_weights(net) if loaded is None else list(loaded.get("frozen", []))
         for name, p in net.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
-        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        ema = EMA(net, halflife_nimg=o.ema * 1e6, rampup=None if o.transfer else o.ema_rampup)
         params = list(net.parameters())
-        if embedder is not None and o.train_embedder:
-            embedder.train()
-            params += [p for p in embedder.parameters() if p.requires_grad]
+        trained_embedder = s.embedder if s.embedder is not None and o.train_embedder else None
+        if trained_embedder is not None:
+            trained_embedder.train()
+            params += [p for p in trained_embedder.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=o.lr, betas=(0.9, 0.999), eps=1e-8)
         scaler = torch.amp.GradScaler("cuda") if o.fp16 else None
-        counters = {"nimg": 0, "tick": 0, "position": 0, "nonfinite": 0, "total_sec": 0.0}
-        if state is not None:
+        state = TrainState(net, ema, optimizer, scaler=scaler, embedder=trained_embedder, frozen=frozen)
+        if loaded is not None:
             try:
-                net.load_state_dict(state["net"])
-                ema.load_state_dict(state["ema"])
-                optimizer.load_state_dict(state["optimizer"])
-                if scaler is not None and state.get("scaler"):
-                    scaler.load_state_dict(state["scaler"])
-                if embedder is not None and o.train_embedder and state.get("embedder"):
-                    embedder.load_state_dict(state["embedder"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise OptionError(f"--resume: {resume} does not fit these options ({str(e).splitlines()[0]})") from None
-            counters.update(state["counters"])
+                state.load_state_dict(loaded)
+            except StateError as e:
+                raise OptionError(f"--resume: {plan.resume} does not fit these options ({e})") from None
+            state.counters["nonfinite"] = 0  # a resumed run (e.g. with a lower --lr) starts counting afresh
+        return state
 
-        # Data: position-indexed, rank-sharded, endless.
-        augment_pipe = s.augment_pipe
-        cached = self.embedding_table(s) if (o.embed_cache and embedder is not None and augment_pipe is None
-                                             and not o.train_embedder and "embedding" in _used(structure)) else None
-        maker = BatchMaker(structure, self.device, embedder=embedder, augment_pipe=augment_pipe, cached=cached)
-        loader = torch.utils.data.DataLoader(
+    def loader(self, s: Setup, batch_gpu: int, position: int) -> torch.utils.data.DataLoader:
+        """The endless, position-indexed, rank-sharded stream of samples from `position` on."""
+        o = self.opts
+        return torch.utils.data.DataLoader(
             ShuffledDataset(s.dataset, o.seed), batch_size=batch_gpu, num_workers=o.workers,
-            sampler=PositionSampler(batch=o.batch, rank=self.rank, world_size=self.world, start=counters["position"]),
+            sampler=PositionSampler(batch=o.batch, rank=self.rank, world_size=self.world, start=position),
             pin_memory=self.device.type == "cuda", prefetch_factor=2 if o.workers else None,
             worker_init_fn=_quiet_worker)
-        batches = self.cleanup.enter_context(running(loader))
-        if state is not None and len(state.get("rng", [])) == self.world:
-            restore_rng(state["rng"][self.rank])
+
+    def step_setup(self, s: Setup, train_denoiser, ddp, maker: BatchMaker, rounds: int, batch_gpu: int) -> StepSetup:
+        o, dev = self.opts, self.device.type
+        autocast = (lambda: torch.autocast(dev, dtype=torch.float16)) if o.fp16 else (
+            (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if o.bf16 else contextlib.nullcontext)
+        sizes = [s.structure.numel(n) for n in s.structure.latent_names]
+        return StepSetup(train_denoiser, ddp, s.loss_fn, maker, sizes, rounds, batch_gpu * rounds, o.batch, o.seed,
+                         ls=o.ls, equally_weight=o.equally_weight_tensors, lr=o.lr, lr_rampup=o.lr_rampup,
+                         train_embedder=o.train_embedder, autocast=autocast)
+
+    def start_logging(self, run: Run, training: dict[str, Any]) -> RunLogger | None:
+        """Process 0: make the run directory, remove a killed run's temp files, open the logs.
+        None if that failed (recorded in run.outputs; a directory made here is removed again)."""
+        o, run_dir = self.opts, run.plan.run_dir
+        existed = run_dir.is_dir()
+        for p in remove_stale_temp_files(run_dir) if existed else []:
+            print(f"removed {p.name}, a temp file left by an interrupted run", flush=True)
+        logger = None
+
+        def start() -> None:
+            nonlocal logger
+            logger = RunLogger(run_dir, resume_nimg=run.state.counters["nimg"] if run.plan.resume else None,
+                               tensorboard=o.tensorboard, use_wandb=run.plan.wandb_id is not None)
+            if run.plan.resume is None:
+                logger.write_options(training)
+
+        if not run.outputs.attempt(run_dir, start):
+            if logger is not None:
+                logger.close()
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            return None
+        return logger
+
+    def announce(self, run: Run, rounds: int, batch_gpu: int) -> None:
+        if self.rank != 0:
+            return
+        o, s, net, counters = self.opts, run.setup, run.state.net, run.state.counters
+        if run.plan.resume is None:
+            print(f"Run directory: {run.plan.run_dir}")
         else:
-            if state is not None:
-                print(f"warning: {resume} was saved by {len(state.get('rng', []))} processes, this run has "
-                      f"{self.world}; dropout random streams restart", flush=True)
-            torch.manual_seed(mix_seed(o.seed, (1 << 40) + self.rank))
-        del state
+            print(f"Resuming from {run.plan.resume} at {counters['nimg'] / 1000:.1f} kimg")
+        n_params = sum(p.numel() for p in net.parameters())
+        n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        print(f"Network: {s.net_class}, {n_params:,} parameters ({n_train:,} trained); structure: generate "
+              f"{list(s.structure.latent_names)}, condition on {list(s.structure.observed_names)}")
+        print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
+              f"training for {o.duration:g} Mimg")
 
-        ddp = wrap_ddp(net, self.device)
-        train_denoiser = with_net(denoiser, ddp)
-        ema_denoiser = with_net(denoiser, ema)
-        training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu)
-        config = s.config(training)
-
-        logger = RunLogger(run_dir, resume_nimg=counters["nimg"] if resume else None, tensorboard=o.tensorboard,
-                           use_wandb=wandb_id is not None) if self.rank == 0 else None
-        with logger if logger is not None else contextlib.nullcontext(), self.signals():
-            if self.rank == 0:
-                if resume is None:
-                    logger.write_options(training)
-                    print(f"Run directory: {run_dir}")
-                else:
-                    print(f"Resuming from {resume} at {counters['nimg'] / 1000:.1f} kimg")
-                n_params = sum(p.numel() for p in net.parameters())
-                n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-                print(f"Network: {s.net_class}, {n_params:,} parameters ({n_train:,} trained); "
-                      f"structure: generate {list(structure.latent_names)}, condition on {list(structure.observed_names)}")
-                print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
-                      f"training for {o.duration:g} Mimg")
-            preview = self.preview_setup(s, cached, batch_gpu, run_dir, first=resume is None)
-            self.loop(s, ddp, train_denoiser, ema, ema_denoiser, optimizer, scaler, maker, batches, counters,
-                      rounds, batch_gpu, frozen, config, run_dir, logger, preview)
-        return run_dir
-
-    def init_weights(self, net, structure) -> list[str]:
+    def init_weights(self, net) -> list[str]:
         """--pretrained_weights / --transfer; returns the names of frozen parameters."""
         from vcdm.train import finetune
 
         o = self.opts
         if o.pretrained_weights:
-            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained, structure=structure)
+            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained)
             return [n for n, p in net.named_parameters() if not p.requires_grad]
         if o.transfer:
             finetune.transfer(o.transfer, net)
@@ -264,32 +251,33 @@ class Trainer:
 
     def embedding_table(self, s: Setup) -> torch.Tensor:
         """Embeddings of every dataset image (no augmentation), computed once and cached beside the dataset."""
-        from tqdm import tqdm
-
         from vcdm.embedders.base import cached_fit, image_batches
+        from vcdm.train.outputs import write_failure
 
         emb, key = s.embedder, {"embedder": s.embedder.identity(), "data_key": s.data_key, "xflip": self.opts.xflip}
 
         def compute() -> dict[str, torch.Tensor]:
-            n, bs = len(s.dataset), 64
             with torch.no_grad():
-                out = [emb.embed(b.to(self.device)).cpu() for b in tqdm(
-                    image_batches(s.dataset, batch_size=bs), total=-(-n // bs), desc="embedding the dataset",
-                    disable=self.rank != 0)]
+                out = [emb.embed(b.to(self.device)).cpu() for b in image_batches(s.dataset, batch_size=64)]
             return {"embeddings": torch.cat(out)}
 
         if self.rank != 0:
             dist.barrier()
         cache_dir = s.cache_dir if _writable_dir(s.cache_dir) else None
-        table = cached_fit(cache_dir, f"embeddings-{emb.name}", key, compute)["embeddings"]
+        try:
+            table = cached_fit(cache_dir, f"embeddings-{emb.name}", key, compute)["embeddings"]
+        except OSError as e:
+            raise TrainingError(f"cannot write the embedding cache in {cache_dir} ({write_failure(e, s.cache_dir)}); "
+                                f"free space there or train with --embed-cache=0") from None
         if self.rank == 0:
             dist.barrier()
         return table.to(self.device)
 
-    def preview_setup(self, s: Setup, cached, batch_gpu: int, run_dir: Path, first: bool) -> dict[str, Any] | None:
+    def preview_setup(self, run: Run, cached, batch_gpu: int) -> dict[str, Any] | None:
         """Fixed conditioning for sample grids (image models only: None otherwise)."""
         from vcdm.train.preview import conditioning, save_grid
 
+        s = run.setup
         if s.structure.latent_names != ("image",) or not self.opts.sample:
             return None
         if self.rank != 0:
@@ -297,9 +285,10 @@ class Trainer:
         n = min(batch_gpu, PREVIEW_MAX)
         maker = BatchMaker(s.structure, self.device, embedder=s.embedder, cached=cached)
         y, reals = conditioning(s.dataset, maker, n)
-        if first and y is not None:
-            save_grid(reals, run_dir / "samples-conditioning.png")
-        return {"y": y, "n": n}
+        path = run.plan.run_dir / "samples-conditioning.png"
+        if run.plan.resume is None and y is not None:
+            run.outputs.attempt(path, lambda: save_grid(reals, path))
+        return {"y": y, "n": n, "denoiser": with_net(s.denoiser, run.state.ema.ema)}
 
     @contextlib.contextmanager
     def signals(self):
@@ -321,204 +310,89 @@ class Trainer:
                 signal.signal(sig, h)
 
     # ---------------------------------------------------------------- training
-    def loop(self, s: Setup, ddp, train_denoiser, ema, ema_denoiser, optimizer, scaler, maker, batches, counters,
-             rounds, batch_gpu, frozen, config, run_dir, logger, preview) -> None:
-        o, device, structure = self.opts, self.device, s.structure
-        net = s.denoiser.net
-        per_rank = batch_gpu * rounds
+    def loop(self, run: Run) -> None:
+        """Steps until done; at each tick, report and save."""
+        o, counters = self.opts, run.state.counters
         total_nimg = max(round(o.duration * 1e6), 1)
-        autocast = (torch.autocast(device.type, dtype=torch.float16) if o.fp16 else
-                    torch.autocast(device.type, dtype=torch.bfloat16) if o.bf16 else contextlib.nullcontext())
-        names = structure.latent_names
-        sizes = [structure.numel(n) for n in names]
-        embedder_grads = s.embedder is not None and o.train_embedder and self.world > 1
+        names = run.setup.structure.latent_names
+        stats = TickStats(names, run.step.sizes, o.batch, counters["nimg"])
         start_time = time.time() - counters["total_sec"]
         deadline = time.time() + o.time_limit if o.time_limit > 0 else math.inf
-        tick_start_nimg, tick_start_time = counters["nimg"], time.time()
-        tick_loss = torch.zeros(len(names) + 1, dtype=torch.float64)
-        tick_steps = tick_nonfinite = 0
-        maintenance = 0.0
         if self.rank == 0:
             print(f"Training from {counters['nimg'] / 1000:.1f} kimg to {total_nimg / 1000:.1f} kimg...", flush=True)
-
-        while True:
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
-            for r in range(rounds):
-                positions, indices, images, labels = next(batches)
-                gen = torch.Generator(device).manual_seed(mix_seed(o.seed, int(positions[0])))
-                sync = r == rounds - 1 or ddp is net
-                with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                    with torch.set_grad_enabled(o.train_embedder):  # float32, so cached embeddings match
-                        batch = maker(indices, images, labels, gen)
-                    with autocast:
-                        loss = s.loss_fn(train_denoiser, batch.x, batch.y, batch.augment_labels, generator=gen)
-                    loss = loss.float()
-                    parts = loss.split(sizes, dim=1)
-                    if o.equally_weight_tensors:
-                        scalar = equally_weighted(loss, sizes) * o.ls
-                    else:
-                        scalar = loss.sum() * (o.ls / per_rank)
-                    (scaler.scale(scalar) if scaler is not None else scalar).backward()
-                with torch.no_grad():
-                    step_loss[0] += loss.sum(dtype=torch.float64)
-                    for i, p in enumerate(parts):
-                        step_loss[i + 1] += p.sum(dtype=torch.float64)
-
-            # One collective: loss sums and the stop flag.
+        def want_stop() -> bool:
             if self.stop_signal is None and time.time() >= deadline:
                 self.stop_signal = "--time-limit"
-            flags = [float(self.stop_signal is not None)]
-            totals = dist.all_sum(step_loss.tolist() + flags, device)
-            finite = all(math.isfinite(v) for v in totals[:-1])
-            stop = totals[-1] > 0
+            return self.stop_signal is not None
 
-            # Update weights.
-            ramp = 1.0 if o.lr_rampup <= 0 else min(counters["nimg"] / max(o.lr_rampup * 1000, 1e-8), 1.0)
-            for g in optimizer.param_groups:
-                g["lr"] = o.lr * ramp
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if embedder_grads:
-                for p in s.embedder.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad.div_(self.world)
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-
-            # Update EMA.
-            halflife = o.ema * 1e6
-            if o.ema_rampup is not None and o.ema_rampup > 0 and not o.transfer:
-                halflife = min(halflife, counters["nimg"] * o.ema_rampup)
-            beta = 0.5 ** (o.batch / max(halflife, 1e-8))
-            with torch.no_grad():
-                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                    p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-                for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-                    b_ema.copy_(b_net)
-
-            counters["nimg"] += o.batch
-            counters["position"] += o.batch
-            tick_steps += 1
-            if finite:
-                counters["nonfinite"] = 0
-                tick_loss += torch.tensor(totals[:-1], dtype=torch.float64)
-            else:
-                counters["nonfinite"] += 1
-                tick_nonfinite += 1
-            failed_nonfinite = o.max_nonfinite > 0 and counters["nonfinite"] >= o.max_nonfinite
-            done = counters["nimg"] >= total_nimg or stop or failed_nonfinite
-            if not done and counters["tick"] != 0 and counters["nimg"] < tick_start_nimg + o.tick * 1000:
+        while True:
+            result = train_step(run.state, run.step, run.batches, want_stop)
+            stats.add(result.totals, result.finite)
+            diverged = o.max_nonfinite > 0 and counters["nonfinite"] >= o.max_nonfinite
+            done = counters["nimg"] >= total_nimg or result.stop or diverged
+            if not done and counters["tick"] != 0 and counters["nimg"] < stats.start_nimg + o.tick * 1000:
                 continue
-
-            # Tick: report.
-            tick_end_time = time.time()
-            counters["total_sec"] = tick_end_time - start_time
-            kimg = counters["nimg"] / 1000
-            tick_nimg = counters["nimg"] - tick_start_nimg
-            sec_per_kimg = (tick_end_time - tick_start_time) / max(tick_nimg, 1) * 1000
-            ok_steps = tick_steps - tick_nonfinite
-            n_el = max(ok_steps, 1) * o.batch
-            record = {"tick": counters["tick"], "kimg": kimg, "nimg": counters["nimg"],
-                      "loss": tick_loss[0].item() / (n_el * structure.latent_dim) if ok_steps else None,
-                      **{f"loss/{n}": (tick_loss[i + 1].item() / (n_el * sizes[i]) if ok_steps else None)
-                         for i, n in enumerate(names)},
-                      "nonfinite_steps": tick_nonfinite, "lr": o.lr * ramp, "ema_halflife_kimg": halflife / 1000,
-                      "sec_per_tick": tick_end_time - tick_start_time, "sec_per_kimg": sec_per_kimg,
-                      "maintenance_sec": maintenance, "total_sec": counters["total_sec"]}
-            if device.type == "cuda":
-                record["maxmem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                record["rss_gb"] = rss_gb()
+            tick_end = time.time()
+            counters["total_sec"] = tick_end - start_time
+            record = stats.record(counters, lr=result.lr, ema_halflife=run.state.ema.halflife(counters["nimg"] - o.batch),
+                                  device=self.device)
             if self.rank == 0:
-                eta = (total_nimg - counters["nimg"]) / 1000 * sec_per_kimg
-                mem = f"maxmem {record['maxmem_gb']:.2f}" if "maxmem_gb" in record else f"rss {record['rss_gb']:.2f}"
-                loss_txt = f"{record['loss']:.4f}" if record["loss"] is not None else "non-finite"
-                print(f"tick {counters['tick']:<5d} kimg {kimg:<9.1f} time {format_time(counters['total_sec']):<10s} "
-                      f"sec/tick {record['sec_per_tick']:<7.1f} sec/kimg {sec_per_kimg:<8.2f} "
-                      f"eta {format_time(eta) if not done else '-':<9s} {mem} loss {loss_txt}", flush=True)
-                logger.tick(record)
-
-            # Tick: save.
-            tick = counters["tick"]
-            counters["tick"] += 1  # the state records the next tick
-            kimg_name = counters["nimg"] // 1000
-            if done or (o.snap and tick % o.snap == 0):
-                path = run_dir / f"network-snapshot-{kimg_name:06d}.safetensors"
-                self.save(path, lambda: self.write_snapshot(path, ema, s, config, counters))
-            if done or (o.dump and tick % o.dump == 0 and tick != 0):
-                rng = dist.gather_objects(capture_rng(counters["position"]))
-                state = {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else {},
-                         "embedder": s.embedder.state_dict() if s.embedder is not None and o.train_embedder else {},
-                         "rng": rng, "counters": dict(counters), "frozen": frozen,
-                         "options": json.dumps(o.to_dict())}
-                self.save(run_dir / state_name(kimg_name), lambda: save_state(run_dir / state_name(kimg_name), state))
-                del state
-            if preview is not None and o.sample and (done or tick % o.sample == 0):
-                path = run_dir / f"samples-{kimg_name:06d}.png"
-                self.save(path, lambda: self.write_preview(ema_denoiser, preview, path, counters["nimg"], logger))
-
-            if failed_nonfinite:
-                raise TrainingError(f"{counters['nonfinite']} consecutive non-finite losses at {kimg:.1f} kimg; "
-                                    f"stopped and saved {run_dir / state_name(kimg_name)} (lower --lr, try --bf16 "
-                                    f"instead of --fp16, or check the data)")
-            if stop and self.rank == 0:
-                print(f"Stopped by {self.stop_signal or 'a signal'} at {kimg:.1f} kimg; resume with --resume={run_dir}",
-                      flush=True)
+                print(tick_line(record, total_nimg, done), flush=True)
+                run.outputs.attempt(run.plan.run_dir / "stats.jsonl", lambda: run.logger.tick(record))
+                run.outputs.attempt(run.plan.run_dir / "loss.png", run.logger.plot_loss)
+            self.save_tick(run, done, diverged)
+            self.finish_tick(run, result.stop, diverged, record["kimg"])
             if done:
                 break
-            tick_start_nimg, tick_start_time = counters["nimg"], time.time()
-            maintenance = tick_start_time - tick_end_time
-            tick_loss.zero_()
-            tick_steps = tick_nonfinite = 0
-
+            stats.start(counters["nimg"], maintenance=time.time() - tick_end)
         if self.rank == 0:
             print("Exiting...", flush=True)
 
-    def save(self, path: Path, write) -> None:
-        """Run `write` on process 0; every process stops with one clear error if it failed."""
-        error = ""
-        if self.rank == 0:
-            try:
-                write()
-            except OSError as e:
-                what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-                error = (f"cannot write {path} ({what}); earlier snapshots and training states are intact; "
-                         f"free space, then rerun with --resume=auto")
-        error = dist.broadcast_object(error)
-        if error:
-            raise TrainingError(error)
+    def save_tick(self, run: Run, done: bool, diverged: bool) -> None:
+        """Snapshot, training state and sample grid as the intervals say (all at the end); a diverged
+        run's state is saved as training-state-*-nonfinite.pt, which --resume=auto passes over."""
+        o, state, outputs, run_dir = self.opts, run.state, run.outputs, run.plan.run_dir
+        tick = state.counters["tick"]
+        state.counters["tick"] += 1  # the state records the next tick
+        kimg = state.counters["nimg"] // 1000
+        if not diverged and (done or (o.snap and tick % o.snap == 0)):
+            path = run_dir / f"network-snapshot-{kimg:06d}.safetensors"
+            outputs.attempt(path, lambda: write_snapshot(path, state.ema, run.setup.embedder, run.config,
+                                                          state.counters["nimg"]))
+        if done or (o.dump and tick % o.dump == 0 and tick != 0):
+            data = state.state_dict(json.dumps(o.to_dict()))
+            path = run_dir / state_name(kimg, suffix="-nonfinite" if diverged else "")
+            if outputs.attempt(path, lambda: save_state(path, data)) and not diverged:
+                run.last_state = path
+            del data
+        if run.preview is not None and o.sample and not diverged and (done or tick % o.sample == 0):
+            path = run_dir / f"samples-{kimg:06d}.png"
+            outputs.attempt(path, lambda: self.write_preview(run.preview, path, state.counters["nimg"], run.logger))
+        if self.rank == 0 and run.logger is not None and run.logger.error:
+            outputs.fail(run_dir / "log.txt", run.logger.error)
+        outputs.check()
 
-    def write_snapshot(self, path: Path, ema, s: Setup, config: dict, counters: dict) -> None:
-        from vcdm.checkpoints import save_checkpoint
+    def finish_tick(self, run: Run, stop: bool, diverged: bool, kimg: float) -> None:
+        run_dir = run.plan.run_dir
+        if diverged:
+            last = (f"the last finite training state is {run.last_state}: resume from it with "
+                    f"--resume={run.last_state}" if run.last_state else "no finite training state was saved")
+            raise TrainingError(f"{self.opts.max_nonfinite} consecutive non-finite losses at {kimg:.1f} kimg; "
+                                f"stopped; {last} and a lower --lr, --bf16 instead of --fp16, or checked data")
+        if stop and self.rank == 0:
+            print(f"Stopped by {self.stop_signal or 'a signal'} at {kimg:.1f} kimg; resume with --resume={run_dir}",
+                  flush=True)
 
-        tensors = {"net": ema.state_dict()}
-        if s.embedder is not None:
-            extra = s.embedder.export_state()
-            if extra:
-                tensors["embedder"] = extra
-        save_checkpoint(path, tensors, dict(config, training=dict(config["training"], nimg=counters["nimg"])))
-
-    def write_preview(self, ema_denoiser, preview: dict, path: Path, nimg: int, logger) -> None:
+    def write_preview(self, preview: dict, path: Path, nimg: int, logger) -> None:
         from vcdm.train.preview import sample_images, save_grid
 
-        save_grid(sample_images(ema_denoiser, preview["y"], preview["n"], self.device), path)
+        save_grid(sample_images(preview["denoiser"], preview["y"], preview["n"], self.device), path)
         logger.image("samples", path, nimg)
 
 
 def _quiet_worker(_: int) -> None:
     """DataLoader workers ignore SIGINT/SIGTERM, which Ctrl-C and torchrun send to the whole process
-    group: the main process finishes its step, saves, and then stops them (or they notice it is gone)."""
+    group: the main process finishes its step, saves, and then stops them (sampler.running)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -533,14 +407,3 @@ def _writable_dir(path: Path) -> bool:
         return True
     except OSError:
         return False
-
-
-def _matches(run_dir: Path, opts: TrainOptions) -> bool:
-    """Whether a run directory was made by a run with the same data, structure and model options."""
-    try:
-        recorded = json.loads((run_dir / "training_options.json").read_text())
-    except (OSError, ValueError):
-        return False
-    current = opts.to_dict()
-    return all(recorded.get(k) == current.get(k) for k in RESUME_MATCH) and any(
-        STATE_RE.fullmatch(p.name) for p in run_dir.glob("training-state-*.pt"))

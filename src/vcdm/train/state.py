@@ -27,8 +27,9 @@ class StateError(ValueError):
     """A training state that cannot be used."""
 
 
-def state_name(kimg: int) -> str:
-    return f"training-state-{kimg:06d}.pt"
+def state_name(kimg: int, suffix: str = "") -> str:
+    """`training-state-<kimg>.pt`; with a suffix (e.g. "-nonfinite") a name that `--resume` never picks."""
+    return f"training-state-{kimg:06d}{suffix}.pt"
 
 
 def _digest(path: Path) -> str:
@@ -125,3 +126,49 @@ def restore_rng(rng: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = rng["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+class TrainState:
+    """Everything a run resumes from: the network, its EMA, the optimiser (and fp16 scaler), a trained
+    embedder, the counters (images seen, tick, data position, consecutive non-finite steps, seconds)
+    and every process's random states. `state_dict()` is what `save_state` writes."""
+
+    def __init__(self, net: torch.nn.Module, ema, optimizer: torch.optim.Optimizer, *, scaler=None,
+                 embedder: torch.nn.Module | None = None, frozen: list[str] | None = None):
+        self.net, self.ema, self.optimizer, self.scaler, self.embedder = net, ema, optimizer, scaler, embedder
+        self.frozen = list(frozen or [])
+        self.counters: dict[str, Any] = {"nimg": 0, "tick": 0, "position": 0, "nonfinite": 0, "total_sec": 0.0}
+        self.rng: list[dict[str, Any]] = []  # per process, as loaded; see restore_rng
+
+    def state_dict(self, options: str = "{}") -> dict[str, Any]:
+        """The state to save, with the random states of every process (a collective: all must call it)."""
+        from vcdm import distributed as dist
+
+        return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "embedder": self.embedder.state_dict() if self.embedder is not None else {},
+                "rng": dist.gather_objects(capture_rng(self.counters["position"])),
+                "counters": dict(self.counters), "frozen": list(self.frozen), "options": options}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load weights, optimiser and counters; raise StateError if they do not fit. The random states
+        are kept for `restore_rng` (called once the data loader has drawn its own seed)."""
+        try:
+            self.net.load_state_dict(state["net"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if self.embedder is not None and state.get("embedder"):
+                self.embedder.load_state_dict(state["embedder"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise StateError(str(e).splitlines()[0]) from None
+        self.counters.update(state["counters"])
+        self.rng = list(state.get("rng", []))
+
+    def restore_rng(self, rank: int, world_size: int) -> bool:
+        """Restore this process's random states; False if the state was saved by another number of processes."""
+        if len(self.rng) != world_size:
+            return False
+        restore_rng(self.rng[rank])
+        return True

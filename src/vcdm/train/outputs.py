@@ -1,0 +1,93 @@
+"""What a run writes, under one policy for failed writes (full disk, permissions, I/O errors).
+
+Process 0 writes; a write that fails leaves the earlier files as they were (every write is atomic)
+and becomes one line naming the file and how to resume; `check()` stops every process with it.
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from vcdm import distributed as dist
+
+# Temp files of atomic writes (vcdm.fileio: ".<name>.<random>.tmp") that a killed run leaves behind.
+TEMP_GLOBS = (".training-state-*.tmp", ".network-snapshot-*.tmp", ".samples-*.tmp", ".loss.png.*.tmp",
+              ".stats.jsonl.*.tmp", ".training_options.json.*.tmp")
+# torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer.
+TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (non-finite losses, a failed write); the message is one line."""
+
+
+def write_failure(e: BaseException, path: Path) -> str | None:
+    """Why writing `path` failed, in a few words, if `e` is a write failure (else None: a bug)."""
+    if isinstance(e, OSError):
+        return {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_WRITE_ERRORS):
+        try:
+            full = shutil.disk_usage(path.parent).free < 1 << 20
+        except OSError:
+            full = False
+        return "disk full" if full else f"write failed: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+class Outputs:
+    """Guarded writes into one run directory (process 0 writes, every process checks)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.error = run_dir, ""
+
+    def attempt(self, path: Path, write: Callable[[], None]) -> bool:
+        """Run `write` on process 0 unless a write already failed; record a write failure. True if written."""
+        if dist.rank() != 0 or self.error:
+            return False
+        try:
+            write()
+            return True
+        except (OSError, RuntimeError) as e:
+            why = write_failure(e, Path(path))
+            if why is None:
+                raise
+            self.fail(path, why)
+            return False
+
+    def fail(self, path: Path, why: str) -> None:
+        self.error = self.error or (f"cannot write {path} ({why}); earlier snapshots and training states are intact; "
+                                    f"fix that, then resume with: vcdm train --resume={self.run_dir} (and the same options)")
+
+    def check(self) -> None:
+        """Stop every process, with one line, if a write of process 0 failed (a collective)."""
+        error = dist.broadcast_object(self.error)
+        if error:
+            raise TrainingError(error)
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temp files that killed runs left in `run_dir` (a complete state among them can be GBs)."""
+    removed = []
+    for pattern in TEMP_GLOBS:
+        for p in run_dir.glob(pattern):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def write_snapshot(path: Path, ema, embedder, config: dict, nimg: int) -> None:
+    """The EMA network (and a fitted embedder's state) with the checkpoint config."""
+    from vcdm import checkpoints
+
+    tensors = {"net": ema.state_dict()}
+    if embedder is not None:
+        extra = embedder.export_state()
+        if extra:
+            tensors["embedder"] = extra
+    checkpoints.save_checkpoint(path, tensors, dict(config, training=dict(config["training"], nimg=nimg)))
