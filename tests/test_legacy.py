@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, load_checkpoint, save_checkpoint
 from vcdm.cli.main import cli
 from vcdm.data.structure import Structure
 from vcdm.legacy import (LegacyError, UnsafePickleError, import_edm, load_legacy_pickle, load_pretrained,
@@ -163,19 +163,19 @@ def test_import_edm_pickle_roundtrip(fake_modules, marker, save):
     assert_state_equal(rec.state_dict, net.state_dict())
 
     import_edm(src, dest)
-    denoiser, config, _ = load_checkpoint(dest)
+    denoiser, raw, _ = load_checkpoint(dest)
+    config = CheckpointConfig.from_dict(raw)
     assert_state_equal(denoiser.net.state_dict(), net.state_dict())
-    net_cfg = config["network"]
-    assert net_cfg["class"] == "SongUNet" and net_cfg["kwargs"] == {**net_cfg["kwargs"], **kwargs}
-    assert config["network"]["kwargs"]["channel_mult_emb"] == 4  # defaults written out
-    den = config["denoiser"]
+    assert config.network == "SongUNet" and config.net_kwargs == {**config.net_kwargs, **kwargs}
+    assert config.net_kwargs["channel_mult_emb"] == 4  # defaults written out
+    den = config.denoiser
     assert (den["kind"], den["beta_d"], den["beta_min"], den["M"], den["epsilon_t"]) == ("vp", 18.0, 0.2, 1000, 1e-5)
-    assert config["structure"] == {"names": ["image", "label"], "shapes": [[3, 8, 8], [0]],
-                                   "exist": [1, 0], "observed": [0, 0]}
-    assert config["imported_from"]["file"] == "edm.pkl" and config["data"]["path"] == "datasets/tiny.zip"
+    assert config.structure == {"names": ["image", "label"], "shapes": [[3, 8, 8], [0]],
+                                "exist": [1, 0], "observed": [0, 0]}
+    assert config.imported_from["file"] == "edm.pkl" and config.data["path"] == "datasets/tiny.zip"
 
     # Same function as the original network under the same preconditioning.
-    reference = Denoiser(net.eval(), Structure.from_dict(config["structure"]), **config["denoiser"])
+    reference = Denoiser(net.eval(), Structure.from_dict(config.structure), **config.denoiser)
     x, sigma = torch.randn(2, 3 * 8 * 8), torch.tensor([0.5, 3.0])
     with torch.no_grad():
         assert torch.equal(denoiser(x, sigma), reference(x, sigma))
@@ -188,13 +188,13 @@ def test_precond_kinds_and_conditional(fake_modules, marker, precond, kind):
     net, kwargs = edm_pickle(src, marker, precond=precond, label_dim=5, embedding_type="fourier",
                              channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
     config, state = to_vcdm(load_legacy_pickle(src))
-    assert config["denoiser"]["kind"] == kind
+    assert config.denoiser["kind"] == kind
     if kind == "ve":
-        assert (config["denoiser"]["sigma_min"], config["denoiser"]["sigma_max"]) == (0.02, 100)
+        assert (config.denoiser["sigma_min"], config.denoiser["sigma_max"]) == (0.02, 100)
     else:
-        assert config["denoiser"]["sigma_min"] is None and config["denoiser"]["sigma_max"] is None
-    assert config["structure"]["exist"] == [1, 1] and config["structure"]["observed"] == [0, 1]
-    assert config["structure"]["shapes"] == [[3, 8, 8], [5]]
+        assert config.denoiser["sigma_min"] is None and config.denoiser["sigma_max"] is None
+    assert config.structure["exist"] == [1, 1] and config.structure["observed"] == [0, 1]
+    assert config.structure["shapes"] == [[3, 8, 8], [5]]
     assert "map_noise.freqs" in state
     assert_state_equal(state, net.state_dict())
 
@@ -204,7 +204,7 @@ def test_retarget_unconditional_to_embedding(fake_modules, marker):
     net, _ = edm_pickle(src, marker)
     structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (7,)}, "1,1", "0,1")
     config, state = to_vcdm(load_legacy_pickle(src), structure=structure)
-    assert config["network"]["kwargs"]["label_dim"] == 7 and config["data"]["data_class"] == "CLIPDataset"
+    assert config.net_kwargs["label_dim"] == 7 and config.data["data_class"] == "CLIPDataset"
     assert torch.equal(state["map_label.weight"], torch.zeros(16, 7))
     assert torch.equal(state["map_label.bias"], torch.zeros(16))
     # Zero map_label: the conditioning is ignored, the network computes what it did.
@@ -244,11 +244,11 @@ def test_vcdm_release_snapshot(fake_modules, marker):
     rec = load_legacy_pickle(path)
     assert rec.release == "vcdm" and rec.structure["exist"] == [1, 1] and rec.structure["shapes"] == [[3, 8, 8], [6]]
     config, state = to_vcdm(rec)
-    assert config["network"]["kwargs"] == {**config["network"]["kwargs"], **kwargs}
-    assert config["structure"] == {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]],
-                                   "exist": [1, 1], "observed": [0, 1]}
-    assert config["denoiser"]["noise_mult"] == [1.0, 2.0] and config["denoiser"]["pred_x0"] == [0, 0]
-    assert config["data"]["data_class"] == "CLIPDataset"
+    assert config.net_kwargs == {**config.net_kwargs, **kwargs}
+    assert config.structure == {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]],
+                                "exist": [1, 1], "observed": [0, 1]}
+    assert config.denoiser["noise_mult"] == [1.0, 2.0] and config.denoiser["pred_x0"] == [0, 0]
+    assert config.data["data_class"] == "CLIPDataset"
     assert_state_equal(state, net.state_dict())
     assert not marker.exists()
 

@@ -1,14 +1,20 @@
 """Safe checkpoints: safetensors weights + a JSON config in the file's metadata.
 
-One file per snapshot. The config records everything needed to rebuild the denoiser (network class
-and kwargs, preconditioning, Structure) and to check compatibility (embedder identity, dimension,
-normalisation). Tensors are stored under prefixes: ``net.`` (the raw network, EDM parameter names),
-``embedder.`` (a fitted embedder's state, if any). Nothing here unpickles anything.
+One file per snapshot. The config (:class:`CheckpointConfig`) records everything needed to rebuild the
+denoiser (network class and kwargs, preconditioning, Structure) and to check compatibility (embedder
+identity, dimension, normalisation). Tensors are stored under prefixes: ``net.`` (the raw network, EDM
+parameter names), ``embedder.`` (a fitted embedder's state, if any). Nothing here unpickles anything.
+
+Loading is bounded by the file: the recorded network is first built without memory (on the meta
+device) and checked against the file's tensor table, so a tiny file cannot make vcdm allocate a large
+network before finding out that its weights are not there.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,30 +25,126 @@ from safetensors.torch import load_file, safe_open, save
 from vcdm.fileio import atomic_write
 
 FORMAT = "vcdm-checkpoint"
-VERSION = 1
+VERSION = 1                    # schema of CheckpointConfig; files without a version are version 1
 METADATA_KEY = "vcdm"
+MAX_LATENT_ELEMENTS = 1 << 24  # per sample over all data tensors (a 3x1024x1024 image is 3.1M)
 
 
 class CheckpointError(ValueError):
     """A file that is not a usable vcdm checkpoint."""
 
 
+def _mapping(d: Mapping[str, Any], key: str, optional: bool = False) -> dict | None:
+    value = d.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"config entry '{key}' is {type(value).__name__}, expected a mapping")
+    return dict(value)
+
+
+@dataclass
+class CheckpointConfig:
+    """What a checkpoint records, written by training and by import alike (JSON in the file's metadata).
+
+    ``network``/``net_kwargs``: the network class and its constructor kwargs; ``denoiser``: the
+    ``Denoiser`` kwargs (preconditioning); ``structure``: ``Structure.to_dict()``; ``embedder``: the
+    embedder identity (None for none); ``data``/``training``: provenance; ``imported_from``: the source
+    of an imported network; ``extra``: other top-level entries, kept as they are.
+    """
+    network: str
+    net_kwargs: dict[str, Any]
+    denoiser: dict[str, Any]
+    structure: dict[str, Any]
+    embedder: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    imported_from: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    _KEYS = ("format", "version", "network", "denoiser", "structure", "embedder", "data", "training", "imported_from")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**self.extra, "format": FORMAT, "version": self.version,
+             "network": {"class": self.network, "kwargs": self.net_kwargs}, "denoiser": self.denoiser,
+             "structure": self.structure, "embedder": self.embedder, "data": self.data, "training": self.training}
+        if self.imported_from is not None:
+            d["imported_from"] = self.imported_from
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CheckpointConfig":
+        """Parse and check a config (raises CheckpointError); configs written before ``version``
+        existed are version 1."""
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"config is {type(d).__name__}, expected a mapping")
+        if d.get("format", FORMAT) != FORMAT:
+            raise CheckpointError(f"metadata format is {d.get('format')!r}, expected {FORMAT!r}")
+        version = d.get("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointError(f"config version {version!r} is not a positive integer")
+        if version > VERSION:
+            raise CheckpointError(f"checkpoint version {version} is newer than this vcdm (reads up to {VERSION}); "
+                                  "upgrade vcdm")
+        net = _mapping(d, "network")
+        if not isinstance(net.get("class"), str) or not isinstance(net.get("kwargs"), Mapping):
+            raise CheckpointError("config entry 'network' needs a 'class' name and 'kwargs'")
+        config = cls(network=net["class"], net_kwargs=dict(net["kwargs"]), denoiser=_mapping(d, "denoiser"),
+                     structure=_mapping(d, "structure"), embedder=_mapping(d, "embedder", optional=True),
+                     data=_mapping(d, "data", optional=True) or {},
+                     training=_mapping(d, "training", optional=True) or {},
+                     imported_from=_mapping(d, "imported_from", optional=True),
+                     extra={k: v for k, v in d.items() if k not in cls._KEYS}, version=version)
+        config.structure_object()
+        return config
+
+    def structure_object(self):
+        """The recorded Structure, checked to describe a plausible sample size."""
+        from vcdm.data.structure import Structure
+
+        try:
+            structure = Structure.from_dict(self.structure)
+            sizes = [math.prod(int(n) for n in shape) for shape in structure.shapes]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"config entry 'structure' is malformed: {e}") from None
+        if sum(sizes) > MAX_LATENT_ELEMENTS or any(n < 0 for n in sizes):
+            raise CheckpointError(f"config entry 'structure' describes {sum(sizes):,} values per sample "
+                                  f"(at most {MAX_LATENT_ELEMENTS:,} are supported)")
+        return structure
+
+    def build_denoiser(self, device: str | torch.device = "cpu"):
+        """The recorded denoiser with fresh weights (``device='meta'``: the network's shapes only, no memory;
+        the denoiser's own buffers are bounded by the structure's size)."""
+        from vcdm.nets import build_network
+        from vcdm.nets.precond import Denoiser
+
+        try:
+            with torch.device(device):
+                net = build_network(self.network, self.net_kwargs)
+            return Denoiser(net, self.structure_object(), **self.denoiser)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"config does not describe a buildable network: {e}") from None
+
+
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                    config: Mapping[str, Any]) -> None:
+                    config: CheckpointConfig | Mapping[str, Any]) -> None:
     """Write `{prefix: state_dict}` and `config` atomically to a .safetensors file."""
+    if not isinstance(config, CheckpointConfig):
+        config = CheckpointConfig.from_dict(config)
     flat = {}
     for prefix, state in tensors.items():
         for key, value in state.items():
             flat[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous().clone()
-    meta = {METADATA_KEY: json.dumps({"format": FORMAT, "version": VERSION, **config}, sort_keys=True)}
+    meta = {METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
     data = save(flat, metadata=meta)
     with atomic_write(path, "wb") as f:
         f.write(data)
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """Read only the JSON config of a checkpoint (cheap: no tensors are loaded)."""
-    path = Path(path)
+def _read_metadata(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -54,15 +156,33 @@ def read_config(path: str | os.PathLike) -> dict:
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not a vcdm checkpoint (no '{METADATA_KEY}' metadata)")
     try:
-        config = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError:
+        return json.loads(meta[METADATA_KEY])
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: vcdm metadata is not valid JSON (file damaged or edited)") from None
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: metadata format is {config.get('format')!r}, expected {FORMAT!r}")
-    if int(config.get("version", -1)) > VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {config['version']} is newer than this vcdm "
-                              f"(reads up to {VERSION}); upgrade vcdm")
-    return config
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> CheckpointConfig:
+    """Read and check only the config of a checkpoint (cheap: no tensors are loaded)."""
+    path = Path(path)
+    raw = _read_metadata(path)
+    try:
+        return CheckpointConfig.from_dict(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The config of a checkpoint as a plain dict (:meth:`CheckpointConfig.to_dict`)."""
+    return read_checkpoint_config(path).to_dict()
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The file's tensor table (names and shapes, read from its header; no tensor data is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the tensor table: {e}") from None
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, dict[str, torch.Tensor]]:
@@ -78,23 +198,56 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return groups
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the denoiser of a checkpoint. Returns ``(denoiser, config, tensors)``; ``tensors`` holds
-    any other groups (e.g. ``embedder``) for their owners to load."""
-    from vcdm.nets import build_denoiser
+class _TensorCap:
+    """Stops building a network once it registers more tensors than ``limit`` (a config that describes
+    a far larger network than the file's weights is refused before it is built)."""
 
-    config = read_config(path)
-    tensors = load_tensors(path, device)
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def __call__(self, module: Any, name: str, value: Any) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise CheckpointError(f"the recorded network has more tensors than the file holds ({self.limit})")
+
+    def __enter__(self) -> "_TensorCap":
+        from torch.nn.modules import module as m
+
+        self._handles = [m.register_module_parameter_registration_hook(self),
+                         m.register_module_buffer_registration_hook(self)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def check_fits(path: str | os.PathLike, config: CheckpointConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Check, without allocating the network, that the file's ``net.`` tensors are the recorded network's."""
+    net = {k.partition(".")[2]: s for k, s in shapes.items() if k.startswith("net.")}
     try:
-        denoiser = build_denoiser(config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: config does not describe a buildable network: {e}") from None
-    state = tensors.pop("net", {})
-    problem = state_dict_mismatch(denoiser.net.state_dict(), state)
+        with _TensorCap(2 * len(net) + 64):
+            expected = config.build_denoiser("meta").net.state_dict()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    problem = state_dict_mismatch(expected, {k: torch.empty(s, device="meta") for k, s in net.items()})
     if problem:
         raise CheckpointError(f"{path}: weights do not match the recorded network: {problem}")
-    denoiser.net.load_state_dict(state)
-    return denoiser.to(device).eval().requires_grad_(False), config, tensors
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild the denoiser of a checkpoint. Returns ``(denoiser, config, tensors)``: ``config`` as a
+    dict (:meth:`CheckpointConfig.to_dict`); ``tensors`` holds any other groups (e.g. ``embedder``)
+    for their owners to load. Memory stays within what the file's tensors need."""
+    config = read_checkpoint_config(path)
+    check_fits(path, config, tensor_shapes(path))
+    tensors = load_tensors(path, device)
+    try:
+        denoiser = config.build_denoiser()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    denoiser.net.load_state_dict(tensors.pop("net", {}))
+    return denoiser.to(device).eval().requires_grad_(False), config.to_dict(), tensors
 
 
 def state_dict_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:

@@ -33,11 +33,10 @@ def command(src: Path, dest: Path, overwrite: bool) -> None:
         raise click.BadParameter(str(e), param_hint="SRC") from None
     except OSError as e:
         raise click.FileError(str(dest), hint=e.strerror or str(e)) from None
-    net = config["network"]
     click.echo(f"found: {record.precond_class} ({record.kind}) wrapping {record.net_class}, "
                f"{'VCDM release' if record.release == 'vcdm' else 'EDM'} pickle")
-    click.echo(f"network: {net['class']}({_summary(net['kwargs'])})")
-    click.echo(f"denoiser: {_summary(config['denoiser'])}")
-    click.echo(f"structure: {_summary(config['structure'])}")
+    click.echo(f"network: {config.network}({_summary(config.net_kwargs)})")
+    click.echo(f"denoiser: {_summary(config.denoiser)}")
+    click.echo(f"structure: {_summary(config.structure)}")
     click.echo(f"parameters: {record.num_parameters:,} ({len(record.state_dict)} tensors incl. buffers)")
     click.echo(f"wrote {dest}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vcdm.checkpoints import state_dict_mismatch
+from vcdm.checkpoints import CheckpointConfig, state_dict_mismatch
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
 from vcdm.legacy.records import LegacyError, Record, _plain
 from vcdm.legacy.unpickle import PathLike, read_pickle
@@ -193,7 +193,7 @@ def _default_structure(record: LegacyNetwork, image: tuple[int, ...], label_dim:
 
 
 def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
-            structure: Structure | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+            structure: Structure | None = None) -> tuple[CheckpointConfig, dict[str, torch.Tensor]]:
     """vcdm checkpoint config and network state dict for a legacy network.
 
     ``structure`` records what the model generates/observes (default: EDM's image-only structure, or
@@ -242,22 +242,17 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
     if problem:
         raise LegacyError(f"{record.path}: weights do not match vcdm's {cls}: {problem}")
     data_class = next((k for k, names in DATA_CLASS_TENSORS.items() if names == structure.names), None)
-    config = {
-        "network": {"class": cls, "kwargs": kwargs},
-        "denoiser": denoiser.config(),
-        "structure": structure.to_dict(),
-        "embedder": None,
-        "data": {"data_class": data_class, "path": (record.dataset_kwargs or {}).get("path"),
-                 "resolution": kwargs["img_resolution"], "label_dim": label_dim},
-        "training": {},
-        "imported_from": {"file": Path(record.path).name, "release": record.release, "precond": record.precond_class,
-                          "network": record.net_class, "use_fp16": bool(record.precond_kwargs.get("use_fp16", False))},
-    }
+    config = CheckpointConfig(
+        network=cls, net_kwargs=kwargs, denoiser=denoiser.config(), structure=structure.to_dict(),
+        data={"data_class": data_class, "path": (record.dataset_kwargs or {}).get("path"),
+              "resolution": kwargs["img_resolution"], "label_dim": label_dim},
+        imported_from={"file": Path(record.path).name, "release": record.release, "precond": record.precond_class,
+                       "network": record.net_class, "use_fp16": bool(record.precond_kwargs.get("use_fp16", False))})
     return config, state
 
 
 def import_edm(src: PathLike, dest: PathLike, *, label_dim: int | None = None,
-               structure: Structure | None = None) -> tuple[LegacyNetwork, dict]:
+               structure: Structure | None = None) -> tuple[LegacyNetwork, CheckpointConfig]:
     """Convert an EDM/VCDM pickle into a vcdm checkpoint (written atomically). Returns what was read
     and the config written."""
     from vcdm.checkpoints import save_checkpoint

@@ -31,14 +31,16 @@ class Setup:
     data_key: str
 
     def config(self, training: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint config (see vcdm.checkpoints)."""
+        """The checkpoint config (vcdm.checkpoints.CheckpointConfig), as a dict."""
+        from vcdm.checkpoints import CheckpointConfig
+
         d = self.dataset
-        return {"network": {"class": self.net_class, "kwargs": self.net_kwargs},
-                "denoiser": self.denoiser.config(), "structure": self.structure.to_dict(),
-                "embedder": None if self.embedder is None else self.embedder.identity(),
-                "data": {"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
-                         "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name},
-                "training": training}
+        return CheckpointConfig(
+            network=self.net_class, net_kwargs=self.net_kwargs, denoiser=self.denoiser.config(),
+            structure=self.structure.to_dict(), embedder=None if self.embedder is None else self.embedder.identity(),
+            data={"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
+                  "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name},
+            training=training).to_dict()
 
 
 def data_key(path: str | os.PathLike, dataset) -> str:

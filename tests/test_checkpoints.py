@@ -1,0 +1,177 @@
+"""The safetensors checkpoint format: CheckpointConfig, round trip, refusal of foreign, damaged and
+hostile files (with bounded memory)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memory_probe import expect_one_line_error, guarded
+from vcdm.checkpoints import (VERSION, CheckpointConfig, CheckpointError, load_checkpoint, read_checkpoint_config,
+                              read_config, save_checkpoint)
+from vcdm.data.structure import Structure
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
+
+
+def _checkpoint(tmp_path, **extra):
+    s = Structure.from_flags({"image": (3, 8, 8), "embedding": (6,)}, "1,1", "0,1")
+    cls, kwargs = preset("ddpmpp", resolution=8, channels=3, embed_dim=0, label_dim=6, augment_dim=9,
+                         cbase=8, cres=[1, 1])
+    from vcdm.nets import build_network
+
+    torch.manual_seed(0)
+    den = Denoiser(build_network(cls, kwargs), s, pred_x0="0,1")
+    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": den.config(), "structure": s.to_dict(),
+              "embedder": {"name": "pixel-pca", "dim": 6}, "data": {}, "training": {"lr": 1e-4}, **extra}
+    path = tmp_path / "net.safetensors"
+    save_checkpoint(path, {"net": den.net.state_dict(), "embedder": {"mean": torch.arange(6.0)}}, config)
+    return path, den
+
+
+def test_checkpoint_round_trip_rebuilds_identical_denoiser(tmp_path):
+    path, den = _checkpoint(tmp_path)
+    loaded, config, rest = load_checkpoint(path)
+    assert config["training"] == {"lr": 1e-4} and config["embedder"]["dim"] == 6
+    assert torch.equal(rest["embedder"]["mean"], torch.arange(6.0))
+    sd, sd2 = den.net.state_dict(), loaded.net.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    x, y = torch.randn(2, 3 * 64), torch.randn(2, 6)
+    den.eval()
+    assert torch.equal(den(x, torch.tensor([0.5, 2.0]), y), loaded(x, torch.tensor([0.5, 2.0]), y))
+    assert loaded.structure == den.structure and loaded.config() == den.config()
+
+
+def test_tampered_or_foreign_files_are_refused(tmp_path):
+    path, _ = _checkpoint(tmp_path)
+    tensors = load_file(str(path))
+    plain = tmp_path / "plain.safetensors"
+    save_file(tensors, str(plain))
+    with pytest.raises(CheckpointError, match="not a vcdm checkpoint"):
+        read_config(plain)
+    # weights swapped for another shape, config unchanged
+    meta = {"vcdm": json.dumps(read_config(path))}
+    tensors["net.enc.8x8_conv.weight"] = torch.zeros(4, 3, 3, 3)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="differ in shape"):
+        load_checkpoint(bad)
+    del tensors["net.enc.8x8_conv.weight"]
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(bad)
+    # edited metadata
+    save_file(load_file(str(path)), str(bad), metadata={"vcdm": "{not json"})
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_config(bad)
+    # truncated file, pickle, missing file
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(trunc)
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(CheckpointError, match="import-edm"):
+        read_config(pkl)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_config(tmp_path / "absent.safetensors")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path, _ = _checkpoint(tmp_path)
+    before = path.read_bytes()
+    import vcdm.fileio
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vcdm.fileio.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        _checkpoint(tmp_path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+# ------------------------------------------------------------------------------------------------
+# CheckpointConfig: one schema for training and import, versioned.
+
+def test_config_round_trips_and_keeps_unknown_entries(tmp_path):
+    path, _ = _checkpoint(tmp_path, note="kept")
+    config = read_checkpoint_config(path)
+    assert config.version == VERSION and config.network == "SongUNet" and config.training == {"lr": 1e-4}
+    assert config.extra == {"note": "kept"} and config.imported_from is None
+    assert CheckpointConfig.from_dict(config.to_dict()) == config
+    assert read_config(path) == config.to_dict() and read_config(path)["format"] == "vcdm-checkpoint"
+
+
+def test_config_without_version_still_loads(tmp_path):
+    """Checkpoints whose config has no version field (the first files) read as version 1."""
+    path, den = _checkpoint(tmp_path)
+    raw = read_config(path)
+    del raw["version"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"vcdm": json.dumps(raw)})
+    loaded, config, _ = load_checkpoint(old)
+    assert config["version"] == 1 and loaded.config() == den.config()
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"version": VERSION + 1}, "newer than this vcdm"),
+    ({"version": "1"}, "not a positive integer"),
+    ({"network": {"class": "SongUNet"}}, "needs a 'class' name and 'kwargs'"),
+    ({"denoiser": [1]}, "'denoiser' is list, expected a mapping"),
+    ({"structure": {"names": ["image"]}}, "'structure' is malformed"),
+    ({"structure": {"names": ["image"], "shapes": [[3, 100000, 100000]], "exist": [1], "observed": [0]}},
+     "describes 30,000,000,000 values per sample"),
+    ({"format": "other"}, "metadata format is 'other'"),
+])
+def test_bad_configs_are_refused_in_their_own_terms(tmp_path, edit, match):
+    path, _ = _checkpoint(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad), metadata={"vcdm": json.dumps({**read_config(path), **edit})})
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_checkpoint(bad)
+    assert str(err.value).startswith(str(bad)) and "--" not in str(err.value)
+
+
+def test_training_and_import_write_the_same_schema():
+    """Setup.config (training) goes through CheckpointConfig: same keys as an imported network's config."""
+    from vcdm.train.build import Setup
+
+    class Data:
+        resolution, num_channels, label_dim, name = 8, 3, 0, "tiny"
+
+    s = Structure.from_flags({"image": (3, 8, 8), "label": (0,)}, "1,0", "0,0")
+    cls, kwargs = preset("ddpmpp", resolution=8, channels=3, embed_dim=0, label_dim=0, augment_dim=0,
+                         cbase=8, cres=[1, 1])
+    setup = Setup(Data(), None, s, Denoiser(torch.nn.Identity(), s), cls, kwargs, None, None, None, "")
+    written = setup.config({"data_class": "ImageFolderDataset", "path": "d.zip", "lr": 1e-3})
+    config = CheckpointConfig.from_dict(written)
+    assert config.version == VERSION and config.network == cls and config.training["lr"] == 1e-3
+    assert set(written) == set(CheckpointConfig(cls, kwargs, {}, s.to_dict()).to_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files: bounded memory, one-line errors.
+
+def _huge_config_file(tmp_path):
+    """A 2 KB file whose config describes a ~350M-parameter network and holds one small tensor."""
+    s = Structure.from_flags({"image": (3, 256, 256), "label": (0,)}, "1,0", "0,0")
+    cls, kwargs = preset("ddpmpp", resolution=256, channels=3, embed_dim=0, label_dim=0, augment_dim=9,
+                         cbase=256, cres=[1, 2, 2, 2, 2, 2, 2])
+    with torch.device("meta"):
+        from vcdm.nets import build_network
+
+        n = sum(p.numel() for p in build_network(cls, kwargs).parameters())
+    config = CheckpointConfig(cls, kwargs, {"kind": "edm"}, s.to_dict())
+    path = tmp_path / "huge-config.safetensors"
+    save_checkpoint(path, {"net": {"map_noise.freqs": torch.zeros(4)}}, config)
+    return path, n
+
+
+def test_tiny_file_describing_a_huge_network_fails_fast(tmp_path):
+    path, n = _huge_config_file(tmp_path)
+    assert n > 300_000_000 and path.stat().st_size < 4096
+    code = guarded("from vcdm.checkpoints import CheckpointError, load_checkpoint",
+                   f"load_checkpoint({str(path)!r})", "CheckpointError")
+    expect_one_line_error(code, "more tensors than the file holds")
