@@ -162,7 +162,7 @@ class TrainState:
             if self.embedder is not None and state.get("embedder"):
                 self.embedder.load_state_dict(state["embedder"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise StateError(str(e).splitlines()[0]) from None
+            raise StateError(" ".join(str(e).split())[:300]) from None
         self.counters.update(state["counters"])
         self.rng = list(state.get("rng", []))
 

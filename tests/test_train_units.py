@@ -1,0 +1,78 @@
+"""Unit tests of the training loop's parts against known answers: lr schedule, EMA, loss reduction,
+TrainState round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vcdm.train.ema import EMA
+from vcdm.train.state import TrainState
+from vcdm.train.step import lr_at, reduce_loss
+
+
+def test_lr_ramps_up_linearly_then_stays():
+    assert lr_at(0, 1e-3, 10) == 0.0
+    assert lr_at(2_500, 1e-3, 10) == pytest.approx(2.5e-4)
+    assert lr_at(10_000, 1e-3, 10) == 1e-3 and lr_at(10**9, 1e-3, 10) == 1e-3
+    assert lr_at(0, 1e-3, 0) == 1e-3  # no ramp-up
+
+
+class Tiny(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((3,), value))
+        self.register_buffer("b", torch.zeros(2))
+
+
+def test_ema_mixes_by_half_life():
+    net = Tiny(0.0)
+    ema = EMA(net, halflife_nimg=100)
+    with torch.no_grad():
+        net.w.fill_(1.0)
+        net.b.fill_(7.0)
+    ema.update(nimg=1000, batch=100)  # one half-life: halfway
+    assert torch.allclose(ema.ema.w, torch.full((3,), 0.5)) and torch.equal(ema.ema.b, torch.full((2,), 7.0))
+    ema.update(nimg=1100, batch=200)  # two half-lives: 3/4 of the remaining gap
+    assert torch.allclose(ema.ema.w, torch.full((3,), 0.875))
+    assert not ema.ema.w.requires_grad and net.w.requires_grad
+
+
+def test_ema_half_life_ramps_up_with_images_seen():
+    ema = EMA(Tiny(0.0), halflife_nimg=500_000, rampup=0.05)
+    assert ema.halflife(0) == 0 and ema.beta(0, 8) == 0.0  # the first step copies the network
+    assert ema.halflife(1_000_000) == 50_000 and ema.halflife(10**8) == 500_000
+    assert ema.beta(1_000_000, 50_000) == pytest.approx(0.5)
+    assert EMA(Tiny(0.0), halflife_nimg=500_000, rampup=None).halflife(0) == 500_000
+
+
+def test_reduce_loss():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # 2 samples; tensors of 1 and 2 elements
+    assert reduce_loss(loss, [1, 2], per_rank=4, ls=2.0).item() == pytest.approx(21 / 4 * 2)
+    # equally weighted: mean of tensor 1 (5/2) and of tensor 2 (16/4) over the per-process batch of 4
+    assert reduce_loss(loss, [1, 2], per_rank=4, ls=1.0, equally_weight=True).item() == pytest.approx(5 / 4 + 16 / 8)
+
+
+def test_train_state_round_trip():
+    def make(value: float) -> TrainState:
+        net = Tiny(value)
+        return TrainState(net, EMA(net, halflife_nimg=100), torch.optim.Adam(net.parameters(), lr=1e-3), frozen=["x"])
+
+    a = make(1.0)
+    a.net.w.grad = torch.ones(3)
+    a.optimizer.step()
+    a.ema.update(0, 100)
+    a.counters.update(nimg=300, position=300, tick=2, nonfinite=1)
+    torch.manual_seed(5)
+    saved = a.state_dict('{"seed": 1}')
+    expected = torch.rand(4)
+    b = make(0.0)
+    b.load_state_dict(saved)
+    assert torch.equal(b.net.w, a.net.w) and torch.equal(b.ema.ema.w, a.ema.ema.w)
+    assert b.optimizer.state_dict()["state"][0]["step"] == 1 and b.counters["nimg"] == 300
+    assert saved["options"] == '{"seed": 1}' and saved["rng"][0]["sampler_position"] == 300
+    assert b.restore_rng(rank=0, world_size=1) and torch.equal(torch.rand(4), expected)
+    assert not b.restore_rng(rank=0, world_size=2)  # saved by one process
+    with pytest.raises(ValueError, match="size mismatch"):
+        TrainState(nn.Linear(2, 2), EMA(nn.Linear(2, 2), halflife_nimg=1), torch.optim.Adam(nn.Linear(2, 2).parameters())
+                   ).load_state_dict({**saved, "net": {"weight": torch.ones(3, 3), "bias": torch.ones(2)}})
