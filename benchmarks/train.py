@@ -46,8 +46,8 @@ def options(kind: str, data: Path, out: Path, device: str, batch: int, steps: in
                   outdir=str(out), seed=0, batch=batch, duration=batch * (steps + 1) / 1e6, tick=batch / 1000,
                   snap=0, dump=0, sample=0, workers=2, lr_rampup=0, augment=0.12)
     if kind == "ddpmpp-64":
-        return TrainOptions(**common, exist="1,1", observed="0,1", arch="ddpmpp", cres="1,2,2,2")
-    return TrainOptions(**common, exist="0,1", observed="0,0", arch="dalle2", pred_x0="1")
+        return TrainOptions(**common, exist=[1, 1], observed=[0, 1], arch="ddpmpp", cres=[1, 2, 2, 2])
+    return TrainOptions(**common, exist=[0, 1], observed=[0, 0], arch="dalle2", pred_x0=[1])
 
 
 def loop_rate(opts: TrainOptions) -> float:

@@ -111,7 +111,7 @@ def test_seed_commands_parse(tmp_path, cmd):
     assert opts["lr"] == 1e-4 and opts["seed"] == 1 and opts["embedder"] is None  # CLIP by default
     assert "512 values" in r.output  # the CLIP embedding
     if "dalle2" in cmd:
-        assert opts["pred_x0"] == "1" and opts["batch"] == 256 and "DALLE2Prior" in r.output
+        assert opts["pred_x0"] == [1] and opts["batch"] == 256 and "DALLE2Prior" in r.output
     else:
         assert '"channel_mult": [1, 2, 2, 2]' in r.output and '"dropout": 0.05' in r.output
 
@@ -212,7 +212,7 @@ def test_overfits_a_fixed_batch(tmp_path):
 
 
 def _opts(path: Path) -> TrainOptions:
-    return TrainOptions(path=str(path), data_class="CLIPDataset", exist="1,1", observed="0,1")
+    return TrainOptions(path=str(path), data_class="CLIPDataset", exist=[1, 1], observed=[0, 1])
 
 
 # ------------------------------------------------------------------------------------------------ reliability
@@ -385,7 +385,7 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     run(base_args(data, tmp_path / "one", *args, "--batch-gpu", "2"))  # 1 process, 2 accumulation rounds
     ddp, one = last_state(run_dir(tmp_path / "ddp")), last_state(run_dir(tmp_path / "one"))
     torch.manual_seed(1)  # the initial weights, as the runs made them
-    opts = dataclasses.replace(_opts(data), cbase=8, cres="1,1", arch="ddpmpp", embedder="pixel-pca", pca_dim=8,
+    opts = dataclasses.replace(_opts(data), cbase=8, cres=[1, 1], arch="ddpmpp", embedder="pixel-pca", pca_dim=8,
                                augment=0.2, dropout=0.0)
     init = build_mod.build(opts, torch.device("cpu")).denoiser.net.state_dict()
     # Adam's first step moves each weight by about lr * g / (|g| + eps): float32 rounding of the

@@ -6,11 +6,48 @@ Every flag is accepted with underscores or hyphens (`--data_class`, `--data-clas
 """
 from __future__ import annotations
 
+import math
+
 import click
+
+from vcdm.fileio import parse_int_list
 
 from vcdm.train.options import ARCHS, EMBEDDERS, PRECONDS, TrainOptions, default_workers
 
 D = TrainOptions()
+
+
+def int_list(ctx, param, value):
+    """'1,0' → [1, 0] (also EDM's ranges, '0-3'); the error names the flag."""
+    if value is None:
+        return None
+    try:
+        return parse_int_list(value, param.opts[0])
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+def float_list(ctx, param, value):
+    """'1,2.5' → [1.0, 2.5], finite numbers only."""
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in str(value).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got '{value}'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"expected finite numbers, got '{value}'")
+    return values
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also rejects nan and inf (which compare false with every bound)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 def opt(name: str, *extra: str, **kwargs):
@@ -30,9 +67,9 @@ OPTIONS = [
     opt("--path", "--data", metavar="ZIP|DIR", type=str, required=True, help="Dataset (EDM-format zip or folder)."),
     opt("--data_class", type=click.Choice(["ImageFolderDataset", "CLIPDataset", "LabelledCLIPDataset"]),
         required=True, help="Tensors per sample: image,label | image,embedding | image,embedding,label."),
-    opt("--exist", metavar="LIST", type=str, default=None,
+    opt("--exist", metavar="LIST", type=str, default=None, callback=int_list,
         help="0/1 per tensor: which tensors the model uses  [default: all]"),
-    opt("--observed", metavar="LIST", type=str, required=True,
+    opt("--observed", metavar="LIST", type=str, required=True, callback=int_list,
         help="0/1 per tensor: which are conditioning (the rest are generated)."),
     opt("--xflip", type=bool, default=D.xflip, help="Double the dataset with mirrored images."),
     opt("--cache", type=bool, default=D.cache, help="Keep decoded images in memory."),
@@ -43,8 +80,8 @@ OPTIONS = [
     opt("--clip-weights", metavar="FILE", type=str, default=None,
         help="CLIP ViT-B/32 weights (open_clip state dict or OpenAI's ViT-B-32.pt)  [default: $VCDM_CLIP_WEIGHTS]"),
     opt("--pca-dim", metavar="INT", type=click.IntRange(min=1), default=D.pca_dim, help="pixel-pca: embedding size."),
-    opt("--n_comp", metavar="LIST", type=str, default=D.n_comp, help="PCA of embeddings to this many components (0: off)."),
-    opt("--n_clusters", metavar="LIST", type=str, default=D.n_clusters,
+    opt("--n_comp", metavar="LIST", type=str, default="0", callback=int_list, help="PCA of embeddings to this many components (0: off)."),
+    opt("--n_clusters", metavar="LIST", type=str, default="0", callback=int_list,
         help="k-means of embeddings into one-hot cluster vectors (0: off)."),
     opt("--train_embedder", type=bool, default=D.train_embedder, help="Train the embedder with the network."),
     opt("--embed-cache", type=bool, default=D.embed_cache,
@@ -56,21 +93,22 @@ OPTIONS = [
         help="Network: DDPM++/NCSN++/ADM U-Net for images; for embeddings dalle2 (the original release's prior: "
              "multi-query cosine-similarity attention, x as a raw token, no dropout) or prior (vcdm's: multi-head "
              "attention, x through a projection, --dropout applies; for its older checkpoints); concatunet (the release's "
-             "default: one U-Net over image and vector tensors, e.g. joint --exist 1,1 --observed 0,0)  "
-             "[default: by latent]"),
+             "default: one U-Net over image and vector tensors, e.g. joint --exist 1,1 --observed 0,0); film-ddpmpp "
+             "(DDPM++ with FiLM conditioning); control-adm (ControlNet-style ADM: a class-conditional ADM frozen, a "
+             "trainable copy takes the other observed tensors)  [default: by latent]"),
     opt("--precond", type=click.Choice(PRECONDS), default=D.precond, help="Preconditioning and loss."),
-    opt("--pred_x0", metavar="LIST", type=str, default=D.pred_x0,
+    opt("--pred_x0", metavar="LIST", type=str, default="0", callback=int_list,
         help="0/1 per tensor: the network predicts x0 directly for these."),
-    opt("--noise_mult", metavar="LIST", type=str, default=D.noise_mult, help="Noise multiplier per tensor."),
+    opt("--noise_mult", metavar="LIST", type=str, default="1", callback=float_list, help="Noise multiplier per tensor."),
     opt("--equally_weight_tensors", type=bool, default=D.equally_weight_tensors,
         help="Weight each generated tensor's mean loss equally."),
     opt("--cbase", metavar="INT", type=click.IntRange(min=1), default=None, help="U-Net channel multiplier  [default: varies]"),
-    opt("--cres", metavar="LIST", type=str, default=None, help="U-Net channels per resolution  [default: varies]"),
+    opt("--cres", metavar="LIST", type=str, default=None, callback=int_list, help="U-Net channels per resolution  [default: varies]"),
     opt("--prior-dim", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2/prior width  [default: 512]"),
     opt("--prior-depth", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2/prior blocks  [default: 6]"),
-    opt("--dropout", metavar="FLOAT", type=click.FloatRange(0, 1), default=None,
+    opt("--dropout", metavar="FLOAT", type=Finite(0, 1), default=None,
         help="Dropout probability (dalle2 ignores it)  [default: 0.13 for U-Nets, 0 for prior]"),
-    opt("--augment", metavar="FLOAT", type=click.FloatRange(0, 1), default=D.augment, help="Augment probability."),
+    opt("--augment", metavar="FLOAT", type=Finite(0, 1), default=D.augment, help="Augment probability."),
     opt("--pretrained_weights", metavar="PKL|SAFETENSORS", type=str, default=None,
         help="Initialise from these weights (EDM .pkl or vcdm checkpoint); new conditioning starts at zero."),
     opt("--freeze_pretrained", type=bool, default=D.freeze_pretrained,
@@ -78,30 +116,30 @@ OPTIONS = [
     opt("--transfer", metavar="PKL|SAFETENSORS", type=str, default=None,
         help="Transfer learning: copy the tensors that match, no EMA ramp-up."),
     # Optimisation.
-    opt("--duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True), default=D.duration,
+    opt("--duration", metavar="MIMG", type=Finite(min=0, min_open=True), default=D.duration,
         help="Training duration."),
     opt("--batch", metavar="INT", type=click.IntRange(min=1), default=D.batch, help="Total batch size."),
     opt("--batch-gpu", metavar="INT", type=click.IntRange(min=1), default=None, help="Limit batch size per process."),
-    opt("--lr", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=D.lr, help="Learning rate."),
-    opt("--lr-rampup", metavar="KIMG", type=click.FloatRange(min=0), default=D.lr_rampup,
+    opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=D.lr, help="Learning rate."),
+    opt("--lr-rampup", metavar="KIMG", type=Finite(min=0), default=D.lr_rampup,
         help="Learning-rate ramp-up (0: none)."),
-    opt("--ema", metavar="MIMG", type=click.FloatRange(min=0), default=D.ema, help="EMA half-life."),
-    opt("--ema-rampup", metavar="RATIO", type=click.FloatRange(min=0), default=D.ema_rampup,
+    opt("--ema", metavar="MIMG", type=Finite(min=0), default=D.ema, help="EMA half-life."),
+    opt("--ema-rampup", metavar="RATIO", type=Finite(min=0), default=D.ema_rampup,
         help="EMA half-life ramp-up ratio (0: none)."),
-    opt("--ls", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=D.ls, help="Loss scaling."),
+    opt("--ls", metavar="FLOAT", type=Finite(min=0, min_open=True), default=D.ls, help="Loss scaling."),
     opt("--fp16", type=bool, default=D.fp16, help="Mixed precision: float16 autocast + GradScaler (CUDA)."),
     opt("--bf16", type=bool, default=D.bf16, help="Mixed precision: bfloat16 autocast (CUDA or CPU)."),
     opt("--bench", type=bool, default=D.bench, help="Enable cuDNN benchmarking."),
     opt("--seed", metavar="INT", type=int, default=None, help="Random seed  [default: random]"),
     opt("--max-nonfinite", metavar="N", type=click.IntRange(min=0), default=D.max_nonfinite,
         help="Stop (saving a state) after N consecutive non-finite losses (0: never)."),
-    opt("--time-limit", metavar="SEC", type=click.FloatRange(min=0), default=D.time_limit,
+    opt("--time-limit", metavar="SEC", type=Finite(min=0), default=D.time_limit,
         help="Stop after this many seconds of this process, saving a state to --resume from (0: no limit)."),
     # I/O.
     opt("--outdir", metavar="DIR", type=str, default=D.outdir, help="Where to make run directories."),
     opt("--desc", metavar="STR", type=str, default=None, help="Appended to the run directory name."),
     opt("--nosubdir", type=bool, default=D.nosubdir, help="Write into --outdir itself."),
-    opt("--tick", metavar="KIMG", type=click.FloatRange(min=0, min_open=True), default=D.tick, help="How often to print progress."),
+    opt("--tick", metavar="KIMG", type=Finite(min=0, min_open=True), default=D.tick, help="How often to print progress."),
     opt("--snap", metavar="TICKS", type=click.IntRange(min=0), default=D.snap,
         help="How often to save snapshots (0: only at the end)."),
     opt("--dump", metavar="TICKS", type=click.IntRange(min=0), default=D.dump,

@@ -24,7 +24,7 @@ class Sizes:
     pca_dim: int = 16  # pixel-pca embedding: coarse enough that the image model has work left to do
     batch: int = 64
     cbase: int = 32
-    cres: str = "1,2"
+    cres: tuple[int, ...] = (1, 2)
     image_lr: float = 2e-3
     prior_dim: int = 128
     prior_depth: int = 2
@@ -36,7 +36,7 @@ class Sizes:
     min_kimg: float = 1.0
 
 
-SMOKE = Sizes(pca_dim=8, batch=16, cbase=16, cres="1", prior_dim=32, prior_depth=1, num_samples=16, steps=3,
+SMOKE = Sizes(pca_dim=8, batch=16, cbase=16, cres=(1,), prior_dim=32, prior_depth=1, num_samples=16, steps=3,
               classifier_epochs=1, min_kimg=0.032)
 
 

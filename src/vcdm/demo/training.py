@@ -23,15 +23,15 @@ def train_options(kind: str, data_path: str | os.PathLike, outdir: str | os.Path
     common = dict(path=str(data_path), outdir=str(outdir), nosubdir=True, batch=sizes.batch, augment=0.0,
                   dropout=0.0, seed=seed, device=device, workers=0, snap=NEVER, dump=NEVER, sample=NEVER)
     if kind == "prior":
-        return TrainOptions(data_class="CLIPDataset", exist="0,1", observed="0,0", embedder="pixel-pca",
-                            pca_dim=sizes.pca_dim, arch="dalle2", pred_x0="1", prior_dim=sizes.prior_dim,
+        return TrainOptions(data_class="CLIPDataset", exist=[0, 1], observed=[0, 0], embedder="pixel-pca",
+                            pca_dim=sizes.pca_dim, arch="dalle2", pred_x0=[1], prior_dim=sizes.prior_dim,
                             prior_depth=sizes.prior_depth, lr=sizes.prior_lr, **common)
-    unet = dict(arch="ddpmpp", cbase=sizes.cbase, cres=sizes.cres, lr=sizes.image_lr)
+    unet = dict(arch="ddpmpp", cbase=sizes.cbase, cres=list(sizes.cres), lr=sizes.image_lr)
     if kind == "image":
-        return TrainOptions(data_class="CLIPDataset", exist="1,1", observed="0,1", embedder="pixel-pca",
+        return TrainOptions(data_class="CLIPDataset", exist=[1, 1], observed=[0, 1], embedder="pixel-pca",
                             pca_dim=sizes.pca_dim, **unet, **common)
     if kind == "uncond":
-        return TrainOptions(data_class="ImageFolderDataset", exist="1,0", observed="0,0", **unet, **common)
+        return TrainOptions(data_class="ImageFolderDataset", exist=[1, 0], observed=[0, 0], **unet, **common)
     raise ValueError(f"unknown demo model kind '{kind}'")
 
 

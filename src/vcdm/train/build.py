@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from vcdm.data.structure import Structure
-from vcdm.fileio import parse_int_list
 from vcdm import distributed as dist
 from vcdm.train.options import OptionError, TrainOptions
 
@@ -53,8 +52,8 @@ def open_dataset(opts: TrainOptions):
     from vcdm.data.dataset import ImageDataset
 
     names = opts.tensor_names
-    exist = opts.exist_flags.split(",")
-    use_labels = "label" in names and len(exist) == len(names) and exist[names.index("label")].strip() == "1"
+    exist = opts.exist_flags
+    use_labels = "label" in names and len(exist) == len(names) and exist[names.index("label")] == 1
     if not Path(opts.path).exists():
         raise OptionError(f"--path: {opts.path} does not exist (expected a dataset zip or folder)")
     dataset = ImageDataset(opts.path, use_labels=use_labels, xflip=opts.xflip, cache=opts.cache)
@@ -63,15 +62,15 @@ def open_dataset(opts: TrainOptions):
     return dataset
 
 
-def embedding_option(values: str, flag: str, names: tuple[str, ...]) -> int:
-    """The seed gives --n_comp/--n_clusters per tensor; only the embedding's entry can be non-zero here."""
-    vals = parse_int_list(values, flag)
+def embedding_option(values: list[int], flag: str, names: tuple[str, ...]) -> int:
+    """The release gives --n_comp/--n_clusters per tensor; only the embedding's entry can be non-zero here."""
+    vals = list(values)
     if len(vals) == 1:
         return vals[0]
     if len(vals) != len(names) or "embedding" not in names:
-        raise OptionError(f"{flag}: expected one value or one per tensor {list(names)}, got '{values}'")
+        raise OptionError(f"{flag}: expected one value or one per tensor {list(names)}, got '{','.join(map(str, vals))}'")
     if any(v for v, n in zip(vals, names) if n != "embedding"):
-        raise OptionError(f"{flag}: post-processing applies to the embedding only, got '{values}'")
+        raise OptionError(f"{flag}: post-processing applies to the embedding only, got '{','.join(map(str, vals))}'")
     return vals[names.index("embedding")]
 
 
@@ -127,7 +126,7 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 
     arch = opts.arch or default_arch(structure)
     if arch in JOINT_ARCHS:
-        cres = parse_int_list(opts.cres, "--cres") if opts.cres else None
+        cres = list(opts.cres) if opts.cres else None
         return concatunet_preset(structure, augment_dim=augment_dim, cbase=opts.cbase, cres=cres, dropout=opts.dropout)
     image_latent = structure.latent_names == ("image",)
     if arch in VECTOR_ARCHS and "image" in structure.latent_names:
@@ -138,7 +137,7 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
                           f"{list(structure.latent_names)}; use --arch=dalle2 (or prior) for embeddings")
     res = structure.shape("image")[1] if "image" in structure.names else 0
     chans = structure.shape("image")[0] if "image" in structure.names else 0
-    cres = parse_int_list(opts.cres, "--cres") if opts.cres else None
+    cres = list(opts.cres) if opts.cres else None
     name, kwargs = preset(arch, resolution=res, channels=chans, embed_dim=0 if image_latent else structure.latent_dim,
                           label_dim=structure.observed_dim, augment_dim=augment_dim, cbase=opts.cbase, cres=cres,
                           dropout=opts.dropout)

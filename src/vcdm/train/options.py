@@ -1,4 +1,6 @@
-"""Training options: one flat, JSON-able record with the original release's names and defaults.
+"""Training options: typed, JSON-able settings with the original release's flag names and defaults,
+in groups (data, embedder, model, optimisation, schedule, I/O). Flags are parsed into these in
+vcdm.cli.train; nothing here reads strings.
 
 Defaults are EDM's / the original release's train.py: 200 Mimg, global batch 512, Adam lr 1e-3
 (betas 0.9/0.999, eps 1e-8) ramped up linearly over 10 Mimg, EMA half-life 0.5 Mimg ramped up with
@@ -8,14 +10,19 @@ states every 50 ticks (the release's value; EDM's state interval is 500).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
 
 ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet")
 PRECONDS = ("edm", "vp", "ve")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
+
+
+FINITE = ("lr", "ls", "duration", "lr_rampup", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
 class OptionError(ValueError):
@@ -31,30 +38,35 @@ def default_workers() -> int:
 
 
 @dataclass
-class TrainOptions:
-    # Data and structure.
+class DataOptions:
     path: str = ""
     data_class: str = "CLIPDataset"
-    exist: str | None = None
-    observed: str = ""
+    exist: list[int] | None = None  # 0/1 per tensor of the data class (None: all)
+    observed: list[int] = field(default_factory=list)  # 0/1 per tensor: conditioning
     xflip: bool = False
     cache: bool = True
-    # Embedder.
+
+
+@dataclass
+class EmbedderOptions:
     embedder: str | None = None
     clip_weights: str | None = None
-    n_comp: str = "0"
-    n_clusters: str = "0"
+    n_comp: list[int] = field(default_factory=lambda: [0])  # one value, or one per tensor
+    n_clusters: list[int] = field(default_factory=lambda: [0])
     pca_dim: int = 64
     train_embedder: bool = False
     embed_cache: bool = True
-    # Model.
+
+
+@dataclass
+class ModelOptions:
     arch: str | None = None
     precond: str = "edm"
-    pred_x0: str = "0"
-    noise_mult: str = "1"
+    pred_x0: list[int] = field(default_factory=lambda: [0])  # one value, or one per tensor
+    noise_mult: list[float] = field(default_factory=lambda: [1.0])
     equally_weight_tensors: bool = False
     cbase: int | None = None
-    cres: str | None = None
+    cres: list[int] | None = None
     prior_dim: int | None = None
     prior_depth: int | None = None
     dropout: float | None = None  # None: 0.13 for the U-Nets (EDM), 0 for dalle2 (the release ignores it)
@@ -62,29 +74,39 @@ class TrainOptions:
     pretrained_weights: str | None = None
     freeze_pretrained: bool = False
     transfer: str | None = None
-    # Optimisation.
-    duration: float = 200.0
+
+
+@dataclass
+class OptimOptions:
     batch: int = 512
     batch_gpu: int | None = None
     lr: float = 10e-4
-    lr_rampup: float = 10000.0
-    ema: float = 0.5
-    ema_rampup: float = 0.05
     ls: float = 1.0
     fp16: bool = False
     bf16: bool = False
     bench: bool = True
     seed: int | None = None
     max_nonfinite: int = 10
+
+
+@dataclass
+class ScheduleOptions:
+    duration: float = 200.0  # Mimg
+    lr_rampup: float = 10000.0  # kimg
+    ema: float = 0.5  # Mimg
+    ema_rampup: float = 0.05
     time_limit: float = 0.0  # seconds for this process (0: none); then stop as on SIGTERM
-    # I/O.
+    tick: float = 50  # kimg
+    snap: int = 50  # ticks
+    dump: int = 50
+    sample: int = 50
+
+
+@dataclass
+class IOOptions:
     outdir: str = "training-runs"
     desc: str | None = None
     nosubdir: bool = False
-    tick: float = 50
-    snap: int = 50
-    dump: int = 50
-    sample: int = 50
     resume: str | None = None
     device: str | None = None
     workers: int = field(default_factory=default_workers)
@@ -93,21 +115,47 @@ class TrainOptions:
     resume_id: str | None = None
     dry_run: bool = False
 
+
+GROUPS = (DataOptions, EmbedderOptions, ModelOptions, OptimOptions, ScheduleOptions, IOOptions)
+LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float,
+               "cres": int}
+
+
+@dataclass
+class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, EmbedderOptions, DataOptions):
+    """Every training setting, typed (lists are lists), under the release's flag names; the groups
+    (data, embedder, model, optimisation, schedule, I/O) are also dataclasses of their own (`group`)."""
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def group(self, cls: type) -> Any:
+        """The settings of one group, e.g. ``opts.group(OptimOptions)``."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainOptions":
+        """Options as recorded in a training_options.json, also by older vcdm (lists as "1,0" strings);
+        keys that are not options (world_size, batch_gpu of the run) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        for k, kind in LIST_FIELDS.items():
+            if isinstance(values.get(k), str):
+                values[k] = [kind(v) for v in values[k].split(",") if v.strip()]
+        return cls(**values)
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
         return DATA_CLASS_TENSORS[self.data_class]
 
     @property
-    def exist_flags(self) -> str:
-        return self.exist if self.exist is not None else ",".join("1" * len(self.tensor_names))
+    def exist_flags(self) -> list[int]:
+        return list(self.exist) if self.exist is not None else [1] * len(self.tensor_names)
 
     @property
     def uses_embedding(self) -> bool:
-        names, bits = self.tensor_names, self.exist_flags.split(",")
-        return "embedding" in names and len(bits) == len(names) and bits[names.index("embedding")].strip() == "1"
+        names, bits = self.tensor_names, self.exist_flags
+        return "embedding" in names and len(bits) == len(names) and bits[names.index("embedding")] == 1
 
     @property
     def embedder_name(self) -> str | None:
@@ -153,3 +201,9 @@ class TrainOptions:
             raise OptionError("--augment and --dropout: probabilities must lie in [0, 1]")
         if self.workers < 0 or self.max_nonfinite < 0 or self.time_limit < 0:
             raise OptionError("--workers, --max-nonfinite and --time-limit: must not be negative")
+        for name in FINITE:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise OptionError(f"--{name.replace('_', '-')}: must be a finite number, got {value}")
+        if not self.lr > 0:
+            raise OptionError(f"--lr: must be positive, got {self.lr}")

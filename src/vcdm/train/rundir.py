@@ -86,8 +86,8 @@ def plan_run(opts: TrainOptions) -> tuple[RunPlan, dict | None]:
 def matches(run_dir: Path, opts: TrainOptions) -> bool:
     """Whether a run directory was made by a run with the same data, structure and model options."""
     try:
-        recorded = json.loads((run_dir / "training_options.json").read_text())
-    except (OSError, ValueError):
+        recorded = TrainOptions.from_dict(json.loads((run_dir / "training_options.json").read_text())).to_dict()
+    except (OSError, ValueError, TypeError):
         return False
     current = opts.to_dict()
     return all(recorded.get(k) == current.get(k) for k in RESUME_MATCH) and any(
