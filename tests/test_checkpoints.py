@@ -169,6 +169,7 @@ def _huge_config_file(tmp_path):
     return path, n
 
 
+@pytest.mark.slow
 def test_tiny_file_describing_a_huge_network_fails_fast(tmp_path):
     path, n = _huge_config_file(tmp_path)
     assert n > 300_000_000 and path.stat().st_size < 4096

@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import io
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import types
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
+from memory_probe import expect_one_line_error, guarded
 from vcdm.checkpoints import CheckpointConfig, load_checkpoint, save_checkpoint
 from vcdm.cli.main import cli
 from vcdm.data.structure import Structure
 from vcdm.legacy import (LegacyError, UnsafePickleError, import_edm, load_legacy_pickle, load_pretrained,
                          read_pickle, to_vcdm)
+from vcdm.legacy.unpickle import TORCH_MAGIC
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.songunet import SongUNet
 
@@ -356,6 +362,92 @@ def test_unsupported_networks_refused(fake_modules, marker):
     rec.net_class = "DALLE2CLIPModel"
     with pytest.raises(LegacyError, match="DALLE2CLIPModel' has no vcdm equivalent"):
         to_vcdm(rec)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files that ask for memory or depth: one-line errors at baseline memory (in a subprocess).
+
+def _read_in_subprocess(path, match):
+    code = guarded("from vcdm.legacy import LegacyError, read_pickle", f"read_pickle({str(path)!r})", "LegacyError")
+    return expect_one_line_error(code, match)
+
+
+def _torch_stream(obj, numel):
+    """torch's legacy stream format whose object holds one FloatStorage of ``numel`` elements (no data)."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if o == "STORAGE" else None
+
+    buf = io.BytesIO()
+    for header in (TORCH_MAGIC, 1001, {"little_endian": True}):
+        pickle.dump(header, buf, protocol=2)
+    Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _memo_amplifier(items=100_000, copies=2000):
+    """A 230 KB pickle calling set() on one memoised 100k-item list 2000 times (~8 GB if unchecked)."""
+    big = b"]q\x00(" + b"K\x00" * items + b"e0"
+    calls = (b"h\x01h\x00\x85Ra") * copies
+    return b"\x80\x02" + big + b"cbuiltins\nset\nq\x010]" + calls + b"."
+
+
+HOSTILE_PICKLES = {
+    # name: (file bytes, expected error)
+    "bytearray-call": (b"\x80\x02cbuiltins\nbytearray\n\x8a\x05" + (3_700_000_000).to_bytes(5, "little") + b"\x85R.",
+                       "bytearray called with something other than bytes"),
+    "bytearray8": (b"\x80\x05\x96" + struct.pack("<Q", 3_700_000_000) + b".", "announces 3,700,000,000 bytes"),
+    "binbytes8": (b"\x80\x04\x8e" + struct.pack("<Q", 5_000_000_000) + b".", "announces 5,000,000,000 bytes"),
+    "storage-numel": (None, "a storage of 1,000,000,000 elements needs 4,000,000,000 bytes"),
+    "memo-amplifier": (None, "data the pickle builds needs"),
+    "deep-tuple-key": (b"\x80\x02})" + b"\x85" * 1_000_000 + b"Ns.", "nested more than 100 levels"),
+    "deep-list": (b"\x80\x02" + b"]" * 200_000 + b"a" * 199_999 + b".", "nested more than 100 levels"),
+    "self-containing": (b"\x80\x02]q\x00h\x00a.", "contains itself"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HOSTILE_PICKLES))
+def test_hostile_pickles_fail_in_one_line_with_bounded_memory(tmp_path, name):
+    data, match = HOSTILE_PICKLES[name]
+    if name == "storage-numel":
+        data = _torch_stream({"ema": "STORAGE"}, 1_000_000_000)
+    elif name == "memo-amplifier":
+        data = _memo_amplifier()
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(data)
+    assert path.stat().st_size < 2_000_000
+    _read_in_subprocess(path, match)
+
+
+@pytest.mark.slow
+def test_deflate_bomb_in_torch_zip(tmp_path):
+    """A torch.save-style zip whose storage member inflates to 1 GiB from ~1 MB."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return ("storage", torch.FloatStorage, "0", "cpu", 1 << 28) if o == "STORAGE" else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"ema": "STORAGE"})
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+        with zf.open("archive/data/0", "w", force_zip64=True) as member:
+            zeros = bytes(1 << 20)
+            for _ in range(1024):
+                member.write(zeros)
+    assert path.stat().st_size < 2_000_000
+    _read_in_subprocess(path, "inflates to 1,073,741,824 bytes")
+
+
+def test_import_edm_on_a_safetensors_file_says_what_it_is(tmp_path):
+    path = tmp_path / "net.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"vcdm": "{}"})
+    with pytest.raises(LegacyError, match="is a safetensors file .*not a pickle.*no import") as err:
+        read_pickle(path)
+    assert "protocol" not in str(err.value)
+    res = CliRunner().invoke(cli, ["import-edm", str(path), str(tmp_path / "out.safetensors")])
+    assert res.exit_code == 2 and "safetensors file" in res.output and "protocol" not in res.output
 
 
 # ------------------------------------------------------------------------------------------------

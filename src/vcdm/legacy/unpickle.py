@@ -34,6 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vcdm.legacy.limits import (ZIP_MEMBER_FACTOR, BoundedReader, NestingTracker, budgeted, charge,
+                                check_nesting, current_budget, file_budget)
 from vcdm.legacy.records import (LegacyError, Record, UnsafePickleError, _EasyDict, _NDArrayType, _latin1,
                                  _np_dtype, _np_reconstruct, _np_scalar, _persistent_record, _reconstructor,
                                  _record_class)
@@ -73,6 +75,7 @@ class _Storage:
             raise LegacyError(f"bad storage size {numel!r}")
         self.dtype = dtype
         self.nbytes = numel * _itemsize(dtype)
+        current_budget().take(self.nbytes, f"a storage of {numel:,} elements")
         self.data = torch.empty(self.nbytes, dtype=torch.uint8)
 
     def fill(self, raw: bytes) -> None:
@@ -123,11 +126,20 @@ def _storage_from_bytes(blob: Any) -> _Storage:
     """Stand-in for ``torch.storage._load_from_bytes``: the blob is one storage in torch's format."""
     if not isinstance(blob, (bytes, bytearray)):
         raise LegacyError("storage blob is not bytes")
-    f = io.BytesIO(blob)
+    f = BoundedReader(io.BytesIO(blob), len(blob), "storage blob")
     obj = _read_torch_stream(f, _unpickle(f))
     if not isinstance(obj, _Storage):
         raise LegacyError(f"embedded storage blob holds a {type(obj).__name__}, expected a storage")
     return obj
+
+
+def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
+    """``bytearray`` as pickles use it: a copy of bytes (or of latin-1 text), never ``bytearray(n)``."""
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data, "latin-1")
+    raise UnsafePickleError("bytearray called with something other than bytes (it would allocate from a number)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +161,7 @@ _ALLOWED: dict[str, Any] = {
     "builtins.frozenset": frozenset,
     "builtins.slice": slice,
     "builtins.complex": complex,
-    "builtins.bytearray": bytearray,
+    "builtins.bytearray": _bytearray,
     "_codecs.encode": _latin1,
     "dnnlib.util.EasyDict": _EasyDict,
     "numpy.dtype": _np_dtype,
@@ -181,20 +193,64 @@ def _resolve_global(module: str, name: str) -> Any:
                             "or data constructor vcdm allows (loading it could run code)")
 
 
+def _tracked(stock: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An opcode handler that runs ``stock`` (which builds a tuple or frozenset) and tracks its nesting."""
+    def handler(self: Any) -> None:
+        stock(self)
+        self._nesting.track(self.stack[-1])
+    return handler
+
+
 class _SafeUnpickler(pickle._Unpickler):
     """Python's own unpickler (the pure-Python one, whose opcodes can be overridden) with globals
     resolved through the allow-list and state (BUILD) given only to Records: a tensor or container
-    never runs its __setstate__ on data from the file."""
+    never runs its __setstate__ on data from the file. Whatever a call or BUILD may copy is charged
+    to the read's budget, and the nesting of hashable containers is tracked (see vcdm.legacy.limits)."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file: Any, persistent: Callable[[Any], Any] | None = None):
         super().__init__(file)
         self._persistent = persistent
+        self._budget = current_budget()
+        self._nesting = NestingTracker()
 
     def find_class(self, module: str, name: str) -> Any:
         return _resolve_global(module, name)
 
+    def load_reduce(self) -> None:
+        charge(self._budget, self.stack[-1])
+        pickle._Unpickler.load_reduce(self)
+        self._nesting.track(self.stack[-1])
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self) -> None:
+        charge(self._budget, self.stack[-1])
+        pickle._Unpickler.load_newobj(self)
+        self._nesting.track(self.stack[-1])
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self) -> None:
+        charge(self._budget, self.stack[-2:])
+        pickle._Unpickler.load_newobj_ex(self)
+        self._nesting.track(self.stack[-1])
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def _instantiate(self, klass: Any, args: Any) -> None:  # OBJ and INST
+        charge(self._budget, args)
+        super()._instantiate(klass, args)
+        self._nesting.track(self.stack[-1])
+
+    for _op in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.FROZENSET):
+        dispatch[_op[0]] = _tracked(pickle._Unpickler.dispatch[_op[0]])
+    del _op
+
+    def load_bytearray8(self) -> None:
+        size, = struct.unpack("<Q", self.read(8))
+        self.append(bytearray(self.read(size)))  # the reader refuses lengths past the end of the data
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
     def load_build(self) -> None:
+        charge(self._budget, self.stack[-1])
         state, inst = self.stack.pop(), self.stack[-1]
         if isinstance(inst, Record):
             inst.__setstate__(state)
@@ -253,14 +309,26 @@ def _read_torch_stream(f: Any, magic: Any) -> Any:
     return obj
 
 
-def _read_torch_zip(f: Any) -> Any:
+def _zip_member(zf: zipfile.ZipFile, name: str, limit: int) -> zipfile.ZipInfo:
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise LegacyError(f"{name} missing from the archive") from None
+    if info.file_size > limit:
+        raise LegacyError(f"archive member {name} inflates to {info.file_size:,} bytes, more than "
+                          f"{limit:,} (a torch.save archive stores its members uncompressed): damaged or hostile")
+    return info
+
+
+def _read_torch_zip(f: Any, archive_size: int) -> Any:
     """torch.save's zip format: <root>/data.pkl with storages as persistent ids of <root>/data/<key>."""
+    member_limit = ZIP_MEMBER_FACTOR * archive_size
     with zipfile.ZipFile(f) as zf:
         pkls = sorted((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
         if not pkls:
             raise LegacyError("zip archive without data.pkl (not a torch.save file)")
         root = pkls[0][:-len("data.pkl")]
-        if f"{root}byteorder" in zf.namelist() and zf.read(f"{root}byteorder") != b"little":
+        if f"{root}byteorder" in zf.namelist() and zf.open(f"{root}byteorder").read(16) != b"little":
             raise LegacyError("big-endian torch files are not supported")
         storages: dict[str, _Storage] = {}
 
@@ -270,16 +338,24 @@ def _read_torch_zip(f: Any) -> Any:
                 raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r}")
             _, stype, key, _location, numel = pid
             if key not in storages:
+                name = f"{root}data/{key}"
+                _zip_member(zf, name, member_limit)
                 storage = _Storage(stype.dtype, numel)
-                try:
-                    storage.fill(zf.read(f"{root}data/{key}"))
-                except KeyError:
-                    raise LegacyError(f"storage data/{key} missing from the archive") from None
+                with zf.open(name) as member:
+                    storage.fill(member.read(storage.nbytes + 1))
                 storages[key] = storage
             return storages[key]
 
-        with zf.open(pkls[0]) as data:
-            return _unpickle(data, persistent)
+        info = _zip_member(zf, pkls[0], member_limit)
+        with zf.open(info) as data:
+            return _unpickle(BoundedReader(data, info.file_size, f"archive member {info.filename}"), persistent)
+
+
+def _refuse_safetensors(head: bytes, size: int) -> None:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and then '{'."""
+    if len(head) > 8 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
+        raise LegacyError("this is a safetensors file (a vcdm checkpoint?), not a pickle: it needs no import; "
+                          "use it directly as a vcdm network")
 
 
 def read_pickle(path: PathLike) -> Any:
@@ -289,15 +365,20 @@ def read_pickle(path: PathLike) -> Any:
     if not path.is_file():
         raise LegacyError(f"{path}: no such file")
     try:
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":
-                f.seek(0)
-                return _read_torch_zip(f)
+        size = path.stat().st_size
+        with open(path, "rb") as f, budgeted(file_budget(size)):
+            head = f.read(16)
+            _refuse_safetensors(head, size)
             f.seek(0)
-            first = _unpickle(f)
-            if type(first) is int and first == TORCH_MAGIC:
-                return _read_torch_stream(f, first)
-            return first
+            if head.startswith(b"PK\x03\x04"):
+                obj = _read_torch_zip(f, size)
+            else:
+                reader = BoundedReader(f, size)
+                obj = _unpickle(reader)
+                if type(obj) is int and obj == TORCH_MAGIC:
+                    obj = _read_torch_stream(reader, obj)
+        check_nesting(obj)
+        return obj
     except LegacyError as e:
         raise type(e)(f"{path}: {e}") from None
     except Exception as e:  # anything else means damaged input: report it on one line

@@ -1,0 +1,169 @@
+"""Memory and nesting bounds for reading untrusted pickles.
+
+A file of a few bytes can ask for gigabytes: a length field (``BYTEARRAY8``), a storage's element
+count, a zip member that inflates a thousandfold, or one container copied by many calls through the
+pickle's memo. Every read therefore runs under a :class:`Budget` proportional to the file's size, and
+nesting is limited so that neither hashing (recursive in C: a segfault) nor our own recursive walks
+can be driven arbitrarily deep.
+"""
+from __future__ import annotations
+
+import contextvars
+import pickle
+from typing import Any, Iterator
+
+from vcdm.legacy.records import LegacyError, Record
+
+MAX_DEPTH = 100          # container nesting; EDM's and the release's pickles nest about 20 deep
+ITEM_BYTES = 64          # memory charged per container item a call builds from the pickle
+SLACK_BYTES = 64 << 20   # allocation allowed beyond twice the file size (module sources, small files)
+ZIP_MEMBER_FACTOR = 2    # torch stores zip members uncompressed: none may inflate beyond 2x the archive
+
+
+class Budget:
+    """Bytes a read may still allocate."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.left, self.what = limit, limit, what
+
+    def take(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise LegacyError(f"{what} needs {n:,} bytes, more than the {self.what} allows "
+                              f"({self.limit:,} bytes in all): the file is damaged or hostile")
+        self.left -= n
+
+
+def file_budget(file_size: int) -> Budget:
+    return Budget(2 * file_size + SLACK_BYTES, f"file's size ({file_size:,} bytes)")
+
+
+_CURRENT: contextvars.ContextVar[Budget] = contextvars.ContextVar("vcdm_legacy_budget")
+
+
+def current_budget() -> Budget:
+    """The budget of the read in progress (reads outside :func:`budgeted` get a fixed small one)."""
+    budget = _CURRENT.get(None)
+    return budget if budget is not None else Budget(SLACK_BYTES, "default read limit")
+
+
+class budgeted:
+    """Context manager making ``budget`` the one allocations of this read are charged to."""
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
+
+    def __enter__(self) -> Budget:
+        self._token = _CURRENT.set(self.budget)
+        return self.budget
+
+    def __exit__(self, *exc: Any) -> None:
+        _CURRENT.reset(self._token)
+
+
+class BoundedReader:
+    """A file from which at most ``limit`` bytes may be read: a pickle announcing a longer string or
+    bytes object than its file holds is refused before anything is allocated for it."""
+
+    def __init__(self, f: Any, limit: int, where: str = "file"):
+        self._f, self.left, self._where = f, limit, where
+
+    def _check(self, n: int) -> None:
+        if n > self.left:  # reported as damaged input, with the pickle's own errors
+            raise pickle.UnpicklingError(f"the pickle announces {n:,} bytes where the {self._where} holds at "
+                                         f"most {self.left:,} more")
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else n
+        self._check(n)
+        data = self._f.read(n)
+        self.left -= len(data)
+        return data
+
+    def readline(self, *_ignored: Any) -> bytes:
+        data = self._f.readline(self.left)
+        self.left -= len(data)
+        return data
+
+
+def charge(budget: Budget, value: Any, depth: int = 3) -> None:
+    """Charge what a call building from ``value`` may copy (items of containers to ``depth`` levels,
+    bytes of strings): bounded work per charge, and each charge is at least what it walked."""
+    budget.take(_size(value, depth), "data the pickle builds")
+
+
+def _size(value: Any, depth: int) -> int:
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        n = ITEM_BYTES * len(value)
+        if depth > 0:
+            n += sum(_size(v, depth - 1) for v in (value.values() if isinstance(value, dict) else value))
+        return n
+    return 0
+
+
+def _children(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield v
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        yield from value
+    elif isinstance(value, Record):
+        yield value.state
+
+
+def check_nesting(root: Any, limit: int = MAX_DEPTH) -> None:
+    """Refuse an object tree nested deeper than ``limit`` or containing itself, without recursing,
+    before anything walks it recursively."""
+    height: dict[int, int] = {}            # id -> height of a finished subtree
+    on_path: set[int] = set()
+    keep: list[Any] = []                   # finished nodes stay referenced: their ids are not reused
+    stack: list[tuple[Any, Iterator[Any], int]] = [(root, _children(root), 0)]
+    on_path.add(id(root))
+    while stack:
+        node, children, tallest = stack[-1]
+        child = next(children, _END)
+        if child is _END:
+            stack.pop()
+            on_path.discard(id(node))
+            height[id(node)] = tallest + 1
+            keep.append(node)
+            if stack:
+                parent, it, t = stack[-1]
+                stack[-1] = (parent, it, max(t, tallest + 1))
+            continue
+        if not isinstance(child, (dict, list, tuple, set, frozenset, Record)):
+            continue
+        if id(child) in on_path:
+            raise LegacyError("the pickle's data contains itself (a reference cycle); refused")
+        if id(child) in height:
+            stack[-1] = (node, children, max(tallest, height[id(child)]))
+            if len(stack) + height[id(child)] > limit:
+                raise LegacyError(f"the pickle's data is nested more than {limit} levels deep; refused")
+            continue
+        if len(stack) >= limit:
+            raise LegacyError(f"the pickle's data is nested more than {limit} levels deep; refused")
+        on_path.add(id(child))
+        stack.append((child, _children(child), 0))
+
+
+_END = object()
+
+
+class NestingTracker:
+    """Depth of every tuple and frozenset an unpickler builds (hashing them recurses in C, unguarded:
+    a tuple nested a million deep used as a dict key crashes the interpreter)."""
+
+    def __init__(self, limit: int = MAX_DEPTH):
+        self.limit = limit
+        self._depth: dict[int, tuple[int, Any]] = {}   # id -> (depth, the object, kept alive)
+
+    def track(self, value: Any) -> None:
+        if not isinstance(value, (tuple, frozenset)):
+            return
+        depth = 1 + max((self._depth.get(id(v), (0,))[0] for v in value if isinstance(v, (tuple, frozenset))),
+                        default=0)
+        if depth > self.limit:
+            raise LegacyError(f"the pickle's data is nested more than {self.limit} levels deep; refused")
+        self._depth[id(value)] = (depth, value)
