@@ -17,7 +17,7 @@ import vcdm
 from test_generate import REPO, models, pixel_pca, run, write_model  # noqa: F401 (models is a fixture)
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
-from vcdm.generate.files import read_png
+from vcdm.generate.files import read_png, read_tensors
 
 __all__ = ["models"]
 
@@ -27,7 +27,7 @@ def pngs(folder: Path) -> np.ndarray:
 
 
 def embeddings(folder: Path) -> np.ndarray:
-    return np.stack([torch.load(p, weights_only=True)["embedding"].numpy() for p in sorted(folder.glob("*.pt"))])
+    return np.stack([read_tensors(p)["embedding"].numpy() for p in sorted(folder.glob("*.pt"))])
 
 
 @pytest.mark.parametrize("extra", [[], ["--image-sampler", "dpm2m", "--prior-S_churn", "10"]])
