@@ -49,8 +49,9 @@ def test_ema_half_life_ramps_up_with_images_seen():
 def test_reduce_loss():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # 2 samples; tensors of 1 and 2 elements
     assert reduce_loss(loss, [1, 2], per_rank=4, ls=2.0).item() == pytest.approx(21 / 4 * 2)
-    # equally weighted: mean of tensor 1 (5/2) and of tensor 2 (16/4) over the per-process batch of 4
-    assert reduce_loss(loss, [1, 2], per_rank=4, ls=1.0, equally_weight=True).item() == pytest.approx(5 / 4 + 16 / 8)
+    # equally weighted, as the release: mean of tensor 1 (5/2) plus mean of tensor 2 (16/4) over this round's
+    # 2 samples, not over the per-process batch of 4 (accumulation rounds each add a full mean)
+    assert reduce_loss(loss, [1, 2], per_rank=4, ls=1.0, equally_weight=True).item() == pytest.approx(5 / 2 + 16 / 4)
 
 
 def test_train_state_round_trip():

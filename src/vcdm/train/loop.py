@@ -159,7 +159,7 @@ class Trainer:
         net = s.denoiser.net.train().requires_grad_(True)
         if plan.resume is not None and loaded is None:
             loaded = load_state(plan.resume)  # processes other than 0
-        frozen = self.init_weights(net) if loaded is None else list(loaded.get("frozen", []))
+        frozen = self.init_weights(net, s.structure) if loaded is None else list(loaded.get("frozen", []))
         for name, p in net.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
@@ -237,13 +237,14 @@ class Trainer:
         print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
               f"training for {o.duration:g} Mimg")
 
-    def init_weights(self, net) -> list[str]:
+    def init_weights(self, net, structure) -> list[str]:
         """--pretrained_weights / --transfer; returns the names of frozen parameters."""
         from vcdm.train import finetune
 
         o = self.opts
         if o.pretrained_weights:
-            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained)
+            # the structure places a class-conditional ADM's class columns (the release's ImageNet fine-tuning)
+            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained, structure=structure)
             return [n for n, p in net.named_parameters() if not p.requires_grad]
         if o.transfer:
             finetune.transfer(o.transfer, net)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from vcdm import distributed as dist
+from vcdm.diffusion.loss import equally_weighted
 from vcdm.train.sampler import mix_seed
 from vcdm.train.state import TrainState
 
@@ -31,11 +32,12 @@ def reduce_loss(loss: torch.Tensor, sizes: list[int], per_rank: int, ls: float,
                 equally_weight: bool = False) -> torch.Tensor:
     """The scalar to differentiate from per-element losses (batch, latent_dim) of one round.
 
-    Sum over elements / per-process batch * ls (EDM), or, with `equally_weight`, each generated
-    tensor's mean per element weighted equally (the original release's --equally_weight_tensors).
+    Sum over elements / per-process batch * ls (EDM), or, with `equally_weight`, the sum of each generated
+    tensor's mean over this round's samples and elements (the original release's --equally_weight_tensors:
+    under gradient accumulation each round adds a full mean; vcdm.diffusion.loss.equally_weighted).
     """
     if equally_weight:
-        return sum(p.sum() / (p.shape[1] * per_rank) for p in loss.split(sizes, dim=1)) * ls
+        return equally_weighted(loss, sizes) * ls
     return loss.sum() * (ls / per_rank)
 
 
