@@ -23,8 +23,10 @@ from vcdm.diffusion.sampling import sample
 from vcdm.legacy import LegacyError, load_pretrained
 from vcdm.nets.adm import DhariwalUNet
 from vcdm.nets.concatunet import ConcatUNet
+from vcdm.nets.control import ControlDhariwalUNet
+from vcdm.nets.film import FilmSongUNet
 from vcdm.nets.precond import Denoiser
-from vcdm.nets.presets import preset
+from vcdm.nets.presets import preset, structure_preset
 from vcdm.train.state import load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,3 +266,83 @@ def test_train_concatunet_joint_model_and_sample_from_its_checkpoint(tmp_path):
         x = sample(denoiser.eval(), torch.randn(2, 3 * 64 + 4, dtype=torch.float64), num_steps=3)
     got = denoiser.structure.unflatten_latent(x)
     assert got["image"].shape == (2, 3, 8, 8) and got["embedding"].shape == (2, 4) and x.isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------------
+# film-ddpmpp and control-adm: the release's FilmWrappedOriginalSongUNet / ControlledDhariwalUNet (after its
+# add_control) on `recipe` weights; inputs batch 2 from manual_seed(5): image, then conditioning.
+
+FILM = json.loads((DATA / "release-film.json").read_text())
+CONTROL = json.loads((DATA / "release-control.json").read_text())
+
+
+def film_net(c: dict) -> FilmSongUNet:
+    return FilmSongUNet(8, 3, 3, **c)
+
+
+def control_net(c: dict) -> ControlDhariwalUNet:
+    kwargs = {k: v for k, v in c.items() if k not in ("emb", "classes")}
+    return ControlDhariwalUNet(8, 3, 3, cond_dim=c["emb"] + c["classes"], class_columns=[c["emb"], c["classes"]], **kwargs)
+
+
+@pytest.mark.parametrize("case", list(FILM))
+def test_film_ddpmpp_matches_the_release(case):
+    entry = FILM[case]
+    net = recipe(film_net(entry["config"]))
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == entry["keys"]
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, entry["config"]["cond_dim"], generator=g)
+    aug = torch.randn(2, 9, generator=g) if entry["config"]["augment_dim"] else None
+    with torch.no_grad():
+        out = net(x, torch.tensor([0.3, 7.0]).log() / 4, y, augment_labels=aug)
+    assert (out.flatten() - torch.tensor(entry["output"])).abs().max() < 1e-5  # measured: <= 1.5e-6
+
+
+@pytest.mark.parametrize("case", list(CONTROL))
+def test_control_adm_matches_the_release(case):
+    entry = CONTROL[case]
+    c = entry["config"]
+    net = recipe(control_net(c))
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == entry["keys"]
+    g = torch.Generator().manual_seed(5)
+    x, emb = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, c["emb"], generator=g)
+    label = torch.eye(c["classes"])[torch.tensor([3, 998])]
+    aug = torch.randn(2, 9, generator=g) if c["augment_dim"] else None
+    with torch.no_grad():
+        out = net(x, torch.tensor([0.3, 7.0]).log() / 4, torch.cat([emb, label], 1), augment_labels=aug)
+    assert (out.flatten() - torch.tensor(entry["output"])).abs().max() < 1e-5  # measured: <= 1.3e-6
+
+
+
+def test_control_adm_fine_tunes_from_class_conditional_adm(fake_modules):
+    pkl = fake_modules / "adm-cond.pkl"
+    source = adm_pickle(pkl, label_dim=3)
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (5,), "label": (3,)}, "1,1,1", "0,1,1")
+    name, kwargs = structure_preset("control-adm", structure, augment_dim=0, cbase=64, cres=[1, 1], dropout=0.0)
+    assert name == "ControlDhariwalUNet" and kwargs["class_columns"] == [5, 3] and kwargs["cond_dim"] == 8
+    net = ControlDhariwalUNet(**kwargs)
+    report = load_pretrained(pkl, Denoiser(net, structure), freeze=False)  # the release freezes anyway
+    assert "control tensors start from the pretrained blocks" in str(report)
+    sd, ref = net.state_dict(), source.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert all(torch.equal(sd[k], ref[v]) for k, v in net.copied_from().items())
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("control_") for n in trainable)
+    assert trainable == {n for n, _ in net.named_parameters() if n.startswith("control_")}
+    # Near-zero output convolutions: the fine-tuned model starts (almost) as the class-conditional one.
+    x, noise = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0]).log() / 4
+    onehot = torch.eye(3)[torch.tensor([1, 2])]
+    with torch.no_grad():
+        got, want = net(x, noise, torch.cat([torch.randn(2, 5), onehot], 1)), source(x, noise, onehot)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_structure_presets_refuse_structures_they_cannot_model():
+    image_given_embedding = Structure.from_flags({"image": (3, 8, 8), "embedding": (5,)}, "1,1", "0,1")
+    with pytest.raises(ValueError, match="observe the label and at least one other tensor"):
+        structure_preset("control-adm", image_given_embedding, augment_dim=0, cbase=64, cres=[1, 1])
+    joint = Structure.from_flags({"image": (3, 8, 8), "embedding": (5,)}, "1,1", "0,0")
+    with pytest.raises(ValueError, match="generates the image given vectors"):
+        structure_preset("film-ddpmpp", joint, augment_dim=0)
+    name, kwargs = structure_preset("film-ddpmpp", image_given_embedding, augment_dim=9)
+    assert name == "FilmSongUNet" and kwargs["cond_dim"] == 5 and kwargs["channel_mult"] == [2, 2, 2]

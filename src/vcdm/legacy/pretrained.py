@@ -9,6 +9,7 @@ from torch import nn
 
 from vcdm.checkpoints import state_dict_mismatch
 from vcdm.data.structure import Structure
+from vcdm.nets.control import class_columns
 from vcdm.legacy.edm import _network_kwargs, load_legacy_pickle
 from vcdm.legacy.records import LegacyError
 from vcdm.legacy.unpickle import PathLike
@@ -48,15 +49,6 @@ def _source_state(path: Path) -> dict[str, torch.Tensor]:
     return record.state_dict
 
 
-def class_columns(structure: Structure | None) -> tuple[int, int] | None:
-    """(first column, number of classes) of the one-hot class label inside the conditioning vector
-    (observed tensors in name order: LabelledCLIPDataset gives [embedding, label]); None without one."""
-    if structure is None or "label" not in structure.observed_names:
-        return None
-    names = structure.observed_names
-    return sum(structure.numel(n) for n in names[:names.index("label")]), structure.numel("label")
-
-
 def widen_map_label(path: Path, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                     structure: Structure | None) -> str:
     """The release's fine-tuning of a class-conditional ADM (WrappedDhariwalUNet.edit_pretrained_state_dict):
@@ -88,8 +80,9 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
     Tensors must match by name and shape, except ``map_label.*`` which an unconditional source lacks:
     those start at zero, so the network initially ignores its new conditioning input. A class-conditional
     source's ``map_label`` is widened to the target's conditioning (`widen_map_label`, located by
-    ``structure``, by default a Denoiser's own). With ``freeze``, only those new or widened parameters
-    stay trainable (the release's --freeze_pretrained).
+    ``structure``, by default a Denoiser's own). A network with ``pretrained_state`` (control-adm) completes
+    the source with its control tensors, and then only those train. With ``freeze``, only the new or
+    widened parameters stay trainable (the release's --freeze_pretrained).
     """
     from vcdm.nets.precond import Denoiser
 
@@ -101,15 +94,21 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
     source = dict(_source_state(path))
     target = net.state_dict()
     widened = widen_map_label(path, source, target, structure)
+    added: list[str] = []
+    if hasattr(net, "pretrained_state"):  # control-adm: control copies of the pretrained blocks
+        source, added = net.pretrained_state(source)
     new = sorted(k for k in target if k not in source and k.startswith("map_label."))
     new_state = {**source, **{k: torch.zeros_like(target[k]) for k in new}}
     problem = state_dict_mismatch(target, new_state)
     if problem:
         raise LegacyError(f"{path}: weights do not fit the network: {problem}")
     net.load_state_dict(new_state)
-    report = PretrainedReport(str(path), sorted(source), new, widened=widened)
-    trainable = set(new) | ({"map_label.weight"} if widened else set())
-    if freeze:
+    report = PretrainedReport(str(path), sorted(set(source) - set(added)), new, widened=widened)
+    trainable = set(new) | set(added) | ({"map_label.weight"} if widened and not added else set())
+    if added:
+        report.widened = "; ".join(filter(None, [widened, f"{len(added)} control tensors start from the pretrained "
+                                                          f"blocks (only they train, as in the release)"]))
+    if freeze or getattr(net, "only_control_trains", False):
         for name, p in net.named_parameters():
             p.requires_grad_(name in trainable)
             if name in trainable:

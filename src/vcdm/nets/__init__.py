@@ -9,12 +9,15 @@ from torch import nn
 def network_classes() -> dict[str, type[nn.Module]]:
     from vcdm.nets.adm import DhariwalUNet
     from vcdm.nets.concatunet import ConcatUNet
+    from vcdm.nets.control import ControlDhariwalUNet
     from vcdm.nets.dalle2 import DALLE2Prior
+    from vcdm.nets.film import FilmSongUNet
     from vcdm.nets.prior import PriorTransformer
     from vcdm.nets.songunet import SongUNet
 
     return {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "PriorTransformer": PriorTransformer,
-            "DALLE2Prior": DALLE2Prior, "ConcatUNet": ConcatUNet}
+            "DALLE2Prior": DALLE2Prior, "ConcatUNet": ConcatUNet,
+            "FilmSongUNet": FilmSongUNet, "ControlDhariwalUNet": ControlDhariwalUNet}
 
 
 def build_network(class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:

@@ -10,9 +10,12 @@ from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.layers import GroupNorm
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet")
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet", "film-ddpmpp", "control-adm")
 VECTOR_ARCHS = ("dalle2", "prior")  # transformers over embedding vectors
-JOINT_ARCHS = ("concatunet",)  # one U-Net over every tensor (images and vectors); the others are image U-Nets
+# The release's networks built from the whole structure (structure_preset): concatunet models every tensor
+# (images and vectors) jointly; film-ddpmpp and control-adm are image U-Nets with their own conditioning.
+STRUCTURE_ARCHS = ("concatunet", "film-ddpmpp", "control-adm")
+JOINT_ARCHS = ("concatunet",)
 DEFAULT_DROPOUT = 0.13  # train.py's --dropout default (EDM and the seed), applied to every U-Net
 
 _SONG = {
@@ -42,8 +45,8 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     """
     if arch not in ARCHS:
         raise PresetError(f"--arch: unknown architecture '{arch}' (expected one of {', '.join(ARCHS)})")
-    if arch in JOINT_ARCHS:
-        raise PresetError(f"--arch={arch} is built from the whole structure: use concatunet_preset")
+    if arch in STRUCTURE_ARCHS:
+        raise PresetError(f"--arch={arch} is built from the whole structure: use structure_preset")
     if dropout is not None and not 0 <= dropout <= 1:
         raise PresetError(f"--dropout: expected a probability in [0, 1], got {dropout}")
     if label_dim < 0 or augment_dim < 0:
@@ -72,6 +75,43 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
                   augment_dim=augment_dim, model_channels=cbase, channel_mult=cres,
                   dropout=DEFAULT_DROPOUT if dropout is None else dropout)
     name, kwargs = ("DhariwalUNet", kwargs) if arch == "adm" else ("SongUNet", {**kwargs, **_SONG[arch]})
+    _check_group_norms(name, kwargs)
+    return name, kwargs
+
+
+def structure_preset(arch: str, structure: Structure, *, augment_dim: int, cbase: int | None = None,
+                     cres: Sequence[int] | None = None, dropout: float | None = None) -> tuple[str, dict[str, Any]]:
+    """(network class name, constructor kwargs) of the release's concatunet, film-ddpmpp or control-adm."""
+    if dropout is not None and not 0 <= dropout <= 1:
+        raise PresetError(f"--dropout: expected a probability in [0, 1], got {dropout}")
+    if arch == "concatunet":
+        return concatunet_preset(structure, augment_dim=augment_dim, cbase=cbase, cres=cres, dropout=dropout)
+    if structure.latent_names != ("image",) or not structure.observed_names or len(structure.shape("image")) != 3:
+        raise PresetError(f"--arch={arch} generates the image given vectors, but the structure generates "
+                          f"{list(structure.latent_names)} given {list(structure.observed_names)}")
+    channels, resolution, _ = structure.shape("image")
+    drop = DEFAULT_DROPOUT if dropout is None else dropout
+    if arch == "film-ddpmpp":
+        from vcdm.nets.film import film_preset
+
+        kwargs = film_preset(resolution=resolution, channels=channels, cond_dim=structure.observed_dim,
+                             augment_dim=augment_dim, cbase=cbase, cres=cres, dropout=drop)
+        name = "FilmSongUNet"
+    elif arch == "control-adm":
+        from vcdm.nets.control import class_columns
+
+        columns = class_columns(structure)
+        if columns is None or columns[1] == structure.observed_dim:
+            raise PresetError("--arch=control-adm conditions a class-conditional ADM on new tensors: observe the "
+                              "label and at least one other tensor (e.g. LabelledCLIPDataset --observed 0,1,1)")
+        kwargs = dict(img_resolution=resolution, in_channels=channels, out_channels=channels,
+                      cond_dim=structure.observed_dim, class_columns=list(columns), augment_dim=augment_dim,
+                      model_channels=192 if cbase is None else cbase,
+                      channel_mult=[1, 2, 3, 4] if cres is None else list(cres), dropout=drop)
+        name = "ControlDhariwalUNet"
+    else:
+        raise PresetError(f"--arch: unknown architecture '{arch}' (expected one of {', '.join(STRUCTURE_ARCHS)})")
+    _check_unet(arch.split("-")[-1], resolution, channels, kwargs["model_channels"], kwargs["channel_mult"])
     _check_group_norms(name, kwargs)
     return name, kwargs
 

@@ -122,12 +122,13 @@ def default_arch(structure: Structure) -> str:
 
 
 def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> tuple[str, dict[str, Any]]:
-    from vcdm.nets.presets import JOINT_ARCHS, VECTOR_ARCHS, concatunet_preset, preset
+    from vcdm.nets.presets import STRUCTURE_ARCHS, VECTOR_ARCHS, preset, structure_preset
 
     arch = opts.arch or default_arch(structure)
-    if arch in JOINT_ARCHS:
+    if arch in STRUCTURE_ARCHS:
         cres = list(opts.cres) if opts.cres else None
-        return concatunet_preset(structure, augment_dim=augment_dim, cbase=opts.cbase, cres=cres, dropout=opts.dropout)
+        return structure_preset(arch, structure, augment_dim=augment_dim, cbase=opts.cbase, cres=cres,
+                                dropout=opts.dropout)
     image_latent = structure.latent_names == ("image",)
     if arch in VECTOR_ARCHS and "image" in structure.latent_names:
         raise OptionError(f"--arch={arch} models embedding vectors, but the image is generated; use "

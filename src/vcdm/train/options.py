@@ -17,7 +17,7 @@ from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet")
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet", "film-ddpmpp", "control-adm")
 PRECONDS = ("edm", "vp", "ve")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
 
@@ -119,6 +119,13 @@ class IOOptions:
 GROUPS = (DataOptions, EmbedderOptions, ModelOptions, OptimOptions, ScheduleOptions, IOOptions)
 LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float,
                "cres": int}
+
+
+# What defines a run's model and the data it learns: a resumed run must keep these (--resume=auto
+# only resumes a run that recorded the same values; --resume=DIR refuses flags that change them).
+IDENTITY = ("path", "data_class", "exist", "observed", "xflip", "embedder", "n_comp", "n_clusters", "pca_dim",
+            "train_embedder", "arch", "precond", "pred_x0", "noise_mult", "equally_weight_tensors", "cbase", "cres",
+            "prior_dim", "prior_depth")
 
 
 @dataclass
