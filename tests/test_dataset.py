@@ -467,3 +467,99 @@ def test_root_script_accepts_seed_flags(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Wrote 2 images (8x8, no labels)" in proc.stdout
     assert len(ImageDataset(tmp_path / "d.zip")) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Label values, class names, hostile dataset.json
+
+def _labelled_zip(path: Path, labels: list, class_names=None) -> Path:
+    """An EDM-format zip of len(labels) 8x8 images with the given dataset.json labels."""
+    rng = np.random.default_rng(0)
+    meta = {"labels": [[archive_name(i), l] for i, l in enumerate(labels)]}
+    if class_names is not None:
+        meta["class_names"] = class_names
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(len(labels)):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(rand_image(rng, 8, 8)).save(buf, format="png")
+            zf.writestr(archive_name(i), buf.getvalue())
+        zf.writestr("dataset.json", json.dumps(meta))
+    return path
+
+
+@pytest.mark.parametrize("labels,match", [
+    ([0, 10 ** 12], "label 1 is 1000000000000; class labels must be integers 0 <= c < 131,072"),
+    ([1, -1], "label 1 is -1"),
+    ([True, False], "label 0 is a boolean (true); class labels must be integers"),
+    ([0.5, 1], "label 0 is float"),
+    ([[1, 2], [3]], "label 1 is length 1 but label 0 has length 2"),
+    ([[1, 2], 3], "label 1 is 3 but label 0 has length 2"),
+    ([1, [2]], "label 1 is list"),
+    ([[1, "a"], [2, 3]], "label 0 holds a value that is not a finite number"),
+    ([[], []], "label vectors have length 0"),
+])
+def test_invalid_labels_are_one_line_errors_everywhere(tmp_path, labels, match):
+    path = _labelled_zip(tmp_path / "d.zip", labels)
+    res = CliRunner().invoke(dataset_cli, ["info", str(path)])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and match in res.output, res.output
+    with pytest.raises(DatasetError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        ImageDataset(path, use_labels=True)
+    res = CliRunner().invoke(dataset_cli, ["--source", str(path), "--dest", str(tmp_path / "o.zip")])
+    assert res.exit_code == 1 and match in res.output and not (tmp_path / "o.zip").exists()
+
+
+def test_vector_labels_still_read(tmp_path):
+    ds = ImageDataset(_labelled_zip(tmp_path / "v.zip", [[0.5, 1], [2, -3.0]]), use_labels=True)
+    assert ds.label_dim == 2 and torch.equal(ds[1][1], torch.tensor([2.0, -3.0])) and ds.class_names is None
+
+
+def test_folder_class_names_are_kept(tmp_path):
+    make_folder(tmp_path / "src", classes=("cat", "dog", "zebra"), per_class=1)
+    convert_dataset(tmp_path / "src", tmp_path / "out.zip", progress=False)
+    meta = json.loads(zip_entries(tmp_path / "out.zip")["dataset.json"])
+    assert meta["class_names"] == ["cat", "dog", "zebra"] and [l for _, l in meta["labels"]] == [0, 1, 2]
+    ds = ImageDataset(tmp_path / "out.zip", use_labels=True)
+    assert ds.class_names == ["cat", "dog", "zebra"]
+    assert "classes    cat, dog, zebra" in run_cli("info", str(tmp_path / "out.zip")).output
+    # Re-converting keeps them; class_index accepts an index or a recorded name.
+    convert_dataset(tmp_path / "out.zip", tmp_path / "again.zip", progress=False)
+    assert json.loads(zip_entries(tmp_path / "again.zip")["dataset.json"])["class_names"] == ["cat", "dog", "zebra"]
+    from vcdm.data.archive import class_index
+
+    assert class_index("zebra", ds.class_names, 3) == 2 and class_index("1", ds.class_names, 3) == 1
+    with pytest.raises(DatasetError, match="unknown class 'horse' .*0..2 or a name such as cat, dog, zebra"):
+        class_index("horse", ds.class_names, 3)
+    with pytest.raises(DatasetError, match="class_names must be a list of distinct strings"):
+        ImageDataset(_labelled_zip(tmp_path / "bad.zip", [0, 1], ["a", "a"]), use_labels=True)
+
+
+@pytest.mark.slow
+def test_dataset_json_whitespace_bomb_is_refused_with_bounded_memory(tmp_path):
+    """A ~0.5 MB zip whose dataset.json inflates to 512 MiB of whitespace (the study's was 1.5 GiB)."""
+    from memory_probe import expect_one_line_error
+
+    path = _labelled_zip(tmp_path / "bomb.zip", [0, 1])
+    path2 = tmp_path / "bomb2.zip"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(path2, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in src.namelist():
+            if name != "dataset.json":
+                zf.writestr(name, src.read(name))
+        with zf.open("dataset.json", "w", force_zip64=True) as member:
+            member.write(b'{"labels": [')
+            spaces = b" " * (1 << 20)
+            for _ in range(512):
+                member.write(spaces)
+            member.write(b"]}")
+    assert path2.stat().st_size < 1_000_000
+    code = f"from vcdm.cli.main import cli\ncli(['dataset', 'info', {str(path2)!r}])\n"
+    expect_one_line_error(code, "dataset.json is 536,870,926 bytes, more than the 1,050,624 allowed for 2 images")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("labels,match", [([0, 10 ** 12], "label 1 is 1000000000000"),
+                                          ([[1.0] * 1000, [1.0] * 999], "label 1 is length 999")])
+def test_hostile_labels_in_dataset_info_with_bounded_memory(tmp_path, labels, match):
+    from memory_probe import expect_one_line_error
+
+    path = _labelled_zip(tmp_path / "d.zip", labels)
+    expect_one_line_error(f"from vcdm.cli.main import cli\ncli(['dataset', 'info', {str(path)!r}])\n", match)

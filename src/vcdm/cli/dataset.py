@@ -65,23 +65,29 @@ def convert(source: str, dest: str, resolution: tuple[int, int] | None, transfor
     \b
     Labels come from a dataset.json in the source when there is one ({"labels": [[name, int], ...]}
     or null), else from top-level folder names when there are several (e.g. ImageNet's class
-    folders, numbered in sorted order), else there are none.
+    folders, numbered in sorted order; the output's dataset.json records the folder names as
+    "class_names"), else there are none. Labels must be class indices 0..N-1 or equal-length vectors.
 
     \b
     Pixels follow EDM's dataset_tool.py (same file order, crops and Pillow Lanczos resampling),
     stored as uncompressed RGB PNG. Grayscale, palette and 16-bit images become RGB uint8; alpha
     is composited onto white; EXIF orientation is ignored, as in EDM.
     """
+    from vcdm.cli.errors import writable
     from vcdm.data.dataset_tool import convert_dataset, default_workers
+    from vcdm.paths import describe
 
     if transform is not None and resolution is None:
         raise click.UsageError(f"--transform={transform} needs --resolution=WxH")
+    writable(dest, "--dest", is_dir=not dest.endswith(".zip"))  # before any work
     try:
         s = convert_dataset(source, dest, resolution=resolution, transform=transform, max_images=max_images,
                             use_labels=not no_labels, skip_bad=skip_bad, overwrite=overwrite,
                             workers=workers or default_workers())
     except DatasetError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(describe(e)) from None
     labels = f"{s.num_classes} classes" if s.num_classes else "no labels"
     click.echo(f"Wrote {s.count} images ({s.resolution[0]}x{s.resolution[1]}, {labels}) to {s.dest}")
     if s.skipped_bad:
@@ -102,5 +108,8 @@ def info(path: str) -> None:
         raise click.ClickException(str(e)) from None
     rows = {"path": path, "images": len(ds), "resolution": f"{ds.resolution}x{ds.resolution}",
             "channels": ds.num_channels, "labels": ds.label_dim if ds.has_labels else "none"}
+    if ds.class_names:
+        shown = ", ".join(ds.class_names[:8]) + (", …" if len(ds.class_names) > 8 else "")
+        rows["classes"] = shown
     for key, value in rows.items():
         click.echo(f"{key:<11}{value}")

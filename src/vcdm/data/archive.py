@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +26,10 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp",
 METADATA_NAME = "dataset.json"
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so identical inputs give byte-identical zips
 BACKGROUND = 255  # transparent pixels are composited onto white
+MAX_CLASSES = 1 << 17             # class labels are below this (ImageNet-21k has 21,841 classes)
+MAX_LABEL_DIM = 1 << 16           # length of label vectors
+METADATA_BYTES_PER_IMAGE = 1024   # dataset.json may hold this much per image, plus METADATA_SLACK
+METADATA_SLACK = 1 << 20
 
 
 class DatasetError(ValueError):
@@ -89,6 +94,54 @@ def encode_png(img: PIL.Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_labels(labels: list, where: str) -> None:
+    """Refuse labels that are not all class indices (integers 0 <= c < MAX_CLASSES; not booleans) or all
+    equal-length vectors of finite numbers, with one line naming the first offending entry."""
+    if not labels:
+        return
+    if isinstance(labels[0], list):
+        dim = len(labels[0])
+        if not 0 < dim <= MAX_LABEL_DIM:
+            raise DatasetError(f"{where}: label vectors have length {dim}, expected 1..{MAX_LABEL_DIM}")
+        for i, v in enumerate(labels):
+            if not isinstance(v, list) or len(v) != dim:
+                got = f"length {len(v)}" if isinstance(v, list) else repr(v)
+                raise DatasetError(f"{where}: label {i} is {got} but label 0 has length {dim}; label vectors "
+                                   "must all have the same length")
+            if not all(map(_is_number, v)):
+                raise DatasetError(f"{where}: label {i} holds a value that is not a finite number")
+        return
+    for i, c in enumerate(labels):
+        if isinstance(c, bool) or not isinstance(c, int):
+            kind = "a boolean" if isinstance(c, bool) else type(c).__name__
+            raise DatasetError(f"{where}: label {i} is {kind} ({json.dumps(c)[:40]}); class labels must be "
+                               f"integers 0..N-1 (or all labels equal-length vectors)")
+        if not 0 <= c < MAX_CLASSES:
+            raise DatasetError(f"{where}: label {i} is {c}; class labels must be integers 0 <= c < {MAX_CLASSES:,}")
+
+
+def check_class_names(names: Any, num_classes: int, where: str) -> list[str]:
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise DatasetError(f"{where}: class_names must be a list of distinct strings")
+    if len(names) < num_classes:
+        raise DatasetError(f"{where}: {len(names)} class names for labels up to {num_classes - 1}")
+    return names
+
+
+def class_index(value: str, class_names: list[str] | None, num_classes: int) -> int:
+    """A class given as its index or (when the dataset recorded them) its name -> its index."""
+    if value.strip().isdigit() and int(value) < num_classes:
+        return int(value)
+    if class_names and value in class_names:
+        return class_names.index(value)
+    known = f"0..{num_classes - 1}" + (f" or a name such as {', '.join(class_names[:3])}" if class_names else "")
+    raise DatasetError(f"unknown class '{value}' (expected {known})")
+
+
 def path_sort_key(rel: str) -> tuple[str, ...]:
     """Component-wise order of relative paths, as pathlib sorts them: 'a/x' < 'a-b/x' (strings disagree)."""
     return tuple(rel.split("/"))
@@ -143,17 +196,53 @@ class Archive:
         with f:
             return decode_image(f, self.describe(name), keep_gray=keep_gray)
 
-    def read_labels(self) -> dict[str, Any] | None:
-        """`dataset.json`'s labels as {relative name: label}; None when absent or null."""
+    def _metadata_size(self) -> int:
+        if self.kind == "dir":
+            return (self.path / METADATA_NAME).stat().st_size
+        return self._zipfile().getinfo(METADATA_NAME).file_size
+
+    def read_metadata(self) -> dict[str, Any]:
+        """`dataset.json` as a dict ({} when absent), read only if its size fits the image count."""
         if METADATA_NAME not in self.names:
-            return None
+            return {}
+        where = self.describe(METADATA_NAME)
+        limit = METADATA_SLACK + METADATA_BYTES_PER_IMAGE * len(self.image_names)
+        try:
+            size = self._metadata_size()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"cannot read {where}: {e}") from None
+        if size > limit:
+            raise DatasetError(f"{where} is {size:,} bytes, more than the {limit:,} allowed for "
+                               f"{len(self.image_names):,} images (damaged or hostile)")
         try:
             with self.open(METADATA_NAME) as f:
-                labels = json.load(f)["labels"]
-            return None if labels is None else {str(k).replace("\\", "/"): v for k, v in labels}
-        except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{self.describe(METADATA_NAME)}: expected {{\"labels\": [[name, label], ...] or null}} "
-                               f"({e})") from None
+                meta = json.loads(f.read(limit + 1))
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DatasetError(f"cannot read {where}: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise DatasetError(f"{where} is not valid JSON ({str(e)[:80]})") from None
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{where}: expected an object {{\"labels\": ...}}")
+        return meta
+
+    def read_labels(self, meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """`dataset.json`'s labels (from ``meta`` if already read) as {relative name: label}, checked
+        (see check_labels); None when absent or null."""
+        labels = (self.read_metadata() if meta is None else meta).get("labels")
+        if labels is None:
+            return None
+        where = self.describe(METADATA_NAME)
+        try:
+            pairs = {str(k).replace("\\", "/"): v for k, v in labels}
+        except (ValueError, TypeError) as e:
+            raise DatasetError(f"{where}: expected {{\"labels\": [[name, label], ...] or null}} ({e})") from None
+        check_labels(list(pairs.values()), where)
+        return pairs
+
+    def read_class_names(self, num_classes: int, meta: dict[str, Any] | None = None) -> list[str] | None:
+        """Names of classes 0..num_classes-1 when dataset.json records them (``class_names``)."""
+        names = (self.read_metadata() if meta is None else meta).get("class_names")
+        return None if names is None else check_class_names(names, num_classes, self.describe(METADATA_NAME))
 
     def has_metadata(self) -> bool:
         return METADATA_NAME in self.names
@@ -238,6 +327,10 @@ class ArchiveWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
 
-    def write_labels(self, labels: list[list] | None) -> None:
-        """dataset.json in EDM's exact format: json.dumps with default separators."""
-        self.write(METADATA_NAME, json.dumps({"labels": labels}).encode("utf8"))
+    def write_labels(self, labels: list[list] | None, class_names: list[str] | None = None) -> None:
+        """dataset.json in EDM's exact format (json.dumps with default separators); ``class_names``
+        (the name of each class index), when known, is an extra key EDM's reader ignores."""
+        meta: dict[str, Any] = {"labels": labels}
+        if class_names is not None:
+            meta["class_names"] = class_names
+        self.write(METADATA_NAME, json.dumps(meta).encode("utf8"))

@@ -48,11 +48,14 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DatasetError(f"dataset {path}: images are {self.image_shape[2]}x{self.image_shape[1]}, "
                                f"expected square; rebuild it with `vcdm dataset --resolution=NxN`")
         self.num_channels = self.image_shape[0]
-        self._labels = self._read_labels() if use_labels else None
+        meta = self.archive.read_metadata() if use_labels else {}
+        self._labels = self._read_labels(meta) if use_labels else None
+        self.class_names: list[str] | None = None  # names of class indices, when dataset.json records them
         if self._labels is None:
             self.label_dim = 0
         elif self._labels.ndim == 1:
             self.label_dim = int(self._labels.max()) + 1
+            self.class_names = self.archive.read_class_names(self.label_dim, meta)
         else:
             self.label_dim = self._labels.shape[1]
 
@@ -68,20 +71,16 @@ class ImageDataset(torch.utils.data.Dataset):
     def has_labels(self) -> bool:
         return self.label_dim > 0
 
-    def _read_labels(self) -> np.ndarray | None:
-        labels = self.archive.read_labels()
+    def _read_labels(self, meta: dict) -> np.ndarray | None:
+        """Class indices (int64) or label vectors (float32), one per image; values checked by the archive."""
+        labels = self.archive.read_labels(meta)
         if labels is None:
             return None
         missing = [n for n in self.fnames if n not in labels]
         if missing:
             raise DatasetError(f"{self.archive.describe('dataset.json')} has no label for {missing[0]}")
-        values = np.array([labels[n] for n in self.fnames])
-        if values.ndim == 1 and values.dtype.kind in "iu" and values.min() >= 0:
-            return values.astype(np.int64)
-        if values.ndim == 2 and values.dtype.kind in "iuf":
-            return values.astype(np.float32)
-        raise DatasetError(f"{self.archive.describe('dataset.json')}: labels must be non-negative integers "
-                           f"or equal-length vectors")
+        values = [labels[n] for n in self.fnames]
+        return np.array(values, dtype=np.float32 if isinstance(values[0], list) else np.int64)
 
     def _load(self, raw_idx: int) -> np.ndarray:
         image = np.asarray(self.archive.read_image(self.fnames[raw_idx], keep_gray=True))

@@ -101,22 +101,31 @@ class Source:
     loader: Callable[[Any], PIL.Image.Image]
     refs: list
     labels: list | None  # one per ref, or None
+    class_names: list[str] | None = None  # the name of each class index, when known
 
 
-def _derive_labels(archive: Archive, names: list[str]) -> list | None:
-    """EDM's rule: dataset.json when present, else top-level folder names when there are several."""
+def _derive_labels(archive: Archive, names: list[str]) -> tuple[list | None, list[str] | None]:
+    """EDM's rule: dataset.json when present (values checked, class names kept), else top-level folder
+    names when there are several (the sorted folder names are the class names)."""
     if archive.has_metadata():
-        labels = archive.read_labels()
+        meta = archive.read_metadata()
+        labels = archive.read_labels(meta)
         if labels is None:
-            return None
+            return None, None
         missing = [n for n in names if n not in labels]
         if missing:
             raise DatasetError(f"{archive.describe('dataset.json')} has no label for {missing[0]} "
                                f"({len(missing)} images unlabelled); fix it or pass --no-labels")
-        return [labels[n] for n in names]
+        values = [labels[n] for n in names]
+        if not values or isinstance(values[0], list):
+            return values, None
+        return values, archive.read_class_names(max(values) + 1, meta)
     tops = [n.split("/")[0] if "/" in n else "" for n in names]
-    classes = {t: i for i, t in enumerate(sorted(set(tops)))}
-    return [classes[t] for t in tops] if len(classes) > 1 else None
+    class_names = sorted(set(tops))
+    if len(class_names) <= 1:
+        return None, None
+    classes = {t: i for i, t in enumerate(class_names)}
+    return [classes[t] for t in tops], class_names
 
 
 _np_core = getattr(np, "_core", None) or np.core
@@ -178,9 +187,9 @@ def open_source(path: str | os.PathLike, *, use_labels: bool = True) -> Source:
             names = sorted(names, key=path_sort_key)
         if not names:
             raise DatasetError(f"--source {path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        source = Source(_ArchiveLoader(archive), names, _derive_labels(archive, names))
+        source = Source(_ArchiveLoader(archive), names, *_derive_labels(archive, names))
     if not use_labels:
-        source.labels = None
+        source.labels = source.class_names = None
     return source
 
 
@@ -297,7 +306,7 @@ def convert_dataset(source: str | os.PathLike, dest: str | os.PathLike, *, resol
                 break
         if count == 0:
             raise DatasetError(f"--source {source}: no image could be converted")
-        writer.write_labels(labels)
+        writer.write_labels(labels, src.class_names)
     num_classes = None
     if labels and all(isinstance(l, int) for _, l in labels):
         num_classes = max(l for _, l in labels) + 1
