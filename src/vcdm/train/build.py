@@ -38,7 +38,8 @@ class Setup:
             network=self.net_class, net_kwargs=self.net_kwargs, denoiser=self.denoiser.config(),
             structure=self.structure.to_dict(), embedder=None if self.embedder is None else self.embedder.identity(),
             data={"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
-                  "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name},
+                  "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name,
+                  "class_names": getattr(d, "class_names", None)},
             training=training).to_dict()
 
 
@@ -149,10 +150,10 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
     return name, kwargs
 
 
-def make_loss(precond: str):
+def make_loss(precond: str, cond_drop: float = 0.0):
     from vcdm.diffusion.loss import EDMLoss, VELoss, VPLoss
 
-    return {"edm": EDMLoss, "vp": VPLoss, "ve": VELoss}[precond]()
+    return {"edm": EDMLoss, "vp": VPLoss, "ve": VELoss}[precond](cond_drop=cond_drop)
 
 
 def build(opts: TrainOptions, device: torch.device) -> Setup:
@@ -173,5 +174,5 @@ def build(opts: TrainOptions, device: torch.device) -> Setup:
     net_class, net_kwargs = make_network(opts, structure, augment_dim)
     net = build_network(net_class, net_kwargs)
     denoiser = Denoiser(net, structure, kind=opts.precond, noise_mult=opts.noise_mult, pred_x0=opts.pred_x0)
-    return Setup(dataset, embedder, structure, denoiser.to(device), net_class, net_kwargs, make_loss(opts.precond),
+    return Setup(dataset, embedder, structure, denoiser.to(device), net_class, net_kwargs, make_loss(opts.precond, opts.cond_drop),
                  augment_pipe, cache_dir, key)
