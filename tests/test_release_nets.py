@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from test_legacy import GEOMETRY, Persistent, edm_form, fake_modules, payload_src  # noqa: F401  (a fixture)
 from vcdm.cli.train import command as train_command
 from vcdm.data.structure import Structure
-from vcdm.diffusion.loss import equally_weighted
+from vcdm.diffusion.loss import EDMLoss, equally_weighted, guidance_warning
 from vcdm.diffusion.sampling import sample
 from vcdm.legacy import LegacyError, load_pretrained
 from vcdm.nets.adm import DhariwalUNet
@@ -346,3 +346,67 @@ def test_structure_presets_refuse_structures_they_cannot_model():
         structure_preset("film-ddpmpp", joint, augment_dim=0)
     name, kwargs = structure_preset("film-ddpmpp", image_given_embedding, augment_dim=9)
     assert name == "FilmSongUNet" and kwargs["cond_dim"] == 5 and kwargs["channel_mult"] == [2, 2, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# --cond-drop (conditioning dropout for classifier-free guidance) and the --guidance warning
+
+class RecordingDenoiser(torch.nn.Module):
+    noise_scale = torch.ones(1)
+    x0_mask = torch.zeros(1, dtype=torch.bool)
+
+    def forward(self, x, sigma, y=None, augment_labels=None):
+        self.seen = y
+        return x * 0
+
+
+def test_cond_drop_zeroes_whole_conditioning_rows_and_leaves_other_draws_alone():
+    x, y = torch.randn(4000, 3), torch.randn(4000, 5) + 10
+    plain, dropped = RecordingDenoiser(), RecordingDenoiser()
+    a = EDMLoss()(plain, x, y, generator=torch.Generator().manual_seed(0))
+    b = EDMLoss(cond_drop=0.25)(dropped, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)  # same noise levels and noise: the drop is drawn after them
+    assert torch.equal(plain.seen, y)
+    zero_rows = (dropped.seen == 0).all(dim=1)
+    assert torch.equal(dropped.seen[~zero_rows], y[~zero_rows])
+    assert abs(zero_rows.float().mean().item() - 0.25) < 0.03  # binomial sd 0.007
+    EDMLoss(cond_drop=1.0)(dropped, x, y)
+    assert torch.count_nonzero(dropped.seen) == 0
+
+
+def test_guidance_warns_on_models_trained_without_cond_drop(tmp_path):
+    from vcdm.checkpoints import read_checkpoint_config
+
+    data = write_labelled_folder(tmp_path / "d")
+    runs = {}
+    for drop in ("0", "0.2"):
+        out = tmp_path / f"runs{drop}"
+        args = ["--path", str(data), "--data_class", "CLIPDataset", "--embedder", "pixel-pca", "--pca-dim", "4",
+                "--exist", "1,1", "--observed", "0,1", "--arch", "ddpmpp", "--cbase", "8", "--cres", "1,1",
+                "--augment", "0", "--sample", "0", "--workers", "0", "--device", "cpu", "--outdir", str(out),
+                "--seed", "1", "--batch", "4", "--tick", "0.004", "--duration", "0.000004", "--cond-drop", drop]
+        r = CliRunner().invoke(train_command, args, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        (snapshot,) = out.glob("*/network-snapshot-*.safetensors")
+        runs[drop] = read_checkpoint_config(snapshot)
+        runs[drop] = runs[drop] if isinstance(runs[drop], dict) else runs[drop].to_dict()
+    assert runs["0.2"]["training"]["cond_drop"] == 0.2
+    message = guidance_warning(runs["0"]["training"], 2.0)
+    assert message.startswith("warning: --guidance 2: this model was trained without --cond-drop")
+    assert guidance_warning(runs["0.2"]["training"], 2.0) is None and guidance_warning(runs["0"]["training"], 1.0) is None
+    assert "imported" in guidance_warning({}, 1.5)
+
+
+def test_generate_check_prints_the_guidance_warning(capsys):
+    from types import SimpleNamespace
+
+    from vcdm.generate.core import check_request
+    from vcdm.generate.options import SamplerOptions
+
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (4,)}, "1,1", "0,1")
+    model = SimpleNamespace(structure=structure, config={"training": {"cond_drop": 0.0}}, makes_images=True)
+    check_request(model, SamplerOptions(guidance=2.0), None, None)
+    assert "trained without --cond-drop" in capsys.readouterr().err
+    model.config["training"]["cond_drop"] = 0.1
+    check_request(model, SamplerOptions(guidance=2.0), None, None)
+    assert capsys.readouterr().err == ""

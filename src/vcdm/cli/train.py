@@ -102,6 +102,9 @@ OPTIONS = [
     opt("--noise_mult", metavar="LIST", type=str, default="1", callback=float_list, help="Noise multiplier per tensor."),
     opt("--equally_weight_tensors", type=bool, default=D.equally_weight_tensors,
         help="Weight each generated tensor's mean loss equally."),
+    opt("--cond-drop", metavar="P", type=click.FloatRange(0, 1), default=D.cond_drop,
+        help="Replace each sample's conditioning by zeros with probability P, so --guidance can be used when "
+             "sampling (vcdm's; the release has none)."),
     opt("--cbase", metavar="INT", type=click.IntRange(min=1), default=None, help="U-Net channel multiplier  [default: varies]"),
     opt("--cres", metavar="LIST", type=str, default=None, callback=int_list, help="U-Net channels per resolution  [default: varies]"),
     opt("--prior-dim", metavar="INT", type=click.IntRange(min=1), default=None, help="dalle2/prior width  [default: 512]"),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from vcdm import perf
 from vcdm.checkpoints import load_checkpoint
 from vcdm.data.structure import Structure
+from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
 from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
                                  write_tensors)
@@ -233,6 +234,9 @@ def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, gri
     check_class(model.structure, class_idx)
     if opts.guidance != 1.0 and not model.structure.observed_names:
         raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model")
+    warning = guidance_warning(model.config.get("training"), opts.guidance)
+    if warning:
+        print(warning, file=sys.stderr)
     if grid is not None and not model.makes_images:
         raise GenerateError("--grid: the model generates embeddings, not images")
 

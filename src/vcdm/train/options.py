@@ -65,6 +65,7 @@ class ModelOptions:
     pred_x0: list[int] = field(default_factory=lambda: [0])  # one value, or one per tensor
     noise_mult: list[float] = field(default_factory=lambda: [1.0])
     equally_weight_tensors: bool = False
+    cond_drop: float = 0.0  # --cond-drop: conditioning replaced by zeros with this probability (for guidance)
     cbase: int | None = None
     cres: list[int] | None = None
     prior_dim: int | None = None
