@@ -5,6 +5,13 @@ import click
 
 from vcdm.data.archive import DatasetError
 
+_FLAGS = {"without_labels": "--no-labels", "max_images": "--max-images", "skip_bad": "--skip-bad"}
+
+
+def _message(e: DatasetError) -> str:
+    """The error with convert_dataset's settings named as this command's flags."""
+    return e.render(lambda setting: _FLAGS.get(setting, f"--{setting}"))
+
 
 class _ConvertByDefault(click.Group):
     """`vcdm dataset --source X --dest Y` means `vcdm dataset convert --source X --dest Y`,
@@ -34,7 +41,7 @@ def _resolution(ctx: click.Context, param: click.Parameter, value: str | None) -
     try:
         return parse_resolution(value)
     except DatasetError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+        raise click.BadParameter(_message(e).split(": ", 1)[-1]) from None
 
 
 @command.command()
@@ -85,7 +92,7 @@ def convert(source: str, dest: str, resolution: tuple[int, int] | None, transfor
                             use_labels=not no_labels, skip_bad=skip_bad, overwrite=overwrite,
                             workers=workers or default_workers())
     except DatasetError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(_message(e)) from None
     except OSError as e:
         raise click.ClickException(describe(e)) from None
     labels = f"{s.num_classes} classes" if s.num_classes else "no labels"
@@ -105,7 +112,7 @@ def info(path: str) -> None:
     try:
         ds = ImageDataset(path, use_labels=True)
     except DatasetError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(_message(e)) from None
     rows = {"path": path, "images": len(ds), "resolution": f"{ds.resolution}x{ds.resolution}",
             "channels": ds.num_channels, "labels": ds.label_dim if ds.has_labels else "none"}
     if ds.class_names:

@@ -11,11 +11,12 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import PIL.Image
@@ -32,8 +33,23 @@ METADATA_BYTES_PER_IMAGE = 1024   # dataset.json may hold this much per image, p
 METADATA_SLACK = 1 << 20
 
 
+_SETTING = re.compile(r"\{(source|dest|resolution|transform|max_images|skip_bad|overwrite|without_labels)\}")
+_PYTHON_NAMES = {"skip_bad": "skip_bad=True", "overwrite": "overwrite=True", "without_labels": "use_labels=False"}
+
+
 class DatasetError(ValueError):
-    """A dataset source, destination or archive that cannot be used as asked."""
+    """A dataset source, destination or archive that cannot be used as asked.
+
+    A message names the settings of ``convert_dataset`` as ``{setting}`` fields: ``str()`` shows them
+    as Python arguments (``resolution``, ``skip_bad=True``), :meth:`render` as the caller names them
+    (the CLI: ``--resolution``, ``--skip-bad``).
+    """
+
+    def render(self, name: Callable[[str], str]) -> str:
+        return _SETTING.sub(lambda m: name(m.group(1)), super().__str__())
+
+    def __str__(self) -> str:
+        return self.render(lambda s: _PYTHON_NAMES.get(s, s))
 
 
 def is_image(name: str | os.PathLike) -> bool:
@@ -265,12 +281,12 @@ def check_dest(dest: str | os.PathLike, overwrite: bool) -> Path:
     dest = Path(dest)
     is_zip = dest.suffix.lower() == ".zip"
     if dest.is_dir() and is_zip:
-        raise DatasetError(f"--dest {dest} is a folder but its name ends in .zip; choose another name")
+        raise DatasetError(f"{{dest}} {dest} is a folder but its name ends in .zip; choose another name")
     if dest.exists() and not is_zip and not dest.is_dir():
-        raise DatasetError(f"--dest {dest} is a file; a folder destination must not exist (or use a .zip name)")
+        raise DatasetError(f"{{dest}} {dest} is a file; a folder destination must not exist (or use a .zip name)")
     empty_dir = dest.is_dir() and not any(dest.iterdir())
     if dest.exists() and not empty_dir and not overwrite:
-        raise DatasetError(f"--dest {dest} already exists; pass --overwrite to replace it")
+        raise DatasetError(f"{{dest}} {dest} already exists; pass {{overwrite}} to replace it")
     return dest
 
 

@@ -46,7 +46,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.resolution = self.image_shape[1]
         if self.image_shape[1] != self.image_shape[2]:
             raise DatasetError(f"dataset {path}: images are {self.image_shape[2]}x{self.image_shape[1]}, "
-                               f"expected square; rebuild it with `vcdm dataset --resolution=NxN`")
+                               "expected square; rebuild it with square images (the dataset tool can resize them)")
         self.num_channels = self.image_shape[0]
         meta = self.archive.read_metadata() if use_labels else {}
         self._labels = self._read_labels(meta) if use_labels else None
@@ -97,8 +97,8 @@ class ImageDataset(torch.utils.data.Dataset):
             image = self._load(raw_idx)
             if image.shape != self.image_shape:
                 raise DatasetError(f"{self.archive.describe(self.fnames[raw_idx])} has shape {image.shape} (CHW) but "
-                                   f"the first image has {self.image_shape}; rebuild the dataset with "
-                                   f"`vcdm dataset --resolution=NxN`")
+                                   f"the first image has {self.image_shape}; rebuild the dataset with images "
+                                   "of one size (the dataset tool can resize them)")
             if self._cache is not None:
                 self._cache[raw_idx] = image
         if self._xflip[idx]:

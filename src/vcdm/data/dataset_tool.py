@@ -40,7 +40,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
     """'64x64' or '64,64' -> (width, height)."""
     m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
     if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
-        raise DatasetError(f"--resolution: expected WxH with positive integers, e.g. 64x64, got '{text}'")
+        raise DatasetError(f"{{resolution}}: expected WxH with positive integers, e.g. 64x64, got '{text}'")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -68,7 +68,7 @@ def transform_image(img: PIL.Image.Image, transform: str | None,
         canvas = PIL.Image.new("RGB", (w, w))
         canvas.paste(img, (0, (w - h) // 2))
         return canvas
-    raise DatasetError(f"--transform: expected one of {', '.join(TRANSFORMS)}, got '{transform}'")
+    raise DatasetError(f"{{transform}}: expected one of {', '.join(TRANSFORMS)}, got '{transform}'")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def _derive_labels(archive: Archive, names: list[str]) -> tuple[list | None, lis
         missing = [n for n in names if n not in labels]
         if missing:
             raise DatasetError(f"{archive.describe('dataset.json')} has no label for {missing[0]} "
-                               f"({len(missing)} images unlabelled); fix it or pass --no-labels")
+                               f"({len(missing)} images unlabelled); fix it or pass {{without_labels}}")
         values = [labels[n] for n in names]
         if not values or isinstance(values[0], list):
             return values, None
@@ -186,7 +186,7 @@ def open_source(path: str | os.PathLike, *, use_labels: bool = True) -> Source:
         if archive.kind == "dir":  # EDM's tool sorts folder paths component-wise (its reader sorts strings)
             names = sorted(names, key=path_sort_key)
         if not names:
-            raise DatasetError(f"--source {path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise DatasetError(f"{{source}} {path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         source = Source(_ArchiveLoader(archive), names, *_derive_labels(archive, names))
     if not use_labels:
         source.labels = source.class_names = None
@@ -260,15 +260,15 @@ def convert_dataset(source: str | os.PathLike, dest: str | os.PathLike, *, resol
     if isinstance(resolution, str):
         resolution = parse_resolution(resolution)
     if transform is not None and transform not in TRANSFORMS:
-        raise DatasetError(f"--transform: expected one of {', '.join(TRANSFORMS)}, got '{transform}'")
+        raise DatasetError(f"{{transform}}: expected one of {', '.join(TRANSFORMS)}, got '{transform}'")
     if transform is not None and resolution is None:
-        raise DatasetError(f"--transform={transform} needs --resolution=WxH")
+        raise DatasetError(f"{{transform}} {transform} needs a {{resolution}} (WxH)")
     if transform == "center-crop-wide" and resolution[1] > resolution[0]:
-        raise DatasetError("--transform=center-crop-wide needs a resolution with height <= width")
+        raise DatasetError("{transform} center-crop-wide needs a {resolution} with height <= width")
     if max_images is not None and max_images < 1:
-        raise DatasetError(f"--max-images: expected a positive integer, got {max_images}")
+        raise DatasetError(f"{{max_images}}: expected a positive integer, got {max_images}")
     if Path(source).resolve() == Path(dest).resolve():
-        raise DatasetError("--dest must differ from --source")
+        raise DatasetError("{dest} must differ from {source}")
     dest = check_dest(dest, overwrite)
     src = open_source(source, use_labels=use_labels)
 
@@ -283,7 +283,7 @@ def convert_dataset(source: str | os.PathLike, dest: str | os.PathLike, *, resol
             bar.update(1)
             if status == "bad":
                 if not skip_bad:
-                    raise DatasetError(f"{payload} (pass --skip-bad to skip unreadable images)")
+                    raise DatasetError(f"{payload} (pass {{skip_bad}} to skip unreadable images)")
                 bad.append(payload)
                 continue
             if status == "small":
@@ -293,10 +293,10 @@ def convert_dataset(source: str | os.PathLike, dest: str | os.PathLike, *, resol
                 size = img_size
                 if size[0] != size[1]:
                     raise DatasetError(f"images are {size[0]}x{size[1]} after crop/resize but must be square; "
-                                       f"pass --resolution=NxN (with --transform=center-crop to keep the aspect ratio)")
+                                       "set {resolution} NxN (with {transform} center-crop to keep the aspect ratio)")
             elif img_size != size:
                 raise DatasetError(f"{src.loader.describe(src.refs[i])} is {img_size[0]}x{img_size[1]} but earlier "
-                                   f"images are {size[0]}x{size[1]}; pass --resolution=WxH to resize all images")
+                                   f"images are {size[0]}x{size[1]}; set {{resolution}} WxH to resize all images")
             name = archive_name(count)
             writer.write(name, payload)
             if labels is not None:
@@ -305,7 +305,7 @@ def convert_dataset(source: str | os.PathLike, dest: str | os.PathLike, *, resol
             if count == max_images:
                 break
         if count == 0:
-            raise DatasetError(f"--source {source}: no image could be converted")
+            raise DatasetError(f"{{source}} {source}: no image could be converted")
         writer.write_labels(labels, src.class_names)
     num_classes = None
     if labels and all(isinstance(l, int) for _, l in labels):

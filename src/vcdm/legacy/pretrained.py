@@ -63,7 +63,7 @@ def widen_map_label(path: Path, source: dict[str, torch.Tensor], target: dict[st
     classes, columns = old.shape[1], class_columns(structure)
     if columns is None:
         raise LegacyError(f"{path}: the pickle is conditioned on {classes} classes but this model observes no "
-                          f"class label (observe the label, e.g. --data_class=LabelledCLIPDataset --observed=0,1,1)")
+                          f"class label (the structure must observe a label tensor, e.g. LabelledCLIPDataset's)")
     start, count = columns
     if count != classes:
         raise LegacyError(f"{path}: the pickle is conditioned on {classes} classes but the dataset has {count}")
