@@ -6,12 +6,19 @@ networks whose weights follow `seeded_weights`, on seeded inputs. Both were prod
 release's own code from a scratch clone; nothing of that code is here.
 """
 import json
+import pickle
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from test_legacy import Persistent, SeedStructure, fake_modules, marker, payload_src  # noqa: F401 (fixtures)
 
 from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.cli.main import cli
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.dalle2 import DALLE2Prior, RelPosBias, Rotary
@@ -83,8 +90,8 @@ def test_golden_outputs_depend_on_every_part():
     with torch.no_grad():
         base = den(x, sigma, cond, augment_labels=aug)
         assert (den(x, sigma, cond, augment_labels=None) - base).abs().max() > 1e-4
-        for key in ["causal_transformer.layers.0.0.null_kv", "causal_transformer.rel_pos_bias.relative_attention_bias.weight",
-                    "learned_query", "to_augment_embeds.0.bias", "to_cond_embeds.0.weight"]:
+        for key in ["causal_transformer.layers.0.0.null_kv", "learned_query", "to_augment_embeds.0.bias",
+                    "causal_transformer.rel_pos_bias.relative_attention_bias.weight", "to_cond_embeds.0.weight"]:
             bump = 0.1 * torch.randn(original[key].shape, generator=torch.Generator().manual_seed(3))
             den.net.load_state_dict({**original, key: original[key] + bump})
             assert (den(x, sigma, cond, augment_labels=aug) - base).abs().max() > 1e-4, key
@@ -100,7 +107,7 @@ def test_full_size_names_shapes_and_count():
 
 
 def test_raw_token_ignores_a_constant_shift():
-    """x enters unprojected when its size is dim, so pre-norm makes the output blind to x + c (the release's property)."""
+    """x enters unprojected when its size is dim, so pre-norm makes the output blind to x + c (as the release's)."""
     net = DALLE2Prior(64, dim=64, depth=2, heads=2).eval()
     x, t = torch.randn(3, 64), torch.randn(3)
     with torch.no_grad():
@@ -152,6 +159,117 @@ def test_prior_checkpoints_of_the_earlier_dalle2_still_load(tmp_path):
     assert type(loaded.net).__name__ == "PriorTransformer"
     x = torch.randn(2, 16)
     torch.testing.assert_close(loaded(x, 1.0), den.eval()(x, 1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# A snapshot of the release's prior, hand-written in its pickled form (EDMPrecond persistent, the rest
+# pickled by class name under the release's module/class names), imported by `vcdm import-edm`.
+
+RELEASE_CLASSES = {"DALLE2Prior": "DALLE2CLIPModel", "CausalTransformer": "CausalTransformer", "Attention": "Attention",
+                   "LayerNorm": "LayerNorm", "RelPosBias": "RelPosBias", "SwiGLU": "SwiGLU",
+                   "SinusoidalEmbedding": "SinusoidalPosEmb", "TimeMLP": "MLP"}
+
+
+def _fake_class(module: str, name: str) -> type:
+    cls = type(name, (), {})
+    cls.__module__, cls.__qualname__ = module, name
+    return cls
+
+
+@pytest.fixture
+def release_modules(fake_modules, monkeypatch):
+    """The release's dalle2 module, rotary-embedding-torch and einops as empty classes with their names."""
+    specs = {"training.networks": [], "training.networks.dalle2": list(RELEASE_CLASSES.values()),
+             "rotary_embedding_torch": [], "rotary_embedding_torch.rotary_embedding_torch": ["RotaryEmbedding"],
+             "einops": [], "einops.layers": [], "einops.layers.torch": ["Rearrange"],
+             "einops.einops": ["TransformRecipe"]}
+    classes = {}
+    for module, names in specs.items():
+        mod = types.ModuleType(module)
+        for name in names:
+            classes[name] = _fake_class(module, name)
+            setattr(mod, name, classes[name])
+        monkeypatch.setitem(sys.modules, module, mod)
+    return classes
+
+
+def release_form(module: torch.nn.Module, classes: dict, memo: dict):
+    """`module` as the release pickles it: its classes renamed, the shared rotary module once, freqs a parameter."""
+    if id(module) in memo:
+        return memo[id(module)]
+    name = type(module).__name__
+    if name == "Rotary":
+        obj = classes["RotaryEmbedding"]()
+        obj.__dict__.update(training=False, _parameters={"freqs": torch.nn.Parameter(module.freqs, False)},
+                            _buffers={"scale": None}, _modules={}, cache={3: torch.zeros(3, 32)}, use_xpos=False)
+    else:
+        obj = classes[RELEASE_CLASSES[name]]() if name in RELEASE_CLASSES else type(module).__new__(type(module))
+        obj.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith("_")})
+        obj.__dict__.update(_parameters=dict(module._parameters), _buffers=dict(module._buffers),
+                            _modules={k: release_form(v, classes, memo) for k, v in module._modules.items()
+                                      if v is not None})
+    memo[id(module)] = obj
+    return obj
+
+
+def release_prior_pickle(path, marker, classes, net: DALLE2Prior):
+    s = SeedStructure()
+    s.__dict__.update(exist=np.array([0, 1, 1], dtype=np.uint8), observed=np.array([0, 1], dtype=np.uint8),
+                      latent=np.array([1, 0], dtype=np.uint8), names=["embedding", "label"], is_onehot=[False, False],
+                      shapes=[torch.Size([net.embed_dim]), torch.Size([net.cond_dim])])
+    model = release_form(net, classes, {})
+    recipe = classes["TransformRecipe"]()
+    recipe.__dict__.update(elementary_axes_lengths=[-999999, 1, -999999], axes_permutation=[0, 1, 2], added_axes={})
+    rearrange = classes["Rearrange"]()
+    rearrange.__dict__.update(training=False, _parameters={}, _buffers={}, _modules={}, pattern="b (n d) -> b n d",
+                              axes_lengths={"n": 1}, _recipe=recipe)
+    model.__dict__.update(structure=s, cond_dim=np.int64(net.cond_dim), dim=64, self_cond=False,
+                          continuous_embedded_time=True, to_augment_embeds=None)
+    model._modules["to_image_embeds"] = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+    model._modules["to_image_embeds"]._modules["1"] = rearrange
+    kwargs = dict(structure=s, model_type="DALLE2CLIPModel", dim=64, depth=2, dim_head=64, heads=2, augment_dim=9,
+                  dropout=0.13, pred_x0=[0, 1, 0], noise_mult=1, pretrained_weights=None, use_fp16=False)
+    state = dict(training=False, _parameters={}, _buffers={}, _modules={"model": model}, _init_args=(),
+                 _init_kwargs=kwargs, structure=s, use_fp16=False, sigma_min=0, sigma_max=float("inf"), sigma_data=0.5)
+    data = dict(ema=Persistent("EDMPrecond", state, payload_src(marker)), augment_pipe=None,
+                dataset_kwargs=dict(class_name="training.dataset.LabelledCLIPDataset", path="datasets/in.zip"))
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+
+
+def test_import_release_prior_pickle(release_modules, marker, tmp_path):
+    case = GOLDEN["cases"][0]  # embed 48 (projected), cond 10, augment 9, dim 64, depth 2, 2 heads x 64
+    den = golden_denoiser(case)
+    release_prior_pickle(tmp_path / "network-snapshot-000200.pkl", marker, release_modules, den.net)
+    src = tmp_path / "network-snapshot-000200.pkl"
+    r = CliRunner().invoke(cli, ["import-edm", str(src), str(tmp_path / "p.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "DALLE2CLIPModel" in r.output and "network: DALLE2Prior(embed_dim=48, cond_dim=10, augment_dim=9" in r.output
+    loaded, config, _ = load_checkpoint(tmp_path / "p.safetensors")
+    assert config["structure"]["exist"] == [0, 1, 1] and config["denoiser"]["pred_x0"] == [0, 1, 0]
+    assert not marker.exists()
+    want = Denoiser(den.net, den.structure, pred_x0=[1, 0]).eval()  # the pickle's [0, 1, 0] over (image, emb, label)
+    x, cond, aug = golden_inputs(case)
+    for run in case["runs"]:
+        labels = aug if run["augment_labels"] else None
+        sigma = torch.full([x.shape[0]], run["sigma"])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x, sigma, cond, augment_labels=labels),
+                                       want(x, sigma, cond, augment_labels=labels), atol=0, rtol=0)
+
+
+def test_release_network_vcdm_lacks_is_one_line(release_modules, marker, tmp_path, monkeypatch):
+    gsdm = _fake_class("training.networks.gsdm", "GraphicallyStructuredModel")
+    module = types.ModuleType("training.networks.gsdm")
+    module.GraphicallyStructuredModel = gsdm
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = tmp_path / "gsdm.pkl"
+    net = DALLE2Prior(8, dim=64, depth=1, heads=2)
+    release_prior_pickle(path, marker, {**release_modules, "DALLE2CLIPModel": gsdm}, net)
+    r = CliRunner().invoke(cli, ["import-edm", str(path), str(tmp_path / "g.safetensors")])
+    errors = [line for line in r.output.splitlines() if "Error" in line]
+    assert r.exit_code == 2 and len(errors) == 1, r.output
+    assert "training.networks.gsdm.GraphicallyStructuredModel" in errors[0] and "no vcdm equivalent" in errors[0]
 
 
 # ------------------------------------------------------------------------------------------------

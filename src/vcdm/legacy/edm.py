@@ -133,11 +133,8 @@ def _network_kwargs(record: LegacyNetwork) -> tuple[str, dict]:
 
     cls = NET_CLASSES.get(record.net_class)
     if cls is None:
-        hint = (" (the release's DALL-E-2 prior has another parameter layout than vcdm's PriorTransformer; "
-                "the release published no trained priors — retrain with `vcdm train --arch dalle2`)"
-                if record.net_class == "DALLE2CLIPModel" else "")
         raise LegacyError(f"{record.path}: network class '{record.net_class}' has no vcdm equivalent "
-                          f"(supported: {', '.join(sorted(NET_CLASSES))}){hint}")
+                          f"(supported: {', '.join(sorted(NET_CLASSES))}, DALLE2CLIPModel)")
     kwargs = dict(record.net_kwargs)
     for key, default in _IGNORED_KWARGS.items():
         value = kwargs.pop(key, default)
@@ -201,9 +198,19 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
     recorded one) re-targets an unconditional network to a conditioning vector, adding ``map_label``
     initialised to zero so the imported network computes exactly what it did.
     """
+    from vcdm.legacy.release import is_release_prior, prior_to_vcdm
     from vcdm.nets import build_network
     from vcdm.nets.precond import Denoiser
 
+    if is_release_prior(record.net_class):
+        if label_dim is not None and label_dim != (structure or _seed_structure(record)).observed_dim:
+            raise LegacyError(f"{record.path}: re-targeting the release's prior to {label_dim}-d conditioning "
+                              "is not supported")
+        return prior_to_vcdm(record, structure)
+    from vcdm.legacy.release_nets import is_release_net, release_net_to_vcdm
+
+    if is_release_net(record.net_class):  # the release's concatunet, film-ddpmpp, control-adm
+        return release_net_to_vcdm(record, structure)
     cls, kwargs = _network_kwargs(record)
     denoiser_cfg = _denoiser_config(record)
     recorded = int(kwargs.get("label_dim", 0))
