@@ -19,21 +19,21 @@ TORCH_WRITE_FAILED = re.compile(r"inline_container|file write failed|unexpected 
 
 
 @contextlib.contextmanager
-def user_errors(usage: bool = False) -> Iterator[None]:
+def user_errors(usage: bool = False, path: str | os.PathLike | None = None) -> Iterator[None]:
     """Turn library and OS errors raised in the block into click's one-line error (exit 1, or 2 for a
-    usage error when ``usage``). Progress bars are ``with tqdm(...)`` blocks, whose exit ends their line
-    before the error is printed."""
+    usage error when ``usage``); ``path``: the output an OS error without a file name concerns. Progress
+    bars are ``with tqdm(...)`` blocks, whose exit ends their line before the error is printed."""
     try:
         yield
     except ValueError as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise (click.UsageError(message) if usage else click.ClickException(message)) from None
     except OSError as e:
-        raise click.ClickException(describe(e)) from None
+        raise click.ClickException(describe(e, path)) from None
     except RuntimeError as e:
         if not TORCH_WRITE_FAILED.search(str(e)):
             raise
-        raise click.ClickException(describe(OSError(errno.EIO, "write failed (disk full?)"))) from None
+        raise click.ClickException(describe(OSError(errno.EIO, "write failed (disk full?)"), path)) from None
 
 
 def writable(path: str | os.PathLike | None, flag: str, *, is_dir: bool = True) -> None:

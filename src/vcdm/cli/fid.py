@@ -85,12 +85,13 @@ def _common(f):
     return f
 
 
-def _guard(run):
-    """Lower layers raise ValueError subclasses with a full message; show it as one line."""
-    try:
+def _guard(run, output: str | None = None):
+    """Lower layers raise ValueError subclasses with a full message, writes OSError: show them as one line
+    (naming ``output`` when the error names no file)."""
+    from vcdm.cli.errors import user_errors
+
+    with user_errors(path=output):
         return run()
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -131,8 +132,11 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
     An existing --dest that already serves --metrics is kept (the work is done); one that lacks the
     features KID/precision-recall need is refused unless --overwrite.
     """
+    from vcdm.cli.errors import writable
+
     metrics = _parse_metrics(metrics_text)
     keep = any(m != "fid" for m in metrics)
+    writable(dest_path, "--dest", is_dir=False)
 
     def run() -> None:
         from vcdm.metrics import FeatureStats, compute_stats
@@ -154,7 +158,7 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
                 stats.save(dest_path)
             _say(f"Saved {dest_path}")
 
-    _guard(run)
+    _guard(run, dest_path)
 
 
 @command.command()
@@ -174,8 +178,11 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
 
     Prints one `name value` line per number on stdout (e.g. `fid 2.3901`); progress goes to stderr.
     """
+    from vcdm.cli.errors import writable
+
     metrics = _parse_metrics(metrics_text)
     keep = any(m != "fid" for m in metrics)
+    writable(json_path, "--json", is_dir=False)
 
     def run() -> None:
         from vcdm.metrics import compute_stats, fid_score, kid_score, load_reference, precision_recall
@@ -210,4 +217,4 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
                 with atomic_write(json_path, "w") as f:
                     json.dump(record, f, indent=2)
 
-    _guard(run)
+    _guard(run, json_path)

@@ -178,11 +178,17 @@ def _command(**kwargs) -> None:
         --cres=1,2,2,2 --lr=1e-4 --dropout=0.05 --augment=0.15
     """
     from vcdm.checkpoints import CheckpointError
+    from vcdm.cli.errors import writable
+    from vcdm.paths import describe
     from vcdm.train import TrainingError, train
 
+    if not kwargs.get("dry_run"):
+        writable(kwargs.get("outdir"), "--outdir")  # before any work
     opts = TrainOptions(**kwargs)
     try:
         train(opts)
+    except OSError as e:  # a write the run does not handle itself
+        raise click.ClickException(describe(e)) from None
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except CheckpointError as e:

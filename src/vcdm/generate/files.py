@@ -6,10 +6,12 @@ sample lacks. vcdm before this format wrote ``{name: tensor}`` dicts; both are r
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
@@ -26,10 +28,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return dataset.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Every write's error policy: an OSError (full disk, permission, name too long) names ``path``; the
+    atomic write has left the earlier file (or none) in place."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write one (H, W, C) uint8 image; C = 1 gives a grayscale PNG."""
     pil = PIL.Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else PIL.Image.fromarray(image, "RGB")
-    with atomic_write(path, "wb") as f:
+    with naming(path), atomic_write(path, "wb") as f:
         pil.save(f, format="PNG")
 
 
@@ -55,8 +69,11 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     if not set(tensors) <= set(names):
         raise ValueError(f"tensors {sorted(set(tensors) - set(names))} are not among {list(names)}")
     data = [tensors[n].detach().to("cpu", torch.float32).clone() if n in tensors else None for n in names]
-    with atomic_write(path, "wb") as f:
-        torch.save(data, f)
+    with naming(path), atomic_write(path, "wb") as f:
+        try:
+            torch.save(data, f)
+        except RuntimeError as e:  # torch.save reports a failed write (a full disk) without errno
+            raise OSError(errno.EIO, f"write failed ({str(e).splitlines()[0]})") from None
 
 
 def read_tensors(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

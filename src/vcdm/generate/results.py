@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vcdm.fileio import atomic_write
+from vcdm.generate.files import naming
 from vcdm.generate.options import GenerateError
 
 MANIFEST = "vcdm-manifest.json"
@@ -94,7 +95,7 @@ def claim_manifest(outdir: Path, settings: dict[str, Any], overwrite: bool) -> N
                             f"{_show(settings.get(key))}; pass --overwrite to replace them, or another --outdir")
     for file in existing:
         file.unlink()
-    with atomic_write(path, "w") as f:
+    with naming(path), atomic_write(path, "w") as f:
         json.dump({"format": 1, "settings": settings}, f, indent=2, allow_nan=True)
         f.write("\n")
 
@@ -145,7 +146,7 @@ class FolderLock:
 @contextlib.contextmanager
 def claim(outdir: Path, first_seed: int, wait: bool) -> Iterator[bool]:
     """Claim a batch (named by its first seed): yields True once this process holds it, False if another
-    live process does (only when ``wait`` is False). The claim file goes when the batch is done."""
+    live process does (only when ``wait`` is False). The claim file goes when the batch is done or fails."""
     path = outdir / f".claim-{first_seed:06d}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -154,8 +155,10 @@ def claim(outdir: Path, first_seed: int, wait: bool) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        yield True
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     finally:
         os.close(fd)
