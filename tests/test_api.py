@@ -101,12 +101,13 @@ def inception(tmp_path_factory) -> Path:
     return save_random_weights(tmp_path_factory.mktemp("weights") / WEIGHTS_FILE)
 
 
+@pytest.mark.slow
 def test_fid_matches_fid_calc(tmp_path, inception, one_thread):
     from vcdm.cli.fid import command as fid_cmd
     from vcdm.generate.files import write_png
 
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         write_png(tmp_path / "imgs" / f"{i:06d}.png", img)
         write_png(tmp_path / "ref" / f"{i:06d}.png", 255 - img)
@@ -115,7 +116,7 @@ def test_fid_matches_fid_calc(tmp_path, inception, one_thread):
                                                            tmp_path / "ref.npz", "--metrics", "fid,kid", *common]])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(fid_cmd, [str(a) for a in ["calc", "--images", tmp_path / "imgs", "--ref",
-                                                           tmp_path / "ref.npz", "--num", 6, "--metrics", "fid,kid",
+                                                           tmp_path / "ref.npz", "--num", 3, "--metrics", "fid,kid",
                                                            *common]])
     assert result.exit_code == 0, result.output
     printed = dict(line.split() for line in result.stdout.splitlines())
@@ -136,6 +137,7 @@ def readme_example() -> str:
     return found[0]
 
 
+@pytest.mark.slow  # Inception-v3 on CPU
 def test_readme_example_runs(tmp_path, monkeypatch, inception, one_thread):
     """The README's Python example as written, on tiny random-weight checkpoints at the paths it names."""
     code = readme_example()
