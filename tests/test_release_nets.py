@@ -15,7 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_legacy import GEOMETRY, Persistent, edm_form, fake_modules, payload_src  # noqa: F401  (a fixture)
+from test_legacy import (GEOMETRY, Persistent, SeedStructure, edm_form, fake_modules,  # noqa: F401 (a fixture)
+                         payload_src)
 from vcdm.cli.train import command as train_command
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import EDMLoss, equally_weighted, guidance_warning
@@ -410,3 +411,65 @@ def test_generate_check_prints_the_guidance_warning(capsys):
     model.config["training"]["cond_drop"] = 0.1
     check_request(model, SamplerOptions(guidance=2.0), None, None)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Importing the release's pickles of these networks (built here with the legacy tests' pickler stand-ins)
+
+def release_pickle(path: Path, net: torch.nn.Module, class_name: str, names, shapes, observed, data_class,
+                   model_kwargs: dict) -> None:
+    s = SeedStructure()
+    s.__dict__.update(exist=np.ones(len(names), dtype=np.uint8), observed=np.array(observed, dtype=np.uint8),
+                      latent=1 - np.array(observed, dtype=np.uint8), shapes=[torch.Size(x) for x in shapes],
+                      is_onehot=[0] * len(names), names=list(names))
+    src = payload_src(path.parent / "PAYLOAD_RAN")
+    inner = edm_form(net, src, dict(structure=s, softmax_onehot=False, **model_kwargs))
+    inner.class_name = class_name
+    pkw = dict(structure=s, pred_x0=(0,), noise_mult=(1.0,), pretrained_weights=None, model_type=class_name,
+               use_fp16=False, **model_kwargs)
+    state = dict(_parameters=collections.OrderedDict(), _buffers=collections.OrderedDict(), structure=s,
+                 _modules=collections.OrderedDict(model=inner), _init_args=(), _init_kwargs=pkw,
+                 sigma_min=0, sigma_max=float("inf"), sigma_data=0.5, use_fp16=False)
+    with open(path, "wb") as f:
+        pickle.dump(dict(ema=Persistent("EDMPrecond", state, src), augment_pipe=None,
+                         dataset_kwargs=dict(class_name=f"training.dataset.{data_class}", path="d.zip")), f)
+
+
+RELEASE_PICKLES = {
+    "concatunet": ("ConcatUNet", ["image", "embedding"], [[3, 8, 8], [6]], [0, 0], "CLIPDataset",
+                   lambda kw: ConcatUNet([[3, 8, 8], [6]], [0, 0], **kw),
+                   dict(model_channels=16, channel_mult=[1, 2], channel_mult_emb=2, channel_mult_noise=2, num_blocks=1,
+                        attn_resolutions=[4], dropout=0.0, embedding_type="positional", encoder_type="standard",
+                        decoder_type="standard", resample_filter=[1, 1], emb_layer_type="shitty", augment_dim=9)),
+    "film-ddpmpp": ("FilmWrappedOriginalSongUNet", ["image", "embedding"], [[3, 8, 8], [5]], [0, 1], "CLIPDataset",
+                    lambda kw: FilmSongUNet(8, 3, 3, cond_dim=5, **kw),
+                    dict(model_channels=16, channel_mult=[2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0,
+                         embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                         channel_mult_noise=1, resample_filter=[1, 1], augment_dim=0)),
+    "control-adm": ("ControlledDhariwalUNet", ["image", "embedding", "label"], [[3, 8, 8], [5], [3]], [0, 1, 1],
+                    "LabelledCLIPDataset", lambda kw: ControlDhariwalUNet(8, 3, 3, cond_dim=8, class_columns=[5, 3], **kw),
+                    dict(model_channels=64, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4], dropout=0.0,
+                         augment_dim=0)),
+}
+
+
+@pytest.mark.parametrize("arch", list(RELEASE_PICKLES))
+def test_release_pickles_of_these_networks_import(fake_modules, arch):
+    from vcdm.legacy import load_legacy_pickle, to_vcdm
+    from vcdm.nets import build_denoiser
+
+    class_name, names, shapes, observed, data_class, make, kw = RELEASE_PICKLES[arch]
+    net = recipe(make({k: v for k, v in kw.items() if k not in ("encoder_type", "decoder_type")}))
+    path = fake_modules / f"{arch}.pkl"
+    release_pickle(path, net, class_name, names, shapes, observed, data_class, kw)
+    config, state = to_vcdm(load_legacy_pickle(path))
+    config = config.to_dict()
+    assert config["training"]["arch"] == arch and config["structure"]["observed"] == observed
+    denoiser = build_denoiser(config)
+    denoiser.net.load_state_dict(state)
+    sd = net.state_dict()
+    assert all(torch.equal(sd[k], state[k]) for k in sd) and sorted(sd) == sorted(state)
+    x, sigma = torch.randn(2, denoiser.structure.latent_dim), torch.tensor([0.5, 3.0])
+    y = torch.randn(2, denoiser.structure.observed_dim) if denoiser.structure.observed_dim else None
+    with torch.no_grad():
+        assert torch.equal(denoiser.eval()(x, sigma, y), Denoiser(net, denoiser.structure).eval()(x, sigma, y))

@@ -207,6 +207,10 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
             raise LegacyError(f"{record.path}: re-targeting the release's prior to {label_dim}-d conditioning "
                               "is not supported")
         return prior_to_vcdm(record, structure)
+    from vcdm.legacy.release_nets import is_release_net, release_net_to_vcdm
+
+    if is_release_net(record.net_class):  # the release's concatunet, film-ddpmpp, control-adm
+        return release_net_to_vcdm(record, structure)
     cls, kwargs = _network_kwargs(record)
     denoiser_cfg = _denoiser_config(record)
     recorded = int(kwargs.get("label_dim", 0))
