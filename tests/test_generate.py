@@ -1,9 +1,13 @@
 """Generation: seed-compatible results layout, per-seed determinism, resume, two-stage, variations."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +371,108 @@ def test_seed_workflow_on_tiny_trained_models(tmp_path, monkeypatch, one_thread)
     # Without --load_obs_from the image model embeds random training images (the recorded data path).
     run(generate_cmd, ["--seeds=0-1", f"--network={image}", "--steps", 2, "--outdir", "from-data"])
     assert len(list(Path("from-data").glob("*.png"))) == 2
+
+
+def test_long_load_obs_from_path_gets_a_short_deterministic_folder(models, tmp_path, monkeypatch):
+    """A 400-byte --load_obs_from path: the results folder name would pass 255 bytes; it is shortened."""
+    monkeypatch.chdir(tmp_path)
+    deep = Path(*[f"{i}" + "d" * 98 for i in range(4)])  # 4 × 99 bytes + 3 separators = 399 (+ "/" = 400)
+    obs = str(deep) + "/"
+    assert len(obs.encode()) == 400
+    generate(models["prior"], range(2), outdir=deep, opts=SamplerOptions(num_steps=1), progress=False)
+    result = run(generate_cmd, ["--network", models["image"], "--seeds", "0-1", "--steps", 1, "--load-obs-from", obs])
+    out = results_dir(models["image"], SamplerOptions(num_steps=1), [0, 1], load_obs_from=obs)
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"], result.output
+    name = out.parent.name
+    assert len(name.encode()) == 255 and name.startswith("0ddd") and re.fullmatch(r".*~[0-9a-f]{16}", name)
+    assert out == results_dir(models["image"], SamplerOptions(num_steps=1), [0, 1], load_obs_from=obs)  # stable
+    short = results_dir(models["image"], SamplerOptions(num_steps=1), [0, 1], load_obs_from="emb/")
+    assert short.parent.name == "emb"  # names that fit keep the release's layout
+
+
+def test_rerun_with_other_settings_is_refused(models, tmp_path):
+    out = tmp_path / "out"
+    args = ["--network", models["uncond"], "--outdir", out, "--seeds", "0-1", "--fp32"]
+    run(generate_cmd, [*args, "--steps", 1])
+    manifest = json.loads((out / "vcdm-manifest.json").read_text())["settings"]
+    assert manifest["--steps"] == 1 and manifest["precision"] == "fp32" and manifest["network"].startswith("sha256:")
+    before = files(out)
+    for extra, setting in ((["--steps", 2], "--steps 1, not 2"), (["--steps", 1, "--bf16"], "precision fp32, not bf16"),
+                           (["--steps", 1, "--S_churn", 5], "--S_churn 0.0, not 5.0")):
+        result = run(generate_cmd, [*args, *extra], ok=False)
+        assert result.exit_code == 1 and setting in result.output and "--overwrite" in result.output, result.output
+        assert files(out) == before
+    run(generate_cmd, [*args, "--steps", 1, "--seeds", "0-2"])  # same settings: resumes
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    run(generate_cmd, [*args, "--steps", 2, "--overwrite"])
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]  # seed 2 went with the old ones
+    assert json.loads((out / "vcdm-manifest.json").read_text())["settings"]["--steps"] == 2
+    other = run(sample_cmd, ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "0",
+                             "--outdir", tmp_path / "s", "--prior-steps", 1, "--image-steps", 1])
+    result = run(sample_cmd, ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "0",
+                              "--outdir", tmp_path / "s", "--prior-steps", 1, "--image-steps", 2], ok=False)
+    assert "--steps 1, not 2" in result.output and str(tmp_path / "s" / "images") in result.output, other.output
+
+
+def test_incomplete_files_redone_and_stale_temps_removed(models, tmp_path):
+    out = tmp_path / "out"
+    kwargs = dict(opts=SamplerOptions(num_steps=1), progress=False)
+    generate(models["uncond"], range(3), outdir=out, **kwargs)
+    good = (out / "000001.png").read_bytes()
+    (out / "000001.png").write_bytes(good[:40])  # truncated by something else
+    stale = [out / ".000002.png.k3j4.tmp", out / ".claim-000000"]
+    for p in stale:
+        p.write_bytes(b"x")
+    again = generate(models["uncond"], range(3), outdir=out, **kwargs)
+    assert again.written == [1] and (out / "000001.png").read_bytes() == good
+    assert not any(p.exists() for p in stale)
+    prior = tmp_path / "prior"
+    generate(models["prior"], range(2), outdir=prior, **kwargs)
+    (prior / "000000.pt").write_bytes((prior / "000000.pt").read_bytes()[:100])
+    assert generate(models["prior"], range(2), outdir=prior, **kwargs).written == [0]
+
+
+def test_concurrent_runs_split_the_work(models, tmp_path):
+    """A batch claimed by another live process is left to it: this run waits, then finds it done."""
+    import threading
+
+    from vcdm.generate.results import FolderLock, claim
+
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    kwargs = dict(opts=SamplerOptions(num_steps=1), max_batch_size=2, progress=False)
+    for folder in (ref, out):
+        assert sorted(generate(models["uncond"], range(4), outdir=folder, **kwargs).written) == [0, 1, 2, 3]
+    for png in out.glob("*.png"):
+        png.unlink()
+    result = {}
+    lock = FolderLock(out, clean=False)  # "another process" is writing into the folder …
+    with claim(out, 0, wait=False) as mine:  # … the batch of seeds 0-1
+        assert mine
+        worker = threading.Thread(target=lambda: result.update(r=generate(models["uncond"], range(4), outdir=out,
+                                                                          **kwargs)))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while not (out / "000003.png").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / ".claim-000000").exists()  # not removed as stale: its owner is alive
+        for seed in (0, 1):  # the other process finishes its batch
+            shutil.copy(ref / f"{seed:06d}.png", out / f"{seed:06d}.png")
+    lock.close()
+    worker.join(120)
+    assert sorted(result["r"].written) == [2, 3] and result["r"].generated == 2
+    assert files(out) == files(ref)
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_folder(models, tmp_path):
+    """Two `vcdm generate` processes started together on one folder write each seed once between them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, str(REPO / "generate.py"), f"--network={models['uncond']}", f"--outdir={tmp_path / 'o'}",
+           "--seeds=0-23", "--batch=1", "--steps=8", "--device=cpu", "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    counts = [int(re.search(r"(\d+) generated", o).group(1)) for o in outputs]
+    assert sum(counts) == 24, outputs  # each seed once
+    assert len(list((tmp_path / "o").glob("*.png"))) == 24

@@ -74,8 +74,8 @@ def load_embedder(model: Model, clip_weights: str | os.PathLike | None, device: 
 class GenerateResult:
     outdir: Path
     written: list[int]  # seeds this process wrote
-    generated: int      # seeds all processes generated
-    skipped: int        # seeds whose files already existed
+    generated: int      # seeds all ranks of this run wrote (other runs on the folder may have written more)
+    skipped: int        # seeds whose files were complete at the start
     settings: perf.InferenceSettings = perf.FP32  # how the network was evaluated
 
 
@@ -384,4 +384,5 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
     if grid is not None and rank == 0:
         shown = seeds[:GRID_MAX]
         write_png(grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))
-    return GenerateResult(outdir, written, len(plan.todo), len(seeds) - len(plan.todo), settings)
+    generated = int(distributed.all_sum([len(written)], device)[0])
+    return GenerateResult(outdir, written, generated, len(seeds) - len(plan.todo), settings)
