@@ -2,6 +2,7 @@
 `vcdm.fid` numbers equal to `vcdm fid calc`'s, a light `import vcdm`, and the README example."""
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -156,3 +157,16 @@ def test_readme_example_runs(tmp_path, monkeypatch, inception, one_thread):
         gen = np.random.default_rng(0)
         FeatureStats(gen.normal(size=2048), np.eye(2048), 10, gen.normal(size=(10, 2048)).astype(np.float32)).save(ref)
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_train_is_callable_with_typed_options(tmp_path, capsys):
+    from vcdm.generate.files import write_png
+
+    for i in range(2):
+        write_png(tmp_path / f"{i}.png", np.full((8, 8, 3), i, np.uint8))
+    options = vcdm.TrainOptions(path=str(tmp_path), data_class="CLIPDataset", embedder="pixel-pca", exist=[1, 1],
+                                observed=[0, 1], dry_run=True, outdir=str(tmp_path / "runs"))
+    assert vcdm.train(options) is None  # a dry run: prints what it would do, writes nothing
+    assert "pixel-pca" in capsys.readouterr().out and not (tmp_path / "runs").exists()
+    importlib.import_module("vcdm.train.loop")  # importing a submodule keeps vcdm.train callable
+    assert callable(vcdm.train) and vcdm.train.TrainOptions is vcdm.TrainOptions
