@@ -197,6 +197,47 @@ def test_new_samplers_through_the_dispatcher_with_callback():
         sample(Toy(), latents(), sampler="unipc", S_churn=1.0)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The fast preset and the command line.
+
+def test_fast_preset_settings_and_flags():
+    import click
+    from click.testing import CliRunner
+
+    from vcdm.cli.generate import PRESETS as CLI_PRESETS, SAMPLER_FLAGS, pop_sampler_options, preset_option, sampler_options
+    from vcdm.cli.sample import STAGE_DEFAULTS, stage_options
+    from vcdm.diffusion.sampling import PRESETS, SAMPLERS
+
+    assert PRESETS["fast"] == dict(sampler="unipc", num_steps=24)  # 24 NFE <= 79 / 3 (benchmarks/solvers.py)
+    assert set(CLI_PRESETS) == set(PRESETS)
+    choices = next(t.choices for flag, _, t, _ in SAMPLER_FLAGS if flag == "sampler")
+    assert set(choices) | {"ablation"} == set(SAMPLERS)
+
+    got = {}
+
+    @click.command()
+    @sampler_options()
+    @sampler_options("image-", STAGE_DEFAULTS)
+    @preset_option
+    def cmd(**kwargs):
+        preset = kwargs.pop("preset")
+        got["generate"] = pop_sampler_options(kwargs, preset=preset)
+        got["image"] = stage_options(kwargs, "image-", preset)
+
+    def run(*args):
+        result = CliRunner().invoke(cmd, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return got["generate"], got["image"]
+
+    for opts in run("--preset", "fast"):
+        assert (opts.resolved_sampler, opts.num_steps, opts.S_churn, opts.S_noise) == ("unipc", 24, 0.0, 1.0)
+        assert opts.sampler_kwargs() == dict(sampler="unipc", guidance=1.0, num_steps=24, rho=7.0)
+    plain, image = run("--preset", "fast", "--steps", "30", "--image-sampler", "dpm2m")
+    assert (plain.num_steps, plain.sampler, image.num_steps, image.sampler) == (30, "unipc", 24, "dpm2m")
+    plain, image = run()
+    assert (plain.resolved_sampler, plain.num_steps, image.num_steps, image.S_churn) == ("edm", 18, 40, 50.0)
+
+
 def write() -> None:
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
            "outputs": {name: encode(run(name)) for name in sorted(SCENARIOS)}}

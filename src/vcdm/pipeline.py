@@ -60,7 +60,7 @@ def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[st
     values = dict(defaults or {})
     given = {FIELDS[k[len(prefix):]]: options.pop(k) for k in list(options)
              if k.startswith(prefix) and k[len(prefix):] in FIELDS}
-    if deterministic_defaults and given.get("sampler") == "dpm2m":
+    if deterministic_defaults and given.get("sampler") not in (None, "edm", "ablation"):
         values.update({k: v for k, v in (("S_churn", 0.0), ("S_noise", 1.0)) if k not in given})
     return SamplerOptions(**{**values, **given})
 

@@ -7,20 +7,20 @@ import click
 from click.core import ParameterSource
 
 from vcdm.cli.errors import user_errors
-from vcdm.cli.generate import inference_options, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.generate import inference_options, parse_seeds, pop_sampler_options, preset_option, sampler_options
 
 # The original release's sampling recipe (its README), for both stages.
 STAGE_DEFAULTS = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
 
 
-def stage_options(kwargs: dict[str, Any], prefix: str):
-    """One stage's SamplerOptions; a deterministic sampler drops the churn defaults it cannot use."""
+def stage_options(kwargs: dict[str, Any], prefix: str, preset: str | None = None):
+    """One stage's SamplerOptions; a sampler without churn drops the churn defaults it cannot use."""
     ctx, dest = click.get_current_context(), prefix.replace("-", "_")
-    if kwargs[dest + "sampler"] == "dpm2m":
+    if kwargs[dest + "sampler"] not in (None, "edm"):
         for key, neutral in (("S_churn", 0.0), ("S_noise", 1.0)):
             if ctx.get_parameter_source(dest + key) == ParameterSource.DEFAULT:
                 kwargs[dest + key] = neutral
-    return pop_sampler_options(kwargs, prefix)
+    return pop_sampler_options(kwargs, prefix, preset)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -40,6 +40,7 @@ def stage_options(kwargs: dict[str, Any], prefix: str):
               help="Add to every seed's noise seed (both stages)")
 @sampler_options("prior-", STAGE_DEFAULTS, stage="Prior: ")
 @sampler_options("image-", STAGE_DEFAULTS, stage="Image model: ")
+@preset_option
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
 @inference_options
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
@@ -62,7 +63,8 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
     from vcdm.generate import sample_two_stage
 
     with user_errors():
-        prior_opts, image_opts = stage_options(kwargs, "prior-"), stage_options(kwargs, "image-")
+        preset = kwargs.pop("preset")
+        prior_opts, image_opts = stage_options(kwargs, "prior-", preset), stage_options(kwargs, "image-", preset)
         result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts, **kwargs)
     if distributed.rank() == 0:
         for stage in (result.embeddings, result.images):

@@ -73,12 +73,18 @@ REGISTRY: dict[str, Spec] = {
     "edm": Spec(sample_heun, frozenset(_SCHEDULE | _CHURN | {"solver"}), churn=True),
     "ablation": Spec(sample_ablation, frozenset(_SCHEDULE | _CHURN | _ABLATION), churn=True),
     "dpm2m": Spec(sample_dpmpp_2m, frozenset(_SCHEDULE)),
-    "euler_a": Spec(solvers.sample_euler_ancestral, frozenset(_SCHEDULE | {"eta", "S_noise"})),
-    "dpm2m_sde": Spec(solvers.sample_dpmpp_2m_sde, frozenset(_SCHEDULE | {"eta", "S_noise"})),
-    "dpm3m_sde": Spec(solvers.sample_dpmpp_3m_sde, frozenset(_SCHEDULE | {"eta", "S_noise"})),
+    "euler_a": Spec(solvers.sample_euler_ancestral, frozenset(_SCHEDULE | {"eta"})),
+    "dpm2m_sde": Spec(solvers.sample_dpmpp_2m_sde, frozenset(_SCHEDULE | {"eta"})),
+    "dpm3m_sde": Spec(solvers.sample_dpmpp_3m_sde, frozenset(_SCHEDULE | {"eta"})),
     "unipc": Spec(solvers.sample_unipc, frozenset(_SCHEDULE | {"order"})),
 }
 SAMPLERS = tuple(REGISTRY)
+CHURN_SAMPLERS = tuple(name for name, spec in REGISTRY.items() if spec.churn)  # take S_churn/S_min/S_max/S_noise
+
+# Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast": measured with
+# benchmarks/solvers.py on the digits demo models to reach the Fréchet distance of the original
+# release's setting (Heun, 40 steps, S_churn 50: 79 evaluations) within its seed-to-seed noise.
+PRESETS: dict[str, dict[str, Any]] = {"fast": dict(sampler="unipc", num_steps=24)}
 
 
 def noise_levels(model: Model, opts: dict[str, Any], device: torch.device,

@@ -19,7 +19,6 @@ from typing import Sequence
 from vcdm.paths import fit_name
 
 ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
-SAMPLERS = ("edm", "ablation", "dpm2m")
 
 
 class GenerateError(ValueError):
@@ -57,14 +56,18 @@ class SamplerOptions:
         object.__setattr__(self, "num_steps", int(self.num_steps))
         if self.num_steps < 1:
             raise GenerateError(f"--steps: expected a positive number of steps, got {self.num_steps}")
+        from vcdm.diffusion.sampling import CHURN_SAMPLERS, SAMPLERS
+
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise GenerateError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
         ablation = [k for k in ABLATION_KEYS if getattr(self, k) is not None]
-        if ablation and self.sampler in ("edm", "dpm2m"):
+        if ablation and self.sampler not in (None, "ablation"):
             raise GenerateError(f"--sampler {self.sampler} does not take --{', --'.join(ablation)} "
                                 "(those select the ablation sampler)")
-        if self.sampler == "dpm2m" and (self.S_churn or self.S_noise != 1.0 or self.S_min or self.S_max != math.inf):
-            raise GenerateError("--sampler dpm2m is deterministic: drop --S_churn/--S_min/--S_max/--S_noise")
+        if self.sampler not in (None, *CHURN_SAMPLERS) and (self.S_churn or self.S_noise != 1.0 or self.S_min
+                                                             or self.S_max != math.inf):
+            kind = "is deterministic" if self.sampler in ("dpm2m", "unipc") else "has no churn"
+            raise GenerateError(f"--sampler {self.sampler} {kind}: drop --S_churn/--S_min/--S_max/--S_noise")
         if self.guidance <= 0:
             raise GenerateError(f"--guidance: expected a positive scale, got {self.guidance}")
 
@@ -77,7 +80,7 @@ class SamplerOptions:
     def sampler_kwargs(self) -> dict:
         """Keyword arguments for ``vcdm.diffusion.samplers.sample`` (None values left to its defaults)."""
         keys = ["num_steps", "sigma_min", "sigma_max", "rho"]
-        if self.resolved_sampler != "dpm2m":
+        if self.resolved_sampler in ("edm", "ablation"):  # the samplers with churn
             keys += ["S_churn", "S_min", "S_max", "S_noise"]
         if self.resolved_sampler == "ablation":
             keys += list(ABLATION_KEYS)
@@ -102,7 +105,7 @@ def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment
                                 ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
                                  "solver", "discretization", "schedule", "scaling")}
     items["class"] = class_idx
-    if opts.sampler == "dpm2m":
+    if opts.sampler not in (None, "edm", "ablation"):
         items["sampler"] = opts.sampler
     if opts.guidance != 1.0:
         items["guidance"] = opts.guidance
