@@ -1,7 +1,7 @@
 """Initialising a training network from pretrained weights (--pretrained_weights / --transfer)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,14 +22,14 @@ class PretrainedReport:
     zero_init: list[str]              # tensors the source lacks (map_label): set to zero
     frozen: int = 0                   # number of parameter values with requires_grad False
     trainable: int = 0
-    widened: str = ""                 # how a class-conditional map_label was widened, if it was
+    notes: list[str] = field(default_factory=list)  # widened map_label, control copies
 
     def __str__(self) -> str:
         s = f"loaded {len(self.copied)} tensors from {self.source}"
         if self.zero_init:
             s += f"; zero-initialised new {', '.join(self.zero_init)}"
-        if self.widened:
-            s += f"; {self.widened}"
+        for note in self.notes:
+            s += f"; {note}"
         if self.frozen:
             s += f"; froze {self.frozen:,} parameters, {self.trainable:,} trainable"
         return s
@@ -103,11 +103,11 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
     if problem:
         raise LegacyError(f"{path}: weights do not fit the network: {problem}")
     net.load_state_dict(new_state)
-    report = PretrainedReport(str(path), sorted(set(source) - set(added)), new, widened=widened)
-    trainable = set(new) | set(added) | ({"map_label.weight"} if widened and not added else set())
+    notes = [widened] if widened else []
     if added:
-        report.widened = "; ".join(filter(None, [widened, f"{len(added)} control tensors start from the pretrained "
-                                                          f"blocks (only they train, as in the release)"]))
+        notes.append(f"{len(added)} control tensors start from the pretrained blocks (only they train, as in the release)")
+    report = PretrainedReport(str(path), sorted(set(source) - set(added)), new, notes=notes)
+    trainable = set(new) | set(added) | ({"map_label.weight"} if widened and not added else set())
     if freeze or getattr(net, "only_control_trains", False):
         for name, p in net.named_parameters():
             p.requires_grad_(name in trainable)
