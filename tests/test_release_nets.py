@@ -473,3 +473,14 @@ def test_release_pickles_of_these_networks_import(fake_modules, arch):
     y = torch.randn(2, denoiser.structure.observed_dim) if denoiser.structure.observed_dim else None
     with torch.no_grad():
         assert torch.equal(denoiser.eval()(x, sigma, y), Denoiser(net, denoiser.structure).eval()(x, sigma, y))
+
+
+def test_pretrained_weights_from_a_release_concatunet_pickle(fake_modules):
+    class_name, names, shapes, observed, data_class, make, kw = RELEASE_PICKLES["concatunet"]
+    kw = {k: v for k, v in kw.items() if k not in ("encoder_type", "decoder_type")}
+    source = recipe(make(kw))
+    path = fake_modules / "release-concat.pkl"
+    release_pickle(path, source, class_name, names, shapes, observed, data_class, kw)
+    target = make(kw)
+    load_pretrained(path, target)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in source.state_dict().items())

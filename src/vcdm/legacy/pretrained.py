@@ -12,6 +12,7 @@ from vcdm.data.structure import Structure
 from vcdm.nets.control import class_columns
 from vcdm.legacy.edm import _network_kwargs, load_legacy_pickle
 from vcdm.legacy.records import LegacyError
+from vcdm.legacy.release_nets import is_release_net
 from vcdm.legacy.unpickle import PathLike
 
 
@@ -45,7 +46,8 @@ def _source_state(path: Path) -> dict[str, torch.Tensor]:
         except CheckpointError as e:
             raise LegacyError(str(e)) from None
     record = load_legacy_pickle(path)
-    _network_kwargs(record)  # refuses networks without a vcdm equivalent, with the reason
+    if not is_release_net(record.net_class):  # the release's concatunet/film/control map by name as they are
+        _network_kwargs(record)  # refuses networks without a vcdm equivalent, with the reason
     return record.state_dict
 
 
