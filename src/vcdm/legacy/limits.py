@@ -28,7 +28,7 @@ class Budget:
 
     def take(self, n: int, what: str) -> None:
         if n > self.left:
-            raise LegacyError(f"{what} needs {n:,} bytes, more than the {self.what} allows "
+            raise LegacyError(f"{what} ({n:,} bytes more) exceeds the memory the {self.what} allows "
                               f"({self.limit:,} bytes in all): the file is damaged or hostile")
         self.left -= n
 
@@ -155,13 +155,14 @@ class NestingTracker:
     """Depth of every tuple and frozenset an unpickler builds (hashing them recurses in C, unguarded:
     a tuple nested a million deep used as a dict key crashes the interpreter)."""
 
-    def __init__(self, limit: int = MAX_DEPTH):
-        self.limit = limit
+    def __init__(self, budget: Budget, limit: int = MAX_DEPTH):
+        self.budget, self.limit = budget, limit
         self._depth: dict[int, tuple[int, Any]] = {}   # id -> (depth, the object, kept alive)
 
     def track(self, value: Any) -> None:
         if not isinstance(value, (tuple, frozenset)):
             return
+        self.budget.take(2 * ITEM_BYTES, "tuples the pickle builds")
         depth = 1 + max((self._depth.get(id(v), (0,))[0] for v in value if isinstance(v, (tuple, frozenset))),
                         default=0)
         if depth > self.limit:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vcdm.legacy.limits import (ZIP_MEMBER_FACTOR, BoundedReader, NestingTracker, budgeted, charge,
+from vcdm.legacy.limits import (ITEM_BYTES, ZIP_MEMBER_FACTOR, BoundedReader, NestingTracker, budgeted, charge,
                                 check_nesting, current_budget, file_budget)
 from vcdm.legacy.records import (LegacyError, Record, UnsafePickleError, _EasyDict, _NDArrayType, _latin1,
                                  _np_dtype, _np_reconstruct, _np_scalar, _persistent_record, _reconstructor,
@@ -194,6 +194,15 @@ def _resolve_global(module: str, name: str) -> Any:
                             "or data constructor vcdm allows (loading it could run code)")
 
 
+def _charged(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An opcode handler that first charges one object to the budget: a file of one-byte opcodes
+    (``]`` is an empty list of 56 bytes) cannot build objects of ~60 times its size."""
+    def charged(self: Any) -> None:
+        self._budget.take(ITEM_BYTES, "objects the pickle builds")
+        handler(self)
+    return charged
+
+
 def _tracked(stock: Callable[[Any], None]) -> Callable[[Any], None]:
     """An opcode handler that runs ``stock`` (which builds a tuple or frozenset) and tracks its nesting."""
     def handler(self: Any) -> None:
@@ -213,7 +222,7 @@ class _SafeUnpickler(pickle._Unpickler):
         super().__init__(file)
         self._persistent = persistent
         self._budget = current_budget()
-        self._nesting = NestingTracker()
+        self._nesting = NestingTracker(self._budget)
 
     def find_class(self, module: str, name: str) -> Any:
         return _resolve_global(module, name)
@@ -264,6 +273,8 @@ class _SafeUnpickler(pickle._Unpickler):
         if self._persistent is None:
             raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r} in a plain pickle")
         return self._persistent(pid)
+
+    dispatch = {code: _charged(handler) for code, handler in dispatch.items()}
 
 
 def _unpickle(f: Any, persistent: Callable[[Any], Any] | None = None) -> Any:
