@@ -476,3 +476,31 @@ def test_two_processes_on_one_folder(models, tmp_path):
     counts = [int(re.search(r"(\d+) generated", o).group(1)) for o in outputs]
     assert sum(counts) == 24, outputs  # each seed once
     assert len(list((tmp_path / "o").glob("*.png"))) == 24
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one(models, tmp_path):
+    """Two torchrun launches joined by a c10d rendezvous on localhost ("two nodes", gloo): the same files as
+    one process, and only global rank 0 writes the grid (each node runs in its own folder)."""
+    import socket
+
+    single = tmp_path / "single"
+    run(generate_cmd, ["--network", models["uncond"], "--outdir", single, "--seeds", "0-6", "--batch", 2, *FAST])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    procs = []
+    for node in ("a", "b"):
+        (tmp_path / node).mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=vcdm-test",
+               str(REPO / "generate.py"), f"--network={models['uncond']}", f"--outdir={tmp_path / 'multi'}",
+               "--seeds=0-6", "--batch=2", *FAST, "--device", "cpu", "--no-progress", "--grid", "grid.png"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path / node, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert files(tmp_path / "multi") == files(single)
+    grids = [node for node in ("a", "b") if (tmp_path / node / "grid.png").exists()]
+    assert len(grids) == 1, outputs
