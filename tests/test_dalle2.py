@@ -301,3 +301,11 @@ def test_prior_samples_are_release_lists_and_older_dicts_still_read(tmp_path):
     assert torch.equal(read_tensors(tmp_path / "old.pt")["embedding"], emb[0])
     write_tensors(tmp_path / "plain.pt", {"embedding": emb[0]})  # names default to CLIPDataset's
     assert torch.load(tmp_path / "plain.pt")[0] is None and set(read_tensors(tmp_path / "plain.pt")) == {"embedding"}
+
+
+def test_runs_recorded_before_dalle2_was_the_release_network_resume_as_prior():
+    from vcdm.train.options import TrainOptions
+
+    assert TrainOptions.from_dict({"arch": "dalle2"}).arch == "prior"  # training_options.json without "network"
+    assert TrainOptions.from_dict({"arch": "dalle2", "network": "DALLE2Prior"}).arch == "dalle2"
+    assert TrainOptions.from_dict({"arch": "prior", "network": "PriorTransformer"}).arch == "prior"

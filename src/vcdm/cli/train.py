@@ -92,7 +92,8 @@ OPTIONS = [
     opt("--arch", type=click.Choice(ARCHS), default=None,
         help="Network: DDPM++/NCSN++/ADM U-Net for images; for embeddings dalle2 (the original release's prior: "
              "multi-query cosine-similarity attention, x as a raw token, no dropout) or prior (vcdm's: multi-head "
-             "attention, x through a projection, --dropout applies; for its older checkpoints); concatunet (the release's "
+             "attention, x through a projection, --dropout applies; what dalle2 built before, so older runs "
+             "resume as prior); concatunet (the release's "
              "default: one U-Net over image and vector tensors, e.g. joint --exist 1,1 --observed 0,0); film-ddpmpp "
              "(DDPM++ with FiLM conditioning); control-adm (ControlNet-style ADM: a class-conditional ADM frozen, a "
              "trainable copy takes the other observed tensors)  [default: by latent]"),

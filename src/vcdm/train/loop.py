@@ -139,7 +139,7 @@ class Trainer:
 
         ddp = wrap_ddp(state.net, self.device)
         step = self.step_setup(s, with_net(s.denoiser, ddp), ddp, maker, rounds, batch_gpu)
-        training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu)
+        training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu, network=s.net_class)
         run = Run(s, state, step, batches, plan, Outputs(plan.run_dir), s.config(training),
                   last_state=plan.resume)
         if self.rank == 0:

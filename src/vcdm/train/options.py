@@ -150,6 +150,8 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
         for k, kind in LIST_FIELDS.items():
             if isinstance(values.get(k), str):
                 values[k] = [kind(v) for v in values[k].split(",") if v.strip()]
+        if values.get("arch") == "dalle2" and d.get("network", "PriorTransformer") == "PriorTransformer":
+            values["arch"] = "prior"  # recorded before --arch dalle2 built the release's network (no "network" then)
         return cls(**values)
 
     @property
