@@ -142,3 +142,20 @@ def test_quality_benchmark_smoke(tmp_path):
     assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 for r in rows.values())
     assert 0 <= rows["oracle"]["accuracy"] <= 1
     assert (run / "samples-seed-0.png").is_file() and (run / "table.md").is_file()
+
+
+def test_train_for_gives_an_exhausted_budget_a_positive_time_limit(tmp_path, monkeypatch):
+    """On a busy machine the sampling estimate can exceed the budget; training then gets a short leg, not
+    a negative --time-limit (which the trainer rejects)."""
+    from vcdm.demo import training
+
+    limits = []
+
+    def fake_run(opts, max_seconds=math.inf):
+        limits.append(max_seconds)
+        return tmp_path / "network-snapshot-000000.safetensors", 0.064, True
+
+    monkeypatch.setattr(training, "train_run", fake_run)
+    opts = training.train_options("uncond", tmp_path / "data.zip", tmp_path / "run", Sizes(), seed=0, device="cpu")
+    training.train_for(opts, rate=100.0, seconds=-30.0, sizes=Sizes())
+    assert limits and all(t >= training.MIN_LEG_SEC for t in limits)

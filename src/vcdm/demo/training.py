@@ -13,6 +13,7 @@ from vcdm.demo.budget import SMOKE, Sizes, fmt_time, plan_kimg, say
 from vcdm.train.options import TrainOptions
 
 NEVER = 10**9  # --snap/--dump/--sample interval that leaves only the first and the last tick
+MIN_LEG_SEC = 1.0  # a run whose budget is already spent (a slow, busy machine) still trains a step and saves
 
 
 def train_options(kind: str, data_path: str | os.PathLike, outdir: str | os.PathLike, sizes: Sizes, *,
@@ -79,7 +80,7 @@ def train_for(opts: TrainOptions, rate: float, seconds: float, sizes: Sizes, *, 
     if sizes == SMOKE:
         return train_run(opts)[:2]
     for leg in range(max_legs):
-        snapshot, kimg, stopped = train_run(opts, end - time.perf_counter())
+        snapshot, kimg, stopped = train_run(opts, max(end - time.perf_counter(), MIN_LEG_SEC))
         left = end - time.perf_counter() - tail_sec
         if stopped or leg == max_legs - 1 or left < max(0.1 * seconds, 10):
             break
