@@ -3,6 +3,8 @@ distribution alone, reach the generation path; the benchmark scripts run (tiny c
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -272,3 +274,12 @@ def test_run_all_reports_failures_in_the_table(benchmarks, tmp_path, monkeypatch
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert results["good"]["rows"][1]["ratio"] == 2.5 and results["bad"]["error"].startswith("exit code 1")
     assert "boom" in (tmp_path / "out" / "logs" / "bad.log").read_text()
+
+
+@pytest.mark.parametrize("env,expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")])
+def test_command_line_sets_passive_omp_wait_unless_set(env, expected):
+    """Busy-waiting OpenMP threads stall under load (vcdm.perf); the CLI opts out before torch loads."""
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import sys, os, vcdm.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -24,6 +24,17 @@ that between two float32 sets of different seeds; ``tests/test_perf.py`` checks 
 Gaussian denoiser. ``torch.compile`` is faster per evaluation but costs minutes per process and batch
 shape, so it is opt-in. CUDA: channels_last + bf16 for U-Nets and bf16 for the prior, the usual
 mixed-precision recipe (not measured here: no GPU was available).
+
+Under load: torch's CPU kernels run on OpenMP (libgomp), whose default wait policy lets a thread that
+reaches the end of a parallel region spin, then sleep, until the others arrive. When other processes
+keep the cores busy, a thread of every region is preempted and the region waits a scheduler time slice
+for it; a network evaluation has hundreds of regions. On this project's 2-core machine under a load
+average of 10-14, 300 small 3x3 convolutions (batch 8, 32 channels, 16x16) on 2 threads took 31-50 s
+with the default policy, 0.2-0.5 s with OMP_WAIT_POLICY=PASSIVE, and 2.6 s on 1 thread — erratic
+slowdowns of the kind that made vcdm lose to EDM with one core busy. The `vcdm` command line therefore
+sets OMP_WAIT_POLICY=PASSIVE unless the variable is set (vcdm.cli; it must precede loading torch, so
+Python API users set it in their environment). Thread counts are torch's default; nothing here reads
+the momentary load.
 """
 from __future__ import annotations
 
