@@ -222,8 +222,8 @@ def _interrupt_after(monkeypatch, calls: int, sig=signal.SIGTERM):
     real = build_mod.make_loss
     count = {"n": 0}
 
-    def make_loss(precond):
-        loss = real(precond)
+    def make_loss(*args):
+        loss = real(*args)
 
         def wrapped(*a, **k):
             count["n"] += 1
@@ -301,7 +301,7 @@ def test_embedding_cache_matches_per_batch_embeddings(data, tmp_path):
 
 def test_nonfinite_losses_stop_with_a_state(data, tmp_path, monkeypatch):
     real = build_mod.make_loss
-    monkeypatch.setattr(build_mod, "make_loss", lambda p: (lambda *a, **k: real(p)(*a, **k) * float("nan")))
+    monkeypatch.setattr(build_mod, "make_loss", lambda *p: (lambda *a, **k: real(*p)(*a, **k) * float("nan")))
     out = tmp_path / "runs"
     r = run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
                       "--max-nonfinite", "3", "--duration", "1"), code=1)

@@ -15,6 +15,11 @@ from test_train import REPO, TINY_PRIOR, base_args, write_dataset
 
 # Injected failures, run in the child before the command: (stage, patch code, expected exit code).
 PATCHES = {
+    "start-up": """
+        import errno, vcdm.train.loggers as m
+        def fail(*a, **k): raise OSError(errno.EROFS, "Read-only file system")
+        m.RunLogger.write_options = fail
+    """,
     "first step": """
         import vcdm.diffusion.loss as m
         def fail(*a, **k): raise RuntimeError("injected failure in the first step")
@@ -46,13 +51,14 @@ def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
 
 
-def run_failing(tmp_path: Path, args: list[str], patch: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+def run_failing(tmp_path: Path, args: list[str], patch: str = "", timeout: float = 120,
+                launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(patch=textwrap.dedent(patch)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     try:
-        return subprocess.run([sys.executable, str(driver), *args], env=env, capture_output=True, text=True,
-                              timeout=timeout, cwd=tmp_path)
+        return subprocess.run([sys.executable, *launcher, str(driver), *args], env=env, capture_output=True,
+                              text=True, timeout=timeout, cwd=tmp_path)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"training did not exit within {timeout} s after a failure:\n{(e.stderr or b'')[-2000:]!r}")
 
@@ -64,8 +70,8 @@ def prior_args(data: Path, out: Path, workers: int = 2) -> list[str]:
     return args
 
 
-def test_start_up_failure_exits(data, tmp_path):
-    """The reported hang: the run directory cannot be made (--outdir below a regular file)."""
+def test_unwritable_outdir_exits(data, tmp_path):
+    """The reported case: --outdir cannot be made (below a regular file)."""
     (tmp_path / "a-file").write_text("")
     proc = run_failing(tmp_path, prior_args(data, tmp_path / "a-file" / "runs"))
     assert proc.returncode != 0
@@ -81,3 +87,14 @@ def test_failure_in_training_exits(data, tmp_path, stage):
     else:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["first step", "state write"])
+def test_failure_under_torchrun_exits(data, tmp_path, stage):
+    """Two processes (gloo), each with workers: a failure in both (first step) or in process 0 only (its
+    state write, which the other learns of) ends the job; process groups are shut down."""
+    args = prior_args(data, tmp_path / "runs")
+    proc = run_failing(tmp_path, args, PATCHES[stage], timeout=240,
+                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert proc.returncode != 0, proc.stdout[-2000:]

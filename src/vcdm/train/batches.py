@@ -56,3 +56,38 @@ class BatchMaker:
         tensors, augment_labels = self.tensors(indices, images, labels, generator)
         return Batch(self.structure.flatten_latent(tensors), self.structure.flatten_observed(tensors),
                      augment_labels, tensors)
+
+
+def embedding_table(setup, device: torch.device, xflip: bool) -> torch.Tensor:
+    """Embeddings of every dataset image (no augmentation), computed once and cached beside the dataset
+    (process 0 computes, the others then read its cache). A cache that cannot be written stops the run."""
+    from vcdm import distributed as dist
+    from vcdm.embedders.base import cached_fit, image_batches
+    from vcdm.train.outputs import TrainingError, write_failure
+
+    emb, key = setup.embedder, {"embedder": setup.embedder.identity(), "data_key": setup.data_key, "xflip": xflip}
+
+    def compute() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = [emb.embed(b.to(device)).cpu() for b in image_batches(setup.dataset, batch_size=64)]
+        return {"embeddings": torch.cat(out)}
+
+    if dist.rank() != 0:
+        dist.barrier()
+    cache_dir = setup.cache_dir if _writable_dir(setup.cache_dir) else None
+    try:
+        table = cached_fit(cache_dir, f"embeddings-{emb.name}", key, compute)["embeddings"]
+    except OSError as e:
+        raise TrainingError(f"cannot write the embedding cache in {cache_dir} ({write_failure(e, setup.cache_dir)}); "
+                            f"free space there or train with --embed-cache=0") from None
+    if dist.rank() == 0:
+        dist.barrier()
+    return table.to(device)
+
+
+def _writable_dir(path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError:
+        return False

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from vcdm import distributed as dist
-from vcdm.train.batches import BatchMaker
+from vcdm.train.batches import BatchMaker, embedding_table
 from vcdm.train.build import Setup, build
 from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.ema import EMA
@@ -127,7 +127,7 @@ class Trainer:
         s = build(o, self.device)
         state = self.make_state(s, plan, loaded)
         del loaded
-        cached = self.embedding_table(s) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None
+        cached = embedding_table(s, self.device, o.xflip) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None
                                              and not o.train_embedder and "embedding" in _used(s.structure)) else None
         maker = BatchMaker(s.structure, self.device, embedder=s.embedder, augment_pipe=s.augment_pipe, cached=cached)
         batches = self.cleanup.enter_context(running(self.loader(s, batch_gpu, state.counters["position"])))
@@ -250,30 +250,6 @@ class Trainer:
             finetune.transfer(o.transfer, net)
         return []
 
-    def embedding_table(self, s: Setup) -> torch.Tensor:
-        """Embeddings of every dataset image (no augmentation), computed once and cached beside the dataset."""
-        from vcdm.embedders.base import cached_fit, image_batches
-        from vcdm.train.outputs import write_failure
-
-        emb, key = s.embedder, {"embedder": s.embedder.identity(), "data_key": s.data_key, "xflip": self.opts.xflip}
-
-        def compute() -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                out = [emb.embed(b.to(self.device)).cpu() for b in image_batches(s.dataset, batch_size=64)]
-            return {"embeddings": torch.cat(out)}
-
-        if self.rank != 0:
-            dist.barrier()
-        cache_dir = s.cache_dir if _writable_dir(s.cache_dir) else None
-        try:
-            table = cached_fit(cache_dir, f"embeddings-{emb.name}", key, compute)["embeddings"]
-        except OSError as e:
-            raise TrainingError(f"cannot write the embedding cache in {cache_dir} ({write_failure(e, s.cache_dir)}); "
-                                f"free space there or train with --embed-cache=0") from None
-        if self.rank == 0:
-            dist.barrier()
-        return table.to(self.device)
-
     def preview_setup(self, run: Run, cached, batch_gpu: int) -> dict[str, Any] | None:
         """Fixed conditioning for sample grids (image models only: None otherwise)."""
         from vcdm.train.preview import conditioning, save_grid
@@ -350,8 +326,9 @@ class Trainer:
             print("Exiting...", flush=True)
 
     def save_tick(self, run: Run, done: bool, diverged: bool) -> None:
-        """Snapshot, training state and sample grid as the intervals say (all at the end); a diverged
-        run's state is saved as training-state-*-nonfinite.pt, which --resume=auto passes over."""
+        """Snapshot, training state and sample grid as the intervals say (all at the end). A diverged
+        run's state, or one with non-finite weights, is saved as training-state-*-nonfinite.pt, which
+        --resume passes over; a diverged run writes no snapshot or grid."""
         o, state, outputs, run_dir = self.opts, run.state, run.outputs, run.plan.run_dir
         tick = state.counters["tick"]
         state.counters["tick"] += 1  # the state records the next tick
@@ -362,8 +339,9 @@ class Trainer:
                                                           state.counters["nimg"]))
         if done or (o.dump and tick % o.dump == 0 and tick != 0):
             data = state.state_dict(json.dumps(o.to_dict()))
-            path = run_dir / state_name(kimg, suffix="-nonfinite" if diverged else "")
-            if outputs.attempt(path, lambda: save_state(path, data)) and not diverged:
+            poisoned = diverged or not state.finite()
+            path = run_dir / state_name(kimg, suffix="-nonfinite" if poisoned else "")
+            if outputs.attempt(path, lambda: save_state(path, data)) and not poisoned:
                 run.last_state = path
             del data
         if run.preview is not None and o.sample and not diverged and (done or tick % o.sample == 0):
@@ -401,10 +379,3 @@ def _quiet_worker(_: int) -> None:
 def _used(structure) -> set[str]:
     return {n for n, e in zip(structure.names, structure.exist) if e}
 
-
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        return True
-    except OSError:
-        return False

@@ -54,6 +54,8 @@ class Outputs:
             why = write_failure(e, Path(path))
             if why is None:
                 raise
+            if Path(path).is_dir() and isinstance(e, OSError) and e.filename:
+                path = e.filename  # a directory's set-up: name the file that failed
             self.fail(path, why)
             return False
 

@@ -166,6 +166,11 @@ class TrainState:
         self.counters.update(state["counters"])
         self.rng = list(state.get("rng", []))
 
+    def finite(self) -> bool:
+        """Whether every weight of the network and its EMA is finite (a state worth resuming from)."""
+        tensors = list(self.net.state_dict().values()) + list(self.ema.state_dict().values())
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
     def restore_rng(self, rank: int, world_size: int) -> bool:
         """Restore this process's random states; False if the state was saved by another number of processes."""
         if len(self.rng) != world_size:
