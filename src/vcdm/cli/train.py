@@ -6,13 +6,16 @@ Every flag is accepted with underscores or hyphens (`--data_class`, `--data-clas
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from vcdm.fileio import parse_int_list
 
-from vcdm.train.options import ARCHS, EMBEDDERS, PRECONDS, TrainOptions, default_workers
+from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, PRECONDS, TrainOptions, default_workers
 
 D = TrainOptions()
 
@@ -64,12 +67,13 @@ def opt(name: str, *extra: str, **kwargs):
 
 OPTIONS = [
     # Data and structure.
-    opt("--path", "--data", metavar="ZIP|DIR", type=str, required=True, help="Dataset (EDM-format zip or folder)."),
+    opt("--path", "--data", metavar="ZIP|DIR", type=str, default=None,
+        help="Dataset (EDM-format zip or folder). Required, unless --resume names a run."),
     opt("--data_class", type=click.Choice(["ImageFolderDataset", "CLIPDataset", "LabelledCLIPDataset"]),
-        required=True, help="Tensors per sample: image,label | image,embedding | image,embedding,label."),
+        default=None, help="Tensors per sample: image,label | image,embedding | image,embedding,label."),
     opt("--exist", metavar="LIST", type=str, default=None, callback=int_list,
         help="0/1 per tensor: which tensors the model uses  [default: all]"),
-    opt("--observed", metavar="LIST", type=str, required=True, callback=int_list,
+    opt("--observed", metavar="LIST", type=str, default=None, callback=int_list,
         help="0/1 per tensor: which are conditioning (the rest are generated)."),
     opt("--xflip", type=bool, default=D.xflip, help="Double the dataset with mirrored images."),
     opt("--cache", type=bool, default=D.cache, help="Keep decoded images in memory."),
@@ -183,6 +187,10 @@ def _command(**kwargs) -> None:
     from vcdm.paths import describe
     from vcdm.train import TrainingError, train
 
+    kwargs = with_recorded_options(kwargs)
+    for name in ("path", "data_class", "observed"):
+        if kwargs[name] is None:
+            raise click.UsageError(f"Missing option '--{name}' (required unless --resume names a run)")
     if not kwargs.get("dry_run"):
         writable(kwargs.get("outdir"), "--outdir")  # before any work
     opts = TrainOptions(**kwargs)
@@ -196,6 +204,41 @@ def _command(**kwargs) -> None:
         raise click.UsageError(str(e)) from None
     except ValueError as e:  # OptionError, StructureError, DatasetError, EmbedderError, PresetError, …
         raise click.UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def recorded_run_options(resume: str | None) -> tuple[Path, dict] | None:
+    """The training_options.json of the run that `--resume` names (a run directory or a state in one)."""
+    if not resume or resume == "auto":
+        return None
+    run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    path = run_dir / "training_options.json"
+    if not path.is_file():
+        return None
+    try:
+        return path, TrainOptions.from_dict(json.loads(path.read_text())).to_dict()
+    except (OSError, ValueError, TypeError) as e:
+        raise click.UsageError(f"--resume: cannot read {path} ({e})") from None
+
+
+def with_recorded_options(kwargs: dict) -> dict:
+    """`--resume DIR` continues that run with its recorded options. Flags given again override them,
+    except those that define the model and its data, which must agree (one line names the first that differs)."""
+    recorded = recorded_run_options(kwargs.get("resume"))
+    if recorded is None:
+        return kwargs
+    path, values = recorded
+    ctx = click.get_current_context()
+    given = {k for k in kwargs if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    for name in sorted(given & set(IDENTITY)):
+        if kwargs[name] != values.get(name):
+            raise click.UsageError(f"--{name} {_show(kwargs[name])} differs from the resumed run's "
+                                   f"{_show(values.get(name))} (recorded in {path}); drop the flag or start a new run")
+    keep = {"resume", "dry_run", "device", "workers", "batch_gpu"}  # how this command runs, not what it trains
+    return {k: (v if k in given or k in keep or k not in values else values[k]) for k, v in kwargs.items()}
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 command = _command

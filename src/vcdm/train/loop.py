@@ -34,7 +34,7 @@ from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, 
 from vcdm.train.rundir import RunPlan, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
 from vcdm.train.state import StateError, TrainState, load_state, save_state, state_name
-from vcdm.train.step import StepSetup, train_step
+from vcdm.train.step import StepSetup, lr_at, train_step
 from vcdm.train.ticks import TickStats, tick_line
 
 __all__ = ["TrainingError", "train", "dry_run"]
@@ -45,6 +45,7 @@ def train(opts: TrainOptions) -> Path | None:
     """Train as `opts` say; return the run directory (None for --dry-run)."""
     opts = dataclasses.replace(opts)
     opts.validate()
+    opts.path = os.path.abspath(opts.path)  # recorded in the run's options and checkpoints
     if opts.dry_run:
         return dry_run(opts)
     device = dist.init(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -236,6 +237,10 @@ class Trainer:
               f"{list(s.structure.latent_names)}, condition on {list(s.structure.observed_names)}")
         print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
               f"training for {o.duration:g} Mimg")
+        if o.lr_rampup > o.duration * 1000:
+            print(f"warning: --lr-rampup {o.lr_rampup:g} kimg is longer than --duration {o.duration * 1000:g} kimg: "
+                  f"the learning rate never gets past {lr_at(round(o.duration * 1e6), o.lr, o.lr_rampup):.3g} "
+                  f"(--lr {o.lr:g}); shorten --lr-rampup", flush=True)
 
     def init_weights(self, net, structure) -> list[str]:
         """--pretrained_weights / --transfer; returns the names of frozen parameters."""

@@ -4,16 +4,17 @@ Process 0 decides (`plan_run`) and every process follows its plan."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from vcdm import distributed as dist
 from vcdm.train.loggers import new_run_id, start_wandb, wandb_wanted
-from vcdm.train.options import OptionError, TrainOptions
+from vcdm.train.options import IDENTITY, OptionError, TrainOptions
 from vcdm.train.state import STATE_RE, StateError, load_state, newest_valid_state
 
-RESUME_MATCH = ("path", "data_class", "exist", "observed", "arch", "precond", "desc")
+RESUME_MATCH = (*IDENTITY, "desc")
 
 
 @dataclass
@@ -90,5 +91,6 @@ def matches(run_dir: Path, opts: TrainOptions) -> bool:
     except (OSError, ValueError, TypeError):
         return False
     current = opts.to_dict()
+    recorded["path"] = os.path.abspath(recorded["path"])  # older runs recorded it as given
     return all(recorded.get(k) == current.get(k) for k in RESUME_MATCH) and any(
         STATE_RE.fullmatch(p.name) for p in run_dir.glob("training-state-*.pt"))
