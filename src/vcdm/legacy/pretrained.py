@@ -107,7 +107,8 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
     net.load_state_dict(new_state)
     notes = [widened] if widened else []
     if added:
-        notes.append(f"{len(added)} control tensors start from the pretrained blocks (only they train, as in the release)")
+        notes.append(f"{len(added)} control tensors start from the pretrained blocks "
+                     "(only they train, as in the release)")
     report = PretrainedReport(str(path), sorted(set(source) - set(added)), new, notes=notes)
     trainable = set(new) | set(added) | ({"map_label.weight"} if widened and not added else set())
     if freeze or getattr(net, "only_control_trains", False):

@@ -42,7 +42,8 @@ class EmbUNetBlock(UNetBlock):
         self.x2int = Linear(out_channels, emb_channels, **init)
         self.intnorm = GroupNorm(emb_channels, eps=eps)
         self.int2emb = Linear(emb_channels, emb_channels, **(kwargs.get("init_zero") or dict(init_weight=0)))
-        self.emb_skip = Linear(self.emb_channels_in, emb_channels, **init) if self.emb_channels_in != emb_channels else None
+        wide = self.emb_channels_in != emb_channels
+        self.emb_skip = Linear(self.emb_channels_in, emb_channels, **init) if wide else None
 
     def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
         orig = x
@@ -180,7 +181,8 @@ class ConcatUNet(nn.Module):
 
     def unet(self, img: Tensor, vec: Tensor | None, noise_labels: Tensor,
              augment_labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The release's SongUNet with vector input/output: (image, vector) → (latent image channels, latent vectors)."""
+        """The release's SongUNet with vector input and output:
+        (image, vector) → (latent image channels, latent vectors)."""
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] → [sin, cos], as EDM
         if self.map_label is not None:

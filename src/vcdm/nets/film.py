@@ -27,7 +27,8 @@ class FilmSongUNet(SongUNet):
         if kwargs.pop("label_dim", 0):
             raise ValueError("FilmSongUNet: the conditioning enters through FiLM (cond_dim), not label_dim")
         if cond_dim <= 0:
-            raise ValueError(f"FilmSongUNet: expected cond_dim > 0 (the release's FiLM net is conditional), got {cond_dim}")
+            raise ValueError(f"FilmSongUNet: expected cond_dim > 0 (the release's FiLM net is conditional), "
+                             f"got {cond_dim}")
         super().__init__(img_resolution, in_channels, out_channels, label_dim=0, **kwargs)
         self.label_dim = self.cond_dim = cond_dim  # what the Denoiser passes as y
         blocks = [b for b in (*self.enc.values(), *self.dec.values()) if isinstance(b, UNetBlock)]
