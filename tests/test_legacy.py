@@ -335,12 +335,13 @@ def test_damaged_files(fake_modules, marker):
     edm_pickle(good, marker)
     blob = good.read_bytes()
     cases = {"truncated.pkl": blob[: len(blob) // 2], "empty.pkl": b"", "text.pkl": b"hello, not a pickle\n",
-             "trailing-cut.pkl": blob[:-1]}
+             "trailing-cut.pkl": blob[:-1], "opcode.pkl": b"xyz"}
     for name, data in cases.items():
         (fake_modules / name).write_bytes(data)
         with pytest.raises(LegacyError, match=f"{name}: not a readable network pickle") as err:
             load_legacy_pickle(fake_modules / name)
         assert "\n" not in str(err.value)
+    assert str(err.value).endswith("invalid pickle opcode b'x'")  # the last case
     zipped = fake_modules / "zip.pkl"
     edm_pickle(zipped, marker, save="zip")
     (fake_modules / "cut.pt").write_bytes(zipped.read_bytes()[:-300])

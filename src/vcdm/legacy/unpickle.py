@@ -194,6 +194,13 @@ def _resolve_global(module: str, name: str) -> Any:
                             "or data constructor vcdm allows (loading it could run code)")
 
 
+class _Dispatch(dict):
+    """Opcode handlers; a byte that is no opcode is reported as such (not as a KeyError's number)."""
+
+    def __missing__(self, code: int) -> Any:
+        raise pickle.UnpicklingError(f"invalid pickle opcode {bytes([code])!r}")
+
+
 def _charged(handler: Callable[[Any], None]) -> Callable[[Any], None]:
     """An opcode handler that first charges one object to the budget: a file of one-byte opcodes
     (``]`` is an empty list of 56 bytes) cannot build objects of ~60 times its size."""
@@ -274,7 +281,7 @@ class _SafeUnpickler(pickle._Unpickler):
             raise LegacyError(f"unexpected persistent id {str(pid)[:60]!r} in a plain pickle")
         return self._persistent(pid)
 
-    dispatch = {code: _charged(handler) for code, handler in dispatch.items()}
+    dispatch = _Dispatch({code: _charged(handler) for code, handler in dispatch.items()})
 
 
 def _unpickle(f: Any, persistent: Callable[[Any], Any] | None = None) -> Any:
