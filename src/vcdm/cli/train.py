@@ -155,8 +155,10 @@ OPTIONS = [
     opt("--sample", metavar="TICKS", type=click.IntRange(min=0), default=D.sample,
         help="How often to save a sample grid, for image models (0: never)."),
     opt("--resume", metavar="PT|DIR|auto", type=str, default=None,
-        help="Resume from a training state, the newest valid one in a run directory, or 'auto' (the newest "
-             "matching run in --outdir; starts fresh if none)."),
+        help="Resume from a training state or the newest valid one in a run directory, with that run's "
+             "recorded options (flags given again override them, but not the model's and data's); or 'auto': "
+             "the newest run in --outdir with the same data and model options, else a fresh start. "
+             "training-state-*-nonfinite.pt (saved when losses diverged) is never picked."),
     opt("--device", type=str, default=None, help="cpu | cuda | cuda:N  [default: cuda if available]"),
     opt("--workers", metavar="INT", type=click.IntRange(min=0), default=default_workers(),
         help="DataLoader worker processes."),

@@ -141,8 +141,8 @@ class Trainer:
         ddp = wrap_ddp(state.net, self.device)
         step = self.step_setup(s, with_net(s.denoiser, ddp), ddp, maker, rounds, batch_gpu)
         training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu, network=s.net_class)
-        run = Run(s, state, step, batches, plan, Outputs(plan.run_dir), s.config(training),
-                  last_state=plan.resume)
+        outputs = Outputs(plan.run_dir, resumable=plan.resume is not None)
+        run = Run(s, state, step, batches, plan, outputs, s.config(training), last_state=plan.resume)
         if self.rank == 0:
             run.logger = self.start_logging(run, training)
             if run.logger is not None:
@@ -347,7 +347,7 @@ class Trainer:
             poisoned = diverged or not state.finite()
             path = run_dir / state_name(kimg, suffix="-nonfinite" if poisoned else "")
             if outputs.attempt(path, lambda: save_state(path, data)) and not poisoned:
-                run.last_state = path
+                run.last_state, outputs.resumable = path, True
             del data
         if run.preview is not None and o.sample and not diverged and (done or tick % o.sample == 0):
             path = run_dir / f"samples-{kimg:06d}.png"

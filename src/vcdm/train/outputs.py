@@ -40,8 +40,9 @@ def write_failure(e: BaseException, path: Path) -> str | None:
 class Outputs:
     """Guarded writes into one run directory (process 0 writes, every process checks)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resumable: bool = False):
         self.run_dir, self.error = run_dir, ""
+        self.resumable = resumable  # whether run_dir holds a training state to resume from
 
     def attempt(self, path: Path, write: Callable[[], None]) -> bool:
         """Run `write` on process 0 unless a write already failed; record a write failure. True if written."""
@@ -60,8 +61,13 @@ class Outputs:
             return False
 
     def fail(self, path: Path, why: str) -> None:
-        self.error = self.error or (f"cannot write {path} ({why}); earlier snapshots and training states are intact; "
-                                    f"fix that, then resume with: vcdm train --resume={self.run_dir} (and the same options)")
+        if self.error:
+            return
+        if self.resumable:
+            then = f"earlier snapshots and training states are intact; fix that, then: vcdm train --resume={self.run_dir}"
+        else:
+            then = "no training state was saved yet; fix that, then rerun the command"
+        self.error = f"cannot write {path} ({why}); {then}"
 
     def check(self) -> None:
         """Stop every process, with one line, if a write of process 0 failed (a collective)."""
