@@ -152,3 +152,11 @@ def _plain(value: Any) -> Any:
         return value.tolist() if value.numel() <= 16 else f"<tensor {tuple(value.shape)}>"
     return value
 
+
+def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
+    """``bytearray`` as pickles use it: a copy of bytes (or of latin-1 text), never ``bytearray(n)``."""
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytearray(data)
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data, "latin-1")
+    raise UnsafePickleError("bytearray called with something other than bytes (it would allocate from a number)")

@@ -36,9 +36,9 @@ import torch
 
 from vcdm.legacy.limits import (ITEM_BYTES, ZIP_MEMBER_FACTOR, BoundedReader, NestingTracker, budgeted, charge,
                                 check_nesting, current_budget, file_budget)
-from vcdm.legacy.records import (LegacyError, Record, UnsafePickleError, _EasyDict, _NDArrayType, _latin1,
-                                 _np_dtype, _np_reconstruct, _np_scalar, _persistent_record, _reconstructor,
-                                 _record_class)
+from vcdm.legacy.records import (LegacyError, Record, UnsafePickleError, _bytearray, _EasyDict, _NDArrayType,
+                                 _latin1, _np_dtype, _np_reconstruct, _np_scalar, _persistent_record,
+                                 _reconstructor, _record_class)
 
 PathLike = str | os.PathLike
 
@@ -131,15 +131,6 @@ def _storage_from_bytes(blob: Any) -> _Storage:
     if not isinstance(obj, _Storage):
         raise LegacyError(f"embedded storage blob holds a {type(obj).__name__}, expected a storage")
     return obj
-
-
-def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
-    """``bytearray`` as pickles use it: a copy of bytes (or of latin-1 text), never ``bytearray(n)``."""
-    if isinstance(data, (bytes, bytearray)) and encoding is None:
-        return bytearray(data)
-    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
-        return bytearray(data, "latin-1")
-    raise UnsafePickleError("bytearray called with something other than bytes (it would allocate from a number)")
 
 
 # ------------------------------------------------------------------------------------------------
