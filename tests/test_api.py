@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import vcdm
@@ -19,8 +18,6 @@ from test_generate import REPO, models, pixel_pca, run, write_model  # noqa: F40
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.generate.files import read_png, read_tensors
-
-__all__ = ["models"]
 
 
 def pngs(folder: Path) -> np.ndarray:
