@@ -63,7 +63,8 @@ def check_writable(path: str | os.PathLike, flag: str, *, is_dir: bool = True) -
             raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
         if path.exists():
             if is_dir != path.is_dir():
-                raise OSError(errno.ENOTDIR if is_dir else errno.EISDIR, "", str(path))
+                kind = "a file, not a directory" if is_dir else "a directory, not a file"
+                raise OutputError(f"{flag}: {path} is {kind}")
             target = path if is_dir else path.parent
         else:
             target = _existing_ancestor(path.parent if not is_dir else path)
