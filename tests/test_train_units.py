@@ -77,3 +77,18 @@ def test_train_state_round_trip():
     with pytest.raises(ValueError, match="size mismatch"):
         TrainState(nn.Linear(2, 2), EMA(nn.Linear(2, 2), halflife_nimg=1), torch.optim.Adam(nn.Linear(2, 2).parameters())
                    ).load_state_dict({**saved, "net": {"weight": torch.ones(3, 3), "bias": torch.ones(2)}})
+
+
+def test_options_are_typed_and_grouped():
+    from vcdm.train.options import OptimOptions, ScheduleOptions, TrainOptions
+
+    o = TrainOptions(path="d.zip", exist=[1, 1], observed=[0, 1], lr=2e-4, duration=1.5)
+    assert o.group(OptimOptions).lr == 2e-4 and o.group(ScheduleOptions).duration == 1.5
+    old = {"path": "d.zip", "exist": "1,1", "observed": "0,1", "pred_x0": "1", "noise_mult": "1,2.5", "cres": "1,2",
+           "world_size": 2}  # a training_options.json of an older vcdm (lists as strings; run facts)
+    loaded = TrainOptions.from_dict(old)
+    assert (loaded.exist, loaded.pred_x0, loaded.noise_mult, loaded.cres) == ([1, 1], [1], [1.0, 2.5], [1, 2])
+    assert TrainOptions.from_dict(o.to_dict()) == o
+    for name, value in (("lr", float("inf")), ("duration", float("nan")), ("lr", 0.0)):
+        with pytest.raises(ValueError, match=f"--{name}"):
+            TrainOptions(path="d.zip", observed=[0, 1], **{name: value}).validate()
