@@ -28,7 +28,8 @@ def embeddings(folder: Path) -> np.ndarray:
     return np.stack([read_tensors(p)["embedding"].numpy() for p in sorted(folder.glob("*.pt"))])
 
 
-@pytest.mark.parametrize("extra", [[], ["--image-sampler", "dpm2m", "--prior-S_churn", "10"]])
+@pytest.mark.parametrize("extra", [[], ["--image-sampler", "dpm2m", "--prior-S_churn", "10"],
+                                   ["--preset", "fast", "--image-sampler", "edm"]])
 def test_two_stage_pipeline_matches_sample_command(models, tmp_path, extra):
     run(sample_cmd, ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "3,0-4", "--batch", 3,
                      "--prior-steps", 2, "--image-steps", 3, "--outdir", tmp_path / "cli", *extra])

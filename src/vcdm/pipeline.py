@@ -53,14 +53,24 @@ class PipelineOutput:
 
 
 def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None,
-                    deterministic_defaults: bool = False) -> SamplerOptions:
-    """Pop ``<prefix><flag>`` keys (``steps``, ``S_churn``, ``disc`` …) from ``options`` → SamplerOptions.
-    With ``deterministic_defaults`` (``vcdm sample``'s rule) a dpm2m stage drops the churn defaults."""
+                    deterministic_defaults: bool = False, preset: str | None = None) -> SamplerOptions:
+    """Pop ``<prefix><flag>`` keys (``steps``, ``S_churn``, ``disc`` …) from ``options`` → SamplerOptions, as
+    the commands build them: with ``deterministic_defaults`` (``vcdm sample``'s rule) a sampler without
+    churn drops the churn defaults; ``preset`` (``--preset``) replaces the values not given."""
+    from vcdm.diffusion.sampling import CHURN_SAMPLERS, PRESETS
+
     values = dict(defaults or {})
     given = {FIELDS[k[len(prefix):]]: options.pop(k) for k in list(options)
              if k.startswith(prefix) and k[len(prefix):] in FIELDS}
     if deterministic_defaults and given.get("sampler") not in (None, "edm", "ablation"):
         values.update({k: v for k, v in (("S_churn", 0.0), ("S_noise", 1.0)) if k not in given})
+    if preset is not None:
+        if preset not in PRESETS:
+            raise GenerateError(f"--preset: expected one of {', '.join(PRESETS)}, got '{preset}'")
+        chosen = dict(PRESETS[preset])
+        if chosen.get("sampler") not in (None, *CHURN_SAMPLERS):
+            chosen.update(S_churn=0.0, S_noise=1.0)
+        values.update({k: v for k, v in chosen.items() if k not in given})
     return SamplerOptions(**{**values, **given})
 
 
@@ -92,16 +102,17 @@ class Pipeline:
 
     @property
     def options(self) -> list[str]:
-        return ["batch", "class_idx", "load_obs_from", "data_path", "increment_seeds", "progress", *FIELDS,
+        return ["batch", "class_idx", "load_obs_from", "data_path", "increment_seeds", "preset", "progress", *FIELDS,
                 *INFERENCE_OPTIONS]
 
     def __call__(self, seeds: Sequence[int], *, batch: int = 64, class_idx: int | None = None,
                  load_obs_from: str | os.PathLike | None = None, data_path: str | None = None,
-                 increment_seeds: int = 0, progress: bool = False, **options: Any) -> PipelineOutput:
+                 increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
+                 **options: Any) -> PipelineOutput:
         """Sample ``seeds``; ``options``: ``vcdm generate``'s sampler options under their flag names
         (``steps``, ``sigma_min``, ``S_churn``, ``disc``, ``sampler``, ``guidance`` …) and ``bf16``,
         ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
-        opts = sampler_options(options)
+        opts = sampler_options(options, preset=preset)
         settings = self.prepare(options)
         seeds = check_seeds(seeds, batch)
         check_request(self.model, opts, class_idx, None)
@@ -162,14 +173,15 @@ class TwoStagePipeline:
                    Pipeline.from_checkpoint(image_model, device, clip_weights))
 
     def __call__(self, seeds: Sequence[int], *, batch: int = 64, class_idx: int | None = None,
-                 increment_seeds: int = 0, progress: bool = False, **options: Any) -> PipelineOutput:
+                 increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
+                 **options: Any) -> PipelineOutput:
         """Sample ``seeds``; ``options``: ``vcdm sample``'s under their flag names — ``prior_steps``,
         ``image_steps``, ``prior_S_churn``, ``image_sampler`` … (defaults: the original release's 40
         steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``, ``compile``."""
-        prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True)
-        image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True)
+        prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset)
+        image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset)
         inference = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
-        check_unknown(options, ["batch", "class_idx", "increment_seeds", "progress", *INFERENCE_OPTIONS,
+        check_unknown(options, ["batch", "class_idx", "increment_seeds", "preset", "progress", *INFERENCE_OPTIONS,
                                 *(f"{stage}_{flag}" for stage in ("prior", "image") for flag in FIELDS)])
         check_chain(self.prior.model.config, self.image.model.config, class_idx=class_idx)
         seeds = check_seeds(seeds, batch)
