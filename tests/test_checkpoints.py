@@ -176,3 +176,13 @@ def test_tiny_file_describing_a_huge_network_fails_fast(tmp_path):
     code = guarded("from vcdm.checkpoints import CheckpointError, load_checkpoint",
                    f"load_checkpoint({str(path)!r})", "CheckpointError")
     expect_one_line_error(code, "more tensors than the file holds")
+
+
+@pytest.mark.slow
+def test_oversized_config_is_refused_before_parsing(tmp_path):
+    """A config of 40 MB of JSON zeros (a 20M-item list once parsed) in an otherwise valid file."""
+    path = tmp_path / "big-config.safetensors"
+    save_file({"net.x": torch.zeros(1)}, str(path), metadata={"vcdm": "[" + "0," * 20_000_000 + "0]"})
+    code = guarded("from vcdm.checkpoints import CheckpointError, load_checkpoint",
+                   f"load_checkpoint({str(path)!r})", "CheckpointError")
+    expect_one_line_error(code, "the vcdm config is 40,000,003 characters, more than the 4,194,304")

@@ -28,6 +28,7 @@ FORMAT = "vcdm-checkpoint"
 VERSION = 1                    # schema of CheckpointConfig; files without a version are version 1
 METADATA_KEY = "vcdm"
 MAX_LATENT_ELEMENTS = 1 << 24  # per sample over all data tensors (a 3x1024x1024 image is 3.1M)
+MAX_CONFIG_BYTES = 4 << 20     # the JSON config (a network's is a few KB)
 
 
 class CheckpointError(ValueError):
@@ -155,6 +156,9 @@ def _read_metadata(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a safetensors file{hint}: {e}") from None
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file, but not a vcdm checkpoint (no '{METADATA_KEY}' metadata)")
+    if len(meta[METADATA_KEY]) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: the vcdm config is {len(meta[METADATA_KEY]):,} characters, more than the "
+                              f"{MAX_CONFIG_BYTES:,} a checkpoint config can need (damaged or hostile)")
     try:
         return json.loads(meta[METADATA_KEY])
     except (json.JSONDecodeError, RecursionError):
