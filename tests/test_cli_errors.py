@@ -171,3 +171,16 @@ def test_dataset_and_train_check_outputs_first(tmp_path, read_only):
 def train_args(data: Path) -> list:
     return ["--path", data, "--data_class", "CLIPDataset", "--embedder", "pixel-pca", "--exist", "1,1", "--observed",
             "0,1", "--device", "cpu", "--workers", 0]
+
+
+@pytest.mark.parametrize("command", ["sample", "variations"])
+def test_bad_output_paths_fail_first(models, tmp_path, command):
+    (tmp_path / "file").write_text("")
+    PIL.Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(tmp_path / "in.png")
+    cmd, args = {
+        "sample": (sample_cmd, ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "0"]),
+        "variations": (variations_cmd, ["--image-model", models["image"], "--images", tmp_path / "in.png"]),
+    }[command]
+    assert "file name too long" in invoke(cmd, *args, "--outdir", tmp_path / LONG)
+    assert "a parent is a file" in invoke(cmd, *args, "--outdir", tmp_path / "file" / "out")
+    assert "is a file, not a directory" in invoke(cmd, *args, "--outdir", tmp_path / "file")
