@@ -6,6 +6,8 @@ kernels round alike: a seed's file does not depend on --batch or the number of p
 The draws follow the original release: with --load_obs_from the latent noise uses seed+1 (so an image
 is not drawn from the noise that drew its embedding); otherwise a seed draws its latent noise first,
 then its class label (EDM's order), or its dataset pick for models conditioned on embeddings.
+A results folder records what made it in a manifest and is shared safely by several runs
+(``vcdm.generate.results``); ``vcdm.pipeline`` samples in memory through the same ``draw``/``denoise``.
 """
 from __future__ import annotations
 
