@@ -30,7 +30,7 @@ from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read
                                  write_tensors)
 from vcdm.generate.options import GenerateError, SamplerOptions, flag_values, results_dir, seed_path
 from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, file_sha256, manifest_digest
-from vcdm.paths import check_writable
+from vcdm.paths import check_writable, describe
 
 GRID_MAX = 256
 PAD_MULTIPLE = 8
@@ -271,6 +271,8 @@ def open_folder(outdir: Path, record: dict, overwrite: bool) -> FolderLock:
             claim_manifest(outdir, record, overwrite)
         except GenerateError as e:
             problem = str(e)
+        except OSError as e:  # every rank stops with the message instead of waiting for rank 0
+            problem = describe(e)
     problem = distributed.broadcast_object(problem)
     if problem is not None:
         raise GenerateError(problem)
