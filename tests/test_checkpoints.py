@@ -10,6 +10,7 @@ from memory_probe import expect_one_line_error, guarded
 from vcdm.checkpoints import (VERSION, CheckpointConfig, CheckpointError, load_checkpoint, read_checkpoint_config,
                               read_config, save_checkpoint)
 from vcdm.data.structure import Structure
+from vcdm.nets import build_network, network_classes
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 
@@ -160,8 +161,6 @@ def _huge_config_file(tmp_path):
     cls, kwargs = preset("ddpmpp", resolution=256, channels=3, embed_dim=0, label_dim=0, augment_dim=9,
                          cbase=256, cres=[1, 2, 2, 2, 2, 2, 2])
     with torch.device("meta"):
-        from vcdm.nets import build_network
-
         n = sum(p.numel() for p in build_network(cls, kwargs).parameters())
     config = CheckpointConfig(cls, kwargs, {"kind": "edm"}, s.to_dict())
     path = tmp_path / "huge-config.safetensors"
@@ -186,3 +185,26 @@ def test_oversized_config_is_refused_before_parsing(tmp_path):
     code = guarded("from vcdm.checkpoints import CheckpointError, load_checkpoint",
                    f"load_checkpoint({str(path)!r})", "CheckpointError")
     expect_one_line_error(code, "the vcdm config is 40,000,003 characters, more than the 4,194,304")
+
+
+SMALL_NETS = {  # every network class, small: load_checkpoint checks files against a meta-device build
+    "SongUNet": dict(img_resolution=8, in_channels=3, out_channels=3, model_channels=8, channel_mult=[1, 2]),
+    "DhariwalUNet": dict(img_resolution=8, in_channels=3, out_channels=3, model_channels=8, channel_mult=[1, 2],
+                         attn_resolutions=[4]),
+    "PriorTransformer": dict(embed_dim=16, label_dim=4, dim=32, depth=2, heads=2, dim_head=16),
+    "DALLE2Prior": dict(embed_dim=16, cond_dim=4, dim=32, depth=2, heads=2, dim_head=16),
+    "FilmSongUNet": dict(img_resolution=8, in_channels=3, out_channels=3, cond_dim=4, model_channels=8,
+                         channel_mult=[1, 2]),
+    "ControlDhariwalUNet": dict(img_resolution=8, in_channels=3, out_channels=3, cond_dim=6, class_columns=[2, 4],
+                                model_channels=8, channel_mult=[1, 2], attn_resolutions=[4]),
+    "ConcatUNet": dict(shapes=[[3, 8, 8], [6]], observed=[False, True], model_channels=8, channel_mult=[1, 2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(network_classes()))
+def test_every_network_builds_on_the_meta_device_with_its_real_shapes(name):
+    assert name in SMALL_NETS, f"add small constructor kwargs for {name} to SMALL_NETS"
+    with torch.device("meta"):
+        meta = build_network(name, SMALL_NETS[name]).state_dict()
+    real = build_network(name, SMALL_NETS[name]).state_dict()
+    assert {k: tuple(v.shape) for k, v in meta.items()} == {k: tuple(v.shape) for k, v in real.items()}
