@@ -19,8 +19,6 @@ def _checkpoint(tmp_path, **extra):
     s = Structure.from_flags({"image": (3, 8, 8), "embedding": (6,)}, "1,1", "0,1")
     cls, kwargs = preset("ddpmpp", resolution=8, channels=3, embed_dim=0, label_dim=6, augment_dim=9,
                          cbase=8, cres=[1, 1])
-    from vcdm.nets import build_network
-
     torch.manual_seed(0)
     den = Denoiser(build_network(cls, kwargs), s, pred_x0="0,1")
     config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": den.config(), "structure": s.to_dict(),
