@@ -145,16 +145,28 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+def _fmt(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.1f}" if values else "-"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def table(summary: dict, models: list[str]) -> str:
+    """FD mean ± std over seeds, and the paired difference to the reference (same seeds, same latents)."""
     labels = sorted({k[0] for k in summary}, key=lambda lab: (lab != "reference", -summary[(lab, models[0])]["nfe"]
                                                               if (lab, models[0]) in summary else 0, lab))
-    head = "| sampler | NFE per stage | " + " | ".join(f"FD {m} (mean ± std over seeds)" for m in models) + " |"
-    lines = [head, "|" + "---|" * (2 + len(models))]
+    head = "| sampler | NFE per stage | " + " | ".join(f"FD {m} | Δ vs reference {m}" for m in models) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(models))]
     for lab in labels:
         cells = []
         for m in models:
-            s = summary.get((lab, m))
-            cells.append("-" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f} (n={len(s['fds'])})")
+            s, ref = summary.get((lab, m)), summary.get(("reference", m))
+            if s is None:
+                cells += ["-", "-"]
+                continue
+            n = min(len(s["fds"]), len(ref["fds"])) if ref else 0
+            diffs = [a - b for a, b in zip(s["fds"][:n], ref["fds"][:n])]
+            cells += [f"{_fmt(s['fds'])} (n={len(s['fds'])})", "-" if lab == "reference" else _fmt(diffs)]
         nfe_ = next(summary[(lab, m)]["nfe"] for m in models if (lab, m) in summary)
         lines.append(f"| {lab} | {nfe_} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

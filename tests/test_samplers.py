@@ -238,6 +238,24 @@ def test_fast_preset_settings_and_flags():
     assert (plain.resolved_sampler, plain.num_steps, image.num_steps, image.S_churn) == ("edm", 18, 40, 50.0)
 
 
+def test_solvers_benchmark_grid_and_report(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("solvers_bench", Path(__file__).parents[1] / "benchmarks" / "solvers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    grid = {label: (sampler, bench.nfe(sampler, opts)) for label, sampler, opts in bench.settings((24, 12))}
+    assert grid["reference"] == ("edm", 79) and grid["heun-12"] == ("edm", 23) and grid["unipc-24"] == ("unipc", 24)
+    assert len(grid) == 1 + 2 * len(bench.SAMPLERS) and all(n <= 25 for lab, (_, n) in grid.items() if lab != "reference")
+    rows = [dict(label=lab, sampler=grid[lab][0], nfe=grid[lab][1], model=m, seed=s, fd=fd)
+            for lab, fds in (("reference", (10.0, 12.0)), ("unipc-24", (11.0, 12.0))) for m in ("uncond",)
+            for s, fd in enumerate(fds)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = bench.report(tmp_path)
+    assert "| reference | 79 | 11.0 ± 1.4 (n=2) | - |" in text and "| unipc-24 | 24 | 11.5 ± 0.7 (n=2) | 0.5 ± 0.7 |" in text
+    assert (tmp_path / "fd-vs-nfe.png").stat().st_size > 0 and (tmp_path / "table.md").is_file()
+
+
 def write() -> None:
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
            "outputs": {name: encode(run(name)) for name in sorted(SCENARIOS)}}
