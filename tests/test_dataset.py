@@ -566,3 +566,13 @@ def test_hostile_labels_in_dataset_info_with_bounded_memory(tmp_path, labels, ma
 
     path = _labelled_zip(tmp_path / "d.zip", labels)
     expect_one_line_error(f"from vcdm.cli.main import cli\ncli(['dataset', 'info', {str(path)!r}])\n", match)
+
+
+def test_huge_image_refused_before_decoding(tmp_path):
+    """A 9000x9000 1-bit PNG is a few KB but would decode to 243 MB of RGB."""
+    (tmp_path / "src").mkdir()
+    PIL.Image.new("1", (9000, 9000)).save(tmp_path / "src" / "huge.png")
+    assert (tmp_path / "src" / "huge.png").stat().st_size < 100_000
+    result = run_cli("--source", str(tmp_path / "src"), "--dest", str(tmp_path / "o.zip"), ok=False)
+    assert "huge.png: the image is 9000x9000 pixels, more than the 67,108,864" in result.output
+    assert result.output.count("\n") == 1

@@ -31,6 +31,7 @@ MAX_CLASSES = 1 << 17             # class labels are below this (ImageNet-21k ha
 MAX_LABEL_DIM = 1 << 16           # length of label vectors
 METADATA_BYTES_PER_IMAGE = 1024   # dataset.json may hold this much per image, plus METADATA_SLACK
 METADATA_SLACK = 1 << 20
+MAX_IMAGE_PIXELS = 1 << 26        # 8192x8192: decoding one image takes at most ~200 MB (RGB)
 
 
 _SETTING = re.compile(r"\{(source|dest|resolution|transform|max_images|skip_bad|overwrite|without_labels)\}")
@@ -94,7 +95,10 @@ def to_rgb(img: PIL.Image.Image, *, keep_gray: bool = False) -> PIL.Image.Image:
 def decode_image(data: IO[bytes], name: str, *, keep_gray: bool = False) -> PIL.Image.Image:
     """Open and fully decode one image (first frame); a corrupt file raises DatasetError naming it."""
     try:
-        with PIL.Image.open(data) as img:
+        with PIL.Image.open(data) as img:  # reads the header only: the size is known before decoding
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise DatasetError(f"the image is {img.width}x{img.height} pixels, more than the "
+                                   f"{MAX_IMAGE_PIXELS:,} an input image may have")
             img.load()
             return to_rgb(img, keep_gray=keep_gray)
     except DatasetError as e:
