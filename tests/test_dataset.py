@@ -388,6 +388,14 @@ def test_cifar_malicious_pickle_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.zip").exists()
 
 
+def test_cifar_oversized_batch_refused_before_unpickling(tmp_path):
+    """A gzip-compressed batch member of 100 MB (a bytes object of that size once unpickled)."""
+    fake_cifar(tmp_path / "cifar-10-python.tar.gz", payload=bytes(100 << 20))
+    assert (tmp_path / "cifar-10-python.tar.gz").stat().st_size < 1_000_000
+    with pytest.raises(DatasetError, match=r"data_batch_3: 104,857,600 bytes, not a CIFAR-10 batch"):
+        convert_dataset(tmp_path / "cifar-10-python.tar.gz", tmp_path / "out.zip", progress=False)
+
+
 # ---------------------------------------------------------------------------------------------------
 # ImageDataset
 

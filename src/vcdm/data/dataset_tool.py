@@ -30,10 +30,11 @@ import PIL.Image
 from tqdm import tqdm
 
 from vcdm.data.archive import (IMAGE_EXTENSIONS, Archive, ArchiveWriter, DatasetError, archive_name, check_dest,
-                               encode_png, path_sort_key)
+                               check_labels, encode_png, path_sort_key)
 
 TRANSFORMS = ("center-crop", "center-crop-wide")
 CIFAR_MEMBER = "cifar-10-batches-py/data_batch_{}"
+CIFAR_MEMBER_BYTES = 64 << 20  # each batch is 31 MB (10,000 images of 3,072 bytes)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -155,9 +156,13 @@ def _open_cifar10(path: Path) -> Source:
             for batch in range(1, 6):
                 member = CIFAR_MEMBER.format(batch)
                 try:
-                    f = tar.extractfile(member)
+                    info = tar.getmember(member)
                 except KeyError:
                     raise DatasetError(f"{path}: missing {member}; expected the CIFAR-10 python tarball") from None
+                if not info.isfile() or info.size > CIFAR_MEMBER_BYTES:
+                    raise DatasetError(f"{path}:{member}: {info.size:,} bytes, not a CIFAR-10 batch (at most "
+                                       f"{CIFAR_MEMBER_BYTES:,})")
+                f = tar.extractfile(info)
                 try:
                     data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
                 except Exception as e:
@@ -171,6 +176,7 @@ def _open_cifar10(path: Path) -> Source:
                 labels.extend(int(v) for v in y)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DatasetError(f"{path}: cannot read tarball ({e})") from None
+    check_labels(labels, f"{path}:cifar-10")
     images = np.concatenate(images)
     return Source(_ArrayLoader(f"{path}:cifar-10"), list(enumerate(images)), labels)
 
