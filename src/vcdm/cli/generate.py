@@ -136,7 +136,9 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[
 def command(network: str, seeds: list[int], **kwargs: Any) -> None:
     """Generate one sample per seed with the techniques of "Elucidating the Design Space of Diffusion-Based
     Generative Models", skipping seeds already generated. Image models write <seed:06d>.png; models of
-    embeddings write <seed:06d>.pt, which an image model reads back with --load_obs_from.
+    embeddings write <seed:06d>.pt, which an image model reads back with --load_obs_from. The folder's
+    vcdm-manifest.json records the settings: a rerun with others stops (--overwrite replaces the samples),
+    one with the same settings resumes, and several processes may share the folder (they split the work).
 
     \b
     Examples:
