@@ -95,7 +95,7 @@ def test_class_conditional_adm_widens_map_label_as_the_release(fake_modules):
     with torch.no_grad():
         got = target.net(x, sigma.log() / 4, y)
         want = source(x, sigma.log() / 4, onehot)
-    assert torch.equal(got, want)
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()  # map_label sums over 8 vs 3 inputs (zeros)
 
 
 def test_class_count_mismatch_names_both_sizes(fake_modules):
