@@ -1,31 +1,45 @@
-"""Mini-reproduction of the paper's claim on the demo digits: two-stage vs unconditional at equal compute.
+"""The paper's claim on the demo digits: two-stage vs unconditional against the training budget.
 
 The paper reports 25-50% lower FID for a two-stage model (a prior over CLIP embeddings, then an image
 model given the embedding) than for an unconditional image model trained with the same compute. Here,
-on the UCI digits that `vcdm demo` uses, for each seed:
+on the UCI digits that `vcdm demo` uses, for each seed and each training budget B:
 
-  (a) an unconditional DDPM++ image model, trained for T seconds;
-  (b) the two-stage model: the prior (pixel-PCA embeddings) for prior_share*T seconds, then the image
-      model given embeddings for the rest of T — the same total training wall-clock as (a);
+  (a) an unconditional DDPM++ image model trained for B kimg;
+  (b) the two-stage model: the prior (pixel-PCA embeddings) and the image model given embeddings,
+      sharing the same compute as (a): the prior gets `prior_share` of it, the image model the rest;
   (c) (b)'s image model given the TRUE embeddings of the held-out digits (a perfect prior: an upper
-      bound for what a better prior could give).
+      bound for what a better prior could give). Its class accuracy (the share of its images that the
+      judge classifies as the digit whose embedding they got) says whether the image model uses its
+      conditioning at all.
 
-Equal compute means equal training wall-clock: every run's length is planned from throughput measured
-once at the start on this machine (the table shows the kimg this gave and the seconds each run took),
-and a deadline stops a run that the machine slowed down. Both image models have the same U-Net; the
-conditional one only adds a small embedding input.
+Budgets are training compute, not wall-clock. One budget unit is the floating-point work of training
+the U-Net on 1000 images (forward and backward, counted once with torch's FlopCounterMode on the real
+shapes). The U-Net of (a) and (b) is the same network (b's adds a 16-to-32 linear layer), so (a) gets B
+kimg, (b)'s image model (1 - prior_share) B kimg, and the prior prior_share * B * (U-Net FLOPs / prior
+FLOPs) kimg. Counted work does not change when other processes slow the machine down, which a
+wall-clock budget does: two earlier single runs with wall-clock budgets on a shared 2-core machine
+gave -78% and -4.1% for the same claim, the second with the image model too undertrained to use its
+embedding (accuracy 0.16). Measured throughput would not do either: under load it moves by 2x within
+minutes. Seconds spent are still reported. FLOPs favour the prior on a CPU: it needs 78x fewer FLOPs
+per image than the demo's U-Net but trains only 30-40x more images per second (its small matrices run
+further from peak), so its 8% of the FLOPs is ~15% of (b)'s wall-clock; the table shows the seconds.
+
+Budgets are nested: each model is trained once per seed, up to the largest budget, and its EMA snapshot
+is kept at every smaller budget on the way. EDM's schedule has no decay, the learning-rate ramp-up is
+fixed in kimg (`--rampup`, a share of the smallest budget) and the EMA ramp-up depends only on images
+seen, and a run resumed from its training state continues bit for bit; so the snapshot at B is the model
+a run of exactly B would give, and the curve costs one run of the largest budget per model and seed.
 
 Scores: a Fréchet distance between Gaussians fitted to the penultimate-layer features of a small CNN
-trained on the real training digits (vcdm.metrics.classifier; neither diffusion model uses it),
-against the 300 held-out digits, with as many samples as held-out digits; the same for 300 real
-training digits gives the floor a perfect model would reach. Also the classifier's mean confidence on
-the samples, the entropy of its predicted classes (ln 10 = 2.303: all digits equally often), and for
-(c) its accuracy against the labels of the held-out digits whose embeddings were used. The embedder
-is pixel-PCA, not CLIP: it captures layout rather than semantics, so this is an analogue of the
-paper's setting, not a reproduction of its numbers.
+trained on the real training digits (vcdm.metrics.judge; neither diffusion model uses it), against the
+300 held-out digits, with `--num` samples per model; the same for `--num` real training digits that the
+classifier never saw gives the floor a perfect model would reach. FD from few images is biased upwards,
+equally for every row of a table. The embedder is pixel-PCA, not CLIP: it captures layout rather than
+semantics, so this is an analogue of the paper's setting, not a reproduction of its numbers.
 
-    python benchmarks/quality.py                         # one seed, ~12 minutes on 2 CPU cores
-    python benchmarks/quality.py --seeds 0,1 --minutes 24
+    python benchmarks/quality.py                                        # budgets 4,8,16 kimg, seeds 0,1
+    python benchmarks/quality.py --budgets 8,16,32,64 --seeds 0,1,2 --jobs 2
+    python benchmarks/quality.py --smoke                                # checks the script (seconds)
 """
 from __future__ import annotations
 
@@ -34,167 +48,325 @@ import dataclasses
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vcdm.data import digits
-from vcdm.demo.budget import (EVAL_RESERVE_SEC, SAFETY, SMOKE, Clock, Sizes, after_training_sec, choose_threads,
-                              fmt_time, measure_rates, preview_sec, say)
+from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say
 from vcdm.demo.figures import save_panels
 from vcdm.demo.run import new_run_dir
 from vcdm.demo.sampling import sample_model, sample_two_stage, write_true_embeddings
-from vcdm.demo.training import train_for, train_options
-from vcdm.fileio import atomic_write, parse_int_list
+from vcdm.demo.training import read_stats, train_options, train_run
+from vcdm.fileio import atomic_path, atomic_write
 from vcdm.metrics.judge import make_judge
+from vcdm.train.options import TrainOptions
 
 MODELS = ("real", "uncond", "two_stage", "oracle")
 LABELS = {"real": "real digits (floor)", "uncond": "(a) unconditional", "two_stage": "(b) two-stage",
           "oracle": "(c) two-stage, true embeddings"}
+KINDS = ("prior", "image", "uncond")
 
 
-def run_seed(seed: int, run: Path, paths: dict, judge, sizes: Sizes, rates: dict, train_sec: float,
-             prior_share: float, num: int, device: str, progress: bool) -> dict:
-    """Train (a) and (b) for `train_sec` each, sample (a), (b), (c), and score them."""
-    out = run / f"seed-{seed}"
-    opts = {kind: train_options(kind, paths["train"], out / name, sizes, seed=seed * 3 + i, device=device)
-            for i, (kind, name) in enumerate([("prior", "prior"), ("image", "image-model"), ("uncond", "uncond")])}
-    seeds = list(range(num))
-    rows: dict[str, dict] = {}
+@dataclass(frozen=True)
+class Plan:
+    """Training lengths (kimg) per model for each budget (U-Net kimg of compute per side)."""
+    budgets: tuple[float, ...]
+    prior_share: float
+    flops: dict  # training FLOPs per image, per kind
+    batch: int
+    rampup_share: float = 0.05
 
-    say(f"seed {seed}: (a) unconditional image model, ~{fmt_time(train_sec)}")
-    t = time.perf_counter()
-    tail = preview_sec(sizes, rates["image"])
-    uncond, uncond_kimg = train_for(opts["uncond"], rates["uncond"]["train"], train_sec, sizes, tail_sec=tail)
-    uncond_sec = time.perf_counter() - t
+    def kimg(self, kind: str, budget: float) -> float:
+        """Whole batches of `kind` that the budget affords (at least one)."""
+        work = budget * self.flops["uncond"]
+        share = {"uncond": 1.0, "image": 1 - self.prior_share, "prior": self.prior_share}[kind]
+        return max(round(share * work / self.flops[kind] * 1000 / self.batch), 1) * self.batch / 1000
 
-    say(f"seed {seed}: (b) prior ~{fmt_time(prior_share * train_sec)}, then image model given embeddings")
-    t = time.perf_counter()
-    prior, prior_kimg = train_for(opts["prior"], rates["prior"]["train"], prior_share * train_sec, sizes)
-    prior_sec = time.perf_counter() - t
-    image_budget = max(train_sec - prior_sec, 1.0)  # what the prior left of the same total
-    t = time.perf_counter()
-    image, image_kimg = train_for(opts["image"], rates["image"]["train"], image_budget, sizes, tail_sec=tail)
-    image_sec = time.perf_counter() - t
+    def rampup(self, kind: str) -> float:
+        """The learning-rate ramp-up (kimg), fixed for every budget: a share of the smallest."""
+        return self.rampup_share * self.kimg(kind, self.budgets[0])
 
-    say(f"seed {seed}: sampling {num} images from (a), (b) and (c)")
-    images = {"uncond": sample_model(uncond, seeds, out / "samples-uncond", steps=sizes.steps, device=device,
-                                     progress=progress),
-              "two_stage": sample_two_stage(prior, image, seeds, out / "samples-two-stage", steps=sizes.steps,
-                                            device=device, progress=progress)}
-    held_out = judge.test_images[:num]
-    obs = out / "true-embeddings"
-    write_true_embeddings(image, held_out, obs, device)
-    images["oracle"] = sample_model(image, seeds, out / "samples-oracle", steps=sizes.steps, device=device,
-                                    load_obs_from=obs, progress=progress)
 
-    rows["real"] = judge.real_floor(num)
-    rows["uncond"] = dict(judge.evaluate(images["uncond"]), kimg=uncond_kimg, train_sec=uncond_sec)
-    rows["two_stage"] = dict(judge.evaluate(images["two_stage"]), kimg=prior_kimg + image_kimg,
-                             prior_kimg=prior_kimg, image_kimg=image_kimg, train_sec=prior_sec + image_sec,
-                             prior_sec=prior_sec)
-    rows["oracle"] = judge.evaluate(images["oracle"], labels=judge.test_labels[:num])
-    save_panels([("real (held out)", held_out), ("(a) unconditional", images["uncond"]),
-                 ("(b) two-stage", images["two_stage"]), ("(c) true embeddings", images["oracle"])],
-                run / f"samples-seed-{seed}.png")
-    return rows
+def training_flops(opts: TrainOptions) -> float:
+    """FLOPs of one training step per image (loss, backward) for the network `opts` describe, counted
+    on random inputs of the real shapes. The global RNG is left as it was."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vcdm.train.build import build
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        s = build(opts, torch.device("cpu"))
+        n = 8
+        x = torch.randn(n, s.structure.latent_dim)
+        y = torch.randn(n, s.structure.observed_dim) if s.structure.observed_dim else None
+        counter = FlopCounterMode(display=False)
+        with counter:
+            s.loss_fn(s.denoiser, x, y).sum().backward()
+    return counter.get_total_flops() / n
+
+
+def train_nested(opts: TrainOptions, lengths: list[float], rampup: float) -> list[dict]:
+    """Train once through the increasing `lengths` (kimg), resuming from the previous length's state;
+    returns, per length, the kept EMA snapshot, the kimg trained and the training seconds so far."""
+    out, run_dir = [], Path(opts.outdir)
+    for i, kimg in enumerate(lengths):
+        leg = dataclasses.replace(opts, duration=kimg / 1000, lr_rampup=rampup, tick=max(kimg / 4, opts.batch / 1000),
+                                  sample=0, resume=str(run_dir) if i else None)
+        snapshot, trained, _ = train_run(leg)
+        kept = run_dir / f"budget{i}-{snapshot.name}"  # out of the loop's snapshot-* pattern
+        snapshot.replace(kept)
+        secs = sum(r.get("sec_per_tick", 0.0) for r in read_stats(run_dir))
+        out.append({"snapshot": kept, "kimg": trained, "train_sec": secs})
+    return out
+
+
+@dataclass
+class Context:
+    plan: Plan
+    judge: object
+    paths: dict
+    sizes: Sizes
+    num: int
+    steps: int
+    device: str
+    progress: bool
+
+
+def evaluate_budget(ctx: Context, out: Path, uncond: Path, prior: Path, image: Path) -> tuple[dict, dict]:
+    """Sample (a), (b), (c) from the given snapshots and score them; returns (rows, images)."""
+    seeds = list(range(ctx.num))
+    kw = dict(steps=ctx.steps, device=ctx.device, progress=ctx.progress)
+    images = {"uncond": sample_model(uncond, seeds, out / "samples-uncond", **kw),
+              "two_stage": sample_two_stage(prior, image, seeds, out / "samples-two-stage", **kw)}
+    held_out = ctx.judge.test_images[:ctx.num]
+    write_true_embeddings(image, held_out, out / "true-embeddings", ctx.device)
+    images["oracle"] = sample_model(image, seeds, out / "samples-oracle", load_obs_from=out / "true-embeddings", **kw)
+    rows = {"real": ctx.judge.real_floor(ctx.num), "uncond": ctx.judge.evaluate(images["uncond"]),
+            "two_stage": ctx.judge.evaluate(images["two_stage"]),
+            "oracle": ctx.judge.evaluate(images["oracle"], labels=ctx.judge.test_labels[:ctx.num])}
+    return rows, images
+
+
+def run_seed(seed: int, out: Path, ctx: Context) -> dict[str, dict]:
+    """Train (a) and (b) through every budget and score them; returns {budget: rows}."""
+    plan = ctx.plan
+    opts = {kind: train_options(kind, ctx.paths["train"], out / kind, ctx.sizes, seed=seed * 3 + i, device=ctx.device)
+            for i, kind in enumerate(KINDS)}
+    trained = {}
+    for kind in KINDS:
+        lengths = [plan.kimg(kind, b) for b in plan.budgets]
+        say(f"seed {seed}: training {kind} through {', '.join(f'{k:g}' for k in lengths)} kimg")
+        trained[kind] = train_nested(opts[kind], lengths, plan.rampup(kind))
+    results = {}
+    for i, budget in enumerate(plan.budgets):
+        say(f"seed {seed}, budget {budget:g} kimg: sampling {ctx.num} images from (a), (b) and (c)")
+        t = {kind: trained[kind][i] for kind in KINDS}
+        rows, images = evaluate_budget(ctx, out / f"budget-{budget:g}", t["uncond"]["snapshot"],
+                                       t["prior"]["snapshot"], t["image"]["snapshot"])
+        rows["uncond"].update(kimg=t["uncond"]["kimg"], train_sec=t["uncond"]["train_sec"])
+        rows["two_stage"].update(prior_kimg=t["prior"]["kimg"], image_kimg=t["image"]["kimg"],
+                                 prior_sec=t["prior"]["train_sec"], image_sec=t["image"]["train_sec"],
+                                 train_sec=t["prior"]["train_sec"] + t["image"]["train_sec"])
+        results[f"{budget:g}"] = rows
+        if i == len(plan.budgets) - 1:
+            save_panels([("real (held out)", ctx.judge.test_images[:ctx.num]), ("(a) unconditional", images["uncond"]),
+                         ("(b) two-stage", images["two_stage"]), ("(c) true embeddings", images["oracle"])],
+                        out.parent / f"samples-seed-{seed}.png")
+    return results
+
+
+# ------------------------------------------------------------------------------------------ report
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table(results: dict[int, dict], judge, num: int, train_sec: float | None, minutes_taken: float) -> str:
-    seeds = sorted(results)
-    col = lambda model, key: [results[s][model][key] for s in seeds if results[s][model].get(key) is not None]
-    lines = [(f"Two-stage vs unconditional on the UCI digits (16x16), seeds {','.join(map(str, seeds))}, "
-              f"{fmt_time(minutes_taken * 60)} wall in all"),
-             (f"Judge: CNN classifier, held-out accuracy {judge.test_accuracy:.1%}; Fréchet distance (FD) in its "
-              f"{judge.classifier.dim}-d feature space vs {len(judge.test_images)} held-out digits, {num} images per row"
-              + ("; mean ± std over seeds" if len(seeds) > 1 else "")),
-             f"Equal compute: {fmt_time(train_sec)} of training wall-clock per seed for (a) and for (b) (prior + image model)"
-             if train_sec is not None else "Smoke run: a few training steps per model",
-             f"Floor: {num} real training digits that the classifier never saw (what a perfect generator would score)",
+def column(results: dict, budget: str, model: str, key: str) -> list[float]:
+    return [r[budget][model][key] for r in results.values() if r[budget][model].get(key) is not None]
+
+
+def table(results: dict[int, dict], record: dict) -> str:
+    seeds, plan = sorted(results), record["plan"]
+    budgets = list(next(iter(results.values())))
+    lines = [(f"Two-stage vs unconditional on the UCI digits (16x16) against the training budget; seeds "
+              f"{','.join(map(str, seeds))}" + (", mean ± std over seeds" if len(seeds) > 1 else "")),
+             (f"Judge: CNN classifier (held-out accuracy {record['classifier_test_accuracy']:.1%}); "
+              f"Fréchet distance (FD) in its feature space vs the 300 held-out digits, {record['num']} images per "
+              f"model, {record['steps']}-step Heun"),
+             (f"Budget: kimg of U-Net training per side; (b) gives {plan['prior_share']:.0%} of its FLOPs to the prior "
+              f"(U-Net/prior training FLOPs per image: {plan['flops']['uncond'] / plan['flops']['prior']:.0f}x)"),
              "",
-             "| model | training kimg | training s | FD ↓ | confidence | class entropy | accuracy |",
-             "|---|---|---|---|---|---|---|"]
-    for model in MODELS:
-        kimg = (fmt(col(model, "kimg"), 1) if model != "two_stage" else
-                f"{fmt(col(model, 'prior_kimg'), 1)} + {fmt(col(model, 'image_kimg'), 1)}") if model in ("uncond", "two_stage") else \
-            "(b)'s" if model == "oracle" else "-"
-        secs = fmt(col(model, "train_sec"), 0) if model in ("uncond", "two_stage") else "-"
-        acc = fmt(col(model, "accuracy"), 3) if col(model, "accuracy") and model == "oracle" else "-"
-        lines.append(f"| {LABELS[model]} | {kimg} | {secs} | {fmt(col(model, 'fd'))} | "
-                     f"{fmt(col(model, 'mean_confidence'), 3)} | {fmt(col(model, 'class_entropy'), 3)} | {acc} |")
-    change = [100 * (results[s]["two_stage"]["fd"] / results[s]["uncond"]["fd"] - 1) for s in seeds]
-    lines += ["", (f"FD of (b) relative to (a): {fmt(change, 1)}% (negative: two-stage better; the paper reports "
-                   f"-25% to -50% FID with CLIP embeddings)"),
-              ("(c) is conditioned on the held-out digits themselves, so it can score below the floor of independent "
-               "real digits; its accuracy is the share of its images classified as the digit whose embedding they got")]
+             "| budget (kimg) | (a) unconditional FD | (b) two-stage FD | (b) vs (a) | (c) true embeddings FD "
+             "| (c) accuracy | real floor FD | prior + image kimg | training s (a) / (b) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        col = lambda model, key: column(results, b, model, key)
+        change = [100 * (t / u - 1) for t, u in zip(col("two_stage", "fd"), col("uncond", "fd"))]
+        kimg = f"{fmt(col('two_stage', 'prior_kimg'), 1)} + {fmt(col('two_stage', 'image_kimg'), 2)}"
+        secs = f"{fmt(col('uncond', 'train_sec'), 0)} / {fmt(col('two_stage', 'train_sec'), 0)}"
+        lines.append(f"| {b} | {fmt(col('uncond', 'fd'))} | {fmt(col('two_stage', 'fd'))} | {fmt(change, 1)}% | "
+                     f"{fmt(col('oracle', 'fd'))} | {fmt(col('oracle', 'accuracy'), 3)} | {fmt(col('real', 'fd'))} | "
+                     f"{kimg} | {secs} |")
+    lines += ["", ("(b) vs (a): FD change, negative = two-stage better (the paper: -25% to -50% FID with CLIP "
+                   "embeddings). (c) is conditioned on the held-out digits themselves, so it can score below the "
+                   "floor; (c) accuracy near 0.1 means the image model ignores its embedding.")]
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget for everything [12]")
-    parser.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 [0]")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--outdir", default="demo-runs", help="where to make the run folder [demo-runs]")
-    parser.add_argument("--num", type=int, default=digits.TEST_PER_CLASS * 10,
-                        help="samples per model, at most the 300 held-out digits [300]")
-    parser.add_argument("--prior-share", type=float, default=Sizes.prior_share,
-                        help=f"fraction of (b)'s training time given to the prior [{Sizes.prior_share}]")
-    parser.add_argument("--smoke", action="store_true", help="tiny networks, a few steps: checks the script")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args()
+def plot(results: dict[int, dict], path: Path) -> None:
+    """FD of (a), (b), (c) and the floor against the budget (mean ± std), and (c)'s accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(next(iter(results.values())))
+    xs = [float(b) for b in budgets]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    for model, style in [("uncond", "o-"), ("two_stage", "s-"), ("oracle", "^--"), ("real", ":")]:
+        stats = [mean_std(column(results, b, model, "fd")) for b in budgets]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=style, capsize=3, label=LABELS[model])
+    ax.set(xscale="log", yscale="log", xlabel="training budget per side (U-Net kimg)", ylabel="Fréchet distance ↓")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.legend(fontsize=7)
+    acc = [mean_std(column(results, b, "oracle", "accuracy")) for b in budgets]
+    ax2.errorbar(xs, [m for m, _ in acc], yerr=[s for _, s in acc], fmt="^--", capsize=3, color="C2")
+    ax2.axhline(0.1, color="grey", lw=0.8, ls=":")
+    ax2.set(xscale="log", ylim=(0, 1), xlabel="training budget per side (U-Net kimg)",
+            ylabel="(c) class accuracy (0.1 = chance)")
+    ax2.set_xticks(xs, [f"{x:g}" for x in xs])
+    fig.suptitle(f"Two-stage vs unconditional, UCI digits, seeds {','.join(map(str, sorted(results)))}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ running
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", default="4,8,16", help="U-Net kimg per side, increasing, e.g. 4,8,16 [4,8,16]")
+    p.add_argument("--seeds", default="0,1", help="training seeds, e.g. 0,1,2 [0,1]")
+    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, each in its own process [1]")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process [1]; small networks on "
+                   "busy cores run fastest on one")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--outdir", default="demo-runs", help="where to make the run folder [demo-runs]")
+    p.add_argument("--num", type=int, default=digits.TEST_PER_CLASS * 10,
+                   help="samples per model, at most the 300 held-out digits [300]")
+    p.add_argument("--steps", type=int, default=Sizes.steps, help=f"Heun steps, both stages [{Sizes.steps}]")
+    p.add_argument("--prior-share", type=float, default=Sizes.prior_share,
+                   help=f"share of (b)'s training FLOPs given to the prior [{Sizes.prior_share}]")
+    p.add_argument("--rampup", type=float, default=0.05,
+                   help="learning-rate ramp-up, as a share of the smallest budget [0.05]")
+    p.add_argument("--smoke", action="store_true", help="tiny networks, a few steps: checks the script")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # run one seed into this folder (used by --jobs)
+    args = p.parse_args(argv)
     try:
-        seeds = parse_int_list(args.seeds, "--seeds")
-    except ValueError as e:
-        parser.error(str(e))
+        args.budgets = [float(b) for b in args.budgets.split(",")]
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error("--budgets and --seeds take comma-separated numbers")
+    if not all(b > 0 for b in args.budgets) or args.budgets != sorted(set(args.budgets)):
+        p.error(f"--budgets must be positive and increasing, got {args.budgets}")
     if not 2 <= args.num <= digits.TEST_PER_CLASS * 10:
-        parser.error(f"--num: expected 2..{digits.TEST_PER_CLASS * 10}, got {args.num}")
-    if not (args.minutes > 0 and 0 < args.prior_share < 1):
-        parser.error("--minutes must be positive and --prior-share in (0, 1)")
+        p.error(f"--num: expected 2..{digits.TEST_PER_CLASS * 10}, got {args.num}")
+    if not (0 < args.prior_share < 1 and 0 <= args.rampup <= 1 and args.jobs >= 1 and args.threads >= 1
+            and args.steps >= 1):
+        p.error("--prior-share must be in (0, 1), --rampup in [0, 1], --jobs, --threads and --steps positive")
+    return args
 
+
+def make_plan(args: argparse.Namespace, paths: dict, sizes: Sizes, run: Path) -> Plan:
+    probe = {kind: train_options(kind, paths["train"], run / "probe", sizes, seed=0, device="cpu") for kind in KINDS}
+    flops = {kind: training_flops(o) for kind, o in probe.items()}
+    plan = Plan(tuple(args.budgets), args.prior_share, flops, sizes.batch, args.rampup)
+    for kind in KINDS:
+        lengths = [plan.kimg(kind, b) for b in plan.budgets]
+        if lengths != sorted(set(lengths)):
+            raise SystemExit(f"Error: --budgets {args.budgets} give {kind} the same length twice "
+                             f"({lengths} kimg in batches of {sizes.batch}); space them further apart")
+    return plan
+
+
+def run_workers(args: argparse.Namespace, run: Path) -> None:
+    """Each seed in its own process (`--jobs` at a time), writing seed-<s>/results.json."""
+    pending, running = list(args.seeds), []
+    common = ["--budgets", ",".join(f"{b:g}" for b in args.budgets), "--num", str(args.num), "--steps",
+              str(args.steps), "--prior-share", str(args.prior_share), "--rampup", str(args.rampup),
+              "--threads", str(args.threads), "--device", args.device, "--no-progress"]
+    common += ["--smoke"] if args.smoke else []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            log = open(run / f"seed-{seed}.log", "w")
+            cmd = [sys.executable, __file__, "--seeds", str(seed), "--worker", str(run), *common]
+            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            say(f"seed {seed}: started (log {run / f'seed-{seed}.log'})")
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode:
+                raise SystemExit(f"Error: seed {item[0]} failed (exit {item[1].returncode}); "
+                                 f"see {run / f'seed-{item[0]}.log'}")
+            say(f"seed {item[0]}: done")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     sizes = SMOKE if args.smoke else Sizes()
-    clock = Clock(args.minutes * 60)
-    run = new_run_dir(args.outdir, "quality-smoke" if args.smoke else "quality")
-    say(f"Run folder {run}; budget {fmt_time(clock.budget)} on {args.device}; seeds {seeds}")
-    paths = digits.write_digits(run / "data", sizes.resolution)
-    probe = {kind: train_options(kind, paths["train"], run / "probe", sizes, seed=0, device=args.device)
-             for kind in ("prior", "image", "uncond")}
     if args.smoke:
-        torch.set_num_threads(threads := 1)
-        rates = {kind: {"train": math.inf, "sample": math.inf} for kind in probe}
+        args.budgets = [2 ** (i + 1) * SMOKE.batch / 1000 for i in range(len(args.budgets))]
+    run = Path(args.worker) if args.worker else new_run_dir(args.outdir, "quality-smoke" if args.smoke else "quality")
+    paths = digits.write_digits(run / "data", sizes.resolution) if not args.worker else \
+        {"train": run / "data" / f"digits-train-{sizes.resolution}x{sizes.resolution}.zip"}
+    if not args.worker:
+        say(f"Run folder {run}; budgets {args.budgets} kimg per side; seeds {args.seeds} on {args.device}")
+    if len(args.seeds) > 1 and args.jobs > 1:
+        run_workers(args, run)
     else:
-        threads, image_rates = choose_threads(probe["image"])
-        rates = {"image": image_rates, "prior": measure_rates(probe["prior"]), "uncond": measure_rates(probe["uncond"])}
-    say("Throughput (img/s): " + ", ".join(f"{k} {v['train']:.0f} training / {v['sample']:.0f} sampling"
-                                           for k, v in rates.items()) + f"; {threads} thread(s)")
-    judge = make_judge(sizes.resolution, epochs=sizes.classifier_epochs, device=args.device, progress=args.progress)
-    say(f"Classifier held-out accuracy {judge.test_accuracy:.1%}")
-
-    # Per seed after training: (a), (b) and (c) sampling (the uncond U-Net costs what the image model does).
-    per_seed = SAFETY * after_training_sec(sizes, rates["image"], rates["prior"], images=3, two_stage=1,
-                                           num=args.num) + EVAL_RESERVE_SEC
-    train_sec = max((clock.left - len(seeds) * per_seed) / (2 * len(seeds)), 5.0)
-    results = {}
-    for seed in seeds:
-        results[seed] = run_seed(seed, run, paths, judge, sizes, rates, train_sec, args.prior_share, args.num,
-                                 args.device, args.progress)
-    text = table(results, judge, args.num, None if args.smoke else train_sec, clock.elapsed / 60)
-    record = {"seeds": seeds, "results": results, "classifier_test_accuracy": judge.test_accuracy,
-              "train_seconds_per_family": train_sec, "rates": rates, "threads": threads, "device": args.device,
-              "wall_seconds": clock.elapsed, "sizes": dataclasses.asdict(sizes), "prior_share": args.prior_share}
-    with atomic_write(run / "results.json", "w") as f:
-        json.dump(record, f, indent=2)
+        judge = make_judge(sizes.resolution, epochs=sizes.classifier_epochs, device=args.device, progress=args.progress)
+        ctx = Context(make_plan(args, paths, sizes, run), judge, paths, sizes, args.num, args.steps, args.device,
+                      args.progress)
+        for seed in args.seeds:
+            rows = run_seed(seed, run / f"seed-{seed}", ctx)
+            write_json(run / f"seed-{seed}" / "results.json",
+                       {"seed": seed, "results": rows, "classifier_test_accuracy": judge.test_accuracy,
+                        "plan": dataclasses.asdict(ctx.plan)})
+    if args.worker:
+        return
+    parts = [json.loads((run / f"seed-{s}" / "results.json").read_text()) for s in args.seeds]
+    results = {p["seed"]: p["results"] for p in parts}
+    record = {"seeds": args.seeds, "results": results, "classifier_test_accuracy": parts[0]["classifier_test_accuracy"],
+              "plan": parts[0]["plan"], "num": args.num, "steps": args.steps, "threads": args.threads,
+              "jobs": args.jobs, "device": args.device, "wall_seconds": time.perf_counter() - start,
+              "sizes": dataclasses.asdict(sizes)}
+    text = table(results, record) + f"\n\nWall time {fmt_time(record['wall_seconds'])}; run folder {run}"
+    write_json(run / "results.json", record)
     with atomic_write(run / "table.md", "w") as f:
         f.write(text + "\n")
+    plot(results, run / "quality.png")
     print("\n" + text, flush=True)
+
+
+def write_json(path: Path, record: dict) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

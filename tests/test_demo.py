@@ -127,21 +127,47 @@ def test_demo_rejects_bad_options(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def _quality_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_benchmark", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_budgets_split_equal_flops_in_whole_batches():
+    q = _quality_module()
+    plan = q.Plan(budgets=(1.0, 4.0), prior_share=0.08, flops={"uncond": 100.0, "image": 101.0, "prior": 1.0}, batch=64)
+    # (a): 1000 images = 15.6 batches -> 16; (b): 92% of 1000 U-Net images at 101/100 the cost -> 910.9 -> 14 batches;
+    # prior: 8% of 100,000 FLOP-images at 1 FLOP -> 8000 images = 125 batches.
+    assert plan.kimg("uncond", 1.0) == 1.024 and plan.kimg("image", 1.0) == 0.896 and plan.kimg("prior", 1.0) == 8.0
+    assert plan.kimg("uncond", 4.0) == 64 * 62 / 1000  # 4000 / 64 = 62.5 -> 62 (round half to even)
+    assert plan.rampup("image") == pytest.approx(0.05 * 0.896)  # fixed for every budget: nested runs
+    assert q.Plan((0.001,), 0.08, {"uncond": 1.0, "image": 1.0, "prior": 1.0}, 64).kimg("image", 0.001) == 0.064
+
+
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--no-progress",
-                           "--num", "12", "--outdir", str(tmp_path), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                           "--num", "12", "--seeds", "0", "--budgets", "1,2", "--outdir", str(tmp_path),
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=570)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| (a) unconditional |" in proc.stdout and "| (c) two-stage, true embeddings |" in proc.stdout
+    assert "| budget (kimg) | (a) unconditional FD | (b) two-stage FD |" in proc.stdout
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     record = json.loads((run / "results.json").read_text())
-    rows = record["results"]["0"]
-    assert set(rows) == {"real", "uncond", "two_stage", "oracle"}
-    assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 for r in rows.values())
-    assert 0 <= rows["oracle"]["accuracy"] <= 1
-    assert (run / "samples-seed-0.png").is_file() and (run / "table.md").is_file()
+    budgets = record["results"]["0"]
+    assert len(budgets) == 2
+    for rows in budgets.values():
+        assert set(rows) == {"real", "uncond", "two_stage", "oracle"}
+        assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 for r in rows.values())
+        assert 0 <= rows["oracle"]["accuracy"] <= 1
+    small, large = budgets.values()  # nested budgets: the larger trains on more images
+    assert large["uncond"]["kimg"] > small["uncond"]["kimg"]
+    assert large["two_stage"]["image_kimg"] > small["two_stage"]["image_kimg"]
+    assert (run / "samples-seed-0.png").is_file() and (run / "table.md").is_file() and (run / "quality.png").is_file()
 
 
 def test_train_for_gives_an_exhausted_budget_a_positive_time_limit(tmp_path, monkeypatch):
