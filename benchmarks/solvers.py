@@ -174,6 +174,7 @@ def table(summary: dict, models: list[str]) -> str:
 
 def plot(summary: dict, models: list[str], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -193,6 +194,8 @@ def plot(summary: dict, models: list[str], path: Path) -> None:
                         markersize=12, color="k", capsize=3, label="reference (Heun 40, churn 50)")
             ax.axhline(ref["mean"], color="k", lw=0.5, ls="--")
         ax.set_xscale("log")
+        ax.set_xticks([5, 10, 20, 40, 80], labels=["5", "10", "20", "40", "80"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("network evaluations per stage (NFE)")
         ax.set_ylabel("Fréchet distance to held-out digits (lower is better)")
         ax.set_title(model.replace("_", "-"))
