@@ -1,5 +1,14 @@
+"""Fixtures shared by the test modules; plain helpers live in edm_fakes.py, tiny_models.py, tiny_runs.py and
+memory_probe.py beside this file."""
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
+
+from edm_fakes import SeedStructure, reconstruct_stub
+from tiny_models import pixel_pca, write_model
 
 
 @pytest.fixture
@@ -9,3 +18,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_modules(monkeypatch, tmp_path):
+    """Register `torch_utils.persistence` and `training.structure` so the pickler can name them."""
+    tu, pers = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+    pers._reconstruct_persistent_obj = reconstruct_stub
+    training, tstruct = types.ModuleType("training"), types.ModuleType("training.structure")
+    tstruct.Structure = SeedStructure
+    for mod in (tu, pers, training, tstruct):
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    return tmp_path
+
+
+@pytest.fixture
+def marker(tmp_path):
+    """A file that appears only if code embedded in a pickle ever runs."""
+    path = tmp_path / "PAYLOAD_RAN"
+    assert not path.exists()
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight checkpoints in the training-runs layout: two-stage pairs, mismatched priors."""
+    root = tmp_path_factory.mktemp("runs")
+    pca, other = pixel_pca(0), pixel_pca(1)
+    snap = "network-snapshot-000000.safetensors"
+    return {
+        "prior": write_model(root / "training-runs" / "prior01" / snap, "prior", embedder=pca),
+        "image": write_model(root / "training-runs" / "image01" / snap, "image", embedder=pca),
+        "uncond": write_model(root / "training-runs" / "uncond01" / snap, "uncond"),
+        "other_prior": write_model(root / "other" / snap, "prior", embedder=other),
+        "wide_prior": write_model(root / "wide" / snap, "prior", embedder=pixel_pca(0, 16), emb_dim=16),
+        "cond_prior": write_model(root / "cond" / snap, "prior", embedder=pca, label_dim=3),
+    }

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import vcdm
-from test_generate import REPO, models, pixel_pca, run, write_model  # noqa: F401 (models is a fixture)
+from tiny_models import REPO, pixel_pca, run, write_model
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.generate.files import read_png, read_tensors

@@ -14,7 +14,7 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-from test_generate import RES, models  # noqa: F401 (a fixture)
+from tiny_models import RES
 from vcdm.cli.dataset import command as dataset_cmd
 from vcdm.cli.fid import command as fid_cmd
 from vcdm.cli.generate import command as generate_cmd

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_legacy import Persistent, SeedStructure, fake_modules, marker, payload_src  # noqa: F401 (fixtures)
+from edm_fakes import Persistent, SeedStructure, payload_src
 
 from vcdm.checkpoints import load_checkpoint, save_checkpoint
 from vcdm.cli.main import cli

@@ -16,78 +16,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vcdm.checkpoints import save_checkpoint
+from tiny_models import EMB, REPO, RES, run
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.cli.variations import command as variations_cmd
-from vcdm.data.structure import Structure
-from vcdm.embedders import PixelPCA
 from vcdm.generate import SamplerOptions, generate, results_dir
 from vcdm.generate.files import read_tensors
-from vcdm.nets import build_network
-from vcdm.nets.precond import Denoiser
-from vcdm.nets.presets import preset
 
-REPO = Path(__file__).resolve().parents[1]
-RES, EMB = 8, 8
 SEED_ARGS = "S_churn-50.0_S_max-inf_S_min-0.0_S_noise-1.007_class-None_discretization-None_num_steps-40_rho-7.0_" \
             "scaling-None_schedule-None_sigma_max-None_sigma_min-None_solver-None"
 FAST = ["--steps", "2", "--S_churn", "50", "--S_noise", "1.007"]
-
-
-def pixel_pca(seed: int, dim: int = EMB) -> PixelPCA:
-    pca = PixelPCA(dim=dim, size=4, channels=3)
-    pca.components.copy_(torch.randn(pca.components.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
-    return pca
-
-
-def write_model(path: Path, kind: str, *, embedder: PixelPCA | None = None, emb_dim: int = EMB, label_dim: int = 0,
-                data_path: str | None = None) -> Path:
-    """Tiny random-weight checkpoint. kind: prior (embedding | label?), image (image | embedding, label?), uncond."""
-    names = {"image": (3, RES, RES), "embedding": (emb_dim,), **({"label": (label_dim,)} if label_dim else {})}
-    lab = ",1" if label_dim else ""
-    exist, observed = {"prior": ("0,1" + lab, "0,0" + lab), "image": ("1,1" + lab, "0,1" + lab),
-                       "uncond": ("1,0", "0,0")}[kind]
-    structure = Structure.from_flags(names, exist, observed)
-    if kind == "prior":
-        cls, kwargs = preset("dalle2", resolution=RES, channels=3, embed_dim=emb_dim, label_dim=structure.observed_dim,
-                             augment_dim=0)
-        kwargs.update(dim=32, depth=1, heads=2, dim_head=16)
-    else:
-        cls, kwargs = preset("ddpmpp", resolution=RES, channels=3, embed_dim=0, label_dim=structure.observed_dim,
-                             augment_dim=0, cbase=16, cres=[1], dropout=0.0)
-        kwargs.update(num_blocks=1, attn_resolutions=[])
-    torch.manual_seed(len(str(path)))
-    net = build_network(cls, kwargs)
-    denoiser = Denoiser(net, structure)
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": denoiser.config(),
-              "structure": structure.to_dict(), "embedder": embedder.identity() if embedder else None,
-              "data": {"data_class": "CLIPDataset", "path": data_path, "resolution": RES, "label_dim": label_dim},
-              "training": {}}
-    save_checkpoint(path, {"net": net.state_dict(), "embedder": embedder.export_state() if embedder else {}}, config)
-    return path
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    pca, other = pixel_pca(0), pixel_pca(1)
-    snap = "network-snapshot-000000.safetensors"
-    return {
-        "prior": write_model(root / "training-runs" / "prior01" / snap, "prior", embedder=pca),
-        "image": write_model(root / "training-runs" / "image01" / snap, "image", embedder=pca),
-        "uncond": write_model(root / "training-runs" / "uncond01" / snap, "uncond"),
-        "other_prior": write_model(root / "other" / snap, "prior", embedder=other),
-        "wide_prior": write_model(root / "wide" / snap, "prior", embedder=pixel_pca(0, 16), emb_dim=16),
-        "cond_prior": write_model(root / "cond" / snap, "prior", embedder=pca, label_dim=3),
-    }
-
-
-def run(cmd, args, ok: bool = True):
-    result = CliRunner().invoke(cmd, [str(a) for a in args] + ["--no-progress"] * (cmd is not variations_cmd))
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 def files(root: Path, manifests: bool = True) -> dict[str, bytes]:

@@ -30,13 +30,7 @@ BF16 = InferenceSettings(autocast_dtype=torch.bfloat16)
 CL_BF16 = InferenceSettings(channels_last=True, autocast_dtype=torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest, and steadiest on a shared machine, on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet(res: int = 16, label_dim: int = 0, seed: int = 0) -> Denoiser:

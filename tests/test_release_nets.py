@@ -15,8 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_legacy import (GEOMETRY, Persistent, SeedStructure, edm_form, fake_modules,  # noqa: F401 (a fixture)
-                         payload_src)
+from edm_fakes import GEOMETRY, Persistent, SeedStructure, edm_form, payload_src
 from vcdm.cli.train import command as train_command
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import EDMLoss, equally_weighted, guidance_warning

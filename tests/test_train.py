@@ -16,12 +16,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from click.testing import CliRunner
 
-from test_legacy import edm_pickle, fake_modules  # noqa: F401  (fake_modules: a fixture)
+from edm_fakes import edm_pickle
+from tiny_runs import REPO, TINY_PRIOR, TINY_UNET, base_args, run, run_dir, write_dataset
 from vcdm.checkpoints import load_checkpoint, read_config
-from vcdm.cli.train import command
-from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
 from vcdm.diffusion.loss import EDMLoss
 from vcdm.embedders import load_embedder
 from vcdm.embedders.base import image_batches
@@ -31,50 +29,12 @@ from vcdm.train.options import TrainOptions
 from vcdm.train.sampler import PositionSampler, ShuffledDataset
 from vcdm.train.state import StateError, load_state, newest_valid_state, save_state
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_UNET = ["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,1"]
-TINY_PRIOR = ["--arch", "dalle2", "--prior-dim", "32", "--prior-depth", "1"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_dataset(dest: Path, n: int = 16, res: int = 8, seed: int = 0) -> Path:
-    """Two classes of noisy red / green images, with labels, as an EDM-format zip."""
-    rng = np.random.default_rng(seed)
-    labels = []
-    with ArchiveWriter(dest) as w:
-        for i in range(n):
-            c = i % 2
-            img = np.full((res, res, 3), 30, np.uint8)
-            img[..., c] = 200
-            img = np.clip(img + rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
-            w.write(archive_name(i), encode_png(PIL.Image.fromarray(img)))
-            labels.append([archive_name(i), c])
-        w.write_labels(labels)
-    return dest
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
-
-
-def base_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--path", str(data), "--data_class", "CLIPDataset", "--embedder", "pixel-pca", "--pca-dim", "8",
-            "--workers", "0", "--device", "cpu", "--outdir", str(out), "--seed", "1", "--batch", "4",
-            "--tick", "0.004", "--lr-rampup", "0", *extra]
-
-
-def run(args: list[str], code: int = 0):
-    result = CliRunner().invoke(command, args, catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
-
-
-def run_dir(out: Path) -> Path:
-    (d,) = [p for p in out.iterdir() if p.is_dir()]
-    return d
 
 
 def last_state(d: Path) -> dict:

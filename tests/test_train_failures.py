@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import REPO, TINY_PRIOR, base_args, write_dataset
+from tiny_runs import REPO, TINY_PRIOR, base_args, write_dataset
 
 # Injected failures, run in the child before the command: (stage, patch code, expected exit code).
 PATCHES = {

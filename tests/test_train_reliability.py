@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vcdm.train.loggers
-from test_train import TINY_PRIOR, base_args, run, run_dir, write_dataset
+from tiny_runs import TINY_PRIOR, base_args, run, run_dir, write_dataset
 from vcdm.train import build as build_mod
 from vcdm.train.state import load_state
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import TINY_PRIOR, base_args, run, run_dir, write_dataset
+from tiny_runs import TINY_PRIOR, base_args, run, run_dir, write_dataset
 from vcdm.checkpoints import read_config
 from vcdm.train.state import load_state
 
