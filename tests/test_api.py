@@ -30,6 +30,7 @@ def embeddings(folder: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("extra", [[], ["--image-sampler", "dpm2m", "--prior-S_churn", "10"],
                                    ["--preset", "fast", "--image-sampler", "edm"]])
+@pytest.mark.determinism
 def test_two_stage_pipeline_matches_sample_command(models, tmp_path, extra):
     run(sample_cmd, ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "3,0-4", "--batch", 3,
                      "--prior-steps", 2, "--image-steps", 3, "--outdir", tmp_path / "cli", *extra])
@@ -54,6 +55,7 @@ def test_class_conditional_chain_matches(models, tmp_path):
     assert (out.tensors["label"].argmax(1) == 1).all()
 
 
+@pytest.mark.determinism
 def test_pipeline_matches_generate_command(models, tmp_path):
     args = ["--seeds", "0-5", "--batch", 4, "--steps", 3, "--S_churn", 40, "--disc", "vp", "--solver", "euler"]
     run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / "u", *args])

@@ -28,6 +28,7 @@ def _checkpoint(tmp_path, **extra):
     return path, den
 
 
+@pytest.mark.determinism
 def test_checkpoint_round_trip_rebuilds_identical_denoiser(tmp_path):
     path, den = _checkpoint(tmp_path)
     loaded, config, rest = load_checkpoint(path)

@@ -66,6 +66,7 @@ def golden_denoiser(case: dict) -> Denoiser:
 
 
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: c["name"])
+@pytest.mark.determinism
 def test_outputs_match_the_release(case, one_thread):
     """Denoiser outputs equal the release's for the same weights (measured: 0 on the machine that made them)."""
     den = golden_denoiser(case)

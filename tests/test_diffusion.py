@@ -372,6 +372,7 @@ def test_loss_refuses_a_plain_module():
 # ---------------------------------------------------------------------------------------------------
 # Per-seed RNG.
 
+@pytest.mark.determinism
 def test_stacked_generator_matches_plain_generators():
     seeds = [7, 0, 123456, 2 ** 32 + 7]
     rnd = StackedRandomGenerator("cpu", seeds)
@@ -387,6 +388,7 @@ def test_stacked_generator_matches_plain_generators():
         rnd.randn([3, 2])
 
 
+@pytest.mark.determinism
 def test_same_seed_same_sample_at_batch_1_and_7():
     st = Structure.from_flags({"image": (1, 2, 3)}, "1", "0")
     den = Denoiser(Recorder(6), st).eval()

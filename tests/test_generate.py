@@ -85,6 +85,7 @@ def test_seed_readme_commands_then_sample_gives_identical_files(models, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.determinism
 def test_same_seed_same_bytes_whatever_batch(models, tmp_path):
     outs = {}
     for batch in (1, 3, 7):

@@ -91,6 +91,7 @@ EDM_OUTPUTS = {
 
 
 @pytest.mark.parametrize("arch", list(EDM_OUTPUTS))
+@pytest.mark.determinism
 def test_matches_edm_outputs(arch):
     cls, kwargs, values, mean_square = EDM_OUTPUTS[arch]
     torch.manual_seed(0)

@@ -211,6 +211,7 @@ def concat_net(c: dict) -> ConcatUNet:
 
 
 @pytest.mark.parametrize("case", list(CONCAT))
+@pytest.mark.determinism
 def test_concatunet_matches_the_release(case):
     entry = CONCAT[case]
     net = concat_net(entry["config"])
@@ -286,6 +287,7 @@ def control_net(c: dict) -> ControlDhariwalUNet:
 
 
 @pytest.mark.parametrize("case", list(FILM))
+@pytest.mark.determinism
 def test_film_ddpmpp_matches_the_release(case):
     entry = FILM[case]
     net = recipe(film_net(entry["config"]))
@@ -299,6 +301,7 @@ def test_film_ddpmpp_matches_the_release(case):
 
 
 @pytest.mark.parametrize("case", list(CONTROL))
+@pytest.mark.determinism
 def test_control_adm_matches_the_release(case):
     entry = CONTROL[case]
     c = entry["config"]

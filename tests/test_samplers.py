@@ -111,6 +111,7 @@ def encode(x: torch.Tensor) -> list[str]:
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.determinism
 def test_outputs_match_the_numbers_saved_before_the_redesign(name):
     golden = json.loads(GOLDEN.read_text())
     want = torch.tensor([float.fromhex(v) for v in golden["outputs"][name]], dtype=F64)

@@ -202,6 +202,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
             assert torch.equal(a[group][k], b[group][k]), f"{group}.{k} differs"
 
 
+@pytest.mark.determinism
 def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
     args = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0.3", "--dropout", "0.2",
             "--duration", "0.000024", "--sample", "100", "--snap", "100", "--dump", "100"]
@@ -240,6 +241,7 @@ def _assert_close_weights(a: dict, b: dict, lr: float, steps: int) -> None:
         assert (diff <= 1e-6).float().mean() > 0.999 and diff.max() <= 2 * lr * steps, (group, diff.max())
 
 
+@pytest.mark.determinism
 def test_embedding_cache_matches_per_batch_embeddings(data, tmp_path):
     """The cache embeds the dataset in batches of 64, training in batches of --batch-gpu: the same rows,
     but BLAS kernels may block a matrix product by its row count (Intel AMX does), so the embeddings
