@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules; plain helpers live in edm_fakes.py, tiny_models.py, tiny_runs.py and
 memory_probe.py beside this file."""
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -9,6 +11,7 @@ import torch
 
 from edm_fakes import SeedStructure, reconstruct_stub
 from tiny_models import pixel_pca, write_model
+from tiny_runs import write_dataset
 
 
 @pytest.fixture
@@ -54,3 +57,29 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "wide_prior": write_model(root / "wide" / snap, "prior", embedder=pixel_pca(0, 16), emb_dim=16),
         "cond_prior": write_model(root / "cond" / snap, "prior", embedder=pca, label_dim=3),
     }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A tiny labelled EDM-format dataset (two classes of 8x8 images) for training tests."""
+    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a real file system of a given size (tmpfs): ``tmpfs("16k")`` → its path; skipped unless this
+    process may mount (root). Unmounted afterwards."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs-{len(mounts)}"
+        mnt.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                               capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -188,20 +187,9 @@ def test_bad_output_paths_fail_first(models, tmp_path, command):
     assert "is a file, not a directory" in invoke(cmd, *args, "--outdir", tmp_path / "file")
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 16 KiB file system (tmpfs), if this process may mount one (root); skipped otherwise."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
-def test_generate_on_a_really_full_disk(models, tiny_disk):
+def test_generate_on_a_really_full_disk(models, tmpfs):
     """Seeds until the disk is full: one line naming the file, and every file left is complete."""
+    tiny_disk = tmpfs("16k")
     from vcdm.generate.results import complete
 
     out = tiny_disk / "out"

@@ -32,11 +32,6 @@ from vcdm.train.state import StateError, load_state, newest_valid_state, save_st
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
-
-
 def last_state(d: Path) -> dict:
     return load_state(sorted(d.glob("training-state-*.pt"))[-1])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_runs import REPO, TINY_PRIOR, base_args, write_dataset
+from tiny_runs import REPO, TINY_PRIOR, base_args
 
 # Injected failures, run in the child before the command: (stage, patch code, expected exit code).
 PATCHES = {
@@ -44,11 +44,6 @@ from vcdm.cli.train import command
 sys.argv[0] = "train.py"
 run_click(command, "train.py")
 """
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
 
 
 def run_failing(tmp_path: Path, args: list[str], patch: str = "", timeout: float = 120,

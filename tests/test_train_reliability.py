@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -12,21 +11,11 @@ import pytest
 import torch
 
 import vcdm.train.loggers
-from tiny_runs import TINY_PRIOR, base_args, run, run_dir, write_dataset
+from tiny_runs import PRIOR, base_args, error_lines, run, run_dir
 from vcdm.train import build as build_mod
 from vcdm.train.state import load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-PRIOR = ["--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error:")]
 
 
 def on_loss_call(monkeypatch, action, *, start: int = 1, stop: int | None = None, scale: float = 1.0):
@@ -48,18 +37,6 @@ def on_loss_call(monkeypatch, action, *, start: int = 1, stop: int | None = None
     monkeypatch.setattr(build_mod, "make_loss", make_loss)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real 8 MiB file system (tmpfs), if this process may mount one (root); skipped otherwise."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def fill(directory: Path) -> None:
     """Take all the free space of `directory`'s file system."""
     with open(directory / f"filler-{uuid.uuid4().hex}", "wb") as f:
@@ -71,7 +48,8 @@ def fill(directory: Path) -> None:
             assert e.errno == errno.ENOSPC
 
 
-def test_real_full_disk_stops_with_one_line_and_keeps_the_last_state(data, small_tmpfs, monkeypatch):
+def test_real_full_disk_stops_with_one_line_and_keeps_the_last_state(data, tmpfs, monkeypatch):
+    small_tmpfs = tmpfs("8m")
     out = small_tmpfs / "runs"
     filled = []
     on_loss_call(monkeypatch, lambda: filled or (fill(small_tmpfs), filled.append(1)), start=3)

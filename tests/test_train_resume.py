@@ -8,21 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tiny_runs import TINY_PRIOR, base_args, run, run_dir, write_dataset
+from tiny_runs import PRIOR, base_args, error_lines, run, run_dir
 from vcdm.checkpoints import read_config
 from vcdm.train.state import load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-PRIOR = ["--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("data") / "tiny.zip")
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error:")]
 
 
 def test_resume_dir_reuses_the_recorded_options(data, tmp_path, monkeypatch):

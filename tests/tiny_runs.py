@@ -13,6 +13,7 @@ from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = ["--arch", "ddpmpp", "--cbase", "8", "--cres", "1,1"]
 TINY_PRIOR = ["--arch", "dalle2", "--prior-dim", "32", "--prior-depth", "1"]
+PRIOR = ["--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0"]
 
 
 def write_dataset(dest: Path, n: int = 16, res: int = 8, seed: int = 0) -> Path:
@@ -46,3 +47,7 @@ def run(args: list[str], code: int = 0):
 def run_dir(out: Path) -> Path:
     (d,) = [p for p in out.iterdir() if p.is_dir()]
     return d
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error:")]
