@@ -22,13 +22,14 @@ from common import add_common_args, machine, result, row, write_json
 from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
 from vcdm.data.structure import Structure
-from vcdm.generate import SamplerOptions, generate, load_model
+from vcdm.generate import Conditioning, InferenceChoices, RunOptions, SamplerOptions, generate, load_model
+from vcdm.generate.options import inference_settings
 from vcdm.nets import build_network
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 
 EMBED_DIM = 512  # CLIP ViT-B/32
-PATHS = {"default": {}, "fp32": dict(bf16=False, channels_last=False)}  # generate() flags; fp32 is the reference
+PATHS = {"default": InferenceChoices(), "fp32": perf.FP32}  # how generate() evaluates; fp32 is the reference
 
 
 def write_model(path: Path, arch: str, exist: str, observed: str) -> Path:
@@ -67,15 +68,17 @@ def main() -> None:
         torch.manual_seed(0)
         prior = load_model(write_model(tmp / "prior.safetensors", "dalle2", "0,1", "0,0"), device)
         image = load_model(write_model(tmp / "image.safetensors", "ddpmpp", "1,1", "0,1"), device)
-        for label, flags in PATHS.items():
-            run = dict(opts=opts, max_batch_size=batch, device=device, progress=False, **flags)
-            settings = {k: perf.resolve(device, m.denoiser, **flags) for k, m in (("prior", prior), ("image", image))}
+        for label, inference in PATHS.items():
+            settings = {k: inference_settings(inference, device, m.denoiser)
+                        for k, m in (("prior", prior), ("image", image))}
             for key, model in (("prior", prior), ("image", image)):  # first-call overheads out of the timings
                 evaluate(perf.prepare(model.denoiser, settings[key]), model.structure, batch, device, settings[key])
             t0 = time.perf_counter()
-            emb = generate(prior, seeds, outdir=tmp / f"emb-{label}", **run)
+            emb = generate(prior, seeds, opts=opts, run=RunOptions(tmp / f"emb-{label}", batch, progress=False),
+                           device=device, inference=inference)
             t1 = time.perf_counter()
-            generate(image, seeds, outdir=tmp / f"img-{label}", load_obs_from=emb.outdir, **run)
+            generate(image, seeds, opts=opts, cond=Conditioning(load_obs_from=emb.outdir),
+                     run=RunOptions(tmp / f"img-{label}", batch, progress=False), device=device, inference=inference)
             t2 = time.perf_counter()
             per_eval = {k: evaluate(m.denoiser, m.structure, batch, device, settings[k])
                         for k, m in (("prior", prior), ("image", image))}

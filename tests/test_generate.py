@@ -20,7 +20,7 @@ from tiny_models import EMB, REPO, RES, run
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.cli.variations import command as variations_cmd
-from vcdm.generate import SamplerOptions, generate, results_dir
+from vcdm.generate import RunOptions, SamplerOptions, generate, results_dir
 from vcdm.generate.files import read_tensors
 
 SEED_ARGS = "S_churn-50.0_S_max-inf_S_min-0.0_S_noise-1.007_class-None_discretization-None_num_steps-40_rho-7.0_" \
@@ -101,21 +101,21 @@ def test_same_seed_same_bytes_whatever_batch(models, tmp_path):
 
 def test_resume_writes_only_missing_files(models, tmp_path):
     out = tmp_path / "out"
-    first = generate(models["uncond"], range(10), outdir=out, opts=SamplerOptions(num_steps=2), max_batch_size=4,
-                     progress=False)
+    first = generate(models["uncond"], range(10), opts=SamplerOptions(num_steps=2),
+                     run=RunOptions(out, max_batch_size=4, progress=False))
     assert sorted(first.written) == list(range(10))
     before = files(out)
     for seed in (2, 3, 8):
         (out / f"{seed:06d}.png").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = generate(models["uncond"], range(10), outdir=out, opts=SamplerOptions(num_steps=2), max_batch_size=4,
-                     progress=False)
+    again = generate(models["uncond"], range(10), opts=SamplerOptions(num_steps=2),
+                     run=RunOptions(out, max_batch_size=4, progress=False))
     assert sorted(again.written) == [2, 3, 8] and again.skipped == 7
     assert files(out) == before
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in kept} == kept
     assert not list(out.glob(".*"))  # no temp or claim files left behind
-    assert generate(models["uncond"], range(10), outdir=out, opts=SamplerOptions(num_steps=2), max_batch_size=3,
-                    progress=False).written == []
+    assert generate(models["uncond"], range(10), opts=SamplerOptions(num_steps=2),
+                    run=RunOptions(out, max_batch_size=3, progress=False)).written == []
 
 
 def test_subdirs_and_increment_seeds(models, tmp_path):
@@ -173,8 +173,8 @@ def test_class_conditional_prior_chain(models, tmp_path):
     obs = read_tensors(out / "embeddings" / "000001.pt")
     assert torch.equal(obs["label"], torch.tensor([0.0, 0.0, 1.0])) and obs["embedding"].shape == (EMB,)
     assert len(list((out / "images").glob("*.png"))) == 4
-    rnd = generate(models["cond_prior"], range(12), outdir=tmp_path / "r", opts=SamplerOptions(num_steps=1),
-                   progress=False)
+    rnd = generate(models["cond_prior"], range(12), opts=SamplerOptions(num_steps=1),
+                   run=RunOptions(tmp_path / "r", progress=False))
     labels = {int(read_tensors(p)["label"].argmax()) for p in rnd.outdir.glob("*.pt")}
     assert len(labels) > 1  # random class per seed without --class
     bad = run(generate_cmd, ["--network", models["cond_prior"], "--outdir", tmp_path / "x", "--class", 3], ok=False)
@@ -183,7 +183,7 @@ def test_class_conditional_prior_chain(models, tmp_path):
 
 def test_missing_observation_names_seed(models, tmp_path):
     obs = tmp_path / "obs"
-    generate(models["prior"], [0, 1, 3], outdir=obs, opts=SamplerOptions(num_steps=1), progress=False)
+    generate(models["prior"], [0, 1, 3], opts=SamplerOptions(num_steps=1), run=RunOptions(obs, progress=False))
     result = run(generate_cmd, ["--network", models["image"], "--outdir", tmp_path / "img", "--seeds", "0-3",
                                 "--load_obs_from", obs], ok=False)
     assert result.exit_code == 1
@@ -318,7 +318,7 @@ def test_long_load_obs_from_path_gets_a_short_deterministic_folder(models, tmp_p
     deep = Path(*[f"{i}" + "d" * 98 for i in range(4)])  # 4 × 99 bytes + 3 separators = 399 (+ "/" = 400)
     obs = str(deep) + "/"
     assert len(obs.encode()) == 400
-    generate(models["prior"], range(2), outdir=deep, opts=SamplerOptions(num_steps=1), progress=False)
+    generate(models["prior"], range(2), opts=SamplerOptions(num_steps=1), run=RunOptions(deep, progress=False))
     result = run(generate_cmd, ["--network", models["image"], "--seeds", "0-1", "--steps", 1, "--load-obs-from", obs])
     out = results_dir(models["image"], SamplerOptions(num_steps=1), [0, 1], load_obs_from=obs)
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"], result.output
@@ -355,20 +355,20 @@ def test_rerun_with_other_settings_is_refused(models, tmp_path):
 
 def test_incomplete_files_redone_and_stale_temps_removed(models, tmp_path):
     out = tmp_path / "out"
-    kwargs = dict(opts=SamplerOptions(num_steps=1), progress=False)
-    generate(models["uncond"], range(3), outdir=out, **kwargs)
+    opts = SamplerOptions(num_steps=1)
+    generate(models["uncond"], range(3), opts=opts, run=RunOptions(out, progress=False))
     good = (out / "000001.png").read_bytes()
     (out / "000001.png").write_bytes(good[:40])  # truncated by something else
     stale = [out / ".000002.png.k3j4.tmp", out / ".claim-000000"]
     for p in stale:
         p.write_bytes(b"x")
-    again = generate(models["uncond"], range(3), outdir=out, **kwargs)
+    again = generate(models["uncond"], range(3), opts=opts, run=RunOptions(out, progress=False))
     assert again.written == [1] and (out / "000001.png").read_bytes() == good
     assert not any(p.exists() for p in stale)
     prior = tmp_path / "prior"
-    generate(models["prior"], range(2), outdir=prior, **kwargs)
+    generate(models["prior"], range(2), opts=opts, run=RunOptions(prior, progress=False))
     (prior / "000000.pt").write_bytes((prior / "000000.pt").read_bytes()[:100])
-    assert generate(models["prior"], range(2), outdir=prior, **kwargs).written == [0]
+    assert generate(models["prior"], range(2), opts=opts, run=RunOptions(prior, progress=False)).written == [0]
 
 
 def test_concurrent_runs_split_the_work(models, tmp_path):
@@ -378,17 +378,18 @@ def test_concurrent_runs_split_the_work(models, tmp_path):
     from vcdm.generate.results import FolderLock, claim
 
     out, ref = tmp_path / "out", tmp_path / "ref"
-    kwargs = dict(opts=SamplerOptions(num_steps=1), max_batch_size=2, progress=False)
+    opts = SamplerOptions(num_steps=1)
     for folder in (ref, out):
-        assert sorted(generate(models["uncond"], range(4), outdir=folder, **kwargs).written) == [0, 1, 2, 3]
+        written = generate(models["uncond"], range(4), opts=opts, run=RunOptions(folder, 2, progress=False)).written
+        assert sorted(written) == [0, 1, 2, 3]
     for png in out.glob("*.png"):
         png.unlink()
     result = {}
     lock = FolderLock(out, clean=False)  # "another process" is writing into the folder …
     with claim(out, 0, wait=False) as mine:  # … the batch of seeds 0-1
         assert mine
-        worker = threading.Thread(target=lambda: result.update(r=generate(models["uncond"], range(4), outdir=out,
-                                                                          **kwargs)))
+        worker = threading.Thread(target=lambda: result.update(r=generate(
+            models["uncond"], range(4), opts=opts, run=RunOptions(out, 2, progress=False))))
         worker.start()
         deadline = time.monotonic() + 120
         while not (out / "000003.png").exists() and time.monotonic() < deadline:

@@ -191,20 +191,21 @@ def checkpoint32(tmp_path_factory) -> Path:
 
 
 def test_generate_applies_settings_batch_invariantly(checkpoint32, tmp_path):
-    from vcdm.generate import SamplerOptions, generate, load_model, results_dir
+    from vcdm.generate import InferenceChoices, RunOptions, SamplerOptions, generate, load_model, results_dir
 
     opts = SamplerOptions(num_steps=2)
-    default = generate(checkpoint32, range(3), outdir=tmp_path / "default", opts=opts, device="cpu", progress=False)
+    default = generate(checkpoint32, range(3), opts=opts, run=RunOptions(tmp_path / "default", progress=False),
+                       device="cpu")
     assert default.settings == perf.default_settings("cpu", load_model(checkpoint32).denoiser)
     outs = {}
     for batch in (1, 3):
-        res = generate(checkpoint32, range(3), outdir=tmp_path / f"b{batch}", opts=opts, max_batch_size=batch,
-                       device="cpu", bf16=True, channels_last=True, progress=False)
+        res = generate(checkpoint32, range(3), opts=opts, run=RunOptions(tmp_path / f"b{batch}", batch, progress=False),
+                       device="cpu", inference=InferenceChoices(bf16=True, channels_last=True))
         assert res.settings == CL_BF16
         outs[batch] = [p.read_bytes() for p in sorted((tmp_path / f"b{batch}").glob("*.png"))]
     assert len(outs[1]) == 3 and outs[1] == outs[3]  # one seed, one image, whatever the batch, in bf16 too
-    fp32 = generate(checkpoint32, range(3), outdir=tmp_path / "fp32", opts=opts, device="cpu", bf16=False,
-                    channels_last=False, progress=False)
+    fp32 = generate(checkpoint32, range(3), opts=opts, run=RunOptions(tmp_path / "fp32", progress=False),
+                    device="cpu", inference=InferenceChoices(bf16=False, channels_last=False))
     assert fp32.settings == FP32
     assert "bf16" not in str(results_dir(checkpoint32, opts, [0, 1, 2]))  # execution details stay out of the layout
 

@@ -22,7 +22,7 @@ from vcdm.checkpoints import read_config
 from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_model,
                                 split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
-from vcdm.generate.options import FLAG_NAMES, GenerateError, SamplerOptions
+from vcdm.generate.options import FLAG_NAMES, GenerateError, InferenceChoices, SamplerOptions, inference_settings
 from vcdm.generate.two_stage import check_chain
 
 INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
@@ -126,9 +126,9 @@ class Pipeline:
 
     def prepare(self, options: dict[str, Any]) -> perf.InferenceSettings:
         """Pop the inference options; evaluate the network as they (or vcdm.perf's defaults) say."""
-        choices = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
+        choices = InferenceChoices(**{k: options.pop(k, None) for k in INFERENCE_OPTIONS})
         check_unknown(options, self.options)
-        settings = perf.resolve(self.device, self.model.denoiser, **choices)
+        settings = inference_settings(choices, self.device, self.model.denoiser)
         perf.prepare(self.model.denoiser, settings)
         return settings
 

@@ -94,6 +94,21 @@ def inference_options(f: Callable) -> Callable:
     return f
 
 
+def pop_inference(kwargs: dict[str, Any]):
+    """Remove the --bf16 / --channels-last / --compile choices from click's kwargs → InferenceChoices."""
+    from vcdm.generate import InferenceChoices
+
+    return InferenceChoices(**{k: kwargs.pop(k) for k in ("bf16", "channels_last", "compile")})
+
+
+def pop_run_options(kwargs: dict[str, Any]):
+    """Remove --outdir, --batch, --subdirs, --grid, --overwrite, --progress from click's kwargs → RunOptions."""
+    from vcdm.generate import RunOptions
+
+    return RunOptions(**{k: kwargs.pop(k) for k in ("outdir", "max_batch_size", "subdirs", "grid", "overwrite",
+                                                     "progress")})
+
+
 def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     try:
         seeds = parse_int_list(value, f"--{param.name}")
@@ -153,12 +168,14 @@ def command(network: str, seeds: list[int], **kwargs: Any) -> None:
     vcdm generate --network model.safetensors --outdir out --seeds 0-63 --sampler dpm2m --steps 20 --grid grid.png
     """
     from vcdm import distributed
-    from vcdm.generate import generate
+    from vcdm.generate import Conditioning, generate
 
     with user_errors():
         opts = pop_sampler_options(kwargs, preset=kwargs.pop("preset"))
-        result = generate(network, seeds, opts=opts, **kwargs)
+        run, inference = pop_run_options(kwargs), pop_inference(kwargs)
+        cond = Conditioning(**{k: kwargs.pop(k) for k in ("class_idx", "load_obs_from", "data_path", "clip_weights")})
+        result = generate(network, seeds, opts=opts, cond=cond, run=run, inference=inference, **kwargs)
 
     if distributed.rank() == 0:
         click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"
-                   + (f"; grid {kwargs['grid']}" if kwargs.get("grid") else "") + f" (network: {result.settings.name})")
+                   + (f"; grid {run.grid}" if run.grid else "") + f" (network: {result.settings.name})")

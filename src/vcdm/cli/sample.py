@@ -7,7 +7,8 @@ import click
 from click.core import ParameterSource
 
 from vcdm.cli.errors import user_errors
-from vcdm.cli.generate import inference_options, parse_seeds, pop_sampler_options, preset_option, sampler_options
+from vcdm.cli.generate import (inference_options, parse_seeds, pop_inference, pop_run_options, pop_sampler_options,
+                               preset_option, sampler_options)
 
 # The original release's sampling recipe (its README), for both stages.
 STAGE_DEFAULTS = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
@@ -65,7 +66,9 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
     with user_errors():
         preset = kwargs.pop("preset")
         prior_opts, image_opts = stage_options(kwargs, "prior-", preset), stage_options(kwargs, "image-", preset)
-        result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts, **kwargs)
+        run, inference = pop_run_options(kwargs), pop_inference(kwargs)
+        result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts, run=run,
+                                  inference=inference, **kwargs)
     if distributed.rank() == 0:
         for stage in (result.embeddings, result.images):
             click.echo(f"{stage.outdir}: {stage.generated} generated, {stage.skipped} already there "

@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from vcdm.cli.errors import user_errors
-from vcdm.cli.generate import inference_options, parse_seeds, pop_sampler_options, sampler_options
+from vcdm.cli.generate import inference_options, parse_seeds, pop_inference, pop_sampler_options, sampler_options
 from vcdm.cli.sample import STAGE_DEFAULTS
 
 
@@ -47,7 +47,7 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
     """
     import torch
 
-    from vcdm.generate import variations
+    from vcdm.generate import Conditioning, variations
 
     ctx = click.get_current_context()
     if seeds is None:
@@ -57,6 +57,8 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
     kwargs["device"] = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     with user_errors():
         opts = pop_sampler_options(kwargs)
-        written = variations(image_model, [*images, *more_images], seeds, opts=opts, **kwargs)
+        cond = Conditioning(class_idx=kwargs.pop("class_idx"), clip_weights=kwargs.pop("clip_weights"))
+        written = variations(image_model, [*images, *more_images], seeds, opts=opts, cond=cond,
+                             inference=pop_inference(kwargs), **kwargs)
     for path in written:
         click.echo(path)

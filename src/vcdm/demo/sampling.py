@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vcdm.generate.options import SamplerOptions
+from vcdm.generate.options import Conditioning, RunOptions, SamplerOptions
 
 
 def read_images(outdir: Path, seeds: Sequence[int]) -> torch.Tensor:
@@ -28,8 +28,8 @@ def sample_two_stage(prior: Path, image_model: Path, seeds: Sequence[int], outdi
                      device: str, progress: bool = True) -> torch.Tensor:
     from vcdm.generate import sample_two_stage as two_stage
 
-    res = two_stage(prior, image_model, seeds, outdir=outdir, prior_opts=sampler(steps), image_opts=sampler(steps),
-                    device=device, progress=progress)
+    res = two_stage(prior, image_model, seeds, prior_opts=sampler(steps), image_opts=sampler(steps),
+                    run=RunOptions(outdir=outdir, progress=progress), device=device)
     return read_images(res.images.outdir, seeds)
 
 
@@ -37,8 +37,8 @@ def sample_model(model: Path, seeds: Sequence[int], outdir: Path, *, steps: int,
                  load_obs_from: Path | None = None, progress: bool = True) -> torch.Tensor:
     from vcdm.generate import generate
 
-    res = generate(model, seeds, outdir=outdir, opts=sampler(steps), load_obs_from=load_obs_from, device=device,
-                   progress=progress)
+    res = generate(model, seeds, opts=sampler(steps), cond=Conditioning(load_obs_from=load_obs_from),
+                   run=RunOptions(outdir=outdir, progress=progress), device=device)
     return read_images(res.outdir, seeds)
 
 

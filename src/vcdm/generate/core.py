@@ -28,7 +28,8 @@ from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
 from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
                                  write_tensors)
-from vcdm.generate.options import GenerateError, SamplerOptions, flag_values, results_dir, seed_path
+from vcdm.generate.options import (Conditioning, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
+                                  flag_values, inference_settings, results_dir, seed_path)
 from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, file_sha256, manifest_digest
 from vcdm.paths import check_writable, describe
 
@@ -319,37 +320,35 @@ def run_batches(plan: Plan, sample: Callable[[list[int]], tuple[torch.Tensor, di
     return written
 
 
-def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir: str | os.PathLike | None = None,
-             opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64, class_idx: int | None = None,
-             load_obs_from: str | os.PathLike | None = None, subdirs: bool = False, data_path: str | None = None,
-             increment_seeds: int = 0, device: str | torch.device | None = None, bf16: bool | None = None,
-             channels_last: bool | None = None, compile: bool | None = None,
-             grid: str | os.PathLike | None = None, clip_weights: str | None = None, overwrite: bool = False,
-             progress: bool = True) -> GenerateResult:
-    """Sample one file per seed into ``outdir`` (default: the seed's results layout), skipping seeds whose
-    file is complete. Under torchrun each rank takes every world-size-th batch of the missing seeds;
+def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: SamplerOptions = SamplerOptions(),
+             cond: Conditioning = Conditioning(), increment_seeds: int = 0, run: RunOptions = RunOptions(),
+             device: str | torch.device | None = None,
+             inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> GenerateResult:
+    """Sample one file per seed into ``run.outdir`` (default: the seed's results layout), skipping seeds
+    whose file is complete. Under torchrun each rank takes every world-size-th batch of the missing seeds;
     other processes on the same folder share the batches through claims.
 
-    ``bf16``, ``channels_last``, ``compile``: how the network is evaluated; None takes
-    ``vcdm.perf.default_settings`` for this device and network. They change the samples only by
-    floating-point rounding, so they do not enter the results directory name (as the device does not);
-    the precision enters the folder's manifest. ``overwrite``: replace samples of other settings."""
-    seeds = check_seeds(seeds, max_batch_size)
+    ``inference``: how the network is evaluated. It changes the samples only by floating-point rounding,
+    so it does not enter the results directory name (as the device does not); the precision enters the
+    folder's manifest. ``run.overwrite``: replace samples of other settings."""
+    seeds = check_seeds(seeds, run.max_batch_size)
+    class_idx, load_obs_from, data_path = cond.class_idx, cond.load_obs_from, cond.data_path
     path = network.path if isinstance(network, Model) else Path(network)
+    outdir = run.outdir
     if outdir is None:
         outdir = results_dir(path, opts, seeds, class_idx=class_idx, load_obs_from=load_obs_from,
                              increment_seeds=increment_seeds)
     outdir = Path(outdir)
     check_writable(outdir, "--outdir")
-    if grid is not None:
-        check_writable(grid, "--grid", is_dir=False)
+    if run.grid is not None:
+        check_writable(run.grid, "--grid", is_dir=False)
     if isinstance(network, Model) and device is None:
         device = next(network.denoiser.parameters()).device
     device = distributed.init(device)
     model = network if isinstance(network, Model) else load_model(network, device)
-    settings = perf.resolve(device, model.denoiser, bf16=bf16, channels_last=channels_last, compile=compile)
+    settings = inference_settings(inference, device, model.denoiser)
     perf.prepare(model.denoiser, settings)
-    check_request(model, opts, class_idx, grid)
+    check_request(model, opts, class_idx, run.grid)
     if load_obs_from is not None:
         check_obs_files(load_obs_from, seeds)
     source = conditioning_source(model, load_obs_from, data_path)
@@ -358,20 +357,20 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
         data_path = dataset_path(model, data_path)
     record = manifest_settings(model, opts, settings, class_idx=class_idx, increment_seeds=increment_seeds,
                                conditioning=source)
-    lock = open_folder(outdir, record, overwrite)
+    lock = open_folder(outdir, record, run.overwrite)
     rank, world = distributed.rank(), distributed.world_size()
     try:
-        plan = Plan(model, outdir, [], [], subdirs)
+        plan = Plan(model, outdir, [], [], run.subdirs)
         plan.todo = plan.missing(seeds)
         distributed.barrier()  # every rank has listed what exists before anyone writes
-        plan.batches = split_batches(plan.todo, max_batch_size, rank, world)
-        show = progress and rank == 0
+        plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
+        show = run.progress and rank == 0
         if show:
             print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
                   f'into "{outdir}"', file=sys.stderr)
         dataset = None
         if plan.todo and needs_data:
-            dataset = DatasetConditions(model, data_path, clip_weights, device)
+            dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
             if rank == 0:
                 print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
                       "DIR to condition on a prior's samples instead)", file=sys.stderr)
@@ -385,8 +384,8 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, outdir
         distributed.barrier()
     finally:
         lock.close()
-    if grid is not None and rank == 0:
+    if run.grid is not None and rank == 0:
         shown = seeds[:GRID_MAX]
-        write_png(grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))
+        write_png(run.grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))
     generated = int(distributed.all_sum([len(written)], device)[0])
     return GenerateResult(outdir, written, generated, len(seeds) - len(plan.todo), settings)

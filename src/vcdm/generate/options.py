@@ -14,9 +14,14 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from vcdm.paths import fit_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from vcdm.perf import InferenceSettings
 
 ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
 
@@ -89,6 +94,52 @@ class SamplerOptions:
 
     def replace(self, **changes) -> "SamplerOptions":
         return SamplerOptions(**{**asdict(self), **changes})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out and written — nothing here changes a sample.
+
+    ``outdir``: None = the seed's results layout; ``max_batch_size``: --batch; ``subdirs``: a folder per
+    1000 seeds; ``grid``: also tile the first 256 images into this PNG; ``overwrite``: replace samples
+    made with other settings; ``progress``: progress bars."""
+    outdir: str | os.PathLike | None = None
+    max_batch_size: int = 64
+    subdirs: bool = False
+    grid: str | os.PathLike | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Where a conditional model's observed tensors come from: ``class_idx`` (None: random per seed),
+    ``load_obs_from`` (a prior's sample files), else random items of ``data_path`` (None: the training
+    data's recorded path), embedded with the model's embedder (``clip_weights``: local CLIP weights)."""
+    class_idx: int | None = None
+    load_obs_from: str | os.PathLike | None = None
+    data_path: str | None = None
+    clip_weights: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class InferenceChoices:
+    """The --bf16 / --channels-last / --compile choices; None leaves one to ``vcdm.perf.default_settings``
+    for the device and network. A ``vcdm.perf.InferenceSettings`` fixes all three instead."""
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+
+
+def inference_settings(choice: "InferenceChoices | InferenceSettings", device: "torch.device",
+                       denoiser: "torch.nn.Module") -> "InferenceSettings":
+    """The settings to evaluate ``denoiser`` with on ``device``."""
+    from vcdm import perf
+
+    if isinstance(choice, perf.InferenceSettings):
+        return choice
+    return perf.resolve(device, denoiser, bf16=choice.bf16, channels_last=choice.channels_last,
+                        compile=choice.compile)
 
 
 FLAG_NAMES = {"num_steps": "steps", "discretization": "disc"}  # field → command-line flag, where they differ

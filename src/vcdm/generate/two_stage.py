@@ -6,16 +6,18 @@ writes ``<seed>.pt`` files, and the image model reads them back as with ``--load
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from vcdm import perf
 from vcdm.checkpoints import read_config
 from vcdm.data.structure import Structure
 from vcdm.generate.core import GenerateResult, check_seeds, generate
-from vcdm.generate.options import GenerateError, SamplerOptions, results_dir
+from vcdm.generate.options import (Conditioning, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
+                                  results_dir)
 from vcdm.paths import check_writable
 
 
@@ -61,33 +63,30 @@ class TwoStageResult:
 
 
 def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, seeds: Sequence[int], *,
-                     outdir: str | os.PathLike | None = None, prior_opts: SamplerOptions = SamplerOptions(),
-                     image_opts: SamplerOptions = SamplerOptions(), max_batch_size: int = 64,
-                     class_idx: int | None = None, subdirs: bool = False, increment_seeds: int = 0,
-                     device: str | torch.device | None = None, bf16: bool | None = None,
-                     channels_last: bool | None = None, compile: bool | None = None,
-                     grid: str | os.PathLike | None = None, overwrite: bool = False,
-                     progress: bool = True) -> TwoStageResult:
-    """Embeddings into ``<outdir>/embeddings`` and images into ``<outdir>/images`` — or, without
-    ``outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
+                     prior_opts: SamplerOptions = SamplerOptions(), image_opts: SamplerOptions = SamplerOptions(),
+                     class_idx: int | None = None, increment_seeds: int = 0, run: RunOptions = RunOptions(),
+                     device: str | torch.device | None = None,
+                     inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> TwoStageResult:
+    """Embeddings into ``<run.outdir>/embeddings`` and images into ``<run.outdir>/images`` — or, without
+    ``run.outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
     prior_cfg, image_cfg = read_config(prior), read_config(image_model)
     check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
     conditioned = [class_idx if "label" in Structure.from_dict(c["structure"]).observed_names else None
                    for c in (prior_cfg, image_cfg)]
-    seeds = check_seeds(seeds, max_batch_size)
-    if outdir is not None:
-        emb_dir, img_dir = Path(outdir) / "embeddings", Path(outdir) / "images"
+    seeds = check_seeds(seeds, run.max_batch_size)
+    if run.outdir is not None:
+        emb_dir, img_dir = Path(run.outdir) / "embeddings", Path(run.outdir) / "images"
     else:
         emb_dir = results_dir(prior, prior_opts, seeds, class_idx=conditioned[0], increment_seeds=increment_seeds)
         img_dir = results_dir(image_model, image_opts, seeds, class_idx=conditioned[1], load_obs_from=emb_dir,
                               increment_seeds=increment_seeds)
     for path in (emb_dir, img_dir):  # both stages' outputs, before the first one samples
         check_writable(path, "--outdir")
-    if grid is not None:
-        check_writable(grid, "--grid", is_dir=False)
-    common = dict(max_batch_size=max_batch_size, subdirs=subdirs, increment_seeds=increment_seeds, device=device,
-                  bf16=bf16, channels_last=channels_last, compile=compile, overwrite=overwrite, progress=progress)
-    emb = generate(prior, seeds, outdir=emb_dir, opts=prior_opts, class_idx=conditioned[0], **common)
-    img = generate(image_model, seeds, outdir=img_dir, opts=image_opts, class_idx=conditioned[1],
-                   load_obs_from=emb.outdir, grid=grid, **common)
+    if run.grid is not None:
+        check_writable(run.grid, "--grid", is_dir=False)
+    common = dict(increment_seeds=increment_seeds, device=device, inference=inference)
+    emb = generate(prior, seeds, opts=prior_opts, cond=Conditioning(conditioned[0]),
+                   run=replace(run, outdir=emb_dir, grid=None), **common)
+    img = generate(image_model, seeds, opts=image_opts, cond=Conditioning(conditioned[1], load_obs_from=emb.outdir),
+                   run=replace(run, outdir=img_dir), **common)
     return TwoStageResult(emb, img)

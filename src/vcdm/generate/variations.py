@@ -14,7 +14,7 @@ import torch
 from vcdm import perf
 from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
-from vcdm.generate.options import GenerateError, SamplerOptions
+from vcdm.generate.options import Conditioning, GenerateError, InferenceChoices, SamplerOptions, inference_settings
 from vcdm.paths import check_writable
 
 
@@ -34,11 +34,14 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.nd
 
 def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLike], seeds: Sequence[int], *,
                outdir: str | os.PathLike = "variations", opts: SamplerOptions = SamplerOptions(),
-               class_idx: int | None = None, max_batch_size: int = 64, clip_weights: str | None = None,
-               device: str | torch.device = "cpu", bf16: bool | None = None, channels_last: bool | None = None,
-               compile: bool | None = None) -> list[Path]:
-    """Write ``<outdir>/<input stem>.png`` per input: the input, then one variation per seed. ``bf16``,
-    ``channels_last``, ``compile``: as in ``generate``."""
+               cond: Conditioning = Conditioning(), max_batch_size: int = 64, device: str | torch.device = "cpu",
+               inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> list[Path]:
+    """Write ``<outdir>/<input stem>.png`` per input: the input, then one variation per seed. ``cond``: the
+    class (``class_idx``) and the embedder's ``clip_weights``; the embedding comes from each input.
+    ``inference``: as in ``generate``."""
+    if cond.load_obs_from is not None or cond.data_path is not None:
+        raise GenerateError("variations condition on the inputs' embeddings, not on samples or a dataset")
+    class_idx = cond.class_idx
     check_writable(outdir, "--outdir")
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
@@ -47,7 +50,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
         raise GenerateError("--seeds: expected one or more non-negative seeds")
     device = torch.device(device)
     model = load_model(image_model, device)
-    settings = perf.resolve(device, model.denoiser, bf16=bf16, channels_last=channels_last, compile=compile)
+    settings = inference_settings(inference, device, model.denoiser)
     perf.prepare(model.denoiser, settings)
     s = model.structure
     if not model.makes_images or "embedding" not in s.observed_names:
@@ -57,7 +60,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
         raise GenerateError(f"--image-model {image_model}: conditioned on {list(s.observed_names)}; "
                             "only an embedding (and a class label) can be supplied")
     check_class(s, class_idx)
-    embedder = load_embedder(model, clip_weights, device)
+    embedder = load_embedder(model, cond.clip_weights, device)
     channels, resolution = s.shape("image")[0], s.shape("image")[-1]
     written = []
     for path, stem in zip(images, stems):
