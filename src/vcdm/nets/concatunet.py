@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vcdm.nets.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, attention,
-                              condition_input)
+from vcdm.nets.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, condition_input)
 
 EMB_LAYER_TYPES = ("shitty", "shitty-skip")  # the release's names; its 'attn' variants are not implemented
 NO_IMAGE_RESOLUTION = 32  # the release's stand-in image when no tensor is image-shaped
@@ -46,21 +45,10 @@ class EmbUNetBlock(UNetBlock):
         self.emb_skip = Linear(self.emb_channels_in, emb_channels, **init) if wide else None
 
     def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
-        orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        h = self.conv0(F.silu(self.norm0(x)))
         skipped = emb if self.emb_skip is None else self.emb_skip(emb)
-        emb = skipped + self.int2emb(F.silu(self.intnorm(self.emb2int(emb) + self.x2int(x.mean(dim=(2, 3))))))
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
-        if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
-        else:
-            x = F.silu(self.norm1(x + params))
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = (x + (orig if self.skip is None else self.skip(orig))) * self.skip_scale
-        if self.num_heads:
-            x = (self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)) + x) * self.skip_scale
-        return x, emb
+        emb = skipped + self.int2emb(F.silu(self.intnorm(self.emb2int(emb) + self.x2int(h.mean(dim=(2, 3))))))
+        return self.finish(x, h, emb), emb
 
 
 class ConcatUNet(nn.Module):

@@ -131,8 +131,11 @@ class UNetBlock(nn.Module):
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        return self.finish(x, self.conv0(F.silu(self.norm0(x))), emb)
+
+    def finish(self, orig: Tensor, x: Tensor, emb: Tensor) -> Tensor:
+        """The block after its first convolution ``x`` of the input ``orig``: modulation by ``emb``, the
+        second convolution, the skip connection and attention."""
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
