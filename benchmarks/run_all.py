@@ -4,11 +4,14 @@
     python benchmarks/run_all.py --quick          # each script's --quick mode (about 15 minutes on 2 CPU cores)
     python benchmarks/run_all.py --only denoiser,sample --out /tmp/bench
     python benchmarks/run_all.py --script-args "denoiser=--tiny --compile none"
+    python benchmarks/run_all.py --solvers /tmp/solvers-run    # where benchmarks/solvers.py wrote its table
 
 Each script runs in its own process with ``--json`` (and ``--quick``); its log and JSON land in the
 output folder (default benchmarks/results/) beside ``results.md`` and ``results.json``. A script that
 fails, times out or writes no JSON becomes a FAILED row with the reason; the others still run.
 Ratios compare against a reference measured in the same run of the same script (e.g. float32 eager).
+The FD-vs-NFE table of benchmarks/solvers.py (hours of sampling and judging) is not re-run: its
+table.md in the --solvers folder, if there, is copied into results.md.
 
 On a machine shared with other jobs, libgomp's default busy-waiting makes multi-threaded runs
 erratic (measured here: one DDPM++ evaluation 3x slower on 2 threads than on 1), so the scripts run
@@ -30,11 +33,12 @@ from common import describe, machine, markdown_table, write_json
 from vcdm.fileio import atomic_write
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {  # name: (file, what it measures)
+SCRIPTS = {  # name: (file and fixed arguments, what it measures)
     "dataset_tool": ("dataset_tool.py", "dataset tool: JPEG folder -> 64x64 EDM zip"),
     "denoiser": ("denoiser.py", "one DDPM++ 64x64 denoiser evaluation per inference path; the prior"),
     "train": ("train.py", "training loop vs bare optimizer step"),
-    "sample": ("sample.py", "two-stage sampling (prior + DDPM++ 64x64) through vcdm.generate"),
+    "sample": ("sample.py", "two-stage sampling (prior + DDPM++ 64x64) through vcdm.generate; --preset fast"),
+    "sample_load": ("sample.py --load", "whole-process sampling vs a float32 eager baseline, idle and one core busy"),
     "fid": ("fid.py", "Inception-v3 features for FID"),
 }
 
@@ -86,6 +90,15 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
     return rows
 
 
+def solvers_section(folder: Path) -> str:
+    """benchmarks/solvers.py's FD-vs-NFE table, quoted from its results folder (it is not re-run here)."""
+    table = folder / "table.md"
+    head = f"## FD vs network evaluations (benchmarks/solvers.py, from {table})"
+    if not table.is_file():
+        return f"{head}\n\nnot found: run `python benchmarks/solvers.py --out {folder} ...` first."
+    return f"{head}\n\n{table.read_text().strip()}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="run every script in its --quick mode")
@@ -94,6 +107,8 @@ def main() -> None:
     p.add_argument("--script-args", action="append", default=[], metavar="NAME=ARGS",
                    help="extra arguments for one script, e.g. 'denoiser=--tiny --compile none' (repeatable)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per script (default 5400; --quick: 1800)")
+    p.add_argument("--solvers", type=Path, default=HERE / "results" / "solvers",
+                   help="folder of benchmarks/solvers.py's results (its table.md is quoted, not re-run)")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY for the scripts when the variable is unset; 'default' leaves it unset")
     args = p.parse_args()
@@ -122,7 +137,8 @@ def main() -> None:
     for name in names:
         script_args = (["--quick"] if args.quick else []) + extra.get(name, [])
         print(f"[{name}] {SCRIPTS[name][1]} ...", flush=True)
-        results[name] = run_script(name, HERE / SCRIPTS[name][0], script_args, out, timeout, env)
+        file, *fixed = SCRIPTS[name][0].split()
+        results[name] = run_script(name, HERE / file, fixed + script_args, out, timeout, env)
         status = f"FAILED: {results[name]['error']}" if results[name].get("error") else "ok"
         print(f"[{name}] {status} ({results[name]['wall_s']:.0f} s)", flush=True)
     info_end = machine("cpu")
@@ -136,6 +152,7 @@ def main() -> None:
         if not res.get("error") and "load_avg_end" in res:
             lines.append(f"- {name}: load average {res['machine'].get('load_avg_1m')} -> {res['load_avg_end']} "
                          f"during its {res['wall_s']:.0f} s")
+    lines += ["", solvers_section(args.solvers)]
     text = "\n".join(lines).rstrip() + "\n"
     with atomic_write(out / "results.md", "w") as f:
         f.write(text)

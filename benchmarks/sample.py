@@ -1,23 +1,34 @@
 """Two-stage sampling speed: the default prior (dalle2) + a DDPM++ 64x64 image model, random weights.
 
     python benchmarks/sample.py [--images 8] [--steps 2] [--device cpu] [--quick] [--json out.json]
+    python benchmarks/sample.py --load [--reps 3] [--steps 8]    # whole processes, idle and with a busy core
 
 Runs both stages exactly as `vcdm sample` does (per-seed noise, files written) with few Heun steps,
 then extrapolates to the original release's 40 steps (79 evaluations per stage) by adding the missing
 evaluations, each timed on its own as a bare network call at the same batch size. It does so twice:
 with the default inference settings (vcdm.perf.default_settings for each network on this device) and,
-as the reference, with both networks in float32 eager (--fp32 --no-channels-last).
+as the reference, with both networks in float32 eager (--fp32 --no-channels-last). The fast preset
+(``--preset fast``: UniPC, 24 evaluations per stage) is extrapolated the same way and compared with the
+release's setting (40 Heun steps with churn = 79 evaluations per stage); its FD against that setting's is
+in benchmarks/solvers.py's results.
+
+--load instead times whole processes (benchmarks/wholeprocess.py): `vcdm generate` with its defaults vs a
+plain float32 eager Heun sampler on an unconditional DDPM++ 64x64 (EDM's 64x64 config, random weights),
+the same steps, idle and with a synthetic process keeping one core busy, --reps interleaved repetitions
+each, reporting min / median / max.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import wholeprocess
 from common import add_common_args, machine, result, row, write_json
 from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
@@ -29,13 +40,16 @@ from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 
 EMBED_DIM = 512  # CLIP ViT-B/32
+RELEASE_NFE, FAST_NFE = 79, 24  # the release's 40 Heun steps with churn; --preset fast (UniPC 24 steps)
 PATHS = {"default": InferenceChoices(), "fp32": perf.FP32}  # how generate() evaluates; fp32 is the reference
 
 
-def write_model(path: Path, arch: str, exist: str, observed: str) -> Path:
-    structure = Structure.from_flags({"image": (3, 64, 64), "embedding": (EMBED_DIM,)}, exist, observed)
+def write_model(path: Path, arch: str, exist: str, observed: str, cbase: int | None = None) -> Path:
+    names = {"image": (3, 64, 64), "embedding": (EMBED_DIM,)} if exist != "1" else {"image": (3, 64, 64)}
+    structure = Structure.from_flags(names, exist, observed)
+    unet = dict(cres=[1, 2, 2, 2], cbase=cbase) if arch == "ddpmpp" else {}  # EDM's 64x64 config
     cls, kwargs = preset(arch, resolution=64, channels=3, embed_dim=EMBED_DIM, label_dim=structure.observed_dim,
-                         augment_dim=0)
+                         augment_dim=0, **unet)
     net = build_network(cls, kwargs)
     denoiser = Denoiser(net, structure)
     config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": denoiser.config(),
@@ -55,7 +69,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="Heun steps per stage (default 2; the seed uses 40)")
     p.add_argument("--batch", type=int, default=None, help="maximum batch size (default: all images in one batch)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--load", action="store_true", help="whole processes, idle and with one core busy (see above)")
+    p.add_argument("--reps", type=int, default=None, help="--load: repetitions per case (default 3; --quick 2)")
+    p.add_argument("--cbase", type=int, default=None, help="--load: U-Net width (default 128, EDM's; --quick 32)")
+    p.add_argument("--baseline-omp-wait-policy", default=None, metavar="POLICY",
+                   help="--load: OMP_WAIT_POLICY of the baseline's process (default: unset, as EDM's)")
     args = p.parse_args()
+    if args.load:
+        return load_main(args)
     device = torch.device(args.device)
     opts = SamplerOptions(num_steps=args.steps, S_churn=50, S_noise=1.007)
     seeds = list(range(args.images))
@@ -102,6 +123,8 @@ def main() -> None:
                   f"{args.images / total:>10.4f}{sec['prior'] / total:>13.1%}")
         total = at40["prior"] + at40["image"]
         rates[label] = (args.images / total, args.images / at40["image"], at40["prior"] / total, names)
+        if label == "default":
+            rows += fast_preset_rows(measured, per_eval, args.steps, batches, args.images, names)
     ref = rates["fp32"]
     for label, (two_stage, image_only, share, names) in rates.items():
         vs = None if label == "fp32" else "two-stage sampling, fp32"
@@ -116,6 +139,41 @@ def main() -> None:
           f"image-model stage {rates['default'][1] / ref[1]:.2f}x")
     if args.json:
         write_json(args.json, result("sample", rows, info, time.perf_counter() - start))
+
+
+def fast_preset_rows(measured: dict, per_eval: dict, steps: int, batches: int, images: int, names: str) -> list:
+    """Two-stage images/s of --preset fast vs the release's setting, both extrapolated from the measured run."""
+    rate = {}
+    for nfe in (RELEASE_NFE, FAST_NFE):
+        sec = sum(measured[k] + (nfe - evals(steps)) * batches * per_eval[k] for k in measured)
+        rate[nfe] = images / sec
+    ref = f"two-stage sampling, release setting ({RELEASE_NFE} NFE per stage)"
+    note = f"{names}; extrapolated from {steps} Heun steps; FD at these settings: benchmarks/solvers.py"
+    return [row(ref, rate[RELEASE_NFE], "images/s", note=note),
+            row(f"two-stage sampling, --preset fast ({FAST_NFE} NFE per stage)", rate[FAST_NFE], "images/s",
+                reference=ref, ratio=rate[FAST_NFE] / rate[RELEASE_NFE], note=note)]
+
+
+def load_main(args: argparse.Namespace) -> None:
+    """--load: whole-process vcdm vs the float32 eager baseline, idle and with one core busy."""
+    reps = args.reps or (2 if args.quick else 3)
+    cbase = args.cbase or (32 if args.quick else None)
+    info, start = machine("cpu"), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        network = write_model(tmp / "ddpmpp64.safetensors", "ddpmpp", "1", "0", cbase=cbase)
+        print(f"whole-process sampling: {args.images} images, {args.steps} Heun steps, DDPM++ 64x64 "
+              f"cbase {cbase or 128}, {reps} repetitions, idle and with one core busy", flush=True)
+        times = wholeprocess.measure(network, tmp, args.images, args.steps, reps, args.baseline_omp_wait_policy)
+    rows = wholeprocess.summary(times, args.images, args.steps)
+    for condition, cases in times.items():
+        med = {name: statistics.median(secs) for name, secs in cases.items()}
+        print(f"{condition}: baseline {med['fp32 eager baseline']:.1f} s, vcdm {med['vcdm defaults']:.1f} s "
+              f"(medians) = {med['fp32 eager baseline'] / med['vcdm defaults']:.2f}x")
+    if args.json:
+        write_json(args.json, result("sample-load", rows, info, time.perf_counter() - start,
+                                     baseline_omp_wait_policy=args.baseline_omp_wait_policy or "unset"))
 
 
 def evaluate(denoiser, structure, batch: int, device: torch.device, settings: perf.InferenceSettings) -> float:

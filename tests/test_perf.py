@@ -85,6 +85,38 @@ def test_default_settings_follow_the_measurements(monkeypatch, native):
     assert not any(perf.default_settings(d, n).compile for d in ("cpu", "cuda") for n in nets.values())
 
 
+AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}
+AMX = AVX512_BF16 | {"amx_tile", "amx_bf16"}
+
+
+@pytest.mark.parametrize("flags,env,expected", [
+    (AMX, {}, "amx"), (AVX512_BF16, {}, "avx512_bf16"), (AVX2, {}, "avx2"), (frozenset({"sse4_2"}), {}, "baseline"),
+    (AMX, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "avx512_bf16"),  # emulating the others on an AMX CPU
+    (AMX, {"ONEDNN_MAX_CPU_ISA": "avx2"}, "avx2"), (AVX512_BF16, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "avx2"),
+    (AMX, {"ONEDNN_MAX_CPU_ISA": "ALL"}, "amx"), (AVX2, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "avx2"),
+    (AVX2, {"ATEN_CPU_CAPABILITY": "default"}, "baseline"), (AVX2, {"ONEDNN_MAX_CPU_ISA": "AVX"}, "baseline"),
+])
+def test_cpu_path_from_flags_and_isa_caps(flags, env, expected):
+    assert perf.cpu_path(flags, env) == expected
+
+
+@pytest.mark.parametrize("flags,native", [(AMX, True), (AVX512_BF16, True), (AVX2, False), (frozenset(), False)])
+def test_cpu_defaults_per_path(monkeypatch, flags, native):
+    """The choice per CPU: bf16 only where the CPU multiplies it natively (and oneDNN is allowed to)."""
+    monkeypatch.setattr(perf, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    big = nn.Module()
+    big.img_resolution = 64
+    assert perf.bf16_is_fast("cpu") is native
+    assert perf.default_settings("cpu", big) == InferenceSettings(
+        channels_last=True, autocast_dtype=torch.bfloat16 if native else None)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # capped: the AVX2-only choice on any CPU
+    assert perf.default_settings("cpu", big) == InferenceSettings(channels_last=True)
+
+
 def test_prepare_sets_and_resets_channels_last():
     d = unet()
     weights = [p for p in d.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
@@ -259,9 +291,13 @@ def test_run_all_reports_failures_in_the_table(benchmarks, tmp_path, monkeypatch
     (tmp_path / "silent.py").write_text("print('forgot the json')\n")
     monkeypatch.setattr(run_all, "HERE", tmp_path)
     monkeypatch.setattr(run_all, "SCRIPTS", {name: (f"{name}.py", name) for name in ("good", "bad", "silent", "gone")})
-    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--out", str(tmp_path / "out")])
+    (tmp_path / "solvers").mkdir()
+    (tmp_path / "solvers" / "table.md").write_text("| sampler | NFE |\n|---|---|\n| unipc-24 | 24 |\n")
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--out", str(tmp_path / "out"),
+                                      "--solvers", str(tmp_path / "solvers")])
     run_all.main()
     md = (tmp_path / "out" / "results.md").read_text()
+    assert "| unipc-24 | 24 |" in md  # quoted from benchmarks/solvers.py's results, not re-run
     assert "| good | fast | 5 | images/s | ref | 2.50x | quick |" in md
     assert "| bad | FAILED |" in md and "boom: no such dataset" in md
     assert "| silent | FAILED |" in md and "no usable --json output" in md
@@ -269,6 +305,28 @@ def test_run_all_reports_failures_in_the_table(benchmarks, tmp_path, monkeypatch
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert results["good"]["rows"][1]["ratio"] == 2.5 and results["bad"]["error"].startswith("exit code 1")
     assert "boom" in (tmp_path / "out" / "logs" / "bad.log").read_text()
+
+
+def test_whole_process_cases_and_summary(benchmarks, tmp_path, monkeypatch):
+    """sample.py --load: the baseline runs as EDM's process would (OMP_WAIT_POLICY unset); ratios of medians."""
+    import wholeprocess
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    cases = wholeprocess.commands(tmp_path / "m.safetensors", tmp_path, images=8, steps=4)
+    (base_cmd, base_env), (vcdm_cmd, vcdm_env) = cases["fp32 eager baseline"], cases["vcdm defaults"]
+    assert "OMP_WAIT_POLICY" not in base_env and "OMP_WAIT_POLICY" not in vcdm_env
+    assert base_cmd[base_cmd.index("--steps") + 1] == vcdm_cmd[vcdm_cmd.index("--steps") + 1] == "4"
+    assert vcdm_cmd[vcdm_cmd.index("--seeds") + 1] == "0-7" and "generate" in vcdm_cmd
+    policy = wholeprocess.commands(tmp_path / "m", tmp_path, 8, 4, "PASSIVE")["fp32 eager baseline"][1]
+    assert policy["OMP_WAIT_POLICY"] == "PASSIVE"
+    times = {"idle": {"fp32 eager baseline": [10.0, 12.0, 30.0], "vcdm defaults": [5.0, 4.0, 6.0]},
+             "loaded": {"fp32 eager baseline": [20.0, 20.0, 20.0], "vcdm defaults": [10.0, 40.0, 8.0]}}
+    rows = {r["metric"]: r for r in wholeprocess.summary(times, images=8, steps=4)}
+    idle = rows["whole-process sampling, vcdm defaults (idle)"]
+    assert idle["value"] == 8 / 5.0 and idle["ratio"] == 12.0 / 5.0
+    assert "min/median/max 4.0/5.0/6.0 s" in idle["note"] and "paired speedups 2.00-5.00x" in idle["note"]
+    assert rows["whole-process sampling, vcdm defaults (loaded)"]["ratio"] == 2.0
+    assert rows["whole-process sampling, fp32 eager baseline (loaded)"]["ratio"] is None
 
 
 @pytest.mark.parametrize("env,expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")])

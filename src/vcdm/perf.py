@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ContextManager
 
@@ -90,14 +91,40 @@ def _cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+# oneDNN's ISA levels (ONEDNN_MAX_CPU_ISA), lowest first; a cap below a level hides what it adds.
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16")
+CPU_PATHS = ("amx", "avx512_bf16", "avx2", "baseline")  # best first
+
+
+def cpu_path(flags: frozenset[str] | None = None, env: dict[str, str] | None = None) -> str:
+    """Which kernels the CPU offers for the network: 'amx' (AMX tiles, bf16), 'avx512_bf16', 'avx2' (no
+    native bf16: bf16 would be emulated) or 'baseline'. ``flags``: /proc/cpuinfo's (default: this CPU's);
+    ``env``: ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY caps (default os.environ), so a path can be
+    emulated on a better CPU, e.g. ``ONEDNN_MAX_CPU_ISA=AVX2`` for the AVX2-only choice."""
+    flags = _cpu_flags() if flags is None else flags
+    env = os.environ if env is None else env
+    cap = env.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    level = _ONEDNN_ISAS.index(cap) if cap in _ONEDNN_ISAS else len(_ONEDNN_ISAS)
+    aten = env.get("ATEN_CPU_CAPABILITY", "").lower()
+    if "amx_bf16" in flags and level >= _ONEDNN_ISAS.index("AVX512_CORE_AMX"):
+        return "amx"
+    if "avx512_bf16" in flags and level >= _ONEDNN_ISAS.index("AVX512_CORE_BF16"):
+        return "avx512_bf16"
+    if {"avx2", "fma"} <= flags and level >= _ONEDNN_ISAS.index("AVX2") and aten != "default":
+        return "avx2"
+    return "baseline"
+
+
 def bf16_is_fast(device: torch.device | str) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively: CPUs with AVX512-BF16 or AMX, CUDA GPUs since Ampere."""
+    """Whether ``device`` multiplies bfloat16 natively: CPUs with AVX512-BF16 or AMX (``cpu_path``, which
+    honours an ONEDNN_MAX_CPU_ISA cap), CUDA GPUs since Ampere."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()))
+                and cpu_path() in ("amx", "avx512_bf16"))
     return False
 
 

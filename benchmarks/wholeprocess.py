@@ -1,0 +1,152 @@
+"""Whole-process sampling, idle and with one core kept busy: ``vcdm generate`` with its defaults against a
+plain float32 eager sampler, each a separate process timed from start to exit (``benchmarks/sample.py --load``).
+
+The baseline stands for NVlabs/edm's ``generate.py``: it loads the same checkpoint, runs Heun's second-order
+sampler (EDM's schedule, no churn, float32, contiguous memory, no autocast) and writes one PNG per seed; it
+runs with ``OMP_WAIT_POLICY`` unset, as EDM's process would. vcdm runs as its command line does (which
+sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set). Both use torch's default thread count and
+the same number of steps. "Loaded" runs while a synthetic competing process (a Python busy loop) keeps
+one core busy. Repetitions are interleaved (baseline, vcdm, vcdm, baseline, ...) so that a drifting
+machine hits both alike, and the spread (min / median / max) is reported.
+
+    python benchmarks/wholeprocess.py --baseline --network M --outdir D --seeds 8 --steps 8   # the baseline
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+BUSY_LOOP = "while True: pass"
+
+
+@contextlib.contextmanager
+def competing_process(enabled: bool) -> Iterator[None]:
+    """While active, a separate process keeps one core busy (nothing when ``enabled`` is false)."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+    try:
+        time.sleep(0.5)  # let it reach the scheduler's run queue
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def commands(network: Path, outdir: Path, images: int, steps: int,
+             baseline_policy: str | None = None) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name: (command line, environment) of each whole-process case; ``baseline_policy``: the baseline's
+    OMP_WAIT_POLICY (None: unset, as EDM's process)."""
+    vcdm = shutil.which("vcdm", path=str(Path(sys.executable).parent)) or "vcdm"
+    common = ["--network", str(network), "--steps", str(steps), "--batch", str(images)]
+    base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    policy = {} if baseline_policy is None else {"OMP_WAIT_POLICY": baseline_policy}
+    return {
+        "fp32 eager baseline": ([sys.executable, str(Path(__file__).resolve()), "--baseline", *common,
+                                 "--seeds", str(images), "--outdir", str(outdir / "baseline")], {**base_env, **policy}),
+        "vcdm defaults": ([vcdm, "generate", *common, "--seeds", f"0-{images - 1}", "--overwrite",
+                           "--outdir", str(outdir / "vcdm")], dict(base_env)),
+    }
+
+
+def run_once(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} ... exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-400:]}")
+    return wall
+
+
+def measure(network: Path, outdir: Path, images: int, steps: int, reps: int,
+            baseline_policy: str | None = None) -> dict[str, dict[str, list[float]]]:
+    """{'idle'|'loaded': {case: [seconds per repetition]}}, after one untimed warm-up run of each case."""
+    cases = commands(network, outdir, images, steps, baseline_policy)
+    for cmd, env in cases.values():
+        run_once(cmd, env)
+    times: dict[str, dict[str, list[float]]] = {c: {name: [] for name in cases} for c in ("idle", "loaded")}
+    for rep in range(reps):
+        for condition in ("idle", "loaded"):
+            order = list(cases) if rep % 2 == 0 else list(reversed(cases))
+            with competing_process(condition == "loaded"):
+                for name in order:
+                    times[condition][name].append(run_once(*cases[name]))
+                    print(f"  rep {rep + 1}/{reps} {condition:<6} {name:<20} {times[condition][name][-1]:7.1f} s "
+                          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    return times
+
+
+def summary(times: dict[str, dict[str, list[float]]], images: int, steps: int) -> list[dict]:
+    """Rows for run_all: images/s from the median seconds; ratio = baseline median / vcdm median."""
+    from common import row
+
+    rows = []
+    for condition, cases in times.items():
+        base, ours = cases["fp32 eager baseline"], cases["vcdm defaults"]
+        paired = sorted(b / o for b, o in zip(base, ours))
+        ref = f"whole-process sampling, fp32 eager baseline ({condition})"
+        for name, secs in cases.items():
+            spread = f"min/median/max {min(secs):.1f}/{statistics.median(secs):.1f}/{max(secs):.1f} s"
+            is_ours = name == "vcdm defaults"
+            note = f"{images} images, {steps} Heun steps, {len(secs)} runs; {spread}" + (
+                f"; paired speedups {paired[0]:.2f}-{paired[-1]:.2f}x" if is_ours else "")
+            rows.append(row(f"whole-process sampling, {name} ({condition})", images / statistics.median(secs),
+                            "images/s", reference=ref if is_ours else None,
+                            ratio=statistics.median(base) / statistics.median(secs) if is_ours else None, note=note))
+    return rows
+
+
+def baseline_main(argv: list[str]) -> None:
+    """The plain float32 eager sampler: EDM's Heun (no churn) on one batch, then one PNG per seed."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from vcdm.generate import load_model
+
+    p = argparse.ArgumentParser()
+    for flag in ("--network", "--outdir"):
+        p.add_argument(flag, required=True)
+    for flag in ("--seeds", "--steps", "--batch"):
+        p.add_argument(flag, type=int, required=True)
+    p.add_argument("--baseline", action="store_true")
+    a = p.parse_args(argv)
+    model = load_model(a.network, torch.device("cpu"))
+    denoiser = model.denoiser.eval().to(memory_format=torch.contiguous_format)
+    shape = (3, denoiser.net.img_resolution, denoiser.net.img_resolution)
+    latents = torch.stack([torch.randn(int(np.prod(shape)), generator=torch.Generator().manual_seed(s))
+                           for s in range(a.seeds)]).double()
+    sigma_min, sigma_max, rho = 0.002, 80.0, 7.0
+    i = torch.arange(a.steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / max(a.steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+    def d(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return (x - denoiser(x.float(), sigma.float()).double()) / sigma
+
+    x = latents * t[0]
+    with torch.no_grad():
+        for k in range(a.steps):
+            dx = d(x, t[k])
+            x_next = x + (t[k + 1] - t[k]) * dx
+            if k < a.steps - 1:
+                x_next = x + (t[k + 1] - t[k]) * 0.5 * (dx + d(x_next, t[k + 1]))
+            x = x_next
+    out = Path(a.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = (x.reshape(-1, *shape) * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for seed, img in enumerate(images):
+        PIL.Image.fromarray(img).save(out / f"{seed:06d}.png")
+
+
+if __name__ == "__main__":
+    baseline_main(sys.argv[1:])
