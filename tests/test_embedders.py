@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from vcdm.checkpoints import load_tensors, read_config, save_checkpoint
-from vcdm.embedders import (ClipWeightsError, Embedder, EmbedderError, EmbedderMismatch, PixelPCA,
-                            build_embedder, compatible, fit_postprocess, image_batches, load_embedder)
+from vcdm.embedders import (ClipWeightsError, Embedder, EmbedderError, EmbedderMismatch, FitOptions, PCAOptions,
+                            PixelPCA, PostProcessOptions, build_embedder, compatible, fit_postprocess, image_batches,
+                            load_embedder)
 from vcdm.embedders import base as base_mod
 from vcdm.embedders import clip as clip_mod
 
@@ -261,16 +262,17 @@ class CountingEmbedder(Embedder):
 def test_postprocess_kmeans_pca_normalise():
     images = _synthetic_images(120, seed=0)
     base = CountingEmbedder()
-    km = fit_postprocess(base, images, n_clusters=5)
+    km = fit_postprocess(base, images, PostProcessOptions(n_clusters=5))
     onehot = km.embed(images)
     assert onehot.shape == (120, 5) and km.dim == 5
     assert torch.equal(onehot.sum(1), torch.ones(120)) and set(onehot.unique().tolist()) <= {0.0, 1.0}
     assert len(onehot.argmax(1).unique()) > 1
-    assert torch.equal(fit_postprocess(base, images, n_clusters=5).embed(images), onehot)  # deterministic
-    pca = fit_postprocess(base, images, n_comp=3)
+    again = fit_postprocess(base, images, PostProcessOptions(n_clusters=5))
+    assert torch.equal(again.embed(images), onehot)  # deterministic
+    pca = fit_postprocess(base, images, PostProcessOptions(n_comp=3))
     assert pca.embed(images).shape == (120, 3)
     assert pca.identity()["post"] == {"n_comp": 3, "n_clusters": 0, "normalise": False}
-    norm = fit_postprocess(base, images, n_comp=3, normalise=True)
+    norm = fit_postprocess(base, images, PostProcessOptions(n_comp=3, normalise=True))
     z = norm.embed(images)
     assert z.abs().max() <= 3
     torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
@@ -278,37 +280,38 @@ def test_postprocess_kmeans_pca_normalise():
     assert fit_postprocess(base, images) is base
     for bad in [dict(n_clusters=3, n_comp=2), dict(n_clusters=3, normalise=True), dict(n_comp=13)]:
         with pytest.raises(EmbedderError):
-            fit_postprocess(base, images, **bad)
+            fit_postprocess(base, images, PostProcessOptions(**bad))
 
 
 def test_postprocess_cache_reused_and_atomic(tmp_path, monkeypatch):
     images = _synthetic_images(60, seed=0)
     base = CountingEmbedder()
-    first = fit_postprocess(base, images, n_comp=4, cache_dir=tmp_path, batch_size=25)
+    four, cached = PostProcessOptions(n_comp=4), FitOptions(cache_dir=tmp_path)
+    first = fit_postprocess(base, images, four, FitOptions(batch_size=25, cache_dir=tmp_path))
     assert base.calls == 3
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors" and "test-mean-pool" in files[0].name
-    second = fit_postprocess(base, images, n_comp=4, cache_dir=tmp_path)
+    second = fit_postprocess(base, images, four, cached)
     assert base.calls == 3  # read from the cache, no embedding pass
     assert second.fingerprint() == first.fingerprint()
     assert torch.equal(second.embed(images), first.embed(images))
-    fit_postprocess(base, images, n_comp=3, cache_dir=tmp_path)  # other options → another file
+    fit_postprocess(base, images, PostProcessOptions(n_comp=3), cached)  # other options → another file
     assert len(list(tmp_path.iterdir())) == 2
     files[0].write_bytes(b"damaged")  # damaged cache → refitted and replaced
-    assert fit_postprocess(base, images, n_comp=4, cache_dir=tmp_path).fingerprint() == first.fingerprint()
+    assert fit_postprocess(base, images, four, cached).fingerprint() == first.fingerprint()
     files[0].unlink()
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        fit_postprocess(base, images, n_comp=4, cache_dir=tmp_path)
+        fit_postprocess(base, images, four, cached)
     assert len(list(tmp_path.iterdir())) == 1  # only the n_comp=3 file; no partial or temp file
 
 
 def test_postprocessed_checkpoint_round_trip(tmp_path):
     images = _synthetic_images(80, seed=0)
-    emb = build_embedder("pixel-pca", data=images, dim=6, size=8, n_clusters=4)
+    emb = build_embedder("pixel-pca", data=images, pca=PCAOptions(dim=6, size=8), post=PostProcessOptions(n_clusters=4))
     identity = emb.identity()
     assert identity["name"] == "pixel-pca" and identity["dim"] == 4 and identity["post"]["n_clusters"] == 4
     assert identity["base"]["name"] == "pixel-pca" and identity["normalisation"] == "one-hot"

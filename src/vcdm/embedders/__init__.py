@@ -13,6 +13,7 @@ refuses to chain models whose identities differ.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -21,44 +22,47 @@ from vcdm.embedders.base import (Embedder, EmbedderError, EmbedderMismatch, comp
                                  image_batches)
 from vcdm.embedders.clip import CLIPEmbedder, ClipWeightsError
 from vcdm.embedders.pca import PixelPCA
-from vcdm.embedders.postprocess import PostProcess, PostProcessed, fit_postprocess
+from vcdm.embedders.postprocess import FitOptions, PostProcess, PostProcessed, PostProcessOptions, fit_postprocess
 
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
 
 __all__ = ["EMBEDDERS", "CLIPEmbedder", "ClipWeightsError", "Embedder", "EmbedderError", "EmbedderMismatch",
-           "PixelPCA", "PostProcess", "PostProcessed", "build_embedder", "compatible", "default_cache_dir",
-           "fit_postprocess", "image_batches", "load_embedder"]
+           "FitOptions", "PCAOptions", "PixelPCA", "PostProcess", "PostProcessOptions", "PostProcessed",
+           "build_embedder", "compatible", "default_cache_dir", "fit_postprocess", "image_batches", "load_embedder"]
 
 
-def build_embedder(name: str, *, clip_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                   trainable: bool = False, data: Any = None, cache_dir: str | os.PathLike | None = None,
-                   seed: int = 0, max_images: int | None = None, data_key: str | None = None,
-                   dim: int = 64, size: int = 16, whiten: bool = True,
-                   n_comp: int = 0, n_clusters: int = 0, normalise: bool = False,
-                   batch_size: int = 100, progress: bool = True) -> Embedder:
+@dataclass(frozen=True)
+class PCAOptions:
+    """pixel-pca's options: ``dim`` components of the images resized to ``size`` x ``size``, ``whiten``ed
+    (see pca.py)."""
+    dim: int = 64
+    size: int = 16
+    whiten: bool = True
+
+
+def build_embedder(name: str, *, data: Any = None, clip_weights: str | os.PathLike | None = None,
+                   trainable: bool = False, pca: PCAOptions = PCAOptions(),
+                   post: PostProcessOptions = PostProcessOptions(), fit: FitOptions = FitOptions(),
+                   device: str | torch.device = "cpu") -> Embedder:
     """Build (and, where needed, fit on `data`) an embedder for training.
 
     clip-vit-b32 uses `clip_weights` / $VCDM_CLIP_WEIGHTS (see clip.py); `trainable` is the seed's
-    --train_embedder. pixel-pca uses `dim`, `size`, `whiten`. `n_comp`, `n_clusters`, `normalise` add
-    the seed's post-processing. Fitting uses `data` (a dataset or image tensor; see `image_batches`),
-    `max_images` of it (default all) chosen with `seed`, and caches its result in `cache_dir`
-    (e.g. `default_cache_dir(dataset_path)`); `data_key` can name the data version in that cache.
+    --train_embedder. pixel-pca uses `pca`. `post` adds the seed's post-processing. Fitting uses `data`
+    (a dataset or image tensor; see `image_batches`) as `fit` says (subset, seed, cache).
     """
-    post = n_comp or n_clusters or normalise
     if name not in EMBEDDERS:
         raise EmbedderError(f"unknown embedder '{name}'; choose one of {', '.join(EMBEDDERS)}")
-    if data is None and (post or name == "pixel-pca"):
-        raise EmbedderError(f"embedder '{name}'{' with post-processing' if post else ''} is fitted on the "
+    if data is None and (post.active or name == "pixel-pca"):
+        raise EmbedderError(f"embedder '{name}'{' with post-processing' if post.active else ''} is fitted on the "
                             f"training data, but no data was given")
-    fit_opts = dict(seed=seed, max_images=max_images, cache_dir=cache_dir, data_key=data_key)
     if name == "clip-vit-b32":
         base: Embedder = CLIPEmbedder.from_file(clip_weights, trainable=trainable, device=device)
     else:
-        base = PixelPCA.fit(data, dim=dim, size=size, whiten=whiten, **fit_opts).to(device)
-    if not post:
+        base = PixelPCA.fit(data, dim=pca.dim, size=pca.size, whiten=pca.whiten, seed=fit.seed,
+                            max_images=fit.max_images, cache_dir=fit.cache_dir, data_key=fit.data_key).to(device)
+    if not post.active:
         return base
-    return fit_postprocess(base, data, n_comp=n_comp, n_clusters=n_clusters, normalise=normalise,
-                           batch_size=batch_size, progress=progress, **fit_opts)
+    return fit_postprocess(base, data, post, fit)
 
 
 def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torch.Tensor] | None, *,

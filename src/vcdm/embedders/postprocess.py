@@ -16,6 +16,7 @@ deterministically for a seed, and cached beside the dataset in a safetensors fil
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -25,6 +26,32 @@ from vcdm.embedders.base import Embedder, EmbedderError, cached_fit, image_batch
 from vcdm.embedders.pca import fit_pca
 
 NORMALISED = "(x-mean)/(2*std+1e-8), clamped to [-3,3]"
+
+
+@dataclass(frozen=True)
+class PostProcessOptions:
+    """The seed's post-processing: k-means to ``n_clusters`` one-hot codes, PCA to ``n_comp`` components,
+    ``normalise`` (see the module docstring); 0 / False: off."""
+    n_comp: int = 0
+    n_clusters: int = 0
+    normalise: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.n_comp or self.n_clusters or self.normalise)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How an embedder's data-fitted parts are fitted: on ``max_images`` of the data (None: all) chosen
+    with ``seed``, embedded ``batch_size`` images at a time, and cached in ``cache_dir`` (None: not
+    cached; e.g. ``default_cache_dir(dataset_path)``), where ``data_key`` can name the data version."""
+    seed: int = 0
+    max_images: int | None = None
+    batch_size: int = 100
+    cache_dir: str | os.PathLike | None = None
+    data_key: str | None = None
+    progress: bool = True
 
 
 class PostProcess(torch.nn.Module):
@@ -120,27 +147,25 @@ class PostProcessed(Embedder):
         return {**super().identity(), "post": self.post.options(), "base": self.base.identity()}
 
 
-def fit_postprocess(base: Embedder, source: Any, *, n_comp: int = 0, n_clusters: int = 0, normalise: bool = False,
-                    seed: int = 0, max_images: int | None = None, batch_size: int = 100,
-                    cache_dir: str | os.PathLike | None = None, data_key: str | None = None,
-                    progress: bool = True) -> Embedder:
+def fit_postprocess(base: Embedder, source: Any, options: PostProcessOptions = PostProcessOptions(),
+                    fit: FitOptions = FitOptions()) -> Embedder:
     """Wrap `base` with post-processing fitted on the embeddings of `source`'s images (all of them,
-    as the seed, unless `max_images`). Returns `base` itself when no option is set."""
-    post = PostProcess(base.dim, n_comp, n_clusters, normalise)
+    as the seed, unless `fit.max_images`). Returns `base` itself when no option is set."""
+    post = PostProcess(base.dim, options.n_comp, options.n_clusters, options.normalise)
     if not post.active:
         return base
     base_fp = base.fingerprint()
-    key = {"base": base.name, "base_fingerprint": base_fp, **post.options(), "seed": seed,
-           "max_images": max_images, "num_images": len(source), "data_key": data_key}
+    key = {"base": base.name, "base_fingerprint": base_fp, **post.options(), "seed": fit.seed,
+           "max_images": fit.max_images, "num_images": len(source), "data_key": fit.data_key}
 
-    def fit() -> dict[str, torch.Tensor]:
-        batches = image_batches(source, batch_size=batch_size, max_images=max_images, seed=seed)
-        total = -(-min(len(source), max_images or len(source)) // batch_size)
+    def run_fit() -> dict[str, torch.Tensor]:
+        batches = image_batches(source, batch_size=fit.batch_size, max_images=fit.max_images, seed=fit.seed)
+        total = -(-min(len(source), fit.max_images or len(source)) // fit.batch_size)
         with torch.no_grad():
-            emb = torch.cat([base.embed(b).cpu() for b in tqdm(batches, total=total, disable=not progress,
+            emb = torch.cat([base.embed(b).cpu() for b in tqdm(batches, total=total, disable=not fit.progress,
                                                                desc=f"embedding for {base.name} post-processing")])
-        return post.fit(emb, seed).state_dict()
+        return post.fit(emb, fit.seed).state_dict()
 
-    stem = f"embed-post-{base.name}-{base_fp[:8]}-c{n_comp}-k{n_clusters}-n{int(normalise)}"
-    post.load_state(cached_fit(cache_dir, stem, key, fit))
+    stem = f"embed-post-{base.name}-{base_fp[:8]}-c{post.n_comp}-k{post.n_clusters}-n{int(post.normalise)}"
+    post.load_state(cached_fit(fit.cache_dir, stem, key, run_fit))
     return PostProcessed(base, post.to(base.device))

@@ -77,15 +77,17 @@ def embedding_option(values: list[int], flag: str, names: tuple[str, ...]) -> in
 
 def make_embedder(opts: TrainOptions, dataset, device: torch.device, cache_dir: Path, key: str):
     """Build the embedder; data-fitted ones are fitted once (process 0 first, the others read its cache)."""
-    from vcdm.embedders import build_embedder
+    from vcdm.embedders import FitOptions, PCAOptions, PostProcessOptions, build_embedder
 
     name = opts.embedder_name
     if name is None:
         return None
+    post = PostProcessOptions(n_comp=embedding_option(opts.n_comp, "--n_comp", opts.tensor_names),
+                              n_clusters=embedding_option(opts.n_clusters, "--n_clusters", opts.tensor_names))
+    fit = FitOptions(seed=FIT_SEED, cache_dir=cache_dir if _writable(cache_dir) else None, data_key=key,
+                     progress=dist.rank() == 0)
     kwargs = dict(clip_weights=opts.clip_weights, device=device, trainable=opts.train_embedder, data=dataset,
-                  cache_dir=cache_dir if _writable(cache_dir) else None, seed=FIT_SEED, data_key=key,
-                  dim=opts.pca_dim, n_comp=embedding_option(opts.n_comp, "--n_comp", opts.tensor_names),
-                  n_clusters=embedding_option(opts.n_clusters, "--n_clusters", opts.tensor_names), progress=dist.rank() == 0)
+                  pca=PCAOptions(dim=opts.pca_dim), post=post, fit=fit)
     if dist.rank() != 0:
         dist.barrier()
     embedder = build_embedder(name, **kwargs)
