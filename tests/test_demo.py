@@ -163,7 +163,7 @@ def test_quality_benchmark_smoke(tmp_path):
     for rows in budgets.values():
         assert set(rows) == {"real", "uncond", "two_stage", "oracle"}
         assert all(math.isfinite(r["fd"]) and r["fd"] >= 0 for r in rows.values())
-        assert 0 <= rows["oracle"]["accuracy"] <= 1
+        assert 0 <= rows["oracle"]["accuracy"] <= 1 and math.isfinite(rows["oracle"]["cond_gap"])
     small, large = budgets.values()  # nested budgets: the larger trains on more images
     assert large["uncond"]["kimg"] > small["uncond"]["kimg"]
     assert large["two_stage"]["image_kimg"] > small["two_stage"]["image_kimg"]
