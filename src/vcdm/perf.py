@@ -5,6 +5,14 @@ one applies them (``prepare``) and one wraps the evaluations (``autocast``). The
 float64 and the preconditioning float32 (the Denoiser casts); under bfloat16 autocast only the network's
 convolutions and matrix products run in bfloat16, accumulating in float32.
 
+Per CPU (``cpu_path``, from /proc/cpuinfo's flags, capped by ONEDNN_MAX_CPU_ISA so that a weaker CPU's
+choice can be emulated on a stronger one): 'amx' and 'avx512_bf16' multiply bfloat16 natively, so U-Nets
+of 32x32 and up run under bf16 autocast (and channels_last from 64x64); 'avx2' (and anything older) would
+emulate bf16 (oneDNN reports no bf16 support; measured below), so everything stays float32, with
+channels_last for U-Nets of 32x32 and up. AMX uses the AVX512-BF16 rules: the 2.30x whole-process figure
+on an idle AMX Xeon (issue 13) was with them, and no AMX sweep of sizes has been made.
+tests/test_perf.py checks the choice for each path with patched CPU flags and ISA caps.
+
 The CPU rules come from ``benchmarks/denoiser.py`` and a sweep of DDPM++ sizes on a 2-core AMD EPYC with
 AVX512-BF16 (speed vs float32 eager, one thread, batch 8 / 64):
 
