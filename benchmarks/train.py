@@ -1,5 +1,9 @@
 """Training throughput (images/s) of the full `vcdm train` loop, with the bare network step as reference.
 
+Reference: EDM's bare step (augmentation, loss, backward, Adam, EMA) on random tensors, in float32 and
+(for the U-Net) with channels_last and/or bf16 autocast, each from the same initialisation and noise, so
+their per-step losses can be compared with float32's (the "losses agree" check).
+
 Models: DDPM++ at 64x64 (EDM's/the release's 64x64 config: cbase 128, cres 1,2,2,2) conditioned on a
 pixel-pca embedding, and the dalle2 prior (dim 512, depth 6) over that embedding. The loop number
 comes from the run's stats.jsonl (sec/kimg of ticks after the first, one step per tick, maintenance
@@ -24,6 +28,7 @@ import PIL.Image
 import torch
 
 from common import add_common_args, machine, result, row, write_json
+from denoiser import unzero_init
 from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
 from vcdm.train import TrainOptions, train
 from vcdm.train.build import build
@@ -56,22 +61,35 @@ def loop_rate(opts: TrainOptions) -> float:
     return 1000 / statistics.median(t["sec_per_kimg"] for t in ticks)
 
 
-def bare_rate(opts: TrainOptions, steps: int) -> float:
-    """forward + backward + Adam + EMA of the same denoiser on random data (no data loading, no embedding)."""
+PATHS = {"fp32": (False, False), "channels_last": (True, False), "bf16": (False, True),
+         "channels_last+bf16": (True, True)}  # bare-step variants: (channels_last, bf16 autocast)
+
+
+def bare_steps(opts: TrainOptions, steps: int, channels_last: bool, bf16: bool) -> tuple[float, list[float]]:
+    """EDM's bare training step: augmentation, loss, backward, Adam, EMA of the same denoiser on random
+    images and embeddings (no data loading, no embedder), from the same initialisation and the same noise
+    per step whatever the variant. Returns (images/s over the steps after the first, loss per step)."""
     device = torch.device(opts.device)
     torch.manual_seed(0)
     s = build(opts, device)
-    net, structure = s.denoiser.net.train(), s.structure
+    net, structure = unzero_init(s.denoiser.net).train(), s.structure  # so the output depends on every layer
+    net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = torch.randn(opts.batch, structure.latent_dim, device=device)
-    y = torch.randn(opts.batch, structure.observed_dim, device=device) if structure.observed_dim else None
-    aug = torch.zeros(opts.batch, 9, device=device)
-    times = []
-    for _ in range(steps + 1):
+    data = torch.Generator().manual_seed(1)
+    images = torch.rand(opts.batch, 3, 64, 64, generator=data).to(device) * 2 - 1
+    embedding = torch.randn(opts.batch, PCA_DIM, generator=data).to(device)
+    times, losses = [], []
+    for i in range(steps + 1):
+        gen = torch.Generator(device).manual_seed(100 + i)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        s.loss_fn(s.denoiser, x, y, aug).sum().backward()
+        image, aug = s.augment_pipe(images, generator=gen) if s.augment_pipe is not None else (images, None)
+        tensors = {"image": image, "embedding": embedding}
+        x, y = structure.flatten_latent(tensors), structure.flatten_observed(tensors)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = s.loss_fn(s.denoiser, x, y, aug, generator=gen).float()
+        loss.sum().backward()
         opt.step()
         with torch.no_grad():
             for k, v in net.state_dict().items():
@@ -79,7 +97,22 @@ def bare_rate(opts: TrainOptions, steps: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return opts.batch / statistics.median(times[1:])
+        losses.append(loss.mean().item())
+    return opts.batch / statistics.median(times[1:]), losses
+
+
+def path_rows(kind: str, device: str, batch: int, results: dict[str, tuple[float, list[float]]]) -> list[dict]:
+    """One row per bare-step variant: images/s vs float32, and how far its losses are from float32's."""
+    ref_rate, ref_loss = results["fp32"]
+    rows = []
+    for name, (rate, losses) in results.items():
+        dev = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_loss))
+        note = f"batch {batch}; losses {', '.join(f'{v:.4f}' for v in losses)}" + (
+            "" if name == "fp32" else f"; max relative loss difference vs fp32 {dev:.2%}")
+        rows.append(row(f"bare training step {name}, {kind} ({device})", rate, "images/s",
+                        reference=None if name == "fp32" else f"bare training step fp32, {kind} ({device})",
+                        ratio=None if name == "fp32" else rate / ref_rate, note=note))
+    return rows
 
 
 def main() -> None:
@@ -90,6 +123,7 @@ def main() -> None:
                     "--quick: 2)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--models", default="ddpmpp-64,prior", help="comma-separated: ddpmpp-64, prior")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"bare-step variants for the U-Net: {', '.join(PATHS)}")
     a = ap.parse_args()
     a.steps = a.steps or (2 if a.quick else 3)
     info, start, rows = machine("cpu"), time.perf_counter(), []
@@ -109,12 +143,17 @@ def main() -> None:
                 finally:
                     sys.stdout.close()
                     sys.stdout = saved
-                bare = bare_rate(opts, a.steps)
+                paths = [p for p in a.paths.split(",") if p] if kind == "ddpmpp-64" else ["fp32"]
+                variants = {p: bare_steps(opts, a.steps, *PATHS[p]) for p in ["fp32"] + [p for p in paths if p != "fp32"]}
+                bare = variants["fp32"][0]
                 print(f"{kind:<12s} {device:<6s} {a.batch:>5d} {loop:>11.2f} {bare:>11.2f} {loop / bare:>9.2f}", flush=True)
-                ref = f"bare training step, {kind} ({device})"
-                rows += [row(ref, bare, "images/s", note=f"batch {a.batch}"),
-                         row(f"training loop, {kind} ({device})", loop, "images/s", reference=ref, ratio=loop / bare,
-                             note=f"batch {a.batch}, {a.steps} timed steps")]
+                for name, (rate, losses) in variants.items():
+                    print(f"  bare {name:<20s} {rate:8.2f} img/s ({rate / bare:.2f}x)  losses "
+                          + " ".join(f"{v:.4f}" for v in losses), flush=True)
+                ref = f"bare training step fp32, {kind} ({device})"
+                rows += path_rows(kind, device, a.batch, variants)
+                rows.append(row(f"training loop, {kind} ({device})", loop, "images/s", reference=ref, ratio=loop / bare,
+                                note=f"batch {a.batch}, {a.steps} timed steps; loop in its defaults (float32)"))
     if a.json:
         write_json(a.json, result("train", rows, info, time.perf_counter() - start))
 
