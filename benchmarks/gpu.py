@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import add_common_args, machine, result, row, synchronize, write_json
 from denoiser import unzero_init
+
 from vcdm import perf
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
@@ -148,6 +148,7 @@ def main() -> None:
     if a.uncond or (a.prior and a.image):
         import soundness
         from solvers import Models
+
         from vcdm.metrics.judge import make_judge
 
         models = Models(a.prior, a.image, a.uncond, device)

@@ -17,8 +17,8 @@ import argparse
 import time
 
 import torch
-
 from common import add_common_args, machine, result, row, write_json
+
 from vcdm import perf
 from vcdm.metrics.classifier import feature_stats
 from vcdm.metrics.fid import frechet_distance
@@ -53,6 +53,7 @@ def compare(judge, sets: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def main() -> None:
     from solvers import Models
+
     from vcdm.metrics.judge import make_judge
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
