@@ -31,13 +31,13 @@ from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched by name.
-PEAKS = {"H200": 989, "H100 SXM": 989, "H100 PCIe": 756, "H100": 756, "A100": 312, "L40S": 362, "L40": 181,
+PEAKS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L40": 181,
          "L4": 121, "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 3090": 71, "RTX A6000": 155, "A6000": 155}
 HEUN_STEPS = 18
 
 
 def vendor_peak(name: str) -> float | None:
-    """TFLOP/s for the first PEAKS key in the device name (longest keys first: 'H100 SXM' before 'H100')."""
+    """TFLOP/s for the first PEAKS key in the device name (longest keys first: 'H100 PCIe' before 'H100', which is the SXM part)."""
     return next((PEAKS[k] for k in sorted(PEAKS, key=len, reverse=True) if k in name), None)
 
 
