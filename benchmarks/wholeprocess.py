@@ -59,6 +59,8 @@ def commands(network: Path, outdir: Path, images: int, steps: int,
 
 
 def run_once(cmd: list[str], env: dict[str, str]) -> float:
+    """Seconds from start to exit, into an emptied --outdir (vcdm generate skips seeds already there)."""
+    shutil.rmtree(cmd[cmd.index("--outdir") + 1], ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
