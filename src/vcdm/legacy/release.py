@@ -7,6 +7,7 @@ arguments its preconditioner recorded. The parameter names are the same, so the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -51,8 +52,11 @@ def prior_kwargs(record, structure: Structure) -> dict:
     return kwargs
 
 
-def prior_to_vcdm(record, structure: Structure | None = None) -> tuple[CheckpointConfig, dict[str, torch.Tensor]]:
-    """vcdm checkpoint config and network state dict for the release's prior."""
+def release_to_vcdm(record, structure: Structure | None, net_kwargs: Callable[[Any, Structure], tuple[str, dict]],
+                    archs: dict[str, str]) -> tuple[CheckpointConfig, dict[str, torch.Tensor]]:
+    """vcdm checkpoint config and network state dict for a network of the original release: ``net_kwargs``
+    gives (vcdm class, constructor kwargs) for the record and the structure it generates; ``archs`` maps
+    that class to the ``--arch`` name recorded."""
     from vcdm.legacy.edm import _denoiser_config, _seed_structure
     from vcdm.nets import build_network
     from vcdm.nets.precond import Denoiser
@@ -65,24 +69,31 @@ def prior_to_vcdm(record, structure: Structure | None = None) -> tuple[Checkpoin
             values = denoiser_cfg.get(name)
             if values is not None and len(values) == len(seed_exist) != len(structure.names):
                 denoiser_cfg[name] = [v for v, e in zip(values, seed_exist) if e]
-    kwargs = prior_kwargs(record, structure)
+    cls, kwargs = net_kwargs(record, structure)
     try:
         with torch.device("meta"):  # shapes only
-            net = build_network("DALLE2Prior", kwargs)
+            net = build_network(cls, kwargs)
         denoiser = Denoiser(net, structure, **denoiser_cfg)
     except (TypeError, ValueError) as e:
-        raise LegacyError(f"{record.path}: recorded settings do not build a vcdm network: {e}") from None
+        raise LegacyError(f"{record.path}: recorded settings do not build a vcdm {cls}: {e}") from None
     state = {k: v.detach() for k, v in record.state_dict.items()}
     problem = state_dict_mismatch(denoiser.net.state_dict(), state)
     if problem:
-        raise LegacyError(f"{record.path}: weights do not match vcdm's DALLE2Prior: {problem}")
+        raise LegacyError(f"{record.path}: weights do not match vcdm's {cls}: {problem}")
+    images = [structure.shape(n) for n, e in zip(structure.names, structure.exist) if e and len(structure.shape(n)) == 3]
     data_class = next((k for k, names in DATA_CLASS_TENSORS.items() if names == structure.names), None)
-    label_dim = structure.numel("label") if "label" in structure.observed_names else 0
     config = CheckpointConfig(
-        network="DALLE2Prior", net_kwargs=kwargs, denoiser=denoiser.config(), structure=structure.to_dict(),
-        data={"data_class": data_class, "path": (record.dataset_kwargs or {}).get("path"), "resolution": None,
-              "label_dim": label_dim},
-        training={"arch": "dalle2"},
+        network=cls, net_kwargs=kwargs, denoiser=denoiser.config(), structure=structure.to_dict(),
+        data={"data_class": data_class, "path": (record.dataset_kwargs or {}).get("path"),
+              "resolution": images[0][2] if images else None,
+              "label_dim": structure.numel("label") if "label" in structure.observed_names else 0},
+        training={"arch": archs[cls]},
         imported_from={"file": Path(record.path).name, "release": record.release, "precond": record.precond_class,
                        "network": record.net_class, "use_fp16": bool(record.precond_kwargs.get("use_fp16", False))})
     return config, state
+
+
+def prior_to_vcdm(record, structure: Structure | None = None) -> tuple[CheckpointConfig, dict[str, torch.Tensor]]:
+    """vcdm checkpoint config and network state dict for the release's prior."""
+    return release_to_vcdm(record, structure, lambda rec, st: ("DALLE2Prior", prior_kwargs(rec, st)),
+                           {"DALLE2Prior": "dalle2"})

@@ -5,14 +5,13 @@ from the release's recorded Structure (its networks derive it from there too).
 """
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import torch
 
-from vcdm.checkpoints import CheckpointConfig, state_dict_mismatch
-from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
+from vcdm.checkpoints import CheckpointConfig
+from vcdm.data.structure import Structure
 from vcdm.legacy.records import LegacyError
+from vcdm.legacy.release import release_to_vcdm
 
 RELEASE_NETS = {"ConcatUNet": "ConcatUNet", "FilmWrappedOriginalSongUNet": "FilmSongUNet",
                 "ControlledDhariwalUNet": "ControlDhariwalUNet"}
@@ -57,38 +56,5 @@ def release_net_kwargs(record, structure: Structure) -> tuple[str, dict]:
 
 def release_net_to_vcdm(record, structure: Structure | None = None) -> tuple[CheckpointConfig, dict[str, torch.Tensor]]:
     """vcdm checkpoint config and network state dict for one of the release's networks above."""
-    from vcdm.legacy.edm import _denoiser_config, _seed_structure
-    from vcdm.nets import build_network
-    from vcdm.nets.precond import Denoiser
-
-    denoiser_cfg = _denoiser_config(record)
-    if structure is None:
-        structure = _seed_structure(record)
-        seed_exist = (record.structure or {}).get("exist") or []
-        for key in ("noise_mult", "pred_x0"):  # the release indexes these over all data tensors
-            values = denoiser_cfg.get(key)
-            if values is not None and len(values) == len(seed_exist) != len(structure.names):
-                denoiser_cfg[key] = [v for v, e in zip(values, seed_exist) if e]
-    cls, kwargs = release_net_kwargs(record, structure)
-    try:
-        with torch.device("meta"):  # shapes only
-            net = build_network(cls, kwargs)
-        denoiser = Denoiser(net, structure, **denoiser_cfg)
-    except (TypeError, ValueError) as e:
-        raise LegacyError(f"{record.path}: recorded settings do not build a vcdm {cls}: {e}") from None
-    state = {k: v.detach() for k, v in record.state_dict.items()}
-    problem = state_dict_mismatch(denoiser.net.state_dict(), state)
-    if problem:
-        raise LegacyError(f"{record.path}: weights do not match vcdm's {cls}: {problem}")
-    images = [s for s in _existing(structure)[0] if len(s) == 3]
-    data_class = next((k for k, names in DATA_CLASS_TENSORS.items() if names == structure.names), None)
-    arch = {"ConcatUNet": "concatunet", "FilmSongUNet": "film-ddpmpp", "ControlDhariwalUNet": "control-adm"}[cls]
-    config = CheckpointConfig(
-        network=cls, net_kwargs=kwargs, denoiser=denoiser.config(), structure=structure.to_dict(),
-        data={"data_class": data_class, "path": (record.dataset_kwargs or {}).get("path"),
-              "resolution": images[0][2] if images else None,
-              "label_dim": math.prod(structure.shape("label")) if "label" in structure.observed_names else 0},
-        training={"arch": arch},
-        imported_from={"file": Path(record.path).name, "release": record.release, "precond": record.precond_class,
-                       "network": record.net_class, "use_fp16": bool(record.precond_kwargs.get("use_fp16", False))})
-    return config, state
+    archs = {"ConcatUNet": "concatunet", "FilmSongUNet": "film-ddpmpp", "ControlDhariwalUNet": "control-adm"}
+    return release_to_vcdm(record, structure, release_net_kwargs, archs)
