@@ -240,8 +240,7 @@ def fid(images: Any, ref: Any, *, metrics: Sequence[str] = ("fid",), num: int | 
     ``images``: a folder or zip, or images in memory (see ``_image_dataset``); ``ref``: an .npz path or
     URL (``vcdm fid ref``, EDM's fid-refs) or a ``vcdm.metrics.FeatureStats``; ``metrics``: any of fid,
     kid, pr (the last two need a reference with features); ``num``: a random subset of this size."""
-    from vcdm.metrics import (METRICS, FeatureStats, InceptionFeatures, compute_stats, fid_score, kid_score,
-                              load_reference, precision_recall)
+    from vcdm.metrics import METRICS, FeatureStats, InceptionFeatures, compute_stats, load_reference, scores
 
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
@@ -254,11 +253,4 @@ def fid(images: Any, ref: Any, *, metrics: Sequence[str] = ("fid",), num: int | 
     net = InceptionFeatures(inception_weights, progress=progress).to(device)
     stats = compute_stats(_image_dataset(images, num, seed), net, batch=batch, device=device, keep_features=keep,
                           progress=progress)
-    results: dict[str, float] = {}
-    if "fid" in metrics:
-        results["fid"] = fid_score(stats, reference)
-    if "kid" in metrics:
-        results.update(kid_score(stats.features, reference.features))
-    if "pr" in metrics:
-        results.update(precision_recall(stats.features, reference.features))
-    return results
+    return scores(stats, reference, metrics)

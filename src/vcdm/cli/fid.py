@@ -185,7 +185,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
     writable(json_path, "--json", is_dir=False)
 
     def run() -> None:
-        from vcdm.metrics import compute_stats, fid_score, kid_score, load_reference, precision_recall
+        from vcdm.metrics import compute_stats, load_reference, scores
         from vcdm.metrics.stats import rank_and_world
 
         reference = load_reference(ref_path, progress=progress)
@@ -200,13 +200,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
                                   num_workers=workers, progress=progress)
             if rank_and_world()[0] != 0:
                 return
-            results: dict[str, float] = {}
-            if "fid" in metrics:
-                results["fid"] = fid_score(stats, reference)
-            if "kid" in metrics:
-                results.update(kid_score(stats.features, reference.features))
-            if "pr" in metrics:
-                results.update(precision_recall(stats.features, reference.features))
+            results = scores(stats, reference, metrics)
             for name, value in results.items():
                 click.echo(f"{name} {value:g}")
             if json_path:
