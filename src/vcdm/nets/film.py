@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vcdm.nets.layers import GroupNorm, Linear, UNetBlock, attention
+from vcdm.nets.layers import GroupNorm, Linear, UNetBlock
 from vcdm.nets.songunet import SongUNet
 
 
@@ -75,21 +75,7 @@ class FilmSongUNet(SongUNet):
 
 def film_block(block: UNetBlock, x: Tensor, emb: Tensor, pair: tuple[Tensor, Tensor]) -> Tensor:
     """UNetBlock.forward with ``x * (1 + gamma_minus_1) + beta`` after its first normalisation."""
-    orig = x
-    x = block.conv0(F.silu(block.norm0(x)))
-    params = block.affine(emb)[:, :, None, None].to(x.dtype)
-    if block.adaptive_scale:
-        scale, shift = params.chunk(2, dim=1)
-        x = F.silu(torch.addcmul(shift, block.norm1(x), scale + 1))
-    else:
-        x = F.silu(block.norm1(x + params))
-    gamma_minus_1, beta = pair
-    x = x * (gamma_minus_1 + 1) + beta
-    x = block.conv1(F.dropout(x, p=block.dropout, training=block.training))
-    x = (x + (orig if block.skip is None else block.skip(orig))) * block.skip_scale
-    if block.num_heads:
-        x = (block.proj(attention(block.qkv(block.norm2(x)), block.num_heads)) + x) * block.skip_scale
-    return x
+    return block.finish(x, block.conv0(F.silu(block.norm0(x))), emb, film=pair)
 
 
 def film_preset(*, resolution: int, channels: int, cond_dim: int, augment_dim: int, cbase: int | None = None,

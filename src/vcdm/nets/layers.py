@@ -133,15 +133,18 @@ class UNetBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return self.finish(x, self.conv0(F.silu(self.norm0(x))), emb)
 
-    def finish(self, orig: Tensor, x: Tensor, emb: Tensor) -> Tensor:
-        """The block after its first convolution ``x`` of the input ``orig``: modulation by ``emb``, the
-        second convolution, the skip connection and attention."""
+    def finish(self, orig: Tensor, x: Tensor, emb: Tensor, film: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The block after its first convolution ``x`` of the input ``orig``: modulation by ``emb`` (then
+        ``x * (1 + gamma_minus_1) + beta`` for ``film = (gamma_minus_1, beta)``), the second convolution,
+        the skip connection and attention."""
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
             x = F.silu(self.norm1(x + params))
+        if film is not None:
+            x = x * (film[0] + 1) + film[1]
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
         x = (x + (orig if self.skip is None else self.skip(orig))) * self.skip_scale
         if self.num_heads:
