@@ -42,6 +42,25 @@ def test_checkpoint_round_trip_rebuilds_identical_denoiser(tmp_path):
     assert loaded.structure == den.structure and loaded.config() == den.config()
 
 
+def test_loading_takes_the_files_tensors_without_initialising_weights(tmp_path, monkeypatch):
+    """The network is built on the meta device only; half-precision weights come back as float32."""
+    path, den = _checkpoint(tmp_path)
+    tensors = load_file(path)
+    config = read_checkpoint_config(path)
+    half = {k: v.half() if k.startswith("net.") and v.is_floating_point() else v for k, v in tensors.items()}
+    save_checkpoint(path, {"net": {k[4:]: v for k, v in half.items() if k.startswith("net.")},
+                           "embedder": {"mean": half["embedder.mean"]}}, config)
+    import vcdm.nets.layers as layers
+
+    real = layers.weight_init
+    monkeypatch.setattr(layers, "weight_init", lambda *a, **k: pytest.fail("weights drawn on a real device")
+                        if torch.empty(0).device.type != "meta" else real(*a, **k))
+    loaded, _, _ = load_checkpoint(path)
+    for k, v in loaded.net.state_dict().items():
+        assert v.device.type == "cpu" and v.dtype == den.net.state_dict()[k].dtype
+        assert torch.equal(v, den.net.state_dict()[k].half().to(v.dtype))
+
+
 def test_tampered_or_foreign_files_are_refused(tmp_path):
     path, _ = _checkpoint(tmp_path)
     tensors = load_file(str(path))

@@ -226,31 +226,37 @@ class _TensorCap:
             handle.remove()
 
 
-def check_fits(path: str | os.PathLike, config: CheckpointConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Check, without allocating the network, that the file's ``net.`` tensors are the recorded network's."""
+def check_fits(path: str | os.PathLike, config: CheckpointConfig, shapes: Mapping[str, tuple[int, ...]]) -> torch.nn.Module:
+    """Check, without allocating the network, that the file's ``net.`` tensors are the recorded network's.
+    Returns that network on the meta device (shapes only), ready for the file's tensors."""
     net = {k.partition(".")[2]: s for k, s in shapes.items() if k.startswith("net.")}
     try:
         with _TensorCap(2 * len(net) + 64):
-            expected = config.build_denoiser("meta").net.state_dict()
+            network = config.build_denoiser("meta").net
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    problem = state_dict_mismatch(expected, {k: torch.empty(s, device="meta") for k, s in net.items()})
+    problem = state_dict_mismatch(network.state_dict(), {k: torch.empty(s, device="meta") for k, s in net.items()})
     if problem:
         raise CheckpointError(f"{path}: weights do not match the recorded network: {problem}")
+    return network
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the denoiser of a checkpoint. Returns ``(denoiser, config, tensors)``: ``config`` as a
     dict (:meth:`CheckpointConfig.to_dict`); ``tensors`` holds any other groups (e.g. ``embedder``)
-    for their owners to load. Memory stays within what the file's tensors need."""
+    for their owners to load. Memory stays within what the file's tensors need: the network is built
+    on the meta device and takes the file's tensors as its own (no random initialisation to overwrite)."""
+    from vcdm.nets.precond import Denoiser
+
     config = read_checkpoint_config(path)
-    check_fits(path, config, tensor_shapes(path))
+    net = check_fits(path, config, tensor_shapes(path))
     tensors = load_tensors(path, device)
+    expected = net.state_dict()
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.pop("net", {}).items()}, assign=True)
     try:
-        denoiser = config.build_denoiser()
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    denoiser.net.load_state_dict(tensors.pop("net", {}))
+        denoiser = Denoiser(net, config.structure_object(), **config.denoiser)
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: config does not describe a buildable network: {e}") from None
     return denoiser.to(device).eval().requires_grad_(False), config.to_dict(), tensors
 
 
