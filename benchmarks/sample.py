@@ -2,6 +2,7 @@
 
     python benchmarks/sample.py [--images 8] [--steps 2] [--device cpu] [--quick] [--json out.json]
     python benchmarks/sample.py --load [--reps 3] [--steps 8]    # whole processes, idle and with a busy core
+    python benchmarks/sample.py --load --edm-root EDM --steps 8  # ... against NVlabs/edm's own generate.py
 
 Runs both stages exactly as `vcdm sample` does (per-seed noise, files written) with few Heun steps,
 then extrapolates to the original release's 40 steps (79 evaluations per stage) by adding the missing
@@ -12,16 +13,20 @@ as the reference, with both networks in float32 eager (--fp32 --no-channels-last
 release's setting (40 Heun steps with churn = 79 evaluations per stage); its FD against that setting's is
 in benchmarks/solvers.py's results.
 
---load instead times whole processes (benchmarks/wholeprocess.py): `vcdm generate` with its defaults vs a
-plain float32 eager Heun sampler on an unconditional DDPM++ 64x64 (EDM's 64x64 config, random weights),
-the same steps, idle and with a synthetic process keeping one core busy, --reps interleaved repetitions
-each, reporting min / median / max.
+--load instead times whole processes (benchmarks/wholeprocess.py): `vcdm generate` with its defaults vs
+EDM's own generate.py (with --edm-root, a clone of NVlabs/edm; the network is then pickled by EDM's code
+and imported with `vcdm import-edm`) or else a plain float32 eager Heun sampler, on an unconditional
+DDPM++ 64x64 (EDM's 64x64 config, random weights), the same steps, idle and with a synthetic process
+keeping one core busy, --reps interleaved repetitions each, reporting min / median / max and the pixel
+difference between the two outputs.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +79,8 @@ def main() -> None:
     p.add_argument("--cbase", type=int, default=None, help="--load: U-Net width (default 128, EDM's; --quick 32)")
     p.add_argument("--baseline-omp-wait-policy", default=None, metavar="POLICY",
                    help="--load: OMP_WAIT_POLICY of the baseline's process (default: unset, as EDM's)")
+    p.add_argument("--edm-root", default=None, metavar="DIR",
+                   help="--load: a clone of NVlabs/edm; its generate.py is then the reference (see benchmarks/edm.py)")
     args = p.parse_args()
     if args.load:
         return load_main(args)
@@ -155,25 +162,42 @@ def fast_preset_rows(measured: dict, per_eval: dict, steps: int, batches: int, i
 
 
 def load_main(args: argparse.Namespace) -> None:
-    """--load: whole-process vcdm vs the float32 eager baseline, idle and with one core busy."""
+    """--load: whole-process vcdm vs the float32 eager reference (EDM's generate.py with --edm-root), idle and
+    with one core busy."""
     reps = args.reps or (2 if args.quick else 3)
     cbase = args.cbase or (32 if args.quick else None)
     info, start = machine("cpu"), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        network = write_model(tmp / "ddpmpp64.safetensors", "ddpmpp", "1", "0", cbase=cbase)
+        edm = None
+        if args.edm_root:
+            if cbase is not None:
+                raise SystemExit("Error: --cbase (and --quick) apply only without --edm-root: EDM's pickle is its 64x64 DDPM++")
+            edm = (Path(args.edm_root), tmp / "edm-ddpmpp64.pkl")
+            subprocess.run([sys.executable, str(Path(__file__).parent / "edm.py"), "make-pickle", "--edm-root",
+                            str(edm[0]), "--out", str(edm[1])], check=True, stdout=subprocess.DEVNULL)
+            network = tmp / "ddpmpp64.safetensors"
+            subprocess.run([wholeprocess.vcdm_command(), "import-edm", str(edm[1]), str(network)], check=True,
+                           stdout=subprocess.DEVNULL)
+        else:
+            torch.manual_seed(0)
+            network = write_model(tmp / "ddpmpp64.safetensors", "ddpmpp", "1", "0", cbase=cbase)
+        cases = wholeprocess.commands(network, tmp, args.images, args.steps, args.baseline_omp_wait_policy, edm)
         print(f"whole-process sampling: {args.images} images, {args.steps} Heun steps, DDPM++ 64x64 "
-              f"cbase {cbase or 128}, {reps} repetitions, idle and with one core busy", flush=True)
-        times = wholeprocess.measure(network, tmp, args.images, args.steps, reps, args.baseline_omp_wait_policy)
-    rows = wholeprocess.summary(times, args.images, args.steps)
-    for condition, cases in times.items():
-        med = {name: statistics.median(secs) for name, secs in cases.items()}
-        print(f"{condition}: baseline {med['fp32 eager baseline']:.1f} s, vcdm {med['vcdm defaults']:.1f} s "
-              f"(medians) = {med['fp32 eager baseline'] / med['vcdm defaults']:.2f}x")
+              f"cbase {cbase or 128}, {reps} repetitions, idle and with one core busy; reference: {next(iter(cases))}",
+              flush=True)
+        times = wholeprocess.measure(cases, reps)
+        pixels = wholeprocess.pixel_difference(cases)
+    rows = wholeprocess.summary(times, args.images, args.steps, pixels)
+    for condition, secs in times.items():
+        med = {name: statistics.median(s) for name, s in secs.items()}
+        ref, ours = med[next(iter(med))], med[wholeprocess.VCDM]
+        print(f"{condition}: reference {ref:.1f} s, vcdm {ours:.1f} s (medians) = {ref / ours:.2f}x")
+    print(f"pixels, vcdm vs the reference: mean |diff| {pixels[0]:.3f}, max {pixels[1]} levels")
     if args.json:
         write_json(args.json, result("sample-load", rows, info, time.perf_counter() - start,
-                                     baseline_omp_wait_policy=args.baseline_omp_wait_policy or "unset"))
+                                     baseline_omp_wait_policy=args.baseline_omp_wait_policy or "unset",
+                                     reference=next(iter(cases))))
 
 
 def evaluate(denoiser, structure, batch: int, device: torch.device, settings: perf.InferenceSettings) -> float:

@@ -1,15 +1,18 @@
 """Whole-process sampling, idle and with one core kept busy: ``vcdm generate`` with its defaults against a
-plain float32 eager sampler, each a separate process timed from start to exit (``benchmarks/sample.py --load``).
+float32 eager reference, each a separate process timed from start to exit (``benchmarks/sample.py --load``).
 
-The baseline stands for NVlabs/edm's ``generate.py``: it loads the same checkpoint, runs Heun's second-order
-sampler (EDM's schedule, no churn, float32, contiguous memory, no autocast) and writes one PNG per seed; it
-runs with ``OMP_WAIT_POLICY`` unset, as EDM's process would. vcdm runs as its command line does (which
-sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set). Both use torch's default thread count and
-the same number of steps. "Loaded" runs while a synthetic competing process (a Python busy loop) keeps
-one core busy. Repetitions are interleaved (baseline, vcdm, vcdm, baseline, ...) so that a drifting
-machine hits both alike, and the spread (min / median / max) is reported.
+The reference is NVlabs/edm's own ``generate.py`` (its ``edm_sampler``, run by benchmarks/edm.py from a clone
+given as ``--edm-root``) on an EDM pickle built by EDM's code, which vcdm reads through ``vcdm import-edm``.
+Without a clone, a stand-in runs: the plain sampler below, which loads the vcdm checkpoint and runs Heun's
+second-order sampler as EDM does (its schedule, no churn, float32, contiguous memory, no autocast) and
+writes one PNG per seed. Either reference runs with ``OMP_WAIT_POLICY`` unset, as EDM's process would.
+vcdm runs as its command line does (which sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set).
+Both use torch's default thread count and the same number of steps. "Loaded" runs while a synthetic
+competing process (a Python busy loop) keeps one core busy. Repetitions are interleaved (reference,
+vcdm, vcdm, reference, ...) so that a drifting machine hits both alike, and the spread (min / median /
+max) is reported, with the largest pixel difference between the two outputs.
 
-    python benchmarks/wholeprocess.py --baseline --network M --outdir D --seeds 8 --steps 8   # the baseline
+    python benchmarks/wholeprocess.py --baseline --network M --outdir D --seeds 8 --steps 8   # the stand-in
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 BUSY_LOOP = "while True: pass"
+REFERENCE_EDM, REFERENCE_STANDIN, VCDM = "EDM generate.py", "fp32 eager baseline", "vcdm defaults"
 
 
 @contextlib.contextmanager
@@ -42,19 +46,32 @@ def competing_process(enabled: bool) -> Iterator[None]:
         proc.wait()
 
 
-def commands(network: Path, outdir: Path, images: int, steps: int,
-             baseline_policy: str | None = None) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """name: (command line, environment) of each whole-process case; ``baseline_policy``: the baseline's
-    OMP_WAIT_POLICY (None: unset, as EDM's process)."""
-    vcdm = shutil.which("vcdm", path=str(Path(sys.executable).parent)) or "vcdm"
-    common = ["--network", str(network), "--steps", str(steps), "--batch", str(images)]
+def vcdm_command() -> str:
+    """The ``vcdm`` entry point of this Python's environment."""
+    return shutil.which("vcdm", path=str(Path(sys.executable).parent)) or "vcdm"
+
+
+def commands(network: Path, outdir: Path, images: int, steps: int, baseline_policy: str | None = None,
+             edm: tuple[Path, Path] | None = None) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name: (command line, environment) of each whole-process case, the reference first.
+    ``baseline_policy``: the reference's OMP_WAIT_POLICY (None: unset, as EDM's process); ``edm``: (EDM's
+    clone, its pickle of the network) to run EDM's generate.py as the reference."""
+    vcdm = vcdm_command()
+    common = ["--steps", str(steps), "--batch", str(images)]
     base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     policy = {} if baseline_policy is None else {"OMP_WAIT_POLICY": baseline_policy}
+    here = Path(__file__).resolve().parent
+    if edm is None:
+        reference = (REFERENCE_STANDIN, [sys.executable, str(here / "wholeprocess.py"), "--baseline",
+                                         "--network", str(network), *common])
+    else:
+        reference = (REFERENCE_EDM, [sys.executable, str(here / "edm.py"), "generate", "--edm-root", str(edm[0]),
+                                     "--network", str(edm[1]), *common])
     return {
-        "fp32 eager baseline": ([sys.executable, str(Path(__file__).resolve()), "--baseline", *common,
-                                 "--seeds", str(images), "--outdir", str(outdir / "baseline")], {**base_env, **policy}),
-        "vcdm defaults": ([vcdm, "generate", *common, "--seeds", f"0-{images - 1}", "--overwrite",
-                           "--outdir", str(outdir / "vcdm")], dict(base_env)),
+        reference[0]: ([*reference[1], "--seeds", str(images), "--outdir", str(outdir / "reference")],
+                       {**base_env, **policy}),
+        VCDM: ([vcdm, "generate", "--network", str(network), *common, "--seeds", f"0-{images - 1}", "--overwrite",
+                "--outdir", str(outdir / "vcdm")], dict(base_env)),
     }
 
 
@@ -69,10 +86,8 @@ def run_once(cmd: list[str], env: dict[str, str]) -> float:
     return wall
 
 
-def measure(network: Path, outdir: Path, images: int, steps: int, reps: int,
-            baseline_policy: str | None = None) -> dict[str, dict[str, list[float]]]:
+def measure(cases: dict[str, tuple[list[str], dict[str, str]]], reps: int) -> dict[str, dict[str, list[float]]]:
     """{'idle'|'loaded': {case: [seconds per repetition]}}, after one untimed warm-up run of each case."""
-    cases = commands(network, outdir, images, steps, baseline_policy)
     for cmd, env in cases.values():
         run_once(cmd, env)
     times: dict[str, dict[str, list[float]]] = {c: {name: [] for name in cases} for c in ("idle", "loaded")}
@@ -87,20 +102,35 @@ def measure(network: Path, outdir: Path, images: int, steps: int, reps: int,
     return times
 
 
-def summary(times: dict[str, dict[str, list[float]]], images: int, steps: int) -> list[dict]:
-    """Rows for run_all: images/s from the median seconds; ratio = baseline median / vcdm median."""
+def pixel_difference(cases: dict[str, tuple[list[str], dict[str, str]]]) -> tuple[float, int]:
+    """(mean, max) |difference| in 8-bit levels between the reference's PNGs and vcdm's, seed by seed."""
+    import numpy as np
+    import PIL.Image
+
+    ref, ours = (Path(cmd[cmd.index("--outdir") + 1]) for cmd, _ in cases.values())
+    diffs = [np.abs(np.asarray(PIL.Image.open(f), dtype=np.int16) - np.asarray(PIL.Image.open(ours / f.name), dtype=np.int16))
+             for f in sorted(ref.glob("*.png"))]
+    if not diffs:
+        raise RuntimeError(f"no PNGs in {ref}")
+    return float(np.mean(diffs)), int(np.max(diffs))
+
+
+def summary(times: dict[str, dict[str, list[float]]], images: int, steps: int, pixels: tuple[float, int]) -> list[dict]:
+    """Rows for run_all: images/s from the median seconds; ratio = reference median / vcdm median."""
     from common import row
 
     rows = []
     for condition, cases in times.items():
-        base, ours = cases["fp32 eager baseline"], cases["vcdm defaults"]
+        reference = next(iter(cases))
+        base, ours = cases[reference], cases[VCDM]
         paired = sorted(b / o for b, o in zip(base, ours))
-        ref = f"whole-process sampling, fp32 eager baseline ({condition})"
+        ref = f"whole-process sampling, {reference} ({condition})"
         for name, secs in cases.items():
             spread = f"min/median/max {min(secs):.1f}/{statistics.median(secs):.1f}/{max(secs):.1f} s"
-            is_ours = name == "vcdm defaults"
+            is_ours = name == VCDM
             note = f"{images} images, {steps} Heun steps, {len(secs)} runs; {spread}" + (
-                f"; paired speedups {paired[0]:.2f}-{paired[-1]:.2f}x" if is_ours else "")
+                f"; paired speedups {paired[0]:.2f}-{paired[-1]:.2f}x; pixels vs the reference: mean |diff| "
+                f"{pixels[0]:.3f}, max {pixels[1]} levels" if is_ours else "")
             rows.append(row(f"whole-process sampling, {name} ({condition})", images / statistics.median(secs),
                             "images/s", reference=ref if is_ours else None,
                             ratio=statistics.median(base) / statistics.median(secs) if is_ours else None, note=note))

@@ -308,25 +308,57 @@ def test_run_all_reports_failures_in_the_table(benchmarks, tmp_path, monkeypatch
 
 
 def test_whole_process_cases_and_summary(benchmarks, tmp_path, monkeypatch):
-    """sample.py --load: the baseline runs as EDM's process would (OMP_WAIT_POLICY unset); ratios of medians."""
+    """sample.py --load: the reference runs as EDM's process would (OMP_WAIT_POLICY unset); ratios of medians."""
     import wholeprocess
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     cases = wholeprocess.commands(tmp_path / "m.safetensors", tmp_path, images=8, steps=4)
+    assert list(cases) == ["fp32 eager baseline", "vcdm defaults"]
     (base_cmd, base_env), (vcdm_cmd, vcdm_env) = cases["fp32 eager baseline"], cases["vcdm defaults"]
     assert "OMP_WAIT_POLICY" not in base_env and "OMP_WAIT_POLICY" not in vcdm_env
     assert base_cmd[base_cmd.index("--steps") + 1] == vcdm_cmd[vcdm_cmd.index("--steps") + 1] == "4"
     assert vcdm_cmd[vcdm_cmd.index("--seeds") + 1] == "0-7" and "generate" in vcdm_cmd
     policy = wholeprocess.commands(tmp_path / "m", tmp_path, 8, 4, "PASSIVE")["fp32 eager baseline"][1]
     assert policy["OMP_WAIT_POLICY"] == "PASSIVE"
+    edm = wholeprocess.commands(tmp_path / "m", tmp_path, 8, 4, edm=(tmp_path / "edm", tmp_path / "n.pkl"))
+    edm_cmd = edm["EDM generate.py"][0]
+    assert list(edm) == ["EDM generate.py", "vcdm defaults"] and edm_cmd[edm_cmd.index("--network") + 1].endswith("n.pkl")
+    assert edm_cmd[edm_cmd.index("--edm-root") + 1] == str(tmp_path / "edm") and "generate" in edm_cmd
     times = {"idle": {"fp32 eager baseline": [10.0, 12.0, 30.0], "vcdm defaults": [5.0, 4.0, 6.0]},
              "loaded": {"fp32 eager baseline": [20.0, 20.0, 20.0], "vcdm defaults": [10.0, 40.0, 8.0]}}
-    rows = {r["metric"]: r for r in wholeprocess.summary(times, images=8, steps=4)}
+    rows = {r["metric"]: r for r in wholeprocess.summary(times, images=8, steps=4, pixels=(0.25, 3))}
     idle = rows["whole-process sampling, vcdm defaults (idle)"]
     assert idle["value"] == 8 / 5.0 and idle["ratio"] == 12.0 / 5.0
     assert "min/median/max 4.0/5.0/6.0 s" in idle["note"] and "paired speedups 2.00-5.00x" in idle["note"]
+    assert "mean |diff| 0.250, max 3 levels" in idle["note"]
     assert rows["whole-process sampling, vcdm defaults (loaded)"]["ratio"] == 2.0
     assert rows["whole-process sampling, fp32 eager baseline (loaded)"]["ratio"] is None
+
+
+def test_whole_process_pixel_difference(benchmarks, tmp_path):
+    """The two outputs are compared seed by seed, in 8-bit levels."""
+    import PIL.Image
+    import wholeprocess
+
+    cases = wholeprocess.commands(tmp_path / "m", tmp_path, images=2, steps=4)
+    folders = [Path(cmd[cmd.index("--outdir") + 1]) for cmd, _ in cases.values()]
+    rng = np.random.default_rng(0)
+    for seed in range(2):
+        ref = rng.integers(0, 250, (8, 8, 3), dtype=np.uint8)
+        ours = ref.copy()
+        ours[0, 0, 0] += 5 * seed  # seed 1 differs by 5 levels in one value
+        for folder, img in zip(folders, (ref, ours)):
+            folder.mkdir(exist_ok=True)
+            PIL.Image.fromarray(img).save(folder / f"{seed:06d}.png")
+    mean, worst = wholeprocess.pixel_difference(cases)
+    assert worst == 5 and mean == pytest.approx(5 / (2 * 8 * 8 * 3))
+
+
+def test_edm_reference_refuses_a_folder_that_is_not_edm(benchmarks, tmp_path):
+    import edm
+
+    with pytest.raises(SystemExit, match="not a clone of NVlabs/edm"):
+        edm.generate(tmp_path, tmp_path / "n.pkl", tmp_path / "out", seeds=1, steps=2, batch=1)
 
 
 @pytest.mark.parametrize("env,expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")])
