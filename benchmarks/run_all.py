@@ -5,6 +5,7 @@
     python benchmarks/run_all.py --only denoiser,sample --out /tmp/bench
     python benchmarks/run_all.py --script-args "denoiser=--tiny --compile none"
     python benchmarks/run_all.py --solvers /tmp/solvers-run    # where benchmarks/solvers.py wrote its table
+    python benchmarks/run_all.py --edm-root ~/edm    # whole-process and training references run NVlabs/edm's own code
 
 Each script runs in its own process with ``--json`` (and ``--quick``); its log and JSON land in the
 output folder (default benchmarks/results/) beside ``results.md`` and ``results.json``. A script that
@@ -38,7 +39,8 @@ SCRIPTS = {  # name: (file and fixed arguments, what it measures)
     "denoiser": ("denoiser.py", "one DDPM++ 64x64 denoiser evaluation per inference path; the prior"),
     "train": ("train.py", "training loop vs bare optimizer step"),
     "sample": ("sample.py", "two-stage sampling (prior + DDPM++ 64x64) through vcdm.generate; --preset fast"),
-    "sample_load": ("sample.py --load", "whole-process sampling vs a float32 eager baseline, idle and one core busy"),
+    "sample_load": ("sample.py --load", "whole-process sampling vs EDM's generate.py (or a float32 eager stand-in), "
+                    "idle and one core busy"),
     "fid": ("fid.py", "Inception-v3 features for FID"),
 }
 
@@ -109,6 +111,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per script (default 5400; --quick: 1800)")
     p.add_argument("--solvers", type=Path, default=HERE / "results" / "solvers",
                    help="folder of benchmarks/solvers.py's results (its table.md is quoted, not re-run)")
+    p.add_argument("--edm-root", default=None, metavar="DIR",
+                   help="a clone of NVlabs/edm, passed to sample_load and train: their references then run EDM's own code")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY for the scripts when the variable is unset; 'default' leaves it unset")
     args = p.parse_args()
@@ -123,6 +127,9 @@ def main() -> None:
         if not sep or name not in SCRIPTS:
             p.error(f"--script-args: expected NAME=ARGS with NAME one of {', '.join(SCRIPTS)}, got '{item}'")
         extra[name] = extra.get(name, []) + shlex.split(rest)
+    if args.edm_root:
+        for name in ("sample_load", "train"):
+            extra[name] = ["--edm-root", args.edm_root] + extra.get(name, [])
     timeout = args.timeout or (1800 if args.quick else 5400)
     env = dict(os.environ)
     if "OMP_WAIT_POLICY" not in env and args.omp_wait_policy != "default":

@@ -165,14 +165,14 @@ def load_main(args: argparse.Namespace) -> None:
     """--load: whole-process vcdm vs the float32 eager reference (EDM's generate.py with --edm-root), idle and
     with one core busy."""
     reps = args.reps or (2 if args.quick else 3)
-    cbase = args.cbase or (32 if args.quick else None)
+    if args.edm_root and args.cbase:
+        raise SystemExit("Error: --cbase applies only without --edm-root: EDM's pickle is its 64x64 DDPM++ (cbase 128)")
+    cbase = args.cbase or (32 if args.quick and not args.edm_root else None)
     info, start = machine("cpu"), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         edm = None
         if args.edm_root:
-            if cbase is not None:
-                raise SystemExit("Error: --cbase (and --quick) apply only without --edm-root: EDM's pickle is its 64x64 DDPM++")
             edm = (Path(args.edm_root), tmp / "edm-ddpmpp64.pkl")
             subprocess.run([sys.executable, str(Path(__file__).parent / "edm.py"), "make-pickle", "--edm-root",
                             str(edm[0]), "--out", str(edm[1])], check=True, stdout=subprocess.DEVNULL)

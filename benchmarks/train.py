@@ -2,7 +2,9 @@
 
 Reference: EDM's bare step (augmentation, loss, backward, Adam, EMA) on random tensors, in float32 and
 (for the U-Net) with channels_last and/or bf16 autocast, each from the same initialisation and noise, so
-their per-step losses can be compared with float32's (the "losses agree" check).
+their per-step losses can be compared with float32's (the "losses agree" check). With ``--edm-root`` (a
+clone of NVlabs/edm) the same step also runs in EDM's own code (benchmarks/edm.py: its EDMPrecond,
+EDMLoss and AugmentPipe, Adam, EMA), and the loop and the bare steps are compared with it too.
 
 Models: DDPM++ at 64x64 (EDM's/the release's 64x64 config: cbase 128, cres 1,2,2,2) conditioned on a
 pixel-pca embedding, and the dalle2 prior (dim 512, depth 6) over that embedding. The loop number
@@ -12,6 +14,7 @@ excluded); the reference times forward + backward + Adam + EMA on random tensors
     python benchmarks/train.py                      # CPU, and CUDA if available
     python benchmarks/train.py --device cpu --steps 3 --batch 4
     python benchmarks/train.py --quick --json out.json    # 2 timed steps; the table as JSON (run_all.py)
+    python benchmarks/train.py --device cpu --models ddpmpp-64 --edm-root EDM   # ... and NVlabs/edm's own step
 """
 from __future__ import annotations
 
@@ -101,6 +104,18 @@ def bare_steps(opts: TrainOptions, steps: int, channels_last: bool, bf16: bool) 
     return opts.batch / statistics.median(times[1:]), losses
 
 
+def edm_step(edm_root: str, batch: int, steps: int) -> tuple[float, list[float]]:
+    """NVlabs/edm's own training step (benchmarks/edm.py) on the CPU: (images/s after the first step, losses)."""
+    import edm
+
+    step, times, losses = edm.TrainingStep(edm_root, batch), [], []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times[1:]), losses
+
+
 def path_rows(kind: str, device: str, batch: int, results: dict[str, tuple[float, list[float]]]) -> list[dict]:
     """One row per bare-step variant: images/s vs float32, and how far its losses are from float32's."""
     ref_rate, ref_loss = results["fp32"]
@@ -115,6 +130,20 @@ def path_rows(kind: str, device: str, batch: int, results: dict[str, tuple[float
     return rows
 
 
+def edm_rows(edm_root: str, batch: int, steps: int, loop: float, variants: dict[str, tuple[float, list[float]]]) -> list[dict]:
+    """NVlabs/edm's own step, and the vcdm loop and bare steps as ratios of it."""
+    rate, losses = edm_step(edm_root, batch, steps)
+    ref = "EDM's own training step, ddpmpp-64 (cpu)"
+    print(f"  EDM's own step {rate:8.2f} img/s; vcdm loop {loop / rate:.2f}x, "
+          + ", ".join(f"bare {n} {r / rate:.2f}x" for n, (r, _) in variants.items()), flush=True)
+    rows = [row(ref, rate, "images/s", note=f"NVlabs/edm's EDMPrecond, EDMLoss, AugmentPipe, Adam, EMA; batch {batch}; "
+                f"losses {', '.join(f'{v:.4f}' for v in losses)}")]
+    rows.append(row("training loop vs EDM's own step, ddpmpp-64 (cpu)", loop, "images/s", reference=ref, ratio=loop / rate))
+    rows += [row(f"bare training step {n} vs EDM's own step, ddpmpp-64 (cpu)", r, "images/s", reference=ref, ratio=r / rate)
+             for n, (r, _) in variants.items()]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
@@ -124,6 +153,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--models", default="ddpmpp-64,prior", help="comma-separated: ddpmpp-64, prior")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"bare-step variants for the U-Net: {', '.join(PATHS)}")
+    ap.add_argument("--edm-root", default=None, metavar="DIR",
+                    help="a clone of NVlabs/edm: also time its own training step for the DDPM++ 64x64 (CPU)")
     a = ap.parse_args()
     a.steps = a.steps or (2 if a.quick else 3)
     info, start, rows = machine("cpu"), time.perf_counter(), []
@@ -154,6 +185,8 @@ def main() -> None:
                 rows += path_rows(kind, device, a.batch, variants)
                 rows.append(row(f"training loop, {kind} ({device})", loop, "images/s", reference=ref, ratio=loop / bare,
                                 note=f"batch {a.batch}, {a.steps} timed steps; loop in its defaults (float32)"))
+                if a.edm_root and kind == "ddpmpp-64" and device == "cpu":
+                    rows += edm_rows(a.edm_root, a.batch, a.steps, loop, variants)
     if a.json:
         write_json(a.json, result("train", rows, info, time.perf_counter() - start))
 
