@@ -44,6 +44,7 @@ semantics, so this is an analogue of the paper's setting, not a reproduction of 
     python benchmarks/quality.py --jobs 2                               # budgets 8,16,32 kimg, seeds 0,1
     python benchmarks/quality.py --budgets 1,2,4 --num 80 --steps 10 --jobs 2   # ~50 min on a busy 2-core CPU
     python benchmarks/quality.py --smoke                                # checks the script (seconds)
+    python benchmarks/quality.py --extend RUN --budgets 4,8,16,32 --jobs 2   # RUN (4,8,16) to a 32 kimg budget
 """
 from __future__ import annotations
 
@@ -120,6 +121,12 @@ def train_nested(opts: TrainOptions, lengths: list[float], rampup: float) -> lis
     returns, per length, the kept EMA snapshot, the kimg trained and the training seconds so far."""
     out, run_dir = [], Path(opts.outdir)
     for i, kimg in enumerate(lengths):
+        done = sorted(run_dir.glob(f"budget{i}-network-snapshot-*.safetensors"))
+        if done:  # --extend: an earlier run of the same plan trained this leg
+            ticks = [r for r in read_stats(run_dir) if r["nimg"] <= kimg * 1000 + 0.5]
+            out.append({"snapshot": done[-1], "kimg": ticks[-1]["nimg"] / 1000,
+                        "train_sec": sum(r.get("sec_per_tick", 0.0) for r in ticks)})
+            continue
         leg = dataclasses.replace(opts, duration=kimg / 1000, lr_rampup=rampup, tick=max(kimg / 4, opts.batch / 1000),
                                   sample=0, resume=str(run_dir) if i else None)
         snapshot, trained, _ = train_run(leg)
@@ -305,6 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning-rate ramp-up, as a share of the smallest budget [0.05]")
     p.add_argument("--smoke", action="store_true", help="tiny networks, a few steps: checks the script")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--extend", type=Path, default=None, metavar="RUN",
+                   help="continue the run folder RUN to more budgets: its --budgets must begin with RUN's")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # run one seed into this folder (used by --jobs)
     args = p.parse_args(argv)
     try:
@@ -332,6 +341,17 @@ def make_plan(args: argparse.Namespace, paths: dict, sizes: Sizes, run: Path) ->
             raise SystemExit(f"Error: --budgets {args.budgets} give {kind} the same length twice "
                              f"({lengths} kimg in batches of {sizes.batch}); space them further apart")
     return plan
+
+
+def check_extends(run: Path, budgets: list[float]) -> None:
+    """--extend: the earlier run's budgets must be the first of ``budgets`` (same ramp-up, same legs)."""
+    try:
+        before = list(json.loads((run / "results.json").read_text())["plan"]["budgets"])
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"Error: --extend {run}: not a finished quality run ({e})") from None
+    if [float(b) for b in before] != budgets[:len(before)] or len(budgets) <= len(before):
+        raise SystemExit(f"Error: --extend {run}: --budgets must begin with its budgets {before} and add more, "
+                         f"got {budgets}")
 
 
 def run_workers(args: argparse.Namespace, run: Path) -> None:
@@ -365,8 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SMOKE if args.smoke else Sizes()
     if args.smoke:
         args.budgets = [2 ** (i + 1) * SMOKE.batch / 1000 for i in range(len(args.budgets))]
-    run = Path(args.worker) if args.worker else new_run_dir(args.outdir, "quality-smoke" if args.smoke else "quality")
-    paths = digits.write_digits(run / "data", sizes.resolution) if not args.worker else \
+    run = Path(args.worker or args.extend or new_run_dir(args.outdir, "quality-smoke" if args.smoke else "quality"))
+    if args.extend and not args.worker:
+        check_extends(run, args.budgets)
+    paths = digits.write_digits(run / "data", sizes.resolution) if not (args.worker or args.extend) else \
         {"train": run / "data" / f"digits-train-{sizes.resolution}x{sizes.resolution}.zip"}
     if not args.worker:
         say(f"Run folder {run}; budgets {args.budgets} kimg per side; seeds {args.seeds} on {args.device}")

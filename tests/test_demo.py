@@ -169,6 +169,20 @@ def test_quality_benchmark_smoke(tmp_path):
     assert large["two_stage"]["image_kimg"] > small["two_stage"]["image_kimg"]
     assert (run / "samples-seed-0.png").is_file() and (run / "table.md").is_file() and (run / "quality.png").is_file()
 
+    # --extend continues the same run to a larger budget without retraining the legs it has.
+    kept = {f: f.stat().st_mtime_ns for f in run.glob("seed-0/*/budget*-network-snapshot-*.safetensors")}
+    assert len(kept) == 6
+    extend = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--no-progress", "--num", "12",
+              "--seeds", "0", "--device", "cpu", "--extend", str(run)]
+    refused = subprocess.run(extend + ["--budgets", "1,3"], capture_output=True, text=True, env=env, timeout=570)
+    assert refused.returncode != 0 and "--budgets must begin with its budgets" in refused.stderr
+    proc = subprocess.run(extend + ["--budgets", "1,2,3"], capture_output=True, text=True, env=env, timeout=570)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(f.stat().st_mtime_ns == t for f, t in kept.items())
+    extended = json.loads((run / "results.json").read_text())["results"]["0"]
+    assert len(extended) == 3 and extended[list(budgets)[1]]["uncond"]["kimg"] == large["uncond"]["kimg"]
+    assert list(extended.values())[2]["uncond"]["kimg"] > large["uncond"]["kimg"]
+
 
 def test_train_for_gives_an_exhausted_budget_a_positive_time_limit(tmp_path, monkeypatch):
     """On a busy machine the sampling estimate can exceed the budget; training then gets a short leg, not
