@@ -9,7 +9,7 @@ then extrapolates to the original release's 40 steps (79 evaluations per stage) 
 evaluations, each timed on its own as a bare network call at the same batch size. It does so twice:
 with the default inference settings (vcdm.perf.default_settings for each network on this device) and,
 as the reference, with both networks in float32 eager (--fp32 --no-channels-last). The fast preset
-(``--preset fast``: UniPC, 24 evaluations per stage) is extrapolated the same way and compared with the
+(``--preset fast``: UniPC, 12 evaluations per stage) is extrapolated the same way and compared with the
 release's setting (40 Heun steps with churn = 79 evaluations per stage); its FD against that setting's is
 in benchmarks/solvers.py's results.
 
@@ -38,6 +38,7 @@ from common import add_common_args, machine, result, row, write_json
 from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
 from vcdm.data.structure import Structure
+from vcdm.diffusion.sampling import PRESETS
 from vcdm.generate import Conditioning, InferenceChoices, RunOptions, SamplerOptions, generate, load_model
 from vcdm.generate.options import inference_settings
 from vcdm.nets import build_network
@@ -45,7 +46,8 @@ from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
 
 EMBED_DIM = 512  # CLIP ViT-B/32
-RELEASE_NFE, FAST_NFE = 79, 24  # the release's 40 Heun steps with churn; --preset fast (UniPC 24 steps)
+RELEASE_NFE = 79  # the release's 40 Heun steps with churn
+FAST_NFE = PRESETS["fast"]["num_steps"]  # --preset fast: UniPC, one evaluation per step
 PATHS = {"default": InferenceChoices(), "fp32": perf.FP32}  # how generate() evaluates; fp32 is the reference
 
 

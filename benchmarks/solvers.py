@@ -33,7 +33,7 @@ from vcdm.fileio import atomic_write, parse_int_list
 
 REFERENCE = ("reference", "edm", dict(num_steps=40, S_churn=50.0, S_noise=1.007))
 SAMPLERS = ("unipc", "dpm2m_sde", "dpm2m", "euler_a", "dpm3m_sde", "heun")
-NFE_GRID = (24, 12)
+NFE_GRID = (24, 12, 8)
 
 
 def settings(nfe_grid: tuple[int, ...] = NFE_GRID, samplers: tuple[str, ...] = SAMPLERS) -> list[tuple[str, str, dict]]:

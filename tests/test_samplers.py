@@ -209,7 +209,7 @@ def test_fast_preset_settings_and_flags():
     from vcdm.cli.sample import STAGE_DEFAULTS, stage_options
     from vcdm.diffusion.sampling import PRESETS, SAMPLERS
 
-    assert PRESETS["fast"] == dict(sampler="unipc", num_steps=24)  # 24 NFE <= 79 / 3 (benchmarks/solvers.py)
+    assert PRESETS["fast"] == dict(sampler="unipc", num_steps=12)  # 12 NFE <= 79 / 6 (benchmarks/solvers.py)
     assert set(CLI_PRESETS) == set(PRESETS)
     choices = next(t.choices for flag, _, t, _ in SAMPLER_FLAGS if flag == "sampler")
     assert set(choices) | {"ablation"} == set(SAMPLERS)
@@ -231,10 +231,10 @@ def test_fast_preset_settings_and_flags():
         return got["generate"], got["image"]
 
     for opts in run("--preset", "fast"):
-        assert (opts.resolved_sampler, opts.num_steps, opts.S_churn, opts.S_noise) == ("unipc", 24, 0.0, 1.0)
-        assert opts.sampler_kwargs() == dict(sampler="unipc", guidance=1.0, num_steps=24, rho=7.0)
+        assert (opts.resolved_sampler, opts.num_steps, opts.S_churn, opts.S_noise) == ("unipc", 12, 0.0, 1.0)
+        assert opts.sampler_kwargs() == dict(sampler="unipc", guidance=1.0, num_steps=12, rho=7.0)
     plain, image = run("--preset", "fast", "--steps", "30", "--image-sampler", "dpm2m")
-    assert (plain.num_steps, plain.sampler, image.num_steps, image.sampler) == (30, "unipc", 24, "dpm2m")
+    assert (plain.num_steps, plain.sampler, image.num_steps, image.sampler) == (30, "unipc", 12, "dpm2m")
     plain, image = run()
     assert (plain.resolved_sampler, plain.num_steps, image.num_steps, image.S_churn) == ("edm", 18, 40, 50.0)
 

@@ -53,9 +53,9 @@ PRESETS = ("fast",)  # vcdm.diffusion.sampling.PRESETS
 
 def preset_option(f: Callable) -> Callable:
     return click.option("--preset", type=click.Choice(PRESETS), help=(
-        "Named sampler settings for every stage; flags given explicitly still win. fast: UniPC, 24 steps = 24 "
-        "network evaluations per stage, under 1/3 of the original release's 40 Heun steps with churn (79), "
-        "chosen by Fréchet distance per evaluation on the demo models (benchmarks/solvers.py)"))(f)
+        "Named sampler settings for every stage; flags given explicitly still win. fast: UniPC, 12 steps = 12 "
+        "network evaluations per stage instead of the original release's 79 (40 Heun steps with churn), at an "
+        "equal or lower Fréchet distance on the digits models (benchmarks/solvers.py)"))(f)
 
 
 def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | None = None):

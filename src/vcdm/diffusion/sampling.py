@@ -82,12 +82,12 @@ SAMPLERS = tuple(REGISTRY)
 CHURN_SAMPLERS = tuple(name for name, spec in REGISTRY.items() if spec.churn)  # take S_churn/S_min/S_max/S_noise
 
 # Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast", measured with
-# benchmarks/solvers.py on briefly trained digits demo models (3 seeds x 40 images): UniPC with 24
-# evaluations per stage scored FD 642 +- 46 (two-stage) and 346 +- 62 (unconditional) against the original
-# release's setting (Heun, 40 steps, S_churn 50: 79 evaluations) at 679 +- 83 and 421 +- 45 — its FD
-# within the seed-to-seed noise at under 1/3 of the evaluations. UniPC was as good at 12; 24 keeps a
-# margin for better-trained models, whose ODE is harder to integrate.
-PRESETS: dict[str, dict[str, Any]] = {"fast": dict(sampler="unipc", num_steps=24)}
+# benchmarks/solvers.py on digits models trained 16 kimg (3 seeds x 200 images, FD by the demo's judge):
+# UniPC with 12 evaluations per stage scored 103.7 +- 12.1 (two-stage) and 157.8 +- 18.6 (unconditional)
+# against the original release's setting (Heun, 40 steps, S_churn 50: 79 evaluations) at 119.2 +- 7.6 and
+# 211.1 +- 23.2; paired by seed, -15.5 +- 18.6 and -53.3 +- 4.6. UniPC at 24 and 8 evaluations scored the
+# same; 12 keeps a margin below the point (about 7 evaluations) where Heun's error starts to show.
+PRESETS: dict[str, dict[str, Any]] = {"fast": dict(sampler="unipc", num_steps=12)}
 
 
 def noise_levels(model: Model, opts: dict[str, Any], device: torch.device,
