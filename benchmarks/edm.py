@@ -63,11 +63,13 @@ def ddpmpp64(edm_root: str | Path, seed: int = 0) -> torch.nn.Module:
 
 def make_pickle(edm_root: str | Path, out: Path, seed: int = 0) -> Path:
     net = ddpmpp64(edm_root, seed).eval().requires_grad_(False)
-    with edm_on_path(edm_root):
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "wb") as f:
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with edm_on_path(edm_root), open(tmp, "wb") as f:
             pickle.dump({"ema": net}, f)
         tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -185,21 +185,22 @@ def load_main(args: argparse.Namespace) -> None:
             torch.manual_seed(0)
             network = write_model(tmp / "ddpmpp64.safetensors", "ddpmpp", "1", "0", cbase=cbase)
         cases = wholeprocess.commands(network, tmp, args.images, args.steps, args.baseline_omp_wait_policy, edm)
+        reference = next(iter(cases))
         print(f"whole-process sampling: {args.images} images, {args.steps} Heun steps, DDPM++ 64x64 "
-              f"cbase {cbase or 128}, {reps} repetitions, idle and with one core busy; reference: {next(iter(cases))}",
+              f"cbase {cbase or 128}, {reps} repetitions, idle and with one core busy; reference: {reference}",
               flush=True)
         times = wholeprocess.measure(cases, reps)
         pixels = wholeprocess.pixel_difference(cases)
     rows = wholeprocess.summary(times, args.images, args.steps, pixels)
     for condition, secs in times.items():
         med = {name: statistics.median(s) for name, s in secs.items()}
-        ref, ours = med[next(iter(med))], med[wholeprocess.VCDM]
+        ref, ours = med[reference], med[wholeprocess.VCDM]
         print(f"{condition}: reference {ref:.1f} s, vcdm {ours:.1f} s (medians) = {ref / ours:.2f}x")
     print(f"pixels, vcdm vs the reference: mean |diff| {pixels[0]:.3f}, max {pixels[1]} levels")
     if args.json:
         write_json(args.json, result("sample-load", rows, info, time.perf_counter() - start,
                                      baseline_omp_wait_policy=args.baseline_omp_wait_policy or "unset",
-                                     reference=next(iter(cases))))
+                                     reference=reference))
 
 
 def evaluate(denoiser, structure, batch: int, device: torch.device, settings: perf.InferenceSettings) -> float:
