@@ -145,6 +145,28 @@ def test_torchrun_two_processes_match_one(models, tmp_path):
     assert files(tmp_path / "multi") == files(single)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_torchrun_session_leaves_no_gloo_threads(models, tmp_path):
+    """A process group that outlives its session keeps gloo threads to interpreter exit, where one can abort
+    the process after its work is done (seen as 'terminate called without an active exception')."""
+    script = tmp_path / "session.py"
+    script.write_text(
+        "import os, sys\n"
+        "from vcdm import distributed\n"
+        "from vcdm.generate.core import load_model\n"
+        "with distributed.session('cpu') as device:\n"
+        "    load_model(sys.argv[1], device)  # builds the network on the meta device first\n"
+        "    distributed.all_sum([1.0], device)\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "print('gloo threads left:', sum('gloo' in n for n in names))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(models["uncond"])], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gloo threads left: 0") == 2, proc.stdout
+
+
 def test_grid(models, tmp_path):
     run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / "o", "--seeds", "0-4", "--steps", 2,
                        "--grid", tmp_path / "grid.png"])

@@ -4,12 +4,18 @@ The same code runs on CPU (gloo) and CUDA (NCCL): the backend follows the device
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: torch.distributed.nn binds `group.WORLD` into default
+# arguments when first imported, which otherwise happens lazily (building a network on the meta device
+# imports it through torch._dynamo). Bound to a live group, it would keep the group and its gloo threads
+# alive past destroy_process_group, and a late gloo thread then aborts the exiting interpreter.
+import torch.distributed.nn  # noqa: F401
 
 
 def launched_by_torchrun() -> bool:
@@ -39,9 +45,21 @@ def init(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def session(device: str | torch.device | None = None) -> Iterator[torch.device]:
+    """`init(device)` for the duration of a `with` block.
+
+    The process group is destroyed on exit only if this block created it: sessions nest (two-stage
+    sampling holds one around both stages) and a caller's own group is left alone. Destroying it before
+    the interpreter exits matters: a gloo group torn down by interpreter shutdown can abort the process
+    ("terminate called without an active exception") after its work is done.
+    """
+    owner = launched_by_torchrun() and not dist.is_initialized()
+    try:
+        yield init(device)
+    finally:
+        if owner and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank() -> int:

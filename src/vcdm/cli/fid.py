@@ -1,15 +1,10 @@
 """`vcdm fid ref` and `vcdm fid calc`: EDM's fid.py, with KID and precision/recall, offline-friendly."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import TYPE_CHECKING, Iterator
 
 import click
-
-if TYPE_CHECKING:
-    import torch
 
 METRIC_HELP = "fid: Fréchet Inception Distance; kid: Kernel Inception Distance; pr: precision/recall (k=3)"
 
@@ -22,17 +17,6 @@ def _parse_metrics(text: str) -> list[str]:
     if bad or not names:
         raise click.BadParameter(f"expected a comma-separated subset of {','.join(METRICS)}, got '{text}'", param_hint="--metrics")
     return list(dict.fromkeys(names))
-
-
-@contextlib.contextmanager
-def _distributed(device: str | None) -> Iterator[torch.device]:
-    """Join torchrun's process group when launched by it (leaving it on exit); yield this rank's device."""
-    from vcdm import distributed
-
-    try:
-        yield distributed.init(device)
-    finally:
-        distributed.shutdown()
 
 
 def _say(message: str) -> None:
@@ -139,6 +123,7 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
     writable(dest_path, "--dest", is_dir=False)
 
     def run() -> None:
+        from vcdm import distributed
         from vcdm.metrics import FeatureStats, compute_stats
         from vcdm.metrics.stats import rank_and_world
 
@@ -148,7 +133,7 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
                                        "pass --overwrite to recompute it")
             _say(f"{dest_path} exists; skipping (pass --overwrite to recompute)")
             return
-        with _distributed(device) as torch_device:
+        with distributed.session(device) as torch_device:
             dataset = _open_images(data_path)
             net = _inception(weights, torch_device, progress)
             _say(f"Computing reference statistics of {len(dataset)} images from {data_path}...")
@@ -185,6 +170,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
     writable(json_path, "--json", is_dir=False)
 
     def run() -> None:
+        from vcdm import distributed
         from vcdm.metrics import compute_stats, load_reference, scores
         from vcdm.metrics.stats import rank_and_world
 
@@ -192,7 +178,7 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
         if keep and reference.features is None:
             raise click.UsageError(f"--ref {ref_path} holds only mu/sigma, but {','.join(m for m in metrics if m != 'fid')} "
                                    "compare feature sets; make it with `vcdm fid ref --metrics fid,kid,pr`")
-        with _distributed(device) as torch_device:
+        with distributed.session(device) as torch_device:
             dataset = _open_images(image_path, num, seed)
             net = _inception(weights, torch_device, progress)
             _say(f"Computing statistics of {len(dataset)} images from {image_path}...")

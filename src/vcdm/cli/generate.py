@@ -175,8 +175,8 @@ def command(network: str, seeds: list[int], **kwargs: Any) -> None:
         opts = pop_sampler_options(kwargs, preset=kwargs.pop("preset"))
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
         cond = Conditioning(**{k: kwargs.pop(k) for k in ("class_idx", "load_obs_from", "data_path", "clip_weights")})
-        result = generate(network, seeds, opts=opts, cond=cond, run=run, inference=inference, **kwargs)
-
-    if distributed.rank() == 0:
-        click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"
-                   + (f"; grid {run.grid}" if run.grid else "") + f" (network: {result.settings.name})")
+        with distributed.session(kwargs["device"]):
+            result = generate(network, seeds, opts=opts, cond=cond, run=run, inference=inference, **kwargs)
+            if distributed.rank() == 0:
+                click.echo(f"{result.outdir}: {result.generated} generated, {result.skipped} already there"
+                           + (f"; grid {run.grid}" if run.grid else "") + f" (network: {result.settings.name})")

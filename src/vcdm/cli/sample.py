@@ -67,9 +67,10 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
         preset = kwargs.pop("preset")
         prior_opts, image_opts = stage_options(kwargs, "prior-", preset), stage_options(kwargs, "image-", preset)
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
-        result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts, run=run,
-                                  inference=inference, **kwargs)
-    if distributed.rank() == 0:
-        for stage in (result.embeddings, result.images):
-            click.echo(f"{stage.outdir}: {stage.generated} generated, {stage.skipped} already there "
-                       f"(network: {stage.settings.name})")
+        with distributed.session(kwargs["device"]):
+            result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts,
+                                      run=run, inference=inference, **kwargs)
+            if distributed.rank() == 0:
+                for stage in (result.embeddings, result.images):
+                    click.echo(f"{stage.outdir}: {stage.generated} generated, {stage.skipped} already there "
+                               f"(network: {stage.settings.name})")

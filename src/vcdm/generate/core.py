@@ -344,48 +344,48 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: 
         check_writable(run.grid, "--grid", is_dir=False)
     if isinstance(network, Model) and device is None:
         device = next(network.denoiser.parameters()).device
-    device = distributed.init(device)
-    model = network if isinstance(network, Model) else load_model(network, device)
-    settings = inference_settings(inference, device, model.denoiser)
-    perf.prepare(model.denoiser, settings)
-    check_request(model, opts, class_idx, run.grid)
-    if load_obs_from is not None:
-        check_obs_files(load_obs_from, seeds)
-    source = conditioning_source(model, load_obs_from, data_path)
-    needs_data = load_obs_from is None and bool(set(model.structure.observed_names) - {"label"})
-    if needs_data:
-        data_path = dataset_path(model, data_path)
-    record = manifest_settings(model, opts, settings, class_idx=class_idx, increment_seeds=increment_seeds,
-                               conditioning=source)
-    lock = open_folder(outdir, record, run.overwrite)
-    rank, world = distributed.rank(), distributed.world_size()
-    try:
-        plan = Plan(model, outdir, [], [], run.subdirs)
-        plan.todo = plan.missing(seeds)
-        distributed.barrier()  # every rank has listed what exists before anyone writes
-        plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
-        show = run.progress and rank == 0
-        if show:
-            print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
-                  f'into "{outdir}"', file=sys.stderr)
-        dataset = None
-        if plan.todo and needs_data:
-            dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
-            if rank == 0:
-                print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
-                      "DIR to condition on a prior's samples instead)", file=sys.stderr)
+    with distributed.session(device) as device:
+        model = network if isinstance(network, Model) else load_model(network, device)
+        settings = inference_settings(inference, device, model.denoiser)
+        perf.prepare(model.denoiser, settings)
+        check_request(model, opts, class_idx, run.grid)
+        if load_obs_from is not None:
+            check_obs_files(load_obs_from, seeds)
+        source = conditioning_source(model, load_obs_from, data_path)
+        needs_data = load_obs_from is None and bool(set(model.structure.observed_names) - {"label"})
+        if needs_data:
+            data_path = dataset_path(model, data_path)
+        record = manifest_settings(model, opts, settings, class_idx=class_idx, increment_seeds=increment_seeds,
+                                   conditioning=source)
+        lock = open_folder(outdir, record, run.overwrite)
+        rank, world = distributed.rank(), distributed.world_size()
+        try:
+            plan = Plan(model, outdir, [], [], run.subdirs)
+            plan.todo = plan.missing(seeds)
+            distributed.barrier()  # every rank has listed what exists before anyone writes
+            plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
+            show = run.progress and rank == 0
+            if show:
+                print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
+                      f'into "{outdir}"', file=sys.stderr)
+            dataset = None
+            if plan.todo and needs_data:
+                dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
+                if rank == 0:
+                    print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
+                          "DIR to condition on a prior's samples instead)", file=sys.stderr)
 
-        def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
-            latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
-                                     dataset=dataset, increment_seeds=increment_seeds)
-            return denoise(model, latents, obs, rnd, opts, settings), obs
+            def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
+                latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
+                                         dataset=dataset, increment_seeds=increment_seeds)
+                return denoise(model, latents, obs, rnd, opts, settings), obs
 
-        written = run_batches(plan, sample, show)
-        distributed.barrier()
-    finally:
-        lock.close()
-    if run.grid is not None and rank == 0:
-        shown = seeds[:GRID_MAX]
-        write_png(run.grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))
-    generated = int(distributed.all_sum([len(written)], device)[0])
-    return GenerateResult(outdir, written, generated, len(seeds) - len(plan.todo), settings)
+            written = run_batches(plan, sample, show)
+            distributed.barrier()
+        finally:
+            lock.close()
+        if run.grid is not None and rank == 0:
+            shown = seeds[:GRID_MAX]
+            write_png(run.grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))
+        generated = int(distributed.all_sum([len(written)], device)[0])
+        return GenerateResult(outdir, written, generated, len(seeds) - len(plan.todo), settings)

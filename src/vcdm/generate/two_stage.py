@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from vcdm import perf
+from vcdm import distributed, perf
 from vcdm.checkpoints import read_config
 from vcdm.data.structure import Structure
 from vcdm.generate.core import GenerateResult, check_seeds, generate
@@ -85,8 +85,10 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
     if run.grid is not None:
         check_writable(run.grid, "--grid", is_dir=False)
     common = dict(increment_seeds=increment_seeds, device=device, inference=inference)
-    emb = generate(prior, seeds, opts=prior_opts, cond=Conditioning(conditioned[0]),
-                   run=replace(run, outdir=emb_dir, grid=None), **common)
-    img = generate(image_model, seeds, opts=image_opts, cond=Conditioning(conditioned[1], load_obs_from=emb.outdir),
-                   run=replace(run, outdir=img_dir), **common)
+    with distributed.session(device):  # one process group for both stages
+        emb = generate(prior, seeds, opts=prior_opts, cond=Conditioning(conditioned[0]),
+                       run=replace(run, outdir=emb_dir, grid=None), **common)
+        img = generate(image_model, seeds, opts=image_opts,
+                       cond=Conditioning(conditioned[1], load_obs_from=emb.outdir), run=replace(run, outdir=img_dir),
+                       **common)
     return TwoStageResult(emb, img)

@@ -48,11 +48,8 @@ def train(opts: TrainOptions) -> Path | None:
     opts.path = os.path.abspath(opts.path)  # recorded in the run's options and checkpoints
     if opts.dry_run:
         return dry_run(opts)
-    device = dist.init(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
+    with dist.session(opts.device or ("cuda" if torch.cuda.is_available() else "cpu")) as device:
         return Trainer(opts, device).run()
-    finally:
-        dist.shutdown()
 
 
 def dry_run(opts: TrainOptions) -> None:
