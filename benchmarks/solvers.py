@@ -32,18 +32,24 @@ import torch
 from vcdm.fileio import atomic_write, parse_int_list
 
 REFERENCE = ("reference", "edm", dict(num_steps=40, S_churn=50.0, S_noise=1.007))
-SAMPLERS = ("unipc", "dpm2m_sde", "dpm2m", "euler_a", "dpm3m_sde", "heun")
+SAMPLERS = ("unipc", "dpm2m_sde", "dpm2m", "euler_a", "dpm3m_sde", "heun", "heun_churn")
 NFE_GRID = (24, 12, 8)
 
 
 def settings(nfe_grid: tuple[int, ...] = NFE_GRID, samplers: tuple[str, ...] = SAMPLERS) -> list[tuple[str, str, dict]]:
     """(label, sampler, options): the reference, then each sampler at each NFE of the grid (Heun costs
-    2 evaluations per step but one on the last, so n steps = 2n - 1 NFE)."""
+    2 evaluations per step but one on the last, so n steps = 2n - 1 NFE). `heun_churn` is the reference's
+    sampler with fewer steps: S_churn scales with the step count, so each step keeps the reference's
+    noise increase (EDM's cap, sqrt(2) - 1, binds for both)."""
     out = [REFERENCE]
     for nfe in nfe_grid:
         for name in samplers:
+            steps = (nfe + 1) // 2
             if name == "heun":
-                out.append((f"heun-{(nfe + 1) // 2}", "edm", dict(num_steps=(nfe + 1) // 2)))
+                out.append((f"heun-{steps}", "edm", dict(num_steps=steps)))
+            elif name == "heun_churn":
+                churn = REFERENCE[2]["S_churn"] * steps / REFERENCE[2]["num_steps"]
+                out.append((f"heun_churn-{steps}", "edm", dict(REFERENCE[2], num_steps=steps, S_churn=churn)))
             else:
                 out.append((f"{name}-{nfe}", name, dict(num_steps=nfe)))
     return out

@@ -247,6 +247,8 @@ def test_solvers_benchmark_grid_and_report(tmp_path):
     spec.loader.exec_module(bench)
     grid = {label: (sampler, bench.nfe(sampler, opts)) for label, sampler, opts in bench.settings((24, 12))}
     assert grid["reference"] == ("edm", 79) and grid["heun-12"] == ("edm", 23) and grid["unipc-24"] == ("unipc", 24)
+    churn = {label: opts for label, _, opts in bench.settings((24,))}["heun_churn-12"]
+    assert churn == dict(num_steps=12, S_churn=15.0, S_noise=1.007)
     assert len(grid) == 1 + 2 * len(bench.SAMPLERS) and all(n <= 25 for lab, (_, n) in grid.items() if lab != "reference")
     rows = [dict(label=lab, sampler=grid[lab][0], nfe=grid[lab][1], model=m, seed=s, fd=fd)
             for lab, fds in (("reference", (10.0, 12.0)), ("unipc-24", (11.0, 12.0))) for m in ("uncond",)
