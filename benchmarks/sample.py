@@ -38,7 +38,7 @@ from common import add_common_args, machine, result, row, write_json
 from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
 from vcdm.data.structure import Structure
-from vcdm.diffusion.sampling import PRESETS
+from vcdm.diffusion.sampling import PRESETS, evaluations
 from vcdm.generate import Conditioning, InferenceChoices, RunOptions, SamplerOptions, generate, load_model
 from vcdm.generate.options import inference_settings
 from vcdm.nets import build_network
@@ -47,7 +47,7 @@ from vcdm.nets.presets import preset
 
 EMBED_DIM = 512  # CLIP ViT-B/32
 RELEASE_NFE = 79  # the release's 40 Heun steps with churn
-FAST_NFE = PRESETS["fast"]["num_steps"]  # --preset fast: UniPC, one evaluation per step
+FAST_NFE = evaluations(PRESETS["fast"]["sampler"], PRESETS["fast"]["num_steps"])  # --preset fast
 PATHS = {"default": InferenceChoices(), "fp32": perf.FP32}  # how generate() evaluates; fp32 is the reference
 
 
@@ -63,10 +63,6 @@ def write_model(path: Path, arch: str, exist: str, observed: str, cbase: int | N
               "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
     save_checkpoint(path, {"net": net.state_dict()}, config)
     return path
-
-
-def evals(steps: int) -> int:
-    return 2 * steps - 1  # Heun: two evaluations per step, Euler on the last
 
 
 def main() -> None:
@@ -121,14 +117,15 @@ def main() -> None:
     rates, rows = {}, []
     for label, (measured, per_eval, settings) in runs.items():
         # Extrapolation: the per-batch network time scales with the evaluation count, the rest stays.
-        at40 = {k: measured[k] + (evals(40) - evals(args.steps)) * batches * per_eval[k] for k in measured}
+        missing = evaluations("edm", 40) - evaluations("edm", args.steps)
+        at40 = {k: measured[k] + missing * batches * per_eval[k] for k in measured}
         names = f"prior {settings['prior'].name}, image model {settings['image'].name}"
         print(f"\n{label} ({names}): one evaluation at batch {batch}: prior {per_eval['prior']:.3f} s, "
               f"image model {per_eval['image']:.3f} s")
         print(f"{'':<34}{'steps':>6}{'evals':>7}{'prior s':>9}{'image s':>9}{'images/s':>10}{'prior share':>13}")
         for name, steps, sec in (("measured", args.steps, measured), ("extrapolated to the seed's 40", 40, at40)):
             total = sec["prior"] + sec["image"]
-            print(f"{name:<34}{steps:>6}{evals(steps):>7}{sec['prior']:>9.2f}{sec['image']:>9.2f}"
+            print(f"{name:<34}{steps:>6}{evaluations('edm', steps):>7}{sec['prior']:>9.2f}{sec['image']:>9.2f}"
                   f"{args.images / total:>10.4f}{sec['prior'] / total:>13.1%}")
         total = at40["prior"] + at40["image"]
         rates[label] = (args.images / total, args.images / at40["image"], at40["prior"] / total, names)
@@ -154,7 +151,7 @@ def fast_preset_rows(measured: dict, per_eval: dict, steps: int, batches: int, i
     """Two-stage images/s of --preset fast vs the release's setting, both extrapolated from the measured run."""
     rate = {}
     for nfe in (RELEASE_NFE, FAST_NFE):
-        sec = sum(measured[k] + (nfe - evals(steps)) * batches * per_eval[k] for k in measured)
+        sec = sum(measured[k] + (nfe - evaluations("edm", steps)) * batches * per_eval[k] for k in measured)
         rate[nfe] = images / sec
     ref = f"two-stage sampling, release setting ({RELEASE_NFE} NFE per stage)"
     note = f"{names}; extrapolated from {steps} Heun steps; FD at these settings: benchmarks/solvers.py"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from vcdm.diffusion.sampling import evaluations
 from vcdm.fileio import atomic_write, parse_int_list
 
 REFERENCE = ("reference", "edm", dict(num_steps=40, S_churn=50.0, S_noise=1.007))
@@ -56,8 +57,7 @@ def settings(nfe_grid: tuple[int, ...] = NFE_GRID, samplers: tuple[str, ...] = S
 
 
 def nfe(sampler: str, opts: dict) -> int:
-    n = opts["num_steps"]
-    return 2 * n - 1 if sampler in ("edm", "ablation") and opts.get("solver", "heun") == "heun" else n
+    return evaluations(sampler, opts["num_steps"], opts.get("solver", "heun"))
 
 
 class Models:

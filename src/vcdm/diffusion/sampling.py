@@ -81,6 +81,12 @@ REGISTRY: dict[str, Spec] = {
 SAMPLERS = tuple(REGISTRY)
 CHURN_SAMPLERS = tuple(name for name, spec in REGISTRY.items() if spec.churn)  # take S_churn/S_min/S_max/S_noise
 
+
+def evaluations(sampler: str, num_steps: int, solver: str = "heun") -> int:
+    """Network evaluations per sample: Heun takes two per step but one on the last (to sigma = 0); the
+    other samplers take one per step."""
+    return 2 * num_steps - 1 if sampler in CHURN_SAMPLERS and solver == "heun" else num_steps
+
 # Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast", measured with
 # benchmarks/solvers.py on digits models trained 16 kimg (3 seeds x 200 images, FD by the demo's judge):
 # UniPC with 12 evaluations per stage scored 103.7 +- 12.1 (two-stage) and 157.8 +- 18.6 (unconditional)
