@@ -129,9 +129,11 @@ def measure(args: argparse.Namespace) -> None:
                 with open(log, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{label:16s} {model:9s} seed {seed}: FD {fd:7.2f}  ({row['seconds']}s)", flush=True)
-    floor = judge.real_floor(args.num)["fd"]
-    with atomic_write(args.out / "floor.json", "w") as f:
-        json.dump({"real_floor_fd": floor, "num": args.num}, f)
+    if args.num <= len(judge.floor_images):  # the floor needs as many real digits as samples per seed
+        with atomic_write(args.out / "floor.json", "w") as f:
+            json.dump({"real_floor_fd": judge.real_floor(args.num)["fd"], "num": args.num}, f)
+    else:
+        print(f"no real-digit floor: --num {args.num} is more than the {len(judge.floor_images)} digits kept for it")
 
 
 def read(log: Path) -> list[dict]:
