@@ -54,9 +54,9 @@ PRESETS = ("fast",)  # vcdm.diffusion.sampling.PRESETS
 def preset_option(f: Callable) -> Callable:
     return click.option("--preset", type=click.Choice(PRESETS), help=(
         "Named sampler settings for every stage; flags given explicitly still win. fast: UniPC, 12 steps = 12 "
-        "network evaluations per stage instead of the original release's 79 (40 Heun steps with churn), at an "
-        "equal or lower Fréchet distance on 16-kimg digits models; deterministic, so without the release's churn, "
-        "which better-trained conditional models may need (README, benchmarks/solvers.py)"))(f)
+        "network evaluations per stage instead of the original release's 79 (40 Heun steps with churn), at a "
+        "Fréchet distance within the release setting's seed-to-seed noise or lower on the digits models "
+        "measured (README, benchmarks/solvers.py)"))(f)
 
 
 def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | None = None):

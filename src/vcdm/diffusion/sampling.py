@@ -87,14 +87,14 @@ def evaluations(sampler: str, num_steps: int, solver: str = "heun") -> int:
     other samplers take one per step."""
     return 2 * num_steps - 1 if sampler in CHURN_SAMPLERS and solver == "heun" else num_steps
 
+
 # Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast", measured with
-# benchmarks/solvers.py on digits models trained 16 kimg (3 seeds x 200 images, FD by the demo's judge):
-# UniPC with 12 evaluations per stage scored 103.7 +- 12.1 (two-stage) and 157.8 +- 18.6 (unconditional)
-# against the original release's setting (Heun, 40 steps, S_churn 50: 79 evaluations) at 119.2 +- 7.6 and
-# 211.1 +- 23.2; paired by seed, -15.5 +- 18.6 and -53.3 +- 4.6. UniPC at 24 and 8 evaluations scored the
-# same; 12 keeps a margin below the point (about 7 evaluations) where Heun's error starts to show. On the
-# same recipe trained 32 kimg the two-stage FD is 29.3 +- 5.6 against the release's 19.3 +- 4.3 at both 12
-# and 24 steps: the release's churn helps there, which no deterministic solver replaces (README).
+# benchmarks/solvers.py on digits models (FD by the demo's judge, paired by seed against the original
+# release's setting: Heun, 40 steps, S_churn 50 = 79 evaluations): trained 16 kimg, UniPC with 12
+# evaluations per stage is better (two-stage -13.6 +- 14.4, unconditional -40.0 +- 21.4; 5 seeds x 200
+# images); trained 32 kimg, within the release's seed-to-seed noise (two-stage +1.0 +- 2.6 with 2 seeds x
+# 1000 images, against a std of 1.4; unconditional -0.3 +- 15.7 with 5 x 200). UniPC at 24 and 8 scored
+# the same as at 12; 12 keeps a margin above the point (about 7 evaluations) where Heun's error shows.
 PRESETS: dict[str, dict[str, Any]] = {"fast": dict(sampler="unipc", num_steps=12)}
 
 
