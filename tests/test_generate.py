@@ -153,18 +153,24 @@ def test_torchrun_session_leaves_no_gloo_threads(models, tmp_path):
     script = tmp_path / "session.py"
     script.write_text(
         "import os, sys\n"
+        "import torch\n"
         "from vcdm import distributed\n"
         "from vcdm.generate.core import load_model\n"
         "with distributed.session('cpu') as device:\n"
         "    load_model(sys.argv[1], device)  # builds the network on the meta device first\n"
         "    distributed.all_sum([1.0], device)\n"
+        "    cycle = [torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))]\n"
+        "    cycle.append(cycle)  # garbage that holds the group until a collection\n"
+        "    del cycle\n"
         "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
-        "print('gloo threads left:', sum('gloo' in n for n in names))\n")
+        "with open(sys.argv[2] + os.environ['RANK'], 'w') as f:  # one file per rank: torchrun's output interleaves\n"
+        "    f.write(str(sum('gloo' in n for n in names)))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(models["uncond"])], env=env, capture_output=True, text=True, timeout=120)
+                           str(script), str(models["uncond"]), str(tmp_path / "gloo-threads-rank")], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("gloo threads left: 0") == 2, proc.stdout
+    assert [(tmp_path / f"gloo-threads-rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
 
 
 def test_grid(models, tmp_path):

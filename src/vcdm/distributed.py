@@ -5,6 +5,7 @@ The same code runs on CPU (gloo) and CUDA (NCCL): the backend follows the device
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 from typing import Any, Iterator
@@ -59,6 +60,7 @@ def session(device: str | torch.device | None = None) -> Iterator[torch.device]:
         yield init(device)
     finally:
         if owner and dist.is_initialized():
+            gc.collect()  # garbage in reference cycles (a finished run's DDP wrapper) may still hold the group
             dist.destroy_process_group()
 
 
