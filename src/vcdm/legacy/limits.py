@@ -87,19 +87,19 @@ class BoundedReader:
 
 def charge(budget: Budget, value: Any, depth: int = 3) -> None:
     """Charge what a call building from ``value`` may copy (items of containers to ``depth`` levels,
-    bytes of strings): bounded work per charge, and each charge is at least what it walked."""
-    budget.take(_size(value, depth), "data the pickle builds")
-
-
-def _size(value: Any, depth: int) -> int:
-    if isinstance(value, (bytes, bytearray, str)):
-        return len(value)
-    if isinstance(value, (list, tuple, dict, set, frozenset)):
-        n = ITEM_BYTES * len(value)
-        if depth > 0:
-            n += sum(_size(v, depth - 1) for v in (value.values() if isinstance(value, dict) else value))
-        return n
-    return 0
+    bytes of strings). Each container is charged before its items are looked at, so the walk stops at
+    the first one past the budget: its work is bounded by the budget, however often the pickle's memo
+    makes one large container appear (400k references to one 400k-item list cost one refusal, not 1.6e11
+    steps)."""
+    todo = [(value, depth)]
+    while todo:
+        item, levels = todo.pop()
+        if isinstance(item, (bytes, bytearray, str)):
+            budget.take(len(item), "data the pickle builds")
+        elif isinstance(item, (list, tuple, dict, set, frozenset)):
+            budget.take(ITEM_BYTES * len(item), "data the pickle builds")
+            if levels > 0:
+                todo.extend((v, levels - 1) for v in (item.values() if isinstance(item, dict) else item))
 
 
 def _children(value: Any) -> Iterator[Any]:
