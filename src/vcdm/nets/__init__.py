@@ -1,4 +1,4 @@
-"""Networks (EDM parameter names) and the preconditioned denoiser that wraps them."""
+"""Networks (EDM's and EDM2's parameter names) and the preconditioned denoiser that wraps them."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -11,13 +11,14 @@ def network_classes() -> dict[str, type[nn.Module]]:
     from vcdm.nets.concatunet import ConcatUNet
     from vcdm.nets.control import ControlDhariwalUNet
     from vcdm.nets.dalle2 import DALLE2Prior
+    from vcdm.nets.edm2 import EDM2UNet
     from vcdm.nets.film import FilmSongUNet
     from vcdm.nets.prior import PriorTransformer
     from vcdm.nets.songunet import SongUNet
 
     return {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "PriorTransformer": PriorTransformer,
             "DALLE2Prior": DALLE2Prior, "ConcatUNet": ConcatUNet,
-            "FilmSongUNet": FilmSongUNet, "ControlDhariwalUNet": ControlDhariwalUNet}
+            "FilmSongUNet": FilmSongUNet, "ControlDhariwalUNet": ControlDhariwalUNet, "EDM2UNet": EDM2UNet}
 
 
 def build_network(class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:

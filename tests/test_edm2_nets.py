@@ -1,0 +1,133 @@
+"""EDM2's magnitude-preserving U-Net (issue 20): parity with EDM2's own code from vendored numbers, its
+layers' magnitude preservation, and its parameter names and counts.
+
+tests/data/edm2-parity.json holds only numbers written by running NVlabs/edm2's training/networks_edm2.py
+(commit 4bf8162) outside this repository: its ``Precond`` with the configuration in the file, every tensor
+filled from one seeded generator in sorted name order (names without the ``unet.`` prefix), inputs from a
+second seed; then the outputs' RMS, sums and 48 evenly spaced values."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vcdm.nets.edm2 import EDM2UNet, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(__file__).parent / "data"
+PARITY = json.loads((DATA / "edm2-parity.json").read_text())
+LOGVAR_CHANNELS = 16  # the reference's Precond(logvar_channels=16)
+HEAD_SHAPES = {"logvar_fourier.freqs": (LOGVAR_CHANNELS,), "logvar_fourier.phases": (LOGVAR_CHANNELS,),
+               "logvar_linear.weight": (1, LOGVAR_CHANNELS)}
+
+
+def fill(tensors: dict[str, torch.Tensor], seed: int) -> None:
+    """The reference's weights: every tensor, in sorted name order, from one seeded generator. The
+    reference's Precond also holds the uncertainty head; a bare network draws its values and drops them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {**HEAD_SHAPES, **{k: tuple(v.shape) for k, v in tensors.items()}}
+    with torch.no_grad():
+        for name in sorted(shapes):
+            values = torch.randn(shapes[name], generator=g)
+            if name in tensors:
+                tensors[name].copy_(values)
+
+
+def inputs(label_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, PARITY["net"]["img_channels"], 16, 16, generator=g)
+    if label_dim == 1000:
+        y = torch.zeros(2, 1000)
+        y[0, 3] = y[1, 997] = 1
+    elif label_dim:
+        y = torch.randn(2, label_dim, generator=g)
+        y = y / y.norm(dim=1, keepdim=True)
+    else:
+        y = None
+    return x, y
+
+
+def sampled(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().flatten().double()
+    return flat[torch.linspace(0, flat.numel() - 1, PARITY["indices"]).round().long()]
+
+
+def assert_matches(got: torch.Tensor, ref: dict, rtol: float = 1e-5) -> None:
+    """Within rtol of the reference output's RMS, value by value and in its sums."""
+    scale = ref["rms"]
+    assert got.double().square().mean().sqrt().item() == pytest.approx(scale, rel=rtol)
+    assert got.double().sum().item() == pytest.approx(ref["sum"], abs=rtol * scale * got.numel() ** 0.5)
+    assert got.double().abs().sum().item() == pytest.approx(ref["abs_sum"], rel=rtol)
+    torch.testing.assert_close(sampled(got), torch.tensor(ref["values"], dtype=torch.float64), rtol=0, atol=rtol * scale)
+
+
+def parity_net(case: dict, dropout: float) -> EDM2UNet:
+    net = EDM2UNet(label_dim=case["label_dim"], dropout=dropout, **PARITY["net"])
+    fill(net.state_dict(), case["weight_seed"])
+    return net
+
+
+MODES = {"eval": 0.0, "train": 0.0, "train_dropout": 0.2}
+
+
+@pytest.mark.determinism
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case_name", ["uncond", "class1000", "embed512"])
+def test_unet_matches_edm2(case_name: str, mode: str):
+    """EDM2's UNet with the same weights and inputs: no labels, one-hot classes, a unit-norm 512-d embedding;
+    in eval mode, in training mode (forced weight normalisation) and with dropout drawn from the same RNG."""
+    case = PARITY["cases"][case_name]
+    net = parity_net(case, MODES[mode]).train(mode != "eval")
+    x, y = inputs(case["label_dim"], case["input_seed"])
+    c_noise = torch.tensor(PARITY["sigmas"]).log() / 4
+    torch.manual_seed(123)
+    out = net(x, c_noise, y)
+    assert_matches(out, case[mode]["F"])
+    if mode != "eval":  # forced weight normalisation rewrote the stored weights (unit RMS per output channel)
+        assert_matches(net.out_conv.weight, case[mode]["out_conv_weight_after"])
+
+
+def test_layers_preserve_magnitude():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, 64, generator=g), torch.randn(4096, 192, generator=g)
+    rms = lambda t: t.square().mean().sqrt().item()  # noqa: E731
+    assert rms(mp_silu(a)) == pytest.approx(1, abs=0.02)
+    assert rms(mp_sum(a, b[:, :64], t=0.3)) == pytest.approx(1, abs=0.02)
+    cat = mp_cat(a, b, t=0.25)
+    assert rms(cat) == pytest.approx(1, abs=0.02)
+    # b carries the share t of the magnitude: its part of the squared norm is t^2 / ((1-t)^2 + t^2)
+    assert cat[:, 64:].square().sum().item() / cat.square().sum().item() == pytest.approx(0.0625 / 0.625, abs=0.01)
+    assert rms(MPFourier(256)(torch.randn(4096, generator=g))) == pytest.approx(1, abs=0.02)
+    conv = MPConv(64, 32, kernel=[3, 3])
+    assert rms(conv(torch.randn(8, 64, 64, 64, generator=g))) == pytest.approx(1, abs=0.03)  # 1% lost at the border
+    assert rms(normalize(5 * a)) == pytest.approx(1, rel=1e-4)
+
+
+def test_forced_weight_normalisation_only_in_training():
+    conv = MPConv(8, 4, kernel=[])
+    with torch.no_grad():
+        conv.weight.mul_(3)
+    before = conv.weight.clone()
+    conv.eval()(torch.randn(2, 8))
+    assert torch.equal(conv.weight, before)
+    conv.train()(torch.randn(2, 8))
+    torch.testing.assert_close(conv.weight, normalize(before))
+    torch.testing.assert_close(conv.weight.norm(dim=1), torch.full((4,), math.sqrt(8)), rtol=1e-3, atol=0)
+
+
+def test_refuses_augmentation_labels():
+    net = EDM2UNet(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1,
+                   attn_resolutions=[])
+    with pytest.raises(ValueError, match="no augmentation input"):
+        net(torch.zeros(1, 1, 8, 8), torch.zeros(1), augment_labels=torch.zeros(1, 9))
+
+
+def test_registered_for_checkpoints():
+    from vcdm.nets import build_network
+
+    net = build_network("EDM2UNet", dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8,
+                                         channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))
+    assert isinstance(net, EDM2UNet) and net.label_dim == 4
