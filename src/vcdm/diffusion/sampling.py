@@ -15,33 +15,33 @@ import torch
 import tqdm
 
 from vcdm.diffusion import schedules, solvers
+from vcdm.diffusion.guidance import Guidance, guided_denoise
 from vcdm.diffusion.samplers import Callback, Churn, sample_ablation, sample_dpmpp_2m, sample_heun
 
 
 class Model:
     """A denoiser as the samplers see it: ``model(x, sigma) -> D`` in float64, given the conditioning ``y``.
 
-    ``guidance`` != 1 is classifier-free guidance D = D(x | 0) + guidance * (D(x | y) - D(x | 0)), both
-    halves in one batched call. A denoiser's ``noise_scale`` (the original release's per-element noise
-    multiplier: element i is noised at sigma * noise_scale[i]) is absorbed by a change of variables: the
-    samplers integrate u = x / noise_scale with unit noise, which is exact because every sampler is
-    linear in (x, D, noise). ``round_sigma`` is the denoiser's own, when it has one.
+    ``guidance`` != 1 guides it (vcdm.diffusion.guidance): D = D_g + guidance * (D - D_g), where the guide
+    D_g is ``gnet`` or, without one, the denoiser given the null condition (classifier-free guidance);
+    ``interval`` (lo, hi] limits guidance to those noise levels. A denoiser's ``noise_scale`` (the original
+    release's per-element noise multiplier: element i is noised at sigma * noise_scale[i]) is absorbed by a
+    change of variables: the samplers integrate u = x / noise_scale with unit noise, which is exact because
+    every sampler is linear in (x, D, noise). ``round_sigma`` is the denoiser's own, when it has one.
     """
 
-    def __init__(self, denoiser: Callable, y: torch.Tensor | None = None, guidance: float = 1.0):
-        if guidance != 1 and y is None:
+    def __init__(self, denoiser: Callable, y: torch.Tensor | None = None, guidance: float = 1.0, *,
+                 gnet: Callable | None = None, interval: tuple[float, float] | None = None):
+        self.guidance = Guidance(guidance, gnet, interval)
+        if self.guidance.classifier_free and y is None:
             raise ValueError(f"guidance {guidance}: classifier-free guidance needs conditioning, but y is None")
-        self.denoiser, self.y, self.guidance = denoiser, y, guidance
+        self.denoiser, self.y = denoiser, y
         self.round_sigma = getattr(denoiser, "round_sigma", torch.as_tensor)
         scale = getattr(denoiser, "noise_scale", None)
         self.noise_scale = None if scale is None or bool((scale == 1).all()) else scale.to(torch.float64)
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.guidance == 1:
-            return self.denoiser(x, sigma, self.y).to(torch.float64)
-        y_pair = torch.cat([self.y, torch.zeros_like(self.y)])
-        cond, uncond = self.denoiser(torch.cat([x, x]), sigma, y_pair).to(torch.float64).chunk(2)
-        return uncond + self.guidance * (cond - uncond)
+        return guided_denoise(self.denoiser, x, sigma, self.y, self.guidance)
 
     def __call__(self, u: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.noise_scale is None:
@@ -54,8 +54,9 @@ class Model:
         return u if self.noise_scale is None else u * self.noise_scale.to(u.device)
 
 
-def guided(denoiser: Callable, y: torch.Tensor | None = None, guidance: float = 1.0) -> Model:
-    return Model(denoiser, y, guidance)
+def guided(denoiser: Callable, y: torch.Tensor | None = None, guidance: float = 1.0, *, gnet: Callable | None = None,
+           interval: tuple[float, float] | None = None) -> Model:
+    return Model(denoiser, y, guidance, gnet=gnet, interval=interval)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def progress_bar(num_steps: int, desc: str) -> Callback:
 
 
 def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = None, *, sampler: str = "edm",
-           randn_like: Callable = torch.randn_like, guidance: float = 1.0, callback: Callback = None,
+           randn_like: Callable = torch.randn_like, guidance: float = 1.0, gnet: Callable | None = None,
+           guidance_interval: tuple[float, float] | None = None, callback: Callback = None,
            progress: bool = False, **opts: Any) -> torch.Tensor:
     """Generate x0 (float64 (B, N)) from unit-variance ``latents`` (B, N).
 
@@ -144,7 +146,7 @@ def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = N
     steps, sigma 0.002..80, rho 7), ``ablation`` (EDM's generalized sampler: solver, discretization,
     schedule, scaling), ``dpm2m`` (DPM-Solver++(2M)), ``euler_a``, ``dpm2m_sde``, ``dpm3m_sde``, ``unipc``
     (Karras levels). Options set to None take their default; the sigma range is clipped to the
-    denoiser's ``sigma_min``/``sigma_max``.
+    denoiser's ``sigma_min``/``sigma_max``. ``guidance``, ``gnet``, ``guidance_interval``: see ``Model``.
     """
     if sampler not in REGISTRY:
         raise ValueError(f"sampler: expected one of {'|'.join(SAMPLERS)}, got '{sampler}'")
@@ -154,7 +156,7 @@ def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = N
     if unknown:
         raise ValueError(f"sampler '{sampler}' does not take option(s) {', '.join(unknown)} "
                          f"(it takes {', '.join(sorted(spec.options))})")
-    model = Model(denoiser, y, guidance)
+    model = Model(denoiser, y, guidance, gnet=gnet, interval=guidance_interval)
     if spec.churn:
         opts["churn"] = Churn(**{k: opts.pop(k) for k in sorted(_CHURN) if k in opts})
     if sampler == "edm":
