@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from vcdm.nets import build_network
 from vcdm.nets.edm2 import EDM2UNet, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
+from vcdm.nets.presets import EDM2_PRESETS, PresetError, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).parent / "data"
 PARITY = json.loads((DATA / "edm2-parity.json").read_text())
+PRESETS = json.loads((DATA / "edm2-presets.json").read_text())  # EDM2's Precond per train_edm2.py preset, 1000 classes
 LOGVAR_CHANNELS = 16  # the reference's Precond(logvar_channels=16)
 HEAD_SHAPES = {"logvar_fourier.freqs": (LOGVAR_CHANNELS,), "logvar_fourier.phases": (LOGVAR_CHANNELS,),
                "logvar_linear.weight": (1, LOGVAR_CHANNELS)}
@@ -126,8 +129,42 @@ def test_refuses_augmentation_labels():
 
 
 def test_registered_for_checkpoints():
-    from vcdm.nets import build_network
-
     net = build_network("EDM2UNet", dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8,
                                          channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))
     assert isinstance(net, EDM2UNet) and net.label_dim == 4
+
+
+def edm2_arch(arch: str, **overrides) -> EDM2UNet:
+    kwargs = dict(resolution=64, channels=PRESETS["presets"][arch]["img_channels"], embed_dim=0, label_dim=1000,
+                  augment_dim=0, **overrides)
+    name, net_kwargs = preset(arch, **kwargs)
+    with torch.device("meta"):
+        return build_network(name, net_kwargs)
+
+
+@pytest.mark.parametrize("arch", sorted(PRESETS["presets"]))
+def test_presets_are_edm2s(arch: str):
+    """Every EDM2 preset: EDM2's parameter count (its Precond's U-Net, built by EDM2's code) and its recipe."""
+    ref = PRESETS["presets"][arch]
+    net = edm2_arch(arch)
+    assert sum(p.numel() for p in net.parameters()) == ref["unet_params"]
+    assert {k: getattr(EDM2_PRESETS[arch], k) for k in ref["config"]} == ref["config"]
+    assert net.dec["64x64_block3"].dropout == ref["config"]["dropout"]
+
+
+def test_img64_s_names_and_shapes_are_edm2s():
+    ref = {k.removeprefix("unet."): tuple(v) for k, v in PRESETS["img64_s_state_dict"].items() if k.startswith("unet.")}
+    got = {k: tuple(v.shape) for k, v in edm2_arch("edm2-img64-s").state_dict().items()}
+    assert got == ref
+
+
+def test_preset_overrides_and_refusals():
+    net = edm2_arch("edm2-img64-xs", cbase=64, cres=[1, 2], dropout=0.3)
+    assert net.enc["64x64_conv"].weight.shape == (64, 4, 3, 3) and "16x16_down" not in net.enc
+    assert net.dec["32x32_in0"].num_heads == 2 and net.dec["64x64_block0"].dropout == 0.3
+    with pytest.raises(PresetError, match="no augmentation input"):
+        preset("edm2-img64-s", resolution=64, channels=3, embed_dim=0, label_dim=0, augment_dim=9)
+    with pytest.raises(PresetError, match="attention heads"):
+        preset("edm2-img64-s", resolution=64, channels=3, embed_dim=0, label_dim=0, augment_dim=0, cbase=200)
+    with pytest.raises(PresetError, match="multiple of 8"):
+        preset("edm2-img512-xs", resolution=36, channels=4, embed_dim=0, label_dim=0, augment_dim=0)

@@ -1,7 +1,8 @@
-"""Network presets for the seed's ``--arch`` names, with its ``--cbase``/``--cres``/``--dropout`` overrides."""
+"""Network presets for the seed's ``--arch`` names and EDM2's, with the ``--cbase``/``--cres``/``--dropout`` overrides."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -10,7 +11,41 @@ from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.layers import GroupNorm
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet", "film-ddpmpp", "control-adm")
+
+
+@dataclass(frozen=True)
+class EDM2Preset:
+    """One of EDM2's configurations (its train_edm2.py ``--preset``): the network's width and dropout, and
+    its recipe's numbers: ln(sigma) ~ N(P_mean, P_std^2), reference learning rate ``lr`` decaying after
+    ``decay`` batches of ``batch`` images, training length ``duration`` in images."""
+    channels: int
+    dropout: float
+    P_mean: float
+    P_std: float
+    lr: float
+    decay: int
+    batch: int = 2048
+    duration: int = 1024 << 20
+
+
+_IMG512 = dict(P_mean=-0.4, P_std=1.0, decay=70000)  # 64x64x4 latents of 512x512 images
+_IMG64 = dict(P_mean=-0.8, P_std=1.6, decay=35000)  # 64x64 pixels
+EDM2_PRESETS: dict[str, EDM2Preset] = {
+    "edm2-img512-xxs": EDM2Preset(64, 0.00, lr=0.0170, duration=2048 << 20, **_IMG512),
+    "edm2-img512-xs": EDM2Preset(128, 0.00, lr=0.0120, duration=2048 << 20, **_IMG512),
+    "edm2-img512-s": EDM2Preset(192, 0.00, lr=0.0100, duration=2048 << 20, **_IMG512),
+    "edm2-img512-m": EDM2Preset(256, 0.10, lr=0.0090, duration=2048 << 20, **_IMG512),
+    "edm2-img512-l": EDM2Preset(320, 0.10, lr=0.0080, duration=1792 << 20, **_IMG512),
+    "edm2-img512-xl": EDM2Preset(384, 0.10, lr=0.0070, duration=1280 << 20, **_IMG512),
+    "edm2-img512-xxl": EDM2Preset(448, 0.10, lr=0.0065, duration=896 << 20, **_IMG512),
+    "edm2-img64-xs": EDM2Preset(128, 0.00, lr=0.0120, duration=1024 << 20, **_IMG64),
+    "edm2-img64-s": EDM2Preset(192, 0.00, lr=0.0100, duration=1024 << 20, **_IMG64),
+    "edm2-img64-m": EDM2Preset(256, 0.10, lr=0.0090, duration=2048 << 20, **_IMG64),
+    "edm2-img64-l": EDM2Preset(320, 0.10, lr=0.0080, duration=1024 << 20, **_IMG64),
+    "edm2-img64-xl": EDM2Preset(384, 0.10, lr=0.0070, duration=640 << 20, **_IMG64),
+}
+EDM2_ARCHS = tuple(EDM2_PRESETS)
+ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet", "film-ddpmpp", "control-adm", *EDM2_ARCHS)
 VECTOR_ARCHS = ("dalle2", "prior")  # transformers over embedding vectors
 # The release's networks built from the whole structure (structure_preset): concatunet models every tensor
 # (images and vectors) jointly; film-ddpmpp and control-adm are image U-Nets with their own conditioning.
@@ -39,7 +74,9 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     EDM's train.py: their 64x64 models pass --cres=1,2,2,2 explicitly). adm: EDM's ADM (cbase 192, cres 1,2,3,4).
     dalle2: the original release's prior transformer over an `embed_dim` vector (dim 512, depth 6,
     8 heads x 64; it has no dropout, so --dropout is ignored with a warning, as the release ignores it).
-    prior: vcdm's own prior transformer (same sizes; dropout 0 unless given). `label_dim` is the size
+    prior: vcdm's own prior transformer (same sizes; dropout 0 unless given). edm2-img64-* / edm2-img512-*:
+    EDM2's U-Net with the width and dropout of EDM2's preset of that name (``EDM2_PRESETS``; cres 1,2,3,4,
+    3 blocks per level, attention at 16x16 and 8x8), for pixels or latents alike. `label_dim` is the size
     of the conditioning vector (0: unconditional); `resolution`/`channels` are ignored for the priors
     and `embed_dim` for the U-Nets.
     """
@@ -63,6 +100,9 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
             print(f"warning: --dropout={dropout} is ignored: --arch=dalle2 has no dropout (as in the original "
                   "release); use --arch=prior for a prior with dropout", file=sys.stderr)
         return "DALLE2Prior", dict(sizes, cond_dim=label_dim)
+    if arch in EDM2_ARCHS:
+        return edm2_preset(arch, resolution=resolution, channels=channels, label_dim=label_dim,
+                           augment_dim=augment_dim, cbase=cbase, cres=cres, dropout=dropout)
 
     if arch == "adm":
         default_cbase, default_cres = 192, [1, 2, 3, 4]
@@ -77,6 +117,26 @@ def preset(arch: str, *, resolution: int, channels: int, embed_dim: int, label_d
     name, kwargs = ("DhariwalUNet", kwargs) if arch == "adm" else ("SongUNet", {**kwargs, **_SONG[arch]})
     _check_group_norms(name, kwargs)
     return name, kwargs
+
+
+def edm2_preset(arch: str, *, resolution: int, channels: int, label_dim: int, augment_dim: int,
+                cbase: int | None = None, cres: Sequence[int] | None = None,
+                dropout: float | None = None) -> tuple[str, dict[str, Any]]:
+    """EDM2's U-Net as EDM2's train_edm2.py builds it for preset `arch`, at the data's resolution and channels."""
+    if augment_dim:
+        raise PresetError(f"--arch={arch}: EDM2's U-Net has no augmentation input (EDM2 trains without "
+                          "augmentation); use --augment=0")
+    config = EDM2_PRESETS[arch]
+    cbase = config.channels if cbase is None else cbase
+    cres = [1, 2, 3, 4] if cres is None else list(cres)
+    _check_unet(arch, resolution, channels, cbase, cres)
+    for level, mult in enumerate(cres):  # as EDM2: width // 64 heads (none below 64 channels), equal widths
+        res, width = resolution >> level, cbase * mult
+        if (res in (16, 8) or level == len(cres) - 1) and width >= 64 and width % (width // 64):
+            raise PresetError(f"--cbase/--cres: EDM2's U-Net splits the {width} channels at {res}x{res} into "
+                              f"{width // 64} attention heads, which does not divide them (use a multiple of 64)")
+    return "EDM2UNet", dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, model_channels=cbase,
+                            channel_mult=cres, dropout=config.dropout if dropout is None else dropout)
 
 
 def structure_preset(arch: str, structure: Structure, *, augment_dim: int, cbase: int | None = None,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
+from vcdm.nets.presets import ARCHS
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm", "dalle2", "prior", "concatunet", "film-ddpmpp", "control-adm")
 PRECONDS = ("edm", "vp", "ve")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
 
