@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("vcdm.cli.sample", "Two-stage sampling: prior → embeddings → image model → images."),
     "variations": ("vcdm.cli.variations", "Embed real images and sample variations conditioned on them."),
     "fid": ("vcdm.cli.fid", "FID/KID: reference statistics (`fid ref`) and scores (`fid calc`)."),
+    "phema": ("vcdm.cli.phema", "Post-hoc EMA: reconstruct any EMA length from a run's --ema-std snapshots (EDM2)."),
     "import-edm": ("vcdm.cli.import_edm", "Convert an EDM/VCDM network pickle to a vcdm checkpoint, safely."),
     "demo": ("vcdm.cli.demo", "Offline end-to-end demo on bundled real images (CPU, minutes)."),
 }

@@ -89,8 +89,9 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return removed
 
 
-def write_snapshot(path: Path, ema, embedder, config: dict, nimg: int) -> None:
-    """The EMA network (and a fitted embedder's state) with the checkpoint config."""
+def write_snapshot(path: Path, ema, embedder, config: dict, nimg: int, record: dict | None = None) -> None:
+    """The EMA network (and a fitted embedder's state) with the checkpoint config; `record`: more
+    entries for its training section (e.g. the EMA profile)."""
     from vcdm import checkpoints
 
     tensors = {"net": ema.state_dict()}
@@ -98,4 +99,13 @@ def write_snapshot(path: Path, ema, embedder, config: dict, nimg: int) -> None:
         extra = embedder.export_state()
         if extra:
             tensors["embedder"] = extra
-    checkpoints.save_checkpoint(path, tensors, dict(config, training=dict(config["training"], nimg=nimg)))
+    training = dict(config["training"], nimg=nimg, **(record or {}))
+    checkpoints.save_checkpoint(path, tensors, dict(config, training=training))
+
+
+def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: dict, nimg: int) -> None:
+    """A snapshot per network the EMA keeps: network-snapshot-<kimg>.safetensors for EDM's EMA,
+    network-snapshot-<kimg>-<std>.safetensors for each power-function profile."""
+    for suffix, net, record in ema.snapshots():
+        path = run_dir / f"network-snapshot-{nimg // 1000:06d}{suffix}.safetensors"
+        outputs.attempt(path, lambda: write_snapshot(path, net, embedder, config, nimg, record))  # noqa: B023 (called at once)
