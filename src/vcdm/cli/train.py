@@ -15,7 +15,9 @@ from click.core import ParameterSource
 
 from vcdm.fileio import parse_int_list
 
+from vcdm.train.lr_schedules import LR_SCHEDULES
 from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, PRECONDS, TrainOptions, default_workers
+from vcdm.train.recipe import RECIPES
 
 D = TrainOptions()
 
@@ -101,7 +103,19 @@ OPTIONS = [
              "default: one U-Net over image and vector tensors, e.g. joint --exist 1,1 --observed 0,0); film-ddpmpp "
              "(DDPM++ with FiLM conditioning); control-adm (ControlNet-style ADM: a class-conditional ADM frozen, a "
              "trainable copy takes the other observed tensors)  [default: by latent]"),
-    opt("--precond", type=click.Choice(PRECONDS), default=D.precond, help="Preconditioning and loss."),
+    opt("--recipe", type=click.Choice(list(RECIPES)), default=D.recipe,
+        help="Training recipe: the defaults of --precond, --P_mean/--P_std, --lr, --adam-betas, --lr-schedule and "
+             "--lr-ref, and how non-finite gradients are replaced. edm: the original release's (EDM's; +-inf "
+             "gradients become +-1e5). edm2: EDM2's (--precond edm2, betas 0.9,0.99, --lr-schedule edm2, "
+             "non-finite gradients become 0; with an EDM2 network preset also its --lr, --lr-ref and "
+             "--P_mean/--P_std). Works with any --arch."),
+    opt("--precond", type=click.Choice(PRECONDS), default=None,
+        help="Preconditioning and loss: EDM's edm, vp, ve; edm2 is EDM's preconditioning with EDM2's learned "
+             "uncertainty (a log-variance head on the network) and EDM2's loss  [default: the recipe's]"),
+    opt("--P_mean", metavar="FLOAT", type=Finite(), default=None,
+        help="edm/edm2 losses: mean of ln(sigma)  [default: -1.2 (EDM), or the EDM2 preset's with --recipe edm2]"),
+    opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
+        help="edm/edm2 losses: standard deviation of ln(sigma)  [default: 1.2 (EDM), or the EDM2 preset's]"),
     opt("--pred_x0", metavar="LIST", type=str, default="0", callback=int_list,
         help="0/1 per tensor: the network predicts x0 directly for these."),
     opt("--noise_mult", metavar="LIST", type=str, default="1", callback=float_list, help="Noise multiplier per tensor."),
@@ -128,9 +142,19 @@ OPTIONS = [
         help="Training duration."),
     opt("--batch", metavar="INT", type=click.IntRange(min=1), default=D.batch, help="Total batch size."),
     opt("--batch-gpu", metavar="INT", type=click.IntRange(min=1), default=None, help="Limit batch size per process."),
-    opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=D.lr, help="Learning rate."),
+    opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
+        help="Learning rate (with --lr-schedule edm2, EDM2's reference rate)  [default: 0.001, or the EDM2 "
+             "preset's with --recipe edm2]"),
+    opt("--lr-schedule", type=click.Choice(list(LR_SCHEDULES)), default=None,
+        help="edm: linear ramp-up over --lr-rampup, then constant. edm2: the same ramp-up, and from --lr-ref on "
+             "--lr / sqrt(kimg / lr-ref)  [default: the recipe's]"),
     opt("--lr-rampup", metavar="KIMG", type=Finite(min=0), default=D.lr_rampup,
         help="Learning-rate ramp-up (0: none)."),
+    opt("--lr-ref", metavar="KIMG", type=Finite(min=0), default=None,
+        help="--lr-schedule edm2: where the decay starts (0: no decay)  [default: the EDM2 preset's reference "
+             "in batches (35000 for other networks) x --batch]"),
+    opt("--adam-betas", metavar="B1,B2", type=str, default=None, callback=float_list,
+        help="Adam's beta1,beta2  [default: 0.9,0.999 (EDM), 0.9,0.99 with --recipe edm2]"),
     opt("--ema", metavar="MIMG", type=Finite(min=0), default=D.ema, help="EMA half-life."),
     opt("--ema-rampup", metavar="RATIO", type=Finite(min=0), default=D.ema_rampup,
         help="EMA half-life ramp-up ratio (0: none)."),

@@ -1,4 +1,5 @@
-"""Denoising score-matching losses of EDM (Karras et al. 2022): EDM, VP and VE.
+"""Denoising score-matching losses of EDM (Karras et al. 2022): EDM, VP and VE; and EDM2's (Karras et
+al. 2024), EDM's loss scaled by a learned per-noise-level uncertainty.
 
 Each returns the per-element weighted squared error (B, latent_dim); the caller sums or averages it.
 With ``cond_drop`` P (vcdm's --cond-drop; the release has none), each sample's conditioning y is replaced
@@ -64,8 +65,12 @@ class _Loss:
         if y is not None and self.cond_drop > 0:  # drawn last: the other draws match a run without it
             keep = torch.rand([x.shape[0], 1], device=x.device, generator=generator) >= self.cond_drop
             y = y * keep.to(y.dtype)
-        D = denoiser(x + n, sigma.flatten(), y, augment_labels=augment_labels)
         weight = self.weight(s).masked_fill(inner.x0_mask, 1.0)
+        return self.weighted_error(denoiser, x, x + n, sigma.flatten(), y, augment_labels, weight)
+
+    def weighted_error(self, denoiser: nn.Module, x: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor,
+                       y: torch.Tensor | None, augment_labels: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        D = denoiser(noisy, sigma, y, augment_labels=augment_labels)
         return weight * (D - x) ** 2
 
 
@@ -80,6 +85,22 @@ class EDMLoss(_Loss):
 
     def weight(self, s):
         return (s ** 2 + self.sigma_data ** 2) / (s * self.sigma_data) ** 2
+
+
+class EDM2Loss(EDMLoss):
+    """EDM2's: EDM's loss divided by exp(u(sigma)) plus u(sigma), with u the denoiser's learned log-variance
+    (Eq. 21 of Karras et al. 2024). The network learns u as the expected weighted error at each noise level,
+    which evens out the loss over noise levels. Defaults are EDM2's (its latent presets; pixels use -0.8, 1.6).
+    """
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5, cond_drop: float = 0.0):
+        super().__init__(P_mean, P_std, sigma_data, cond_drop)
+
+    def weighted_error(self, denoiser, x, noisy, sigma, y, augment_labels, weight):
+        if not getattr(_inner(denoiser), "logvar_channels", 0):
+            raise TypeError("EDM2's loss needs a denoiser with the learned uncertainty (logvar_channels > 0)")
+        D, logvar = denoiser(noisy, sigma, y, augment_labels=augment_labels, return_logvar=True)
+        return (weight / logvar.exp()) * (D - x) ** 2 + logvar
 
 
 class VPLoss(_Loss):

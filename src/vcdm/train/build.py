@@ -1,5 +1,5 @@
 """Build what a training run needs from its options: dataset, embedder, Structure, network, denoiser,
-loss, augmentation, and the checkpoint config that records them."""
+loss, optimiser, augmentation, and the checkpoint config that records them."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,11 @@ import torch
 from vcdm.data.structure import Structure
 from vcdm import distributed as dist
 from vcdm.train.options import OptionError, TrainOptions
+from vcdm.train.recipe import resolve
 
 FIT_SEED = 0  # embedder fits use a fixed seed, so a prior and an image model trained apart share them
+LOGVAR_CHANNELS = 128  # --precond edm2: the learned uncertainty's Fourier features, as EDM2's Precond
+ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -152,18 +155,37 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
     return name, kwargs
 
 
-def make_loss(precond: str, cond_drop: float = 0.0):
-    from vcdm.diffusion.loss import EDMLoss, VELoss, VPLoss
+def make_loss(opts: TrainOptions):
+    """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's."""
+    from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
 
-    return {"edm": EDMLoss, "vp": VPLoss, "ve": VELoss}[precond](cond_drop=cond_drop)
+    if opts.precond in ("edm", "edm2"):
+        loss = EDM2Loss if opts.precond == "edm2" else EDMLoss
+        return loss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop)
+    return {"vp": VPLoss, "ve": VELoss}[opts.precond](cond_drop=opts.cond_drop)
+
+
+def make_denoiser(opts: TrainOptions, net: torch.nn.Module, structure: Structure):
+    """EDM2's preconditioning is EDM's plus the learned uncertainty head (--precond edm2)."""
+    from vcdm.nets.precond import Denoiser
+
+    edm2 = opts.precond == "edm2"
+    head = {"logvar_channels": LOGVAR_CHANNELS} if edm2 else {}
+    return Denoiser(net, structure, kind="edm" if edm2 else opts.precond, noise_mult=opts.noise_mult,
+                    pred_x0=opts.pred_x0, **head)
+
+
+def make_optimizer(params, opts: TrainOptions) -> torch.optim.Adam:
+    """Adam with the resolved options' learning rate and betas (eps 1e-8, as EDM and EDM2)."""
+    return torch.optim.Adam(params, lr=opts.lr, betas=tuple(opts.adam_betas), eps=ADAM_EPS)
 
 
 def build(opts: TrainOptions, device: torch.device) -> Setup:
     from vcdm.diffusion.augment import edm_augment_pipe
     from vcdm.embedders.base import default_cache_dir
     from vcdm.nets import build_network
-    from vcdm.nets.precond import Denoiser
 
+    opts = resolve(opts)
     dataset = open_dataset(opts)
     key = data_key(opts.path, dataset)
     cache_dir = default_cache_dir(opts.path)
@@ -175,6 +197,6 @@ def build(opts: TrainOptions, device: torch.device) -> Setup:
     augment_dim = augment_pipe.label_dim if augment_pipe is not None else 0
     net_class, net_kwargs = make_network(opts, structure, augment_dim)
     net = build_network(net_class, net_kwargs)
-    denoiser = Denoiser(net, structure, kind=opts.precond, noise_mult=opts.noise_mult, pred_x0=opts.pred_x0)
-    return Setup(dataset, embedder, structure, denoiser.to(device), net_class, net_kwargs, make_loss(opts.precond, opts.cond_drop),
+    denoiser = make_denoiser(opts, net, structure)
+    return Setup(dataset, embedder, structure, denoiser.to(device), net_class, net_kwargs, make_loss(opts),
                  augment_pipe, cache_dir, key)

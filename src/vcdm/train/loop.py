@@ -10,7 +10,6 @@ a state continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -25,16 +24,17 @@ import torch
 
 from vcdm import distributed as dist
 from vcdm.train.batches import BatchMaker, embedding_table
-from vcdm.train.build import Setup, build
+from vcdm.train.build import Setup, build, make_optimizer
 from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.ema import EMA
 from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshot
+from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
 from vcdm.train.rundir import RunPlan, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
 from vcdm.train.state import StateError, TrainState, load_state, save_state, state_name
-from vcdm.train.step import StepSetup, lr_at, train_step
+from vcdm.train.step import StepSetup, train_step
 from vcdm.train.ticks import TickStats, tick_line
 
 __all__ = ["TrainingError", "train", "dry_run"]
@@ -43,8 +43,8 @@ PREVIEW_MAX = 64
 
 def train(opts: TrainOptions) -> Path | None:
     """Train as `opts` say; return the run directory (None for --dry-run)."""
-    opts = dataclasses.replace(opts)
     opts.validate()
+    opts = resolve(opts)
     opts.path = os.path.abspath(opts.path)  # recorded in the run's options and checkpoints
     if opts.dry_run:
         return dry_run(opts)
@@ -66,6 +66,7 @@ def dry_run(opts: TrainOptions) -> None:
     print(f"structure: generate {list(structure.latent_names)} ({structure.latent_dim} values), "
           f"condition on {list(structure.observed_names)} ({structure.observed_dim} values)")
     print(f"network: {net_class} {json.dumps(net_kwargs)}")
+    print(describe(opts))
     print("Dry run; exiting.")
     return None
 
@@ -167,7 +168,7 @@ class Trainer:
         if trained_embedder is not None:
             trained_embedder.train()
             params += [p for p in trained_embedder.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=o.lr, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = make_optimizer(params, o)
         scaler = torch.amp.GradScaler("cuda") if o.fp16 else None
         state = TrainState(net, ema, optimizer, scaler=scaler, embedder=trained_embedder, frozen=frozen)
         if loaded is not None:
@@ -193,8 +194,8 @@ class Trainer:
             (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if o.bf16 else contextlib.nullcontext)
         sizes = [s.structure.numel(n) for n in s.structure.latent_names]
         return StepSetup(train_denoiser, ddp, s.loss_fn, maker, sizes, rounds, batch_gpu * rounds, o.batch, o.seed,
-                         ls=o.ls, equally_weight=o.equally_weight_tensors, lr=o.lr, lr_rampup=o.lr_rampup,
-                         train_embedder=o.train_embedder, autocast=autocast)
+                         ls=o.ls, equally_weight=o.equally_weight_tensors, lr_schedule=lr_schedule(o),
+                         grad_inf=grad_inf(o), train_embedder=o.train_embedder, autocast=autocast)
 
     def start_logging(self, run: Run, training: dict[str, Any]) -> RunLogger | None:
         """Process 0: make the run directory, remove a killed run's temp files, open the logs.
@@ -234,9 +235,10 @@ class Trainer:
               f"{list(s.structure.latent_names)}, condition on {list(s.structure.observed_names)}")
         print(f"Batch {o.batch} = {self.world} processes x {rounds} rounds x {batch_gpu}; device {self.device}; "
               f"training for {o.duration:g} Mimg")
+        print(describe(o))
         if o.lr_rampup > o.duration * 1000:
             print(f"warning: --lr-rampup {o.lr_rampup:g} kimg is longer than --duration {o.duration * 1000:g} kimg: "
-                  f"the learning rate never gets past {lr_at(round(o.duration * 1e6), o.lr, o.lr_rampup):.3g} "
+                  f"the learning rate never gets past {lr_schedule(o)(round(o.duration * 1e6)):.3g} "
                   f"(--lr {o.lr:g}); shorten --lr-rampup", flush=True)
 
     def init_weights(self, net, structure) -> list[str]:

@@ -6,6 +6,8 @@ Defaults are EDM's / the original release's train.py: 200 Mimg, global batch 512
 (betas 0.9/0.999, eps 1e-8) ramped up linearly over 10 Mimg, EMA half-life 0.5 Mimg ramped up with
 ratio 0.05, dropout 0.13, augmentation probability 0.12, a tick per 50 kimg, snapshots and training
 states every 50 ticks (the release's value; EDM's state interval is 500).
+Options left None (precond, P_mean, P_std, lr, adam_betas, lr_schedule, lr_ref) take the values of the
+`recipe` (EDM's or EDM2's; vcdm.train.recipe.resolve), and a run records them resolved.
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
+from vcdm.train.lr_schedules import LR_SCHEDULES
+from vcdm.train.recipe import RECIPES
 from vcdm.nets.presets import ARCHS
 
-PRECONDS = ("edm", "vp", "ve")
+PRECONDS = ("edm", "vp", "ve", "edm2")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
 
 
-FINITE = ("lr", "ls", "duration", "lr_rampup", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
+FINITE = ("lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
 class OptionError(ValueError):
@@ -61,7 +65,10 @@ class EmbedderOptions:
 @dataclass
 class ModelOptions:
     arch: str | None = None
-    precond: str = "edm"
+    recipe: str = "edm"  # the defaults of the options left None: EDM's, or EDM2's (vcdm.train.recipe)
+    precond: str | None = None  # edm | vp | ve | edm2 (EDM's preconditioning + learned uncertainty, EDM2's loss)
+    P_mean: float | None = None  # ln(sigma) ~ N(P_mean, P_std^2) in the edm/edm2 losses
+    P_std: float | None = None
     pred_x0: list[int] = field(default_factory=lambda: [0])  # one value, or one per tensor
     noise_mult: list[float] = field(default_factory=lambda: [1.0])
     equally_weight_tensors: bool = False
@@ -81,7 +88,8 @@ class ModelOptions:
 class OptimOptions:
     batch: int = 512
     batch_gpu: int | None = None
-    lr: float = 10e-4
+    lr: float | None = None  # the recipe's: 1e-3, or the EDM2 preset's
+    adam_betas: list[float] | None = None  # (beta1, beta2): EDM's (0.9, 0.999), EDM2's (0.9, 0.99)
     ls: float = 1.0
     fp16: bool = False
     bf16: bool = False
@@ -94,6 +102,8 @@ class OptimOptions:
 class ScheduleOptions:
     duration: float = 200.0  # Mimg
     lr_rampup: float = 10000.0  # kimg
+    lr_schedule: str | None = None  # vcdm.train.lr_schedules: edm | edm2
+    lr_ref: float | None = None  # kimg: edm2's decay starts here (0: no decay)
     ema: float = 0.5  # Mimg
     ema_rampup: float = 0.05
     time_limit: float = 0.0  # seconds for this process (0: none); then stop as on SIGTERM
@@ -125,7 +135,7 @@ LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, 
 # What defines a run's model and the data it learns: a resumed run must keep these (--resume=auto
 # only resumes a run that recorded the same values; --resume=DIR refuses flags that change them).
 IDENTITY = ("path", "data_class", "exist", "observed", "xflip", "embedder", "n_comp", "n_clusters", "pca_dim",
-            "train_embedder", "arch", "precond", "pred_x0", "noise_mult", "equally_weight_tensors", "cbase", "cres",
+            "train_embedder", "arch", "recipe", "precond", "pred_x0", "noise_mult", "equally_weight_tensors", "cbase", "cres",
             "prior_dim", "prior_depth")
 
 
@@ -184,7 +194,17 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             raise OptionError(f"--observed: required, one 0/1 per tensor of {self.data_class} {list(self.tensor_names)}")
         if self.arch is not None and self.arch not in ARCHS:
             raise OptionError(f"--arch: expected one of {', '.join(ARCHS)}, got '{self.arch}'")
-        if self.precond not in PRECONDS:
+        if self.recipe not in RECIPES:
+            raise OptionError(f"--recipe: expected one of {', '.join(RECIPES)}, got '{self.recipe}'")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise OptionError(f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.adam_betas is not None and (len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas)):
+            raise OptionError(f"--adam-betas: expected two numbers in [0, 1), got {self.adam_betas}")
+        if self.P_std is not None and not self.P_std > 0:
+            raise OptionError(f"--P_std: must be positive, got {self.P_std}")
+        if self.lr_ref is not None and not self.lr_ref >= 0:
+            raise OptionError(f"--lr-ref: must be 0 (no decay) or a number of kimg, got {self.lr_ref}")
+        if self.precond is not None and self.precond not in PRECONDS:
             raise OptionError(f"--precond: expected one of {', '.join(PRECONDS)}, got '{self.precond}'")
         if self.embedder is not None and self.embedder not in EMBEDDERS:
             raise OptionError(f"--embedder: expected one of {', '.join(EMBEDDERS)}, got '{self.embedder}'")
@@ -215,5 +235,5 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise OptionError(f"--{name.replace('_', '-')}: must be a finite number, got {value}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise OptionError(f"--lr: must be positive, got {self.lr}")

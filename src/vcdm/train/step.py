@@ -1,11 +1,12 @@
-"""One optimiser step, and the learning-rate schedule.
+"""One optimiser step.
 
 The global batch is split over the processes and, within each, into accumulation rounds of
-`batch_gpu` (DDP synchronises only the last round). The loss is the sum of EDM's per-element
-weighted loss divided by the per-process batch, times `ls`; non-finite gradients are zeroed
-(nan_to_num, as EDM). The random draws of a round (augmentation, noise levels, noise) come from a
-generator seeded by the global position of its first sample, so a run is reproducible and
-independent of the number of processes.
+`batch_gpu` (DDP synchronises only the last round). The loss is the sum of the per-element
+weighted loss divided by the per-process batch, times `ls`; the learning rate comes from the run's
+schedule (vcdm.train.lr_schedules). Non-finite gradients are replaced before Adam: NaN by 0, +-inf
+by +-`grad_inf` (EDM's 1e5, EDM2's 0). The random draws of a round (augmentation, noise levels,
+noise) come from a generator seeded by the global position of its first sample, so a run is
+reproducible and independent of the number of processes.
 """
 from __future__ import annotations
 
@@ -18,14 +19,9 @@ import torch
 
 from vcdm import distributed as dist
 from vcdm.diffusion.loss import equally_weighted
+from vcdm.train.lr_schedules import LRSchedule
 from vcdm.train.sampler import mix_seed
 from vcdm.train.state import TrainState
-
-
-def lr_at(nimg: int, lr: float, rampup_kimg: float) -> float:
-    """EDM's learning rate after `nimg` images: linear ramp-up over `rampup_kimg` kimg, then constant."""
-    ramp = 1.0 if rampup_kimg <= 0 else min(nimg / max(rampup_kimg * 1000, 1e-8), 1.0)
-    return lr * ramp
 
 
 def reduce_loss(loss: torch.Tensor, sizes: list[int], per_rank: int, ls: float,
@@ -56,8 +52,8 @@ class StepSetup:
     seed: int
     ls: float = 1.0
     equally_weight: bool = False
-    lr: float = 1e-3
-    lr_rampup: float = 0.0
+    lr_schedule: Callable[[int], float] = LRSchedule("edm", 1e-3)
+    grad_inf: float = 1e5  # what +-inf gradients become (NaN become 0)
     train_embedder: bool = False
     autocast: Callable[[], Any] = contextlib.nullcontext
 
@@ -94,7 +90,7 @@ def accumulate(state: TrainState, step: StepSetup, batches: Iterator) -> torch.T
 
 
 def update(state: TrainState, step: StepSetup, lr: float) -> None:
-    """Apply the accumulated gradients: averaged embedder gradients, non-finite ones zeroed, Adam."""
+    """Apply the accumulated gradients: averaged embedder gradients, non-finite ones replaced, Adam."""
     for g in state.optimizer.param_groups:
         g["lr"] = lr
     if state.scaler is not None:
@@ -107,7 +103,7 @@ def update(state: TrainState, step: StepSetup, lr: float) -> None:
     for group in state.optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+                torch.nan_to_num(p.grad, nan=0, posinf=step.grad_inf, neginf=-step.grad_inf, out=p.grad)
     if state.scaler is not None:
         state.scaler.step(state.optimizer)
         state.scaler.update()
@@ -126,7 +122,7 @@ def train_step(state: TrainState, step: StepSetup, batches: Iterator,
     totals = dist.all_sum(sums.tolist() + [float(want_stop())], sums.device)
     finite = all(math.isfinite(v) for v in totals[:-1])
     nimg = state.counters["nimg"]
-    lr = lr_at(nimg, step.lr, step.lr_rampup)
+    lr = step.lr_schedule(nimg)
     update(state, step, lr)
     state.ema.update(nimg, step.batch)
     state.counters["nimg"] += step.batch

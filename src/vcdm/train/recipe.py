@@ -1,0 +1,90 @@
+"""Training recipes: EDM's (the original release's) and EDM2's, for any network, the prior included.
+
+A recipe is the default of every option left unset (None) among: the preconditioning and loss, the
+noise-level distribution (P_mean, P_std), Adam's betas, the learning rate and its schedule; and it
+decides how non-finite gradients are replaced. `resolve` fills those options in once, before a run
+starts, so the run records (and a resumed run keeps) the values it used.
+
+EDM2's (Karras et al. 2024, training_loop.py and train_edm2.py): the loss with the learned uncertainty,
+Adam with betas (0.9, 0.99), inverse square-root decay of the learning rate after a reference of
+`decay` batches, non-finite gradients set to 0 (EDM sets +-inf to +-1e5). With one of EDM2's network
+presets, the preset's learning rate, reference and noise distribution; with any other network, the
+learning rate and noise distribution stay EDM's (they belong to the network and the data, not to the
+recipe) and the reference is the pixel presets' 35000 batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vcdm.train.lr_schedules import LRSchedule
+
+if TYPE_CHECKING:  # options.py takes the recipe names from here
+    from vcdm.train.options import TrainOptions
+
+EDM2_PIXEL_DECAY = 35000  # batches: the reference of EDM2's img64 presets
+
+
+@dataclass(frozen=True)
+class Recipe:
+    precond: str
+    lr_schedule: str
+    adam_betas: tuple[float, float]
+    grad_inf: float  # what +-inf gradients become (NaN become 0)
+    lr: float = 1e-3
+    P_mean: float = -1.2
+    P_std: float = 1.2
+
+
+RECIPES = {
+    "edm": Recipe(precond="edm", lr_schedule="edm", adam_betas=(0.9, 0.999), grad_inf=1e5),
+    "edm2": Recipe(precond="edm2", lr_schedule="edm2", adam_betas=(0.9, 0.99), grad_inf=0.0),
+}
+
+
+def network_recipe(arch: str | None) -> dict[str, float]:
+    """What an EDM2 network preset sets in EDM2's recipe (lr, decay in batches, P_mean, P_std); {} otherwise."""
+    return {}
+
+
+def resolve(opts: TrainOptions) -> TrainOptions:
+    """`opts` with the options left None set from its recipe (and the network preset, for EDM2's)."""
+    recipe = RECIPES[opts.recipe]
+    preset = network_recipe(opts.arch) if opts.recipe == "edm2" else {}
+    schedule = opts.lr_schedule or recipe.lr_schedule
+    decay = preset.get("decay", EDM2_PIXEL_DECAY) if schedule == "edm2" else 0
+    return dataclasses.replace(
+        opts,
+        precond=opts.precond or recipe.precond,
+        P_mean=_first(opts.P_mean, preset.get("P_mean"), recipe.P_mean),
+        P_std=_first(opts.P_std, preset.get("P_std"), recipe.P_std),
+        lr=_first(opts.lr, preset.get("lr"), recipe.lr),
+        adam_betas=list(opts.adam_betas or recipe.adam_betas),
+        lr_schedule=schedule,
+        lr_ref=_first(opts.lr_ref, decay * opts.batch / 1000),
+    )
+
+
+def lr_schedule(opts: TrainOptions) -> LRSchedule:
+    """The learning-rate schedule of resolved options."""
+    return LRSchedule(opts.lr_schedule, opts.lr, opts.lr_rampup, opts.lr_ref)
+
+
+def grad_inf(opts: TrainOptions) -> float:
+    return RECIPES[opts.recipe].grad_inf
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def describe(opts: TrainOptions) -> str:
+    """One line saying what resolved options train with (--dry-run, and the start of a run)."""
+    b1, b2 = opts.adam_betas
+    decay = f", decay from {opts.lr_ref:g} kimg" if opts.lr_schedule == "edm2" and opts.lr_ref > 0 else ""
+    inf = grad_inf(opts)
+    grads = "non-finite gradients -> 0" if inf == 0 else f"NaN gradients -> 0, +-inf -> +-{inf:g}"
+    noise = f"ln(sigma) ~ N({opts.P_mean:g}, {opts.P_std:g}^2), " if opts.precond in ("edm", "edm2") else ""
+    return (f"recipe {opts.recipe}: --precond {opts.precond}, {noise}Adam betas {b1:g},{b2:g}, lr {opts.lr:g} "
+            f"({opts.lr_schedule} schedule, ramp-up {opts.lr_rampup:g} kimg{decay}), {grads}")
