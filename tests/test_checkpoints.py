@@ -216,6 +216,8 @@ SMALL_NETS = {  # every network class, small: load_checkpoint checks files again
     "ControlDhariwalUNet": dict(img_resolution=8, in_channels=3, out_channels=3, cond_dim=6, class_columns=[2, 4],
                                 model_channels=8, channel_mult=[1, 2], attn_resolutions=[4]),
     "ConcatUNet": dict(shapes=[[3, 8, 8], [6]], observed=[False, True], model_channels=8, channel_mult=[1, 2]),
+    "EDM2UNet": dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8, channel_mult=[1, 2],
+                     attn_resolutions=[4]),
 }
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.edm2 import EDM2UNet, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
+from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import EDM2_PRESETS, PresetError, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,3 +171,117 @@ def test_preset_overrides_and_refusals():
         preset("edm2-img64-s", resolution=64, channels=3, embed_dim=0, label_dim=0, augment_dim=0, cbase=200)
     with pytest.raises(PresetError, match="multiple of 8"):
         preset("edm2-img512-xs", resolution=36, channels=4, embed_dim=0, label_dim=0, augment_dim=0)
+
+
+def parity_denoiser(case: dict, dropout: float) -> Denoiser:
+    label_dim = case["label_dim"]
+    image = (PARITY["net"]["img_channels"], 16, 16)
+    structure = (Structure.from_flags({"image": image, "label": (label_dim,)}, "1,1", "0,1") if label_dim
+                 else Structure.from_flags({"image": image}, "1", "0"))
+    net = EDM2UNet(label_dim=label_dim, dropout=dropout, **PARITY["net"])
+    denoiser = Denoiser(net, structure, kind="edm", sigma_data=0.5, logvar_channels=LOGVAR_CHANNELS)
+    fill(denoiser.net.state_dict(), case["weight_seed"])
+    return denoiser
+
+
+@pytest.mark.determinism
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case_name", ["uncond", "class1000", "embed512"])
+def test_denoiser_with_uncertainty_matches_edm2_precond(case_name: str, mode: str):
+    """vcdm's kind='edm' Denoiser (sigma_data 0.5) with logvar_channels is EDM2's Precond: D and u(sigma)."""
+    case = PARITY["cases"][case_name]
+    denoiser = parity_denoiser(case, MODES[mode]).train(mode != "eval")
+    x, y = inputs(case["label_dim"], case["input_seed"])
+    torch.manual_seed(123)
+    D, logvar = denoiser(x.flatten(1), torch.tensor(PARITY["sigmas"]), y, return_logvar=True)
+    assert_matches(D, case[mode]["D"])
+    assert logvar.shape == (2, 1)
+    torch.testing.assert_close(logvar.flatten(), torch.tensor(case[mode]["logvar"]), rtol=1e-5, atol=1e-6)
+
+
+def test_uncertainty_head_is_part_of_the_network():
+    """The head's tensors are the network's (EDM2's names), recorded in the config, kept by a rebuild
+    around a loaded network, and absent (with the config unchanged) when logvar_channels is 0."""
+    case = PARITY["cases"]["uncond"]
+    denoiser = parity_denoiser(case, 0.0)
+    keys = set(denoiser.net.state_dict())
+    assert set(HEAD_SHAPES) <= keys and denoiser.config()["logvar_channels"] == LOGVAR_CHANNELS
+    before = denoiser.net.logvar_linear.weight.clone()
+    rebuilt = Denoiser(denoiser.net, denoiser.structure, **denoiser.config())
+    assert torch.equal(rebuilt.net.logvar_linear.weight, before)
+    with pytest.raises(ValueError, match="has 16 channels, not 32"):
+        Denoiser(denoiser.net, denoiser.structure, logvar_channels=32)
+
+    plain = Denoiser(EDM2UNet(label_dim=0, **PARITY["net"]), denoiser.structure)
+    assert "logvar_channels" not in plain.config() and not any(k.startswith("logvar") for k in plain.net.state_dict())
+    with pytest.raises(ValueError, match="no uncertainty head"):
+        plain(torch.zeros(1, 768), 1.0, return_logvar=True)
+
+
+def test_uncertainty_head_builds_on_the_meta_device():
+    with torch.device("meta"):
+        net = EDM2UNet(label_dim=0, **PARITY["net"])
+    Denoiser(net, Structure.from_flags({"image": (3, 16, 16)}, "1", "0"), logvar_channels=8)
+    assert net.logvar_linear.weight.is_meta and net.logvar_fourier.freqs.is_meta
+
+
+@pytest.mark.determinism
+def test_checkpoint_round_trip_keeps_the_uncertainty_head(tmp_path):
+    structure = Structure.from_flags({"image": (3, 8, 8), "label": (4,)}, "1,1", "0,1")
+    name, kwargs = preset("edm2-img64-xs", resolution=8, channels=3, embed_dim=0, label_dim=4, augment_dim=0,
+                          cbase=16, cres=[1, 4])
+    torch.manual_seed(0)
+    denoiser = Denoiser(build_network(name, kwargs), structure, logvar_channels=8).eval()
+    fill(denoiser.net.state_dict(), 5)  # non-zero gains, so the output depends on every weight
+    config = {"network": {"class": name, "kwargs": kwargs}, "denoiser": denoiser.config(),
+              "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
+    save_checkpoint(tmp_path / "net.safetensors", {"net": denoiser.net.state_dict()}, config)
+    loaded = load_checkpoint(tmp_path / "net.safetensors")[0]
+    x, y, sigma = torch.randn(2, 192), torch.eye(4)[:2], torch.tensor([0.1, 3.0])
+    D, logvar = denoiser(x, sigma, y, return_logvar=True)
+    D2, logvar2 = loaded(x, sigma, y, return_logvar=True)
+    assert torch.equal(D, D2) and torch.equal(logvar, logvar2) and loaded.config() == denoiser.config()
+
+
+def _tiny_denoiser() -> Denoiser:
+    torch.manual_seed(0)
+    net = EDM2UNet(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1, 8], num_blocks=1)
+    denoiser = Denoiser(net, Structure.from_flags({"image": (1, 8, 8)}, "1", "0"), logvar_channels=8)
+    fill(denoiser.net.state_dict(), 3)
+    return denoiser.train()
+
+
+def _uncertainty_loss(denoiser: Denoiser, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rank)
+    x, sigma = torch.randn(3, 64, generator=g), torch.rand(3, generator=g) * 3 + 0.1
+    D, logvar = denoiser(x + sigma[:, None] * torch.randn(3, 64, generator=g), sigma, return_logvar=True)
+    return ((D - x) ** 2 / logvar.exp() + logvar).mean()
+
+
+def _ddp_worker(rank: int, init_file: str, out: str) -> None:
+    from vcdm.train.ddp import with_net, wrap_ddp
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    denoiser = _tiny_denoiser()
+    view = with_net(denoiser, wrap_ddp(denoiser.net, torch.device("cpu")))
+    for _ in range(2):  # a second step fails if DDP's first reduction missed the head's gradients
+        denoiser.net.zero_grad()
+        _uncertainty_loss(view, rank).backward()
+    torch.save({k: p.grad for k, p in denoiser.net.named_parameters()}, f"{out}-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_uncertainty_head_trains_under_ddp(tmp_path):
+    """With the network wrapped in DDP, the head's gradients are averaged over the processes like the rest."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    grads = []
+    for rank in range(2):
+        denoiser = _tiny_denoiser()
+        _uncertainty_loss(denoiser, rank)  # as the workers' first step, normalises the weights once in place
+        _uncertainty_loss(denoiser, rank).backward()
+        grads.append({k: p.grad.clone() for k, p in denoiser.net.named_parameters()})
+    for rank in range(2):
+        got = torch.load(f"{tmp_path / 'out'}-{rank}.pt")
+        for name in ("logvar_linear.weight", "emb_noise.weight", "out_gain"):
+            torch.testing.assert_close(got[name], (grads[0][name] + grads[1][name]) / 2, rtol=1e-5, atol=1e-7)

@@ -9,6 +9,15 @@ per-tensor options:
 - ``pred_x0``: for these tensors the network predicts x0 directly (c_skip = 0, c_out = 1; c_in unchanged).
 
 Both are indexed per data tensor, as the seed's flags are (see ``Structure.tensor_values``).
+
+``logvar_channels > 0`` adds EDM2's learned uncertainty: ``denoiser(..., return_logvar=True)`` also returns
+u(sigma) = logvar_linear(logvar_fourier(ln(sigma) / 4)), shape (B, 1), which EDM2's loss divides by (Karras
+et al. 2024, Eq. 21). EDM2's Precond is ``kind='edm'`` with sigma_data 0.5 plus this head. The head's
+layers are attached to the network module itself (``net.logvar_fourier``, ``net.logvar_linear``, EDM2's
+names), so they are part of the network's state dict: EMA, optimiser, training states, snapshots and
+checkpoints carry them with no change, and a DDP wrapper of the network synchronises their gradients
+(they are used outside its forward, so a loss that uses the head must use it at every step, as EDM2's
+does). Attaching is idempotent: rebuilding a Denoiser around a loaded network keeps the loaded head.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import torch
 from torch import nn
 
 from vcdm.data.structure import Structure
+from vcdm.nets.edm2 import MPConv, MPFourier
 
 KINDS = ("edm", "vp", "ve")
 
@@ -28,10 +38,14 @@ class Denoiser(nn.Module):
                  noise_mult: str | Sequence[float] | float | None = None,
                  pred_x0: str | Sequence[int] | int | None = None,
                  sigma_min: float | None = None, sigma_max: float | None = None,
-                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5):
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
+                 logvar_channels: int = 0):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"denoiser kind: expected one of {', '.join(KINDS)}, got '{kind}'")
+        if logvar_channels:
+            attach_uncertainty_head(net, logvar_channels)
+        self.logvar_channels = int(logvar_channels)
         self.net, self.structure, self.kind = net, structure, kind
         self.sigma_data = float(sigma_data)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
@@ -66,6 +80,8 @@ class Denoiser(nn.Module):
                "pred_x0": list(self.pred_x0), "sigma_min": self._sigma_range[0], "sigma_max": self._sigma_range[1]}
         if self.kind == "vp":
             cfg.update(beta_d=self.beta_d, beta_min=self.beta_min, M=self.M, epsilon_t=self.epsilon_t)
+        if self.logvar_channels:
+            cfg.update(logvar_channels=self.logvar_channels)
         return cfg
 
     def vp_sigma(self, t: float | torch.Tensor) -> torch.Tensor:
@@ -99,7 +115,11 @@ class Denoiser(nn.Module):
         return c_skip, c_out, c_in, c_noise.flatten()
 
     def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, y: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None,
+                return_logvar: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """D(x; sigma), shape (B, N); with ``return_logvar``, (D, u(sigma)) with u of shape (B, 1)."""
+        if return_logvar and not self.logvar_channels:
+            raise ValueError("return_logvar: this denoiser has no uncertainty head (logvar_channels=0)")
         B, N = x.shape
         if N != self.structure.latent_dim:
             raise ValueError(f"denoiser input has {N} values per sample, expected latent_dim {self.structure.latent_dim}")
@@ -114,4 +134,24 @@ class Denoiser(nn.Module):
             y = torch.zeros([B, label_dim], device=x.device)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F = self.net((c_in * x).reshape(B, *self.net_shape), c_noise, y, augment_labels=augment_labels)
-        return c_skip * x + c_out * F.to(torch.float32).reshape(B, N)
+        D = c_skip * x + c_out * F.to(torch.float32).reshape(B, N)
+        if not return_logvar:
+            return D
+        return D, self.net.logvar_linear(self.net.logvar_fourier(sigma.log().flatten() / 4)).reshape(B, 1)
+
+
+def attach_uncertainty_head(net: nn.Module, channels: int) -> None:
+    """Give ``net`` EDM2's uncertainty head (``logvar_fourier``, ``logvar_linear``) on its device, unless it
+    has one of this width already (e.g. loaded from a checkpoint)."""
+    if channels < 0:
+        raise ValueError(f"logvar_channels: expected a count >= 0, got {channels}")
+    head = getattr(net, "logvar_linear", None)
+    if head is not None:
+        if head.in_channels != channels:
+            raise ValueError(f"logvar_channels: the network's uncertainty head has {head.in_channels} channels, "
+                             f"not {channels}")
+        return
+    device = next(net.parameters(), torch.empty(0)).device
+    with torch.device(device):
+        net.logvar_fourier = MPFourier(channels)
+        net.logvar_linear = MPConv(channels, 1, kernel=[])
