@@ -17,7 +17,7 @@ from vcdm.train.build import make_loss, make_optimizer
 from vcdm.train.ema import EMA
 from vcdm.train.lr_schedules import LRSchedule, edm, edm2
 from vcdm.train.options import TrainOptions
-from vcdm.train.recipe import grad_inf, lr_schedule, resolve
+from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
 from vcdm.train.state import TrainState
 from vcdm.train.step import StepSetup, update
 
@@ -119,6 +119,18 @@ def test_edm2_recipe_on_any_network():
     loss = make_loss(o)
     assert isinstance(loss, EDM2Loss) and (loss.P_mean, loss.P_std) == (-1.2, 1.2)
     assert resolve(o) == o
+
+
+@pytest.mark.parametrize("arch, lr, decay, P", [("edm2-img64-s", 0.010, 35000, (-0.8, 1.6)),
+                                               ("edm2-img64-xl", 0.007, 35000, (-0.8, 1.6)),
+                                               ("edm2-img512-xxs", 0.017, 70000, (-0.4, 1.0))])
+def test_edm2_recipe_takes_the_edm2_presets_numbers(arch, lr, decay, P):
+    o = resolve(TrainOptions(path="d.zip", observed=[0, 1], arch=arch, recipe="edm2", batch=2048))
+    assert (o.lr, o.lr_ref, (o.P_mean, o.P_std), o.precond) == (lr, decay * 2048 / 1000, P, "edm2")
+    assert lr_schedule(o)(1_000_000_000) == pytest.approx(lr / (1e9 / (decay * 2048)) ** 0.5)  # EDM2's schedule
+    edm = resolve(TrainOptions(path="d.zip", observed=[0, 1], arch=arch))
+    assert (edm.lr, edm.P_mean, edm.lr_schedule) == (1e-3, -1.2, "edm")  # the edm recipe stays EDM's
+    assert f"EDM2 trains --arch {arch} with --recipe edm2" in describe(edm) and "EDM2 trains" not in describe(o)
 
 
 def test_flags_given_win_over_the_recipe():

@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vcdm.nets.presets import EDM2_PRESETS
 from vcdm.train.lr_schedules import LRSchedule
 
 if TYPE_CHECKING:  # options.py takes the recipe names from here
@@ -45,7 +46,10 @@ RECIPES = {
 
 def network_recipe(arch: str | None) -> dict[str, float]:
     """What an EDM2 network preset sets in EDM2's recipe (lr, decay in batches, P_mean, P_std); {} otherwise."""
-    return {}
+    preset = EDM2_PRESETS.get(arch or "")
+    if preset is None:
+        return {}
+    return {"lr": preset.lr, "decay": preset.decay, "P_mean": preset.P_mean, "P_std": preset.P_std}
 
 
 def resolve(opts: TrainOptions) -> TrainOptions:
@@ -86,5 +90,6 @@ def describe(opts: TrainOptions) -> str:
     inf = grad_inf(opts)
     grads = "non-finite gradients -> 0" if inf == 0 else f"NaN gradients -> 0, +-inf -> +-{inf:g}"
     noise = f"ln(sigma) ~ N({opts.P_mean:g}, {opts.P_std:g}^2), " if opts.precond in ("edm", "edm2") else ""
+    hint = f"; EDM2 trains --arch {opts.arch} with --recipe edm2" if opts.recipe == "edm" and opts.arch in EDM2_PRESETS else ""
     return (f"recipe {opts.recipe}: --precond {opts.precond}, {noise}Adam betas {b1:g},{b2:g}, lr {opts.lr:g} "
-            f"({opts.lr_schedule} schedule, ramp-up {opts.lr_rampup:g} kimg{decay}), {grads}")
+            f"({opts.lr_schedule} schedule, ramp-up {opts.lr_rampup:g} kimg{decay}), {grads}{hint}")

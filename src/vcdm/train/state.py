@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from vcdm.fileio import atomic_path, atomic_write
+from vcdm.safeload import load_json, load_torch_zip
 
+SIDECAR_BYTES = 1 << 16  # a sidecar holds a size, a digest and a count
 STATE_RE = re.compile(r"training-state-(\d+)\.pt")
 
 
@@ -61,8 +63,8 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     sidecar = path.with_name(path.name + ".json")
     if sidecar.is_file():
         try:
-            meta = json.loads(sidecar.read_text())
-        except (json.JSONDecodeError, OSError) as e:
+            meta = load_json(sidecar, SIDECAR_BYTES, dict)
+        except ValueError as e:
             raise StateError(f"{sidecar}: unreadable sidecar ({e})") from None
         size = path.stat().st_size
         if size != meta.get("size"):
@@ -70,7 +72,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         if _digest(path) != meta.get("sha256"):
             raise StateError(f"{path}: SHA-256 differs from its sidecar (file damaged)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_zip(path)
     except Exception as e:  # torch raises many types for damaged files
         raise StateError(f"{path}: not a readable training state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or not {"net", "ema", "optimizer", "counters"} <= set(state):
