@@ -21,6 +21,7 @@ from vcdm.data import dataset
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
 from vcdm.fileio import atomic_write
 from vcdm.generate.options import GenerateError, seed_path
+from vcdm.safeload import load_torch_zip
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -80,7 +81,7 @@ def read_tensors(path: str | os.PathLike, names: Sequence[str] | None = None) ->
     """``{name: tensor}`` of a ``.pt`` sample: a dict, or a release-style list whose entries are named by
     `names` (default: the smallest data class with an embedding that is long enough). As in the
     release, entries past `names` are ignored: a labelled prior's samples serve an unlabelled model."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_zip(path)
     if isinstance(data, (list, tuple)):
         if names is None:
             names = min((t for t in DATA_CLASS_TENSORS.values() if "embedding" in t and len(t) >= len(data)),
