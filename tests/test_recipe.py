@@ -12,14 +12,16 @@ from torch import nn
 
 from tiny_runs import PRIOR, base_args, error_lines, run, run_dir
 from vcdm.checkpoints import load_checkpoint
+from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import EDM2Loss, EDMLoss
-from vcdm.train.build import make_loss, make_optimizer
+from vcdm.nets.edm2 import EDM2UNet
+from vcdm.train.build import make_denoiser, make_loss, make_optimizer
 from vcdm.train.ema import EMA
 from vcdm.train.lr_schedules import LRSchedule, edm, edm2
 from vcdm.train.options import TrainOptions
 from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
-from vcdm.train.state import TrainState
-from vcdm.train.step import StepSetup, update
+from vcdm.train.state import TrainState, load_state
+from vcdm.train.step import StepSetup, reduce_loss, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REF = json.loads((Path(__file__).parent / "data" / "edm2-train-step.json").read_text())
@@ -98,6 +100,53 @@ def test_edm2_loss_needs_the_uncertainty_head():
     den.logvar_channels = 0
     with pytest.raises(TypeError, match="logvar_channels"):
         EDM2Loss()(den, torch.randn(2, 3))
+
+
+@pytest.mark.determinism
+def test_edm2_loss_and_two_adam_steps_equal_edm2s_training_loop():
+    """vcdm's EDM2 recipe (loss, reduction, schedule, gradient clean-up, Adam) against EDM2's own loop on the
+    same small EDM2 network, weights, batch and noise: per-sample losses, gradient norms, and the change Adam
+    makes to every parameter in two steps (the second depends on the betas). Rounding: float32 parameters
+    of magnitude up to ~4 make a change exact to ~5e-7 at most, so single values get that tolerance."""
+    s = REF["setup"]
+    cfg = {k: v for k, v in s["net"].items() if k != "logvar_channels"}
+    batch, sched = s["batch"], s["lr"]
+    opts = resolve(TrainOptions(recipe="edm2", P_mean=s["P_mean"], P_std=s["P_std"], lr=sched["ref_lr"], batch=batch,
+                                lr_rampup=sched["rampup_Mimg"] * 1000, lr_ref=sched["ref_batches"] * batch / 1000))
+    assert opts.adam_betas == s["betas"]
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (8,)}, "1,1", "0,1")
+    net = EDM2UNet(**cfg)
+    denoiser = make_denoiser(opts, net, structure).train()
+    assert denoiser.config()["logvar_channels"] == s["net"]["logvar_channels"]
+    tensors = net.state_dict()
+    gen = torch.Generator().manual_seed(s["weight_seed"])
+    with torch.no_grad():
+        for name in sorted(tensors):
+            tensors[name].copy_(torch.randn(tensors[name].shape, generator=gen))
+    gen = torch.Generator().manual_seed(s["data_seed"])
+    images, labels = torch.randn([batch, 3, 8, 8], generator=gen) * 0.5, torch.randn([batch, 8], generator=gen)
+    state = TrainState(net, EMA(net, halflife_nimg=1e6), make_optimizer(net.parameters(), opts))
+    step = StepSetup(denoiser, net, make_loss(opts), None, [3 * 8 * 8], 1, batch, batch, 0,
+                     lr_schedule=lr_schedule(opts), grad_inf=grad_inf(opts))
+    params = dict(net.named_parameters())
+    assert set(params) == set(REF["steps"][0]["grad_norm"])
+    nimg = s["nimg"]
+    for seed, ref in zip(s["noise_seeds"], REF["steps"]):
+        state.optimizer.zero_grad(set_to_none=True)
+        loss = step.loss_fn(denoiser, images.reshape(batch, -1), labels, generator=torch.Generator().manual_seed(seed))
+        reduce_loss(loss, step.sizes, step.per_rank, step.ls).backward()
+        before = {n: p.detach().clone() for n, p in params.items()}  # after the forward's forced weight normalisation
+        lr = step.lr_schedule(nimg)
+        assert lr == ref["lr"]
+        update(state, step, lr)
+        nimg += batch
+        torch.testing.assert_close(loss.double().sum(1), torch.tensor(ref["loss_per_sample"], dtype=torch.float64),
+                                   rtol=1e-5, atol=0)
+        for name, p in params.items():
+            delta = (p.detach() - before[name]).double()
+            assert p.grad.double().norm().item() == pytest.approx(ref["grad_norm"][name], rel=3e-5), name
+            assert delta.norm().item() == pytest.approx(ref["delta_norm"][name], rel=1e-5), name
+            assert delta.flatten()[:4].tolist() == pytest.approx(ref["delta_probe"][name], abs=1e-6), name
 
 
 # ------------------------------------------------------------------------------------------------ resolution
@@ -190,3 +239,44 @@ def test_bad_recipe_flags_give_one_line_errors(data, tmp_path, extra, flag):
     r = run(base_args(data, tmp_path / "runs", *PRIOR, *extra, "--dry-run"), code=2)
     (line,) = error_lines(r.output)
     assert flag in line
+
+
+def test_edm2_recipe_trains_the_prior_and_a_resumed_run_keeps_it(data, tmp_path):
+    out = tmp_path / "runs"
+    r = run(base_args(data, out, *PRIOR, "--recipe", "edm2", "--lr", "2e-3", "--duration", "0.000008"))
+    assert "recipe edm2: --precond edm2" in r.output
+    d = run_dir(out)
+    recorded = json.loads((d / "training_options.json").read_text())
+    assert {k: recorded[k] for k in ("recipe", "precond", "adam_betas", "lr_schedule", "lr_ref", "lr", "P_mean")} == {
+        "recipe": "edm2", "precond": "edm2", "adam_betas": [0.9, 0.99], "lr_schedule": "edm2", "lr_ref": 35000 * 4 / 1000,
+        "lr": 2e-3, "P_mean": -1.2}
+    (snapshot,) = d.glob("network-snapshot-*.safetensors")
+    denoiser = load_checkpoint(snapshot)[0]
+    assert denoiser.config()["logvar_channels"] == 128 and "logvar_linear.weight" in denoiser.net.state_dict()
+    D, logvar = denoiser(torch.zeros(3, 8), torch.ones(3), return_logvar=True)
+    assert D.shape == (3, 8) and logvar.shape == (3, 1)
+    (first,) = [load_state(p) for p in d.glob("training-state-*.pt")]
+
+    r = run(["--resume", str(d), "--duration", "0.000016", "--workers", "0", "--device", "cpu"])
+    assert "Resuming from" in r.output and "recipe edm2: --precond edm2" in r.output and "betas 0.9,0.99" in r.output
+    last = max((load_state(p) for p in d.glob("training-state-*.pt")), key=lambda s: s["counters"]["nimg"])
+    assert last["counters"]["nimg"] == 16 and last["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    head = "logvar_linear.weight"
+    assert not torch.equal(first["net"][head], last["net"][head])  # the head is trained with the network
+    r = run(["--resume", str(d), "--recipe", "edm", "--duration", "0.000024"], code=2)
+    (err,) = error_lines(r.output)
+    assert "--recipe edm differs from the resumed run's edm2" in err
+
+
+@pytest.mark.slow
+def test_edm2_recipe_trains_an_edm2_image_model_with_its_presets_numbers(data, tmp_path):
+    out = tmp_path / "runs"
+    args = ["--exist", "1,1", "--observed", "0,1", "--arch", "edm2-img64-s", "--cbase", "16", "--cres", "1,1",
+            "--augment", "0", "--recipe", "edm2", "--duration", "0.000008", "--sample", "0"]
+    r = run(base_args(data, out, *args))
+    assert "recipe edm2: --precond edm2, ln(sigma) ~ N(-0.8, 1.6^2), Adam betas 0.9,0.99, lr 0.01" in r.output
+    recorded = json.loads((run_dir(out) / "training_options.json").read_text())
+    assert (recorded["lr"], recorded["lr_ref"], recorded["P_std"]) == (0.01, 35000 * 4 / 1000, 1.6)
+    (snapshot,) = run_dir(out).glob("network-snapshot-*.safetensors")
+    denoiser = load_checkpoint(snapshot)[0]
+    assert type(denoiser.net).__name__ == "EDM2UNet" and denoiser.config()["logvar_channels"] == 128

@@ -170,9 +170,8 @@ def make_denoiser(opts: TrainOptions, net: torch.nn.Module, structure: Structure
     from vcdm.nets.precond import Denoiser
 
     edm2 = opts.precond == "edm2"
-    head = {"logvar_channels": LOGVAR_CHANNELS} if edm2 else {}
     return Denoiser(net, structure, kind="edm" if edm2 else opts.precond, noise_mult=opts.noise_mult,
-                    pred_x0=opts.pred_x0, **head)
+                    pred_x0=opts.pred_x0, logvar_channels=LOGVAR_CHANNELS if edm2 else 0)
 
 
 def make_optimizer(params, opts: TrainOptions) -> torch.optim.Adam:
