@@ -158,6 +158,10 @@ OPTIONS = [
     opt("--ema", metavar="MIMG", type=Finite(min=0), default=D.ema, help="EMA half-life."),
     opt("--ema-rampup", metavar="RATIO", type=Finite(min=0), default=D.ema_rampup,
         help="EMA half-life ramp-up ratio (0: none)."),
+    opt("--ema-std", metavar="LIST", type=str, default=None, callback=float_list,
+        help="Keep EDM2's power-function EMA profiles of these relative standard deviations instead of --ema "
+             "(EDM2: 0.05,0.1), each written as network-snapshot-<kimg>-<std>.safetensors; `vcdm phema` "
+             "reconstructs any other length from them."),
     opt("--ls", metavar="FLOAT", type=Finite(min=0, min_open=True), default=D.ls, help="Loss scaling."),
     opt("--fp16", type=bool, default=D.fp16, help="Mixed precision: float16 autocast + GradScaler (CUDA)."),
     opt("--bf16", type=bool, default=D.bf16, help="Mixed precision: bfloat16 autocast (CUDA or CPU)."),

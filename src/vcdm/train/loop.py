@@ -26,10 +26,10 @@ from vcdm import distributed as dist
 from vcdm.train.batches import BatchMaker, embedding_table
 from vcdm.train.build import Setup, build, make_optimizer
 from vcdm.train.ddp import with_net, wrap_ddp
-from vcdm.train.ema import EMA
+from vcdm.train.ema import EMA, PowerFunctionEMA
 from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
-from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshot
+from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshots
 from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
 from vcdm.train.rundir import RunPlan, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
@@ -162,7 +162,8 @@ class Trainer:
         for name, p in net.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
-        ema = EMA(net, halflife_nimg=o.ema * 1e6, rampup=None if o.transfer else o.ema_rampup)
+        ema = PowerFunctionEMA(net, o.ema_std) if o.ema_std else EMA(
+            net, halflife_nimg=o.ema * 1e6, rampup=None if o.transfer else o.ema_rampup)
         params = list(net.parameters())
         trained_embedder = s.embedder if s.embedder is not None and o.train_embedder else None
         if trained_embedder is not None:
@@ -338,9 +339,7 @@ class Trainer:
         state.counters["tick"] += 1  # the state records the next tick
         kimg = state.counters["nimg"] // 1000
         if not diverged and (done or (o.snap and tick % o.snap == 0)):
-            path = run_dir / f"network-snapshot-{kimg:06d}.safetensors"
-            outputs.attempt(path, lambda: write_snapshot(path, state.ema, run.setup.embedder, run.config,
-                                                          state.counters["nimg"]))
+            write_snapshots(outputs, run_dir, state.ema, run.setup.embedder, run.config, state.counters["nimg"])
         if done or (o.dump and tick % o.dump == 0 and tick != 0):
             data = state.state_dict(json.dumps(o.to_dict()))
             poisoned = diverged or not state.finite()

@@ -21,6 +21,7 @@ from vcdm.data.structure import DATA_CLASS_TENSORS
 from vcdm.train.lr_schedules import LR_SCHEDULES
 from vcdm.train.recipe import RECIPES
 from vcdm.nets.presets import ARCHS
+from vcdm.train.phema import MAX_STD
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
@@ -106,6 +107,7 @@ class ScheduleOptions:
     lr_ref: float | None = None  # kimg: edm2's decay starts here (0: no decay)
     ema: float = 0.5  # Mimg
     ema_rampup: float = 0.05
+    ema_std: list[float] | None = None  # EDM2's power-function EMA profiles instead of --ema (e.g. [0.05, 0.1])
     time_limit: float = 0.0  # seconds for this process (0: none); then stop as on SIGTERM
     tick: float = 50  # kimg
     snap: int = 50  # ticks
@@ -128,7 +130,7 @@ class IOOptions:
 
 
 GROUPS = (DataOptions, EmbedderOptions, ModelOptions, OptimOptions, ScheduleOptions, IOOptions)
-LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float,
+LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float, "ema_std": float,
                "cres": int}
 
 
@@ -235,5 +237,13 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise OptionError(f"--{name.replace('_', '-')}: must be a finite number, got {value}")
+        if self.ema_std is not None:
+            self.check_ema_std()
         if self.lr is not None and not self.lr > 0:
             raise OptionError(f"--lr: must be positive, got {self.lr}")
+
+    def check_ema_std(self) -> None:
+        if not self.ema_std or not all(0 < s < MAX_STD for s in self.ema_std):
+            raise OptionError(f"--ema-std: expected relative standard deviations in (0, {MAX_STD:.3f}), got {self.ema_std}")
+        if len({f"{s:.3f}" for s in self.ema_std}) != len(self.ema_std):
+            raise OptionError(f"--ema-std: {self.ema_std} are not distinct to three decimals (snapshot names)")

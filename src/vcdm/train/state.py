@@ -90,8 +90,10 @@ def newest_valid_state(run_dirs: list[Path]) -> tuple[Path, dict[str, Any]] | No
 
     def key(p: Path):
         try:
-            nimg = json.loads(p.with_name(p.name + ".json").read_text())["nimg"]
-        except (OSError, ValueError, KeyError, TypeError):
+            nimg = load_json(p.with_name(p.name + ".json"), SIDECAR_BYTES, dict).get("nimg")
+        except ValueError:
+            nimg = None
+        if type(nimg) is not int:  # no sidecar, or a damaged one (load_state then says what is wrong)
             nimg = int(STATE_RE.fullmatch(p.name).group(1)) * 1000
         return nimg, p.stat().st_mtime
 
