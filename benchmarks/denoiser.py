@@ -6,6 +6,9 @@
     python benchmarks/denoiser.py --heun           # also sample 18-step Heun per path: sampling images/s and
                                                    # how far the samples move from float32's
     python benchmarks/denoiser.py --tiny --quick   # smoke run on a small network (seconds)
+    python benchmarks/denoiser.py --edm2-root EDM2 --edm2-only --batch 4 --reps 2
+                                                   # EDM2's U-Net 64x64 (--edm2-preset, default edm2-img64-s)
+                                                   # per eager path, against EDM2's own code in the same run
 
 The network is the full 61.9 M-parameter DDPM++ (preset ``ddpmpp``, 512-d conditioning embedding, 9
 augment labels) inside the EDM Denoiser, with random weights whose zero-initialised output layers are
@@ -20,17 +23,27 @@ Compile columns: the first call's time beyond one evaluation, with this run's fr
 ("cold"; at batch 32 it already holds batch 8's kernels) and again from that on-disk cache ("warm", what
 a later process pays); "pays off after" = cold compile time / time saved per evaluation against the
 fastest eager path.
+EDM2 (``--edm2-root``, a clone of NVlabs/edm2; vcdm does not ship its code): vcdm's EDM2UNet of the
+preset, class-conditional (1000 classes, one-hot labels), in the EDM Denoiser, against EDM2's own
+``training/networks_edm2.Precond`` holding the same weights, imported from the clone in this process and
+run as EDM2 runs it on a CPU (float32). The weights are EDM2's random initialisation with the gains
+(initialised at 0) set to 1, so every block contributes. The reference column is EDM2's code; accuracy is
+against its output.
 On a machine shared with other jobs set OMP_WAIT_POLICY=PASSIVE (run_all.py does): with libgomp's
 default busy-waiting, 2-thread runs there were up to 3x slower than 1-thread runs, and erratic.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -41,7 +54,7 @@ from vcdm.diffusion import karras_sigmas, sample
 from vcdm.nets import build_network
 from vcdm.nets.layers import Conv2d
 from vcdm.nets.precond import Denoiser
-from vcdm.nets.presets import preset
+from vcdm.nets.presets import ARCHS, preset
 from vcdm.perf import FP32, InferenceSettings, autocast, default_settings, prepare
 
 EMBED_DIM = 512
@@ -181,6 +194,73 @@ def bench_prior(args, batch: int, table: list, rows: list) -> None:
                         note=f"{batch / sec:.0f} samples/s" + ("" if is_ref else f", max|dD| {max_abs:.2g}")))
 
 
+@contextlib.contextmanager
+def edm2_on_path(root: str | Path) -> Iterator[None]:
+    """EDM2's clone on sys.path (its modules are top-level: dnnlib, torch_utils, training)."""
+    root = Path(root).resolve()
+    if not (root / "training" / "networks_edm2.py").is_file():
+        raise SystemExit(f"Error: --edm2-root {root}: not a clone of NVlabs/edm2 (no training/networks_edm2.py)")
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+
+
+def edm2_denoisers(root: str, arch: str, tiny: bool) -> tuple[Denoiser, torch.nn.Module]:
+    """vcdm's EDM2 image model of preset `arch` and EDM2's own Precond with the same weights."""
+    res, labels = (16, 10) if tiny else (64, 1000)
+    structure = Structure.from_flags({"image": (3, res, res), "label": (labels,)}, "1,1", "0,1")
+    cls, kwargs = preset(arch, resolution=res, channels=3, embed_dim=0, label_dim=labels, augment_dim=0,
+                         **(dict(cbase=32, cres=[1, 2]) if tiny else {}))
+    torch.manual_seed(0)
+    net = build_network(cls, kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:  # out_gain and each block's emb_gain
+                p.fill_(1.0)
+    with edm2_on_path(root):
+        from training.networks_edm2 import Precond
+
+        ref = Precond(img_resolution=res, img_channels=3, label_dim=labels, use_fp16=False,
+                      model_channels=kwargs["model_channels"], channel_mult=kwargs["channel_mult"])
+    missing = ref.load_state_dict({f"unet.{k}": v for k, v in net.state_dict().items()}, strict=False).missing_keys
+    if any(not k.startswith("logvar_") for k in missing):
+        raise SystemExit(f"Error: --edm2-root: EDM2's network has parameters vcdm's lacks: {missing[:3]}")
+    return Denoiser(net, structure).eval(), ref.eval()
+
+
+def bench_edm2(args, batch: int, table: list, rows: list) -> tuple[int, str]:
+    """vcdm's eager paths on EDM2's U-Net against EDM2's own code (float32); returns the parameter count
+    and the name of vcdm's default inference settings for it."""
+    base, ref = edm2_denoisers(args.edm2_root, args.edm2_preset, args.tiny)
+    x, sigma, _ = inputs(base, batch)
+    y = torch.nn.functional.one_hot(torch.arange(batch) * 37 % base.net.label_dim, base.net.label_dim).float()
+    res = base.net.img_resolution
+    out, cases = {}, {}
+
+    def reference():
+        with torch.no_grad():
+            out["EDM2's code"] = ref(x.reshape(batch, 3, res, res), sigma, y).reshape(batch, -1)
+
+    cases["EDM2's code"] = reference
+    for s in EAGER:
+        cases[s.name] = evaluator(prepare(copy.deepcopy(base), s), s, x, sigma, y, out)
+    times = interleaved(cases, reps=args.reps, warmup=1)
+    ref_sec = median(times["EDM2's code"])
+    name = f"EDM2 {args.edm2_preset.removeprefix('edm2-')}"
+    for path in cases:
+        sec = median(times[path])
+        max_abs, rel = accuracy(base, x, sigma, out["EDM2's code"], out[path])
+        table.append([name, batch, path, sec * 1e3, batch / sec, ref_sec / sec, f"{spread(times[path]):.0%}", max_abs, rel])
+        is_ref = path == "EDM2's code"
+        rows.append(row(f"edm2 b{batch} {path}", batch / sec, "images/s",
+                        reference=None if is_ref else f"edm2 b{batch} EDM2's code", ratio=None if is_ref else ref_sec / sec,
+                        note="reference: NVlabs/edm2's networks_edm2.Precond, float32" if is_ref
+                        else f"max|dD| {max_abs:.2g}, rel rms dF {rel:.2g} vs EDM2's code"))
+    return sum(p.numel() for p in base.net.parameters()), default_settings("cpu", base).name
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
@@ -194,7 +274,14 @@ def main() -> None:
     p.add_argument("--heun-steps", type=int, default=18, help="Heun steps for --heun (default 18)")
     p.add_argument("--tiny", action="store_true", help="small networks (16x16 DDPM++, 1-layer prior): a smoke test")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--edm2-root", default=None, metavar="DIR",
+                   help="a clone of NVlabs/edm2: also time EDM2's U-Net against EDM2's own code")
+    p.add_argument("--edm2-preset", default="edm2-img64-s", choices=[a for a in ARCHS if a.startswith("edm2-")],
+                   help="the EDM2 network to time (default edm2-img64-s)")
+    p.add_argument("--edm2-only", action="store_true", help="time only the EDM2 networks (needs --edm2-root)")
     args = p.parse_args()
+    if args.edm2_only and not args.edm2_root:
+        p.error("--edm2-only needs --edm2-root")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or ([8] if args.quick else [8, 32])
@@ -208,18 +295,29 @@ def main() -> None:
     info = machine("cpu")
     print(f"machine: {describe(info)}", flush=True)
     params = sum(p.numel() for p in image_denoiser(args.tiny).parameters())
-    table, rows, samples = [], [], {}
+    table, rows, samples, edm2_table, edm2_params, edm2_default = [], [], {}, [], None, None
     for batch in args.batch:
-        print(f"batch {batch}: {', '.join(s.name for s in paths)}", flush=True)
-        bench_images(args, batch, paths, table, rows, samples)
-        bench_prior(args, batch, table, rows)
+        if not args.edm2_only:
+            print(f"batch {batch}: {', '.join(s.name for s in paths)}", flush=True)
+            bench_images(args, batch, paths, table, rows, samples)
+            bench_prior(args, batch, table, rows)
+        if args.edm2_root:
+            print(f"batch {batch}: {args.edm2_preset}, EDM2's code and {', '.join(s.name for s in EAGER)}", flush=True)
+            edm2_params, edm2_default = bench_edm2(args, batch, edm2_table, rows)
     info_end = machine("cpu")
 
-    print(f"\n## Denoiser evaluation ({'tiny test networks' if args.tiny else f'DDPM++ 64x64, {params / 1e6:.1f} M params'}; "
-          f"reference: fp32 eager, same run)\n")
-    print(markdown_table(["network", "batch", "path", "ms/eval", "images/s", "vs fp32", "spread", "compile s (cold)",
-                          "compile s (warm)", "pays off after (evals, cold, vs best eager)", "max abs dD", "rel RMS dF"],
-                         table))
+    if edm2_table:
+        print(f"\n## EDM2 {args.edm2_preset} ({'tiny: 16x16, cbase 32, 10 classes' if args.tiny else '64x64, 1000 classes'}, "
+              f"{edm2_params / 1e6:.1f} M params; reference: EDM2's own code, float32, same run)\n")
+        print(markdown_table(["network", "batch", "path", "ms/eval", "images/s", "vs EDM2's code", "spread",
+                              "max abs dD", "rel RMS dF"], edm2_table))
+        print(f"\ndefault settings here (vcdm.perf.default_settings) for this EDM2 network: {edm2_default}")
+    if table:
+        print(f"\n## Denoiser evaluation ({'tiny test networks' if args.tiny else f'DDPM++ 64x64, {params / 1e6:.1f} M params'}; "
+              f"reference: fp32 eager, same run)\n")
+        print(markdown_table(["network", "batch", "path", "ms/eval", "images/s", "vs fp32", "spread", "compile s (cold)",
+                              "compile s (warm)", "pays off after (evals, cold, vs best eager)", "max abs dD", "rel RMS dF"],
+                             table))
     if samples:
         print(f"\n## {args.heun_steps}-step Heun sampling, batch {args.batch[0]} (seeds 0-{args.batch[0] - 1}), "
               "compared with fp32 eager (one run per path, in sequence: for speed under changing load trust the "
@@ -233,15 +331,16 @@ def main() -> None:
                             reference=None if is_ref else f"heun{args.heun_steps} b{r[0]} fp32",
                             ratio=None if is_ref else r[4],
                             note=f"max|dx| {r[5]:.2g}, {r[7]:.1%} of 8-bit values changed"))
-    print(f"\ndefault settings here (vcdm.perf.default_settings): image model {default_settings('cpu', image_denoiser(args.tiny)).name}, "
-          f"prior {default_settings('cpu', prior_denoiser(args.tiny)).name}")
+    if table:
+        print(f"\ndefault settings here (vcdm.perf.default_settings): image model "
+              f"{default_settings('cpu', image_denoiser(args.tiny)).name}, prior {default_settings('cpu', prior_denoiser(args.tiny)).name}")
     print(f"load average: {info['load_avg_1m']} at start, {info_end['load_avg_1m']} at end, on {info['cpus']} CPUs "
           f"(other processes share them; compare ratios, not absolute numbers)")
     wall = time.perf_counter() - start
     print(f"wall time {wall:.0f} s")
     if args.json:
         write_json(args.json, result("denoiser", rows, info, wall, params=params,
-                                     table=table, heun=samples))
+                                     table=table, heun=samples, edm2_table=edm2_table, edm2_params=edm2_params))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ AVX512-BF16 (speed vs float32 eager, one thread, batch 8 / 64):
 - 32x32, cbase 32-128: bf16 1.15-1.95x; channels_last + bf16 is never better than bf16 alone.
 - 16x16, cbase 32 (the demo's): bf16 0.9x, channels_last + bf16 0.7x: the convolutions are too small
   to win back the casts, so these stay float32.
+- EDM2's U-Net, 64x64 (edm2-img64-s, 280 M params; batch 2, one thread, under load): channels_last + bf16
+  1.91x EDM2's own float32 code, bf16 1.51x, float32 1.09x; bf16 moves its output by 1.6% of its RMS.
 - The prior transformer (dim 512, a few tokens per sample): bf16 between 0.8x and 2.4x depending on
   batch size, threads and load; it takes 1-3% of two-stage sampling time, so it stays float32 on CPUs.
 
