@@ -304,7 +304,7 @@ def test_bad_requests_fail_before_loading_inception(tmp_path, image_dir, offline
     assert r.exit_code == 2 and "holds only mu/sigma" in r.output
 
     r = vcdm("ref", "--data", str(image_dir), "--dest", str(tmp_path / "edm.npz"), "--metrics", "fid,kid", *COMMON)
-    assert r.exit_code == 2 and "exists without the features" in r.output and "--overwrite" in r.output
+    assert r.exit_code == 2 and "holds only mu/sigma, but kid needs the features;" in r.output and "--overwrite" in r.output
 
     r = vcdm("calc", "--images", str(image_dir), "--ref", str(tmp_path / "nope.npz"), "--num", str(N_IMAGES), *COMMON)
     assert r.exit_code == 1 and "--ref: no such file" in r.output

@@ -23,18 +23,40 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+class DeviceError(ValueError):
+    """A device argument torch cannot use here (a usage error on the command line)."""
+    usage_error = True
+
+
+def parse_device(device: str | torch.device | None, name: str = "--device") -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' (None: CUDA when available, else CPU) → torch.device; DeviceError naming
+    ``name`` and the valid forms otherwise ('gpu' raises torch's own RuntimeError, and 'cpu:7' is a valid
+    torch device that fails later, in whatever it is used for first)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise DeviceError(f"{name} {device!r}: expected 'cpu', 'cuda' or 'cuda:N' (N: a GPU index)")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"{name} {device}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"{name} {device}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    return dev
+
+
 def init(device: str | torch.device | None = None) -> torch.device:
     """Join torchrun's process group (if any) and return this process's device.
 
     `device` is 'cpu', 'cuda' or 'cuda:N' (None: CUDA when available, else CPU); under torchrun
     'cuda' becomes cuda:LOCAL_RANK.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)

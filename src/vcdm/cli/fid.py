@@ -19,6 +19,17 @@ def _parse_metrics(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _needing(metrics: list[str]) -> str:
+    """'kid needs features' / 'kid,pr need features': the metrics that compare feature sets (fid does not)."""
+    names = [m for m in metrics if m != "fid"]
+    return f"{','.join(names)} need{'s' if len(names) == 1 else ''} the features"
+
+
+def default_workers() -> int:
+    """Image-decoding workers: 3, or fewer on a machine (or CPU set) with fewer cores."""
+    return min(3, len(os.sched_getaffinity(0)))
+
+
 def _say(message: str) -> None:
     from vcdm.metrics.stats import rank_and_world
 
@@ -61,7 +72,8 @@ def _common(f):
                      help="weights-inception-2015-12-05-6726825d.pth [default: $VCDM_INCEPTION_WEIGHTS, else torch.hub's "
                           "cache, downloaded there if absent]."),
         click.option("--device", default=None, help="torch device [default: this rank's GPU if any, else cpu]."),
-        click.option("--workers", type=click.IntRange(min=0), default=3, show_default=True, help="Image-decoding worker processes."),
+        click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="3 or the CPUs "
+                     "available if fewer", help="Image-decoding worker processes."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
     for option in reversed(options):
@@ -129,8 +141,8 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
 
         if os.path.exists(dest_path) and not overwrite:
             if keep and FeatureStats.load(dest_path).features is None:
-                raise click.UsageError(f"--dest {dest_path} exists without the features {','.join(metrics)} need; "
-                                       "pass --overwrite to recompute it")
+                raise click.UsageError(f"--dest {dest_path} holds only mu/sigma, but {_needing(metrics)}; pass "
+                                       "--overwrite to recompute it")
             _say(f"{dest_path} exists; skipping (pass --overwrite to recompute)")
             return
         with distributed.session(device) as torch_device:
@@ -176,8 +188,8 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
 
         reference = load_reference(ref_path, progress=progress)
         if keep and reference.features is None:
-            raise click.UsageError(f"--ref {ref_path} holds only mu/sigma, but {','.join(m for m in metrics if m != 'fid')} "
-                                   "compare feature sets; make it with `vcdm fid ref --metrics fid,kid,pr`")
+            raise click.UsageError(f"--ref {ref_path} holds only mu/sigma, but {_needing(metrics)}; make it with "
+                                   "`vcdm fid ref --metrics fid,kid,pr`")
         with distributed.session(device) as torch_device:
             dataset = _open_images(image_path, num, seed)
             net = _inception(weights, torch_device, progress)

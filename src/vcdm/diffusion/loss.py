@@ -35,14 +35,15 @@ def equally_weighted(loss: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return sum(part.mean() for part in loss.split(sizes, dim=1))
 
 
-def guidance_warning(training: dict | None, guidance: float) -> str | None:
+def guidance_warning(training: dict | None, guidance: float, flag: str = "--guidance") -> str | None:
     """A warning for classifier-free guidance (``guidance`` != 1) on a model whose training config records
-    no conditioning dropout (--cond-drop): its unconditional branch (zero conditioning) was never trained."""
+    no conditioning dropout (--cond-drop): its unconditional branch (zero conditioning) was never trained.
+    ``flag``: the option the user set (``--image-guidance`` in `vcdm sample`)."""
     drop = float((training or {}).get("cond_drop") or 0.0)
     if guidance == 1 or drop > 0:
         return None
     how = "was trained without --cond-drop" if training else "records no training settings (imported)"
-    return (f"warning: --guidance {guidance:g}: this model {how}, so its unconditional prediction (zero "
+    return (f"warning: {flag} {guidance:g}: this model {how}, so its unconditional prediction (zero "
             f"conditioning) was never learned and guidance extrapolates towards an untrained output; train "
             f"with --cond-drop 0.1 (for example) to use guidance")
 

@@ -19,9 +19,12 @@ import torch
 
 from vcdm.data import dataset
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
-from vcdm.fileio import atomic_write
+from vcdm.fileio import atomic_write, open_regular
 from vcdm.generate.options import GenerateError, seed_path
 from vcdm.safeload import load_torch_zip
+
+
+OBS_LIMIT = 1e4  # observed tensors read back: beyond this a network's output is meaningless (and may overflow)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -49,7 +52,11 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 
 def read_png(path: str | os.PathLike) -> np.ndarray:
-    with PIL.Image.open(path) as img:
+    """One sample PNG of a results folder: a regular file of its own (a planted link is refused)."""
+    fd = open_regular(path)
+    if fd is None:
+        raise GenerateError(f"{path}: not a regular file (a link or special file in the results folder)")
+    with os.fdopen(fd, "rb") as f, PIL.Image.open(f) as img:
         arr = np.asarray(img)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -100,13 +107,17 @@ def obs_path(load_obs_from: str | os.PathLike, seed: int) -> Path:
 
 
 def check_obs_files(load_obs_from: str | os.PathLike, seeds: Sequence[int]) -> None:
+    """Every seed has its observation file, a regular file (a FIFO would block the reader forever)."""
     if not Path(load_obs_from).is_dir():
         raise GenerateError(f"--load_obs_from: {load_obs_from} is not a directory")
-    missing = [s for s in seeds if not obs_path(load_obs_from, s).is_file()]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise GenerateError(f"--load_obs_from: no observation for seed {missing[0]}: "
-                            f"{obs_path(load_obs_from, missing[0])} is missing{more}")
+    for seed in seeds:
+        path = obs_path(load_obs_from, seed)
+        if not path.is_file():
+            if os.path.exists(path):
+                raise GenerateError(f"--load_obs_from: {path} is not a regular file")
+            missing = sum(not obs_path(load_obs_from, s).is_file() for s in seeds)
+            more = f" and {missing - 1} more" if missing > 1 else ""
+            raise GenerateError(f"--load_obs_from: no observation for seed {seed}: {path} is missing{more}")
 
 
 def read_observed(load_obs_from: str | os.PathLike, seed: int, structure: Structure,
@@ -130,7 +141,12 @@ def read_observed(load_obs_from: str | os.PathLike, seed: int, structure: Struct
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise GenerateError(f"--load_obs_from: {path}: '{name}' has shape {shape}, "
                                 f"the model expects {structure.shape(name)}")
-        out[name] = t.to(torch.float32)
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all() or t.abs().max() > OBS_LIMIT:
+            worst = t[~torch.isfinite(t)][0] if not torch.isfinite(t).all() else t.abs().max()
+            raise GenerateError(f"--load_obs_from: {path}: '{name}' holds {float(worst):g}; expected finite values "
+                                f"within +-{OBS_LIMIT:g} (a prior's samples lie within a few units)")
+        out[name] = t
     return out
 
 

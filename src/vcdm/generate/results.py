@@ -19,11 +19,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from vcdm.fileio import atomic_write
+from vcdm.fileio import atomic_write, open_regular
 from vcdm.generate.files import naming
 from vcdm.generate.options import GenerateError
 
 MANIFEST = "vcdm-manifest.json"
+MANIFEST_BYTES = 1 << 20  # a manifest is a few hundred bytes; a larger one is not vcdm's
 SEED_FILE = re.compile(r"\d{6,}\.(png|pt)")
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
@@ -43,26 +44,38 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def complete(path: Path) -> bool:
-    """Whether a seed file is whole: a PNG ends with its IEND chunk, a .pt (a zip) has its central directory."""
-    try:
-        if path.suffix == ".png":
-            with open(path, "rb") as f:
+    """Whether a seed file is whole: a regular file (a link or FIFO planted in the folder is not trusted)
+    whose PNG ends with its IEND chunk, or whose .pt (a zip) has its central directory."""
+    fd = open_regular(path)
+    if fd is None:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if path.suffix == ".png":
                 f.seek(-len(PNG_END), os.SEEK_END)
                 return f.read() == PNG_END
-        return zipfile.is_zipfile(path)
-    except OSError:
-        return False
+            return zipfile.is_zipfile(f)
+        except OSError:
+            return False
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return list(it)
+
+
+def subfolders(outdir: Path) -> list[Path]:
+    """The folder and its thousands sub-folders (--subdirs); a symlink is not followed out of the folder."""
+    if not outdir.is_dir():
+        return []
+    return [outdir] + [Path(e.path) for e in _entries(outdir) if e.name.isdigit() and e.is_dir(follow_symlinks=False)]
 
 
 def seed_files(outdir: Path) -> list[Path]:
-    """The folder's seed files (also in thousands sub-directories)."""
-    if not outdir.is_dir():
-        return []
-    found = [p for p in outdir.iterdir() if p.is_file() and SEED_FILE.fullmatch(p.name)]
-    for sub in outdir.iterdir():
-        if sub.is_dir() and sub.name.isdigit():
-            found += [p for p in sub.iterdir() if p.is_file() and SEED_FILE.fullmatch(p.name)]
-    return found
+    """The folder's seed files (also in thousands sub-directories): anything but a folder named like one,
+    links included (a link is removed as itself, never followed)."""
+    return [Path(e.path) for folder in subfolders(outdir) for e in _entries(folder)
+            if SEED_FILE.fullmatch(e.name) and not e.is_dir(follow_symlinks=False)]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -73,16 +86,40 @@ def _show(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """A folder's recorded settings (None without a manifest); GenerateError for one that is not a regular
+    JSON file of at most MANIFEST_BYTES holding a dict of settings (a tampered or foreign file)."""
+    if not os.path.lexists(path):
+        return None
+    fd = open_regular(path)
+    problem = "not a regular file" if fd is None else None
+    if fd is not None:
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(MANIFEST_BYTES + 1)
+        try:
+            record = json.loads(text) if len(text) <= MANIFEST_BYTES else None
+            problem = f"larger than {MANIFEST_BYTES} bytes" if record is None else None
+        except (ValueError, RecursionError) as e:
+            problem = f"not JSON: {str(e).splitlines()[0][:80]}"
+            record = None
+        if record is not None:
+            settings = record.get("settings") if isinstance(record, dict) else None
+            if isinstance(settings, dict):
+                return settings
+            problem = "no settings recorded"
+    raise GenerateError(f"{path}: cannot read the results manifest ({problem})")
+
+
 def claim_manifest(outdir: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse a folder holding samples of other settings (unless ``overwrite``: delete them), then record
     ``settings`` (JSON-able, flag name → value) in its manifest."""
     path = outdir / MANIFEST
     try:
-        old = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"{path}: cannot read the results manifest ({e}); pass --overwrite to replace "
-                            "the folder's samples") from None
-    old_settings = old.get("settings") if isinstance(old, dict) else None
+        old_settings = read_manifest(path)
+    except GenerateError as e:
+        if not overwrite:
+            raise GenerateError(f"{e}; pass --overwrite to replace the folder's samples") from None
+        old_settings = None
     existing = seed_files(outdir)
     if old_settings == settings:
         return
@@ -104,13 +141,13 @@ def remove_stale_temps(outdir: Path) -> list[Path]:
     """Delete temp files (``.<name>.*.tmp``) and claim files of earlier, killed runs. Call only while
     holding the folder's lock exclusively (no other run is writing)."""
     removed = []
-    dirs = [outdir] + ([p for p in outdir.iterdir() if p.is_dir() and p.name.isdigit()] if outdir.is_dir() else [])
-    for folder in dirs:
-        for p in folder.iterdir():
-            if p.is_file() and p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith(".claim-")):
+    for folder in subfolders(outdir):
+        for e in _entries(folder):
+            if e.name.startswith(".") and (e.name.endswith(".tmp") or e.name.startswith(".claim-")) \
+                    and not e.is_dir(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                    removed.append(p)
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
     return removed
 
 
@@ -118,8 +155,10 @@ def manifest_digest(outdir: str | os.PathLike) -> str | None:
     """A short hash of the settings in a folder's manifest (None without one): names the samples a
     --load_obs_from folder holds, wherever it lies."""
     try:
-        settings = json.loads((Path(outdir) / MANIFEST).read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
+        settings = read_manifest(Path(outdir) / MANIFEST)
+    except GenerateError:
+        return None
+    if settings is None:
         return None
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,7 +168,11 @@ class FolderLock:
     finds no other holder first takes it exclusively and removes stale temp files."""
 
     def __init__(self, outdir: Path, clean: bool = True):
-        self.fd = os.open(outdir / MANIFEST, os.O_RDONLY)
+        fd = open_regular(outdir / MANIFEST)
+        if fd is None:
+            raise GenerateError(f"{outdir / MANIFEST}: the results manifest is not a regular file (replaced while "
+                                "starting?)")
+        self.fd = fd
         if clean:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -143,12 +186,30 @@ class FolderLock:
         os.close(self.fd)  # releases the lock
 
 
+def open_claim(path: Path) -> int:
+    """A descriptor of the claim file ``path``: created (O_EXCL) or, when another process made it, opened;
+    never through a symlink (O_NOFOLLOW) and never blocking on a FIFO. GenerateError for a claim name
+    taken by something other than a regular file."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            pass
+        fd = open_regular(path, os.O_RDWR)
+        if fd is not None:
+            return fd
+        if os.path.lexists(path):
+            raise GenerateError(f"{path}: a claim name taken by a link or special file, not a claim of vcdm; "
+                                "remove it")
+        # The holder finished and removed it between our two opens: try again.
+
+
 @contextlib.contextmanager
 def claim(outdir: Path, first_seed: int, wait: bool) -> Iterator[bool]:
     """Claim a batch (named by its first seed): yields True once this process holds it, False if another
     live process does (only when ``wait`` is False). The claim file goes when the batch is done or fails."""
     path = outdir / f".claim-{first_seed:06d}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = open_claim(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -7,9 +7,11 @@ precomputed per-index table (`cached`) instead of running the embedder.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from vcdm.data.dataset import to_float
 from vcdm.data.structure import Structure
@@ -68,8 +70,14 @@ def embedding_table(setup, device: torch.device, xflip: bool) -> torch.Tensor:
     emb, key = setup.embedder, {"embedder": setup.embedder.identity(), "data_key": setup.data_key, "xflip": xflip}
 
     def compute() -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            out = [emb.embed(b.to(device)).cpu() for b in image_batches(setup.dataset, batch_size=64)]
+        # Once per dataset and embedder, and long on a large one (CLIP: hours on ImageNet): show progress.
+        where = f"the cache in {cache_dir}" if cache_dir is not None else "this run (no writable cache folder)"
+        out = []
+        with torch.no_grad(), tqdm(total=len(setup.dataset), unit="img", desc=f"Embedding the dataset for {where}",
+                                   file=sys.stderr) as bar:
+            for b in image_batches(setup.dataset, batch_size=64):
+                out.append(emb.embed(b.to(device)).cpu())
+                bar.update(len(b))
         return {"embeddings": torch.cat(out)}
 
     if dist.rank() != 0:

@@ -146,6 +146,17 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
     """Every training setting, typed (lists are lists), under the release's flag names; the groups
     (data, embedder, model, optimisation, schedule, I/O) are also dataclasses of their own (`group`)."""
 
+    def __post_init__(self) -> None:
+        # A list given as text takes the flags' syntax ("0,1"; also how older vcdm recorded lists), never
+        # a string's characters.
+        for name, kind in LIST_FIELDS.items():
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, [kind(v) for v in value.split(",") if v.strip()])
+                except ValueError:
+                    raise OptionError(f"--{name}: expected comma-separated numbers like '0,1', got '{value}'") from None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -159,9 +170,6 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
         keys that are not options (world_size, batch_gpu of the run) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
-        for k, kind in LIST_FIELDS.items():
-            if isinstance(values.get(k), str):
-                values[k] = [kind(v) for v in values[k].split(",") if v.strip()]
         if values.get("arch") == "dalle2" and d.get("network", "PriorTransformer") == "PriorTransformer":
             values["arch"] = "prior"  # recorded before --arch dalle2 built the release's network (no "network" then)
         return cls(**values)
