@@ -122,6 +122,8 @@ class Trainer:
         elif plan.resume is not None and o.seed != plan.seed:
             dist.print0(f"warning: --seed {o.seed} differs from the resumed run's {plan.seed}; data order and noise change")
 
+        if plan.resume is None:  # before the network and any embedding cache are built (minutes on large data)
+            dist.print0(f"Run directory: {plan.run_dir}")
         torch.manual_seed(o.seed)  # network initialisation: the same in every process, whatever their number
         s = build(o, self.device)
         state = self.make_state(s, plan, loaded)
@@ -226,9 +228,7 @@ class Trainer:
         if self.rank != 0:
             return
         o, s, net, counters = self.opts, run.setup, run.state.net, run.state.counters
-        if run.plan.resume is None:
-            print(f"Run directory: {run.plan.run_dir}")
-        else:
+        if run.plan.resume is not None:
             print(f"Resuming from {run.plan.resume} at {counters['nimg'] / 1000:.1f} kimg")
         n_params = sum(p.numel() for p in net.parameters())
         n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
