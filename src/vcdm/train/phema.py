@@ -13,6 +13,7 @@ memory is (outputs + one tensor of an input) whatever the run's length.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -172,12 +173,6 @@ def checkpoint_input(path: str | Path) -> Input:
         raise PhemaError(f"{path}: not a power-function EMA snapshot (it records no EMA profile; "
                          "train with --ema-std to write them)")
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith("net."):
-                    yield key[4:], f.get_tensor(key)
-
     def extra() -> dict[str, dict[str, torch.Tensor]]:
         groups: dict[str, dict[str, torch.Tensor]] = {}
         with safe_open(str(path), framework="pt") as f:
@@ -187,7 +182,38 @@ def checkpoint_input(path: str | Path) -> Input:
                     groups.setdefault(prefix, {})[name] = f.get_tensor(key)
         return groups
 
-    return Input(Snapshot(str(path), nimg, float(profile["std"]), tensors), config, path, extra)
+    return Input(Snapshot(str(path), nimg, float(profile["std"]), lambda: read_tensors(path, "net.")), config, path, extra)
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+MAX_HEADER = 1 << 28
+
+
+def read_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file whose names start with `prefix` (without it), read one at a time
+    with plain reads into one reused buffer: no memory map, no allocation per tensor. Each yielded tensor
+    is valid until the next is read; keep a copy, not the tensor."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= MAX_HEADER:
+            raise PhemaError(f"{path}: not a safetensors file (header of {size} bytes)")
+        header = json.loads(f.read(size))
+        entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items()
+                         if k != "__metadata__" and k.startswith(prefix))
+        total = f.seek(0, 2) - 8 - size
+        buffer = torch.empty(max((v["data_offsets"][1] - v["data_offsets"][0] for _, _, v in entries), default=0),
+                             dtype=torch.uint8)
+        for begin, name, v in entries:
+            end, dtype, shape = v["data_offsets"][1], DTYPES.get(v["dtype"]), v["shape"]
+            if dtype is None or not 0 <= begin <= end <= total or (end - begin) != math.prod(shape) * dtype.itemsize:
+                raise PhemaError(f"{path}: tensor {name} is damaged ({v['dtype']} {shape} in bytes {begin}-{end})")
+            f.seek(8 + size + begin)
+            view = buffer[:end - begin]
+            if f.readinto(view.numpy()) != end - begin:
+                raise PhemaError(f"{path}: truncated in tensor {name}")
+            yield name[len(prefix):], view.view(dtype).reshape(shape)
 
 
 def run_snapshots(run_dir: str | Path) -> list[Path]:
