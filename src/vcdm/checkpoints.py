@@ -135,10 +135,14 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Mapping[str, 
     """Write `{prefix: state_dict}` and `config` atomically to a .safetensors file."""
     if not isinstance(config, CheckpointConfig):
         config = CheckpointConfig.from_dict(config)
-    flat = {}
+    flat, storages = {}, set()
     for prefix, state in tensors.items():
         for key, value in state.items():
-            flat[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            value = value.detach().to("cpu").contiguous()
+            storage = value.untyped_storage().data_ptr()
+            # safetensors refuses tensors that share memory: copy those only (a copy of all costs a network)
+            flat[f"{prefix}.{key}"] = value.clone() if storage in storages else value
+            storages.add(storage)
     meta = {METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
     data = save(flat, metadata=meta)
     with atomic_write(path, "wb") as f:
