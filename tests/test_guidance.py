@@ -10,14 +10,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from tiny_models import pixel_pca, run, write_model
+from tiny_runs import error_lines
 from test_diffusion import F64, Gaussian, posterior_mean, randn_from, whitened
 from test_samplers import PseudoNoise, Toy, latents
+from vcdm import Pipeline, TwoStagePipeline
+from vcdm.checkpoints import load_checkpoint, read_config, save_checkpoint
+from vcdm.cli.generate import command as generate_cmd
+from vcdm.cli.sample import command as sample_cmd
 from vcdm.diffusion import Guidance, guided, sample
 from vcdm.diffusion.samplers import Churn, sample_heun
 from vcdm.diffusion.schedules import append_zero, karras_sigmas
+from vcdm.generate import SamplerOptions, load_model, results_dir
+from vcdm.generate.core import PaddedDenoiser, draw
+from vcdm.generate.files import read_png, read_tensors, to_uint8
+from vcdm.generate.guide import IncompatibleGuide, check_guide
+from vcdm.generate.results import file_sha256
 
 GOLDEN = Path(__file__).parent / "data" / "guidance-golden.json"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,3 +227,173 @@ def test_guidance_options_are_checked():
     with pytest.raises(ValueError, match="classifier-free guidance needs conditioning"):
         guided(Net(), None, 2.0)
     guided(Net(), None, 2.0, gnet=weak_guide())  # a guiding network needs no conditioning (unconditional models)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation: `vcdm generate --gnet`, `vcdm sample --prior-gnet/--image-gnet`, the Python API.
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight checkpoints; a model's guide differs from it only by its weights (the path's
+    length seeds them), as an earlier snapshot of the same run would."""
+    root = tmp_path_factory.mktemp("guided")
+    pca = pixel_pca(0)
+    nets = {
+        "prior": write_model(root / "prior" / "net.safetensors", "prior", embedder=pca),
+        "weak_prior": write_model(root / "prior" / "weak-snapshot.safetensors", "prior", embedder=pca),
+        "other_prior": write_model(root / "other" / "net.safetensors", "prior", embedder=pixel_pca(1)),
+        "wide_prior": write_model(root / "wide" / "net.safetensors", "prior", embedder=pixel_pca(0, 16), emb_dim=16),
+        "cond_prior": write_model(root / "cond" / "net.safetensors", "prior", embedder=pca, label_dim=3),
+        "image": write_model(root / "image" / "net.safetensors", "image", embedder=pca),
+        "uncond": write_model(root / "uncond" / "net.safetensors", "uncond"),
+        "weak_uncond": write_model(root / "uncond" / "weak-snapshot.safetensors", "uncond"),
+    }
+    for seed, path in enumerate(nets.values()):
+        jitter(path, seed)
+    return nets
+
+
+def jitter(path: Path, seed: int, scale: float = 0.05) -> None:
+    """Perturb every weight: freshly initialised output layers are near zero, and so would be what guidance
+    changes."""
+    denoiser, config, tensors = load_checkpoint(path)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in denoiser.net.state_dict().items()}
+    save_checkpoint(path, {"net": state, **tensors}, config)
+
+
+def by_hand(net_path: Path, guide_path: Path, w: float, seeds: list[int], interval=(0.0, float("inf")),
+            given: dict | None = None, **opts) -> torch.Tensor:
+    """The guided samples computed outside vcdm.generate: the same per-seed draws and batch padding, the
+    formula applied by ByHand (an unconditional guide called without conditioning)."""
+    net, guide = load_model(net_path), load_model(guide_path)
+    latents, obs, rnd = draw(net, seeds, torch.device("cpu"), given=given)
+    y = net.structure.flatten_observed({k: v.float() for k, v in obs.items()}) if obs else None
+    g = PaddedDenoiser(guide.denoiser)
+    if not guide.structure.observed_names:
+        g = (lambda padded: lambda x, sigma, y=None: padded(x, sigma, None))(g)
+    with torch.no_grad():
+        return sample(ByHand(PaddedDenoiser(net.denoiser), g, w, interval), latents, y, randn_like=rnd.randn_like,
+                      **opts)
+
+
+def test_generate_with_a_guiding_network_is_the_formula_applied_by_hand(nets, tmp_path):
+    args = ["--network", nets["uncond"], "--seeds", "0-3", "--steps", 4, "--fp32", "--no-channels-last"]
+    run(generate_cmd, [*args, "--outdir", tmp_path / "g", "--gnet", nets["weak_uncond"], "--guidance", 2.5])
+    want = to_uint8(load_model(nets["uncond"]).structure.unflatten_latent(
+        by_hand(nets["uncond"], nets["weak_uncond"], 2.5, [0, 1, 2, 3], num_steps=4))["image"])
+    got = np.stack([read_png(tmp_path / "g" / f"{s:06d}.png") for s in range(4)])
+    assert np.array_equal(got, want)
+    run(generate_cmd, [*args, "--outdir", tmp_path / "plain"])
+    run(generate_cmd, [*args, "--outdir", tmp_path / "w1", "--gnet", nets["weak_uncond"], "--guidance", 1])
+    plain = [read_png(tmp_path / "plain" / f"{s:06d}.png") for s in range(4)]
+    assert all(np.array_equal(a, read_png(tmp_path / "w1" / f"{s:06d}.png")) for s, a in enumerate(plain))
+    assert not np.array_equal(got, np.stack(plain))
+    manifest = json.loads((tmp_path / "g" / "vcdm-manifest.json").read_text())["settings"]
+    assert manifest["--gnet"] == f"sha256:{file_sha256(nets['weak_uncond'])}" and manifest["--guidance"] == 2.5
+    unguided = json.loads((tmp_path / "w1" / "vcdm-manifest.json").read_text())["settings"]
+    assert not {"--gnet", "--guidance_interval"} & set(unguided)  # as manifests were before guides existed
+    # another guide never shares the folder
+    other = run(generate_cmd, [*args, "--outdir", tmp_path / "g", "--gnet", nets["uncond"], "--guidance", 2.5],
+                ok=False)
+    assert other.exit_code == 1 and "made with --gnet sha256:" in other.output and "--overwrite" in other.output
+
+
+def test_results_folders_name_the_guide_and_keep_unguided_names(nets):
+    plain = SamplerOptions(num_steps=40, S_churn=50, S_noise=1.007)
+    digest = file_sha256(nets["weak_prior"])[:16]
+    guided_dir = results_dir(nets["prior"], plain.replace(guidance=2.0, gnet=nets["weak_prior"]), [0])
+    assert f"_gnet-{digest}_guidance-2.0_" in guided_dir.parent.name
+    interval = results_dir(nets["prior"], plain.replace(guidance=2.0, guidance_interval=(0.28, 2.9)), [0])
+    assert "_guidance-2.0_guidance_interval-0.28,2.9_" in interval.parent.name and "gnet" not in str(interval)
+    # w = 1 is the unguided run: its folder, whatever guide or interval is named
+    w1 = plain.replace(gnet=nets["weak_prior"], guidance_interval=(0.3, 3.0))
+    assert results_dir(nets["prior"], w1, [0]) == results_dir(nets["prior"], plain, [0])
+    assert (w1.gnet, w1.guidance_interval) == (None, None)
+
+
+def test_two_stage_guided_prior_gives_the_formulas_embeddings(nets, tmp_path, monkeypatch):
+    """`vcdm sample` with an autoguided prior (interval) and an image model guided by an unconditional
+    network (classifier-free guidance by a second network): the prior's embeddings are the formula's."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--prior", nets["prior"], "--image-model", nets["image"], "--seeds", "0-2", "--prior-steps", 3,
+            "--image-steps", 3, "--prior-S_churn", 0, "--image-S_churn", 0, "--fp32", "--no-channels-last",
+            "--prior-gnet", nets["weak_prior"], "--prior-guidance", 2.0, "--prior-guidance-interval", "0.5,20",
+            "--image-gnet", nets["uncond"], "--image-guidance", 1.5]
+    result = run(sample_cmd, args)
+    emb_dir, img_dir = (Path(line.split(":")[0]) for line in result.output.splitlines()[-2:])
+    assert f"gnet-{file_sha256(nets['weak_prior'])[:16]}" in emb_dir.parent.name
+    assert f"gnet-{file_sha256(nets['uncond'])[:16]}" in img_dir.parents[1].name
+    want = by_hand(nets["prior"], nets["weak_prior"], 2.0, [0, 1, 2], (0.5, 20.0), num_steps=3).float()
+    got = torch.stack([read_tensors(emb_dir / f"{s:06d}.pt")["embedding"] for s in range(3)])
+    assert torch.equal(got, want)
+    assert (want - by_hand(nets["prior"], nets["weak_prior"], 1.0, [0, 1, 2], num_steps=3)).abs().max() > 0.5
+    embeddings = {"embedding": got}
+    images = by_hand(nets["image"], nets["uncond"], 1.5, [0, 1, 2], given=embeddings, num_steps=3)
+    want_img = to_uint8(load_model(nets["image"]).structure.unflatten_latent(images)["image"])
+    assert np.array_equal(np.stack([read_png(img_dir / f"{s:06d}.png") for s in range(3)]), want_img)
+    # the Python API: the same embeddings and images
+    pipe = TwoStagePipeline.from_checkpoints(nets["prior"], nets["image"], device="cpu")
+    out = pipe([0, 1, 2], prior_steps=3, image_steps=3, prior_S_churn=0, image_S_churn=0, bf16=False,
+               channels_last=False, prior_gnet=nets["weak_prior"], prior_guidance=2.0,
+               prior_guidance_interval=(0.5, 20), image_gnet=nets["uncond"], image_guidance=1.5)
+    assert np.array_equal(out.embeddings, got.numpy())
+    assert np.array_equal(out.images, want_img)
+
+
+def test_pipeline_guidance_one_is_unguided_and_loads_no_guide(nets):
+    pipe = Pipeline.from_checkpoint(nets["uncond"], device="cpu")
+    plain = pipe([0, 1], steps=3, bf16=False)
+    same = pipe([0, 1], steps=3, bf16=False, guidance=1.0, gnet=nets["weak_uncond"], guidance_interval=(0.1, 1.0))
+    assert np.array_equal(plain.images, same.images) and not pipe.guides
+    guided_out = pipe([0, 1], steps=3, bf16=False, guidance=2.0, gnet=nets["weak_uncond"])
+    assert not np.array_equal(plain.images, guided_out.images) and len(pipe.guides) == 1
+
+
+@pytest.mark.parametrize("net,guide,message", [
+    ("prior", "other_prior", "embedders differ"),
+    ("prior", "wide_prior", "generates {'embedding': (16,)}, but"),
+    ("prior", "image", "generates {'image': (3, 8, 8)}, but"),
+    ("prior", "cond_prior", "is conditioned on {'label': (3,)}, "),
+    ("prior", "missing", "no such checkpoint file"),
+])
+def test_an_incompatible_guide_is_one_error_line(nets, tmp_path, net, guide, message):
+    gnet = nets.get(guide, tmp_path / "missing.safetensors")
+    result = run(generate_cmd, ["--network", nets[net], "--outdir", tmp_path / "o", "--seeds", "0", "--steps", 2,
+                                "--gnet", gnet, "--guidance", 2], ok=False)
+    lines = error_lines(result.output)
+    assert result.exit_code != 0 and len(lines) == 1 and "Traceback" not in result.output
+    assert "--gnet" in lines[0] and message in lines[0], lines
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.pt"))
+
+
+def test_two_stage_checks_both_guides_before_sampling(nets, tmp_path):
+    result = run(sample_cmd, ["--prior", nets["prior"], "--image-model", nets["image"], "--seeds", "0",
+                              "--outdir", tmp_path / "o", "--image-gnet", nets["prior"], "--image-guidance", 2],
+                 ok=False)
+    lines = error_lines(result.output)
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: --image-gnet ")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["3,1", "0.5", "a,b", "-1,2"])
+def test_a_bad_guidance_interval_is_a_usage_error(nets, tmp_path, value):
+    result = run(generate_cmd, ["--network", nets["uncond"], "--outdir", tmp_path, "--gnet", nets["weak_uncond"],
+                                "--guidance", 2, "--guidance-interval", value], ok=False)
+    lines = error_lines(result.output)
+    assert result.exit_code == 2 and len(lines) == 1 and "--guidance-interval" in lines[0], result.output
+
+
+def test_check_guide_data_and_noise(nets):
+    net = read_config(nets["prior"])
+    guide = json.loads(json.dumps(net))
+    check_guide(net, guide)
+    guide["data"]["resolution"] = 16
+    with pytest.raises(IncompatibleGuide, match="other data: its resolution is 16"):
+        check_guide(net, guide)
+    guide = json.loads(json.dumps(net))
+    guide["denoiser"]["noise_mult"] = [1.0, 0.5]  # image (not modelled), embedding
+    with pytest.raises(IncompatibleGuide, match="noise levels differ"):
+        check_guide(net, guide)
+    check_guide(read_config(nets["image"]), read_config(nets["uncond"]))  # an unconditional guide: allowed

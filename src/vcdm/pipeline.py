@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from vcdm import perf
 from vcdm.checkpoints import read_config
-from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_model,
-                                split_batches)
+from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_guide,
+                                load_model, split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
 from vcdm.generate.options import FLAG_NAMES, GenerateError, InferenceChoices, SamplerOptions, inference_settings
 from vcdm.generate.two_stage import check_chain
@@ -93,6 +93,7 @@ class Pipeline:
 
     def __init__(self, model: Model, device: torch.device, clip_weights: str | os.PathLike | None = None):
         self.model, self.device, self.clip_weights = model, device, clip_weights
+        self.guides: dict[str, Model] = {}  # guiding networks by path, loaded once
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -110,7 +111,8 @@ class Pipeline:
                  increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
                  **options: Any) -> PipelineOutput:
         """Sample ``seeds``; ``options``: ``vcdm generate``'s sampler options under their flag names
-        (``steps``, ``sigma_min``, ``S_churn``, ``disc``, ``sampler``, ``guidance`` …) and ``bf16``,
+        (``steps``, ``sigma_min``, ``S_churn``, ``disc``, ``sampler``, ``guidance``, ``gnet``,
+        ``guidance_interval=(lo, hi)`` …) and ``bf16``,
         ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
         opts = sampler_options(options, preset=preset)
         settings = self.prepare(options)
@@ -122,7 +124,8 @@ class Pipeline:
         if load_obs_from is None and set(self.model.structure.observed_names) - {"label"}:
             dataset = DatasetConditions(self.model, data_path, self.clip_weights, self.device)
         return self.run(seeds, opts, settings, batch, progress, lambda b: dict(
-            class_idx=class_idx, load_obs_from=load_obs_from, dataset=dataset, increment_seeds=increment_seeds))
+            class_idx=class_idx, load_obs_from=load_obs_from, dataset=dataset, increment_seeds=increment_seeds),
+            self.guide(opts, settings))
 
     def prepare(self, options: dict[str, Any]) -> perf.InferenceSettings:
         """Pop the inference options; evaluate the network as they (or vcdm.perf's defaults) say."""
@@ -132,14 +135,24 @@ class Pipeline:
         perf.prepare(self.model.denoiser, settings)
         return settings
 
+    def guide(self, opts: SamplerOptions, settings: perf.InferenceSettings) -> Model | None:
+        """The guiding network of ``opts.gnet`` (``gnet=``), loaded once and evaluated as the model is."""
+        if opts.gnet is None:
+            return None
+        if opts.gnet not in self.guides:
+            self.guides[opts.gnet] = load_guide(self.model, opts, settings)
+        guide = self.guides[opts.gnet]
+        perf.prepare(guide.denoiser, settings)
+        return guide
+
     def run(self, seeds: list[int], opts: SamplerOptions, settings: perf.InferenceSettings, batch: int,
-            progress: bool, conditioning: Callable[[list[int]], dict]) -> PipelineOutput:
+            progress: bool, conditioning: Callable[[list[int]], dict], guide: Model | None = None) -> PipelineOutput:
         """Sample batch by batch (``conditioning(batch)``: keyword arguments of ``draw``) → the output."""
         parts: dict[str, list[torch.Tensor]] = {}
         with tqdm(split_batches(seeds, batch), unit="batch", disable=not progress) as bar:
             for b in bar:
                 latents, obs, rnd = draw(self.model, b, self.device, **conditioning(b))
-                x = denoise(self.model, latents, obs, rnd, opts, settings)
+                x = denoise(self.model, latents, obs, rnd, opts, settings, guide)
                 tensors = {**obs, **self.model.structure.unflatten_latent(x)}
                 for name, value in tensors.items():
                     parts.setdefault(name, []).append(value.detach().to("cpu", torch.float32))
@@ -176,8 +189,9 @@ class TwoStagePipeline:
                  increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
                  **options: Any) -> PipelineOutput:
         """Sample ``seeds``; ``options``: ``vcdm sample``'s under their flag names — ``prior_steps``,
-        ``image_steps``, ``prior_S_churn``, ``image_sampler`` … (defaults: the original release's 40
-        steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``, ``compile``."""
+        ``image_steps``, ``prior_S_churn``, ``image_sampler``, ``prior_gnet``, ``image_guidance`` … (defaults:
+        the original release's 40 steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``,
+        ``compile``."""
         prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset)
         image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset)
         inference = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
@@ -189,10 +203,11 @@ class TwoStagePipeline:
         for pipe, opts in ((self.prior, prior_opts), (self.image, image_opts)):
             conditioned = class_idx if "label" in pipe.model.structure.observed_names else None
             check_request(pipe.model, opts, conditioned, None)
-            stages.append((pipe, opts, conditioned, pipe.prepare(dict(inference))))
-        (prior, p_opts, p_class, p_settings), (image, i_opts, i_class, i_settings) = stages
+            settings = pipe.prepare(dict(inference))
+            stages.append((pipe, opts, conditioned, settings, pipe.guide(opts, settings)))
+        (prior, p_opts, p_class, p_settings, p_guide), (image, i_opts, i_class, i_settings, i_guide) = stages
         first = prior.run(seeds, p_opts, p_settings, batch, progress, lambda b: dict(
-            class_idx=p_class, increment_seeds=increment_seeds))
+            class_idx=p_class, increment_seeds=increment_seeds), p_guide)
         index = {seed: i for i, seed in enumerate(seeds)}
         wanted = [n for n in image.model.structure.observed_names if n in first.tensors]
 
@@ -201,7 +216,7 @@ class TwoStagePipeline:
             return dict(class_idx=i_class, increment_seeds=increment_seeds,
                         given={n: torch.from_numpy(first.tensors[n][rows]) for n in wanted})
 
-        second = image.run(seeds, i_opts, i_settings, batch, progress, given)
+        second = image.run(seeds, i_opts, i_settings, batch, progress, given, i_guide)
         return PipelineOutput(seeds, second.images, first.embeddings, {**first.tensors, **second.tensors})
 
 

@@ -9,6 +9,22 @@ import click
 from vcdm.cli.errors import user_errors
 from vcdm.fileio import parse_int_list
 
+class SigmaInterval(click.ParamType):
+    """``LO,HI`` → (lo, hi), two noise levels with 0 <= lo < hi (``inf`` allowed for HI)."""
+    name = "LO,HI"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, float]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            lo, hi = (float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected two noise levels SIGMA_LO,SIGMA_HI (e.g. 0.28,2.9), got '{value}'", param, ctx)
+        if not 0 <= lo < hi:
+            self.fail(f"expected 0 <= SIGMA_LO < SIGMA_HI, got '{value}'", param, ctx)
+        return lo, hi
+
+
 # (flag, SamplerOptions field, click type, help). The seed's flag names; --disc maps to `discretization`.
 SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
     ("steps", "num_steps", click.IntRange(min=1), "Number of sampling steps"),
@@ -28,8 +44,17 @@ SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
      "dpm2m: DPM-Solver++(2M); unipc: UniPC (both deterministic, one evaluation per step); euler_a: Euler "
      "ancestral; dpm2m_sde / dpm3m_sde: DPM-Solver++(2M)/(3M) SDE  [default: edm]"),
     ("guidance", "guidance", click.FloatRange(min=0, min_open=True),
-     "Classifier-free guidance scale (1 = none; needs a model trained with label dropout)"),
+     "Guidance scale w: D = D_g + w (D - D_g), where the guide D_g is the guiding network (gnet) or, without "
+     "one, the model given the "
+     "null condition (classifier-free guidance: needs a model trained with --cond-drop); 1 = none"),
+    ("gnet", "gnet", click.Path(dir_okay=False),
+     "Guiding network: a smaller or less-trained checkpoint of the same model (autoguidance) or "
+     "an unconditional one; it must model the same tensors, noise, embedder and data"),
+    ("guidance-interval", "guidance_interval", SigmaInterval(),
+     "Guide only the evaluations at noise levels SIGMA_LO < sigma <= SIGMA_HI; the others are unguided  "
+     "[default: all]"),
 ]
+METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI"}
 SEED_DEFAULTS: dict[str, Any] = {"num_steps": 18, "rho": 7.0, "S_churn": 0.0, "S_min": 0.0, "S_max": math.inf,
                                  "S_noise": 1.0, "guidance": 1.0}
 
@@ -41,7 +66,7 @@ def sampler_options(prefix: str = "", defaults: dict[str, Any] | None = None, st
     def decorate(f: Callable) -> Callable:
         for flag, key, type_, help_ in reversed(SAMPLER_FLAGS):
             dest = prefix.replace("-", "_") + key
-            metavar = None if isinstance(type_, click.Choice) else "INT" if key == "num_steps" else "FLOAT"
+            metavar = None if isinstance(type_, click.Choice) else METAVARS.get(key, "FLOAT")
             f = click.option(f"--{prefix}{flag}", dest, type=type_, default=defaults.get(key), metavar=metavar,
                              show_default=key in defaults, help=f"{stage}{help_}")(f)
         return f

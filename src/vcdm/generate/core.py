@@ -28,6 +28,7 @@ from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
 from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
                                  write_tensors)
+from vcdm.generate.guide import Unconditional, check_guide, guide_digest, read_guide_config
 from vcdm.generate.options import (Conditioning, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
                                   flag_values, inference_settings, results_dir, seed_path)
 from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, file_sha256, manifest_digest
@@ -190,14 +191,39 @@ class PaddedDenoiser:
 
 
 def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
-            settings: perf.InferenceSettings = perf.FP32) -> torch.Tensor:
-    """Run the sampler; returns the flat latent samples (B, N) in float64. The network is evaluated with
-    ``settings`` (apply ``perf.prepare`` to the model first); the sampler state stays float64."""
+            settings: perf.InferenceSettings = perf.FP32, guide: Model | None = None) -> torch.Tensor:
+    """Run the sampler; returns the flat latent samples (B, N) in float64. The network (and the guiding
+    network ``guide``, loaded by ``load_guide`` for ``opts.gnet``) is evaluated with ``settings`` (apply
+    ``perf.prepare`` to the model first); the sampler state stays float64."""
     from vcdm.diffusion.sampling import sample
 
+    if (guide is None) != (opts.gnet is None):
+        raise ValueError(f"denoise: pass the guide loaded by load_guide for --gnet {opts.gnet} (and only then)")
+    gnet = None
+    if guide is not None:
+        gnet = PaddedDenoiser(guide.denoiser)
+        gnet = gnet if guide.structure.observed_names else Unconditional(gnet)
     y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
     with torch.no_grad(), perf.autocast(settings, latents.device):
-        return sample(PaddedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, **opts.sampler_kwargs())
+        return sample(PaddedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, gnet=gnet,
+                      **opts.sampler_kwargs())
+
+
+def check_gnet(config: dict, name: str | os.PathLike, opts: SamplerOptions, flag: str = "--gnet") -> None:
+    """Refuse ``opts.gnet`` (one line) when it cannot guide the model with this ``config`` (before loading either)."""
+    if opts.gnet is not None:
+        check_guide(config, read_guide_config(opts.gnet, flag), net_name=str(name), guide_name=opts.gnet, flag=flag)
+
+
+def load_guide(model: Model, opts: SamplerOptions, settings: perf.InferenceSettings) -> Model | None:
+    """The guiding network of ``opts.gnet`` (None without one), checked against ``model`` and loaded as it
+    was: the same loader, device and inference settings."""
+    if opts.gnet is None:
+        return None
+    check_gnet(model.config, model.path, opts)
+    guide = load_model(opts.gnet, next(model.denoiser.parameters()).device)
+    perf.prepare(guide.denoiser, settings)
+    return guide
 
 
 def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
@@ -235,11 +261,13 @@ def split_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, worl
 
 def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, grid: object) -> None:
     check_class(model.structure, class_idx)
-    if opts.guidance != 1.0 and not model.structure.observed_names:
-        raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model")
-    warning = guidance_warning(model.config.get("training"), opts.guidance)
-    if warning:
-        print(warning, file=sys.stderr)
+    if opts.gnet is None:  # classifier-free guidance
+        if opts.guidance != 1.0 and not model.structure.observed_names:
+            raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model, or a "
+                                "guiding network (--gnet)")
+        warning = guidance_warning(model.config.get("training"), opts.guidance)
+        if warning:
+            print(warning, file=sys.stderr)
     if grid is not None and not model.makes_images:
         raise GenerateError("--grid: the model generates embeddings, not images")
 
@@ -261,6 +289,8 @@ def manifest_settings(model: Model, opts: SamplerOptions, settings: perf.Inferen
     record = {"network": f"sha256:{file_sha256(model.path)}", **flag_values(opts),
               "precision": "bf16" if settings.autocast_dtype is not None else "fp32", "--class": class_idx,
               "--increment_seeds": increment_seeds, "conditioning": conditioning}
+    if opts.gnet is not None:
+        record["--gnet"] = f"sha256:{guide_digest(opts.gnet)}"
     return json.loads(json.dumps(record))
 
 
@@ -349,6 +379,7 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: 
         settings = inference_settings(inference, device, model.denoiser)
         perf.prepare(model.denoiser, settings)
         check_request(model, opts, class_idx, run.grid)
+        guide = load_guide(model, opts, settings)
         if load_obs_from is not None:
             check_obs_files(load_obs_from, seeds)
         source = conditioning_source(model, load_obs_from, data_path)
@@ -378,7 +409,7 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: 
             def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
                 latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
                                          dataset=dataset, increment_seeds=increment_seeds)
-                return denoise(model, latents, obs, rnd, opts, settings), obs
+                return denoise(model, latents, obs, rnd, opts, settings, guide), obs
 
             written = run_batches(plan, sample, show)
             distributed.barrier()

@@ -4,7 +4,8 @@ Without ``--outdir`` samples go to
 ``results/<run-id>/<checkpoint-stem>/<sampler args>/[<load_obs_from parts joined by _>/]samples-<first>-<last>/``
 where ``<sampler args>`` is ``key-value`` pairs sorted by key and joined by ``_``, exactly as the original
 release spells them (``S_churn-50.0_S_max-inf_..._solver-None``). Options this toolkit added enter the
-name only when they differ from their default, so the original names stay exact. A name longer than
+name only when they differ from their default, so the original names stay exact; a guiding network
+enters as ``gnet-<16 hex digits of the file's SHA-256>``. A name longer than
 255 bytes (a deep ``--load_obs_from`` path) becomes its first 238 bytes, ``~`` and 16 hex digits of its
 SHA-256 (``vcdm.paths.fit_name``): the same arguments always give the same folder.
 """
@@ -32,10 +33,13 @@ class GenerateError(ValueError):
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """The seed's sampler arguments (EDM's names) plus ``sampler`` and ``guidance``.
+    """The seed's sampler arguments (EDM's names) plus ``sampler`` and guidance.
 
     ``sampler=None`` picks EDM's rule: the ablation sampler when any of solver / discretization /
-    schedule / scaling is given, else the EDM Heun sampler with churn.
+    schedule / scaling is given, else the EDM Heun sampler with churn. Guidance (vcdm.diffusion.guidance):
+    ``guidance`` w, ``gnet`` the guiding network's checkpoint (None: classifier-free guidance, the null
+    condition) and ``guidance_interval`` (lo, hi], the noise levels guided (None: all). With w = 1 the guide
+    and the interval are dropped: those are the unguided samples, and they go to the unguided folder.
     """
     num_steps: int = 18
     sigma_min: float | None = None
@@ -51,6 +55,8 @@ class SamplerOptions:
     scaling: str | None = None
     sampler: str | None = None
     guidance: float = 1.0
+    gnet: str | None = None
+    guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         # Floats print as the seed's click-parsed floats did ("50.0", not "50"), so directory names match.
@@ -75,6 +81,25 @@ class SamplerOptions:
             raise GenerateError(f"--sampler {self.sampler} {kind}: drop --S_churn/--S_min/--S_max/--S_noise")
         if self.guidance <= 0:
             raise GenerateError(f"--guidance: expected a positive scale, got {self.guidance}")
+        self._check_guide()
+
+    def _check_guide(self) -> None:
+        if self.guidance == 1.0:
+            object.__setattr__(self, "gnet", None)
+            object.__setattr__(self, "guidance_interval", None)
+            return
+        if self.gnet is not None:
+            object.__setattr__(self, "gnet", os.fspath(self.gnet))
+        if self.guidance_interval is None:
+            return
+        interval = self.guidance_interval
+        if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+            raise TypeError(f"--guidance-interval: expected (SIGMA_LO, SIGMA_HI), got {interval!r}")
+        lo, hi = (float(v) for v in interval)
+        if not 0 <= lo < hi:
+            raise GenerateError(f"--guidance-interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, "
+                                f"got {lo},{hi}")
+        object.__setattr__(self, "guidance_interval", (lo, hi))
 
     @property
     def resolved_sampler(self) -> str:
@@ -89,6 +114,8 @@ class SamplerOptions:
             keys += ["S_churn", "S_min", "S_max", "S_noise"]
         if self.resolved_sampler == "ablation":
             keys += list(ABLATION_KEYS)
+        if self.guidance_interval is not None:
+            keys.append("guidance_interval")
         kwargs = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         return {"sampler": self.resolved_sampler, "guidance": self.guidance, **kwargs}
 
@@ -145,9 +172,13 @@ def inference_settings(choice: "InferenceChoices | InferenceSettings", device: "
 FLAG_NAMES = {"num_steps": "steps", "discretization": "disc"}  # field → command-line flag, where they differ
 
 
+GUIDE_FIELDS = ("gnet", "guidance_interval")
+
+
 def flag_values(opts: SamplerOptions) -> dict[str, object]:
-    """``{"--steps": 18, "--sigma_min": None, …}``: the options under their command-line names."""
-    return {f"--{FLAG_NAMES.get(k, k)}": v for k, v in asdict(opts).items()}
+    """``{"--steps": 18, "--sigma_min": None, …}``: the options under their command-line names. The guide
+    and the guidance interval appear only when set (the manifests of unguided runs stay as they were)."""
+    return {f"--{FLAG_NAMES.get(k, k)}": v for k, v in asdict(opts).items() if v is not None or k not in GUIDE_FIELDS}
 
 
 def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0) -> str:
@@ -160,6 +191,12 @@ def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment
         items["sampler"] = opts.sampler
     if opts.guidance != 1.0:
         items["guidance"] = opts.guidance
+    if opts.gnet is not None:
+        from vcdm.generate.guide import guide_digest
+
+        items["gnet"] = guide_digest(opts.gnet)[:16]
+    if opts.guidance_interval is not None:
+        items["guidance_interval"] = ",".join(map(str, opts.guidance_interval))
     name = "_".join(f"{k}-{v}" for k, v in sorted(items.items()))
     return name + (f"_{increment_seeds}" if increment_seeds > 0 else "")
 

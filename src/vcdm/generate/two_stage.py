@@ -15,7 +15,7 @@ import torch
 from vcdm import distributed, perf
 from vcdm.checkpoints import read_config
 from vcdm.data.structure import Structure
-from vcdm.generate.core import GenerateResult, check_seeds, generate
+from vcdm.generate.core import GenerateResult, check_gnet, check_seeds, generate
 from vcdm.generate.options import (Conditioning, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
                                   results_dir)
 from vcdm.paths import check_writable
@@ -71,6 +71,8 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
     ``run.outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
     prior_cfg, image_cfg = read_config(prior), read_config(image_model)
     check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
+    check_gnet(prior_cfg, prior, prior_opts, "--prior-gnet")  # both guides, before the first stage samples
+    check_gnet(image_cfg, image_model, image_opts, "--image-gnet")
     conditioned = [class_idx if "label" in Structure.from_dict(c["structure"]).observed_names else None
                    for c in (prior_cfg, image_cfg)]
     seeds = check_seeds(seeds, run.max_batch_size)

@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 
 from vcdm import perf
-from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_model
+from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_guide, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
 from vcdm.generate.options import Conditioning, GenerateError, InferenceChoices, SamplerOptions, inference_settings
 from vcdm.paths import check_writable
@@ -60,6 +60,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
         raise GenerateError(f"--image-model {image_model}: conditioned on {list(s.observed_names)}; "
                             "only an embedding (and a class label) can be supplied")
     check_class(s, class_idx)
+    guide = load_guide(model, opts, settings)
     embedder = load_embedder(model, cond.clip_weights, device)
     channels, resolution = s.shape("image")[0], s.shape("image")[-1]
     written = []
@@ -76,7 +77,7 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
             batch = list(seeds[start:start + max_batch_size])
             latents, obs, rnd = draw(model, batch, device, class_idx=class_idx,
                                      observed={"embedding": emb.expand(len(batch), -1)})
-            x = denoise(model, latents, obs, rnd, opts, settings)
+            x = denoise(model, latents, obs, rnd, opts, settings, guide)
             tiles += list(to_uint8(s.unflatten_latent(x)["image"]))
         out = Path(outdir) / f"{stem}.png"
         write_png(out, make_grid(tiles, pad=max(1, resolution // 32), mark=0))
