@@ -6,13 +6,19 @@ and, for reads timed on their own, ``@@ <seconds>`` at the end of its error line
 """
 from __future__ import annotations
 
+import io
+import os
+import pickle
 import time
+import warnings
+import zipfile
 
 import pytest
+import torch
 
-from memory_probe import EXTRA_MIB, baseline_mib, run_read
-
-pytestmark = pytest.mark.slow
+from memory_probe import EXTRA_MIB, baseline_mib, guarded, run_read
+from vcdm.safeload import JSONFileError, TorchFileError, load_json, load_torch_zip
+from vcdm.train.state import StateError, load_state, newest_valid_state, save_state
 
 
 def expect_refusal(code: str, match: str, *, seconds: float = 60.0) -> str:
@@ -56,6 +62,7 @@ def memo_references(n: int) -> bytes:
             + b"h\x00" * n + b"e" + b"\x85R.")
 
 
+@pytest.mark.slow
 def test_memo_references_to_one_large_list_are_refused_in_linear_time(tmp_path):
     path = tmp_path / "memo.pkl"
     path.write_bytes(memo_references(400_000))
@@ -63,3 +70,137 @@ def test_memo_references_to_one_large_list_are_refused_in_linear_time(tmp_path):
                                      f"read_pickle({str(path)!r})", "LegacyError"),
                           "data the pickle builds")
     assert seconds_of(line) < 2.0, line  # 0.46 s here; quadratic, it ran for hours
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.save archives (vcdm.safeload): training states and --load_obs_from files.
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return type(a) is type(b) and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(a) is type(b) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def test_torch_zip_reader_gives_what_torch_load_gives(tmp_path):
+    base = torch.arange(12.0).reshape(3, 4)
+    value = {"view": base[1:, ::2], "base": base, "param": torch.nn.Parameter(torch.ones(2)),
+             "od": torch.nn.Linear(2, 3).state_dict(), "bf16": torch.ones(2, dtype=torch.bfloat16),
+             "long": torch.tensor([2 ** 40]), "bool": torch.tensor([True]), "empty": torch.zeros(0, 5),
+             "dtype": torch.float16, "size": torch.Size([2, 3]), "nested": [None, (1, 2.5, "x"), {7: -(2 ** 70)}],
+             "optimizer": torch.optim.Adam([torch.nn.Parameter(torch.ones(3))]).state_dict()}
+    torch.save(value, tmp_path / "a.pt")
+    loaded = load_torch_zip(tmp_path / "a.pt")
+    assert same(loaded, torch.load(tmp_path / "a.pt", weights_only=True)) and same(loaded["view"], base[1:, ::2])
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+
+
+def pickle_with_storage(numel: int, extra: bytes = b"") -> bytes:
+    """torch.save's data.pkl for ``{"x": <float tensor of numel elements on storage "0">}``."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj == "STORAGE" else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"x": "STORAGE"})
+    return buf.getvalue()[:-1] + extra + b"." if extra else buf.getvalue()
+
+
+def torch_zip(path, members: dict, compression=zipfile.ZIP_STORED, **kw) -> os.PathLike:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            if isinstance(data, int):  # that many zero bytes, streamed
+                with zf.open(f"archive/{name}", "w", force_zip64=True) as member:
+                    for _ in range(data >> 20):
+                        member.write(bytes(1 << 20))
+            else:
+                zf.writestr(f"archive/{name}", data, **kw)
+    return path
+
+
+@pytest.mark.parametrize("members,match", [
+    ({"data.pkl": pickle_with_storage(10 ** 9), "data/0": bytes(16)}, "claims 1,000,000,000 elements"),
+    ({"data.pkl": pickle_with_storage(4)}, "has no member archive/data/0"),
+    ({"data.pkl": b"\x80\x02cbuiltins\neval\n."}, "names 'builtins.eval'"),
+    ({"data.pkl": b"\x80\x02ctorch.nn.modules.linear\nLinear\n)R."}, "names 'torch.nn.modules.linear.Linear'"),
+    ({"data.pkl": b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93."}, "opcode STACK_GLOBAL"),
+    ({"data.pkl": b"\x80\x02h\x05."}, "memo entry 5"),
+    ({"data.pkl": b"\x80\x02]" + b"]" * 1_200_000 + b"."}, "objects data.pkl builds"),
+])
+def test_torch_zip_reader_checks_before_torch_allocates(tmp_path, members, match):
+    path = torch_zip(tmp_path / "x.pt", members)
+    with pytest.raises(TorchFileError, match=match):
+        load_torch_zip(path)
+
+
+def test_torch_zip_reader_refuses_what_torch_save_never_writes(tmp_path):
+    good = {"data.pkl": pickle_with_storage(4), "data/0": bytes(16)}
+    torch_zip(tmp_path / "bz2.pt", good, zipfile.ZIP_BZIP2)
+    with pytest.raises(TorchFileError, match="compression method 12"):
+        load_torch_zip(tmp_path / "bz2.pt")
+    raw = bytearray((tmp_path / "bz2.pt").read_bytes())
+    (tmp_path / "bad.pt").write_bytes(raw[:-30])
+    with pytest.raises(TorchFileError, match="no zip directory"):
+        load_torch_zip(tmp_path / "bad.pt")
+    torch.save([1], tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(TorchFileError, match="no zip directory"):
+        load_torch_zip(tmp_path / "legacy.pt")
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(TorchFileError, match="not a regular file"):
+        load_torch_zip(tmp_path / "fifo.pt")
+
+
+@pytest.mark.slow
+def test_deflated_storage_claiming_a_gigabyte_is_refused_with_bounded_memory(tmp_path):
+    path = torch_zip(tmp_path / "state.pt", {"data.pkl": pickle_with_storage(1 << 28), "data/0": 1 << 30},
+                     zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 2_000_000
+    code = guarded("from vcdm.train.state import StateError, load_state", f"load_state({str(path)!r})", "StateError")
+    expect_refusal(code, "members inflate to 1,073,741,")
+
+
+@pytest.mark.slow
+def test_millions_of_list_opcodes_are_refused_with_bounded_memory(tmp_path):
+    """4 MB of one-byte list opcodes: 260 MB of lists if built (20 M of them took 1.3 GB)."""
+    path = torch_zip(tmp_path / "000000.pt", {"data.pkl": b"\x80\x02" + b"]" * 4_000_000 + b"."})
+    code = guarded("from vcdm.generate.files import read_tensors", f"read_tensors({str(path)!r})", "ValueError")
+    expect_refusal(code, "objects data.pkl builds")
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON sidecars.
+
+def write_state(path, nimg: int) -> None:
+    save_state(path, {"net": {}, "ema": {}, "optimizer": {}, "counters": {"nimg": nimg}})
+
+
+@pytest.mark.parametrize("text,match", [("[]", "holds list, expected an object"),
+                                        ("[" * 30_000 + "]" * 30_000, "nested more than 32 levels"),
+                                        ("[" * 40 + "]" * 40, "nested more than 32 levels"),
+                                        (" " * 70_000, "more than the 65,536 bytes"),
+                                        ("{\"size\": 1" + "0" * 5000 + "}", "not valid JSON"),
+                                        ('{"size": 1, "nimg": [1]}', "1 bytes, its sidecar records")])
+def test_tampered_state_sidecar_is_skipped_with_a_warning(tmp_path, text, match):
+    write_state(tmp_path / "training-state-000000.pt", 0)
+    write_state(tmp_path / "training-state-000004.pt", 4000)
+    (tmp_path / "training-state-000004.pt.json").write_text(text)
+    with pytest.raises(StateError, match=match):
+        load_state(tmp_path / "training-state-000004.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, state = newest_valid_state([tmp_path])
+    assert path.name == "training-state-000000.pt" and state["counters"]["nimg"] == 0
+    assert len(caught) == 1 and "training-state-000004.pt" in str(caught[0].message)
+
+
+def test_json_reader_bounds(tmp_path):
+    (tmp_path / "a.json").write_text('{"a": [1, {"b": null}]}')
+    assert load_json(tmp_path / "a.json", 100, dict) == {"a": [1, {"b": None}]}
+    with pytest.raises(JSONFileError, match="more than the 10 bytes"):
+        load_json(tmp_path / "a.json", 10)
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(JSONFileError, match="not a regular file"):
+        load_json(tmp_path / "fifo.json", 100)
