@@ -8,6 +8,7 @@ classifier-free path is pinned to the numbers it gave before guidance was rewrit
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -397,3 +398,19 @@ def test_check_guide_data_and_noise(nets):
     with pytest.raises(IncompatibleGuide, match="noise levels differ"):
         check_guide(net, guide)
     check_guide(read_config(nets["image"]), read_config(nets["uncond"]))  # an unconditional guide: allowed
+
+
+def test_readme_guidance_commands_use_the_commands_flags():
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("\n## Guidance\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = {"generate": generate_cmd, "sample": sample_cmd}
+    seen = set()
+    for line in block.splitlines():
+        if line.startswith("vcdm "):
+            name = line.split()[1]
+            known = {opt for p in commands[name].params for opt in p.opts}
+            flags = set(re.findall(r"(--[\w-]+)", line))
+            assert flags <= known, (name, flags - known)
+            seen |= flags
+    assert {"--gnet", "--guidance-interval", "--prior-gnet", "--image-guidance-interval"} <= seen
