@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vcdm import perf
-from vcdm.checkpoints import load_checkpoint
+from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
@@ -60,8 +60,19 @@ class Model:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
+    check_pixel_model(path)
     denoiser, config, tensors = load_checkpoint(path, device)
     return Model(Path(path), denoiser, config, tensors)
+
+
+def check_pixel_model(path: str | os.PathLike) -> None:
+    """Refuse a model of EDM2's VAE latents (imported from an img512 pickle): vcdm cannot decode them yet."""
+    encoder = read_checkpoint_config(path).data.get("encoder") or {}
+    if encoder.get("class", "StandardRGBEncoder") != "StandardRGBEncoder":
+        vae = encoder.get("vae_name", "?")
+        raise GenerateError(f"{path}: a model of {encoder['class']} latents, which decode to pixels through the VAE "
+                            f"{vae}; vcdm does not run that VAE yet (512 px latent decoding comes in the next round, "
+                            f"reading {vae}'s config.json and diffusion_pytorch_model.safetensors from a local folder)")
 
 
 def load_embedder(model: Model, clip_weights: str | os.PathLike | None, device: torch.device):

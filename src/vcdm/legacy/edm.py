@@ -86,7 +86,11 @@ def _select_network(obj: Any) -> Record:
 
 def load_legacy_pickle(path: PathLike) -> LegacyNetwork:
     """Read an EDM network pickle (``edm-*.pkl``) or a snapshot/training state of the VCDM release."""
-    obj = read_pickle(path)
+    return legacy_network(read_pickle(path), path)
+
+
+def legacy_network(obj: Any, path: PathLike) -> LegacyNetwork:
+    """What an unpickled EDM/VCDM file records about its network (see :func:`load_legacy_pickle`)."""
     precond = _select_network(obj)
     modules = precond.state.get("_modules")
     model = modules.get("model") if isinstance(modules, dict) else None

@@ -1,0 +1,234 @@
+"""EDM2's network pickles: import through the restricted unpickler, sampling as EDM2's generate_images.py
+does (tests/data/edm2-generate.json, made by running EDM2's code), raw snapshots as post-hoc EMA inputs,
+and hostile EDM2-style files."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from edm_fakes import EDM2_LOGVAR, EDM2_NET, Persistent, edm2_pickle, payload_src
+from memory_probe import expect_one_line_error, guarded
+from vcdm.checkpoints import CheckpointConfig, load_checkpoint, read_checkpoint_config
+from vcdm.cli.main import cli
+from vcdm.legacy import LegacyError, UnsafePickleError
+from vcdm.legacy.edm2 import import_network_pickle, load_edm2_pickle, phema_input
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "edm2-generate.json").read_text())
+
+
+def assert_state_equal(got, want):
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k].to(want[k].dtype), want[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+@pytest.mark.parametrize("label_dim", [0, 1000])
+def test_edm2_pickle_imports_weights_head_and_settings(fake_modules, marker, label_dim):
+    src, dest = fake_modules / "edm2-img16-t-0000123-0.075.pkl", fake_modules / "net.safetensors"
+    state = edm2_pickle(src, marker, label_dim=label_dim, snapshot=False)
+    record, config = import_network_pickle(src, dest)
+    assert not marker.exists()
+    assert record.logvar_channels == EDM2_LOGVAR and record.sigma_data == 0.5 and record.use_fp16
+    assert (record.kimg, record.std, record.nimg) == (123, 0.075, 123904)  # EDM2: the 1024-multiple whose // 1000 is 123
+    denoiser, raw, _ = load_checkpoint(dest)
+    assert_state_equal(denoiser.net.state_dict(), state)
+    assert config.network == "EDM2UNet" and config.net_kwargs == {**config.net_kwargs, **EDM2_NET}
+    assert raw["denoiser"]["logvar_channels"] == EDM2_LOGVAR and raw["denoiser"]["kind"] == "edm"
+    assert raw["data"]["encoder"] == {"class": "StandardRGBEncoder"}
+    assert raw["structure"] == {"names": ["image", "label"], "shapes": [[3, 16, 16], [label_dim]],
+                                "exist": [1, int(bool(label_dim))], "observed": [0, int(bool(label_dim))]}
+    assert raw["imported_from"]["release"] == "edm2" and raw["training"]["ema_profile"] == {"std": 0.075}
+
+    # D(x; sigma) and u(sigma) are EDM2 Precond's: c_skip x + c_out F(c_in x; ln(sigma)/4), head at ln(sigma)/4.
+    x, sigma = torch.randn(2, 3 * 16 * 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 7.0])
+    y = torch.eye(label_dim)[[5, 999]] if label_dim else None
+    D, logvar = denoiser(x, sigma, y, return_logvar=True)
+    unet = denoiser.net
+    s = sigma.reshape(-1, 1)
+    F = unet((x / (0.25 + s ** 2).sqrt()).reshape(2, 3, 16, 16), sigma.log() / 4, y).reshape(2, -1)
+    torch.testing.assert_close(D, 0.25 / (s ** 2 + 0.25) * x + s * 0.5 / (s ** 2 + 0.25).sqrt() * F)
+    torch.testing.assert_close(logvar, unet.logvar_linear(unet.logvar_fourier(sigma.log() / 4)).reshape(2, 1))
+
+
+def test_import_edm_cli_names_the_encoder_and_keeps_the_vae_constants(fake_modules, marker):
+    src, dest = fake_modules / "network-snapshot-0008388-0.100.pkl", fake_modules / "latent.safetensors"
+    edm2_pickle(src, marker, label_dim=1000, encoder="StabilityVAEEncoder", img_channels=4)
+    res = CliRunner().invoke(cli, ["import-edm", str(src), str(dest)])
+    assert res.exit_code == 0, res.output
+    assert "EDM2 Precond wrapping UNet, 8388 kimg, EMA std 0.100" in res.output
+    assert "StabilityVAEEncoder (latents of stabilityai/sd-vae-ft-mse)" in res.output
+    config = read_checkpoint_config(dest)
+    enc = config.data["encoder"]
+    assert enc["vae_name"] == "stabilityai/sd-vae-ft-mse" and enc["raw_std"] == [4.17, 4.62, 3.71, 3.28]
+    assert (enc["final_mean"], enc["final_std"]) == (0, 0.5)
+    np.testing.assert_allclose(enc["scale"], 0.5 / np.array(enc["raw_std"]), rtol=1e-6)
+    np.testing.assert_allclose(enc["bias"], -np.array(enc["raw_mean"]) * np.array(enc["scale"]), rtol=1e-6)
+    assert config.training["loss"] == {"class": "EDM2Loss", "P_mean": -0.4, "P_std": 1.0, "sigma_data": 0.5}
+    assert config.training["nimg"] == 8388608 and config.data["path"] == "datasets/tiny.zip"  # 8 << 20 images
+
+
+def test_latent_model_generation_stops_in_one_line_naming_the_vae(fake_modules, marker):
+    src, dest = fake_modules / "latent.pkl", fake_modules / "latent.safetensors"
+    edm2_pickle(src, marker, encoder="StabilityVAEEncoder", img_channels=4)
+    import_network_pickle(src, dest)
+    res = CliRunner().invoke(cli, ["generate", "--network", str(dest), "--outdir", str(fake_modules / "out"),
+                                   "--seeds", "0", "--steps", "2", "--no-progress"])
+    assert res.exit_code != 0 and not (fake_modules / "out").exists()
+    line, = [ln for ln in res.output.splitlines() if ln]
+    assert line.startswith("Error: ") and "stabilityai/sd-vae-ft-mse" in line and "next" in line, line
+
+
+# ------------------------------------------------------------------------------- EDM2's generate_images.py
+
+def _pixels(hexdump: str) -> np.ndarray:
+    res = EDM2_NET["img_resolution"]
+    return np.frombuffer(bytes.fromhex(hexdump), dtype=np.uint8).reshape(res, res, EDM2_NET["img_channels"])
+
+
+@pytest.mark.slow
+@pytest.mark.determinism
+@pytest.mark.parametrize("case", list(GOLDEN["cases"]))
+def test_generate_gives_edm2s_images(fake_modules, marker, case):
+    """Same seeds, same Heun 32 steps, same noise and random class labels per seed as EDM2's generate_images.py.
+    vcdm's sampler state is float64 where EDM2's is float32: pixels may differ by one level, rarely."""
+    golden, s = GOLDEN["cases"][case], GOLDEN["sampler"]
+    src, dest, out = fake_modules / "net.pkl", fake_modules / "net.safetensors", fake_modules / "out"
+    edm2_pickle(src, marker, label_dim=golden["label_dim"], snapshot=False)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["import-edm", str(src), str(dest)]).exit_code == 0
+    args = ["generate", "--network", str(dest), "--outdir", str(out), "--seeds", ",".join(map(str, golden["seeds"])),
+            "--steps", str(s["num_steps"]), "--sigma_min", str(s["sigma_min"]), "--sigma_max", str(s["sigma_max"]),
+            "--rho", str(s["rho"]), "--fp32", "--batch", "4", "--no-progress", "--device", "cpu"]
+    if golden["class_idx"] is not None:
+        args += ["--class", str(golden["class_idx"])]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert not marker.exists()
+    for seed in golden["seeds"]:
+        want = _pixels(golden["pixels"][str(seed)]["hex"]).astype(int)
+        got = np.asarray(Image.open(out / f"{seed:06d}.png")).astype(int)
+        diff = np.abs(got - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (seed, diff.max(), (diff > 0).mean())
+        assert abs(got.mean() - golden["pixels"][str(seed)]["mean"]) < 0.05
+
+
+# ------------------------------------------------------------------------------- raw snapshots, post-hoc EMA
+
+def test_raw_snapshots_are_post_hoc_ema_inputs(fake_modules, marker):
+    from vcdm.train.phema import checkpoint_input, reconstruct
+
+    paths = []
+    for kimg, std in ((4194, 0.05), (4194, 0.1), (8388, 0.05), (8388, 0.1)):
+        path = fake_modules / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl"
+        edm2_pickle(path, marker, label_dim=0)
+        paths.append(path)
+    inputs = [phema_input(p) for p in paths]
+    assert [(i.snapshot.nimg, i.snapshot.std) for i in inputs] == [(4194304, 0.05), (4194304, 0.1),
+                                                                  (8388608, 0.05), (8388608, 0.1)]
+    assert all(i.config.network == "EDM2UNet" and i.extra() == {} for i in inputs)
+    state = load_edm2_pickle(paths[0]).state_dict
+    assert_state_equal(dict(inputs[0].snapshot.tensors()), state)
+    # All inputs hold the same weights, so any reconstruction (coefficients summing to 1) gives them back.
+    (std, out), = reconstruct([i.snapshot for i in inputs], [0.07], 8388608, copied={"emb_fourier.freqs"})
+    for k, v in state.items():
+        torch.testing.assert_close(out[k].float(), v.float(), rtol=0, atol=2e-3 * max(1.0, v.float().abs().max().item()))
+    # Imported with `vcdm import-edm`, a raw snapshot is a vcdm post-hoc EMA input as it is.
+    import_network_pickle(paths[2], fake_modules / "snap.safetensors")
+    got = checkpoint_input(fake_modules / "snap.safetensors")
+    assert (got.snapshot.nimg, got.snapshot.std) == (8388608, 0.05)
+
+
+def test_phema_input_needs_edm2s_file_name(fake_modules, marker):
+    from vcdm.train.phema import PhemaError
+
+    edm2_pickle(fake_modules / "renamed.pkl", marker)
+    with pytest.raises(PhemaError, match="<prefix>-<kimg>-<std>.pkl"):
+        phema_input(fake_modules / "renamed.pkl")
+
+
+# ------------------------------------------------------------------------------------------------ hostile
+
+class _System:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_edm2_pickle_naming_other_globals_runs_no_code(fake_modules, marker):
+    src = fake_modules / "evil.pkl"
+    with open(src, "wb") as f:  # EDM2's layout, its encoder slot calling os.system
+        pickle.dump({"ema": Persistent("Precond", {"_modules": {"unet": None}}, payload_src(marker)),
+                     "encoder": _System(marker)}, f)
+    with pytest.raises(UnsafePickleError, match="refused to unpickle.*system"):
+        load_edm2_pickle(src)
+    assert not marker.exists()
+    res = CliRunner().invoke(cli, ["import-edm", str(src), str(fake_modules / "evil.safetensors")])
+    assert res.exit_code != 0 and "refused to unpickle" in res.output and not marker.exists()
+
+
+def test_edm2_pickle_calling_a_network_class_is_refused(fake_modules, marker):
+    class Precond:  # EDM2's class pickled by name and called with arguments: would run its constructor
+        def __reduce__(self):
+            return Precond, (64, 3, 1000)
+    Precond.__module__, Precond.__qualname__ = "training.networks_edm2", "Precond"
+    import sys
+    import types
+    mod = types.ModuleType("training.networks_edm2")
+    mod.Precond = Precond
+    sys.modules["training.networks_edm2"] = mod
+    try:
+        with open(fake_modules / "call.pkl", "wb") as f:
+            pickle.dump({"ema": Precond()}, f)
+    finally:
+        del sys.modules["training.networks_edm2"]
+    with pytest.raises(UnsafePickleError, match="calls 'training.networks_edm2.Precond' with arguments"):
+        load_edm2_pickle(fake_modules / "call.pkl")
+
+
+HOSTILE_SETTINGS = {
+    # name: (fake pickle overrides, expected one-line error)
+    "img-resolution": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, img_resolution=1 << 20)),
+                       "more than the 16,777,216 values per sample"),
+    "label-dim": (dict(unet_kwargs=dict(EDM2_NET, label_dim=10 ** 9)), "more than the 16,777,216 values per sample"),
+    "num-blocks": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, num_blocks=10 ** 9)), "more tensors than the file"),
+    "channel-mult": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, channel_mult=[1] * 10 ** 6)),
+                     "more tensors than the file"),
+    "model-channels": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, model_channels=1 << 16)), "differ in shape"),
+    "overflow": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, model_channels=1 << 40)), "do not build EDM2's network"),
+    "unknown-argument": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, exec_hook="x")), "does not take: exec_hook"),
+    "sigma-data": (dict(precond_over=dict(sigma_data=float("nan"))), "sigma_data is nan"),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in HOSTILE_SETTINGS if n not in ("img-resolution", "num-blocks")])
+def test_edm2_pickle_with_impossible_settings_is_refused(fake_modules, marker, name):
+    over, match = HOSTILE_SETTINGS[name]
+    src = fake_modules / "bad.pkl"
+    edm2_pickle(src, marker, **over)
+    with pytest.raises(LegacyError, match=match.replace("(", r"\(")):
+        import_network_pickle(src, fake_modules / "bad.safetensors")
+    assert not (fake_modules / "bad.safetensors").exists() and not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["img-resolution", "num-blocks"])
+def test_edm2_pickle_claiming_a_huge_network_fails_in_one_line_with_bounded_memory(fake_modules, marker, name):
+    over, match = HOSTILE_SETTINGS[name]
+    src, dest = fake_modules / "huge.pkl", fake_modules / "huge.safetensors"
+    edm2_pickle(src, marker, **over)
+    code = guarded("from vcdm.legacy import LegacyError\nfrom vcdm.legacy.edm2 import import_network_pickle",
+                   f"import_network_pickle({str(src)!r}, {str(dest)!r})", "LegacyError")
+    expect_one_line_error(code, match)
+    assert not dest.exists() and not marker.exists()
