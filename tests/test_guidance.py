@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from vcdm import Pipeline, TwoStagePipeline
 from vcdm.checkpoints import load_checkpoint, read_config, save_checkpoint
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
+from vcdm.cli.variations import command as variations_cmd
 from vcdm.diffusion import Guidance, guided, sample
 from vcdm.diffusion.samplers import Churn, sample_heun
 from vcdm.diffusion.schedules import append_zero, karras_sigmas
@@ -246,6 +248,7 @@ def nets(tmp_path_factory) -> dict[str, Path]:
         "wide_prior": write_model(root / "wide" / "net.safetensors", "prior", embedder=pixel_pca(0, 16), emb_dim=16),
         "cond_prior": write_model(root / "cond" / "net.safetensors", "prior", embedder=pca, label_dim=3),
         "image": write_model(root / "image" / "net.safetensors", "image", embedder=pca),
+        "weak_image": write_model(root / "image" / "weak-snapshot.safetensors", "image", embedder=pca),
         "uncond": write_model(root / "uncond" / "net.safetensors", "uncond"),
         "weak_uncond": write_model(root / "uncond" / "weak-snapshot.safetensors", "uncond"),
     }
@@ -350,6 +353,20 @@ def test_pipeline_guidance_one_is_unguided_and_loads_no_guide(nets):
     assert np.array_equal(plain.images, same.images) and not pipe.guides
     guided_out = pipe([0, 1], steps=3, bf16=False, guidance=2.0, gnet=nets["weak_uncond"])
     assert not np.array_equal(plain.images, guided_out.images) and len(pipe.guides) == 1
+
+
+def test_variations_take_a_guide(nets, tmp_path):
+    PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    args = ["--image-model", nets["image"], "--images", tmp_path / "in.png", "--seeds", "0-2", "--steps", 3,
+            "--device", "cpu", "--fp32"]
+    grids = {}
+    for name, extra in (("plain", []), ("w1", ["--gnet", nets["weak_image"], "--guidance", 1]),
+                        ("guided", ["--gnet", nets["weak_image"], "--guidance", 2])):
+        run(variations_cmd, [*args, "--outdir", tmp_path / name, *extra])
+        grids[name] = read_png(tmp_path / name / "in.png")
+    assert np.array_equal(grids["plain"], grids["w1"]) and not np.array_equal(grids["plain"], grids["guided"])
+    bad = run(variations_cmd, [*args, "--outdir", tmp_path / "bad", "--gnet", nets["prior"], "--guidance", 2], ok=False)
+    assert bad.exit_code == 1 and len(error_lines(bad.output)) == 1 and "--gnet" in bad.output
 
 
 @pytest.mark.parametrize("net,guide,message", [
