@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from test_train import _assert_same_weights, _interrupt_after, last_state
 from tiny_runs import PRIOR, TINY_UNET, base_args, error_lines, run, run_dir
@@ -156,6 +157,12 @@ def test_training_writes_a_snapshot_per_profile(profile_run):
     assert config["training"]["ema_profile"] == {"std": 0.07, "gamma": pytest.approx(std_to_gamma(0.07))}
     assert config["training"]["nimg"] == 2008 and config["training"]["batch"] == 8  # ticks after the first step
     assert config["training"]["ema_std"] == [0.05, 0.07, 0.1]
+    path = profile_run / "network-snapshot-000002-0.070.safetensors"
+    params = {"net." + name for name, _ in load_checkpoint(path)[0].net.named_parameters()}
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {dtypes[k] for k in params} == {"F16"}  # parameters in float16, as EDM2 writes them; buffers as they are
+    assert {d for k, d in dtypes.items() if k not in params} == {"F32"}
 
 
 def test_phema_reconstructs_a_tracked_profile_and_samples(profile_run, tmp_path):

@@ -10,6 +10,7 @@ length, for post-hoc EMA (`vcdm phema`; the maths is in phema.py).
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -41,9 +42,9 @@ class EMA:
         for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
             b_ema.copy_(b_net)
 
-    def snapshots(self) -> list[tuple[str, nn.Module, dict]]:
-        """(file name suffix, network, what the config records) for each network a snapshot writes."""
-        return [("", self.ema, {})]
+    def snapshots(self) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]]:
+        """(file name suffix, weights, what the config records) for each network a snapshot writes."""
+        yield "", self.ema.state_dict(), {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()
@@ -85,10 +86,13 @@ class PowerFunctionEMA:
             for b_ema, b_net in zip(ema.buffers(), self.net.buffers()):
                 b_ema.copy_(b_net)
 
-    def snapshots(self) -> list[tuple[str, nn.Module, dict]]:
-        """One network per profile, written as network-snapshot-<kimg>-<std>.safetensors (EDM2's names)."""
-        return [(f"-{key}", ema, {"ema_profile": {"std": std, "gamma": gamma}})
-                for key, std, gamma, ema in zip(self.keys, self.stds, self.gammas, self.emas)]
+    def snapshots(self) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]]:
+        """One network per profile, written as network-snapshot-<kimg>-<std>.safetensors (EDM2's names) with
+        float16 parameters, as EDM2 writes them (half the disk; buffers stay as they are), one at a time."""
+        for key, std, gamma, ema in zip(self.keys, self.stds, self.gammas, self.emas):
+            params = {name for name, _ in ema.named_parameters()}
+            state = {k: v.to(torch.float16) if k in params else v for k, v in ema.state_dict().items()}
+            yield f"-{key}", state, {"ema_profile": {"std": std, "gamma": gamma}}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every profile's weights, flat, under "<std>/" prefixes."""

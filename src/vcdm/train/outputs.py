@@ -89,12 +89,12 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return removed
 
 
-def write_snapshot(path: Path, ema, embedder, config: dict, nimg: int, record: dict | None = None) -> None:
-    """The EMA network (and a fitted embedder's state) with the checkpoint config; `record`: more
+def write_snapshot(path: Path, weights: dict, embedder, config: dict, nimg: int, record: dict | None = None) -> None:
+    """An EMA network's weights (and a fitted embedder's state) with the checkpoint config; `record`: more
     entries for its training section (e.g. the EMA profile)."""
     from vcdm import checkpoints
 
-    tensors = {"net": ema.state_dict()}
+    tensors = {"net": weights}
     if embedder is not None:
         extra = embedder.export_state()
         if extra:
@@ -105,7 +105,10 @@ def write_snapshot(path: Path, ema, embedder, config: dict, nimg: int, record: d
 
 def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: dict, nimg: int) -> None:
     """A snapshot per network the EMA keeps: network-snapshot-<kimg>.safetensors for EDM's EMA,
-    network-snapshot-<kimg>-<std>.safetensors for each power-function profile."""
-    for suffix, net, record in ema.snapshots():
+    network-snapshot-<kimg>-<std>.safetensors for each power-function profile (process 0 writes)."""
+    if dist.rank() != 0:
+        return
+    for suffix, weights, record in ema.snapshots():
         path = run_dir / f"network-snapshot-{nimg // 1000:06d}{suffix}.safetensors"
-        outputs.attempt(path, lambda: write_snapshot(path, net, embedder, config, nimg, record))  # noqa: B023 (called at once)
+        outputs.attempt(path, lambda: write_snapshot(path, weights, embedder, config, nimg, record))  # noqa: B023 (called at once)
+        del weights
