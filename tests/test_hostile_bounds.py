@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 import time
 import warnings
 import zipfile
+import zlib
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ def expect_refusal(code: str, match: str, *, seconds: float = 60.0) -> str:
     base = baseline_mib()
     assert rss < base + EXTRA_MIB, f"peak RSS {rss:.0f} MiB, baseline {base:.0f} MiB: {lines[0]}"
     assert elapsed < seconds, f"{elapsed:.1f} s: {lines[0]}"
+    print(f"peak RSS {rss:.0f} MiB (baseline {base:.0f}), {elapsed:.1f} s: {lines[0][:150]}")
     return lines[0]
 
 
@@ -204,3 +207,60 @@ def test_json_reader_bounds(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")
     with pytest.raises(JSONFileError, match="not a regular file"):
         load_json(tmp_path / "fifo.json", 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint configs against their tensors, image headers (vcdm variations).
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of a signature, an IHDR chunk claiming width x height RGB and IEND: a few bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def image_model(tmp_path):
+    from tiny_models import pixel_pca, write_model
+
+    return write_model(tmp_path / "image.safetensors", "image", embedder=pixel_pca(0))
+
+
+def with_config(path, edit) -> os.PathLike:
+    """The checkpoint at ``path`` rewritten with ``edit(config)`` as its config (tensors unchanged)."""
+    from vcdm.checkpoints import load_tensors, read_config, save_checkpoint
+
+    config, tensors = read_config(path), load_tensors(path)
+    edit(config)
+    save_checkpoint(path, tensors, config)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,match", [(12000, "'mean' should be (432000000,), got (48,)"),
+                                        (100000, "'mean' should be (30000000000,), got (48,)")])
+def test_embedder_config_is_checked_against_its_tensors_before_allocating(tmp_path, image_model, size, match):
+    """size 12000 reached 15.9 GB before the error; 100000 gave a RuntimeError traceback."""
+    with_config(image_model, lambda c: c["embedder"]["config"].update(size=size))
+    (tmp_path / "in.png").write_bytes(b"")
+    code = cli_call("variations", "--image-model", str(image_model), "--images", str(tmp_path / "in.png"),
+                    "--outdir", str(tmp_path / "out"), "--device", "cpu")
+    expect_refusal(code, match)
+
+
+def test_embedder_identity_of_the_wrong_types_is_one_error():
+    from vcdm.embedders import EmbedderError, load_embedder
+
+    for identity in ([], {"name": "pixel-pca", "config": []}, {"name": "pixel-pca", "dim": 10 ** 30,
+                                                               "config": {"size": 4, "channels": 3, "whiten": 1}},
+                     {"name": "pixel-pca", "dim": 4, "post": [1], "base": {}, "config": {}}):
+        with pytest.raises(EmbedderError):
+            load_embedder(identity, {})
+
+
+@pytest.mark.slow
+def test_variations_refuses_an_image_header_claiming_100000_squared(tmp_path, image_model):
+    (tmp_path / "huge.png").write_bytes(png_header(100_000, 100_000))
+    code = cli_call("variations", "--image-model", str(image_model), "--images", str(tmp_path / "huge.png"),
+                    "--outdir", str(tmp_path / "out"), "--device", "cpu", "--steps", "2")
+    expect_refusal(code, "huge.png")

@@ -7,14 +7,15 @@ is conditioned on.
 Either may be followed by the seed's post-processing (``n_comp``, ``n_clusters``, ``normalise``).
 
 A checkpoint records ``embedder.identity()`` in its config and ``embedder.export_state()`` in its
-``embedder`` tensor group; `load_embedder` rebuilds the embedder from the two and `compatible`
-refuses to chain models whose identities differ.
+``embedder`` tensor group; `load_embedder` rebuilds the embedder from the two (the config checked
+against the tensors' shapes on the meta device first, so that a config asking for more than the file
+holds allocates nothing) and `compatible` refuses to chain models whose identities differ.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
@@ -25,6 +26,7 @@ from vcdm.embedders.pca import PixelPCA
 from vcdm.embedders.postprocess import FitOptions, PostProcess, PostProcessed, PostProcessOptions, fit_postprocess
 
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
+Fitted = TypeVar("Fitted", PixelPCA, PostProcess)
 
 __all__ = ["EMBEDDERS", "CLIPEmbedder", "ClipWeightsError", "Embedder", "EmbedderError", "EmbedderMismatch",
            "FitOptions", "PCAOptions", "PixelPCA", "PostProcess", "PostProcessOptions", "PostProcessed",
@@ -73,11 +75,16 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
     recorded one (e.g. other CLIP weights than those the model was trained with)."""
     if identity is None:
         return None
+    if not isinstance(identity, Mapping) or not isinstance(identity.get("config") or {}, Mapping):
+        raise EmbedderError(f"the recorded embedder identity is malformed: {str(identity)[:200]}")
     tensors = dict(tensors or {})
     name, config = identity.get("name"), dict(identity.get("config") or {})
     if identity.get("post"):
         base = load_embedder(identity["base"], _sub(tensors, "base."), clip_weights=clip_weights, device=device)
-        post = PostProcess(base.dim, **identity["post"]).load_state(_sub(tensors, "post."))
+        options = identity["post"]
+        if not isinstance(options, Mapping):
+            raise EmbedderError(f"embedder identity: 'post' is {type(options).__name__}, expected a mapping")
+        post = _fitted(lambda: PostProcess(base.dim, **options), _sub(tensors, "post."), "post-processing")
         embedder: Embedder = PostProcessed(base, post.to(base.device))
     elif name == "clip-vit-b32":
         trained = _sub(tensors, "visual.")
@@ -87,11 +94,10 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
             embedder = CLIPEmbedder.from_file(clip_weights, trainable=bool(config.get("trainable")), device=device)
     elif name == "pixel-pca":
         try:
-            embedder = PixelPCA(int(identity["dim"]), int(config["size"]), int(config["channels"]),
-                                bool(config["whiten"]))
+            options = int(identity["dim"]), int(config["size"]), int(config["channels"]), bool(config["whiten"])
         except (KeyError, TypeError, ValueError) as e:
-            raise EmbedderError(f"pixel-pca identity lacks its options ({e}): {dict(identity)}") from None
-        embedder = embedder.load_state(tensors).to(device)
+            raise EmbedderError(f"pixel-pca identity lacks its options ({e}): {str(dict(identity))[:200]}") from None
+        embedder = _fitted(lambda: PixelPCA(*options), tensors, "pixel-pca").to(device)
     else:
         raise EmbedderError(f"checkpoint records unknown embedder {name!r}; this vcdm knows {', '.join(EMBEDDERS)}")
     if identity.get("fingerprint") and embedder.fingerprint() != identity["fingerprint"]:
@@ -99,6 +105,19 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
         raise EmbedderMismatch(f"{what} (fingerprint {embedder.fingerprint()}) differ from those the model was "
                                f"trained with ({identity['fingerprint']})")
     return embedder
+
+
+def _fitted(build: Callable[[], Fitted], tensors: Mapping[str, torch.Tensor], what: str) -> Fitted:
+    """``build()`` loaded with ``tensors``, its recorded options first checked against the tensors' shapes
+    on the meta device (a 180 KB file whose config says ``size`` 12000 asked for 16 GB)."""
+    try:
+        with torch.device("meta"):
+            build().load_state(tensors)
+    except EmbedderError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise EmbedderError(f"{what}: the recorded options do not build it ({str(e)[:200]})") from None
+    return build().load_state(tensors)
 
 
 def _sub(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 
 from vcdm import perf
+from vcdm.data.archive import MAX_IMAGE_PIXELS
 from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_guide, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
 from vcdm.generate.options import Conditioning, GenerateError, InferenceChoices, SamplerOptions, inference_settings
@@ -21,9 +22,12 @@ from vcdm.paths import check_writable
 def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.ndarray:
     """Centre-crop to a square and resize (Lanczos) to the model's resolution → (H, W, C) uint8."""
     try:
-        with PIL.Image.open(path) as img:
+        with PIL.Image.open(path) as img:  # reads the header only: the size is known before decoding
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise GenerateError(f"--images: {path} is {img.width}x{img.height} pixels, more than the "
+                                    f"{MAX_IMAGE_PIXELS:,} an input image may have")
             img = img.convert("L" if channels == 1 else "RGB")
-    except (OSError, PIL.UnidentifiedImageError) as e:
+    except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as e:
         raise GenerateError(f"--images: cannot read {path}: {e}") from None
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
