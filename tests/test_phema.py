@@ -217,6 +217,10 @@ def test_phema_input_errors_are_one_line(profile_run, tmp_path, data):
     assert "no network-snapshot-<kimg>-<std>.safetensors" in err and "--ema-std" in err
     (err,) = error_lines(phema(tmp_path / "nowhere.safetensors", "--std", "0.1", "--outdir", tmp_path, code=2).output)
     assert "nowhere.safetensors: no such checkpoint file" in err
+    damaged = tmp_path / "network-snapshot-000003-0.100.safetensors"
+    damaged.write_bytes((profile_run / damaged.name).read_bytes()[:-100])
+    (err,) = error_lines(phema(damaged, "--std", "0.1", "--outdir", tmp_path / "o", code=2).output)
+    assert f"{damaged}: not a safetensors file" in err
     classic = tmp_path / "classic"
     run(base_args(data, classic, *PRIOR, "--duration", "0.000004"))
     snap = run_dir(classic) / "network-snapshot-000000.safetensors"
