@@ -264,3 +264,73 @@ def test_variations_refuses_an_image_header_claiming_100000_squared(tmp_path, im
     code = cli_call("variations", "--image-model", str(image_model), "--images", str(tmp_path / "huge.png"),
                     "--outdir", str(tmp_path / "out"), "--device", "cpu", "--steps", "2")
     expect_refusal(code, "huge.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# FID reference .npz files (vcdm.metrics.stats).
+
+def npy(array=None, *, dtype="<f4", shape=None) -> bytes:
+    """An .npy file of ``array``, or just the header of one of ``dtype`` and ``shape`` (data streamed later)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    if array is not None:
+        np.save(buf, array)
+    else:
+        np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def reference(path, *, mu=None, sigma=None, features=None, zeros: tuple[str, int] | None = None) -> os.PathLike:
+    """An .npz with D=4 statistics, entries replaced as given; ``zeros``: (header, size) of a deflated
+    'features' member of that many zero bytes after its header."""
+    import numpy as np
+
+    arrays = {"mu": np.zeros(4) if mu is None else mu, "sigma": np.eye(4) if sigma is None else sigma}
+    if features is not None:
+        arrays["features"] = features
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            zf.writestr(f"{name}.npy", npy(value))
+        if zeros is not None:
+            with zf.open("features.npy", "w", force_zip64=True) as member:
+                member.write(zeros[0])
+                for _ in range(zeros[1] >> 20):
+                    member.write(bytes(1 << 20))
+    return path
+
+
+def test_reference_npz_checks_dtypes_shapes_and_values(tmp_path):
+    import numpy as np
+    from vcdm.metrics.stats import FeatureStats, StatsError
+
+    ok = FeatureStats.load(reference(tmp_path / "ok.npz", features=np.ones((3, 4), np.float32)))
+    assert ok.num == 3 and np.array_equal(ok.sigma, np.eye(4))
+    cases = {"str": ({"features": np.array([["a"] * 4] * 3)}, "'features' holds <U1 values"),
+             "int": ({"mu": np.zeros(4, np.int64)}, "'mu' holds int64 values"),
+             "shape": ({"sigma": np.eye(5)}, "'sigma' has shape [5, 5], expected (D, D) with D from 'mu' (4)"),
+             "nan-mu": ({"mu": np.array([0, np.nan, 0, 0])}, "'mu' holds non-finite values"),
+             "inf-sigma": ({"sigma": np.diag([1, 1, np.inf, 1])}, "'sigma' holds non-finite values")}
+    for name, (arrays, match) in cases.items():
+        with pytest.raises(StatsError, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            FeatureStats.load(reference(tmp_path / f"{name}.npz", **arrays))
+
+
+@pytest.mark.slow
+def test_deflated_reference_features_are_refused_before_reading(tmp_path):
+    """A ~1 MB .npz whose 'features' member inflates to 1 GiB (a 2 MB one took +1.9 GB)."""
+    path = reference(tmp_path / "ref.npz", zeros=(npy(shape=(1 << 26, 4)), 1 << 30))
+    assert path.stat().st_size < 2_000_000
+    (tmp_path / "images").mkdir()
+    expect_refusal(cli_call("fid", "calc", "--images", str(tmp_path / "images"), "--ref", str(path)),
+                   "array 'features' (1,073,741,824 bytes more) exceeds")
+
+
+@pytest.mark.slow
+def test_reference_of_string_features_is_refused_before_the_inception_pass(tmp_path):
+    import numpy as np
+
+    path = reference(tmp_path / "ref.npz", features=np.array([["x"] * 4] * 2))
+    (tmp_path / "images").mkdir()
+    expect_refusal(cli_call("fid", "calc", "--images", str(tmp_path / "images"), "--ref", str(path),
+                            "--metrics", "fid,kid"), "'features' holds <U1 values", seconds=30)

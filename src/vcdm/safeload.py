@@ -78,7 +78,7 @@ def load_torch_zip(path: str | os.PathLike) -> Any:
     budget = file_budget(info.st_size)
     try:
         with open(path, "rb") as f:
-            budget.take(ZIPINFO_BYTES * _entry_count(f, info.st_size), "the archive's directory")
+            budget.take(ZIPINFO_BYTES * zip_entry_count(f, info.st_size), "the archive's directory")
             with zipfile.ZipFile(f) as zf:
                 _check_archive(zf, info.st_size, budget)
     except (TorchFileError, LegacyError) as e:
@@ -96,7 +96,7 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def _entry_count(f: Any, size: int) -> int:
+def zip_entry_count(f: Any, size: int) -> int:
     """Entries in the zip's central directory, from its end record (zip64 too), before zipfile reads them."""
     tail_size = min(size, 22 + 0xFFFF)
     f.seek(size - tail_size)

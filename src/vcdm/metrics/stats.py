@@ -3,12 +3,20 @@
 A reference file holds `mu` (D,) and `sigma` (D, D) as float64, exactly like EDM's published
 fid-refs, so each loads where the other is expected. KID and precision/recall compare feature sets,
 not Gaussians, so a reference made for them also stores `features` (N, D) float32; EDM ignores it.
+
+Reading a reference checks before it allocates: each member's ``.npy`` header (a float dtype, the
+shapes above) against the member's size, and the arrays' total against the file's budget
+(:func:`vcdm.legacy.limits.file_budget`: a deflated member cannot inflate past twice the file plus
+64 MiB). Non-finite statistics are refused at once (they would make the FID's matrix square root spin).
 """
 from __future__ import annotations
 
 import http.client
+import math
 import os
+import stat
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vcdm import distributed
 from vcdm.fileio import atomic_write
+from vcdm.legacy.limits import file_budget
+from vcdm.safeload import ZIPINFO_BYTES, zip_entry_count
+
+REFERENCE_ARRAYS = ("mu", "sigma", "features")
 
 
 class StatsError(ValueError):
@@ -51,18 +63,66 @@ class FeatureStats:
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         """Read a .npz with `mu` and `sigma` (EDM's fid-refs or ours), plus `features` if present."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise StatsError(f"{path}: cannot read reference statistics ({e})") from None
+            arrays = _read_npz(Path(path))
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+            raise StatsError(f"{path}: cannot read reference statistics ({str(e).splitlines()[0][:200]})") from None
         mu, sigma, features = arrays.get("mu"), arrays.get("sigma"), arrays.get("features")
-        if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        if mu is None or sigma is None:
             found = ", ".join(f"{k}{list(v.shape)}" for k, v in arrays.items()) or "nothing"
             raise StatsError(f"{path}: expected an .npz with 'mu' (D,) and 'sigma' (D, D) like EDM's fid-refs; found {found}")
-        if features is not None and (features.ndim != 2 or features.shape[1] != mu.size):
-            raise StatsError(f"{path}: 'features' should be (N, {mu.size}), got {list(features.shape)}")
+        for name, value in (("mu", mu), ("sigma", sigma), ("features", features)):
+            if value is not None and not np.isfinite(value).all():
+                raise StatsError(f"{path}: '{name}' holds non-finite values (NaN or inf); the file is damaged")
         num = None if features is None else len(features)
         return cls(mu.astype(np.float64), sigma.astype(np.float64), num, features)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The reference arrays of an .npz, each member's header checked (float dtype, shape, size) and the
+    total charged to the file's budget before any array is read. Raises ValueError/OSError."""
+    with open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        budget = file_budget(info.st_size)
+        budget.take(ZIPINFO_BYTES * zip_entry_count(f, info.st_size), "the archive's directory")
+        with zipfile.ZipFile(f) as zf:
+            names, headers = set(zf.namelist()), {}
+            for name in REFERENCE_ARRAYS:
+                if f"{name}.npy" in names:
+                    headers[name] = _npy_header(zf, f"{name}.npy")
+            dim = headers["mu"][0][0] if "mu" in headers and len(headers["mu"][0]) == 1 else None
+            expected = {"mu": (dim,), "sigma": (dim, dim), "features": (None, dim)}
+            for name, (shape, dtype, _) in headers.items():
+                if dim is None or len(shape) != len(expected[name]) or \
+                        any(e is not None and n != e for n, e in zip(shape, expected[name])):
+                    want = {"mu": "(D,)", "sigma": "(D, D)", "features": "(N, D)"}[name]
+                    raise ValueError(f"'{name}' has shape {list(shape)}, expected {want} with D from 'mu' "
+                                     f"({'unknown' if dim is None else dim})")
+                budget.take(math.prod(shape) * dtype.itemsize, f"array '{name}'")
+            arrays = {}
+            for name, (_, _, member) in headers.items():
+                with zf.open(member) as data:
+                    arrays[name] = np.lib.format.read_array(data, allow_pickle=False)
+            return arrays
+
+
+def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype, zipfile.ZipInfo]:
+    """Shape and dtype from an .npy member's header, checked: a float dtype, and data exactly filling the member."""
+    info = zf.getinfo(member)
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"'{member}' has .npy format version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f, max_header_size=10_000)
+        header_size = f.tell()
+    if dtype.kind != "f" or dtype.hasobject:
+        raise ValueError(f"'{member.removesuffix('.npy')}' holds {dtype} values; expected floating point numbers")
+    if header_size + math.prod(shape) * dtype.itemsize != info.file_size:
+        raise ValueError(f"'{member}' holds {info.file_size:,} bytes, not the {math.prod(shape):,} values of "
+                         f"{dtype} its header claims (damaged or hostile)")
+    return tuple(shape), dtype, info
 
 
 def rank_and_world() -> tuple[int, int]:
