@@ -154,7 +154,7 @@ def test_edm2_loss_and_two_adam_steps_equal_edm2s_training_loop():
 def test_edm_recipe_resolves_to_the_release_settings():
     o = resolve(TrainOptions(path="d.zip", observed=[0, 1]))
     assert (o.precond, o.P_mean, o.P_std, o.lr, o.adam_betas, o.lr_schedule) == ("edm", -1.2, 1.2, 1e-3, [0.9, 0.999], "edm")
-    assert grad_inf(o) == 1e5 and lr_schedule(o) == LRSchedule("edm", 1e-3, 10_000.0, 0.0)
+    assert grad_inf(o) == 1e5 and lr_schedule(o) == LRSchedule("edm", 1e-3, 10_000.0, 0.0) and o.ema_std is None
     assert isinstance(make_loss(o), EDMLoss) and not isinstance(make_loss(o), EDM2Loss)
     assert make_loss(o).P_mean == EDMLoss().P_mean and make_loss(o).P_std == EDMLoss().P_std
     assert resolve(o) == o
@@ -165,6 +165,7 @@ def test_edm2_recipe_on_any_network():
     assert (o.precond, o.adam_betas, o.lr_schedule, grad_inf(o)) == ("edm2", [0.9, 0.99], "edm2", 0.0)
     assert (o.lr, o.P_mean, o.P_std) == (1e-3, -1.2, 1.2)  # the network's and data's, not the recipe's
     assert o.lr_ref == 35000 * 256 / 1000  # EDM2's pixel presets' reference, in batches
+    assert o.ema_std == [0.05, 0.1]  # EDM2's power-function EMA profiles
     loss = make_loss(o)
     assert isinstance(loss, EDM2Loss) and (loss.P_mean, loss.P_std) == (-1.2, 1.2)
     assert resolve(o) == o
@@ -184,9 +185,9 @@ def test_edm2_recipe_takes_the_edm2_presets_numbers(arch, lr, decay, P):
 
 def test_flags_given_win_over_the_recipe():
     o = resolve(TrainOptions(path="d.zip", observed=[0, 1], recipe="edm2", precond="edm", lr=2e-4, adam_betas=[0.5, 0.9],
-                             P_mean=0.1, P_std=2.0, lr_schedule="edm", lr_ref=5.0))
-    assert (o.precond, o.lr, o.adam_betas, o.P_mean, o.P_std, o.lr_schedule, o.lr_ref) == (
-        "edm", 2e-4, [0.5, 0.9], 0.1, 2.0, "edm", 5.0)
+                             P_mean=0.1, P_std=2.0, lr_schedule="edm", lr_ref=5.0, ema_std=[0.2]))
+    assert (o.precond, o.lr, o.adam_betas, o.P_mean, o.P_std, o.lr_schedule, o.lr_ref, o.ema_std) == (
+        "edm", 2e-4, [0.5, 0.9], 0.1, 2.0, "edm", 5.0, [0.2])
     assert grad_inf(o) == 0.0  # the recipe's
 
 
@@ -228,7 +229,8 @@ def test_dry_run_prints_the_resolved_recipe(data, tmp_path):
     opts = json.loads(r.output[:r.output.index("\n}\n") + 2])
     assert (opts["recipe"], opts["precond"], opts["adam_betas"], opts["lr_schedule"], opts["lr"]) == (
         "edm2", "edm2", [0.9, 0.99], "edm2", 2e-4)
-    assert opts["lr_ref"] == 35000 * 4 / 1000 and "non-finite gradients -> 0" in r.output
+    assert opts["lr_ref"] == 35000 * 4 / 1000 and opts["ema_std"] == [0.05, 0.1]
+    assert "EMA profiles std 0.05,0.1, non-finite gradients -> 0" in r.output
     assert not (tmp_path / "runs").exists()
 
 
@@ -250,8 +252,9 @@ def test_edm2_recipe_trains_the_prior_and_a_resumed_run_keeps_it(data, tmp_path)
     assert {k: recorded[k] for k in ("recipe", "precond", "adam_betas", "lr_schedule", "lr_ref", "lr", "P_mean")} == {
         "recipe": "edm2", "precond": "edm2", "adam_betas": [0.9, 0.99], "lr_schedule": "edm2", "lr_ref": 35000 * 4 / 1000,
         "lr": 2e-3, "P_mean": -1.2}
-    (snapshot,) = d.glob("network-snapshot-*.safetensors")
-    denoiser = load_checkpoint(snapshot)[0]
+    assert sorted(p.name for p in d.glob("network-snapshot-*.safetensors")) == [
+        "network-snapshot-000000-0.050.safetensors", "network-snapshot-000000-0.100.safetensors"]
+    denoiser = load_checkpoint(d / "network-snapshot-000000-0.100.safetensors")[0]
     assert denoiser.config()["logvar_channels"] == 128 and "logvar_linear.weight" in denoiser.net.state_dict()
     D, logvar = denoiser(torch.zeros(3, 8), torch.ones(3), return_logvar=True)
     assert D.shape == (3, 8) and logvar.shape == (3, 1)
@@ -277,6 +280,5 @@ def test_edm2_recipe_trains_an_edm2_image_model_with_its_presets_numbers(data, t
     assert "recipe edm2: --precond edm2, ln(sigma) ~ N(-0.8, 1.6^2), Adam betas 0.9,0.99, lr 0.01" in r.output
     recorded = json.loads((run_dir(out) / "training_options.json").read_text())
     assert (recorded["lr"], recorded["lr_ref"], recorded["P_std"]) == (0.01, 35000 * 4 / 1000, 1.6)
-    (snapshot,) = run_dir(out).glob("network-snapshot-*.safetensors")
-    denoiser = load_checkpoint(snapshot)[0]
+    denoiser = load_checkpoint(run_dir(out) / "network-snapshot-000000-0.050.safetensors")[0]
     assert type(denoiser.net).__name__ == "EDM2UNet" and denoiser.config()["logvar_channels"] == 128

@@ -1,13 +1,14 @@
 """Training recipes: EDM's (the original release's) and EDM2's, for any network, the prior included.
 
 A recipe is the default of every option left unset (None) among: the preconditioning and loss, the
-noise-level distribution (P_mean, P_std), Adam's betas, the learning rate and its schedule; and it
-decides how non-finite gradients are replaced. `resolve` fills those options in once, before a run
+noise-level distribution (P_mean, P_std), Adam's betas, the learning rate and its schedule, the EMA
+(EDM's half-life or EDM2's power-function profiles); and it decides how non-finite gradients are replaced. `resolve` fills those options in once, before a run
 starts, so the run records (and a resumed run keeps) the values it used.
 
 EDM2's (Karras et al. 2024, training_loop.py and train_edm2.py): the loss with the learned uncertainty,
 Adam with betas (0.9, 0.99), inverse square-root decay of the learning rate after a reference of
-`decay` batches, non-finite gradients set to 0 (EDM sets +-inf to +-1e5). With one of EDM2's network
+`decay` batches, power-function EMA profiles of relative lengths 0.05 and 0.10 (for post-hoc EMA),
+non-finite gradients set to 0 (EDM sets +-inf to +-1e5). With one of EDM2's network
 presets, the preset's learning rate, reference and noise distribution; with any other network, the
 learning rate and noise distribution stay EDM's (they belong to the network and the data, not to the
 recipe) and the reference is the pixel presets' 35000 batches.
@@ -36,11 +37,12 @@ class Recipe:
     lr: float = 1e-3
     P_mean: float = -1.2
     P_std: float = 1.2
+    ema_std: tuple[float, ...] | None = None  # power-function EMA profiles; None: EDM's half-life EMA (--ema)
 
 
 RECIPES = {
     "edm": Recipe(precond="edm", lr_schedule="edm", adam_betas=(0.9, 0.999), grad_inf=1e5),
-    "edm2": Recipe(precond="edm2", lr_schedule="edm2", adam_betas=(0.9, 0.99), grad_inf=0.0),
+    "edm2": Recipe(precond="edm2", lr_schedule="edm2", adam_betas=(0.9, 0.99), grad_inf=0.0, ema_std=(0.050, 0.100)),
 }
 
 
@@ -67,6 +69,7 @@ def resolve(opts: TrainOptions) -> TrainOptions:
         adam_betas=list(opts.adam_betas or recipe.adam_betas),
         lr_schedule=schedule,
         lr_ref=_first(opts.lr_ref, decay * opts.batch / 1000),
+        ema_std=opts.ema_std or (list(recipe.ema_std) if recipe.ema_std else None),
     )
 
 
@@ -90,6 +93,8 @@ def describe(opts: TrainOptions) -> str:
     inf = grad_inf(opts)
     grads = "non-finite gradients -> 0" if inf == 0 else f"NaN gradients -> 0, +-inf -> +-{inf:g}"
     noise = f"ln(sigma) ~ N({opts.P_mean:g}, {opts.P_std:g}^2), " if opts.precond in ("edm", "edm2") else ""
+    ema = (f"EMA profiles std {','.join(f'{s:g}' for s in opts.ema_std)}" if opts.ema_std
+           else f"EMA half-life {opts.ema:g} Mimg")
     hint = f"; EDM2 trains --arch {opts.arch} with --recipe edm2" if opts.recipe == "edm" and opts.arch in EDM2_PRESETS else ""
     return (f"recipe {opts.recipe}: --precond {opts.precond}, {noise}Adam betas {b1:g},{b2:g}, lr {opts.lr:g} "
-            f"({opts.lr_schedule} schedule, ramp-up {opts.lr_rampup:g} kimg{decay}), {grads}{hint}")
+            f"({opts.lr_schedule} schedule, ramp-up {opts.lr_rampup:g} kimg{decay}), {ema}, {grads}{hint}")
