@@ -232,3 +232,88 @@ def test_edm2_pickle_claiming_a_huge_network_fails_in_one_line_with_bounded_memo
                    f"import_network_pickle({str(src)!r}, {str(dest)!r})", "LegacyError")
     expect_one_line_error(code, match)
     assert not dest.exists() and not marker.exists()
+
+
+# ------------------------------------------------------------------------------- --pretrained_weights
+
+EMBED = 24
+
+
+def _widened(src, structure, label_dim):
+    """The image model of the two-stage recipe built as `vcdm train --pretrained_weights src` builds it."""
+    from vcdm.legacy.pretrained import edm2_gains, load_pretrained
+    from vcdm.nets.edm2 import EDM2UNet
+    from vcdm.nets.precond import Denoiser
+
+    torch.manual_seed(0)
+    net = EDM2UNet(**dict(EDM2_NET, label_dim=label_dim, **edm2_gains(src, label_dim)))
+    report = load_pretrained(src, Denoiser(net, structure), structure=structure)
+    return net, report
+
+
+def _outputs(net, y, train):
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([0.02, 0.7, 30.0])
+    net.train(train)
+    with torch.no_grad():
+        return net(x / (0.25 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), sigma.log() / 4, y)
+
+
+@pytest.mark.determinism
+@pytest.mark.parametrize("train", [False, True])
+def test_widened_class_conditional_edm2_keeps_the_pretrained_function(fake_modules, marker, train):
+    """[embedding, one-hot class] (LabelledCLIPDataset, --exist 1,1,1 --observed 0,1,1) through a widened
+    emb_label: whatever the embedding, the output is the pretrained class-conditional network's."""
+    from vcdm.data.structure import Structure
+
+    src = fake_modules / "edm2-img64-s-1073741-0.075.pkl"
+    edm2_pickle(src, marker, label_dim=1000, snapshot=False)
+    pretrained = load_checkpoint(_imported(src, fake_modules))[0].net
+    structure = Structure.from_flags({"image": (3, 16, 16), "embedding": (EMBED,), "label": (1000,)}, "1,1,1", "0,1,1")
+    net, report = _widened(src, structure, EMBED + 1000)
+    assert net.label_gain == pytest.approx(1000 ** 0.5) and "from 1000 to 1024 inputs" in str(report)
+    assert torch.count_nonzero(net.emb_label.weight[:, :EMBED]) == 0
+    classes = torch.eye(1000)[[0, 207, 999]]
+    embedding = torch.nn.functional.normalize(torch.randn(3, EMBED, generator=torch.Generator().manual_seed(1)), dim=1)
+    want = _outputs(pretrained, classes, train)
+    for e in (embedding, 10 * embedding, torch.zeros(3, EMBED)):
+        got = _outputs(net, torch.cat([e, classes], dim=1), train)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+    assert (want - _outputs(pretrained, torch.eye(1000)[[1, 2, 3]], train)).abs().max() > 1e-2  # classes matter
+
+
+@pytest.mark.determinism
+@pytest.mark.parametrize("train", [False, True])
+def test_unconditional_edm2_gains_an_embedding_input_at_its_pretrained_function(fake_modules, marker, train):
+    """An unconditional EDM2 network conditioned on an embedding (CLIPDataset, --observed 0,1): the new zero
+    label branch's mp_sum is undone by noise_gain, so any embedding gives the pretrained output at first."""
+    from vcdm.data.structure import Structure
+
+    src = fake_modules / "uncond.pkl"
+    edm2_pickle(src, marker, label_dim=0, snapshot=False)
+    pretrained = load_checkpoint(_imported(src, fake_modules))[0].net
+    structure = Structure.from_flags({"image": (3, 16, 16), "embedding": (EMBED,)}, "1,1", "0,1")
+    net, report = _widened(src, structure, EMBED)
+    assert net.noise_gain == pytest.approx(2 ** 0.5) and "noise_gain 1.41421" in str(report)
+    want = _outputs(pretrained, None, train)
+    embedding = torch.nn.functional.normalize(torch.randn(3, EMBED, generator=torch.Generator().manual_seed(1)), dim=1)
+    got = _outputs(net, embedding, train)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+
+
+def test_widening_without_the_pretrained_label_gain_is_refused(fake_modules, marker):
+    from vcdm.data.structure import Structure
+    from vcdm.legacy.pretrained import load_pretrained
+    from vcdm.nets.edm2 import EDM2UNet
+
+    src = fake_modules / "class.pkl"
+    edm2_pickle(src, marker, label_dim=1000, snapshot=False)
+    structure = Structure.from_flags({"image": (3, 16, 16), "embedding": (EMBED,), "label": (1000,)}, "1,1,1", "0,1,1")
+    with pytest.raises(LegacyError, match=r"needs label_gain=sqrt\(1000\)"):
+        load_pretrained(src, EDM2UNet(**dict(EDM2_NET, label_dim=EMBED + 1000)), structure=structure)
+
+
+def _imported(src, folder):
+    dest = folder / (src.stem + ".safetensors")
+    import_network_pickle(src, dest)
+    return dest

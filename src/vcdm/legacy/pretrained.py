@@ -1,6 +1,7 @@
 """Initialising a training network from pretrained weights (--pretrained_weights / --transfer)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +11,11 @@ from torch import nn
 from vcdm.checkpoints import state_dict_mismatch
 from vcdm.data.structure import Structure
 from vcdm.nets.control import class_columns
-from vcdm.legacy.edm import _network_kwargs, load_legacy_pickle
+from vcdm.legacy.edm import _network_kwargs, legacy_network
+from vcdm.legacy.edm2 import edm2_network, is_edm2
 from vcdm.legacy.records import LegacyError
 from vcdm.legacy.release_nets import is_release_net
-from vcdm.legacy.unpickle import PathLike
+from vcdm.legacy.unpickle import PathLike, read_pickle
 
 
 @dataclass
@@ -45,7 +47,10 @@ def _source_state(path: Path) -> dict[str, torch.Tensor]:
             return load_tensors(path).get("net", {})
         except CheckpointError as e:
             raise LegacyError(str(e)) from None
-    record = load_legacy_pickle(path)
+    obj = read_pickle(path)
+    if is_edm2(obj):
+        return edm2_network(obj, path).state_dict
+    record = legacy_network(obj, path)
     if not is_release_net(record.net_class):  # the release's concatunet/film/control map by name as they are
         _network_kwargs(record)  # refuses networks without a vcdm equivalent, with the reason
     return record.state_dict
@@ -75,6 +80,70 @@ def widen_map_label(path: Path, source: dict[str, torch.Tensor], target: dict[st
     return f"widened {key} from {classes} to {shape[1]} inputs (classes at columns {start}..{start + count - 1})"
 
 
+def unconditional_noise_gain(label_balance: float) -> float:
+    """The noise embedding's gain that makes mp_sum(gain * a, 0, t) = a: the inverse of mp_sum's weight of a."""
+    t = label_balance
+    return math.sqrt((1 - t) ** 2 + t ** 2) / (1 - t)
+
+
+def edm2_gains(path: PathLike, label_dim: int, label_balance: float = 0.5) -> dict[str, float]:
+    """EDM2UNet kwargs under which a network conditioned on ``label_dim`` values starts as the pretrained
+    network of ``path`` (see :func:`widen_emb_label`); {} when the conditioning is the pretrained one.
+
+    Why fixed gains: EDM2 scales its conditioning by sqrt(label_dim), which widening would change from
+    sqrt(classes), and mp_sum(noise, label) divides a zero label branch's sum by mp_sum's norm. Keeping the
+    pretrained sqrt(classes) also keeps the input's scale sensible for the new columns: a unit-norm embedding
+    then enters at the magnitude the one-hot class has, so neither part dominates as the new columns grow.
+    The gains are network kwargs, recorded in every checkpoint's config, so the model rebuilds as trained."""
+    source = _source_state(Path(path))
+    old = source.get("emb_label.weight")
+    if old is None:
+        return {"noise_gain": unconditional_noise_gain(label_balance)} if label_dim else {}
+    classes = int(old.shape[1])
+    return {} if classes == label_dim else {"label_gain": math.sqrt(classes)}
+
+
+def widen_emb_label(path: Path, source: dict[str, torch.Tensor], net: nn.Module, structure: Structure | None) -> str:
+    """EDM2's ``emb_label`` for a wider conditioning, function-preserving at initialisation. Edits ``source`` in
+    place; returns a description, "" if nothing to do.
+
+    From a class-conditional source: the class columns go to the label's slice, the embedding columns are zero.
+    MPConv normalises each output row (w / (eps sqrt(fan_in) + |w|)), so the class columns are scaled by
+    sqrt(new fan_in / classes): the normalised row is then exactly the pretrained one, in eval and in training
+    (whose forced weight normalisation uses that same row), given the pretrained input gain sqrt(classes).
+    From an unconditional source (no ``emb_label``): a zero branch, whose mp_sum with the noise embedding is
+    undone by ``noise_gain``. EDM2's weight normalisation has no small-weight regime: the first optimiser step
+    gives that new row its full unit norm, so the unconditional network is preserved at initialisation only,
+    while the class-conditional one moves as fast as its zero columns grow against its unit-norm row."""
+    key = "emb_label.weight"
+    target = net.state_dict().get(key)
+    if target is None:
+        return ""
+    old = source.get(key)
+    if old is None:
+        want = unconditional_noise_gain(net.label_balance)
+        if not math.isclose(net.noise_gain, want, rel_tol=1e-12):
+            raise LegacyError(f"{path}: an unconditional EDM2 network gains a label branch function-preservingly only "
+                              f"with noise_gain={want!r} (the network has {net.noise_gain!r})")
+        source[key] = torch.zeros(target.shape)
+        return f"new {key} ({target.shape[1]} inputs) at zero, noise_gain {want:.6g} keeps the pretrained embedding"
+    if old.shape == target.shape or old.ndim != 2 or old.shape[0] != target.shape[0]:
+        return ""  # the same conditioning, or a different network: reported by the shape check
+    classes, columns = int(old.shape[1]), class_columns(structure)
+    if columns is None or columns[1] != classes:
+        raise LegacyError(f"{path}: the pickle is conditioned on {classes} classes but this model's class label has "
+                          f"{columns[1] if columns else 'no'} columns (observe LabelledCLIPDataset's label)")
+    if not math.isclose(net.label_gain, math.sqrt(classes), rel_tol=1e-12):
+        raise LegacyError(f"{path}: widening a {classes}-class EDM2 network needs label_gain=sqrt({classes}) "
+                          f"(the network has {net.label_gain!r})")
+    start, width = columns[0], int(target.shape[1])
+    wide = torch.zeros(target.shape)
+    wide[:, start:start + classes] = old.float() * math.sqrt(width / classes)
+    source[key] = wide
+    return (f"widened {key} from {classes} to {width} inputs (classes at columns {start}..{start + classes - 1}, "
+            "new columns at zero)")
+
+
 def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = False,
                     structure: Structure | None = None) -> PretrainedReport:
     """Copy a pretrained network's weights (EDM/VCDM .pkl or vcdm .safetensors) into ``target_net``.
@@ -95,7 +164,9 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
         net = target_net
     source = dict(_source_state(path))
     target = net.state_dict()
-    widened = widen_map_label(path, source, target, structure)
+    widened = widen_map_label(path, source, target, structure) or widen_emb_label(path, source, net, structure)
+    if not any(k.startswith("logvar_") for k in target):  # EDM2's uncertainty head, unused by this recipe
+        source = {k: v for k, v in source.items() if not k.startswith("logvar_")}
     added: list[str] = []
     if hasattr(net, "pretrained_state"):  # control-adm: control copies of the pretrained blocks
         source, added = net.pretrained_state(source)
@@ -110,7 +181,8 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
         notes.append(f"{len(added)} control tensors start from the pretrained blocks "
                      "(only they train, as in the release)")
     report = PretrainedReport(str(path), sorted(set(source) - set(added)), new, notes=notes)
-    trainable = set(new) | set(added) | ({"map_label.weight"} if widened and not added else set())
+    widened_key = "emb_label.weight" if "emb_label.weight" in target else "map_label.weight"
+    trainable = set(new) | set(added) | ({widened_key} if widened and not added else set())
     if freeze or getattr(net, "only_control_trains", False):
         for name, p in net.named_parameters():
             p.requires_grad_(name in trainable)

@@ -157,16 +157,25 @@ class EDM2UNet(nn.Module):
     """EDM2's ``UNet`` (its ``training/networks_edm2.py``): same constructor, parameter names and function.
 
     The conditioning vector (one-hot class or any embedding) enters through ``emb_label`` scaled by
-    sqrt(label_dim), so a one-hot or unit-norm vector has unit RMS; None means zeros (the null condition).
-    EDM2 has no augmentation input: ``augment_labels`` must be None.
+    ``label_gain`` (EDM2: sqrt(label_dim), so a one-hot or unit-norm vector has unit RMS); None means zeros
+    (the null condition). EDM2 has no augmentation input: ``augment_labels`` must be None.
+
+    ``label_gain`` and ``noise_gain`` (the noise embedding's gain, EDM2: 1) exist for fine-tuning a pretrained
+    network on a wider conditioning, function-preserving at initialisation (``vcdm.legacy.pretrained``):
+    a class-conditional network keeps its sqrt(classes) input gain when embedding columns join its classes;
+    an unconditional one gets ``noise_gain`` = 1 / mp_sum's weight of the noise embedding, so adding the new
+    (zero) label branch leaves the embedding as it was.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_noise: int | None = None,
                  channel_mult_emb: int | None = None, num_blocks: int = 3, attn_resolutions: Sequence[int] = (16, 8),
-                 label_balance: float = 0.5, concat_balance: float = 0.5, **block_kwargs: Any):
+                 label_balance: float = 0.5, concat_balance: float = 0.5, label_gain: float | None = None,
+                 noise_gain: float = 1, **block_kwargs: Any):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.label_gain = math.sqrt(label_dim) if label_gain is None else float(label_gain)
+        self.noise_gain = float(noise_gain)
         self.augment_dim = 0
         self.label_balance, self.concat_balance = label_balance, concat_balance
         cblock = [model_channels * m for m in channel_mult]
@@ -211,10 +220,10 @@ class EDM2UNet(nn.Module):
                 augment_labels: Tensor | None = None) -> Tensor:
         if augment_labels is not None:
             raise ValueError("EDM2UNet has no augmentation input (train it with --augment=0)")
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        emb = self.emb_noise(self.emb_fourier(noise_labels), gain=self.noise_gain)
         if self.emb_label is not None:
             labels = condition_input(class_labels, self.label_dim, 0, self.training, emb)
-            emb = mp_sum(emb, self.emb_label(labels * math.sqrt(self.label_dim)), t=self.label_balance)
+            emb = mp_sum(emb, self.emb_label(labels * self.label_gain), t=self.label_balance)
         emb = mp_silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)

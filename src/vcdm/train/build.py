@@ -152,6 +152,9 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
         kwargs.update({k: v for k, v in (("dim", opts.prior_dim), ("depth", opts.prior_depth)) if v is not None})
     elif opts.prior_dim is not None or opts.prior_depth is not None:
         raise OptionError("--prior-dim/--prior-depth apply to --arch=dalle2|prior only")
+    if name == "EDM2UNet" and opts.pretrained_weights:
+        from vcdm.train.finetune import edm2_gains  # widening EDM2's label path keeps the pretrained function
+        kwargs.update(edm2_gains(opts.pretrained_weights, kwargs["label_dim"], kwargs.get("label_balance", 0.5)))
     return name, kwargs
 
 

@@ -3,6 +3,8 @@
 --pretrained_weights (the original release): every tensor must fit, except the new conditioning
 input ``map_label`` which starts at zero, or, from a class-conditional network, is widened with the
 class columns copied into the label's slice; --freeze_pretrained trains only that (vcdm.legacy does it).
+EDM2's networks widen ``emb_label`` the same way, under gains fixed when the network is built
+(`edm2_gains`) so that the widened network starts as the pretrained one.
 --transfer (EDM's): copy whatever tensors match by name and shape, leave the rest as initialised, and
 run the EMA without ramp-up.
 """
@@ -32,6 +34,19 @@ def load_pretrained(path: str, net: nn.Module, *, freeze: bool, structure: Struc
     dist.print0(f"Pretrained weights: {report}")
 
 
+def edm2_gains(path: str, label_dim: int, label_balance: float) -> dict[str, float]:
+    """The EDM2UNet gains that make --pretrained_weights function-preserving (vcdm.legacy.pretrained.edm2_gains)."""
+    from vcdm.legacy import LegacyError
+    from vcdm.legacy.pretrained import edm2_gains as gains
+
+    if not Path(path).is_file():
+        raise OptionError(f"--pretrained_weights: {path} does not exist")
+    try:
+        return gains(path, label_dim, label_balance)
+    except (LegacyError, ValueError) as e:
+        raise OptionError(f"--pretrained_weights: {e}") from None
+
+
 def source_tensors(path: str) -> dict[str, torch.Tensor]:
     """The network tensors of a vcdm .safetensors checkpoint or an EDM/VCDM pickle (read safely)."""
     if not Path(path).is_file():
@@ -41,8 +56,11 @@ def source_tensors(path: str) -> dict[str, torch.Tensor]:
             from vcdm.checkpoints import load_tensors, read_config
             read_config(path)
             return load_tensors(path).get("net", {})
-        from vcdm.legacy import load_legacy_pickle
-        return load_legacy_pickle(path).state_dict
+        from vcdm.legacy import read_pickle
+        from vcdm.legacy.edm import legacy_network
+        from vcdm.legacy.edm2 import edm2_network, is_edm2
+        obj = read_pickle(path)
+        return (edm2_network(obj, path) if is_edm2(obj) else legacy_network(obj, path)).state_dict
     except ValueError as e:
         raise OptionError(f"--transfer: {e}") from None
 
