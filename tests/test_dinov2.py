@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vcdm.metrics.dinov2 import DINOv2Features, DINOv2WeightsError, resolve_weights, save_random_weights
+from vcdm.embedders.dinov2 import DINOv2WeightsError, resolve_weights, save_random_weights
+from vcdm.metrics.dinov2 import DINOv2Features
 
 PARITY = json.loads((Path(__file__).parent / "data" / "dinov2-parity.json").read_text())
 
@@ -61,3 +62,43 @@ def test_wrong_files_are_refused_in_one_line(tmp_path):
     torch.save(state, partial)
     with pytest.raises(DINOv2WeightsError, match="does not fit DINOv2's ViT"):
         DINOv2Features(partial)
+
+
+def test_dinov2_embedder_round_trips_through_its_identity(tmp_path):
+    """build_embedder → identity → load_embedder gives the same embeddings; other weights are refused."""
+    from vcdm.embedders import EmbedderMismatch, build_embedder, compatible, load_embedder
+
+    weights = save_random_weights(tmp_path / "b14.pth", dim=128, depth=2, seed=3)
+    embedder = build_embedder("dinov2-vitb14", clip_weights=weights)
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = embedder.embed(images)
+    assert first.shape == (2, 128) and embedder.dim == 128
+    identity = embedder.identity()
+    again = load_embedder(identity, embedder.export_state(), clip_weights=weights)
+    assert torch.equal(again.embed(images), first)
+    compatible(identity, again.identity())
+    other = save_random_weights(tmp_path / "other.pth", dim=128, depth=2, seed=4)
+    with pytest.raises(EmbedderMismatch, match="dinov2-vitb14 weights found"):
+        load_embedder(identity, {}, clip_weights=other)
+
+
+def test_dinov2_embedder_preprocesses_as_the_metric(tmp_path):
+    """The embedder of an image in [-1, 1] equals the FD-DINOv2 feature of the same image as uint8."""
+    from vcdm.embedders import build_embedder
+
+    weights = save_random_weights(tmp_path / "w.pth")
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    embedded = build_embedder("dinov2-vitb14", clip_weights=weights).embed(images.float() / 127.5 - 1)
+    torch.testing.assert_close(embedded, DINOv2Features(weights)(images), atol=1e-4, rtol=1e-4)
+
+
+def test_dinov2_embedder_is_frozen_and_needs_its_file(tmp_path, monkeypatch):
+    from vcdm.embedders import EmbedderError, build_embedder
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DNNLIB_CACHE_DIR", str(tmp_path / "dnnlib"))
+    monkeypatch.delenv("VCDM_DINOV2_VITB14_WEIGHTS", raising=False)
+    with pytest.raises(DINOv2WeightsError, match=r"dinov2_vitb14_pretrain\.pth.*--embedder-weights"):
+        build_embedder("dinov2-vitb14")
+    with pytest.raises(EmbedderError, match="frozen"):
+        build_embedder("dinov2-vitb14", clip_weights=save_random_weights(tmp_path / "w.pth"), trainable=True)

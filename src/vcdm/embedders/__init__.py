@@ -2,6 +2,8 @@
 is conditioned on.
 
 - ``clip-vit-b32``: the paper's embedder (CLIP ViT-B/32 image tower, local weights; see clip.py).
+- ``dinov2-vitb14``: DINOv2 ViT-B/14's class token (768-d, local weights; see dinov2.py), the representation
+  recent representation-conditioned diffusion work uses.
 - ``pixel-pca``: needs no download; fitted on the training set and stored with the run (see pca.py).
   For CPU/offline use and the demo; it is not what the paper's results use.
 Either may be followed by the seed's post-processing (``n_comp``, ``n_clusters``, ``normalise``).
@@ -22,13 +24,15 @@ import torch
 from vcdm.embedders.base import (Embedder, EmbedderError, EmbedderMismatch, compatible, default_cache_dir,
                                  image_batches)
 from vcdm.embedders.clip import CLIPEmbedder, ClipWeightsError
+from vcdm.embedders.dinov2 import DINOv2Embedder, DINOv2WeightsError
 from vcdm.embedders.pca import PixelPCA
 from vcdm.embedders.postprocess import FitOptions, PostProcess, PostProcessed, PostProcessOptions, fit_postprocess
 
-EMBEDDERS = ("clip-vit-b32", "pixel-pca")
+EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")
+PRETRAINED = {"clip-vit-b32": 512, "dinov2-vitb14": 768}  # frozen pretrained embedders and their sizes
 Fitted = TypeVar("Fitted", PixelPCA, PostProcess)
 
-__all__ = ["EMBEDDERS", "CLIPEmbedder", "ClipWeightsError", "Embedder", "EmbedderError", "EmbedderMismatch",
+__all__ = ["EMBEDDERS", "PRETRAINED", "CLIPEmbedder", "ClipWeightsError", "DINOv2Embedder", "DINOv2WeightsError", "Embedder", "EmbedderError", "EmbedderMismatch",
            "FitOptions", "PCAOptions", "PixelPCA", "PostProcess", "PostProcessOptions", "PostProcessed",
            "build_embedder", "compatible", "default_cache_dir", "fit_postprocess", "image_batches", "load_embedder"]
 
@@ -48,8 +52,9 @@ def build_embedder(name: str, *, data: Any = None, clip_weights: str | os.PathLi
                    device: str | torch.device = "cpu") -> Embedder:
     """Build (and, where needed, fit on `data`) an embedder for training.
 
-    clip-vit-b32 uses `clip_weights` / $VCDM_CLIP_WEIGHTS (see clip.py); `trainable` is the seed's
-    --train_embedder. pixel-pca uses `pca`. `post` adds the seed's post-processing. Fitting uses `data`
+    `clip_weights` is the pretrained embedder's weights file (--clip-weights, alias --embedder-weights): CLIP
+    ViT-B/32's (else $VCDM_CLIP_WEIGHTS, see clip.py) or DINOv2 ViT-B/14's (else $VCDM_DINOV2_VITB14_WEIGHTS,
+    see dinov2.py); `trainable` is the original release's --train_embedder (CLIP only). pixel-pca uses `pca`. `post` adds the seed's post-processing. Fitting uses `data`
     (a dataset or image tensor; see `image_batches`) as `fit` says (subset, seed, cache).
     """
     if name not in EMBEDDERS:
@@ -59,6 +64,10 @@ def build_embedder(name: str, *, data: Any = None, clip_weights: str | os.PathLi
                             f"training data, but no data was given")
     if name == "clip-vit-b32":
         base: Embedder = CLIPEmbedder.from_file(clip_weights, trainable=trainable, device=device)
+    elif name == "dinov2-vitb14":
+        if trainable:
+            raise EmbedderError("--train_embedder: dinov2-vitb14 is frozen (only clip-vit-b32 can be trained)")
+        base = DINOv2Embedder.from_file(clip_weights, device=device)
     else:
         base = PixelPCA.fit(data, dim=pca.dim, size=pca.size, whiten=pca.whiten, seed=fit.seed,
                             max_images=fit.max_images, cache_dir=fit.cache_dir, data_key=fit.data_key).to(device)
@@ -92,6 +101,8 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
             embedder = CLIPEmbedder(trained, trainable=bool(config.get("trainable"))).to(device)
         else:
             embedder = CLIPEmbedder.from_file(clip_weights, trainable=bool(config.get("trainable")), device=device)
+    elif name == "dinov2-vitb14":
+        embedder = DINOv2Embedder.from_file(clip_weights, device=device)
     elif name == "pixel-pca":
         try:
             options = int(identity["dim"]), int(config["size"]), int(config["channels"]), bool(config["whiten"])
@@ -101,7 +112,7 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
     else:
         raise EmbedderError(f"checkpoint records unknown embedder {name!r}; this vcdm knows {', '.join(EMBEDDERS)}")
     if identity.get("fingerprint") and embedder.fingerprint() != identity["fingerprint"]:
-        what = "the CLIP weights found" if name == "clip-vit-b32" and not tensors else "the stored embedder state"
+        what = f"the {name} weights found" if name in PRETRAINED and not tensors else "the stored embedder state"
         raise EmbedderMismatch(f"{what} (fingerprint {embedder.fingerprint()}) differ from those the model was "
                                f"trained with ({identity['fingerprint']})")
     return embedder

@@ -12,14 +12,12 @@ from __future__ import annotations
 import http.client
 import io
 import os
-import shutil
-import urllib.request
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vcdm.fileio import atomic_write
+from vcdm.fileio import atomic_write, download
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
@@ -34,19 +32,6 @@ class InceptionWeightsError(ValueError):
 def cached_weights_path() -> Path:
     """Where torch-fidelity (via torch.hub) keeps the weights: $TORCH_HOME/hub/checkpoints/…"""
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
-
-
-def download(url: str, dest: str | os.PathLike, *, timeout: float = 60.0, progress: bool = True) -> Path:
-    """Download `url` to `dest` atomically (a broken transfer leaves nothing behind)."""
-    from tqdm import tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "vcdm"})
-    with urllib.request.urlopen(request, timeout=timeout) as response, atomic_write(dest) as f:
-        size = response.headers.get("Content-Length")
-        with tqdm.wrapattr(f, "write", total=int(size) if size else None, desc=Path(dest).name,
-                           unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as out:
-            shutil.copyfileobj(response, out)
-    return Path(dest)
 
 
 def resolve_weights(path: str | os.PathLike | None = None, *, allow_download: bool = True,
