@@ -222,7 +222,7 @@ def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
         r = run(base_args(data, interrupted, *args, "--resume", "auto"))
     assert "Resuming from" in r.output and "training-state-000000.pt" in r.output
     assert run_dir(interrupted) == d  # continued in the same run directory
-    _assert_same_weights(reference, load_state(d / "training-state-000000.pt"))
+    _assert_same_weights(reference, load_state(d / "training-state-000000_1.pt"))  # the resumed run's state
     stats = [json.loads(line)["nimg"] for line in (d / "stats.jsonl").read_text().splitlines()]
     assert stats == [json.loads(line)["nimg"] for line in (run_dir(straight) / "stats.jsonl").read_text().splitlines()]
 
@@ -293,7 +293,7 @@ def test_disk_full_keeps_previous_state(data, tmp_path, monkeypatch):
     r = run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
                       "--dump", "1", "--tick", "0.004", "--duration", "1"), code=1)
     err = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert len(err) == 1 and "disk full" in err[0] and "training-state-000000.pt" in err[0]
+    assert len(err) == 1 and "disk full" in err[0] and "training-state-000000_1.pt" in err[0]
     d = run_dir(out)
     assert load_state(d / "training-state-000000.pt")["counters"]["nimg"] == 8  # the tick-1 state, intact
     assert not list(d.glob(".*.tmp"))

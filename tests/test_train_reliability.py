@@ -1,5 +1,5 @@
 """Training under failure: full disks (a real one where the test may mount a tmpfs, and the exception
-types the real writers raise), divergence and its recovery, temp files of killed runs, bad numbers."""
+types the real writers raise), temp files of killed runs, bad numbers."""
 from __future__ import annotations
 
 import errno
@@ -91,28 +91,6 @@ def test_failed_writes_give_one_line_naming_the_file(data, tmp_path, monkeypatch
     (err,) = error_lines(r.output)
     assert name in err and "Traceback" not in r.output, r.output
     assert "no training state was saved yet; fix that, then rerun the command" in err  # the run's first state
-
-
-def test_divergence_keeps_the_last_finite_state_and_resume_recovers(data, tmp_path, monkeypatch):
-    out = tmp_path / "runs"
-    args = base_args(data, out, *PRIOR, "--dump", "1", "--max-nonfinite", "2", "--duration", "0.00004")
-    with monkeypatch.context() as m:
-        on_loss_call(m, lambda: None, start=4, scale=float("nan"))  # steps 4 and 5 diverge
-        r = run(args, code=1)
-    (err,) = error_lines(r.output)
-    d = run_dir(out)
-    finite = d / "training-state-000000.pt"
-    assert "2 consecutive non-finite losses" in err and str(finite) in err
-    counters = load_state(finite)["counters"]
-    assert counters["nimg"] == 16 and counters["nonfinite"] == 1  # the last state before the stop (weights finite)
-    poisoned = load_state(d / "training-state-000000-nonfinite.pt")
-    assert poisoned["counters"]["nimg"] == 20 and poisoned["counters"]["nonfinite"] == 2
-
-    with monkeypatch.context() as m:  # resume with a lower lr: from the finite state, counting afresh
-        on_loss_call(m, lambda: None, start=1, stop=1, scale=float("nan"))  # one bad step is tolerated
-        r = run(args + ["--resume", "auto", "--lr", "1e-4"])
-    assert f"Resuming from {finite}" in r.output
-    assert load_state(finite)["counters"]["nimg"] == 40  # the run finished
 
 
 def test_stale_temp_files_are_removed_on_resume(data, tmp_path):

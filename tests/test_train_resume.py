@@ -1,16 +1,23 @@
-"""Training guard rails: --resume DIR reuses the run's options, --resume=auto resumes only a matching
-run, the lr ramp-up warning and the lr in the logs, absolute dataset paths, no empty run folders."""
+"""Resume: --resume DIR reuses the run's options, --resume=auto resumes only a matching run (its dataset
+matched by content, wherever it lies now), finished runs, --dry-run's plan, poisoned states, one writer
+per run folder; also the lr ramp-up warning, absolute dataset paths, no empty run folders."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from tiny_runs import PRIOR, base_args, error_lines, run, run_dir
+from tiny_runs import PRIOR, REPO, base_args, error_lines, run, run_dir, write_dataset
 from vcdm.checkpoints import read_config
-from vcdm.train.state import load_state
+from vcdm.train.ema import EMA
+from vcdm.train.state import STATE_RE, TrainState, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +37,7 @@ def test_resume_dir_reuses_the_recorded_options(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run(["--resume", str(d), "--duration", "0.000008", "--workers", "0", "--device", "cpu"])  # nothing else
     assert "Resuming from" in r.output and "lr 0.002" in r.output  # the run's --lr, its data, its model
-    assert load_state(d / "training-state-000000.pt")["counters"]["nimg"] == 8
+    assert load_state(d / "training-state-000000_1.pt")["counters"]["nimg"] == 8  # the first state kept
 
     r = run(["--resume", str(d), "--cbase", "16", "--prior-dim", "64"], code=2)
     (err,) = error_lines(r.output)
@@ -63,3 +70,202 @@ def test_failed_start_leaves_no_run_folder(data, tmp_path, monkeypatch):
     r = run(base_args(data, out, *PRIOR, "--duration", "0.000004"), code=1)
     (err,) = error_lines(r.output)
     assert "disk full" in err and not os.listdir(out)
+
+
+# ------------------------------------------------------------------ resume as a requeued job does it
+# Each case runs train.py in a subprocess, as a cluster job script would, from the run's working folder.
+
+DRIVER = """
+import sys
+{patch}
+from vcdm.cli.main import run_click
+from vcdm.cli.train import command
+sys.argv[0] = "train.py"
+run_click(command, "train.py")
+"""
+# From the START-th to the STOP-th loss evaluation, every loss is NaN (a run diverging).
+NAN_LOSSES = """
+import vcdm.train.build as m
+real, count = m.make_loss, [0]
+def make_loss(*args):
+    loss = real(*args)
+    def wrapped(*a, **k):
+        count[0] += 1
+        return loss(*a, **k) * (float("nan") if {start} <= count[0] <= {stop} else 1.0)
+    return wrapped
+m.make_loss = make_loss
+"""
+
+
+def train(cwd: Path, *args: str, code: int = 0, patch: str = "") -> str:
+    """Run train.py in `cwd`; its stdout and stderr, after checking the exit code and that no traceback shows."""
+    driver = cwd / "driver.py"
+    driver.write_text(DRIVER.format(patch=patch))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, str(driver), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code and "Traceback" not in out, out[-3000:]
+    return out
+
+
+def tiny(data: Path | str, *extra: str, out: str = "runs") -> list[str]:
+    return base_args(Path(data), Path(out), *PRIOR, *extra)
+
+
+def newest(d: Path) -> dict:
+    return max((load_state(p) for p in d.glob("training-state-*.pt") if STATE_RE.fullmatch(p.name)),
+               key=lambda s: s["counters"]["nimg"])
+
+
+def files(d: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir()}
+
+
+@pytest.mark.slow
+def test_resume_a_state_with_the_same_command(data, tmp_path):
+    """Item 1: the release's workflow, a relative --path given again with --resume=<state>; item 3: the
+    first command's --time-limit does not carry over."""
+    shutil.copy(data, tmp_path / "tiny.zip")
+    train(tmp_path, *tiny("tiny.zip", "--duration", "1", "--time-limit", "0.001"))
+    d = run_dir(tmp_path / "runs")
+    assert newest(d)["counters"]["nimg"] == 4  # stopped after one step
+    out = train(tmp_path, *tiny("tiny.zip", "--duration", "0.000008", "--resume", f"runs/{d.name}/training-state-000000.pt"))
+    assert "Resuming from" in out and newest(d)["counters"]["nimg"] == 8
+    out = train(tmp_path, "--resume", f"runs/{d.name}", "--duration", "0.000016", "--workers", "0")
+    assert "Stopped by" not in out and newest(d)["counters"]["nimg"] == 16  # no --time-limit: ran to the end
+
+
+@pytest.mark.slow
+def test_moved_dataset_resumes_by_content(data, tmp_path):
+    """Item 2: the job is requeued where the data was staged elsewhere; a symlink is the same dataset;
+    a different dataset at the recorded path is refused in one line."""
+    (tmp_path / "node1").mkdir()
+    shutil.copy(data, tmp_path / "node1" / "tiny.zip")
+    train(tmp_path, *tiny("node1/tiny.zip", "--duration", "0.000004"))
+    d = run_dir(tmp_path / "runs")
+    (tmp_path / "node1").rename(tmp_path / "node2")
+
+    out = train(tmp_path, "--resume", str(d), "--duration", "0.000008", code=2)  # the recorded path is gone
+    (err,) = error_lines(out)
+    assert str(tmp_path / "node1" / "tiny.zip") in err and "--path" in err and "not there" in err
+
+    out = train(tmp_path, "--resume", str(d), "--path", "node2/tiny.zip", "--duration", "0.000008")
+    assert "Dataset moved" in out and newest(d)["counters"]["nimg"] == 8
+    recorded = json.loads((d / "training_options.json").read_text())
+    assert recorded["path"] == str(tmp_path / "node2" / "tiny.zip") and recorded["duration"] == 8e-6
+
+    (tmp_path / "node3").mkdir()
+    os.symlink(tmp_path / "node2" / "tiny.zip", tmp_path / "node3" / "tiny.zip")
+    out = train(tmp_path, *tiny("node3/tiny.zip", "--duration", "0.000012", "--resume", "auto"))
+    assert f"Resuming from {Path('runs') / d.name}" in out and newest(d)["counters"]["nimg"] == 12
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # never silently a new run from 0
+
+    os.unlink(tmp_path / "node3" / "tiny.zip")
+    write_dataset(tmp_path / "node3" / "tiny.zip", seed=1)  # another dataset where the run's data was
+    before = files(d)
+    for args in (tiny("node3/tiny.zip", "--duration", "0.000016", "--resume", "auto"),
+                 ["--resume", str(d), "--path", "node3/tiny.zip", "--duration", "0.000016"]):
+        (err,) = error_lines(train(tmp_path, *args, code=2))
+        assert "node3/tiny.zip" in err and "changed since" in err and "16 images" in err, err
+    assert files(d) == before
+
+
+@pytest.mark.slow
+def test_finished_run_writes_nothing_and_duration_extends(data, tmp_path):
+    """Items 4 and 5: resuming a finished run says so and writes nothing; an extended --duration is
+    recorded, so a later `--resume DIR` does not train past it."""
+    args = tiny(data, "--duration", "0.000004")
+    train(tmp_path, *args)
+    d = run_dir(tmp_path / "runs")
+    before = files(d)
+    for resume in ("auto", str(d), str(d / "training-state-000000.pt")):
+        out = train(tmp_path, *args, "--resume", resume)
+        assert "already finished at 0.004 kimg" in out and "--duration" in out
+        assert files(d) == before
+    train(tmp_path, "--resume", str(d), "--duration", "0.000008")
+    assert newest(d)["counters"]["nimg"] == 8
+    after = files(d)
+    out = train(tmp_path, "--resume", str(d))
+    assert "already finished at 0.008 kimg" in out and files(d) == after
+
+
+@pytest.mark.slow
+def test_dry_run_says_what_it_would_resume(data, tmp_path):
+    """Item 6: what a requeue script needs to know, and nothing written."""
+    args = tiny(data, "--duration", "0.000004")
+    out = train(tmp_path, *args, "--resume", "auto", "--dry-run")
+    assert "resume: would start a new run in runs (no run in runs with this dataset" in out
+    assert not (tmp_path / "runs").exists()
+    train(tmp_path, *args)
+    d = run_dir(tmp_path / "runs")
+    before = files(d)
+    out = train(tmp_path, *args[:-2], "--duration", "0.000008", "--resume", "auto", "--dry-run")
+    assert f"resume: would resume {Path('runs') / d.name / 'training-state-000000.pt'} at 0.004 kimg" in out
+    out = train(tmp_path, *args, "--resume", "auto", "--dry-run")
+    assert "resume: would do nothing" in out and "already finished at 0.004 kimg" in out
+    assert files(d) == before
+
+
+@pytest.mark.slow
+def test_poisoned_states_are_never_resumed(data, tmp_path):
+    """Item 7: losses turn NaN at the 5th step, below the 10-step stop; states are dumped every tick (one
+    step) within one kimg. The states since the first NaN are -nonfinite, none overwrites another, and
+    --resume auto picks the newest one whose losses were all finite (this test replaces one that accepted
+    a state saved after a NaN step)."""
+    args = tiny(data, "--dump", "1", "--duration", "0.0001")
+    out = train(tmp_path, *args, code=1, patch=NAN_LOSSES.format(start=5, stop=10**9))
+    (err,) = error_lines(out)
+    d = run_dir(tmp_path / "runs")
+    assert "10 consecutive non-finite losses" in err and "training-state-000000_2.pt" in err
+    resumable = sorted(p.name for p in d.glob("training-state-*.pt") if STATE_RE.fullmatch(p.name))
+    assert resumable == ["training-state-000000.pt", "training-state-000000_1.pt", "training-state-000000_2.pt"]
+    assert [load_state(d / n)["counters"]["nimg"] for n in resumable] == [8, 12, 16]
+    poisoned = sorted(d.glob("training-state-*-nonfinite.pt"))
+    assert len(poisoned) == 10 and {load_state(p)["counters"]["nimg"] for p in poisoned} == set(range(20, 60, 4))
+    # A lower lr; the count of consecutive non-finite losses starts afresh (one more is tolerated).
+    out = train(tmp_path, *args, "--resume", "auto", "--lr", "1e-4", patch=NAN_LOSSES.format(start=1, stop=1))
+    assert f"Resuming from {Path('runs') / d.name / 'training-state-000000_2.pt'} at " in out
+    assert newest(d)["counters"]["nimg"] == 100 and newest(d)["counters"]["nonfinite"] == 0
+
+
+def test_optimiser_moments_count_for_finiteness():
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    state = TrainState(net, EMA(net, halflife_nimg=1.0), opt)
+    assert state.finite()
+    next(iter(opt.state.values()))["exp_avg_sq"][0] = float("inf")
+    assert not state.finite()
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_folder(data, tmp_path):
+    """Issue 19 item 11: a second `--resume auto` on a run folder in use stops with one line naming the
+    holder and touches nothing there; the lock dies with its process (kill -9 leaves no stale lock)."""
+    args = tiny(data, "--duration", "0.000004")
+    train(tmp_path, *args)
+    d = run_dir(tmp_path / "runs")
+    driver = tmp_path / "driver.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    log = open(tmp_path / "holder.log", "w")
+    holder = subprocess.Popen([sys.executable, str(driver), *args[:-2], "--duration", "1", "--tick", "1",
+                               "--resume", "auto"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "Training from" not in (tmp_path / "holder.log").read_text():
+            assert holder.poll() is None and time.time() < deadline, (tmp_path / "holder.log").read_text()
+            time.sleep(0.2)
+        planted = d / ".stats.jsonl.abc.tmp"  # as if the holder were writing it
+        planted.write_text("")
+        out = train(tmp_path, *args[:-2], "--duration", "0.000008", "--resume", "auto", code=1)
+        (err,) = error_lines(out)
+        assert f"{Path('runs') / d.name} is in use by another training process (pid {holder.pid} on " in err
+        assert planted.exists() and (d / "log.txt").read_text().count("Resuming from") == 1  # the holder's only
+    finally:
+        holder.kill()
+        holder.wait()
+        log.close()
+    out = train(tmp_path, *args[:-2], "--duration", "0.000008", "--resume", "auto")
+    assert f"Resuming from {Path('runs') / d.name}" in out and newest(d)["counters"]["nimg"] == 8

@@ -184,9 +184,11 @@ OPTIONS = [
         help="How often to save a sample grid, for image models (0: never)."),
     opt("--resume", metavar="PT|DIR|auto", type=str, default=None,
         help="Resume from a training state or the newest valid one in a run directory, with that run's "
-             "recorded options (flags given again override them, but not the model's and data's); or 'auto': "
-             "the newest run in --outdir with the same data and model options, else a fresh start. "
-             "training-state-*-nonfinite.pt (saved when losses diverged) is never picked."),
+             "recorded options (flags given again override them, but not the model's; --time-limit is never "
+             "carried over); or 'auto': the newest run in --outdir with the same dataset and model options, else "
+             "a fresh start. The dataset is matched by content, so --path may name where it lies now. A "
+             "finished run is left as it is (a larger --duration extends it). "
+             "training-state-*-nonfinite.pt (saved after non-finite losses) is never picked."),
     opt("--device", type=str, default=None, help="cpu | cuda | cuda:N  [default: cuda if available]"),
     opt("--workers", metavar="INT", type=click.IntRange(min=0), default=default_workers(),
         help="DataLoader worker processes."),
@@ -194,7 +196,8 @@ OPTIONS = [
     opt("--wandb_dir", metavar="DIR", type=str, default=D.wandb_dir,
         help="wandb's directory (wandb is used when WANDB_ENTITY and WANDB_PROJECT are set)."),
     opt("--resume_id", metavar="ID", type=str, default=None, help="wandb run id to continue."),
-    opt("--dry-run", "-n", type=bool, default=False, help="Print the options and exit, writing nothing."),
+    opt("--dry-run", "-n", type=bool, default=False,
+        help="Print the options and the state --resume would resume (or why a new run), then exit, writing nothing."),
 ]
 
 
@@ -252,18 +255,22 @@ def recorded_run_options(resume: str | None) -> tuple[Path, dict] | None:
 
 def with_recorded_options(kwargs: dict) -> dict:
     """`--resume DIR` continues that run with its recorded options. Flags given again override them,
-    except those that define the model and its data, which must agree (one line names the first that differs)."""
+    except those that define the model, which must agree (one line names the first that differs). The
+    dataset is checked by content when the run starts, so `--path` may name it where it lies now."""
     recorded = recorded_run_options(kwargs.get("resume"))
     if recorded is None:
         return kwargs
     path, values = recorded
     ctx = click.get_current_context()
     given = {k for k in kwargs if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    for name in sorted(given & set(IDENTITY)):
+    for name in sorted(given & set(IDENTITY) - {"path"}):
         if kwargs[name] != values.get(name):
             raise click.UsageError(f"--{name} {_show(kwargs[name])} differs from the resumed run's "
                                    f"{_show(values.get(name))} (recorded in {path}); drop the flag or start a new run")
-    keep = {"resume", "dry_run", "device", "workers", "batch_gpu"}  # how this command runs, not what it trains
+    if "path" not in given and not Path(str(values.get("path"))).exists():
+        raise click.UsageError(f"--resume: the run's dataset {values.get('path')} (recorded in {path}) is not there; "
+                               f"pass --path with where it lies now")
+    keep = {"resume", "dry_run", "device", "workers", "batch_gpu", "time_limit"}  # how this command runs
     return {k: (v if k in given or k in keep or k not in values else values[k]) for k, v in kwargs.items()}
 
 

@@ -31,9 +31,9 @@ from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshots
 from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
-from vcdm.train.rundir import RunPlan, plan_run
+from vcdm.train.rundir import RunPlan, decide, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
-from vcdm.train.state import StateError, TrainState, load_state, save_state, state_name
+from vcdm.train.state import StateError, TrainState, free_state_path, load_state, save_state
 from vcdm.train.step import StepSetup, train_step
 from vcdm.train.ticks import TickStats, tick_line
 
@@ -67,8 +67,21 @@ def dry_run(opts: TrainOptions) -> None:
           f"condition on {list(structure.observed_names)} ({structure.observed_dim} values)")
     print(f"network: {net_class} {json.dumps(net_kwargs)}")
     print(describe(opts))
+    print(f"resume: {describe_plan(opts)}")
     print("Dry run; exiting.")
     return None
+
+
+def describe_plan(opts: TrainOptions) -> str:
+    """What a run with these options would resume (for --dry-run): the state and its kimg, or why none."""
+    plan, state, why = decide(opts)
+    if plan.resume is None:
+        return f"would start a new run in {opts.outdir} ({why})"
+    kimg = state["counters"]["nimg"] / 1000
+    if plan.finished_nimg is not None:
+        return f"would do nothing: {plan.resume} already finished at {kimg:g} kimg (--duration {opts.duration:g} Mimg)"
+    moved = f"; its dataset moved from {plan.moved_from}" if plan.moved_from else ""
+    return f"would resume {plan.resume} at {kimg:g} kimg ({why}{moved})"
 
 
 @dataclass
@@ -84,6 +97,7 @@ class Run:
     logger: RunLogger | None = None
     preview: dict[str, Any] | None = None
     last_state: Path | None = None  # the newest training state written (or resumed from)
+    nonfinite_steps: int = 0  # steps with non-finite losses since the last training state
 
 
 class Trainer:
@@ -116,7 +130,13 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = False
         if o.fp16 and self.device.type != "cuda":
             raise OptionError("--fp16 needs CUDA (GradScaler); on CPU use --bf16")
-        plan, loaded = plan_run(o)
+        plan, loaded, lock = plan_run(o)
+        if lock is not None:
+            self.cleanup.callback(lock.release)
+        if plan.finished_nimg is not None:
+            dist.print0(f"{plan.resume}: already finished at {plan.finished_nimg / 1000:g} kimg (--duration "
+                        f"{o.duration:g} Mimg); nothing to do. To train longer, pass a larger --duration")
+            return plan.run_dir
         if o.seed is None:
             o.seed = plan.seed  # the resumed run's seed (its data order and noise), else a random one
         elif plan.resume is not None and o.seed != plan.seed:
@@ -140,7 +160,8 @@ class Trainer:
 
         ddp = wrap_ddp(state.net, self.device)
         step = self.step_setup(s, with_net(s.denoiser, ddp), ddp, maker, rounds, batch_gpu)
-        training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu, network=s.net_class)
+        training = dict(o.to_dict(), world_size=self.world, batch_gpu=batch_gpu, network=s.net_class,
+                        dataset=plan.dataset)
         outputs = Outputs(plan.run_dir, resumable=plan.resume is not None)
         run = Run(s, state, step, batches, plan, outputs, s.config(training), last_state=plan.resume)
         if self.rank == 0:
@@ -204,7 +225,7 @@ class Trainer:
         """Process 0: make the run directory, remove a killed run's temp files, open the logs.
         None if that failed (recorded in run.outputs; a directory made here is removed again)."""
         o, run_dir = self.opts, run.plan.run_dir
-        existed = run_dir.is_dir()
+        existed = not run.plan.created
         for p in remove_stale_temp_files(run_dir) if existed else []:
             print(f"removed {p.name}, a temp file left by an interrupted run", flush=True)
         logger = None
@@ -213,8 +234,7 @@ class Trainer:
             nonlocal logger
             logger = RunLogger(run_dir, resume_nimg=run.state.counters["nimg"] if run.plan.resume else None,
                                tensorboard=o.tensorboard, use_wandb=run.plan.wandb_id is not None)
-            if run.plan.resume is None:
-                logger.write_options(training)
+            logger.write_options(training)  # a resumed run's too: its --duration and dataset path may be new
 
         if not run.outputs.attempt(run_dir, start):
             if logger is not None:
@@ -310,6 +330,7 @@ class Trainer:
         while True:
             result = train_step(run.state, run.step, run.batches, want_stop)
             stats.add(result.totals, result.finite)
+            run.nonfinite_steps += not result.finite
             diverged = o.max_nonfinite > 0 and counters["nonfinite"] >= o.max_nonfinite
             done = counters["nimg"] >= total_nimg or result.stop or diverged
             if not done and counters["tick"] != 0 and counters["nimg"] < stats.start_nimg + o.tick * 1000:
@@ -331,9 +352,10 @@ class Trainer:
             print("Exiting...", flush=True)
 
     def save_tick(self, run: Run, done: bool, diverged: bool) -> None:
-        """Snapshot, training state and sample grid as the intervals say (all at the end). A diverged
-        run's state, or one with non-finite weights, is saved as training-state-*-nonfinite.pt, which
-        --resume passes over; a diverged run writes no snapshot or grid."""
+        """Snapshot, training state and sample grid as the intervals say (all at the end). A state is
+        resumable only if its weights and optimiser moments and every loss since the last state are finite;
+        otherwise it is saved as training-state-*-nonfinite.pt, which --resume passes over. A diverged run
+        writes no snapshot or grid."""
         o, state, outputs, run_dir = self.opts, run.state, run.outputs, run.plan.run_dir
         tick = state.counters["tick"]
         state.counters["tick"] += 1  # the state records the next tick
@@ -341,11 +363,12 @@ class Trainer:
         if not diverged and (done or (o.snap and tick % o.snap == 0)):
             write_snapshots(outputs, run_dir, state.ema, run.setup.embedder, run.config, state.counters["nimg"])
         if done or (o.dump and tick % o.dump == 0 and tick != 0):
-            data = state.state_dict(json.dumps(o.to_dict()))
-            poisoned = diverged or not state.finite()
-            path = run_dir / state_name(kimg, suffix="-nonfinite" if poisoned else "")
+            data = state.state_dict(json.dumps(dict(o.to_dict(), dataset=run.plan.dataset)))
+            poisoned = diverged or run.nonfinite_steps > 0 or not state.finite()
+            path = free_state_path(run_dir, kimg, resumable=not poisoned)
             if outputs.attempt(path, lambda: save_state(path, data)) and not poisoned:
                 run.last_state, outputs.resumable = path, True
+            run.nonfinite_steps = 0
             del data
         if run.preview is not None and o.sample and not diverged and (done or tick % o.sample == 0):
             path = run_dir / f"samples-{kimg:06d}.png"

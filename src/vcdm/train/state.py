@@ -1,4 +1,6 @@
 """Training states: `training-state-<kimg:06d>.pt` + a JSON sidecar with its size and SHA-256.
+A later state within the same integer kimg (short ticks, a resumed run) is `training-state-<kimg>_<n>.pt`:
+no state overwrites another.
 
 A state holds only state dicts, tensors and plain numbers, so ``torch.load(weights_only=True)`` reads
 it. Writes are atomic (a killed run never leaves a truncated state); a state damaged elsewhere fails
@@ -22,16 +24,25 @@ from vcdm.fileio import atomic_path, atomic_write
 from vcdm.safeload import load_json, load_torch_zip
 
 SIDECAR_BYTES = 1 << 16  # a sidecar holds a size, a digest and a count
-STATE_RE = re.compile(r"training-state-(\d+)\.pt")
+STATE_RE = re.compile(r"training-state-(\d+)(?:_(\d+))?\.pt")  # resumable names; "-nonfinite" ones never match
+NONFINITE = "-nonfinite"
 
 
 class StateError(ValueError):
     """A training state that cannot be used."""
 
 
-def state_name(kimg: int, suffix: str = "") -> str:
-    """`training-state-<kimg>.pt`; with a suffix (e.g. "-nonfinite") a name that `--resume` never picks."""
-    return f"training-state-{kimg:06d}{suffix}.pt"
+def state_name(kimg: int, suffix: str = "", counter: int = 0) -> str:
+    """`training-state-<kimg>[_<counter>].pt`; with a suffix (e.g. "-nonfinite") a name `--resume` never picks."""
+    return f"training-state-{kimg:06d}{f'_{counter}' if counter else ''}{suffix}.pt"
+
+
+def free_state_path(run_dir: Path, kimg: int, resumable: bool) -> Path:
+    """The first name for a state at `kimg` that no earlier state (resumable or not) of the run holds."""
+    counter = 0
+    while any((run_dir / state_name(kimg, s, counter)).exists() for s in ("", NONFINITE)):
+        counter += 1
+    return run_dir / state_name(kimg, "" if resumable else NONFINITE, counter)
 
 
 def _digest(path: Path) -> str:
@@ -95,7 +106,7 @@ def newest_valid_state(run_dirs: list[Path]) -> tuple[Path, dict[str, Any]] | No
             nimg = None
         if type(nimg) is not int:  # no sidecar, or a damaged one (load_state then says what is wrong)
             nimg = int(STATE_RE.fullmatch(p.name).group(1)) * 1000
-        return nimg, p.stat().st_mtime
+        return nimg, int(STATE_RE.fullmatch(p.name).group(2) or 0), p.stat().st_mtime
 
     for p in sorted(candidates, key=key, reverse=True):
         try:
@@ -171,8 +182,9 @@ class TrainState:
         self.rng = list(state.get("rng", []))
 
     def finite(self) -> bool:
-        """Whether every weight of the network and its EMA is finite (a state worth resuming from)."""
-        tensors = list(self.net.state_dict().values()) + list(self.ema.state_dict().values())
+        """Whether every weight of the network and its EMA and every optimiser moment is finite."""
+        moments = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        tensors = list(self.net.state_dict().values()) + list(self.ema.state_dict().values()) + moments
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
     def restore_rng(self, rank: int, world_size: int) -> bool:
