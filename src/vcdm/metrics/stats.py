@@ -64,12 +64,11 @@ class FeatureStats:
         """Read a .npz with `mu` and `sigma` (EDM's fid-refs or ours), plus `features` if present."""
         try:
             arrays = _read_npz(Path(path))
+        except StatsError as e:
+            raise StatsError(f"{path}: {e}") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
             raise StatsError(f"{path}: cannot read reference statistics ({str(e).splitlines()[0][:200]})") from None
-        mu, sigma, features = arrays.get("mu"), arrays.get("sigma"), arrays.get("features")
-        if mu is None or sigma is None:
-            found = ", ".join(f"{k}{list(v.shape)}" for k, v in arrays.items()) or "nothing"
-            raise StatsError(f"{path}: expected an .npz with 'mu' (D,) and 'sigma' (D, D) like EDM's fid-refs; found {found}")
+        mu, sigma, features = arrays["mu"], arrays["sigma"], arrays.get("features")
         for name, value in (("mu", mu), ("sigma", sigma), ("features", features)):
             if value is not None and not np.isfinite(value).all():
                 raise StatsError(f"{path}: '{name}' holds non-finite values (NaN or inf); the file is damaged")
@@ -87,10 +86,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         budget = file_budget(info.st_size)
         budget.take(ZIPINFO_BYTES * zip_entry_count(f, info.st_size), "the archive's directory")
         with zipfile.ZipFile(f) as zf:
-            names, headers = set(zf.namelist()), {}
-            for name in REFERENCE_ARRAYS:
-                if f"{name}.npy" in names:
-                    headers[name] = _npy_header(zf, f"{name}.npy")
+            npys = [n for n in zf.namelist() if n.endswith(".npy")]
+            headers = {n.removesuffix(".npy"): _npy_header(zf, n) for n in npys}
+            if "mu" not in headers or "sigma" not in headers:
+                found = ", ".join(f"{k}{list(h[0])}" for k, h in headers.items()) or "nothing"
+                raise StatsError(f"expected an .npz with 'mu' (D,) and 'sigma' (D, D) like EDM's fid-refs; "
+                                 f"found {found}"[:300])
+            headers = {k: h for k, h in headers.items() if k in REFERENCE_ARRAYS}
+            for name, (_, dtype, _) in headers.items():
+                if dtype.kind != "f" or dtype.hasobject:
+                    raise ValueError(f"'{name}' holds {dtype} values; expected floating point numbers")
             dim = headers["mu"][0][0] if "mu" in headers and len(headers["mu"][0]) == 1 else None
             expected = {"mu": (dim,), "sigma": (dim, dim), "features": (None, dim)}
             for name, (shape, dtype, _) in headers.items():
@@ -108,7 +113,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype, zipfile.ZipInfo]:
-    """Shape and dtype from an .npy member's header, checked: a float dtype, and data exactly filling the member."""
+    """Shape and dtype from an .npy member's header (its data checked to fill the member exactly)."""
     info = zf.getinfo(member)
     with zf.open(info) as f:
         version = np.lib.format.read_magic(f)
@@ -117,8 +122,8 @@ def _npy_header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.d
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(f, max_header_size=10_000)
         header_size = f.tell()
-    if dtype.kind != "f" or dtype.hasobject:
-        raise ValueError(f"'{member.removesuffix('.npy')}' holds {dtype} values; expected floating point numbers")
+    if dtype.hasobject:
+        raise ValueError(f"'{member}' holds Python objects (a pickle); refused")
     if header_size + math.prod(shape) * dtype.itemsize != info.file_size:
         raise ValueError(f"'{member}' holds {info.file_size:,} bytes, not the {math.prod(shape):,} values of "
                          f"{dtype} its header claims (damaged or hostile)")
