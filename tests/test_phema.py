@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from edm_fakes import edm2_pickle
 from test_train import _assert_same_weights, _interrupt_after, last_state
 from tiny_runs import PRIOR, TINY_UNET, base_args, error_lines, run, run_dir
 from vcdm.checkpoints import load_checkpoint, read_config
@@ -232,6 +233,24 @@ def test_phema_input_errors_are_one_line(profile_run, tmp_path, data):
     mixed = [profile_run / "network-snapshot-000001-0.050.safetensors", *run_dir(other).glob("network-snapshot-*")]
     (err,) = error_lines(phema(*mixed, "--std", "0.1", "--outdir", tmp_path, code=2).output)
     assert "net_kwargs differs" in err
+
+
+def test_phema_reads_edm2_raw_snapshots(fake_modules, marker, tmp_path):
+    """EDM2's raw snapshots (<prefix>-<kimg>-<std>.pkl) through the restricted unpickler; EDM2's own
+    reconstructions (phema-*.pkl) in the same folder are not inputs. The fake snapshots all hold the same
+    weights, so any reconstruction (coefficients summing to 1) gives them back, to float16 rounding."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for kimg, std in ((4194, 0.05), (4194, 0.1), (8388, 0.05), (8388, 0.1)):
+        state = edm2_pickle(raw / f"edm2-img16-t-{kimg:07d}-{std:.3f}.pkl", marker)
+    edm2_pickle(raw / "phema-0008388-0.150.pkl", marker)
+    r = phema("--run", raw, "--std", "0.07", "--outdir", tmp_path / "out")
+    assert "4 snapshots, kimg 4194 to 8388" in r.output and not marker.exists()
+    denoiser, config, _ = load_checkpoint(tmp_path / "out" / "phema-008388-0.070.safetensors")
+    assert config["training"]["nimg"] == 8388608 and config["training"]["posthoc_ema"]["std"] == 0.07
+    got = denoiser.net.state_dict()
+    for k, v in state.items():
+        torch.testing.assert_close(got[k], v.float(), rtol=0, atol=2e-3 * max(1.0, v.float().abs().max().item()))
 
 
 def test_phema_refuses_to_overwrite(profile_run, tmp_path):

@@ -35,7 +35,8 @@ def std_list(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.command("phema", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("snapshots", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--run", "--indir", "run_dir", metavar="DIR", type=click.Path(path_type=Path), default=None,
-              help="A run directory: its network-snapshot-<kimg>-<std>.safetensors are the inputs.")
+              help="A run directory: its network-snapshot-<kimg>-<std>.safetensors are the inputs (or EDM2's raw "
+                   "snapshots, <prefix>-<kimg>-<std>.pkl).")
 @click.option("--std", "--outstd", "stds", metavar="LIST", required=True, callback=std_list,
               help="EMA lengths (relative standard deviations) to reconstruct: 0.05,0.12 or 0.01,0.02,...,0.25.")
 @click.option("--kimg", "--outkimg", metavar="KIMG", type=click.IntRange(min=0), default=None,
@@ -50,8 +51,9 @@ def std_list(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 def command(snapshots: tuple[Path, ...], run_dir: Path | None, stds: list[float], kimg: int | None,
             in_stds: list[float] | None, outdir: Path, group: int, overwrite: bool) -> None:
     """Reconstruct the network's EMA of any length after training (post-hoc EMA, EDM2) from the power-function
-    EMA snapshots of a run trained with --ema-std, or from SNAPSHOTS given as files. Each output is a vcdm
-    checkpoint that `vcdm generate` and `vcdm sample` use as any other.
+    EMA snapshots of a run trained with --ema-std, or from SNAPSHOTS given as files. EDM2's raw snapshots
+    (.pkl) are inputs too: read through vcdm's restricted unpickler, no code from them runs. Each output is a
+    vcdm checkpoint that `vcdm generate` and `vcdm sample` use as any other.
 
     \b
     # Training keeps two profiles and writes both with each snapshot:
@@ -61,6 +63,8 @@ def command(snapshots: tuple[Path, ...], run_dir: Path | None, stds: list[float]
     vcdm phema --run training-runs/00000-run --std 0.02,0.04,...,0.20 --outdir phema
     # At the snapshots of 2000 kimg:
     vcdm phema --run training-runs/00000-run --std 0.1 --kimg 2000 --outdir phema
+    # From EDM2's published raw snapshots:
+    vcdm phema --run raw-snapshots/edm2-img512-xs --std 0.135 --outdir phema
     """
     from vcdm.train import phema as phema_io
 
@@ -72,8 +76,8 @@ def command(snapshots: tuple[Path, ...], run_dir: Path | None, stds: list[float]
             raise ValueError(f"--std: {bad[0]} is not a length in (0, {phema_io.MAX_STD:.3f})")
         paths = (phema_io.run_snapshots(run_dir) if run_dir is not None else []) + list(snapshots)
         if not paths:
-            raise ValueError(f"--run: no network-snapshot-<kimg>-<std>.safetensors in {run_dir} "
-                             "(was it trained with --ema-std?)")
+            raise ValueError(f"--run: no network-snapshot-<kimg>-<std>.safetensors (nor EDM2 raw snapshots) in "
+                             f"{run_dir} (was it trained with --ema-std?)")
         inputs = phema_io.open_inputs(paths, in_stds)
         plan = phema_io.plan(inputs, stds, kimg)
         targets = [outdir / phema_io.output_name(plan.nimg, s) for s in stds]

@@ -25,6 +25,7 @@ import torch
 
 MAX_STD = math.sqrt(1 / 12)  # gamma = 0 (a uniform average of all training); longer profiles need gamma < 0
 SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.safetensors")
+EDM2_SNAPSHOT_RE = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl")  # EDM2's raw snapshots; its reconstructions are phema-*
 
 
 class PhemaError(ValueError):
@@ -217,11 +218,26 @@ def read_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def run_snapshots(run_dir: str | Path) -> list[Path]:
-    """The power-function EMA snapshots in a run directory (network-snapshot-<kimg>-<std>.safetensors)."""
+    """The power-function EMA snapshots in a run directory: vcdm's network-snapshot-<kimg>-<std>.safetensors,
+    or EDM2's raw snapshots <prefix>-<kimg>-<std>.pkl (not its reconstructions, phema-<kimg>-<std>.pkl)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PhemaError(f"--run: {run_dir} is not a directory")
-    return sorted(p for p in run_dir.iterdir() if SNAPSHOT_RE.fullmatch(p.name))
+
+    def edm2(name: str) -> bool:
+        m = EDM2_SNAPSHOT_RE.fullmatch(name)
+        return m is not None and m.group(1) != "phema"
+
+    return sorted(p for p in run_dir.iterdir() if SNAPSHOT_RE.fullmatch(p.name) or edm2(p.name))
+
+
+def open_input(path: str | Path) -> Input:
+    """A vcdm snapshot, or an EDM2 raw snapshot (.pkl, read through the restricted unpickler, no code runs)."""
+    if Path(path).suffix == ".pkl":
+        from vcdm.legacy.edm2 import phema_input
+
+        return phema_input(path)
+    return checkpoint_input(path)
 
 
 IDENTITY = ("network", "net_kwargs", "denoiser", "structure", "embedder")
@@ -229,7 +245,7 @@ IDENTITY = ("network", "net_kwargs", "denoiser", "structure", "embedder")
 
 def open_inputs(paths: Sequence[str | Path], stds: Sequence[float] | None = None) -> list[Input]:
     """Open the inputs (only profiles of lengths `stds`, if given) and check that they are one network's."""
-    inputs = [checkpoint_input(p) for p in paths]
+    inputs = [open_input(p) for p in paths]
     if stds is not None:
         inputs = [i for i in inputs if any(abs(i.snapshot.std - s) < 5e-4 for s in stds)]
     for other in inputs[1:]:
