@@ -181,7 +181,7 @@ def test_grid(models, tmp_path):
     assert np.array_equal(grid[RES:, :RES], np.asarray(PIL.Image.open(tmp_path / "o" / "000003.png")))
     bad = run(generate_cmd, ["--network", models["prior"], "--outdir", tmp_path / "p", "--seeds", "0", "--grid",
                              tmp_path / "g2.png"], ok=False)
-    assert bad.exit_code == 1 and "--grid" in bad.output
+    assert bad.exit_code == 2 and "--grid" in bad.output
 
 
 def test_refuses_incompatible_prior(models, tmp_path):
@@ -234,7 +234,7 @@ def test_bad_seeds_one_line_error(models, tmp_path, seeds):
 def test_bad_options(models, tmp_path):
     result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path, "--sampler", "dpm2m",
                                 "--S_churn", 10], ok=False)
-    assert result.exit_code == 1 and "dpm2m is deterministic" in result.output
+    assert result.exit_code == 2 and "dpm2m is deterministic" in result.output
     result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path, "--guidance", 2], ok=False)
     assert "--guidance" in result.output
     result = run(generate_cmd, ["--network", tmp_path / "missing.safetensors"], ok=False)

@@ -219,7 +219,7 @@ def test_fast_preset_settings_and_flags():
     @click.command()
     @sampler_options()
     @sampler_options("image-", STAGE_DEFAULTS)
-    @preset_option
+    @preset_option(both_stages=True)
     def cmd(**kwargs):
         preset = kwargs.pop("preset")
         got["generate"] = pop_sampler_options(kwargs, preset=preset)

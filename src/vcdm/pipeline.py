@@ -23,7 +23,7 @@ from vcdm.generate.core import (DatasetConditions, Model, check_request, check_s
                                 load_model, split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
 from vcdm.generate.options import FLAG_NAMES, GenerateError, InferenceChoices, SamplerOptions, inference_settings
-from vcdm.generate.two_stage import check_chain
+from vcdm.generate.two_stage import check_chain, stage_classes
 
 INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
 RELEASE_RECIPE = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}  # `vcdm sample`'s defaults, both stages
@@ -80,7 +80,10 @@ def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    """'cpu', 'cuda', 'cuda:N' or None (CUDA when available); one clear error naming ``device`` otherwise."""
+    from vcdm.distributed import parse_device
+
+    return parse_device(device, "device")
 
 
 class Pipeline:
@@ -106,17 +109,17 @@ class Pipeline:
         return ["batch", "class_idx", "load_obs_from", "data_path", "increment_seeds", "preset", "progress", *FIELDS,
                 *INFERENCE_OPTIONS]
 
-    def __call__(self, seeds: Sequence[int], *, batch: int = 64, class_idx: int | None = None,
+    def __call__(self, seeds: str | Sequence[int], *, batch: int = 64, class_idx: int | None = None,
                  load_obs_from: str | os.PathLike | None = None, data_path: str | None = None,
                  increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
                  **options: Any) -> PipelineOutput:
-        """Sample ``seeds``; ``options``: ``vcdm generate``'s sampler options under their flag names
-        (``steps``, ``sigma_min``, ``S_churn``, ``disc``, ``sampler``, ``guidance``, ``gnet``,
-        ``guidance_interval=(lo, hi)`` …) and ``bf16``,
+        """Sample ``seeds`` (as --seeds writes them, "0-15,20", or a range or sequence of ints); ``options``:
+        ``vcdm generate``'s sampler options under their flag names (``steps``, ``sigma_min``, ``S_churn``,
+        ``disc``, ``sampler``, ``guidance``, ``gnet``, ``guidance_interval=(lo, hi)`` …) and ``bf16``,
         ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
         opts = sampler_options(options, preset=preset)
         settings = self.prepare(options)
-        seeds = check_seeds(seeds, batch)
+        seeds = list(check_seeds(seeds, batch, "seeds", "batch"))
         check_request(self.model, opts, class_idx, None)
         if load_obs_from is not None:
             check_obs_files(load_obs_from, seeds)
@@ -185,7 +188,7 @@ class TwoStagePipeline:
         return cls(Pipeline.from_checkpoint(prior, device, clip_weights),
                    Pipeline.from_checkpoint(image_model, device, clip_weights))
 
-    def __call__(self, seeds: Sequence[int], *, batch: int = 64, class_idx: int | None = None,
+    def __call__(self, seeds: str | Sequence[int], *, batch: int = 64, class_idx: int | None = None,
                  increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
                  **options: Any) -> PipelineOutput:
         """Sample ``seeds``; ``options``: ``vcdm sample``'s under their flag names — ``prior_steps``,
@@ -198,11 +201,13 @@ class TwoStagePipeline:
         check_unknown(options, ["batch", "class_idx", "increment_seeds", "preset", "progress", *INFERENCE_OPTIONS,
                                 *(f"{stage}_{flag}" for stage in ("prior", "image") for flag in FIELDS)])
         check_chain(self.prior.model.config, self.image.model.config, class_idx=class_idx)
-        seeds = check_seeds(seeds, batch)
+        seeds = list(check_seeds(seeds, batch, "seeds", "batch"))
         stages = []
-        for pipe, opts in ((self.prior, prior_opts), (self.image, image_opts)):
-            conditioned = class_idx if "label" in pipe.model.structure.observed_names else None
-            check_request(pipe.model, opts, conditioned, None)
+        classes = stage_classes([self.prior.model.structure, self.image.model.structure], class_idx,
+                                "neither model")
+        for pipe, opts, conditioned, flags in ((self.prior, prior_opts, classes[0], "--prior-"),
+                                               (self.image, image_opts, classes[1], "--image-")):
+            check_request(pipe.model, opts, conditioned, None, flags)
             settings = pipe.prepare(dict(inference))
             stages.append((pipe, opts, conditioned, settings, pipe.guide(opts, settings)))
         (prior, p_opts, p_class, p_settings, p_guide), (image, i_opts, i_class, i_settings, i_guide) = stages
@@ -247,19 +252,23 @@ def _image_dataset(images: Any, num: int | None, seed: int):
     return list(images)
 
 
-def fid(images: Any, ref: Any, *, metrics: Sequence[str] = ("fid",), num: int | None = None, seed: int = 0,
+def fid(images: Any, ref: Any, *, metrics: str | Sequence[str] = ("fid",), num: int | None = None, seed: int = 0,
         batch: int = 64, inception_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
         progress: bool = False) -> dict[str, float]:
     """Score images against reference statistics, as ``vcdm fid calc`` → ``{"fid": …, "kid": …, …}``.
 
     ``images``: a folder or zip, or images in memory (see ``_image_dataset``); ``ref``: an .npz path or
     URL (``vcdm fid ref``, EDM's fid-refs) or a ``vcdm.metrics.FeatureStats``; ``metrics``: any of fid,
-    kid, pr (the last two need a reference with features); ``num``: a random subset of this size."""
+    kid, pr, as a list or as --metrics writes them ("fid,kid"; kid and pr need a reference with features);
+    ``num``: a random subset of this size."""
     from vcdm.metrics import METRICS, FeatureStats, InceptionFeatures, compute_stats, load_reference, scores
 
+    if isinstance(metrics, str):  # --metrics' syntax, "fid,kid"
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
-        raise ValueError(f"metrics: expected a subset of {', '.join(METRICS)}, got {list(metrics)}")
+        raise ValueError(f"metrics: expected a subset of {', '.join(METRICS)} (a list, or text like 'fid,kid'), "
+                         f"got {list(metrics)}")
     reference = ref if isinstance(ref, FeatureStats) else load_reference(str(ref), progress=progress)
     keep = any(m != "fid" for m in metrics)
     if keep and reference.features is None:

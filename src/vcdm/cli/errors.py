@@ -21,12 +21,14 @@ TORCH_WRITE_FAILED = re.compile(r"inline_container|file write failed|unexpected 
 @contextlib.contextmanager
 def user_errors(usage: bool = False, path: str | os.PathLike | None = None) -> Iterator[None]:
     """Turn library and OS errors raised in the block into click's one-line error (exit 1, or 2 for a
-    usage error when ``usage``); ``path``: the output an OS error without a file name concerns. Progress
-    bars are ``with tqdm(...)`` blocks, whose exit ends their line before the error is printed."""
+    usage error: when ``usage``, or for an error whose class sets ``usage_error``); ``path``: the output
+    an OS error without a file name concerns. Progress bars are ``with tqdm(...)`` blocks, whose exit ends
+    their line before the error is printed."""
     try:
         yield
     except ValueError as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        usage = usage or getattr(e, "usage_error", False)  # a bad flag value (vcdm.generate's FlagError)
         raise (click.UsageError(message) if usage else click.ClickException(message)) from None
     except OSError as e:
         raise click.ClickException(describe(e, path)) from None

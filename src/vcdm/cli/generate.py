@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import click
 
 from vcdm.cli.errors import user_errors
-from vcdm.fileio import parse_int_list
+from vcdm.fileio import IntRanges
 
 class SigmaInterval(click.ParamType):
     """``LO,HI`` → (lo, hi), two noise levels with 0 <= lo < hi (``inf`` allowed for HI)."""
@@ -76,12 +77,14 @@ def sampler_options(prefix: str = "", defaults: dict[str, Any] | None = None, st
 PRESETS = ("fast",)  # vcdm.diffusion.sampling.PRESETS
 
 
-def preset_option(f: Callable) -> Callable:
+def preset_option(both_stages: bool = False) -> Callable:
+    """--preset; ``both_stages``: `vcdm sample`'s, which sets the sampler of the prior and the image model."""
+    scope, per = (" for both stages", " per stage") if both_stages else ("", "")
     return click.option("--preset", type=click.Choice(PRESETS), help=(
-        "Named sampler settings for every stage; flags given explicitly still win. fast: UniPC, 12 steps = 12 "
-        "network evaluations per stage instead of the original release's 79 (40 Heun steps with churn), at a "
-        "Fréchet distance within the release setting's seed-to-seed noise or lower on the digits models "
-        "measured (README, benchmarks/solvers.py)"))(f)
+        f"Named sampler settings{scope}; flags given explicitly still win. fast: UniPC, 12 steps = 12 network "
+        f"evaluations{per} instead of the original release's 79 (40 Heun steps with churn), at a Fréchet distance "
+        "within the release setting's seed-to-seed noise or lower on the digits models measured (README, "
+        "benchmarks/solvers.py)"))
 
 
 def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | None = None):
@@ -90,7 +93,7 @@ def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | 
     from click.core import ParameterSource
 
     from vcdm.diffusion.sampling import CHURN_SAMPLERS, PRESETS as SETTINGS
-    from vcdm.generate import SamplerOptions
+    from vcdm.generate import GenerateError, SamplerOptions
 
     dest = prefix.replace("-", "_")
     if preset is not None:
@@ -100,7 +103,13 @@ def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | 
         ctx = click.get_current_context()
         kwargs.update({dest + k: v for k, v in values.items()
                        if ctx.get_parameter_source(dest + k) == ParameterSource.DEFAULT})
-    return SamplerOptions(**{key: kwargs.pop(dest + key) for _, key, _, _ in SAMPLER_FLAGS})
+    values = {key: kwargs.pop(dest + key) for _, key, _, _ in SAMPLER_FLAGS}
+    try:
+        return SamplerOptions(**values)
+    except GenerateError as e:  # its messages name the unprefixed flags: name this stage's (--image-steps)
+        if not prefix:
+            raise
+        raise type(e)(re.sub(r"--(?=\w)", f"--{prefix}", str(e))) from None
 
 
 def inference_options(f: Callable) -> Callable:
@@ -135,14 +144,14 @@ def pop_run_options(kwargs: dict[str, Any]):
                                                      "progress")})
 
 
-def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> IntRanges:
+    """--seeds as ranges (never a list of a billion ints); limits and bad syntax are bad parameters."""
+    from vcdm.generate.options import seed_list
+
     try:
-        seeds = parse_int_list(value, f"--{param.name}")
+        return seed_list(value, f"--{param.name}")
     except ValueError as e:
         raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
-    if any(s < 0 for s in seeds):
-        raise click.BadParameter(f"seeds must be non-negative, got '{value}'")
-    return seeds
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -164,7 +173,7 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--increment_seeds", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
               help="Add to every seed's noise seed: other samples for the same observations")
 @sampler_options()
-@preset_option
+@preset_option()
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda (one GPU per torchrun rank) if available, "
               "else cpu]")
 @inference_options
@@ -174,7 +183,7 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--overwrite", is_flag=True, help="Replace the samples of a results folder made with other settings "
               "(its vcdm-manifest.json records them)  [default: refuse]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar")
-def command(network: str, seeds: list[int], **kwargs: Any) -> None:
+def command(network: str, seeds: IntRanges, **kwargs: Any) -> None:
     """Generate one sample per seed with the techniques of "Elucidating the Design Space of Diffusion-Based
     Generative Models", skipping seeds already generated. Image models write <seed:06d>.png; models of
     embeddings write <seed:06d>.pt, which an image model reads back with --load_obs_from. The folder's

@@ -41,7 +41,7 @@ def stage_options(kwargs: dict[str, Any], prefix: str, preset: str | None = None
               help="Add to every seed's noise seed (both stages)")
 @sampler_options("prior-", STAGE_DEFAULTS, stage="Prior: ")
 @sampler_options("image-", STAGE_DEFAULTS, stage="Image model: ")
-@preset_option
+@preset_option(both_stages=True)
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
 @inference_options
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")

@@ -8,9 +8,10 @@ import click
 from vcdm.cli.errors import user_errors
 from vcdm.cli.generate import inference_options, parse_seeds, pop_inference, pop_sampler_options, sampler_options
 from vcdm.cli.sample import STAGE_DEFAULTS
+from vcdm.fileio import IntRanges
 
 
-def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None) -> IntRanges | None:
     return None if value is None else parse_seeds(ctx, param, value)
 
 
@@ -35,7 +36,7 @@ def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None
               help="Local CLIP weights for the embedder  [env: VCDM_CLIP_WEIGHTS]")
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
 @inference_options
-def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, ...], n: int, seeds: list[int] | None,
+def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, ...], n: int, seeds: IntRanges | None,
             **kwargs: Any) -> None:
     """Image variations (unCLIP-style): embed each input with the image model's own embedder (as
     recorded in its checkpoint) and sample images conditioned on that embedding.
@@ -51,7 +52,7 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
 
     ctx = click.get_current_context()
     if seeds is None:
-        seeds = list(range(n))
+        seeds = IntRanges([range(n)])
     elif ctx.get_parameter_source("n") != click.core.ParameterSource.DEFAULT and len(seeds) != n:
         raise click.BadParameter(f"{len(seeds)} seeds given but --n {n}", param_hint="'--seeds'")
     kwargs["device"] = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -80,6 +80,7 @@ REGISTRY: dict[str, Spec] = {
     "unipc": Spec(solvers.sample_unipc, frozenset(_SCHEDULE | {"order"})),
 }
 SAMPLERS = tuple(REGISTRY)
+MAX_STEPS = 10_000  # sampling steps: the noise levels and the work grow with them (1e9 would allocate 8 GB)
 CHURN_SAMPLERS = tuple(name for name, spec in REGISTRY.items() if spec.churn)  # take S_churn/S_min/S_max/S_noise
 
 
@@ -106,8 +107,8 @@ def noise_levels(model: Model, opts: dict[str, Any], device: torch.device,
     the network's ``net_range``."""
     disc = opts.pop("discretization", "edm")
     num_steps, eps = int(opts.pop("num_steps", 18)), opts.pop("epsilon_s", 1e-3)
-    if num_steps < 1:
-        raise ValueError(f"num_steps: expected at least 1, got {num_steps}")
+    if not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"num_steps: expected 1..{MAX_STEPS}, got {num_steps}")
     lo, hi = schedules.default_range(disc, eps)
     sigma_min = max(opts.pop("sigma_min", lo), net_range[0])
     sigma_max = min(opts.pop("sigma_max", hi), net_range[1])
@@ -156,6 +157,11 @@ def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = N
     if unknown:
         raise ValueError(f"sampler '{sampler}' does not take option(s) {', '.join(unknown)} "
                          f"(it takes {', '.join(sorted(spec.options))})")
+    numbers = {**opts, "guidance": guidance}
+    bad = [k for k, v in numbers.items() if isinstance(v, (int, float)) and not math.isfinite(v)
+           and not (k == "S_max" and v == math.inf)]  # S_max inf: churn at every level (EDM's default)
+    if bad:  # a NaN or inf option would run the whole sampler and return NaN samples
+        raise ValueError(f"{bad[0]}: expected a finite number, got {numbers[bad[0]]}")
     model = Model(denoiser, y, guidance, gnet=gnet, interval=guidance_interval)
     if spec.churn:
         opts["churn"] = Churn(**{k: opts.pop(k) for k in sorted(_CHURN) if k in opts})

@@ -26,11 +26,12 @@ from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
-from vcdm.generate.files import (check_obs_files, make_grid, read_observed, read_png, to_uint8, write_png,
-                                 write_tensors)
+from vcdm.generate.files import (check_obs_files, make_grid, obs_path, read_observed, read_png, to_uint8,
+                                 write_png, write_tensors)
+from vcdm.fileio import IntRanges, as_int
 from vcdm.generate.guide import Unconditional, check_guide, guide_digest, read_guide_config
-from vcdm.generate.options import (Conditioning, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
-                                  flag_values, inference_settings, results_dir, seed_path)
+from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
+                                  flag_values, inference_settings, results_dir, seed_list, seed_path)
 from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, file_sha256, manifest_digest
 from vcdm.paths import check_writable, describe
 
@@ -57,6 +58,11 @@ class Model:
     @property
     def ext(self) -> str:
         return "png" if self.makes_images else "pt"
+
+    @property
+    def joint(self) -> bool:
+        """An image model that samples other tensors with the image (concatunet: image and embedding)."""
+        return self.makes_images and len(self.structure.latent_names) > 1
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
@@ -132,11 +138,23 @@ class DatasetConditions:
 def check_class(structure: Structure, class_idx: int | None) -> None:
     if class_idx is None:
         return
+    class_idx = as_int(class_idx, "--class")
     if "label" not in structure.observed_names:
-        raise GenerateError("--class: the model is not conditioned on a class label")
+        raise FlagError("--class: the model is not conditioned on a class label")
     label_dim = structure.shape("label")[0]
     if not 0 <= class_idx < label_dim:
-        raise GenerateError(f"--class: expected 0..{label_dim - 1}, got {class_idx}")
+        raise FlagError(f"--class: expected 0..{label_dim - 1}, got {class_idx}")
+
+
+def check_recorded_class(load_obs_from: str | os.PathLike, seeds: Sequence[int], labels: Sequence[torch.Tensor | None],
+                         class_idx: int) -> None:
+    """Refuse --class for samples whose files record another label: their embeddings were sampled for
+    that label, so replacing it would condition the image on an embedding of another class."""
+    for seed, label in zip(seeds, labels):
+        if label is not None and not torch.equal(label, torch.eye(len(label))[class_idx]):
+            recorded = int(label.argmax()) if label.max() == 1 and label.sum() == 1 else label.tolist()
+            raise FlagError(f"--class {class_idx}: {obs_path(load_obs_from, seed)} records label {recorded}, which "
+                            "its embedding was sampled for; drop --class to use the recorded labels")
 
 
 def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx: int | None = None,
@@ -154,6 +172,8 @@ def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx:
     if load_obs_from is not None:
         optional = ("label",) if class_idx is not None else ()
         per_seed = [read_observed(load_obs_from, seed, s, optional) for seed in seeds]
+        if class_idx is not None:
+            check_recorded_class(load_obs_from, seeds, [p.get("label") for p in per_seed], class_idx)
         given = {k: torch.stack([p[k] for p in per_seed]) for k in per_seed[0]}
     if given is not None:
         obs.update({k: v.to(device, torch.float32) for k, v in given.items()})
@@ -238,26 +258,36 @@ def load_guide(model: Model, opts: SamplerOptions, settings: perf.InferenceSetti
 
 
 def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
-    """PNG per seed for image models; otherwise a ``.pt`` of latents + observed in the release's list form."""
+    """PNG per seed for image models; otherwise a ``.pt`` of latents + observed in the release's list form.
+    A joint model (``Model.joint``) writes both: the ``.pt`` (its other tensors, as a prior's, so the folder
+    serves --load_obs_from) before the PNG, whose completeness then vouches for both. A non-finite sample
+    stops the run before any of its batch is written (it would be a black image that counts as done)."""
+    finite = torch.isfinite(x).all(dim=1)
+    if not finite.all():
+        bad = [path for path, ok in zip(paths, finite.tolist()) if not ok]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise GenerateError(f"{bad[0].name}{more}: the sampler returned NaN/inf, so nothing of this batch was "
+                            "written; the network or its conditioning gives non-finite values")
+    for folder in {path.parent for path in paths}:
+        if folder.is_symlink():
+            raise GenerateError(f"{folder}: a link inside the results folder; samples are written only into "
+                                "real folders")
     tensors = model.structure.unflatten_latent(x)
+    rest = {**obs, **{k: v for k, v in tensors.items() if k != "image"}}
+    if not model.makes_images or model.joint:
+        for i, path in enumerate(paths):
+            write_tensors(path.with_suffix(".pt"), {k: v[i] for k, v in rest.items()}, model.structure.names)
     if model.makes_images:
         for path, image in zip(paths, to_uint8(tensors["image"])):
             write_png(path, image)
-        return
-    tensors = {**obs, **tensors}
-    for i, path in enumerate(paths):
-        write_tensors(path, {k: v[i] for k, v in tensors.items()}, model.structure.names)
 
 
-def check_seeds(seeds: Sequence[int], max_batch_size: int) -> list[int]:
-    """The seeds without repeats, in order; GenerateError for none, negative ones or a bad batch size."""
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not seeds:
-        raise GenerateError("--seeds: no seeds given")
-    if min(seeds) < 0:
-        raise GenerateError(f"--seeds: seeds must be non-negative, got {min(seeds)}")
-    if max_batch_size < 1:
-        raise GenerateError(f"--batch: expected a positive batch size, got {max_batch_size}")
+def check_seeds(seeds: "str | Sequence[int] | IntRanges", max_batch_size: int, name: str = "--seeds",
+                batch_name: str = "--batch") -> IntRanges:
+    """The seeds without repeats, in order (``seed_list``); GenerateError for a bad batch size."""
+    seeds = seed_list(seeds, name)
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise GenerateError(f"{batch_name}: expected a positive batch size, got {max_batch_size!r}")
     return seeds
 
 
@@ -270,17 +300,20 @@ def split_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, worl
     return [b.tolist() for b in torch.as_tensor(list(seeds)).tensor_split(num_batches)][rank::world]
 
 
-def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, grid: object) -> None:
+def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, grid: object,
+                  flags: str = "--") -> None:
+    """Refuse what the model cannot do; warn about guidance it was not trained for. ``flags``: how the
+    messages spell this stage's sampler flags (``--image-`` → ``--image-guidance``)."""
     check_class(model.structure, class_idx)
     if opts.gnet is None:  # classifier-free guidance
         if opts.guidance != 1.0 and not model.structure.observed_names:
-            raise GenerateError("--guidance: the model is unconditional; guidance needs a conditional model, or a "
-                                "guiding network (--gnet)")
-        warning = guidance_warning(model.config.get("training"), opts.guidance)
+            raise FlagError(f"{flags}guidance: the model is unconditional; guidance needs a conditional model, or "
+                            f"a guiding network ({flags}gnet)")
+        warning = guidance_warning(model.config.get("training"), opts.guidance, f"{flags}guidance")
         if warning:
             print(warning, file=sys.stderr)
     if grid is not None and not model.makes_images:
-        raise GenerateError("--grid: the model generates embeddings, not images")
+        raise FlagError("--grid: the model generates embeddings, not images")
 
 
 def conditioning_source(model: Model, load_obs_from: str | os.PathLike | None, data_path: str | None) -> str | None:
@@ -337,7 +370,8 @@ class Plan:
         return seed_path(self.outdir, seed, ext or self.model.ext, self.subdirs)
 
     def missing(self, batch: Sequence[int]) -> list[int]:
-        return [seed for seed in batch if not complete(self.path(seed))]
+        return [seed for seed in batch if not complete(self.path(seed))
+                or self.model.joint and not complete(self.path(seed, "pt"))]
 
 
 def run_batches(plan: Plan, sample: Callable[[list[int]], tuple[torch.Tensor, dict]], progress: bool) -> list[int]:
@@ -389,7 +423,7 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: 
         model = network if isinstance(network, Model) else load_model(network, device)
         settings = inference_settings(inference, device, model.denoiser)
         perf.prepare(model.denoiser, settings)
-        check_request(model, opts, class_idx, run.grid)
+        check_request(model, opts, class_idx, run.grid, run.flags)
         guide = load_guide(model, opts, settings)
         if load_obs_from is not None:
             check_obs_files(load_obs_from, seeds)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from vcdm.fileio import IntRanges, as_int
 from vcdm.paths import fit_name
 
 if TYPE_CHECKING:
@@ -29,6 +30,52 @@ ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
 
 class GenerateError(ValueError):
     """Bad generation input (options, files, models); the message names the flag or file."""
+
+
+class FlagError(GenerateError):
+    """A flag's (or API argument's) value that cannot work: a usage error, exit status 2 on the command line."""
+    usage_error = True
+
+
+SEED_LIMIT = 1 << 32     # seeds draw from seed mod 2**32 (EDM's rule): larger ones would repeat smaller ones
+MAX_SEEDS = 10_000_000   # per run: the missing seeds are listed in memory (~40 bytes each)
+
+
+def seed_list(seeds: "str | Sequence[int] | IntRanges", name: str = "seeds") -> IntRanges:
+    """Seeds as the CLI writes them ('0-3,7'), a range, or a sequence of true ints → the seeds without
+    repeats, in order, kept as ranges. TypeError for floats, bools and other types; GenerateError (naming
+    ``name``) for none, too many, or seeds outside 0..2**32-1 — all checked before any list is built."""
+    if isinstance(seeds, str):
+        try:
+            seeds = IntRanges.parse(seeds, name)
+        except ValueError as e:
+            raise FlagError(str(e)) from None
+    elif isinstance(seeds, range) and seeds.step == 1:
+        seeds = IntRanges([seeds])
+    elif not isinstance(seeds, IntRanges):
+        if not hasattr(seeds, "__len__") or not hasattr(seeds, "__iter__"):
+            hint = f" (one seed: [{seeds}]; {seeds} seeds: range({seeds}))" if isinstance(seeds, int) else ""
+            raise TypeError(f"{name}: expected text like '0-63', a range or a sequence of ints, got "
+                            f"{type(seeds).__name__} {seeds!r}{hint}")
+        if len(seeds) > MAX_SEEDS:
+            raise FlagError(f"{name}: {len(seeds)} seeds; at most {MAX_SEEDS} per run (split the job)")
+        values = [as_int(s, name) for s in seeds]
+        seeds = IntRanges(range(v, v + 1) for v in dict.fromkeys(values))
+    if not seeds:
+        raise FlagError(f"{name}: no seeds given")
+    if seeds.min() < 0 or seeds.max() >= SEED_LIMIT:
+        bad = seeds.min() if seeds.min() < 0 else seeds.max()
+        raise FlagError(f"{name}: seeds must lie in 0..{SEED_LIMIT - 1} (a seed's noise is drawn from "
+                            f"seed mod 2**32, so larger ones would repeat smaller ones), got {bad}")
+    if len(seeds) > MAX_SEEDS:
+        raise FlagError(f"{name}: {len(seeds)} seeds; at most {MAX_SEEDS} per run (split the job)")
+    return seeds.unique()
+
+
+def _number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"--{key}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -63,25 +110,38 @@ class SamplerOptions:
         for key in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance"):
             value = getattr(self, key)
             if value is not None:
-                object.__setattr__(self, key, float(value))
-        object.__setattr__(self, "num_steps", int(self.num_steps))
-        if self.num_steps < 1:
-            raise GenerateError(f"--steps: expected a positive number of steps, got {self.num_steps}")
-        from vcdm.diffusion.sampling import CHURN_SAMPLERS, SAMPLERS
+                object.__setattr__(self, key, _number(value, key))
+        from vcdm.diffusion.sampling import CHURN_SAMPLERS, MAX_STEPS, SAMPLERS
 
+        object.__setattr__(self, "num_steps", as_int(self.num_steps, "--steps"))
+        if not 1 <= self.num_steps <= MAX_STEPS:
+            raise FlagError(f"--steps: expected 1..{MAX_STEPS} steps, got {self.num_steps}")
+        self._check_ranges()
+        self._check_guide()
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise GenerateError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+            raise FlagError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
         ablation = [k for k in ABLATION_KEYS if getattr(self, k) is not None]
         if ablation and self.sampler not in (None, "ablation"):
-            raise GenerateError(f"--sampler {self.sampler} does not take --{', --'.join(ablation)} "
-                                "(those select the ablation sampler)")
+            raise FlagError(f"--sampler {self.sampler} does not take --{', --'.join(ablation)} "
+                            "(those select the ablation sampler)")
         if self.sampler not in (None, *CHURN_SAMPLERS) and (self.S_churn or self.S_noise != 1.0 or self.S_min
                                                              or self.S_max != math.inf):
             kind = "is deterministic" if self.sampler in ("dpm2m", "unipc") else "has no churn"
-            raise GenerateError(f"--sampler {self.sampler} {kind}: drop --S_churn/--S_min/--S_max/--S_noise")
-        if self.guidance <= 0:
-            raise GenerateError(f"--guidance: expected a positive scale, got {self.guidance}")
-        self._check_guide()
+            raise FlagError(f"--sampler {self.sampler} {kind}: drop --S_churn/--S_min/--S_max/--S_noise")
+
+    def _check_ranges(self) -> None:
+        """Every number finite (S_max may be +inf: churn at all noise levels) and in its range: a NaN or inf
+        would run the whole sampler and write black images."""
+        positive = ("sigma_min", "sigma_max", "rho", "guidance")
+        for key in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance"):
+            value = getattr(self, key)
+            if value is None or (key == "S_max" and value == math.inf):
+                continue
+            if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
+                kind = "positive" if key in positive else "non-negative"
+                raise FlagError(f"--{key}: expected a finite {kind} number, got {value}")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise FlagError(f"--sigma_min {self.sigma_min} must be below --sigma_max {self.sigma_max}")
 
     def _check_guide(self) -> None:
         if self.guidance == 1.0:
@@ -95,10 +155,10 @@ class SamplerOptions:
         interval = self.guidance_interval
         if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
             raise TypeError(f"--guidance-interval: expected (SIGMA_LO, SIGMA_HI), got {interval!r}")
-        lo, hi = (float(v) for v in interval)
+        lo, hi = (_number(v, "guidance-interval") for v in interval)
         if not 0 <= lo < hi:
-            raise GenerateError(f"--guidance-interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, "
-                                f"got {lo},{hi}")
+            raise FlagError(f"--guidance-interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, "
+                            f"got {lo},{hi}")
         object.__setattr__(self, "guidance_interval", (lo, hi))
 
     @property
@@ -129,13 +189,15 @@ class RunOptions:
 
     ``outdir``: None = the seed's results layout; ``max_batch_size``: --batch; ``subdirs``: a folder per
     1000 seeds; ``grid``: also tile the first 256 images into this PNG; ``overwrite``: replace samples
-    made with other settings; ``progress``: progress bars."""
+    made with other settings; ``progress``: progress bars; ``flags``: how messages spell the stage's
+    sampler flags (``--image-`` in `vcdm sample`: ``--image-guidance``)."""
     outdir: str | os.PathLike | None = None
     max_batch_size: int = 64
     subdirs: bool = False
     grid: str | os.PathLike | None = None
     overwrite: bool = False
     progress: bool = True
+    flags: str = "--"
 
 
 @dataclass(frozen=True)

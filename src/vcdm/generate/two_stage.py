@@ -16,8 +16,8 @@ from vcdm import distributed, perf
 from vcdm.checkpoints import read_config
 from vcdm.data.structure import Structure
 from vcdm.generate.core import GenerateResult, check_gnet, check_seeds, generate
-from vcdm.generate.options import (Conditioning, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
-                                  results_dir)
+from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, RunOptions,
+                                  SamplerOptions, results_dir)
 from vcdm.paths import check_writable
 
 
@@ -56,6 +56,15 @@ def check_chain(prior: dict, image: dict, *, prior_name: str = "prior", image_na
         raise IncompatibleModels(f"{prior_name} and {image_name} cannot be chained: {e}") from None
 
 
+def stage_classes(structures: Sequence[Structure], class_idx: int | None, models: str) -> list[int | None]:
+    """``class_idx`` for each stage conditioned on a label, else None; FlagError if no stage is (``models``:
+    how the error names the pair)."""
+    labelled = ["label" in s.observed_names for s in structures]
+    if class_idx is not None and not any(labelled):
+        raise FlagError(f"--class: {models} is conditioned on a class label")
+    return [class_idx if has else None for has in labelled]
+
+
 @dataclass
 class TwoStageResult:
     embeddings: GenerateResult
@@ -73,8 +82,8 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
     check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
     check_gnet(prior_cfg, prior, prior_opts, "--prior-gnet")  # both guides, before the first stage samples
     check_gnet(image_cfg, image_model, image_opts, "--image-gnet")
-    conditioned = [class_idx if "label" in Structure.from_dict(c["structure"]).observed_names else None
-                   for c in (prior_cfg, image_cfg)]
+    conditioned = stage_classes([Structure.from_dict(c["structure"]) for c in (prior_cfg, image_cfg)], class_idx,
+                                f"neither {prior} nor {image_model}")
     seeds = check_seeds(seeds, run.max_batch_size)
     if run.outdir is not None:
         emb_dir, img_dir = Path(run.outdir) / "embeddings", Path(run.outdir) / "images"
@@ -89,8 +98,8 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
     common = dict(increment_seeds=increment_seeds, device=device, inference=inference)
     with distributed.session(device):  # one process group for both stages
         emb = generate(prior, seeds, opts=prior_opts, cond=Conditioning(conditioned[0]),
-                       run=replace(run, outdir=emb_dir, grid=None), **common)
+                       run=replace(run, outdir=emb_dir, grid=None, flags="--prior-"), **common)
         img = generate(image_model, seeds, opts=image_opts,
-                       cond=Conditioning(conditioned[1], load_obs_from=emb.outdir), run=replace(run, outdir=img_dir),
-                       **common)
+                       cond=Conditioning(conditioned[1], load_obs_from=emb.outdir),
+                       run=replace(run, outdir=img_dir, flags="--image-"), **common)
     return TwoStageResult(emb, img)

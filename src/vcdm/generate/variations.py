@@ -13,10 +13,13 @@ import torch
 
 from vcdm import perf
 from vcdm.data.archive import MAX_IMAGE_PIXELS
-from vcdm.generate.core import check_class, denoise, draw, load_embedder, load_guide, load_model
+from vcdm.distributed import parse_device
+from vcdm.generate.core import check_class, check_seeds, denoise, draw, load_embedder, load_guide, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
 from vcdm.generate.options import Conditioning, GenerateError, InferenceChoices, SamplerOptions, inference_settings
 from vcdm.paths import check_writable
+
+MAX_TILES = 1024  # variations per input: one grid PNG holds them all
 
 
 def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.ndarray:
@@ -50,9 +53,10 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise GenerateError("--images: two inputs share a file name; their grids would overwrite each other")
-    if not seeds or min(seeds) < 0:
-        raise GenerateError("--seeds: expected one or more non-negative seeds")
-    device = torch.device(device)
+    seeds = check_seeds(seeds, max_batch_size)
+    if len(seeds) > MAX_TILES:
+        raise GenerateError(f"--seeds: {len(seeds)} variations per input; at most {MAX_TILES} fit one grid")
+    device = parse_device(device)
     model = load_model(image_model, device)
     settings = inference_settings(inference, device, model.denoiser)
     perf.prepare(model.denoiser, settings)
