@@ -236,7 +236,8 @@ def test_dry_run_prints_the_resolved_recipe(data, tmp_path):
 
 @pytest.mark.parametrize("extra, flag", [(["--adam-betas", "0.9"], "--adam-betas"), (["--adam-betas", "a,b"], "--adam-betas"),
                                          (["--P_std", "0"], "--P_std"), (["--lr-schedule", "cosine"], "--lr-schedule"),
-                                         (["--recipe", "edm3"], "--recipe"), (["--lr-ref", "-1"], "--lr-ref")])
+                                         (["--recipe", "edm3"], "--recipe"), (["--lr-ref", "-1"], "--lr-ref"),
+                                         (["--P_mean", "nan"], "--P-mean")])
 def test_bad_recipe_flags_give_one_line_errors(data, tmp_path, extra, flag):
     r = run(base_args(data, tmp_path / "runs", *PRIOR, *extra, "--dry-run"), code=2)
     (line,) = error_lines(r.output)

@@ -104,15 +104,15 @@ OPTIONS = [
              "(DDPM++ with FiLM conditioning); control-adm (ControlNet-style ADM: a class-conditional ADM frozen, a "
              "trainable copy takes the other observed tensors)  [default: by latent]"),
     opt("--recipe", type=click.Choice(list(RECIPES)), default=D.recipe,
-        help="Training recipe: the defaults of --precond, --P_mean/--P_std, --lr, --adam-betas, --lr-schedule and "
-             "--lr-ref, and how non-finite gradients are replaced. edm: the original release's (EDM's; +-inf "
-             "gradients become +-1e5). edm2: EDM2's (--precond edm2, betas 0.9,0.99, --lr-schedule edm2, "
-             "non-finite gradients become 0; with an EDM2 network preset also its --lr, --lr-ref and "
-             "--P_mean/--P_std). Works with any --arch."),
+        help="Training recipe: the defaults of --precond, --P_mean/--P_std, --lr, --adam-betas, --lr-schedule, "
+             "--lr-ref and --ema-std, and how non-finite gradients are replaced. edm: the original release's (EDM's; "
+             "+-inf gradients become +-1e5). edm2: EDM2's (--precond edm2, betas 0.9,0.99, --lr-schedule edm2, "
+             "--ema-std 0.05,0.1, non-finite gradients become 0; with an EDM2 network preset also its --lr, "
+             "--lr-ref and --P_mean/--P_std). Works with any --arch."),
     opt("--precond", type=click.Choice(PRECONDS), default=None,
         help="Preconditioning and loss: EDM's edm, vp, ve; edm2 is EDM's preconditioning with EDM2's learned "
              "uncertainty (a log-variance head on the network) and EDM2's loss  [default: the recipe's]"),
-    opt("--P_mean", metavar="FLOAT", type=Finite(), default=None,
+    opt("--P_mean", metavar="FLOAT", type=float, default=None,
         help="edm/edm2 losses: mean of ln(sigma)  [default: -1.2 (EDM), or the EDM2 preset's with --recipe edm2]"),
     opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
         help="edm/edm2 losses: standard deviation of ln(sigma)  [default: 1.2 (EDM), or the EDM2 preset's]"),
