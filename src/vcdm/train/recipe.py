@@ -2,16 +2,17 @@
 
 A recipe is the default of every option left unset (None) among: the preconditioning and loss, the
 noise-level distribution (P_mean, P_std), Adam's betas, the learning rate and its schedule, the EMA
-(EDM's half-life or EDM2's power-function profiles); and it decides how non-finite gradients are replaced. `resolve` fills those options in once, before a run
-starts, so the run records (and a resumed run keeps) the values it used.
+(EDM's half-life or EDM2's power-function profiles); and it decides how non-finite gradients are
+replaced. `resolve` fills those options in once, before a run starts, so the run records (and a
+resumed run keeps) the values it used.
 
 EDM2's (Karras et al. 2024, training_loop.py and train_edm2.py): the loss with the learned uncertainty,
 Adam with betas (0.9, 0.99), inverse square-root decay of the learning rate after a reference of
 `decay` batches, power-function EMA profiles of relative lengths 0.05 and 0.10 (for post-hoc EMA),
-non-finite gradients set to 0 (EDM sets +-inf to +-1e5). With one of EDM2's network
-presets, the preset's learning rate, reference and noise distribution; with any other network, the
-learning rate and noise distribution stay EDM's (they belong to the network and the data, not to the
-recipe) and the reference is the pixel presets' 35000 batches.
+non-finite gradients set to 0 (EDM sets +-inf to +-1e5). With one of EDM2's network presets, the
+preset's learning rate, reference and noise distribution; with any other network, the learning rate
+and noise distribution stay EDM's (they belong to the network and the data, not to the recipe) and
+the reference is the pixel presets' 35000 batches.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def lr_schedule(opts: TrainOptions) -> LRSchedule:
 
 
 def grad_inf(opts: TrainOptions) -> float:
+    """What +-inf gradients become under the options' recipe (NaN become 0)."""
     return RECIPES[opts.recipe].grad_inf
 
 
