@@ -317,3 +317,21 @@ def _imported(src, folder):
     dest = folder / (src.stem + ".safetensors")
     import_network_pickle(src, dest)
     return dest
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_an_edm2_pickle_into_the_two_stage_image_model(fake_modules, marker):
+    """`vcdm train --arch edm2-… --recipe edm2 --pretrained_weights <EDM2 pickle>` on [embedding, class]."""
+    from tiny_runs import base_args, run, run_dir, write_dataset
+    from vcdm.checkpoints import read_config
+
+    src = fake_modules / "edm2-img8-t-0000004-0.075.pkl"
+    edm2_pickle(src, marker, label_dim=2, img_resolution=8, num_blocks=3, attn_resolutions=[16, 8], logvar_channels=128)
+    data, out = write_dataset(fake_modules / "tiny.zip"), fake_modules / "runs"
+    res = run(base_args(data, out, "--data_class", "LabelledCLIPDataset", "--exist", "1,1,1", "--observed", "0,1,1",
+                        "--arch", "edm2-img64-xs", "--cbase", "32", "--cres", "1,2", "--recipe", "edm2",
+                        "--augment", "0", "--duration", "0.000004", "--sample", "0", "--pretrained_weights", str(src)))
+    assert "widened emb_label.weight from 2 to 10 inputs (classes at columns 8..9" in res.output
+    snapshot = sorted(run_dir(out).glob("network-snapshot-*.safetensors"))[0]
+    config = read_config(snapshot)
+    assert config["network"]["kwargs"]["label_gain"] == pytest.approx(2 ** 0.5) and not marker.exists()
