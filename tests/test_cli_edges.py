@@ -243,3 +243,12 @@ def test_sampler_refuses_non_finite_options_and_too_many_steps():
                            (dict(num_steps=10**9), "num_steps: expected 1..10000")):
         with pytest.raises(ValueError, match=match):
             sample(denoiser, latents, **options)
+
+
+def test_variations_count_is_bounded(models, tmp_path):
+    line = cli_error("variations", "--image-model", models["image"], "--images", tmp_path / "in.png",
+                     "--outdir", tmp_path / "v", "--n", 5000)
+    assert "--n/--seeds: 5000 variations per input; at most 1024" in line
+    line = cli_error("variations", "--image-model", models["image"], "--images", tmp_path / "in.png",
+                     "--outdir", tmp_path / "v", "--n", 10**9)
+    assert "--n/--seeds: 1000000000 seeds; at most 10000000" in line

@@ -16,7 +16,8 @@ from vcdm.data.archive import MAX_IMAGE_PIXELS
 from vcdm.distributed import parse_device
 from vcdm.generate.core import check_class, check_seeds, denoise, draw, load_embedder, load_guide, load_model
 from vcdm.generate.files import make_grid, to_uint8, write_png
-from vcdm.generate.options import Conditioning, GenerateError, InferenceChoices, SamplerOptions, inference_settings
+from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, SamplerOptions,
+                                  inference_settings)
 from vcdm.paths import check_writable
 
 MAX_TILES = 1024  # variations per input: one grid PNG holds them all
@@ -53,9 +54,9 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise GenerateError("--images: two inputs share a file name; their grids would overwrite each other")
-    seeds = check_seeds(seeds, max_batch_size)
+    seeds = check_seeds(seeds, max_batch_size, "--n/--seeds")
     if len(seeds) > MAX_TILES:
-        raise GenerateError(f"--seeds: {len(seeds)} variations per input; at most {MAX_TILES} fit one grid")
+        raise FlagError(f"--n/--seeds: {len(seeds)} variations per input; at most {MAX_TILES} fit one grid")
     device = parse_device(device)
     model = load_model(image_model, device)
     settings = inference_settings(inference, device, model.denoiser)
