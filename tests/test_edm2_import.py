@@ -16,7 +16,7 @@ from PIL import Image
 
 from edm_fakes import EDM2_LOGVAR, EDM2_NET, Persistent, edm2_pickle, payload_src
 from memory_probe import expect_one_line_error, guarded
-from vcdm.checkpoints import CheckpointConfig, load_checkpoint, read_checkpoint_config
+from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
 from vcdm.cli.main import cli
 from vcdm.legacy import LegacyError, UnsafePickleError
 from vcdm.legacy.edm2 import import_network_pickle, load_edm2_pickle, phema_input
