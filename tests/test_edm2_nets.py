@@ -156,9 +156,11 @@ def test_presets_are_edm2s(arch: str):
 
 
 def test_img64_s_names_and_shapes_are_edm2s():
-    ref = {k.removeprefix("unet."): tuple(v) for k, v in PRESETS["img64_s_state_dict"].items() if k.startswith("unet.")}
-    got = {k: tuple(v.shape) for k, v in edm2_arch("edm2-img64-s").state_dict().items()}
-    assert got == ref
+    """EDM2's Precond state dict is the network's (uncertainty head included) once ``unet.`` is stripped."""
+    ref = {k.removeprefix("unet."): tuple(v) for k, v in PRESETS["img64_s_state_dict"].items()}
+    net = edm2_arch("edm2-img64-s")
+    Denoiser(net, Structure.from_flags({"image": (3, 64, 64), "label": (1000,)}, "1,1", "0,1"), logvar_channels=128)
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == ref
 
 
 def test_preset_overrides_and_refusals():
