@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,66 @@ def test_one_writer_per_run_folder(data, tmp_path):
         log.close()
     out = train(tmp_path, *args[:-2], "--duration", "0.000008", "--resume", "auto")
     assert f"Resuming from {Path('runs') / d.name}" in out and newest(d)["counters"]["nimg"] == 8
+
+
+def test_dataset_identity_is_the_content_not_the_place(data, tmp_path):
+    """The identity follows the images' names and sizes and the labels, wherever the files lie; a folder
+    and a zip are told apart (the zip's CRCs catch same-size edits a folder's sizes cannot)."""
+    from vcdm.data.archive import Archive
+    from vcdm.train.rundir import dataset_identity, same_data
+
+    ident = dataset_identity(data)
+    assert ident["kind"] == "zip" and ident["images"] == 16 and ident["bytes"] == sum(
+        i.file_size for i in zipfile.ZipFile(data).infolist())  # the images and dataset.json
+    shutil.copy(data, tmp_path / "copy.zip")
+    os.symlink(tmp_path / "copy.zip", tmp_path / "link.zip")
+    assert dataset_identity(tmp_path / "copy.zip") == dataset_identity(tmp_path / "link.zip") == ident
+    assert dataset_identity(write_dataset(tmp_path / "other.zip", seed=1))["sha256"] != ident["sha256"]
+
+    folder = tmp_path / "folder"
+    zipfile.ZipFile(data).extractall(folder)
+    assert Archive(folder).names == Archive(data).names
+    as_folder = dataset_identity(folder)
+    assert as_folder["kind"] == "folder" and as_folder["images"] == 16
+    (folder / "dataset.json").write_text((folder / "dataset.json").read_text().replace('", 1]', '", 0]', 1))
+    assert dataset_identity(folder)["sha256"] != as_folder["sha256"]  # one label changed, same size
+
+    recorded = {"path": str(tmp_path / "elsewhere.zip"), "dataset": ident}
+    assert same_data(recorded, str(tmp_path / "link.zip"), ident)
+    assert not same_data(recorded, str(folder), as_folder)
+    old_run = {"path": str(tmp_path / "copy.zip")}  # recorded before identities: its resolved path
+    assert same_data(old_run, str(tmp_path / "link.zip"), ident) and not same_data(old_run, str(data), ident)
+
+
+@pytest.mark.slow
+def test_a_locked_run_folder_stops_every_torchrun_process(data, tmp_path):
+    """Under torchrun process 0 takes the lock; when another process holds it, every process stops with
+    the holder's line and the job exits (no hang)."""
+    args = tiny(data, "--duration", "0.000004")
+    train(tmp_path, *args)
+    d = run_dir(tmp_path / "runs")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(d / "training.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(tmp_path / "driver.py"), *args[:-2], "--duration", "0.000008", "--resume", "auto"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    errors = set(error_lines(proc.stderr))
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "in use by another training process (pid 4242 on node-a since 01:00); one process" in errors.pop()
+    assert "Resuming from" not in proc.stdout
+
+
+# Holds a run folder's lock as a training process would, naming a made-up holder.
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"pid 4242 on node-a since 01:00\\nand a stray second line\\n")
+print("locked", flush=True)
+time.sleep(600)
+"""

@@ -202,7 +202,7 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(self.fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            holder = (os.read(self.fd, 4096).decode("utf-8", "replace").strip().splitlines() or ["unknown"])[0][:200]
             os.close(self.fd)
             raise TrainingError(f"{run_dir} is in use by another training process ({holder}); one process "
                                 f"trains into a run folder at a time") from None
