@@ -43,7 +43,7 @@ MAX_SEEDS = 10_000_000   # per run: the missing seeds are listed in memory (~40 
 
 def seed_list(seeds: "str | Sequence[int] | IntRanges", name: str = "seeds") -> IntRanges:
     """Seeds as the CLI writes them ('0-3,7'), a range, or a sequence of true ints → the seeds without
-    repeats, in order, kept as ranges. TypeError for floats, bools and other types; GenerateError (naming
+    repeats, in order, kept as ranges. TypeError for floats, bools and other types; FlagError (naming
     ``name``) for none, too many, or seeds outside 0..2**32-1 — all checked before any list is built."""
     if isinstance(seeds, str):
         try:
