@@ -35,8 +35,7 @@ def check_guide(net: dict, guide: dict, *, net_name: str = "the model", guide_na
     unconditional guide: classifier-free guidance by a second network)."""
     ns, gs = Structure.from_dict(net["structure"]), Structure.from_dict(guide["structure"])
     where = f"{flag} {guide_name}"
-    latents = {n: ns.shape(n) for n in ns.latent_names}
-    if {n: gs.shape(n) for n in gs.latent_names} != latents:
+    if _shapes(gs, gs.latent_names) != _shapes(ns, ns.latent_names):
         raise IncompatibleGuide(f"{where} generates {_shapes(gs, gs.latent_names)}, but {net_name} generates "
                                 f"{_shapes(ns, ns.latent_names)}")
     conditional = bool(gs.observed_names)
