@@ -191,9 +191,11 @@ def _find_auto(opts: TrainOptions, identity: dict[str, Any]) -> tuple[Path | Non
 class RunLock:
     """One writer per run folder: an exclusive flock on `<run_dir>/training.lock`, held for the run's
     life and dropped by the kernel when the process ends, however it ends (a lock is never stale).
-    The file names its holder; it is never replaced (a lock lives on the file's inode)."""
+    The file names its holder; it is never replaced (a lock lives on the file's inode). A run folder
+    made for this run and left holding only the lock (a run that failed while starting) is removed."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, created: bool = False):
+        self.run_dir, self.created = run_dir, created
         path = run_dir / LOCK_NAME
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -211,9 +213,13 @@ class RunLock:
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.fd < 0:
+            return
+        if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+            (self.run_dir / LOCK_NAME).unlink()
+            self.run_dir.rmdir()
+        os.close(self.fd)
+        self.fd = -1
 
 
 def make_run_dir(opts: TrainOptions, resume: Path | None) -> tuple[Path, str | None]:
@@ -290,7 +296,7 @@ def _make_and_lock(run_dir: Path) -> tuple[bool, RunLock]:
         raise TrainingError(f"cannot write {run_dir} ({write_failure(e, run_dir)}); no training state was saved yet; "
                             f"fix that, then rerun the command") from None
     try:
-        return created, RunLock(run_dir)
+        return created, RunLock(run_dir, created)
     except TrainingError:
         if created:
             os.rmdir(run_dir)
