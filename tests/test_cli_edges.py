@@ -252,3 +252,14 @@ def test_variations_count_is_bounded(models, tmp_path):
     line = cli_error("variations", "--image-model", models["image"], "--images", tmp_path / "in.png",
                      "--outdir", tmp_path / "v", "--n", 10**9)
     assert "--n/--seeds: 1000000000 seeds; at most 10000000" in line
+
+
+@pytest.mark.parametrize("call, match", [("seed_list('0-999999999')", "1000000000 seeds; at most"),
+                                         ("SamplerOptions(num_steps=10**9)", "--steps: expected 1..10000")])
+def test_seed_and_step_limits_allocate_nothing(call, match):
+    """Refused before anything the size of the request exists (a list of 1e9 seeds took > 30 GB; 1e9 noise
+    levels 8 GB): peak RSS within memory_probe's margin of a child that only imports torch and vcdm."""
+    from memory_probe import expect_one_line_error, guarded
+
+    expect_one_line_error(guarded("from vcdm.generate import SamplerOptions\nfrom vcdm.generate.options import "
+                                  "seed_list", call, "ValueError"), match)
