@@ -176,8 +176,8 @@ VAE_ENCODER["bias"] = np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * VA
 
 def edm2_pickle(path, marker, *, label_dim=0, encoder="StandardRGBEncoder", snapshot=True, precond_over=None,
                 unet_kwargs=None, **over):
-    """An EDM2 network pickle as EDM2's training loop (snapshot=True: with loss_fn and dataset_kwargs) or a
-    published post-hoc reconstruction (only ema and encoder) holds it; returns the vcdm state it should import.
+    """An EDM2 network pickle as EDM2's training loop writes it (snapshot=True: with loss_fn and dataset_kwargs;
+    False: only ema and encoder, what generate_images.py reads); returns the vcdm state it should import.
     ``unet_kwargs`` replaces the UNet's recorded constructor arguments, ``precond_over`` the Precond's attributes."""
     unet, head, kwargs = edm2_modules(label_dim, **over)
     src = payload_src(marker)

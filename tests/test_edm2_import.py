@@ -60,6 +60,48 @@ def test_edm2_pickle_imports_weights_head_and_settings(fake_modules, marker, lab
     torch.testing.assert_close(logvar, unet.logvar_linear(unet.logvar_fourier(sigma.log() / 4)).reshape(2, 1))
 
 
+def _format(path):
+    """The globals a pickle names and the classes it records, as vcdm's restricted unpickler sees them."""
+    import vcdm.legacy.unpickle as unpickle
+    from vcdm.legacy import Record, read_pickle
+
+    names, resolve = set(), unpickle._resolve_global
+
+    def record(module, name):
+        names.add(f"{module}.{name}")
+        return resolve(module, name)
+
+    unpickle._resolve_global = record
+    try:
+        obj = read_pickle(path)
+    finally:
+        unpickle._resolve_global = resolve
+    classes, todo = set(), [obj]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, Record):
+            classes.add(item.class_name)
+            todo.append(item.state)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return obj, {"globals": sorted(names), "records": sorted(classes)}
+
+
+@pytest.mark.parametrize("kind, options", [("posthoc", dict(snapshot=False)), ("snapshot", {}),
+                                           ("latent", dict(encoder="StabilityVAEEncoder", img_channels=4))])
+def test_fake_edm2_pickles_have_the_format_of_edm2s_own(fake_modules, marker, kind, options):
+    """The test pickles name the globals and record the classes that files written by EDM2's code do."""
+    edm2_pickle(fake_modules / "fake.pkl", marker, label_dim=1000, **options)
+    obj, fmt = _format(fake_modules / "fake.pkl")
+    want = GOLDEN["pickle_format"][kind]
+    assert fmt == {"globals": want["globals"], "records": want["records"]}
+    if kind == "posthoc":
+        assert obj["ema"].init_kwargs == want["precond_init_kwargs"]
+        assert obj["ema"].state["_modules"]["unet"].init_kwargs == want["unet_init_kwargs"]
+
+
 def test_import_edm_cli_names_the_encoder_and_keeps_the_vae_constants(fake_modules, marker):
     src, dest = fake_modules / "network-snapshot-0008388-0.100.pkl", fake_modules / "latent.safetensors"
     edm2_pickle(src, marker, label_dim=1000, encoder="StabilityVAEEncoder", img_channels=4)
