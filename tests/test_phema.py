@@ -15,11 +15,16 @@ from edm_fakes import edm2_pickle
 from test_train import _assert_same_weights, _interrupt_after, last_state
 from tiny_runs import PRIOR, TINY_UNET, base_args, error_lines, run, run_dir
 from vcdm.checkpoints import load_checkpoint, read_config
+from vcdm.data.structure import Structure
+from vcdm.nets import build_network
+from vcdm.nets.presets import preset
+from vcdm.train.build import make_denoiser
 from vcdm.cli.phema import command as phema_command
 from vcdm.train.ema import PowerFunctionEMA
+from vcdm.train.options import TrainOptions
 from vcdm.train.phema import (Snapshot, gamma_to_std, power_beta, reconstruct, solve_coefficients,
                               std_to_gamma)
-from vcdm.train.state import load_state
+from vcdm.train.state import TrainState, load_state
 
 EDM2 = json.loads((Path(__file__).parent / "data" / "edm2-phema.json").read_text())
 
@@ -121,6 +126,37 @@ def test_reconstruction_matches_profiles_tracked_directly():
         assert torch.all((got[steps:] - want[steps:]).abs() <= dw * spread + 1e-5)
         assert got[:steps].sum().item() == pytest.approx(1, abs=1e-5)
         assert int(out[std]["step"]) == steps - 1
+    one_pass_each = dict(reconstruct(snaps, [0.07, 0.15], 8 * steps, copied={"step"}, group=1))
+    for std in out:
+        assert torch.equal(one_pass_each[std]["w"], out[std]["w"])
+
+
+def test_largest_img64_preset_trains_in_edm2s_memory():
+    """--arch edm2-img64-xl --recipe edm2 --ema-std 0.05,0.1 on ImageNet-64's classes holds what EDM2's loop holds
+    (network, gradients, Adam's moments, one copy per profile; numbers from EDM2's code on the meta device),
+    and the training state written is those tensors less the gradients. Built on the meta device: no memory."""
+    want = EDM2["memory_img64_xl"]
+    structure = Structure.from_flags({"image": (3, 64, 64), "label": (1000,)}, "1,1", "0,1")
+    cls, kwargs = preset("edm2-img64-xl", resolution=64, channels=3, embed_dim=0, label_dim=1000, augment_dim=0)
+    with torch.device("meta"):
+        net = build_network(cls, kwargs)
+    net = make_denoiser(TrainOptions(precond="edm2"), net, structure).net.to("meta")
+    with torch.device("meta"):
+        ema = PowerFunctionEMA(net, [0.05, 0.1])
+        optimizer = torch.optim.Adam(net.parameters(), foreach=False)
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    adam = [t for s in optimizer.state.values() for k, t in s.items() if k != "step"]
+    got = {"parameters": sum(p.numel() for p in net.parameters()), "net": size(net.state_dict().values()),
+           "grads": size(p.grad for p in net.parameters()), "adam": size(adam), "ema": size(ema.state_dict().values())}
+    assert got == {k: want[k] for k in got}
+    assert sum(got[k] for k in ("net", "grads", "adam", "ema")) == want["total"]
+    state = TrainState(net, ema, optimizer).state_dict()
+    saved = [*state["net"].values(), *state["ema"].values(),
+             *(t for s in state["optimizer"]["state"].values() for k, t in s.items() if k != "step")]
+    assert size(saved) == want["total"] - want["grads"]
 
 
 def test_profiles_refuse_a_state_of_other_lengths():
