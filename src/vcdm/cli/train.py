@@ -102,7 +102,9 @@ OPTIONS = [
              "resume as prior); concatunet (the release's "
              "default: one U-Net over image and vector tensors, e.g. joint --exist 1,1 --observed 0,0); film-ddpmpp "
              "(DDPM++ with FiLM conditioning); control-adm (ControlNet-style ADM: a class-conditional ADM frozen, a "
-             "trainable copy takes the other observed tensors)  [default: by latent]"),
+             "trainable copy takes the other observed tensors); edm2-img64-xs|s|m|l|xl, edm2-img512-xxs|xs|s|m|l|xl|xxl "
+             "(EDM2's magnitude-preserving U-Net with the width and dropout of EDM2's --preset of that name, for "
+             "pixels or latents; no augmentation input: --augment 0)  [default: by latent]"),
     opt("--recipe", type=click.Choice(list(RECIPES)), default=D.recipe,
         help="Training recipe: the defaults of --precond, --P_mean/--P_std, --lr, --adam-betas, --lr-schedule, "
              "--lr-ref and --ema-std, and how non-finite gradients are replaced. edm: the original release's (EDM's; "
