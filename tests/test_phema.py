@@ -240,6 +240,7 @@ def test_phema_at_an_earlier_snapshot_uses_only_earlier_inputs(profile_run, tmp_
     (["--std", "0.3"], "--std: 0.3 is not a length in (0, 0.289)"),
     (["--std", "0.1", "--kimg", "7"], "--kimg 7: no snapshot of that time; there are kimg 0, 1, 2, 3"),
     (["--std", "0.1,...,0.2"], "'...' needs two increasing numbers"),
+    (["--std", "0.1,0.1002"], "--std: [0.1, 0.1002] are not distinct to three decimals"),
 ])
 def test_phema_bad_flags_give_one_line_errors(profile_run, tmp_path, args, message):
     r = phema("--run", profile_run, *args, "--outdir", tmp_path, code=2)

@@ -81,6 +81,8 @@ def command(snapshots: tuple[Path, ...], run_dir: Path | None, stds: list[float]
         inputs = phema_io.open_inputs(paths, in_stds)
         plan = phema_io.plan(inputs, stds, kimg)
         targets = [outdir / phema_io.output_name(plan.nimg, s) for s in stds]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"--std: {stds} are not distinct to three decimals (the output names)")
         existing = [p for p in targets if p.exists()]
         if existing and not overwrite:
             raise ValueError(f"--outdir: {existing[0]} exists; pass --overwrite to replace it")
