@@ -150,15 +150,16 @@ def edm2_weights(name, shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
 
 
-def edm2_modules(label_dim=0, logvar_channels=EDM2_LOGVAR, **over):
-    """vcdm's EDM2UNet and uncertainty head with the seeded weights, in float16 as EDM2 pickles them."""
+def edm2_modules(label_dim=0, logvar_channels=EDM2_LOGVAR, weight_prefix="", **over):
+    """vcdm's EDM2UNet and uncertainty head with the seeded weights (named ``weight_prefix`` + vcdm's name), in
+    float16 as EDM2 pickles them."""
     kwargs = dict(EDM2_NET, label_dim=label_dim, **over)
     unet, head = EDM2UNet(**kwargs), {"logvar_fourier": MPFourier(logvar_channels),
                                       "logvar_linear": MPConv(logvar_channels, 1, kernel=[])}
     with torch.no_grad():
         for prefix, module in (("", unet), *((f"{k}.", m) for k, m in head.items())):
             for name, t in module.state_dict().items():
-                t.copy_(edm2_weights(prefix + name, t.shape))
+                t.copy_(edm2_weights(weight_prefix + prefix + name, t.shape))
             module.half()
     return unet, head, kwargs
 

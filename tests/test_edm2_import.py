@@ -141,7 +141,8 @@ def _pixels(hexdump: str) -> np.ndarray:
 @pytest.mark.determinism
 @pytest.mark.parametrize("case", list(GOLDEN["cases"]))
 def test_generate_gives_edm2s_images(fake_modules, marker, case):
-    """Same seeds, same Heun 32 steps, same noise and random class labels per seed as EDM2's generate_images.py.
+    """Same seeds, same Heun 32 steps, same noise and random class labels per seed as EDM2's generate_images.py,
+    also guided by a smaller network (its autoguidance presets).
     vcdm's sampler state is float64 where EDM2's is float32: pixels may differ by one level, rarely."""
     golden, s = GOLDEN["cases"][case], GOLDEN["sampler"]
     src, dest, out = fake_modules / "net.pkl", fake_modules / "net.safetensors", fake_modules / "out"
@@ -153,6 +154,13 @@ def test_generate_gives_edm2s_images(fake_modules, marker, case):
             "--rho", str(s["rho"]), "--fp32", "--batch", "4", "--no-progress", "--device", "cpu"]
     if golden["class_idx"] is not None:
         args += ["--class", str(golden["class_idx"])]
+    if "gnet" in golden:  # autoguidance by a smaller network, as EDM2's guided presets
+        small = {k: v for k, v in golden["gnet"].items() if EDM2_NET.get(k) != v}
+        edm2_pickle(fake_modules / "gnet.pkl", marker, label_dim=golden["label_dim"], snapshot=False,
+                    weight_prefix=golden["gnet_weight_prefix"], **small)
+        assert runner.invoke(cli, ["import-edm", str(fake_modules / "gnet.pkl"), str(fake_modules / "gnet.safetensors")]
+                             ).exit_code == 0
+        args += ["--gnet", str(fake_modules / "gnet.safetensors"), "--guidance", str(golden["guidance"])]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert not marker.exists()
