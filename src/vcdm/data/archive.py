@@ -3,6 +3,12 @@
 Reading is lazy and process-safe (each process opens its own zip handle); writing is atomic (a temp
 zip or temp folder beside the destination, renamed into place only when complete). Both the
 dataset tool and ImageDataset decode through `to_rgb`, so they agree on every pixel format.
+
+Reading is bounded: members of a folder are read only if they are regular files (a FIFO would block
+forever); a damaged, encrypted or deflate64 zip is one DatasetError; an image is read through a view
+that ends ``HEADER_BYTES`` into the file until its header is parsed, then that plus four bytes per
+pixel and band (so a PNG chunk claiming 1 GiB in a 1 MB zip is refused after 16 MiB), and its header
+must claim at most ``MAX_IMAGE_PIXELS``.
 """
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -32,6 +40,10 @@ MAX_LABEL_DIM = 1 << 16           # length of label vectors
 METADATA_BYTES_PER_IMAGE = 1024   # dataset.json may hold this much per image, plus METADATA_SLACK
 METADATA_SLACK = 1 << 20
 MAX_IMAGE_PIXELS = 1 << 26        # 8192x8192: decoding one image takes at most ~200 MB (RGB)
+HEADER_BYTES = 16 << 20           # an image file's bytes besides its pixel data (metadata, ICC profiles)
+FLOAT32_MAX = 3.4028234663852886e38
+# what reading a damaged zip raises: a bad directory or header, encryption, an unknown method, bad data
+ZIP_ERRORS = (OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error)
 
 
 _SETTING = re.compile(r"\{(source|dest|resolution|transform|max_images|skip_bad|overwrite|without_labels)\}")
@@ -46,11 +58,27 @@ class DatasetError(ValueError):
     (the CLI: ``--resolution``, ``--skip-bad``).
     """
 
+    def __init__(self, *args: Any):
+        super().__init__(*_unwrapped(args))
+
     def render(self, name: Callable[[str], str]) -> str:
         return _SETTING.sub(lambda m: name(m.group(1)), super().__str__())
 
     def __str__(self) -> str:
         return self.render(lambda s: _PYTHON_NAMES.get(s, s))
+
+
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _unwrapped(args: tuple) -> tuple:
+    """A DatasetError raised in a DataLoader worker is re-raised in the main process as
+    ``DatasetError("Caught DatasetError in DataLoader worker process 1.\\nOriginal Traceback ...")``: keep
+    the original message (the traceback's last line) so that the user sees the file and the reason."""
+    if len(args) == 1 and isinstance(args[0], str) and _WORKER_ERROR.match(args[0]):
+        last = args[0].rstrip().splitlines()[-1]
+        return (last.split(f"{DatasetError.__name__}: ", 1)[-1],)
+    return args
 
 
 def is_image(name: str | os.PathLike) -> bool:
@@ -92,19 +120,43 @@ def to_rgb(img: PIL.Image.Image, *, keep_gray: bool = False) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
+class _Bounded:
+    """A readable, seekable view of a file that ends at ``limit`` bytes: reading past it raises
+    DatasetError, so a chunk that claims more than an image can need is refused before it is read whole."""
+
+    def __init__(self, f: IO[bytes], limit: int):
+        self._f, self.limit = f, limit
+
+    def read(self, n: int | None = -1) -> bytes:
+        room = self.limit - self._f.tell()
+        data = self._f.read(room + 1 if n is None or n < 0 or n > room else n)
+        if len(data) > room:
+            raise DatasetError(f"the file goes on past the {self.limit:,} bytes an image of its size may need "
+                               "(a damaged or hostile chunk)")
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
 def decode_image(data: IO[bytes], name: str, *, keep_gray: bool = False) -> PIL.Image.Image:
-    """Open and fully decode one image (first frame); a corrupt file raises DatasetError naming it."""
+    """Open and fully decode one image (first frame); a corrupt or oversized file raises DatasetError naming it."""
+    bounded = _Bounded(data, HEADER_BYTES)
     try:
-        with PIL.Image.open(data) as img:  # reads the header only: the size is known before decoding
+        with PIL.Image.open(bounded) as img:  # reads the header only: the size is known before decoding
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise DatasetError(f"the image is {img.width}x{img.height} pixels, more than the "
                                    f"{MAX_IMAGE_PIXELS:,} an input image may have")
+            bounded.limit = HEADER_BYTES + 4 * img.width * img.height * len(img.getbands()) + img.height
             img.load()
             return to_rgb(img, keep_gray=keep_gray)
     except DatasetError as e:
         raise DatasetError(f"{name}: {e}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, … for bad files
-        raise DatasetError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
+        raise DatasetError(f"cannot read image {name}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def encode_png(img: PIL.Image.Image) -> bytes:
@@ -115,7 +167,10 @@ def encode_png(img: PIL.Image.Image) -> bytes:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number that float32 holds (a 400-digit integer does not convert to a float at all)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return -FLOAT32_MAX <= v <= FLOAT32_MAX if isinstance(v, int) else math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
 
 def check_labels(labels: list, where: str) -> None:
@@ -190,7 +245,10 @@ class Archive:
             if not zipfile.is_zipfile(self.path):
                 raise DatasetError(f"{self.path} is not a zip archive or a folder")
             self.kind = "zip"
-            self.names = sorted(n for n in self._zipfile().namelist() if not n.endswith("/"))
+            try:
+                self.names = sorted(n for n in self._zipfile().namelist() if not n.endswith("/"))
+            except ZIP_ERRORS as e:
+                raise DatasetError(f"{self.path}: not a readable zip archive ({_reason(e)})") from None
         else:
             raise DatasetError(f"dataset path {self.path} does not exist")
         self.image_names = [n for n in self.names if is_image(n)]
@@ -201,19 +259,24 @@ class Archive:
         return self._zip
 
     def open(self, name: str) -> IO[bytes]:
-        if self.kind == "dir":
-            return open(self.path / name, "rb")
-        return self._zipfile().open(name, "r")
+        """One member, for reading; a member that is no regular file (a FIFO, a device) or that the zip
+        cannot give (damaged, encrypted, deflate64) raises DatasetError."""
+        try:
+            if self.kind == "zip":
+                return self._zipfile().open(name, "r")
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without blocking
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise DatasetError(f"{self.describe(name)} is not a regular file")
+            return os.fdopen(fd, "rb")
+        except ZIP_ERRORS as e:
+            raise DatasetError(f"cannot read {self.describe(name)}: {_reason(e)}") from None
 
     def describe(self, name: str) -> str:
         return str(self.path / name) if self.kind == "dir" else f"{self.path}:{name}"
 
     def read_image(self, name: str, *, keep_gray: bool = False) -> PIL.Image.Image:
-        try:
-            f = self.open(name)
-        except OSError as e:
-            raise DatasetError(f"cannot read image {self.describe(name)}: {e}") from None
-        with f:
+        with self.open(name) as f:
             return decode_image(f, self.describe(name), keep_gray=keep_gray)
 
     def _metadata_size(self) -> int:
@@ -229,16 +292,18 @@ class Archive:
         limit = METADATA_SLACK + METADATA_BYTES_PER_IMAGE * len(self.image_names)
         try:
             size = self._metadata_size()
-        except (OSError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"cannot read {where}: {e}") from None
+        except ZIP_ERRORS as e:
+            raise DatasetError(f"cannot read {where}: {_reason(e)}") from None
         if size > limit:
             raise DatasetError(f"{where} is {size:,} bytes, more than the {limit:,} allowed for "
                                f"{len(self.image_names):,} images (damaged or hostile)")
         try:
             with self.open(METADATA_NAME) as f:
                 meta = json.loads(f.read(limit + 1))
-        except (OSError, zipfile.BadZipFile) as e:
-            raise DatasetError(f"cannot read {where}: {e}") from None
+        except DatasetError:
+            raise
+        except ZIP_ERRORS as e:
+            raise DatasetError(f"cannot read {where}: {_reason(e)}") from None
         except (ValueError, RecursionError) as e:
             raise DatasetError(f"{where} is not valid JSON ({str(e)[:80]})") from None
         if not isinstance(meta, dict):
@@ -278,6 +343,11 @@ class Archive:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def check_dest(dest: str | os.PathLike, overwrite: bool) -> Path:

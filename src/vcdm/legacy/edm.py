@@ -12,6 +12,7 @@ import torch
 
 from vcdm.checkpoints import CheckpointConfig, state_dict_mismatch
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
+from vcdm.legacy.limits import check_sample_size
 from vcdm.legacy.records import LegacyError, Record, _plain
 from vcdm.legacy.unpickle import PathLike, read_pickle
 
@@ -90,7 +91,8 @@ def load_legacy_pickle(path: PathLike) -> LegacyNetwork:
 
 
 def legacy_network(obj: Any, path: PathLike) -> LegacyNetwork:
-    """What an unpickled EDM/VCDM file records about its network (see :func:`load_legacy_pickle`)."""
+    """What an unpickled EDM/VCDM file records about its network (see :func:`load_legacy_pickle`), its
+    sample size checked (:func:`vcdm.legacy.limits.check_sample_size`)."""
     precond = _select_network(obj)
     modules = precond.state.get("_modules")
     model = modules.get("model") if isinstance(modules, dict) else None
@@ -104,7 +106,7 @@ def legacy_network(obj: Any, path: PathLike) -> LegacyNetwork:
     attrs = {k: _plain(v) for k, v in precond.state.items()
              if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
     dataset_kwargs = obj.get("dataset_kwargs") if isinstance(obj, dict) else None
-    return LegacyNetwork(
+    record = LegacyNetwork(
         path=str(path), release="vcdm" if isinstance(seed_structure, Record) else "edm",
         precond_class=precond.class_name, precond_kwargs={k: _plain(v) for k, v in kwargs.items() if k != "structure"},
         precond_attrs=attrs, net_class=model.class_name,
@@ -112,6 +114,19 @@ def legacy_network(obj: Any, path: PathLike) -> LegacyNetwork:
         state_dict=state, parameter_names=frozenset(params),
         dataset_kwargs=_plain(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None,
         structure=_plain(seed_structure.state) if isinstance(seed_structure, Record) else None)
+    check_sample_size(_recorded_shapes(record), str(path))
+    return record
+
+
+def _recorded_shapes(record: LegacyNetwork) -> list[Any]:
+    """The data tensor shapes a record implies: the release's structure, or EDM's image geometry."""
+    if record.structure is not None:
+        shapes = record.structure.get("shapes") if isinstance(record.structure, dict) else None
+        return list(shapes) if isinstance(shapes, (list, tuple)) else []
+    kw = record.net_kwargs
+    if "img_resolution" not in kw:
+        return []
+    return [(kw.get("in_channels", 3), kw["img_resolution"], kw["img_resolution"])]
 
 
 def _seed_structure(record: LegacyNetwork) -> Structure:
@@ -233,6 +248,7 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
             values = denoiser_cfg.get(name)
             if values is not None and len(values) == len(seed_exist) != len(structure.names):
                 denoiser_cfg[name] = [v for v, e in zip(values, seed_exist) if e]
+    check_sample_size(structure.shapes, record.path)
     latent = [structure.shape(n) for n in structure.latent_names]
     if latent != [image] or structure.observed_dim != label_dim:
         raise LegacyError(f"{record.path}: the structure (latent {dict(zip(structure.latent_names, latent))}, observed "

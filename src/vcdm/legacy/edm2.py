@@ -25,6 +25,7 @@ import torch
 from vcdm.checkpoints import MAX_LATENT_ELEMENTS, CheckpointConfig, CheckpointError, state_dict_mismatch
 from vcdm.data.structure import Structure
 from vcdm.legacy.edm import LegacyNetwork, _module_tensors
+from vcdm.legacy.limits import check_sample_size
 from vcdm.legacy.records import LegacyError, Record, _plain
 from vcdm.legacy.unpickle import PathLike, read_pickle
 
@@ -133,6 +134,9 @@ def edm2_network(obj: Any, path: PathLike) -> EDM2Network:
     sigma_data = attrs.get("sigma_data", precond.init_kwargs.get("sigma_data", 0.5))
     if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not sigma_data > 0:
         raise LegacyError(f"{path}: the Precond's sigma_data is {sigma_data!r}, expected a positive number")
+    channels, resolution = kwargs.get("img_channels"), kwargs.get("img_resolution")
+    if isinstance(channels, int) and isinstance(resolution, int):
+        check_sample_size([(channels, resolution, resolution)], path)
     match = PICKLE_NAME.fullmatch(Path(path).name)
     dataset_kwargs = obj.get("dataset_kwargs")
     return EDM2Network(

@@ -9,15 +9,31 @@ can be driven arbitrarily deep.
 from __future__ import annotations
 
 import contextvars
+import math
 import pickle
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+from vcdm.checkpoints import MAX_LATENT_ELEMENTS
 from vcdm.legacy.records import LegacyError, Record
 
 MAX_DEPTH = 100          # container nesting; EDM's and the release's pickles nest about 20 deep
 ITEM_BYTES = 64          # memory charged per container item a call builds from the pickle
 SLACK_BYTES = 64 << 20   # allocation allowed beyond twice the file size (module sources, small files)
 ZIP_MEMBER_FACTOR = 2    # torch stores zip members uncompressed: none may inflate beyond 2x the archive
+
+
+def check_sample_size(shapes: Iterable[Any], where: str) -> None:
+    """Refuse data tensor shapes that are not lists of sizes or that hold more values per sample than a
+    checkpoint may (vcdm.checkpoints.MAX_LATENT_ELEMENTS): every import applies this to what a pickle
+    records before building anything of that size (EDM's img_resolution 12000 reached 4 GB)."""
+    total = 0
+    for shape in shapes:
+        if not isinstance(shape, (list, tuple)) or not all(type(n) is int and n >= 0 for n in shape):
+            raise LegacyError(f"{where}: the recorded tensor shape {str(shape)[:60]} is not a list of sizes")
+        total += math.prod(shape)
+    if total > MAX_LATENT_ELEMENTS:
+        raise LegacyError(f"{where}: the recorded network's samples hold {total:,} values, more than the "
+                          f"{MAX_LATENT_ELEMENTS:,} a vcdm checkpoint supports")
 
 
 class Budget:
