@@ -250,8 +250,8 @@ def test_edm2_pickle_calling_a_network_class_is_refused(fake_modules, marker):
 HOSTILE_SETTINGS = {
     # name: (fake pickle overrides, expected one-line error)
     "img-resolution": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, img_resolution=1 << 20)),
-                       "more than the 16,777,216 values per sample"),
-    "label-dim": (dict(unet_kwargs=dict(EDM2_NET, label_dim=10 ** 9)), "more than the 16,777,216 values per sample"),
+                       "more than the 16,777,216 a vcdm checkpoint supports"),
+    "label-dim": (dict(unet_kwargs=dict(EDM2_NET, label_dim=10 ** 9)), "more than the 16,777,216 a vcdm checkpoint supports"),
     "num-blocks": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, num_blocks=10 ** 9)), "more tensors than the file"),
     "channel-mult": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, channel_mult=[1] * 10 ** 6)),
                      "more tensors than the file"),

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from vcdm.checkpoints import MAX_LATENT_ELEMENTS, CheckpointConfig, CheckpointError, state_dict_mismatch
+from vcdm.checkpoints import CheckpointConfig, CheckpointError, state_dict_mismatch
 from vcdm.data.structure import Structure
 from vcdm.legacy.edm import LegacyNetwork, _module_tensors
 from vcdm.legacy.limits import check_sample_size
@@ -163,9 +163,7 @@ def _geometry(record: EDM2Network) -> tuple[int, int, int]:
         raise LegacyError(f"{record.path}: the UNet records img_channels, img_resolution, label_dim = {values}, "
                           "expected positive integers (label_dim >= 0)")
     channels, resolution, label_dim = values
-    if channels * resolution ** 2 + label_dim > MAX_LATENT_ELEMENTS:
-        raise LegacyError(f"{record.path}: a {channels}x{resolution}x{resolution} image with {label_dim} labels is "
-                          f"more than the {MAX_LATENT_ELEMENTS:,} values per sample vcdm supports")
+    check_sample_size([(channels, resolution, resolution), (label_dim,)], record.path)
     return channels, resolution, label_dim
 
 
