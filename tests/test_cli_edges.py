@@ -263,3 +263,15 @@ def test_seed_and_step_limits_allocate_nothing(call, match):
 
     expect_one_line_error(guarded("from vcdm.generate import SamplerOptions\nfrom vcdm.generate.options import "
                                   "seed_list", call, "ValueError"), match)
+
+
+def test_two_stage_api_names_its_arguments(models):
+    from vcdm import TwoStagePipeline
+
+    pipe = TwoStagePipeline.from_checkpoints(models["prior"], models["image"], device="cpu")
+    with pytest.raises(FlagError, match="^image_steps: expected 1..10000"):
+        pipe([0], image_steps=10**9)
+    with pytest.raises(FlagError, match="^prior_sampler dpm2m is deterministic: drop prior_S_churn/prior_S_min"):
+        pipe([0], prior_sampler="dpm2m", prior_S_churn=5)
+    with pytest.raises(TypeError, match="^image_rho: expected a number"):
+        pipe([0], image_rho="x")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -71,7 +72,12 @@ def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[st
         if chosen.get("sampler") not in (None, *CHURN_SAMPLERS):
             chosen.update(S_churn=0.0, S_noise=1.0)
         values.update({k: v for k, v in chosen.items() if k not in given})
-    return SamplerOptions(**{**values, **given})
+    try:
+        return SamplerOptions(**{**values, **given})
+    except (GenerateError, TypeError) as e:  # its messages name the flags: name this stage's arguments
+        if not prefix:
+            raise
+        raise type(e)(re.sub(r"--([\w-]+)", lambda m: prefix + m.group(1).replace("-", "_"), str(e))) from None
 
 
 def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:
