@@ -310,17 +310,19 @@ def _outputs(net, y, train):
 
 
 @pytest.mark.determinism
-@pytest.mark.parametrize("train", [False, True])
-def test_widened_class_conditional_edm2_keeps_the_pretrained_function(fake_modules, marker, train):
+@pytest.mark.parametrize("train, source", [(False, "pkl"), (True, "pkl"), (False, "safetensors")])
+def test_widened_class_conditional_edm2_keeps_the_pretrained_function(fake_modules, marker, train, source):
     """[embedding, one-hot class] (LabelledCLIPDataset, --exist 1,1,1 --observed 0,1,1) through a widened
-    emb_label: whatever the embedding, the output is the pretrained class-conditional network's."""
+    emb_label: whatever the embedding, the output is the pretrained class-conditional network's. The source is
+    EDM2's pickle or its import."""
     from vcdm.data.structure import Structure
 
     src = fake_modules / "edm2-img64-s-1073741-0.075.pkl"
     edm2_pickle(src, marker, label_dim=1000, snapshot=False)
-    pretrained = load_checkpoint(_imported(src, fake_modules))[0].net
+    imported = _imported(src, fake_modules)
+    pretrained = load_checkpoint(imported)[0].net
     structure = Structure.from_flags({"image": (3, 16, 16), "embedding": (EMBED,), "label": (1000,)}, "1,1,1", "0,1,1")
-    net, report = _widened(src, structure, EMBED + 1000)
+    net, report = _widened(src if source == "pkl" else imported, structure, EMBED + 1000)
     assert net.label_gain == pytest.approx(1000 ** 0.5) and "from 1000 to 1024 inputs" in str(report)
     assert torch.count_nonzero(net.emb_label.weight[:, :EMBED]) == 0
     classes = torch.eye(1000)[[0, 207, 999]]
@@ -385,3 +387,19 @@ def test_train_fine_tunes_an_edm2_pickle_into_the_two_stage_image_model(fake_mod
     snapshot = sorted(run_dir(out).glob("network-snapshot-*.safetensors"))[0]
     config = read_config(snapshot)
     assert config["network"]["kwargs"]["label_gain"] == pytest.approx(2 ** 0.5) and not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.determinism
+def test_python_api_samples_an_imported_edm2_model_as_edm2_does(fake_modules, marker):
+    import vcdm
+
+    golden, s = GOLDEN["cases"]["class1000"], GOLDEN["sampler"]
+    src = fake_modules / "net.pkl"
+    edm2_pickle(src, marker, label_dim=1000, snapshot=False)
+    pipe = vcdm.Pipeline.from_checkpoint(_imported(src, fake_modules), device="cpu")
+    out = pipe(golden["seeds"], batch=4, steps=s["num_steps"], sigma_min=s["sigma_min"], sigma_max=s["sigma_max"],
+               rho=s["rho"], bf16=False)
+    for seed, got in zip(golden["seeds"], out.images):
+        diff = np.abs(got.astype(int) - _pixels(golden["pixels"][str(seed)]["hex"]).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (seed, diff.max(), (diff > 0).mean())
