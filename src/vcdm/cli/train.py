@@ -6,7 +6,6 @@ Every flag is accepted with underscores or hyphens (`--data_class`, `--data-clas
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import click
 from click.core import ParameterSource
 
 from vcdm.fileio import parse_int_list
+from vcdm.safeload import load_json
 
 from vcdm.train.lr_schedules import LR_SCHEDULES
-from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, PRECONDS, TrainOptions, default_workers
+from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, OPTIONS_BYTES, PRECONDS, TrainOptions, default_workers
 from vcdm.train.recipe import RECIPES
 
 D = TrainOptions()
@@ -250,7 +250,7 @@ def recorded_run_options(resume: str | None) -> tuple[Path, dict] | None:
     if not path.is_file():
         return None
     try:
-        return path, TrainOptions.from_dict(json.loads(path.read_text())).to_dict()
+        return path, TrainOptions.from_dict(load_json(path, OPTIONS_BYTES)).to_dict()
     except (OSError, ValueError, TypeError) as e:
         raise click.UsageError(f"--resume: cannot read {path} ({e})") from None
 

@@ -12,8 +12,11 @@ Options left None (precond, P_mean, P_std, lr, adam_betas, lr_schedule, lr_ref) 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,7 @@ PRECONDS = ("edm", "vp", "ve", "edm2")
 EMBEDDERS = ("clip-vit-b32", "pixel-pca")
 
 
+OPTIONS_BYTES = 1 << 20  # a training_options.json holds a few KB
 FINITE = ("lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
@@ -130,6 +134,21 @@ class IOOptions:
 
 
 GROUPS = (DataOptions, EmbedderOptions, ModelOptions, OptimOptions, ScheduleOptions, IOOptions)
+
+
+def _recorded_type(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits an option's annotation (ints pass as floats; a list may be
+    recorded as the flags' text, "0,1")."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_recorded_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, str) or isinstance(value, list) and all(_recorded_type(v, item) for v in value)
+    if hint is float:
+        return type(value) in (int, float)
+    if hint is int:
+        return type(value) is int
+    return hint is Any or isinstance(value, hint)
 LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float, "ema_std": float,
                "cres": int}
 
@@ -168,8 +187,15 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
     def from_dict(cls, d: dict[str, Any]) -> "TrainOptions":
         """Options as recorded in a training_options.json, also by older vcdm (lists as "1,0" strings);
         keys that are not options (world_size, batch_gpu of the run) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k in names}
+        if not isinstance(d, dict):
+            raise OptionError(f"recorded options are {type(d).__name__}, expected an object")
+        hints = typing.get_type_hints(cls)
+        values = {k: v for k, v in d.items() if k in hints and not k.startswith("_")}
+        for name, value in values.items():
+            if not _recorded_type(value, hints[name]):
+                hint = hints[name]
+                raise OptionError(f"recorded option '{name}' is {json.dumps(value)[:40]}, expected "
+                                  f"{hint.__name__ if isinstance(hint, type) else hint}")
         if values.get("arch") == "dalle2" and d.get("network", "PriorTransformer") == "PriorTransformer":
             values["arch"] = "prior"  # recorded before --arch dalle2 built the release's network (no "network" then)
         return cls(**values)
