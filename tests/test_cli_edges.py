@@ -275,3 +275,15 @@ def test_two_stage_api_names_its_arguments(models):
         pipe([0], prior_sampler="dpm2m", prior_S_churn=5)
     with pytest.raises(TypeError, match="^image_rho: expected a number"):
         pipe([0], image_rho="x")
+
+
+def test_variations_api_takes_one_path_and_seed_text(models, tmp_path):
+    import PIL.Image
+
+    from vcdm.generate import variations
+
+    PIL.Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "cat.png")
+    written = variations(models["image"], str(tmp_path / "cat.png"), "0-1", outdir=tmp_path / "v",
+                         opts=SamplerOptions(num_steps=1))
+    assert written == [tmp_path / "v" / "cat.png"]  # one input, not one per character of its path
+    assert np.asarray(PIL.Image.open(written[0])).shape == (2 * 10, 2 * 10, 3)  # input + 2 variations, 1 px apart

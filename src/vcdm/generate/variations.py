@@ -40,7 +40,8 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int) -> np.nd
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLike], seeds: Sequence[int], *,
+def variations(image_model: str | os.PathLike, images: str | os.PathLike | Sequence[str | os.PathLike],
+               seeds: str | Sequence[int], *,
                outdir: str | os.PathLike = "variations", opts: SamplerOptions = SamplerOptions(),
                cond: Conditioning = Conditioning(), max_batch_size: int = 64, device: str | torch.device = "cpu",
                inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> list[Path]:
@@ -51,6 +52,8 @@ def variations(image_model: str | os.PathLike, images: Sequence[str | os.PathLik
         raise GenerateError("variations condition on the inputs' embeddings, not on samples or a dataset")
     class_idx = cond.class_idx
     check_writable(outdir, "--outdir")
+    if isinstance(images, (str, os.PathLike)):  # one input, not a sequence of its characters
+        images = [images]
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise GenerateError("--images: two inputs share a file name; their grids would overwrite each other")
