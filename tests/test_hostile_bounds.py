@@ -500,3 +500,38 @@ def test_recorded_options_are_type_checked():
     for bad in ({"exist": [1, "a"]}, {"fp16": 1}, {"batch": 8.0}, {"batch": True}, {"desc": 3}):
         with pytest.raises(OptionError, match=f"recorded option '{next(iter(bad))}'"):
             TrainOptions.from_dict(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases beyond the issue's list.
+
+@pytest.mark.slow
+def test_fifo_among_a_folder_dataset_images_does_not_block(tmp_path):
+    """A FIFO named like an image would block the reader forever: members must be regular files."""
+    import numpy as np
+    import PIL.Image
+
+    (tmp_path / "data").mkdir()
+    os.mkfifo(tmp_path / "data" / "a.png")
+    PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / "b.png")
+    expect_refusal(cli_call("dataset", "info", str(tmp_path / "data")), "a.png is not a regular file", seconds=30)
+
+
+def test_reference_npz_with_pickled_objects_is_refused(tmp_path):
+    import numpy as np
+    from vcdm.metrics.stats import FeatureStats, StatsError
+
+    with zipfile.ZipFile(tmp_path / "ref.npz", "w") as zf:
+        zf.writestr("mu.npy", npy(np.zeros(4)))
+        zf.writestr("sigma.npy", npy(np.array([None, {"a": 1}], dtype=object)))  # np.save pickles objects
+    with pytest.raises(StatsError, match="'sigma.npy' holds Python objects"):
+        FeatureStats.load(tmp_path / "ref.npz")
+
+
+def test_torch_zip_directory_is_charged_before_python_parses_it(tmp_path, monkeypatch):
+    import vcdm.safeload as safeload
+
+    path = torch_zip(tmp_path / "x.pt", {f"data/{i}": b"" for i in range(200)} | {"data.pkl": b"\x80\x02N."})
+    monkeypatch.setattr(safeload, "ZIPINFO_BYTES", 1 << 20)  # 200 entries then cost more than the budget
+    with pytest.raises(TorchFileError, match="the archive's directory"):
+        load_torch_zip(path)
