@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vcdm import perf
 from vcdm.checkpoints import read_config
+from vcdm.distributed import parse_device
 from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_guide,
                                 load_model, split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
@@ -87,8 +88,6 @@ def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:
 
 def default_device(device: str | torch.device | None) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or None (CUDA when available); one clear error naming ``device`` otherwise."""
-    from vcdm.distributed import parse_device
-
     return parse_device(device, "device")
 
 
@@ -259,15 +258,19 @@ def _image_dataset(images: Any, num: int | None, seed: int):
 
 
 def fid(images: Any, ref: Any, *, metrics: str | Sequence[str] = ("fid",), num: int | None = None, seed: int = 0,
-        batch: int = 64, inception_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+        batch: int = 64, inception_weights: str | os.PathLike | None = None,
+        dinov2_weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
         progress: bool = False) -> dict[str, float]:
     """Score images against reference statistics, as ``vcdm fid calc`` → ``{"fid": …, "kid": …, …}``.
 
     ``images``: a folder or zip, or images in memory (see ``_image_dataset``); ``ref``: an .npz path or
-    URL (``vcdm fid ref``, EDM's fid-refs) or a ``vcdm.metrics.FeatureStats``; ``metrics``: any of fid,
-    kid, pr, as a list or as --metrics writes them ("fid,kid"; kid and pr need a reference with features);
+    URL (``vcdm fid ref``, EDM's fid-refs), EDM2's dataset-refs .pkl, a ``vcdm.metrics.FeatureStats``
+    (Inception's) or a dict of them by feature space; ``metrics``: any of fid, kid, pr, fd_dinov2, as a
+    list or as --metrics writes them ("fid,kid"; kid and pr need a reference with features);
     ``num``: a random subset of this size."""
-    from vcdm.metrics import METRICS, FeatureStats, InceptionFeatures, compute_stats, load_reference, scores
+    from vcdm.metrics import (METRICS, SET_METRICS, SPACE, FeatureStats, InceptionFeatures, compute_references,
+                              load_reference, missing, scores, spaces)
+    from vcdm.metrics.dinov2 import DINOv2Features
 
     if isinstance(metrics, str):  # --metrics' syntax, "fid,kid"
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -275,12 +278,19 @@ def fid(images: Any, ref: Any, *, metrics: str | Sequence[str] = ("fid",), num: 
     if bad or not metrics:
         raise ValueError(f"metrics: expected a subset of {', '.join(METRICS)} (a list, or text like 'fid,kid'), "
                          f"got {list(metrics)}")
-    reference = ref if isinstance(ref, FeatureStats) else load_reference(str(ref), progress=progress)
-    keep = any(m != "fid" for m in metrics)
-    if keep and reference.features is None:
-        raise ValueError("ref holds only mu/sigma; kid and pr need a reference made with its features")
+    if isinstance(ref, FeatureStats):
+        reference = {"inception": ref}
+    elif isinstance(ref, dict):
+        reference = ref
+    else:
+        reference = load_reference(str(ref), progress=progress)
+    lack = missing(reference, metrics)
+    if lack:
+        raise ValueError(f"ref holds {lack}")
     device = default_device(device)
-    net = InceptionFeatures(inception_weights, progress=progress).to(device)
-    stats = compute_stats(_image_dataset(images, num, seed), net, batch=batch, device=device, keep_features=keep,
-                          progress=progress)
+    load = {"inception": lambda: InceptionFeatures(inception_weights, progress=progress),
+            "dinov2": lambda: DINOv2Features(dinov2_weights, progress=progress)}
+    nets = {space: load[space]().to(device) for space in spaces(metrics)}
+    stats = compute_references(_image_dataset(images, num, seed), nets, batch=batch, device=device,
+                               keep_features={SPACE[m] for m in metrics if m in SET_METRICS}, progress=progress)
     return scores(stats, reference, metrics)
