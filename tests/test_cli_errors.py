@@ -132,7 +132,7 @@ def fake_inception(monkeypatch) -> None:
         "weights_path": "none", "to": lambda self, device: self})())
     rng = np.random.default_rng(0)
     stats = metrics.FeatureStats(rng.normal(size=4), np.eye(4), 3, rng.normal(size=(3, 4)).astype(np.float32))
-    monkeypatch.setattr(metrics, "compute_stats", lambda *a, **k: stats)
+    monkeypatch.setattr(metrics, "compute_references", lambda *a, **k: {"inception": stats})
 
 
 def test_fid_errors(tmp_path, read_only, monkeypatch):

@@ -102,3 +102,83 @@ def test_dinov2_embedder_is_frozen_and_needs_its_file(tmp_path, monkeypatch):
         build_embedder("dinov2-vitb14")
     with pytest.raises(EmbedderError, match="frozen"):
         build_embedder("dinov2-vitb14", clip_weights=save_random_weights(tmp_path / "w.pth"), trainable=True)
+
+
+def _images(folder: Path, n: int, seed: int) -> Path:
+    import numpy as np
+    import PIL.Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_fd_dinov2_through_fid_ref_and_calc(tmp_path):
+    """`vcdm fid ref/calc --metrics fd_dinov2`: float64 statistics of the features beside EDM's names; a set
+    scored against its own reference gives 0, another set more; a reference without them is refused in one line."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from vcdm.cli.fid import command
+    from vcdm.metrics import load_references
+
+    weights = save_random_weights(tmp_path / "w.pth")
+    real, other = _images(tmp_path / "real", 6, 0), _images(tmp_path / "other", 6, 1)
+    common = ["--dinov2-weights", str(weights), "--workers", "0", "--device", "cpu", "--no-progress"]
+    runner = CliRunner()
+    result = runner.invoke(command, ["ref", "--data", str(real), "--dest", str(tmp_path / "ref.npz"),
+                                     "--metrics", "fd_dinov2", *common])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "ref.npz") as data:
+        assert sorted(data.files) == ["dinov2_mu", "dinov2_sigma"] and data["dinov2_mu"].dtype == np.float64
+    features = DINOv2Features(weights)(torch.stack([torch.from_numpy(np.array(__import__("PIL.Image").Image.open(p)))
+                                                    .permute(2, 0, 1) for p in sorted(real.iterdir())])).double()
+    reference = load_references(tmp_path / "ref.npz")["dinov2"]
+    np.testing.assert_allclose(reference.mu, features.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(reference.sigma, np.cov(features.numpy(), rowvar=False), rtol=1e-6, atol=1e-7)
+
+    scores = {}
+    for name, folder in (("self", real), ("other", other)):
+        result = runner.invoke(command, ["calc", "--images", str(folder), "--ref", str(tmp_path / "ref.npz"),
+                                         "--num", "6", "--metrics", "fd_dinov2", *common])
+        assert result.exit_code == 0, result.output
+        scores[name] = float(result.stdout.split()[-1])
+    assert abs(scores["self"]) < 1e-6 and scores["other"] > 1e-3
+    result = runner.invoke(command, ["calc", "--images", str(other), "--ref", str(tmp_path / "ref.npz"),
+                                     "--num", "6", "--metrics", "fid", *common])
+    assert result.exit_code == 2 and "holds no inception statistics, which fid needs" in result.output
+
+
+def test_edm2_reference_pickles_are_read_safely(tmp_path):
+    """EDM2's dataset-refs .pkl ({'fid': {mu, sigma}, 'fd_dinov2': {mu, sigma}}) loads as a reference; a pickle
+    naming any other global runs nothing and is one error."""
+    import pickle
+
+    import numpy as np
+
+    from vcdm.metrics import StatsError, load_references
+
+    rng = np.random.default_rng(0)
+    stats = {"num_images": 50000}
+    for key, dim in (("fid", 6), ("fd_dinov2", 4)):
+        a = rng.normal(size=(dim, dim))
+        stats[key] = dict(mu=rng.normal(size=dim), sigma=a @ a.T)
+    (tmp_path / "ref.pkl").write_bytes(pickle.dumps(stats))
+    references = load_references(tmp_path / "ref.pkl")
+    assert set(references) == {"inception", "dinov2"} and references["inception"].num == 50000
+    np.testing.assert_array_equal(references["dinov2"].sigma, stats["fd_dinov2"]["sigma"])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"fid": Payload()}))
+    with pytest.raises(StatsError, match="evil.pkl") as e:
+        load_references(tmp_path / "evil.pkl")
+    assert "\n" not in str(e.value)
+    stats["fd_dinov2"]["mu"] = np.full(4, np.nan)
+    (tmp_path / "nan.pkl").write_bytes(pickle.dumps(stats))
+    with pytest.raises(StatsError, match="non-finite"):
+        load_references(tmp_path / "nan.pkl")

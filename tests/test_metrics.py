@@ -6,6 +6,7 @@ import json
 import runpy
 import sys
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from vcdm.cli.main import cli
 from vcdm.metrics import (WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_URL, FeatureStats, InceptionFeatures, InceptionWeightsError,
                           StatsError, compute_stats, frechet_distance, kid_score, precision_recall)
 from vcdm.metrics.inception import save_random_weights
-from vcdm.metrics import inception as inception_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def offline(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("network is unreachable")
 
-    monkeypatch.setattr(inception_module.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)  # what vcdm.fileio.download calls
     return tmp_path / "torch-home" / "hub" / "checkpoints" / WEIGHTS_FILE
 
 
