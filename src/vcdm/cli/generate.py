@@ -201,6 +201,10 @@ def command(network: str, seeds: IntRanges, **kwargs: Any) -> None:
     \b
     # 64 images to out/ with the deterministic DPM-Solver++(2M), 20 steps, and a grid
     vcdm generate --network model.safetensors --outdir out --seeds 0-63 --sampler dpm2m --steps 20 --grid grid.png
+    \b
+    # Autoguidance: guided away from an earlier snapshot of the same run, at middle noise levels only
+    vcdm generate --network network-snapshot-010000.safetensors --gnet network-snapshot-002000.safetensors \\
+        --guidance 2 --guidance-interval 0.3,5
     """
     from vcdm import distributed
     from vcdm.generate import Conditioning, generate

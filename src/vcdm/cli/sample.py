@@ -53,7 +53,9 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
     files as running `vcdm generate` on the prior and then on the image model with --load_obs_from.
     Refuses models trained with different embedders or embedding sizes. Each stage has its own sampler
     options (--prior-steps, --image-S_churn, …; defaults: the original release's 40 steps, S_churn 50,
-    S_noise 1.007). Runs under torchrun like `vcdm generate`.
+    S_noise 1.007) and its own guidance (--prior-gnet/--prior-guidance, --image-gnet/--image-guidance:
+    a guiding network such as an earlier snapshot; --*-guidance-interval). Runs under torchrun like
+    `vcdm generate`.
 
     \b
     Example:
