@@ -157,18 +157,23 @@ def test_moved_dataset_resumes_by_content(data, tmp_path):
     assert recorded["path"] == str(tmp_path / "node2" / "tiny.zip") and recorded["duration"] == 8e-6
 
     (tmp_path / "node3").mkdir()
-    os.symlink(tmp_path / "node2" / "tiny.zip", tmp_path / "node3" / "tiny.zip")
+    shutil.copy(tmp_path / "node2" / "tiny.zip", tmp_path / "node3" / "tiny.zip")  # staged again elsewhere
     out = train(tmp_path, *tiny("node3/tiny.zip", "--duration", "0.000012", "--resume", "auto"))
-    assert f"Resuming from {Path('runs') / d.name}" in out and newest(d)["counters"]["nimg"] == 12
+    assert f"Resuming from {Path('runs') / d.name}" in out and "Dataset moved" in out
+    assert newest(d)["counters"]["nimg"] == 12
+    (tmp_path / "node4").mkdir()
+    os.symlink(tmp_path / "node2" / "tiny.zip", tmp_path / "node4" / "tiny.zip")
+    out = train(tmp_path, *tiny("node4/tiny.zip", "--duration", "0.000016", "--resume", "auto"))
+    assert f"Resuming from {Path('runs') / d.name}" in out and newest(d)["counters"]["nimg"] == 16
     assert len(list((tmp_path / "runs").iterdir())) == 1  # never silently a new run from 0
 
-    os.unlink(tmp_path / "node3" / "tiny.zip")
-    write_dataset(tmp_path / "node3" / "tiny.zip", seed=1)  # another dataset where the run's data was
+    os.unlink(tmp_path / "node2" / "tiny.zip")
+    write_dataset(tmp_path / "node2" / "tiny.zip", seed=1)  # another dataset where the run's data is recorded
     before = files(d)
-    for args in (tiny("node3/tiny.zip", "--duration", "0.000016", "--resume", "auto"),
-                 ["--resume", str(d), "--path", "node3/tiny.zip", "--duration", "0.000016"]):
+    for args in (tiny("node4/tiny.zip", "--duration", "0.00002", "--resume", "auto"),
+                 ["--resume", str(d), "--duration", "0.00002"]):
         (err,) = error_lines(train(tmp_path, *args, code=2))
-        assert "node3/tiny.zip" in err and "changed since" in err and "16 images" in err, err
+        assert "node4/tiny.zip" in err and "changed since" in err and "16 images" in err, err
     assert files(d) == before
 
 
@@ -244,7 +249,8 @@ def test_optimiser_moments_count_for_finiteness():
 @pytest.mark.slow
 def test_one_writer_per_run_folder(data, tmp_path):
     """Issue 19 item 11: a second `--resume auto` on a run folder in use stops with one line naming the
-    holder and touches nothing there; the lock dies with its process (kill -9 leaves no stale lock)."""
+    holder and touches nothing there; the lock dies with its process (kill -9 leaves no stale lock, also
+    while the killed process's DataLoader workers linger)."""
     args = tiny(data, "--duration", "0.000004")
     train(tmp_path, *args)
     d = run_dir(tmp_path / "runs")
@@ -252,7 +258,8 @@ def test_one_writer_per_run_folder(data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
     log = open(tmp_path / "holder.log", "w")
     holder = subprocess.Popen([sys.executable, str(driver), *args[:-2], "--duration", "1", "--tick", "1",
-                               "--resume", "auto"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+                               "--workers", "2", "--resume", "auto"],  # its workers must not inherit the lock
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while "Training from" not in (tmp_path / "holder.log").read_text():
@@ -264,6 +271,8 @@ def test_one_writer_per_run_folder(data, tmp_path):
         (err,) = error_lines(out)
         assert f"{Path('runs') / d.name} is in use by another training process (pid {holder.pid} on " in err
         assert planted.exists() and (d / "log.txt").read_text().count("Resuming from") == 1  # the holder's only
+        out = train(tmp_path, *args[:-2], "--duration", "0.000008", "--resume", "auto", "--dry-run")
+        assert f"is in use now by another training process (pid {holder.pid} on " in out
     finally:
         holder.kill()
         holder.wait()
@@ -328,7 +337,7 @@ def test_a_locked_run_folder_stops_every_torchrun_process(data, tmp_path):
 HOLDER = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
+fcntl.lockf(fd, fcntl.LOCK_EX)
 os.write(fd, b"pid 4242 on node-a since 01:00\\nand a stray second line\\n")
 print("locked", flush=True)
 time.sleep(600)

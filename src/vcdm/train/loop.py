@@ -31,7 +31,7 @@ from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshots
 from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
-from vcdm.train.rundir import RunPlan, decide, plan_run
+from vcdm.train.rundir import RunPlan, decide, lock_holder, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
 from vcdm.train.state import StateError, TrainState, free_state_path, load_state, save_state
 from vcdm.train.step import StepSetup, train_step
@@ -81,7 +81,9 @@ def describe_plan(opts: TrainOptions) -> str:
     if plan.finished_nimg is not None:
         return f"would do nothing: {plan.resume} already finished at {kimg:g} kimg (--duration {opts.duration:g} Mimg)"
     moved = f"; its dataset moved from {plan.moved_from}" if plan.moved_from else ""
-    return f"would resume {plan.resume} at {kimg:g} kimg ({why}{moved})"
+    holder = lock_holder(plan.run_dir)
+    busy = f"; but {plan.run_dir} is in use now by another training process ({holder})" if holder else ""
+    return f"would resume {plan.resume} at {kimg:g} kimg ({why}{moved}){busy}"
 
 
 @dataclass

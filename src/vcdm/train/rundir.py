@@ -7,6 +7,7 @@ Process 0 decides (`plan_run`), locks the run folder, and every process follows 
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -22,8 +23,7 @@ from typing import Any
 from vcdm import distributed as dist
 from vcdm.data.archive import METADATA_NAME, Archive, DatasetError, is_image
 from vcdm.train.loggers import new_run_id, start_wandb, wandb_wanted
-from vcdm.safeload import load_json
-from vcdm.train.options import IDENTITY, OPTIONS_BYTES, OptionError, TrainOptions
+from vcdm.train.options import IDENTITY, OptionError, TrainOptions
 from vcdm.train.outputs import TrainingError, write_failure
 from vcdm.train.state import STATE_RE, StateError, load_state, newest_valid_state
 
@@ -111,7 +111,7 @@ def _same_place(recorded: dict[str, Any], path: str) -> bool:
 def _recorded_options(run_dir: Path) -> dict[str, Any] | None:
     """A run directory's training_options.json, normalised (None if absent or unreadable)."""
     try:
-        raw = load_json(run_dir / "training_options.json", OPTIONS_BYTES, dict)
+        raw = json.loads((run_dir / "training_options.json").read_text())
         recorded = TrainOptions.from_dict(raw).to_dict()
     except (OSError, ValueError, TypeError, RecursionError, AttributeError):
         return None
@@ -190,10 +190,12 @@ def _find_auto(opts: TrainOptions, identity: dict[str, Any]) -> tuple[Path | Non
 # ------------------------------------------------------------------------------------------ run directory
 
 class RunLock:
-    """One writer per run folder: an exclusive flock on `<run_dir>/training.lock`, held for the run's
-    life and dropped by the kernel when the process ends, however it ends (a lock is never stale).
-    The file names its holder; it is never replaced (a lock lives on the file's inode). A run folder
-    made for this run and left holding only the lock (a run that failed while starting) is removed."""
+    """One writer per run folder: an exclusive fcntl lock on `<run_dir>/training.lock`, held for the run's
+    life and dropped by the kernel when the process ends, however it ends (a lock is never stale). A
+    POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, so a killed run's
+    lingering workers cannot hold its folder. The file names its holder; it is never replaced (a lock
+    lives on the file's inode). A run folder made for this run and left holding only the lock (a run
+    that failed while starting) is removed."""
 
     def __init__(self, run_dir: Path, created: bool = False):
         self.run_dir, self.created = run_dir, created
@@ -203,9 +205,11 @@ class RunLock:
         except OSError as e:
             raise TrainingError(f"cannot lock {path} ({write_failure(e, path)})") from None
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = (os.read(self.fd, 4096).decode("utf-8", "replace").strip().splitlines() or ["unknown"])[0][:200]
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise TrainingError(f"cannot lock {path} ({e.strerror})") from None
+            holder = _holder(self.fd)
             os.close(self.fd)
             raise TrainingError(f"{run_dir} is in use by another training process ({holder}); one process "
                                 f"trains into a run folder at a time") from None
@@ -221,6 +225,25 @@ class RunLock:
             self.run_dir.rmdir()
         os.close(self.fd)
         self.fd = -1
+
+
+def _holder(fd: int) -> str:
+    return (os.read(fd, 4096).decode("utf-8", "replace").strip().splitlines() or ["unknown"])[0][:200]
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds `run_dir`'s lock now (its line), or None; takes no lock and writes nothing."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return _holder(fd)
+    finally:
+        os.close(fd)  # also drops the probe's own shared lock
 
 
 def make_run_dir(opts: TrainOptions, resume: Path | None) -> tuple[Path, str | None]:
