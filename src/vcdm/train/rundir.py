@@ -23,7 +23,8 @@ from typing import Any
 from vcdm import distributed as dist
 from vcdm.data.archive import METADATA_NAME, Archive, DatasetError, is_image
 from vcdm.train.loggers import new_run_id, start_wandb, wandb_wanted
-from vcdm.train.options import IDENTITY, OptionError, TrainOptions
+from vcdm.safeload import load_json
+from vcdm.train.options import IDENTITY, OPTIONS_BYTES, OptionError, TrainOptions
 from vcdm.train.outputs import TrainingError, write_failure
 from vcdm.train.state import STATE_RE, StateError, load_state, newest_valid_state
 
@@ -111,7 +112,7 @@ def _same_place(recorded: dict[str, Any], path: str) -> bool:
 def _recorded_options(run_dir: Path) -> dict[str, Any] | None:
     """A run directory's training_options.json, normalised (None if absent or unreadable)."""
     try:
-        raw = json.loads((run_dir / "training_options.json").read_text())
+        raw = load_json(run_dir / "training_options.json", OPTIONS_BYTES, dict)
         recorded = TrainOptions.from_dict(raw).to_dict()
     except (OSError, ValueError, TypeError, RecursionError, AttributeError):
         return None
