@@ -176,10 +176,11 @@ VAE_ENCODER["bias"] = np.float32(0) - np.float32([5.81, 3.25, 0.12, -2.15]) * VA
 
 
 def edm2_pickle(path, marker, *, label_dim=0, encoder="StandardRGBEncoder", snapshot=True, precond_over=None,
-                unet_kwargs=None, **over):
+                unet_kwargs=None, encoder_over=None, **over):
     """An EDM2 network pickle as EDM2's training loop writes it (snapshot=True: with loss_fn and dataset_kwargs;
     False: only ema and encoder, what generate_images.py reads); returns the vcdm state it should import.
-    ``unet_kwargs`` replaces the UNet's recorded constructor arguments, ``precond_over`` the Precond's attributes."""
+    ``unet_kwargs`` replaces the UNet's recorded constructor arguments, ``precond_over`` the Precond's attributes,
+    ``encoder_over`` the encoder's."""
     unet, head, kwargs = edm2_modules(label_dim, **over)
     src = payload_src(marker)
     pkw = dict(kwargs, use_fp16=True, logvar_channels=EDM2_LOGVAR)
@@ -189,8 +190,8 @@ def edm2_pickle(path, marker, *, label_dim=0, encoder="StandardRGBEncoder", snap
                  _modules=modules, img_resolution=kwargs["img_resolution"], img_channels=kwargs["img_channels"],
                  label_dim=label_dim, use_fp16=True, sigma_data=0.5, _init_args=(), _init_kwargs=pkw)
     state.update(precond_over or {})
-    enc_state = dict(VAE_ENCODER) if encoder == "StabilityVAEEncoder" else {}
-    data = EasyDict(encoder=Persistent(encoder, dict(enc_state, _init_args=(), _init_kwargs={}), src))
+    enc_state = {**(VAE_ENCODER if encoder == "StabilityVAEEncoder" else {}), **(encoder_over or {})}
+    data = EasyDict(encoder=Persistent(encoder, {"_init_args": (), "_init_kwargs": {}, **enc_state}, src))
     if snapshot:
         data.update(dataset_kwargs=EasyDict(class_name="training.dataset.ImageFolderDataset", path="datasets/tiny.zip",
                                             use_labels=bool(label_dim)),

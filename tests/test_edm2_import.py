@@ -253,12 +253,19 @@ HOSTILE_SETTINGS = {
                        "more than the 16,777,216 a vcdm checkpoint supports"),
     "label-dim": (dict(unet_kwargs=dict(EDM2_NET, label_dim=10 ** 9)), "more than the 16,777,216 a vcdm checkpoint supports"),
     "num-blocks": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, num_blocks=10 ** 9)), "more tensors than the file"),
-    "channel-mult": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, channel_mult=[1] * 10 ** 6)),
+    "channel-mult": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, channel_mult=[1] * 10 ** 4)),
                      "more tensors than the file"),
     "model-channels": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, model_channels=1 << 16)), "differ in shape"),
     "overflow": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, model_channels=1 << 40)), "do not build EDM2's network"),
     "unknown-argument": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, exec_hook="x")), "does not take: exec_hook"),
     "sigma-data": (dict(precond_over=dict(sigma_data=float("nan"))), "sigma_data is nan"),
+    "long-arguments": (dict(unet_kwargs=dict(EDM2_NET, label_dim=0, attn_resolutions=list(range(10 ** 5)))),
+                       "constructor arguments of more than 65,536 characters"),
+    "vae-constants": (dict(encoder="StabilityVAEEncoder", img_channels=4, encoder_over=dict(scale="x" * 1000)),
+                      "StabilityVAEEncoder records no VAE name or no latent constants"),
+    "vae-name": (dict(encoder="StabilityVAEEncoder", img_channels=4, encoder_over=dict(
+        _init_kwargs=dict(vae_name=["stabilityai/sd-vae-ft-mse"]))), "records no VAE name"),
+    "encoder-class": (dict(encoder="MyEncoder"), "encoder 'MyEncoder' is not one of EDM2's"),
 }
 
 

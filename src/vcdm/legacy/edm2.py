@@ -15,6 +15,8 @@ network's ``<name>``, and the head keeps its names on the network too (``Denoise
 from __future__ import annotations
 
 import inspect
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ VAE_DEFAULTS = {"vae_name": "stabilityai/sd-vae-ft-mse", "raw_mean": [5.81, 3.25
                 "raw_std": [4.17, 4.62, 3.71, 3.28], "final_mean": 0, "final_std": 0.5}
 PIXEL_ENCODER = {"class": "StandardRGBEncoder"}
 _PRECOND_ONLY = ("use_fp16", "sigma_data", "logvar_channels")
+MAX_NAME = 4096           # characters of a recorded name or path
+MAX_KWARGS_JSON = 1 << 16  # the recorded constructor arguments as JSON (EDM2's are a few hundred bytes)
 
 
 @dataclass
@@ -49,7 +53,7 @@ class EDM2Network:
     state_dict: dict[str, torch.Tensor]
     parameter_names: frozenset
     encoder: dict[str, Any]
-    dataset_kwargs: dict | None = None
+    data_path: str | None = None     # the training dataset's, from dataset_kwargs
     loss: dict | None = None
     kimg: int | None = None            # from the file name, as EDM2's reconstruct_phema reads it
     std: float | None = None
@@ -87,10 +91,19 @@ def _encoder(value: Any, path: str) -> dict[str, Any]:
     if name != "StabilityVAEEncoder":
         raise LegacyError(f"{path}: encoder '{name}' is not one of EDM2's (StandardRGBEncoder, StabilityVAEEncoder)")
     kwargs = {**VAE_DEFAULTS, **_plain(value.init_kwargs)}
-    scale, bias = _plain(value.state.get("scale")), _plain(value.state.get("bias"))
-    if not isinstance(kwargs["vae_name"], str) or not isinstance(scale, list) or not isinstance(bias, list):
-        raise LegacyError(f"{path}: StabilityVAEEncoder records no VAE name or no latent scale/bias")
-    return {"class": name, **{k: kwargs[k] for k in VAE_DEFAULTS}, "scale": scale, "bias": bias}
+    constants = {k: kwargs[k] for k in VAE_DEFAULTS if k != "vae_name"}
+    constants.update(scale=_plain(value.state.get("scale")), bias=_plain(value.state.get("bias")))
+    name_ok = isinstance(kwargs["vae_name"], str) and 0 < len(kwargs["vae_name"]) <= MAX_NAME
+    if not name_ok or not all(_numbers(v) for v in constants.values()):
+        raise LegacyError(f"{path}: StabilityVAEEncoder records no VAE name or no latent constants (expected a name "
+                          f"and numbers or short lists of numbers for {', '.join(constants)})")
+    return {"class": name, "vae_name": kwargs["vae_name"], **constants}
+
+
+def _numbers(value: Any, most: int = 64) -> bool:
+    """A number or a short list of numbers (the encoder's per-channel constants)."""
+    values = value if isinstance(value, list) and len(value) <= most else [value]
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 def _loss(value: Any) -> dict | None:
@@ -130,6 +143,9 @@ def edm2_network(obj: Any, path: PathLike) -> EDM2Network:
     unknown = sorted(set(kwargs) - _unet_arguments())
     if unknown:
         raise LegacyError(f"{path}: EDM2's UNet records arguments vcdm's EDM2UNet does not take: {', '.join(unknown)}")
+    if len(json.dumps(kwargs, default=str)) > MAX_KWARGS_JSON:
+        raise LegacyError(f"{path}: EDM2's UNet records constructor arguments of more than {MAX_KWARGS_JSON:,} "
+                          "characters (EDM2's take a few hundred): damaged or hostile")
     attrs = precond.state
     sigma_data = attrs.get("sigma_data", precond.init_kwargs.get("sigma_data", 0.5))
     if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not sigma_data > 0:
@@ -138,12 +154,13 @@ def edm2_network(obj: Any, path: PathLike) -> EDM2Network:
     if isinstance(channels, int) and isinstance(resolution, int):
         check_sample_size([(channels, resolution, resolution)], path)
     match = PICKLE_NAME.fullmatch(Path(path).name)
-    dataset_kwargs = obj.get("dataset_kwargs")
+    dataset = obj.get("dataset_kwargs")
+    data_path = dataset.get("path") if isinstance(dataset, dict) else None
     return EDM2Network(
         path=path, net_kwargs=kwargs, sigma_data=float(sigma_data), use_fp16=bool(attrs.get("use_fp16", False)),
         logvar_channels=int(head.shape[1]) if head is not None and head.ndim == 2 else 0,
         state_dict=state, parameter_names=frozenset(params), encoder=_encoder(obj.get("encoder"), path),
-        dataset_kwargs=_plain(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None,
+        data_path=data_path if isinstance(data_path, str) and len(data_path) <= MAX_NAME else None,
         loss=_loss(obj.get("loss_fn")),
         kimg=int(match.group(2)) if match else None, std=float(match.group(3)) if match else None)
 
@@ -190,7 +207,7 @@ def to_vcdm(record: EDM2Network) -> tuple[CheckpointConfig, dict[str, torch.Tens
             with torch.device("meta"):
                 net = build_network("EDM2UNet", kwargs)
             denoiser = Denoiser(net, structure, **denoiser_cfg)
-    except (CheckpointError, TypeError, ValueError, RuntimeError) as e:
+    except (CheckpointError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise LegacyError(f"{record.path}: recorded settings do not build EDM2's network: {e}") from None
     problem = state_dict_mismatch(denoiser.net.state_dict(), record.state_dict)
     if problem:
@@ -202,7 +219,7 @@ def to_vcdm(record: EDM2Network) -> tuple[CheckpointConfig, dict[str, torch.Tens
         training.update(nimg=record.nimg, ema_profile={"std": record.std})
     config = CheckpointConfig(
         network="EDM2UNet", net_kwargs=kwargs, denoiser=denoiser.config(), structure=structure.to_dict(),
-        data={"data_class": "ImageFolderDataset", "path": (record.dataset_kwargs or {}).get("path"),
+        data={"data_class": "ImageFolderDataset", "path": record.data_path,
               "resolution": resolution, "label_dim": label_dim, "encoder": record.encoder},
         training=training,
         imported_from={"file": Path(record.path).name, "release": "edm2", "precond": "Precond", "network": "UNet",
