@@ -16,11 +16,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors.torch import load_file, safe_open
 
 from vcdm.fileio import atomic_write
 
@@ -135,18 +135,36 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Mapping[str, 
     """Write `{prefix: state_dict}` and `config` atomically to a .safetensors file."""
     if not isinstance(config, CheckpointConfig):
         config = CheckpointConfig.from_dict(config)
-    flat, storages = {}, set()
-    for prefix, state in tensors.items():
-        for key, value in state.items():
-            value = value.detach().to("cpu").contiguous()
-            storage = value.untyped_storage().data_ptr()
-            # safetensors refuses tensors that share memory: copy those only (a copy of all costs a network)
-            flat[f"{prefix}.{key}"] = value.clone() if storage in storages else value
-            storages.add(storage)
+    flat = {f"{prefix}.{key}": value for prefix, state in tensors.items() for key, value in state.items()}
     meta = {METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
-    data = save(flat, metadata=meta)
     with atomic_write(path, "wb") as f:
-        f.write(data)
+        write_safetensors(f, flat, meta)
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(f: IO[bytes], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """The safetensors layout (the header's size as u64, the JSON header padded to 8 bytes, then each tensor's
+    bytes in header order), written a tensor at a time from its own memory: safetensors' `save` builds the whole
+    file in memory twice, a GPU network is copied to the host one tensor at a time."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name}: {t.dtype} cannot be stored")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little") + raw)
+    for t in tensors.values():
+        data = t.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            f.write(data.view(torch.uint8).numpy().data)
 
 
 def _read_metadata(path: Path) -> Any:
