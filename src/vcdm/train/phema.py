@@ -147,7 +147,7 @@ def _accumulate(outs: list[dict[str, torch.Tensor]], name: str, tensor: torch.Te
         elif copy:
             out[name] = tensor.clone()
         else:
-            out[name].add_(tensor.to(torch.float32), alpha=c)
+            out[name].add_(tensor, alpha=c)  # float16 inputs promote in place: no float32 copy
 
 
 # ----------------------------------------------------------------------- vcdm snapshots as inputs
