@@ -182,3 +182,46 @@ def test_edm2_reference_pickles_are_read_safely(tmp_path):
     (tmp_path / "nan.pkl").write_bytes(pickle.dumps(stats))
     with pytest.raises(StatsError, match="non-finite"):
         load_references(tmp_path / "nan.pkl")
+
+
+def test_embedder_names_agree():
+    from vcdm.embedders import EMBEDDERS
+    from vcdm.train.options import EMBEDDERS as TRAIN_EMBEDDERS
+
+    assert set(EMBEDDERS) == set(TRAIN_EMBEDDERS)
+
+
+@pytest.mark.slow
+def test_two_stage_imagenet_recipe_on_dinov2_embeddings(tmp_path):
+    """LabelledCLIPDataset with --embedder dinov2-vitb14: a class-conditional prior of DINOv2 embeddings and an
+    image model given [embedding, class] train, chain in `vcdm sample`, and refuse a prior of other weights."""
+    from click.testing import CliRunner
+    from tiny_runs import PRIOR, TINY_UNET, base_args, run, run_dir, write_dataset
+
+    from vcdm.checkpoints import read_config
+    from vcdm.cli.sample import command as sample
+
+    weights = save_random_weights(tmp_path / "b14.pth", dim=64, depth=1)
+    data = write_dataset(tmp_path / "tiny.zip")
+    dino = ["--data_class", "LabelledCLIPDataset", "--embedder", "dinov2-vitb14", "--embedder-weights", str(weights),
+            "--duration", "0.000004", "--sample", "0"]
+    run(base_args(data, tmp_path / "prior", *dino, "--exist", "0,1,1", "--observed", "0,0,1", *PRIOR[4:], "--augment", "0"))
+    run(base_args(data, tmp_path / "image", *dino, "--exist", "1,1,1", "--observed", "0,1,1", *TINY_UNET))
+    prior, image = (sorted(run_dir(tmp_path / d).glob("network-snapshot-*.safetensors"))[0] for d in ("prior", "image"))
+    config = read_config(prior)
+    assert config["embedder"]["name"] == "dinov2-vitb14" and config["embedder"]["dim"] == 64
+    assert config["structure"]["shapes"][1] == [64]
+
+    result = CliRunner().invoke(sample, ["--prior", str(prior), "--image-model", str(image), "--seeds", "0-1",
+                                         "--prior-steps", "2", "--image-steps", "2", "--outdir", str(tmp_path / "out"), "--device", "cpu",
+                                         "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 2
+    other = save_random_weights(tmp_path / "other.pth", dim=64, depth=1, seed=5)
+    run(base_args(data, tmp_path / "prior2", *dino[:4], "--embedder-weights", str(other), *dino[6:],
+                  "--exist", "0,1,1", "--observed", "0,0,1", *PRIOR[4:], "--augment", "0"))
+    prior2 = sorted(run_dir(tmp_path / "prior2").glob("network-snapshot-*.safetensors"))[0]
+    result = CliRunner().invoke(sample, ["--prior", str(prior2), "--image-model", str(image), "--seeds", "0-1",
+                                         "--prior-steps", "2", "--image-steps", "2", "--outdir", str(tmp_path / "out2"), "--device", "cpu",
+                                         "--no-progress"])
+    assert result.exit_code != 0 and "fingerprint" in result.output and "Traceback" not in result.output

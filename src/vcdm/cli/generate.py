@@ -178,8 +178,9 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> IntRa
               "else cpu]")
 @inference_options
 @click.option("--grid", metavar="PNG", help="Also tile the images of the first 256 seeds into this PNG")
-@click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
-              help="Local CLIP weights, for conditioning on embeddings of dataset images  [env: VCDM_CLIP_WEIGHTS]")
+@click.option("--clip-weights", "--embedder-weights", "clip_weights", metavar="PATH",
+              help="Local weights of the model's embedder (CLIP or DINOv2), for conditioning on embeddings of dataset "
+                   "images  [default: $VCDM_CLIP_WEIGHTS or $VCDM_DINOV2_VITB14_WEIGHTS, else the caches]")
 @click.option("--overwrite", is_flag=True, help="Replace the samples of a results folder made with other settings "
               "(its vcdm-manifest.json records them)  [default: refuse]")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar")

@@ -81,10 +81,12 @@ OPTIONS = [
     opt("--cache", type=bool, default=D.cache, help="Keep decoded images in memory."),
     # Embedder.
     opt("--embedder", type=click.Choice(EMBEDDERS), default=None,
-        help="Embedding of each (augmented) image: clip-vit-b32 (the paper's) or pixel-pca (offline, fitted on "
-             "the data)  [default: clip-vit-b32]"),
-    opt("--clip-weights", metavar="FILE", type=str, default=None,
-        help="CLIP ViT-B/32 weights (open_clip state dict or OpenAI's ViT-B-32.pt)  [default: $VCDM_CLIP_WEIGHTS]"),
+        help="Embedding of each (augmented) image: clip-vit-b32 (the paper's), dinov2-vitb14 (DINOv2 ViT-B/14's "
+             "class token, 768-d) or pixel-pca (offline, fitted on the data)  [default: clip-vit-b32]"),
+    opt("--clip-weights", "--embedder-weights", metavar="FILE", type=str, default=None,
+        help="The pretrained embedder's weights: CLIP ViT-B/32 (open_clip state dict or OpenAI's ViT-B-32.pt) or "
+             "DINOv2 ViT-B/14 (dinov2_vitb14_pretrain.pth)  [default: $VCDM_CLIP_WEIGHTS or "
+             "$VCDM_DINOV2_VITB14_WEIGHTS, else the caches]"),
     opt("--pca-dim", metavar="INT", type=click.IntRange(min=1), default=D.pca_dim, help="pixel-pca: embedding size."),
     opt("--n_comp", metavar="LIST", type=str, default="0", callback=int_list, help="PCA of embeddings to this many components (0: off)."),
     opt("--n_clusters", metavar="LIST", type=str, default="0", callback=int_list,

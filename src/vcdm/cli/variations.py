@@ -32,8 +32,9 @@ def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
               help="Maximum batch size")
 @sampler_options("", STAGE_DEFAULTS)
-@click.option("--clip-weights", "clip_weights", envvar="VCDM_CLIP_WEIGHTS", metavar="PATH",
-              help="Local CLIP weights for the embedder  [env: VCDM_CLIP_WEIGHTS]")
+@click.option("--clip-weights", "--embedder-weights", "clip_weights", metavar="PATH",
+              help="Local weights of the model's embedder (CLIP or DINOv2)  [default: $VCDM_CLIP_WEIGHTS or "
+                   "$VCDM_DINOV2_VITB14_WEIGHTS, else the caches]")
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
 @inference_options
 def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, ...], n: int, seeds: IntRanges | None,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vcdm.data.structure import Structure
+from vcdm.embedders import PRETRAINED
 from vcdm import distributed as dist
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.recipe import resolve
@@ -112,7 +113,7 @@ def embedding_dim(opts: TrainOptions) -> int:
     if opts.embedder_name is None:
         return 0
     names = opts.tensor_names
-    base = 512 if opts.embedder_name == "clip-vit-b32" else opts.pca_dim
+    base = PRETRAINED.get(opts.embedder_name, opts.pca_dim)
     return (embedding_option(opts.n_clusters, "--n_clusters", names)
             or embedding_option(opts.n_comp, "--n_comp", names) or base)
 

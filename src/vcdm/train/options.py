@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
-from vcdm.train.lr_schedules import LR_SCHEDULES
-from vcdm.train.recipe import RECIPES
 from vcdm.nets.presets import ARCHS
 from vcdm.train.phema import MAX_STD
+from vcdm.train.lr_schedules import LR_SCHEDULES
+from vcdm.train.recipe import RECIPES
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
-EMBEDDERS = ("clip-vit-b32", "pixel-pca")
+EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.EMBEDDERS (not imported: heavy)
 
 
 OPTIONS_BYTES = 1 << 20  # a training_options.json holds a few KB
