@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memory_probe import expect_one_line_error, guarded
-from vcdm.checkpoints import (VERSION, CheckpointConfig, CheckpointError, load_checkpoint, read_checkpoint_config,
-                              read_config, save_checkpoint)
+from vcdm.checkpoints import (SAFETENSORS_DTYPES, VERSION, CheckpointConfig, CheckpointError, load_checkpoint,
+                              read_checkpoint_config, read_config, save_checkpoint, write_safetensors)
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network, network_classes
 from vcdm.nets.precond import Denoiser
@@ -228,3 +229,21 @@ def test_every_network_builds_on_the_meta_device_with_its_real_shapes(name):
         meta = build_network(name, SMALL_NETS[name]).state_dict()
     real = build_network(name, SMALL_NETS[name]).state_dict()
     assert {k: tuple(v.shape) for k, v in meta.items()} == {k: tuple(v.shape) for k, v in real.items()}
+
+
+def test_written_files_are_what_safetensors_reads(tmp_path):
+    """save_checkpoint's own writer: every dtype, 0-d, empty, transposed (non-contiguous) and memory-sharing
+    tensors read back equal through safetensors' loader, with the metadata."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": (torch.randn(3, 5, generator=g) * 50).to(dtype) for i, dtype in enumerate(SAFETENSORS_DTYPES)}
+    base = torch.randn(4, 6, generator=g)
+    tensors.update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 7), transposed=base.t(), row=base[1], whole=base)
+    path = tmp_path / "x.safetensors"
+    with open(path, "wb") as f:
+        write_safetensors(f, tensors, {"key": "value"})
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"key": "value"}
