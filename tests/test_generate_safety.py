@@ -117,21 +117,28 @@ def test_symlinked_subdir_is_not_written_through(models, tmp_path):
 
 
 @pytest.mark.parametrize("manifest, problem", [
-    ("[" * 100_000 + "]" * 100_000, "not JSON"),
+    ("{not json", "not valid JSON"),
     (json.dumps({"format": 1, "settings": ["not", "a", "dict"]}), "no settings recorded"),
-    (json.dumps([1, 2]), "no settings recorded"),
-    ("x" * (2 << 20), "larger than"),
+    (json.dumps([1, 2]), "holds list, expected an object"),
+    ("x" * (2 << 20), "more than the 1,048,576 bytes"),
 ])
 def test_tampered_manifest_is_one_line(models, tmp_path, manifest, problem):
     out = tmp_path / "out"
     generate(models["uncond"], [0], opts=ONE, run=RunOptions(out, progress=False))
     (out / MANIFEST).write_text(manifest)
+    args = ["--network", models["uncond"], "--outdir", out, "--seeds", "0", "--steps", 1]
+    result = run(generate_cmd, args, ok=False)
+    line = one_error(result.output)
+    assert result.exit_code == 1 and problem in line and MANIFEST in line and "--overwrite" in line
+    assert "1 generated" in run(generate_cmd, [*args, "--overwrite"]).output
+
+
+def test_deep_manifest_is_one_line_not_a_recursion_error(models, tmp_path):
+    out = tmp_path / "out"
+    generate(models["uncond"], [0], opts=ONE, run=RunOptions(out, progress=False))
+    (out / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     status, output = vcdm("generate", "--network", models["uncond"], "--outdir", out, "--seeds", "0", "--steps", 1)
-    line = one_error(output)
-    assert status == 1 and problem in line and MANIFEST in line and "--overwrite" in line
-    status, output = vcdm("generate", "--network", models["uncond"], "--outdir", out, "--seeds", "0", "--steps", 1,
-                          "--overwrite")
-    assert status == 0 and "1 generated" in output
+    assert status == 1 and "nested more than" in one_error(output) and "--overwrite" in output
 
 
 def test_tampered_obs_manifest_only_loses_its_digest(models, tmp_path):

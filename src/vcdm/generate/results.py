@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 from vcdm.fileio import atomic_write, open_regular
 from vcdm.generate.files import naming
 from vcdm.generate.options import GenerateError
+from vcdm.safeload import JSONFileError, load_json
 
 MANIFEST = "vcdm-manifest.json"
 MANIFEST_BYTES = 1 << 20  # a manifest is a few hundred bytes; a larger one is not vcdm's
@@ -87,27 +89,20 @@ def _show(value: Any) -> str:
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """A folder's recorded settings (None without a manifest); GenerateError for one that is not a regular
-    JSON file of at most MANIFEST_BYTES holding a dict of settings (a tampered or foreign file)."""
+    """A folder's recorded settings (None without a manifest); GenerateError for a manifest that is not a
+    regular file itself (never followed through a link), is larger than MANIFEST_BYTES, too deep, not JSON,
+    or holds no dict of settings (a tampered or foreign file)."""
     if not os.path.lexists(path):
         return None
-    fd = open_regular(path)
-    problem = "not a regular file" if fd is None else None
-    if fd is not None:
-        with os.fdopen(fd, "rb") as f:
-            text = f.read(MANIFEST_BYTES + 1)
-        try:
-            record = json.loads(text) if len(text) <= MANIFEST_BYTES else None
-            problem = f"larger than {MANIFEST_BYTES} bytes" if record is None else None
-        except (ValueError, RecursionError) as e:
-            problem = f"not JSON: {str(e).splitlines()[0][:80]}"
-            record = None
-        if record is not None:
-            settings = record.get("settings") if isinstance(record, dict) else None
-            if isinstance(settings, dict):
-                return settings
-            problem = "no settings recorded"
-    raise GenerateError(f"{path}: cannot read the results manifest ({problem})")
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise JSONFileError("not a regular file")
+        settings = load_json(path, MANIFEST_BYTES, dict).get("settings")
+        if not isinstance(settings, dict):
+            raise JSONFileError("no settings recorded")
+    except (JSONFileError, OSError) as e:
+        raise GenerateError(f"{path}: cannot read the results manifest ({e})") from None
+    return settings
 
 
 def claim_manifest(outdir: Path, settings: dict[str, Any], overwrite: bool) -> None:
