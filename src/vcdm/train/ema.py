@@ -1,7 +1,8 @@
 """The averages of the network weights that training keeps and writes with each snapshot.
 
-`EMA`: EDM's exponential moving average (Karras et al. 2022, training_loop.py). The half-life is `halflife_nimg` images, optionally ramped up as `rampup` times the images seen so
-far (short early memory while the network changes fast); each step of `batch` images mixes
+`EMA`: EDM's exponential moving average (Karras et al. 2022, training_loop.py). The half-life is
+`halflife_nimg` images, optionally ramped up as `rampup` times the images seen so far (short early
+memory while the network changes fast); each step of `batch` images mixes
 ``ema = beta * ema + (1 - beta) * net`` with ``beta = 0.5 ** (batch / halflife)``. Buffers are copied.
 
 `PowerFunctionEMA`: EDM2's power-function profiles (Karras et al. 2024), one copy of the network per
