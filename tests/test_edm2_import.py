@@ -410,3 +410,14 @@ def test_python_api_samples_an_imported_edm2_model_as_edm2_does(fake_modules, ma
     for seed, got in zip(golden["seeds"], out.images):
         diff = np.abs(got.astype(int) - _pixels(golden["pixels"][str(seed)]["hex"]).astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (seed, diff.max(), (diff > 0).mean())
+
+
+def test_python_import_edm_reads_edm2_and_names_it_where_edm_is_expected(fake_modules, marker):
+    from vcdm.legacy import import_edm, load_legacy_pickle
+
+    src = fake_modules / "net.pkl"
+    state = edm2_pickle(src, marker, label_dim=1000)
+    record, config = import_edm(src, fake_modules / "net.safetensors")
+    assert config.network == "EDM2UNet" and set(record.state_dict) == set(state)
+    with pytest.raises(LegacyError, match="an EDM2 network: import it with `vcdm import-edm`"):
+        load_legacy_pickle(src)

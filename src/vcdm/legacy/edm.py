@@ -97,7 +97,10 @@ def legacy_network(obj: Any, path: PathLike) -> LegacyNetwork:
     modules = precond.state.get("_modules")
     model = modules.get("model") if isinstance(modules, dict) else None
     if not isinstance(model, Record):
-        raise LegacyError(f"{path}: {precond.class_name} has no inner network 'model' (not an EDM preconditioner)")
+        edm2 = isinstance(modules, dict) and "unet" in modules  # EDM2's Precond: read by vcdm.legacy.edm2
+        raise LegacyError(f"{path}: {precond.class_name} has no inner network 'model' " + (
+            "(an EDM2 network: import it with `vcdm import-edm` or vcdm.legacy.edm2)" if edm2 else
+            "(not an EDM preconditioner)"))
     state: dict[str, torch.Tensor] = {}
     params: set[str] = set()
     _module_tensors(model, "", state, params)
@@ -279,11 +282,16 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
 
 
 def import_edm(src: PathLike, dest: PathLike, *, label_dim: int | None = None,
-               structure: Structure | None = None) -> tuple[LegacyNetwork, CheckpointConfig]:
-    """Convert an EDM/VCDM pickle into a vcdm checkpoint (written atomically). Returns what was read
-    and the config written."""
+               structure: Structure | None = None) -> tuple[Any, CheckpointConfig]:
+    """Convert an EDM/VCDM pickle into a vcdm checkpoint (written atomically), or an EDM2 pickle as
+    :func:`vcdm.legacy.edm2.import_network_pickle` does when neither ``label_dim`` nor ``structure`` is given.
+    Returns what was read and the config written."""
     from vcdm.checkpoints import save_checkpoint
 
+    if label_dim is None and structure is None:
+        from vcdm.legacy.edm2 import import_network_pickle
+
+        return import_network_pickle(src, dest)
     record = load_legacy_pickle(src)
     config, state = to_vcdm(record, label_dim=label_dim, structure=structure)
     save_checkpoint(dest, {"net": state}, config)
