@@ -342,3 +342,19 @@ os.write(fd, b"pid 4242 on node-a since 01:00\\nand a stray second line\\n")
 print("locked", flush=True)
 time.sleep(600)
 """
+
+
+def test_a_forked_child_does_not_keep_a_dead_runs_lock(tmp_path):
+    """DataLoader workers are forked: when the run dies (here: exits without cleanup, as under kill -9)
+    while a child lives on, the folder must be free at once."""
+    from vcdm.train.rundir import RunLock
+
+    script = ("import os, sys, time\nfrom pathlib import Path\nfrom vcdm.train.rundir import RunLock\n"
+              "lock = RunLock(Path(sys.argv[1]))\n"
+              "if os.fork() == 0:\n    os.close(1)\n    os.close(2)\n    time.sleep(20)\n    os._exit(0)\n"
+              "print('locked', flush=True)\nos._exit(0)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "locked", proc.stderr[-2000:]
+    RunLock(tmp_path).release()  # the child still runs (20 s), the run is dead: free
