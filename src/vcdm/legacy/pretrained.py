@@ -95,11 +95,20 @@ def edm2_gains(path: PathLike, label_dim: int, label_balance: float = 0.5) -> di
     pretrained sqrt(classes) also keeps the input's scale sensible for the new columns: a unit-norm embedding
     then enters at the magnitude the one-hot class has, so neither part dominates as the new columns grow.
     The gains are network kwargs, recorded in every checkpoint's config, so the model rebuilds as trained."""
-    source = _source_state(Path(path))
-    old = source.get("emb_label.weight")
-    if old is None:
+    path = Path(path)
+    if path.suffix == ".safetensors":  # the tensor table is enough
+        from vcdm.checkpoints import CheckpointError, tensor_shapes
+
+        try:
+            shape = tensor_shapes(path).get("net.emb_label.weight")
+        except CheckpointError as e:
+            raise LegacyError(str(e)) from None
+    else:
+        old = _source_state(path).get("emb_label.weight")
+        shape = None if old is None else tuple(old.shape)
+    if shape is None:
         return {"noise_gain": unconditional_noise_gain(label_balance)} if label_dim else {}
-    classes = int(old.shape[1])
+    classes = int(shape[1])
     return {} if classes == label_dim else {"label_gain": math.sqrt(classes)}
 
 
