@@ -287,3 +287,22 @@ def test_variations_api_takes_one_path_and_seed_text(models, tmp_path):
                          opts=SamplerOptions(num_steps=1))
     assert written == [tmp_path / "v" / "cat.png"]  # one input, not one per character of its path
     assert np.asarray(PIL.Image.open(written[0])).shape == (2 * 10, 2 * 10, 3)  # input + 2 variations, 1 px apart
+
+
+@pytest.mark.slow
+def test_fid_default_workers_fit_the_machine(tmp_path):
+    """The default --workers never exceeds the CPUs available, so torch's DataLoader does not warn (with 3
+    workers on a 2-core machine it warned twice)."""
+    import PIL.Image
+
+    from vcdm.metrics.inception import WEIGHTS_FILE, save_random_weights
+
+    weights = save_random_weights(tmp_path / WEIGHTS_FILE)
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        PIL.Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i:06d}.png")
+    proc = subprocess.run([*CLI, "fid", "ref", "--data", tmp_path / "imgs", "--dest", tmp_path / "ref.npz",
+                           "--inception-weights", weights, "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, timeout=WALL_S)
+    assert proc.returncode == 0 and (tmp_path / "ref.npz").is_file(), proc.stderr
+    assert "warn" not in proc.stderr.lower(), proc.stderr
