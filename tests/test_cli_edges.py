@@ -16,7 +16,7 @@ from tiny_models import run, write_model
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.fileio import IntRanges, parse_int_list
-from vcdm.generate import RunOptions, SamplerOptions, generate
+from vcdm.generate import Conditioning, RunOptions, SamplerOptions, generate
 from vcdm.generate.options import MAX_SEEDS, FlagError, seed_list
 
 CLI = [sys.executable, "-c", "from vcdm.cli.main import cli; cli()"]
@@ -66,7 +66,8 @@ def test_api_seeds_take_the_cli_syntax_or_a_type_error():
         with pytest.raises(TypeError, match=match):
             seed_list(bad)
     for bad, match in (("0-999999999", f"1000000000 seeds; at most {MAX_SEEDS}"),
-                       (range(10**9), "at most"), (range(0, 10**12, 2), "at most"), ("1,x", "expected integers or ranges"), ([-1], "got -1"),
+                       (range(10**9), "at most"), (range(0, 10**12, 2), "at most"),
+                       ("1,x", "expected integers or ranges"), ([-1], "got -1"),
                        ([2**32], "0..4294967295"), ("", "expected integers"), ([], "no seeds")):
         with pytest.raises(FlagError, match=match):
             seed_list(bad)
@@ -129,7 +130,7 @@ def test_sample_class_on_unlabelled_models_is_refused(models, tmp_path):
 def test_class_must_agree_with_recorded_labels(models, tmp_path, one_thread):
     """--class with --load_obs_from: the prior's files record the label their embedding was sampled for."""
     image = write_model(tmp_path / "labelled-image.safetensors", "image", label_dim=3)
-    obs = generate(models["cond_prior"], [0, 1], opts=SamplerOptions(num_steps=1), cond=_class(1),
+    obs = generate(models["cond_prior"], [0, 1], opts=SamplerOptions(num_steps=1), cond=Conditioning(class_idx=1),
                    run=RunOptions(tmp_path / "obs", progress=False)).outdir
     common = ["--network", image, "--seeds", "0-1", "--steps", 1, "--load_obs_from", obs]
     result = run(generate_cmd, [*common, "--outdir", tmp_path / "bad", "--class", 2], ok=False)
@@ -137,12 +138,6 @@ def test_class_must_agree_with_recorded_labels(models, tmp_path, one_thread):
     assert not list((tmp_path / "bad").glob("*.png"))
     run(generate_cmd, [*common, "--outdir", tmp_path / "same", "--class", 1])  # the label recorded: fine
     assert len(list((tmp_path / "same").glob("*.png"))) == 2
-
-
-def _class(index: int):
-    from vcdm.generate import Conditioning
-
-    return Conditioning(class_idx=index)
 
 
 def test_bad_flag_values_exit_2(models, tmp_path):
@@ -159,7 +154,8 @@ def test_device_errors_name_the_argument(models, tmp_path, device):
 
     with pytest.raises(DeviceError, match=f"device '{device}': expected 'cpu', 'cuda' or 'cuda:N'"):
         Pipeline.from_checkpoint(models["uncond"], device=device)
-    result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / "o", "--device", device], ok=False)
+    result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / "o", "--device", device],
+                 ok=False)
     assert result.exit_code == 2 and f"--device '{device}': expected 'cpu', 'cuda' or 'cuda:N'" in result.output
     assert "checkpoint" not in result.output
 
@@ -195,11 +191,13 @@ def test_help_wording():
     from vcdm.cli.fid import default_workers
 
     generate_help = CliRunner().invoke(generate_cmd, ["--help"]).output
-    assert "every stage" not in generate_help and "per stage" not in generate_help and "label dropout" not in generate_help
+    assert "every stage" not in generate_help and "per stage" not in generate_help
+    assert "label dropout" not in generate_help
     assert "--cond-drop" in generate_help
     assert "for both stages" in CliRunner().invoke(sample_cmd, ["--help"]).output
     assert default_workers() == min(3, len(os.sched_getaffinity(0)))
-    assert "3 or the CPUs available if fewer" in " ".join(CliRunner().invoke(fid_cmd, ["calc", "--help"]).output.split())
+    fid_help = " ".join(CliRunner().invoke(fid_cmd, ["calc", "--help"]).output.split())
+    assert "3 or the CPUs available if fewer" in fid_help
 
 
 def test_embedding_cache_shows_progress(tmp_path, capsys):
@@ -237,7 +235,8 @@ def test_sampler_refuses_non_finite_options_and_too_many_steps():
         return x * 0
 
     latents = torch.zeros(1, 4)
-    assert torch.equal(sample(denoiser, latents, num_steps=2, S_max=float("inf")), torch.zeros(1, 4, dtype=torch.float64))
+    unchanged = sample(denoiser, latents, num_steps=2, S_max=float("inf"))  # EDM's default S_max: allowed
+    assert torch.equal(unchanged, torch.zeros(1, 4, dtype=torch.float64))
     for options, match in ((dict(rho=float("nan")), "rho: expected a finite number, got nan"),
                            (dict(sigma_max=float("inf")), "sigma_max: expected a finite"),
                            (dict(num_steps=10**9), "num_steps: expected 1..10000")):
