@@ -346,10 +346,14 @@ def dataset_zip(path, labels=None) -> os.PathLike:
     from tiny_runs import write_dataset
 
     write_dataset(path, n=4)
-    if labels is not None:
-        with zipfile.ZipFile(path, "a") as zf:
-            zf.writestr("dataset.json", '{"labels": [' + ", ".join(f'["00000/img{i:08d}.png", {v}]'
-                                                                   for i, v in enumerate(labels)) + "]}")
+    if labels is not None:  # the same images with dataset.json replaced
+        with zipfile.ZipFile(path) as src:
+            members = {n: src.read(n) for n in src.namelist() if n != "dataset.json"}
+        members["dataset.json"] = '{"labels": [' + ", ".join(f'["00000/img{i:08d}.png", {v}]'
+                                                             for i, v in enumerate(labels)) + "]}"
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
     return path
 
 
