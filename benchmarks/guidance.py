@@ -121,10 +121,10 @@ def append(log: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], digits: int = 1) -> str:
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(out: Path) -> str:
@@ -146,8 +146,8 @@ def report(out: Path) -> str:
                (setting, w, interval)]
         delta = [r["fd"] - base[(setting, r["seed"])]["fd"] for r in sel if (setting, r["seed"]) in base]
         lines.append(f"| {setting} | {w:g} | {','.join(map(str, interval)) or '-'} | {fmt([r['fd'] for r in sel])} | "
-                     f"{fmt(delta) if w != 1 else '-'} | {fmt([r['mean_confidence'] for r in sel])[:11]} | "
-                     f"{fmt([r['class_entropy'] for r in sel])[:11]} |")
+                     f"{fmt(delta) if w != 1 else '-'} | {fmt([r['mean_confidence'] for r in sel], 3)} | "
+                     f"{fmt([r['class_entropy'] for r in sel], 3)} |")
     text = "\n".join(lines) + "\n"
     with atomic_write(out / "table.md", "w") as f:
         f.write(text)
