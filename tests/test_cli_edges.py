@@ -171,7 +171,7 @@ def test_text_where_a_list_is_expected():
     with pytest.raises(ValueError, match=r"got \['fid', 'x'\]"):
         vcdm.fid(np.zeros((2, 8, 8, 3), np.uint8), "unused.npz", metrics="fid,x")
     mu_sigma_only = FeatureStats(np.zeros(4), np.eye(4))
-    with pytest.raises(ValueError, match="kid and pr need a reference made with its features"):
+    with pytest.raises(ValueError, match="but kid needs the features"):
         vcdm.fid(np.zeros((2, 8, 8, 3), np.uint8), mu_sigma_only, metrics="fid,kid")  # parsed as ['fid', 'kid']
 
 
