@@ -32,13 +32,11 @@ from typing import Any
 
 import torch
 
-from vcdm.legacy.limits import ITEM_BYTES, ZIP_MEMBER_FACTOR, Budget, file_budget
+from vcdm.legacy.limits import ITEM_BYTES, ZIP_MEMBER_FACTOR, ZIPINFO_BYTES, Budget, file_budget, zip_entry_count
 from vcdm.legacy.records import LegacyError
 from vcdm.legacy.unpickle import _STORAGE_DTYPES, _TORCH_DTYPES
 
 MAX_JSON_DEPTH = 32  # nesting of a JSON file vcdm reads (its own files nest 3 deep)
-ZIPINFO_BYTES = 1024  # memory charged per directory entry Python's zipfile parses (a ZipInfo and its name)
-_EOCD, _EOCD64_LOCATOR = b"PK\x05\x06", b"PK\x06\x07"
 _ALLOWED_GLOBALS = frozenset({"collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
                               "torch._utils._rebuild_parameter", "torch.Size"}
                              | {f"torch.{name}" for name in _STORAGE_DTYPES if name != "UntypedStorage"}
@@ -94,25 +92,6 @@ def load_torch_zip(path: str | os.PathLike) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
-def zip_entry_count(f: Any, size: int) -> int:
-    """Entries in the zip's central directory, from its end record (zip64 too), before zipfile reads them."""
-    tail_size = min(size, 22 + 0xFFFF)
-    f.seek(size - tail_size)
-    tail = f.read(tail_size)
-    at = tail.rfind(_EOCD)
-    if at < 0 or len(tail) - at < 22:
-        raise TorchFileError("not a torch.save archive (no zip directory; an old-format or damaged file?)")
-    count = struct.unpack("<H", tail[at + 10:at + 12])[0]
-    if count == 0xFFFF and at >= 20 and tail[at - 20:at - 16] == _EOCD64_LOCATOR:
-        offset = struct.unpack("<Q", tail[at - 12:at - 4])[0]
-        f.seek(offset)
-        record = f.read(56)
-        if len(record) != 56:
-            raise TorchFileError("not a readable torch.save archive (damaged zip64 directory)")
-        count = struct.unpack("<Q", record[32:40])[0]
-    return count
 
 
 def _check_archive(zf: zipfile.ZipFile, size: int, budget: Budget) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import math
 import pickle
+import struct
 from typing import Any, Iterable, Iterator
 
 from vcdm.checkpoints import MAX_LATENT_ELEMENTS
@@ -20,6 +21,27 @@ MAX_DEPTH = 100          # container nesting; EDM's and the release's pickles ne
 ITEM_BYTES = 64          # memory charged per container item a call builds from the pickle
 SLACK_BYTES = 64 << 20   # allocation allowed beyond twice the file size (module sources, small files)
 ZIP_MEMBER_FACTOR = 2    # torch stores zip members uncompressed: none may inflate beyond 2x the archive
+ZIPINFO_BYTES = 1024     # memory charged per directory entry Python's zipfile parses (a ZipInfo and its name)
+
+
+def zip_entry_count(f: Any, size: int) -> int:
+    """Entries in a zip's central directory, from its end record (zip64 too), read before Python's
+    zipfile parses the directory (each entry then costs about ZIPINFO_BYTES)."""
+    tail_size = min(size, 22 + 0xFFFF)
+    f.seek(size - tail_size)
+    tail = f.read(tail_size)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        raise LegacyError("no zip directory (not a zip archive, or a damaged one)")
+    count = struct.unpack("<H", tail[at + 10:at + 12])[0]
+    if count == 0xFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":
+        f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])
+        record = f.read(56)
+        if len(record) != 56:
+            raise LegacyError("damaged zip64 directory")
+        count = struct.unpack("<Q", record[32:40])[0]
+    f.seek(0)
+    return count
 
 
 def check_sample_size(shapes: Iterable[Any], where: str) -> None:

@@ -34,8 +34,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vcdm.legacy.limits import (ITEM_BYTES, ZIP_MEMBER_FACTOR, BoundedReader, NestingTracker, budgeted, charge,
-                                check_nesting, current_budget, file_budget)
+from vcdm.legacy.limits import (ITEM_BYTES, ZIP_MEMBER_FACTOR, ZIPINFO_BYTES, BoundedReader, NestingTracker,
+                                budgeted, charge, check_nesting, current_budget, file_budget, zip_entry_count)
 from vcdm.legacy.records import (LegacyError, Record, UnsafePickleError, _bytearray, _EasyDict, _NDArrayType,
                                  _latin1, _np_dtype, _np_reconstruct, _np_scalar, _persistent_record,
                                  _reconstructor, _record_class)
@@ -333,6 +333,7 @@ def _zip_member(zf: zipfile.ZipFile, name: str, limit: int) -> zipfile.ZipInfo:
 def _read_torch_zip(f: Any, archive_size: int) -> Any:
     """torch.save's zip format: <root>/data.pkl with storages as persistent ids of <root>/data/<key>."""
     member_limit = ZIP_MEMBER_FACTOR * archive_size
+    current_budget().take(ZIPINFO_BYTES * zip_entry_count(f, archive_size), "the archive's directory")
     with zipfile.ZipFile(f) as zf:
         pkls = sorted((n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
         if not pkls:

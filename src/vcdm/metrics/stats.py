@@ -33,10 +33,9 @@ from tqdm import tqdm
 
 from vcdm import distributed
 from vcdm.fileio import atomic_write, download
-from vcdm.legacy.limits import file_budget
+from vcdm.legacy.limits import ZIPINFO_BYTES, file_budget, zip_entry_count
 from vcdm.legacy.records import LegacyError, Record
 from vcdm.legacy.unpickle import read_pickle
-from vcdm.safeload import ZIPINFO_BYTES, zip_entry_count
 
 REFERENCE_ARRAYS = ("mu", "sigma", "features")
 SPACES = {"inception": "", "dinov2": "dinov2_"}  # feature space → prefix of its arrays in a reference .npz
