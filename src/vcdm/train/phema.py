@@ -141,7 +141,7 @@ def _accumulate(outs: list[dict[str, torch.Tensor]], name: str, tensor: torch.Te
                 copy: bool, first: bool, source: str) -> None:
     for out, c in zip(outs, coefs.tolist()):
         if first:
-            out[name] = tensor.clone() if copy else tensor.to(torch.float32) * c
+            out[name] = tensor.clone() if copy else tensor.to(torch.float32, copy=True).mul_(c)
         elif name not in out or out[name].shape != tensor.shape:
             raise PhemaError(f"{source}: tensor {name} {tuple(tensor.shape)} is not in the first snapshot's network")
         elif copy:
