@@ -308,6 +308,17 @@ def test_dataset_identity_is_the_content_not_the_place(data, tmp_path):
     assert not same_data(recorded, str(folder), as_folder)
     old_run = {"path": str(tmp_path / "copy.zip")}  # recorded before identities: its resolved path
     assert same_data(old_run, str(tmp_path / "link.zip"), ident) and not same_data(old_run, str(data), ident)
+    tampered = dict(old_run, dataset=dict(ident, bytes="many"))  # counts as no identity, never as a crash
+    assert same_data(tampered, str(tmp_path / "link.zip"), ident) and not same_data(tampered, str(data), ident)
+
+
+def test_a_state_without_a_count_of_images_is_refused(tmp_path):
+    from vcdm.train.state import StateError, save_state
+
+    path = tmp_path / "training-state-000000.pt"
+    save_state(path, {"net": {}, "ema": {}, "optimizer": {}, "counters": {"nimg": "8"}})
+    with pytest.raises(StateError, match="counters lack a count of images seen"):
+        load_state(path)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ Process 0 decides (`plan_run`), locks the run folder, and every process follows 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -90,8 +91,11 @@ def describe_identity(identity: dict[str, Any]) -> str:
 
 
 def _recorded_identity(recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """The dataset identity a run recorded, if well-formed (a tampered record counts as none)."""
     ident = recorded.get("dataset")
-    return ident if isinstance(ident, dict) and isinstance(ident.get("sha256"), str) else None
+    types = {"kind": str, "images": int, "bytes": int, "sha256": str}
+    ok = isinstance(ident, dict) and all(type(ident.get(k)) is t for k, t in types.items())
+    return ident if ok else None
 
 
 def same_data(recorded: dict[str, Any], path: str, identity: dict[str, Any]) -> bool:
@@ -178,7 +182,7 @@ def _find_auto(opts: TrainOptions, identity: dict[str, Any]) -> tuple[Path | Non
     if not same and changed:
         d, recorded = changed[0]
         raise OptionError(f"--resume=auto: the dataset at {opts.path} changed since {d} started (then "
-                          f"{describe_identity(_recorded_identity(recorded) or {})}, now {describe_identity(identity)}); "
+                          f"{describe_identity(_recorded_identity(recorded))}, now {describe_identity(identity)}); "
                           f"restore it, or start a new run (another --outdir, or no --resume)")
     if not same:
         return None, None, f"no run in {out} with this dataset and these model options"
@@ -221,9 +225,11 @@ class RunLock:
     def release(self) -> None:
         if self.fd < 0:
             return
-        if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
-            (self.run_dir / LOCK_NAME).unlink()
-            self.run_dir.rmdir()
+        if self.created:
+            with contextlib.suppress(OSError):  # e.g. removed already by a failed start
+                if [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                    (self.run_dir / LOCK_NAME).unlink()
+                    self.run_dir.rmdir()
         os.close(self.fd)
         self.fd = -1
 

@@ -88,6 +88,9 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         raise StateError(f"{path}: not a readable training state ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or not {"net", "ema", "optimizer", "counters"} <= set(state):
         raise StateError(f"{path}: not a vcdm training state (missing net/ema/optimizer/counters)")
+    nimg = state["counters"].get("nimg") if isinstance(state["counters"], dict) else None
+    if type(nimg) is not int or nimg < 0:
+        raise StateError(f"{path}: not a vcdm training state (its counters lack a count of images seen)")
     return state
 
 
