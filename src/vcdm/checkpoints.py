@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from vcdm.diffusion.sampling import CONSISTENCY_STEPS
 from vcdm.fileio import atomic_write
 
 FORMAT = "vcdm-checkpoint"
@@ -44,6 +45,19 @@ def _mapping(d: Mapping[str, Any], key: str, optional: bool = False) -> dict | N
     return dict(value)
 
 
+def _sampler(value: Any) -> dict[str, Any] | None:
+    """A recorded sampler: the consistency sampler and its steps (vcdm.diffusion.sampling), or None."""
+    if value is None:
+        return None
+    lo, hi = CONSISTENCY_STEPS
+    steps = value.get("num_steps") if isinstance(value, Mapping) else None
+    if (set(value) != {"name", "num_steps"} or value.get("name") != "consistency" or type(steps) is not int
+            or not lo <= steps <= hi):
+        raise CheckpointError(f"config entry 'sampler' is {json.dumps(value)[:80]}, expected "
+                              f'{{"name": "consistency", "num_steps": {lo}..{hi}}}')
+    return {"name": "consistency", "num_steps": steps}
+
+
 @dataclass
 class CheckpointConfig:
     """What a checkpoint records, written by training and by import alike (JSON in the file's metadata).
@@ -51,7 +65,9 @@ class CheckpointConfig:
     ``network``/``net_kwargs``: the network class and its constructor kwargs; ``denoiser``: the
     ``Denoiser`` kwargs (preconditioning); ``structure``: ``Structure.to_dict()``; ``embedder``: the
     embedder identity (None for none); ``data``/``training``: provenance; ``imported_from``: the source
-    of an imported network; ``extra``: other top-level entries, kept as they are.
+    of an imported network; ``sampler``: the sampler the model was made for, used by default
+    (``{"name": "consistency", "num_steps": 2}`` after `vcdm tune`; None: the commands' own defaults);
+    ``extra``: other top-level entries, kept as they are.
     """
     network: str
     net_kwargs: dict[str, Any]
@@ -63,8 +79,10 @@ class CheckpointConfig:
     imported_from: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    sampler: dict[str, Any] | None = None
 
-    _KEYS = ("format", "version", "network", "denoiser", "structure", "embedder", "data", "training", "imported_from")
+    _KEYS = ("format", "version", "network", "denoiser", "structure", "embedder", "data", "training", "imported_from",
+             "sampler")
 
     def to_dict(self) -> dict[str, Any]:
         d = {**self.extra, "format": FORMAT, "version": self.version,
@@ -72,6 +90,8 @@ class CheckpointConfig:
              "structure": self.structure, "embedder": self.embedder, "data": self.data, "training": self.training}
         if self.imported_from is not None:
             d["imported_from"] = self.imported_from
+        if self.sampler is not None:
+            d["sampler"] = self.sampler
         return d
 
     @classmethod
@@ -96,7 +116,8 @@ class CheckpointConfig:
                      data=_mapping(d, "data", optional=True) or {},
                      training=_mapping(d, "training", optional=True) or {},
                      imported_from=_mapping(d, "imported_from", optional=True),
-                     extra={k: v for k, v in d.items() if k not in cls._KEYS}, version=version)
+                     extra={k: v for k, v in d.items() if k not in cls._KEYS}, version=version,
+                     sampler=_sampler(d.get("sampler")))
         config.structure_object()
         return config
 

@@ -24,7 +24,8 @@ from vcdm.distributed import parse_device
 from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_guide,
                                 load_model, split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
-from vcdm.generate.options import FLAG_NAMES, GenerateError, InferenceChoices, SamplerOptions, inference_settings
+from vcdm.generate.options import (FLAG_NAMES, GenerateError, InferenceChoices, SamplerOptions, inference_settings,
+                                   recorded_defaults)
 from vcdm.generate.two_stage import check_chain, stage_classes
 
 INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
@@ -55,11 +56,14 @@ class PipelineOutput:
 
 
 def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None,
-                    deterministic_defaults: bool = False, preset: str | None = None) -> SamplerOptions:
+                    deterministic_defaults: bool = False, preset: str | None = None,
+                    recorded: dict[str, Any] | None = None) -> SamplerOptions:
     """Pop ``<prefix><flag>`` keys (``steps``, ``S_churn``, ``disc`` …) from ``options`` → SamplerOptions, as
     the commands build them: with ``deterministic_defaults`` (``vcdm sample``'s rule) a sampler without
-    churn drops the churn defaults; ``preset`` (``--preset``) replaces the values not given."""
-    from vcdm.diffusion.sampling import CHURN_SAMPLERS, PRESETS
+    churn drops the churn defaults; ``preset`` (``--preset``) replaces the values not given; without one, so
+    does the checkpoint's recorded sampler (``recorded``: a consistency-tuned model's) unless ``sampler`` is
+    given. The consistency sampler's steps default to its own 2."""
+    from vcdm.diffusion.sampling import CHURN_SAMPLERS, CONSISTENCY_DEFAULT_STEPS, PRESETS
 
     values = dict(defaults or {})
     given = {FIELDS[k[len(prefix):]]: options.pop(k) for k in list(options)
@@ -73,6 +77,10 @@ def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[st
         if chosen.get("sampler") not in (None, *CHURN_SAMPLERS):
             chosen.update(S_churn=0.0, S_noise=1.0)
         values.update({k: v for k, v in chosen.items() if k not in given})
+    elif "sampler" not in given:
+        values.update(recorded or {})
+    elif given["sampler"] == "consistency":
+        values["num_steps"] = CONSISTENCY_DEFAULT_STEPS
     try:
         return SamplerOptions(**{**values, **given})
     except (GenerateError, TypeError) as e:  # its messages name the flags: name this stage's arguments
@@ -122,7 +130,7 @@ class Pipeline:
         ``vcdm generate``'s sampler options under their flag names (``steps``, ``sigma_min``, ``S_churn``,
         ``disc``, ``sampler``, ``guidance``, ``gnet``, ``guidance_interval=(lo, hi)`` …) and ``bf16``,
         ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
-        opts = sampler_options(options, preset=preset)
+        opts = sampler_options(options, preset=preset, recorded=recorded_defaults(self.model.config))
         settings = self.prepare(options)
         seeds = list(check_seeds(seeds, batch, "seeds", "batch"))
         check_request(self.model, opts, class_idx, None)
@@ -200,8 +208,10 @@ class TwoStagePipeline:
         ``image_steps``, ``prior_S_churn``, ``image_sampler``, ``prior_gnet``, ``image_guidance`` … (defaults:
         the original release's 40 steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``,
         ``compile``."""
-        prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset)
-        image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset)
+        prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset,
+                                     recorded=recorded_defaults(self.prior.model.config))
+        image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset,
+                                     recorded=recorded_defaults(self.image.model.config))
         inference = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
         check_unknown(options, ["batch", "class_idx", "increment_seeds", "preset", "progress", *INFERENCE_OPTIONS,
                                 *(f"{stage}_{flag}" for stage in ("prior", "image") for flag in FIELDS)])

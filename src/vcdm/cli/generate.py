@@ -40,10 +40,12 @@ SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
     ("disc", "discretization", click.Choice(["vp", "ve", "iddpm", "edm"]), "Ablate time step discretization {t_i}"),
     ("schedule", "schedule", click.Choice(["vp", "ve", "linear"]), "Ablate noise schedule sigma(t)"),
     ("scaling", "scaling", click.Choice(["vp", "none"]), "Ablate signal scaling s(t)"),
-    ("sampler", "sampler", click.Choice(["edm", "dpm2m", "unipc", "euler_a", "dpm2m_sde", "dpm3m_sde"]),
+    ("sampler", "sampler", click.Choice(["edm", "dpm2m", "unipc", "euler_a", "dpm2m_sde", "dpm3m_sde", "consistency"]),
      "edm: Heun + churn (the ablation sampler if --solver/--disc/--schedule/--scaling is given); "
      "dpm2m: DPM-Solver++(2M); unipc: UniPC (both deterministic, one evaluation per step); euler_a: Euler "
-     "ancestral; dpm2m_sde / dpm3m_sde: DPM-Solver++(2M)/(3M) SDE  [default: edm]"),
+     "ancestral; dpm2m_sde / dpm3m_sde: DPM-Solver++(2M)/(3M) SDE; consistency: multistep consistency "
+     "sampling, 1-4 steps (default 2), for models tuned by `vcdm tune`  [default: the sampler the checkpoint "
+     "records (consistency, for tuned models), else edm]"),
     ("guidance", "guidance", click.FloatRange(min=0, min_open=True),
      "Guidance scale w: D = D_g + w (D - D_g), where the guide D_g is the guiding network (gnet) or, without "
      "one, the model given the "
@@ -87,22 +89,32 @@ def preset_option(both_stages: bool = False) -> Callable:
         "benchmarks/solvers.py)"))
 
 
-def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | None = None):
+def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | None = None,
+                        recorded: dict[str, Any] | None = None):
     """Remove one stage's sampler options from click's kwargs → SamplerOptions. ``preset`` replaces the
-    values of flags left at their defaults (a sampler without churn also drops the churn defaults)."""
+    values of flags left at their defaults (a sampler without churn also drops the churn defaults); without
+    one, so does the sampler the checkpoint records (``recorded``, vcdm.generate.options.recorded_defaults)
+    unless --sampler is given. The consistency sampler's steps default to its own 2."""
     from click.core import ParameterSource
 
-    from vcdm.diffusion.sampling import CHURN_SAMPLERS, PRESETS as SETTINGS
+    from vcdm.diffusion.sampling import CHURN_SAMPLERS, CONSISTENCY_DEFAULT_STEPS, PRESETS as SETTINGS
     from vcdm.generate import GenerateError, SamplerOptions
 
     dest = prefix.replace("-", "_")
+    ctx = click.get_current_context()
+
+    def unset(key: str) -> bool:
+        return ctx.get_parameter_source(dest + key) == ParameterSource.DEFAULT
+
     if preset is not None:
         values = dict(SETTINGS[preset])
         if values.get("sampler") not in (None, *CHURN_SAMPLERS):
             values.update(S_churn=0.0, S_noise=1.0)
-        ctx = click.get_current_context()
-        kwargs.update({dest + k: v for k, v in values.items()
-                       if ctx.get_parameter_source(dest + k) == ParameterSource.DEFAULT})
+        kwargs.update({dest + k: v for k, v in values.items() if unset(k)})
+    elif unset("sampler"):
+        kwargs.update({dest + k: v for k, v in (recorded or {}).items() if unset(k)})
+    elif kwargs[dest + "sampler"] == "consistency" and unset("num_steps"):
+        kwargs[dest + "num_steps"] = CONSISTENCY_DEFAULT_STEPS
     values = {key: kwargs.pop(dest + key) for _, key, _, _ in SAMPLER_FLAGS}
     try:
         return SamplerOptions(**values)
@@ -209,9 +221,10 @@ def command(network: str, seeds: IntRanges, **kwargs: Any) -> None:
     """
     from vcdm import distributed
     from vcdm.generate import Conditioning, generate
+    from vcdm.generate.options import checkpoint_defaults
 
     with user_errors():
-        opts = pop_sampler_options(kwargs, preset=kwargs.pop("preset"))
+        opts = pop_sampler_options(kwargs, preset=kwargs.pop("preset"), recorded=checkpoint_defaults(network))
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
         cond = Conditioning(**{k: kwargs.pop(k) for k in ("class_idx", "load_obs_from", "data_path", "clip_weights")})
         with distributed.session(kwargs["device"]):

@@ -14,14 +14,16 @@ from vcdm.cli.generate import (inference_options, parse_seeds, pop_inference, po
 STAGE_DEFAULTS = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
 
 
-def stage_options(kwargs: dict[str, Any], prefix: str, preset: str | None = None):
-    """One stage's SamplerOptions; a sampler without churn drops the churn defaults it cannot use."""
+def stage_options(kwargs: dict[str, Any], prefix: str, preset: str | None = None,
+                  recorded: dict[str, Any] | None = None):
+    """One stage's SamplerOptions; a sampler without churn drops the churn defaults it cannot use; ``recorded``:
+    the stage checkpoint's own sampler settings (a consistency-tuned model's), used where no flag is given."""
     ctx, dest = click.get_current_context(), prefix.replace("-", "_")
     if kwargs[dest + "sampler"] not in (None, "edm"):
         for key, neutral in (("S_churn", 0.0), ("S_noise", 1.0)):
             if ctx.get_parameter_source(dest + key) == ParameterSource.DEFAULT:
                 kwargs[dest + key] = neutral
-    return pop_sampler_options(kwargs, prefix, preset)
+    return pop_sampler_options(kwargs, prefix, preset, recorded)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -64,10 +66,12 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
     """
     from vcdm import distributed
     from vcdm.generate import sample_two_stage
+    from vcdm.generate.options import checkpoint_defaults
 
     with user_errors():
         preset = kwargs.pop("preset")
-        prior_opts, image_opts = stage_options(kwargs, "prior-", preset), stage_options(kwargs, "image-", preset)
+        prior_opts = stage_options(kwargs, "prior-", preset, checkpoint_defaults(prior))
+        image_opts = stage_options(kwargs, "image-", preset, checkpoint_defaults(image_model))
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
         with distributed.session(kwargs["device"]):
             result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts,

@@ -131,3 +131,15 @@ def sample_ablation(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
             x = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
         _report(callback, n, x, sigmas[n], p.sigma(t_hat), denoised)
     return x
+
+
+def sample_consistency(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
+                       randn_like: Callable = torch.randn_like, callback: Callback = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency-tuned denoiser
+    (vcdm.diffusion.consistency): denoise, re-noise to the next level with fresh noise, denoise again;
+    one evaluation per level before the final 0."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i])
+        x = denoised if sigmas[i + 1] == 0 else denoised + sigmas[i + 1] * randn_like(denoised)
+        _report(callback, i, x, sigmas[i], sigmas[i], denoised)
+    return x

@@ -16,7 +16,8 @@ import tqdm
 
 from vcdm.diffusion import schedules, solvers
 from vcdm.diffusion.guidance import Guidance, guided_denoise
-from vcdm.diffusion.samplers import Callback, Churn, sample_ablation, sample_dpmpp_2m, sample_heun
+from vcdm.diffusion.samplers import (Callback, Churn, sample_ablation, sample_consistency, sample_dpmpp_2m,
+                                     sample_heun)
 
 
 class Model:
@@ -78,9 +79,12 @@ REGISTRY: dict[str, Spec] = {
     "dpm2m_sde": Spec(solvers.sample_dpmpp_2m_sde, frozenset(_SCHEDULE | {"eta"})),
     "dpm3m_sde": Spec(solvers.sample_dpmpp_3m_sde, frozenset(_SCHEDULE | {"eta"})),
     "unipc": Spec(solvers.sample_unipc, frozenset(_SCHEDULE | {"order"})),
+    "consistency": Spec(sample_consistency, frozenset(_SCHEDULE)),
 }
 SAMPLERS = tuple(REGISTRY)
 MAX_STEPS = 10_000  # sampling steps: the noise levels and the work grow with them (1e9 would allocate 8 GB)
+CONSISTENCY_STEPS = (1, 4)  # the consistency sampler's range of steps (a tuned model's; vcdm tune)
+CONSISTENCY_DEFAULT_STEPS = 2
 CHURN_SAMPLERS = tuple(name for name, spec in REGISTRY.items() if spec.churn)  # take S_churn/S_min/S_max/S_noise
 
 
@@ -127,6 +131,21 @@ def noise_levels(model: Model, opts: dict[str, Any], device: torch.device,
     return schedules.append_zero(model.round_sigma(sigmas)), (sigma_min, sigma_max, eps)
 
 
+def consistency_levels(model: Model, opts: dict[str, Any], device: torch.device,
+                       net_range: tuple[float, float]) -> torch.Tensor:
+    """The consistency sampler's levels for ``num_steps`` n (1..4, default 2): Karras's n + 1 levels
+    without the last, sigma_min, where a step would change nothing, then 0 (n = 1: [sigma_max, 0];
+    n = 2 with EDM's range and rho 7: [80, 2.52, 0])."""
+    num_steps = int(opts.pop("num_steps", CONSISTENCY_DEFAULT_STEPS))
+    lo, hi = CONSISTENCY_STEPS
+    if not lo <= num_steps <= hi:
+        raise ValueError(f"num_steps: the consistency sampler takes {lo}..{hi} steps, got {num_steps}")
+    sigmas, _ = noise_levels(model, {**opts, "num_steps": num_steps + 1}, device, net_range)
+    for k in _SCHEDULE:
+        opts.pop(k, None)
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
+
+
 def progress_bar(num_steps: int, desc: str) -> Callback:
     bar = tqdm.tqdm(total=num_steps, desc=desc, unit="step", leave=False)
 
@@ -146,7 +165,8 @@ def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = N
     ``sampler``: one of SAMPLERS — ``edm`` (Heun, or ``solver='euler'``, with churn; EDM's defaults: 18
     steps, sigma 0.002..80, rho 7), ``ablation`` (EDM's generalized sampler: solver, discretization,
     schedule, scaling), ``dpm2m`` (DPM-Solver++(2M)), ``euler_a``, ``dpm2m_sde``, ``dpm3m_sde``, ``unipc``
-    (Karras levels). Options set to None take their default; the sigma range is clipped to the
+    (Karras levels), ``consistency`` (a consistency-tuned model's multistep sampler, 1-4 steps, default 2;
+    vcdm.diffusion.consistency). Options set to None take their default; the sigma range is clipped to the
     denoiser's ``sigma_min``/``sigma_max``. ``guidance``, ``gnet``, ``guidance_interval``: see ``Model``.
     """
     if sampler not in REGISTRY:
@@ -171,7 +191,10 @@ def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = N
             raise ValueError(f"solver: expected heun|euler, got '{solver}'")
         opts["second_order"] = solver == "heun"
     net_range = float(getattr(denoiser, "sigma_min", 0.0)), float(getattr(denoiser, "sigma_max", math.inf))
-    sigmas, (sigma_min, sigma_max, eps) = noise_levels(model, opts, latents.device, net_range)
+    if sampler == "consistency":
+        sigmas = consistency_levels(model, opts, latents.device, net_range)
+    else:
+        sigmas, (sigma_min, sigma_max, eps) = noise_levels(model, opts, latents.device, net_range)
     if sampler == "ablation":
         opts["process"] = schedules.process(opts.pop("schedule", "linear"), opts.pop("scaling", "none"),
                                             *schedules.vp_betas(sigma_min, sigma_max, eps))

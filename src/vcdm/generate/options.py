@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from vcdm.fileio import IntRanges, as_int
 from vcdm.paths import fit_name
@@ -111,7 +111,7 @@ class SamplerOptions:
             value = getattr(self, key)
             if value is not None:
                 object.__setattr__(self, key, _number(value, key))
-        from vcdm.diffusion.sampling import CHURN_SAMPLERS, MAX_STEPS, SAMPLERS
+        from vcdm.diffusion.sampling import CHURN_SAMPLERS, CONSISTENCY_STEPS, MAX_STEPS, SAMPLERS
 
         object.__setattr__(self, "num_steps", as_int(self.num_steps, "--steps"))
         if not 1 <= self.num_steps <= MAX_STEPS:
@@ -120,6 +120,9 @@ class SamplerOptions:
         self._check_guide()
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise FlagError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+        lo, hi = CONSISTENCY_STEPS
+        if self.sampler == "consistency" and not lo <= self.num_steps <= hi:
+            raise FlagError(f"--steps: the consistency sampler takes {lo}..{hi} steps, got {self.num_steps}")
         ablation = [k for k in ABLATION_KEYS if getattr(self, k) is not None]
         if ablation and self.sampler not in (None, "ablation"):
             raise FlagError(f"--sampler {self.sampler} does not take --{', --'.join(ablation)} "
@@ -181,6 +184,25 @@ class SamplerOptions:
 
     def replace(self, **changes) -> "SamplerOptions":
         return SamplerOptions(**{**asdict(self), **changes})
+
+
+def recorded_defaults(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The SamplerOptions a checkpoint's recorded sampler sets where the user chose none: a consistency-tuned
+    model's sampler and steps, without churn (vcdm tune); {} for other models, which keep the commands' defaults."""
+    sampler = (config or {}).get("sampler")
+    if not sampler:
+        return {}
+    return {"sampler": sampler["name"], "num_steps": sampler["num_steps"], "S_churn": 0.0, "S_noise": 1.0}
+
+
+def checkpoint_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """``recorded_defaults`` of the checkpoint at ``path``; {} when it cannot be read (loading it says why)."""
+    from vcdm.checkpoints import read_config
+
+    try:
+        return recorded_defaults(read_config(path))
+    except (OSError, ValueError):
+        return {}
 
 
 @dataclass(frozen=True)

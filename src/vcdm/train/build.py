@@ -44,7 +44,14 @@ class Setup:
             data={"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
                   "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name,
                   "class_names": getattr(d, "class_names", None)},
-            training=training).to_dict()
+            training=training, sampler=tuned_sampler(training)).to_dict()
+
+
+def tuned_sampler(training: dict[str, Any]) -> dict[str, Any] | None:
+    """What a consistency-tuned model records as its default sampler (None for diffusion training)."""
+    from vcdm.diffusion.sampling import CONSISTENCY_DEFAULT_STEPS
+
+    return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS} if training.get("tune") else None
 
 
 def data_key(path: str | os.PathLike, dataset) -> str:
@@ -160,9 +167,14 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 
 
 def make_loss(opts: TrainOptions):
-    """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's."""
+    """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune ect the
+    consistency-tuning loss over the run's --duration instead."""
+    from vcdm.diffusion.consistency import ECTLoss
     from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
 
+    if opts.tune == "ect":
+        return ECTLoss(round(opts.duration * 1e6), P_mean=opts.P_mean, P_std=opts.P_std, q=opts.ect_q, k=opts.ect_k,
+                       b=opts.ect_b, stages=opts.ect_stages, cond_drop=opts.cond_drop)
     if opts.precond in ("edm", "edm2"):
         loss = EDM2Loss if opts.precond == "edm2" else EDMLoss
         return loss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop)

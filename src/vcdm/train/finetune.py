@@ -7,6 +7,7 @@ EDM2's networks widen ``emb_label`` the same way, under gains fixed when the net
 (`edm2_gains`) so that the widened network starts as the pretrained one.
 --transfer (EDM's): copy whatever tensors match by name and shape, leave the rest as initialised, and
 run the EMA without ramp-up.
+--init (vcdm tune): start from every network tensor of a vcdm checkpoint of the same network.
 """
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ def edm2_gains(path: str, label_dim: int, label_balance: float) -> dict[str, flo
         raise OptionError(f"--pretrained_weights: {e}") from None
 
 
-def source_tensors(path: str) -> dict[str, torch.Tensor]:
+def source_tensors(path: str, flag: str = "--transfer") -> dict[str, torch.Tensor]:
     """The network tensors of a vcdm .safetensors checkpoint or an EDM/VCDM pickle (read safely)."""
     if not Path(path).is_file():
-        raise OptionError(f"--transfer: {path} does not exist")
+        raise OptionError(f"{flag}: {path} does not exist")
     try:
         if Path(path).suffix == ".safetensors":
             from vcdm.checkpoints import load_tensors, read_config
@@ -62,7 +63,7 @@ def source_tensors(path: str) -> dict[str, torch.Tensor]:
         obj = read_pickle(path)
         return (edm2_network(obj, path) if is_edm2(obj) else legacy_network(obj, path)).state_dict
     except ValueError as e:
-        raise OptionError(f"--transfer: {e}") from None
+        raise OptionError(f"{flag}: {e}") from None
 
 
 def transfer(path: str, net: nn.Module) -> None:
@@ -74,3 +75,16 @@ def transfer(path: str, net: nn.Module) -> None:
     net.load_state_dict(copied, strict=False)
     dist.print0(f"Transferred {len(copied)} of {len(target)} tensors from {path} "
                 f"({len(target) - len(copied)} keep their initialisation)")
+
+
+def initialise(path: str, net: nn.Module) -> None:
+    """Load every tensor of the checkpoint's network into ``net``, which must have exactly those."""
+    source = source_tensors(path, "--init")
+    target = net.state_dict()
+    wrong = sorted(k for k in target if k not in source or tuple(source[k].shape) != tuple(target[k].shape))
+    extra = sorted(set(source) - set(target))
+    if wrong or extra:
+        name = (wrong or extra)[0]
+        raise OptionError(f"--init: {path} is not this network ({len(wrong) + len(extra)} tensors differ, e.g. {name})")
+    net.load_state_dict(source)
+    dist.print0(f"Initialised all {len(target)} tensors from {path}")

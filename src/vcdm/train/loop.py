@@ -265,7 +265,7 @@ class Trainer:
                   f"(--lr {o.lr:g}); shorten --lr-rampup", flush=True)
 
     def init_weights(self, net, structure) -> list[str]:
-        """--pretrained_weights / --transfer; returns the names of frozen parameters."""
+        """--pretrained_weights / --transfer / --init; returns the names of frozen parameters."""
         from vcdm.train import finetune
 
         o = self.opts
@@ -275,6 +275,8 @@ class Trainer:
             return [n for n, p in net.named_parameters() if not p.requires_grad]
         if o.transfer:
             finetune.transfer(o.transfer, net)
+        if o.init:
+            finetune.initialise(o.init, net)
         return []
 
     def preview_setup(self, run: Run, cached, batch_gpu: int) -> dict[str, Any] | None:

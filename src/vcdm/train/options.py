@@ -27,11 +27,12 @@ from vcdm.train.lr_schedules import LR_SCHEDULES
 from vcdm.train.recipe import RECIPES
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
+TUNE_METHODS = ("ect",)  # consistency tuning (vcdm tune)
 EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.EMBEDDERS (not imported: heavy)
 
 
 OPTIONS_BYTES = 1 << 20  # a training_options.json holds a few KB
-FINITE = ("lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
+FINITE = ("ect_q", "ect_k", "ect_b", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
 class OptionError(ValueError):
@@ -87,6 +88,12 @@ class ModelOptions:
     pretrained_weights: str | None = None
     freeze_pretrained: bool = False
     transfer: str | None = None
+    init: str | None = None  # a vcdm checkpoint whose every network tensor starts the run (vcdm tune)
+    tune: str | None = None  # "ect": Easy Consistency Tuning instead of the diffusion loss (vcdm.diffusion.consistency)
+    ect_q: float = 2.0  # ECT's r(t): t - r shrinks by q per stage
+    ect_k: float = 8.0  # ... times 1 + k sigmoid(-b t)
+    ect_b: float = 1.0
+    ect_stages: int = 8  # equal stages over --duration
 
 
 @dataclass
@@ -157,7 +164,7 @@ LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, 
 # only resumes a run that recorded the same values; --resume=DIR refuses flags that change them).
 IDENTITY = ("path", "data_class", "exist", "observed", "xflip", "embedder", "n_comp", "n_clusters", "pca_dim",
             "train_embedder", "arch", "recipe", "precond", "pred_x0", "noise_mult", "equally_weight_tensors", "cbase", "cres",
-            "prior_dim", "prior_depth")
+            "prior_dim", "prior_depth", "tune")
 
 
 @dataclass
@@ -250,6 +257,13 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             raise OptionError("--transfer and --resume cannot be specified at the same time")
         if self.transfer and self.pretrained_weights:
             raise OptionError("--transfer and --pretrained_weights cannot be specified at the same time")
+        if self.init and (self.transfer or self.pretrained_weights):
+            raise OptionError("--init starts from a whole vcdm checkpoint: drop --transfer/--pretrained_weights")
+        if self.tune is not None and self.tune not in TUNE_METHODS:
+            raise OptionError(f"--tune: expected one of {', '.join(TUNE_METHODS)}, got '{self.tune}'")
+        if self.tune and not (self.ect_q > 1 and self.ect_k >= 0 and self.ect_b >= 0 and self.ect_stages >= 1):
+            raise OptionError(f"--ect-q/--ect-k/--ect-b/--ect-stages: expected q > 1, k >= 0, b >= 0, stages >= 1, got "
+                              f"{self.ect_q:g}, {self.ect_k:g}, {self.ect_b:g}, {self.ect_stages}")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:

@@ -118,6 +118,8 @@ def train_step(state: TrainState, step: StepSetup, batches: Iterator,
     One collective carries the loss sums and whether any process wants to stop (asked after the
     forward and backward passes, so a signal during them stops this step)."""
     state.optimizer.zero_grad(set_to_none=True)
+    if hasattr(step.loss_fn, "set_nimg"):  # a loss with a schedule over the run (consistency tuning)
+        step.loss_fn.set_nimg(state.counters["nimg"])
     sums = accumulate(state, step, batches)
     totals = dist.all_sum(sums.tolist() + [float(want_stop())], sums.device)
     finite = all(math.isfinite(v) for v in totals[:-1])

@@ -1,0 +1,99 @@
+"""`vcdm tune`: Easy Consistency Tuning of a trained model of either stage (vcdm.diffusion.consistency).
+
+The run is a training run: the checkpoint's recorded training options (dataset, structure, network,
+embedder, batch, EMA) with the ECT loss, every network tensor taken from the checkpoint (--init), a
+constant learning rate and no ramp-up; DDP (torchrun), --resume, snapshots and --ema-std's post-hoc
+EMA work as in `vcdm train`. Its snapshots record the consistency sampler, which `vcdm generate`,
+`vcdm sample` and the Python API then use by default (2 steps; --steps 1-4).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from vcdm.cli.errors import user_errors, writable
+from vcdm.cli.train import Finite, opt
+from vcdm.train.options import TrainOptions, default_workers
+
+DEFAULT_KIMG = 200.0  # ECT tunes for a small fraction of the training (the demo's models train 1000s of kimg)
+DEFAULT_LR = 1e-4     # ECT's constant learning rate (CIFAR-10, batch 128)
+ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's, reaching the largest levels
+
+
+def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
+    """The training options of `checkpoint` turned into a tuning run's."""
+    from vcdm.checkpoints import read_config
+
+    if not Path(checkpoint).is_file():
+        raise click.UsageError(f"CHECKPOINT: {checkpoint} does not exist (expected a vcdm .safetensors snapshot)")
+    with user_errors():
+        training = read_config(checkpoint).get("training") or {}
+        if not training.get("data_class"):
+            raise click.UsageError(f"CHECKPOINT: {checkpoint} records no training options (an imported network?); "
+                                   f"tune a model trained by `vcdm train`")
+        recorded = TrainOptions.from_dict(training)
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    return dataclasses.replace(
+        recorded, init=str(checkpoint), tune="ect", transfer=None, pretrained_weights=None, freeze_pretrained=False,
+        resume=given.get("resume"), path=given.get("path", recorded.path), duration=kwargs["kimg"] / 1000,
+        lr=kwargs["lr"], lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
+        P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
+        ect_stages=kwargs["ect_stages"], outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
+        seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
+        batch=given.get("batch", recorded.batch), batch_gpu=given.get("batch_gpu"), tick=kwargs["tick"],
+        snap=kwargs["snap"], dump=kwargs["dump"], time_limit=kwargs["time_limit"], dry_run=kwargs["dry_run"],
+        tensorboard=False, resume_id=None)
+
+
+@click.command(name="tune", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@opt("--path", "--data", metavar="ZIP|DIR", type=str, default=None,
+     help="The training data, where it lies now  [default: the path the checkpoint records]")
+@opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=DEFAULT_KIMG, help="Tuning duration.")
+@opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=DEFAULT_LR,
+     help="Learning rate, constant (no ramp-up, no decay).")
+@opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=2.0,
+     help="r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage.")
+@opt("--ect-k", metavar="K", type=Finite(min=0), default=8.0, help="r(t)'s K.")
+@opt("--ect-b", metavar="B", type=Finite(min=0), default=1.0, help="r(t)'s B.")
+@opt("--ect-stages", metavar="INT", type=click.IntRange(min=1), default=8, help="Stages of r(t) over --kimg.")
+@opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
+@opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
+     help="Standard deviation of ln(t).")
+@opt("--batch", metavar="INT", type=click.IntRange(min=1), default=None, help="Total batch size  [default: the training's]")
+@opt("--batch-gpu", metavar="INT", type=click.IntRange(min=1), default=None, help="Limit batch size per process.")
+@opt("--outdir", metavar="DIR", type=str, default="training-runs", help="Where to make the run directory.")
+@opt("--desc", metavar="STR", type=str, default=None, help="Appended to the run directory name  [default: ect]")
+@opt("--seed", metavar="INT", type=int, default=None, help="Random seed  [default: random]")
+@opt("--tick", metavar="KIMG", type=Finite(min=0, min_open=True), default=10.0, help="How often to print progress.")
+@opt("--snap", metavar="TICKS", type=click.IntRange(min=0), default=5,
+     help="How often to save snapshots (0: only at the end).")
+@opt("--dump", metavar="TICKS", type=click.IntRange(min=0), default=5,
+     help="How often to save training states (0: only at the end).")
+@opt("--resume", metavar="PT|DIR|auto", type=str, default=None, help="Resume a tuning run, as `vcdm train --resume`.")
+@opt("--time-limit", metavar="SEC", type=Finite(min=0), default=0.0, help="Stop (saving a state) after SEC seconds.")
+@opt("--device", type=str, default=None, help="cpu | cuda | cuda:N  [default: cuda if available]")
+@opt("--workers", metavar="INT", type=click.IntRange(min=0), default=default_workers(), help="DataLoader workers.")
+@opt("--dry-run", "-n", type=bool, default=False, help="Print the options, then exit, writing nothing.")
+def command(checkpoint: str, **kwargs) -> None:
+    """Tune CHECKPOINT (a prior or an image model trained by `vcdm train`, EDM or EDM2 network) into a
+    sampler of 1-4 network evaluations by Easy Consistency Tuning (Geng et al. 2024). Needs the
+    training data. Run with plain `python` or under `torchrun` (DDP), as `vcdm train`.
+
+    \b
+    vcdm tune runs/prior/network-snapshot-002000.safetensors --kimg 200 --outdir runs
+    vcdm generate --network runs/00001-ect/network-snapshot-000200.safetensors --seeds 0-63   # 2 steps
+    vcdm generate --network runs/00001-ect/network-snapshot-000200.safetensors --steps 1 --seeds 0-63
+    """
+    from vcdm.train import TrainingError, train
+
+    opts = tune_options(checkpoint, kwargs)
+    if not opts.dry_run:
+        writable(opts.outdir, "--outdir")
+    with user_errors(usage=True):
+        try:
+            train(opts)
+        except TrainingError as e:
+            raise click.ClickException(str(e)) from None

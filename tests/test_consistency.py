@@ -1,0 +1,217 @@
+"""Consistency tuning (vcdm tune, vcdm.diffusion.consistency) and the consistency sampler.
+
+The analytic model: data N(0, s^2 I). Its denoiser is D(x, t) = x s^2 / (s^2 + t^2) and its exact
+consistency function (the probability-flow ODE's map to t = 0) is f(x, t) = x s / sqrt(s^2 + t^2).
+With s = sigma_data = 0.5 and EDM's preconditioning, f = c_skip x + c_out w(t) c_in x has
+w(t) = tanh(asinh(t / s) / 2) and D has w = 0; the tiny model below is w = tanh(theta asinh(t / s)):
+theta 0 is the diffusion denoiser, theta 1/2 the exact consistency function.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import vcdm
+from tiny_models import write_model
+from tiny_runs import PRIOR, base_args, error_lines, run, run_dir, write_dataset
+from vcdm.checkpoints import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from vcdm.cli.generate import command as generate_cmd
+from vcdm.cli.sample import command as sample_cmd
+from vcdm.cli.tune import command as tune_cmd
+from vcdm.diffusion.consistency import ECTLoss, ect_r
+from vcdm.diffusion.sampling import sample
+from vcdm.generate.files import read_tensors
+
+S = SD = 0.5
+N = 16
+T = 80.0
+
+
+class GaussianConsistency(nn.Module):
+    """f(x, t) = c_skip x + c_out tanh(theta asinh(t / sd)) c_in x (EDM's preconditioning, one parameter)."""
+    sigma_min, sigma_max = 0.002, T
+
+    def __init__(self, theta: float = 0.0):
+        super().__init__()
+        self.register_buffer("noise_scale", torch.ones(N))
+        self.theta = nn.Parameter(torch.tensor([theta]))
+
+    def forward(self, x, sigma, y=None, augment_labels=None):
+        t = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+        w = torch.tanh(self.theta.to(x.dtype) * torch.asinh(t / SD))
+        c_skip, c_out, c_in = SD ** 2 / (SD ** 2 + t ** 2), t * SD / (SD ** 2 + t ** 2).sqrt(), 1 / (SD ** 2 + t ** 2).sqrt()
+        return c_skip * x + c_out * w * c_in * x
+
+
+def sample_variance(model: nn.Module, steps: int, n: int = 20000) -> float:
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(n, N, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        x = sample(model, latents, sampler="consistency", num_steps=steps,
+                   randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype))
+    return x.var().item()
+
+
+def expected_gradient(theta: float, stage: int, n: int = 200_000) -> float:
+    model, loss = GaussianConsistency(theta), ECTLoss(total_nimg=8)
+    loss.set_nimg(stage)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, N, generator=g) * S
+    (loss(model, x, generator=g).sum() / n).backward()
+    return model.theta.grad.item()
+
+
+def test_r_of_t_follows_ects_mapping():
+    t = torch.tensor([0.01, 1.0, 20.0])
+    # stage 0, q 2: r/t = 1 - (1 + 8 sigmoid(-t)) / 2, negative (so r = 0, the denoising loss) for small t
+    ratio = 1 - (1 + 8 * torch.sigmoid(-t)) / 2
+    torch.testing.assert_close(ect_r(t, 0), (t * ratio).clamp(min=0))
+    assert ect_r(t, 0)[0] == 0 and ect_r(t, 0)[2] == pytest.approx(10.0, rel=1e-6)
+    torch.testing.assert_close(ect_r(t, 7), t * (1 - (1 + 8 * torch.sigmoid(-t)) / 256))
+    loss = ECTLoss(total_nimg=800)
+    for nimg, stage in ((0, 0), (99, 0), (100, 1), (799, 7), (5000, 7)):
+        loss.set_nimg(nimg)
+        assert loss.stage == stage
+
+
+def test_loss_where_r_is_zero_is_the_weighted_denoising_error():
+    model, loss = GaussianConsistency(0.3), ECTLoss(total_nimg=1, P_mean=-4.0, P_std=0.1)  # stage 0, t ~ 0.02: r = 0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, N, generator=g) * S
+    per_element = loss(model, x, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = loss.sample_sigma(64, x.device, g)
+    n = torch.randn(x.shape, generator=g)
+    error = (model(x + t * n, t.flatten()) - x).detach()
+    torch.testing.assert_close(per_element.sum(1, keepdim=True), loss.weight(t) * error.norm(dim=1, keepdim=True))
+
+
+def test_exact_consistency_function_is_the_stationary_point_of_the_last_stage():
+    """The loss's expected gradient in theta changes sign at the exact map (theta 1/2) in ECT's last stage,
+    and pushes a diffusion denoiser (theta 0) towards it; it is not small there before the last stage."""
+    assert expected_gradient(0.0, 7) < -10
+    assert expected_gradient(0.4, 7) < 0 < expected_gradient(0.6, 7)
+    assert abs(expected_gradient(0.5, 7)) < 0.1 * abs(expected_gradient(0.4, 7) - expected_gradient(0.6, 7))
+    assert expected_gradient(0.5, 0) > 1  # stage 0 is diffusion-like: theta is pulled back towards 0
+
+
+def test_consistency_sampler_on_the_exact_map_reaches_the_data_distribution():
+    """1, 2 and 4 steps of the exact consistency function give variance s^2 (Monte-Carlo sd 0.25%)."""
+    for steps in (1, 2, 4):
+        assert sample_variance(GaussianConsistency(0.5), steps) == pytest.approx(S ** 2, rel=0.01)
+    with pytest.raises(ValueError, match="consistency sampler takes 1..4 steps, got 5"):
+        sample_variance(GaussianConsistency(0.5), 5, n=4)
+
+
+def test_ect_tuning_turns_the_denoiser_into_a_one_step_sampler(one_thread):
+    """One step of the diffusion denoiser from x_T = T n gives variance s^4 T^2 / (s^2 + T^2)^2 (~1e-5); after
+    ECT tuning from it, one step gives s^2 within 2%: the last stage's stationary point lies within 0.45..0.5
+    (test above), and theta 0.45 already gives 0.99 s^2 (one step's variance is (T a(T))^2, a(T) = f / x)."""
+    untuned = GaussianConsistency(0.0)
+    assert sample_variance(untuned, 1) == pytest.approx(S ** 4 * T ** 2 / (S ** 2 + T ** 2) ** 2, rel=0.01)
+    torch.manual_seed(0)
+    model, steps, batch = GaussianConsistency(0.0), 600, 1024
+    loss = ECTLoss(total_nimg=steps * batch, q=16.0, stages=2)  # ECT's last-stage gap after 2 stages, not 8
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    g = torch.Generator().manual_seed(2)
+    for step in range(steps):
+        loss.set_nimg(step * batch)
+        x = torch.randn(batch, N, generator=g) * S
+        optimizer.zero_grad()
+        (loss(model, x, generator=g).sum() / batch).backward()
+        optimizer.step()
+    assert 0.43 < model.theta.item() < 0.55
+    assert sample_variance(model, 1) == pytest.approx(S ** 2, rel=0.02)
+
+
+def test_checkpoint_sampler_entry_is_checked(tmp_path):
+    path = write_model(tmp_path / "prior.safetensors", "prior")
+    denoiser, config, tensors = load_checkpoint(path)
+    assert "sampler" not in config
+    for bad in ({"name": "edm", "num_steps": 2}, {"name": "consistency", "num_steps": 9},
+                {"name": "consistency", "num_steps": 2.0}, {"name": "consistency", "num_steps": 2, "x": 1}, [1]):
+        with pytest.raises(CheckpointError, match="config entry 'sampler'"):
+            save_checkpoint(tmp_path / "bad.safetensors", {"net": denoiser.net.state_dict()}, {**config, "sampler": bad})
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny prior trained for 8 steps and tuned for 8 (CPU, seconds)."""
+    root = tmp_path_factory.mktemp("tune")
+    data = write_dataset(root / "tiny.zip")
+    run(base_args(data, root / "train", *PRIOR, "--duration", "0.000032"))
+    base = sorted(run_dir(root / "train").glob("network-snapshot-*.safetensors"))[-1]
+    result = CliRunner().invoke(tune_cmd, [str(base), "--kimg", "0.032", "--tick", "0.016", "--outdir", str(root / "tune"),
+                                           "--workers", "0", "--device", "cpu", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    snap = sorted(run_dir(root / "tune").glob("network-snapshot-*.safetensors"))[-1]
+    return {"root": root, "data": data, "base": base, "tuned": snap, "output": result.output}
+
+
+@pytest.mark.slow
+def test_tune_records_the_sampler_and_starts_from_the_checkpoint(tuned):
+    assert "Initialised all" in tuned["output"] and "ln(sigma) ~ N(-1.1, 2^2)" in tuned["output"]
+    config = read_config(tuned["tuned"])
+    assert config["sampler"] == {"name": "consistency", "num_steps": 2}
+    assert config["training"]["tune"] == "ect" and config["training"]["init"] == str(tuned["base"])
+    assert "sampler" not in read_config(tuned["base"])
+    base, _, _ = load_checkpoint(tuned["base"])
+    new, _, _ = load_checkpoint(tuned["tuned"])
+    moved = [k for k, v in new.net.state_dict().items() if not torch.equal(v, base.net.state_dict()[k])]
+    assert moved  # tuned, from the base weights (same names and shapes)
+
+
+@pytest.mark.slow
+def test_generate_and_api_use_the_recorded_sampler(tuned, tmp_path):
+    args = ["--network", tuned["tuned"], "--seeds", "0-5", "--batch", "4", "--no-progress"]
+    r = CliRunner().invoke(generate_cmd, [*map(str, args), "--outdir", str(tmp_path / "default")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(generate_cmd, [*map(str, args), "--outdir", str(tmp_path / "two"), "--sampler",
+                                          "consistency", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(generate_cmd, [*map(str, args), "--outdir", str(tmp_path / "one"), "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    default, two, one = ([read_tensors(tmp_path / d / f"{s:06d}.pt")["embedding"] for s in range(6)]
+                         for d in ("default", "two", "one"))
+    assert all(torch.equal(a, b) for a, b in zip(default, two))
+    assert not any(torch.equal(a, b) for a, b in zip(default, one))
+    api = vcdm.Pipeline.from_checkpoint(tuned["tuned"], device="cpu")(seeds=range(6), batch=4)
+    assert all(torch.equal(torch.from_numpy(api.embeddings[i]), default[i]) for i in range(6))  # reload: same samples
+    r = CliRunner().invoke(generate_cmd, [*map(str, args), "--outdir", str(tmp_path / "five"), "--steps", "5"])
+    assert r.exit_code == 2 and error_lines(r.output) == [
+        "Error: --steps: the consistency sampler takes 1..4 steps, got 5"], r.output
+    with pytest.raises(ValueError, match="steps: the consistency sampler takes 1..4 steps, got 5"):
+        vcdm.Pipeline.from_checkpoint(tuned["tuned"], device="cpu")(seeds=range(2), steps=5)
+
+
+@pytest.mark.slow
+def test_untuned_models_keep_their_defaults(tuned, tmp_path):
+    """An untuned checkpoint samples as before: the default equals EDM's sampler spelled out in flags."""
+    args = ["--network", str(tuned["base"]), "--seeds", "0-3", "--no-progress"]
+    for name, extra in (("default", []), ("explicit", ["--sampler", "edm", "--steps", "18", "--S_churn", "0"])):
+        r = CliRunner().invoke(generate_cmd, [*args, "--outdir", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+    for s in range(4):
+        assert torch.equal(read_tensors(tmp_path / "default" / f"{s:06d}.pt")["embedding"],
+                           read_tensors(tmp_path / "explicit" / f"{s:06d}.pt")["embedding"])
+
+
+@pytest.mark.slow
+def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
+    """`vcdm sample` with a tuned prior: the prior runs the consistency sampler, 2 steps; the untuned image
+    model keeps the release's 40 steps with churn (the folders' manifests record the settings)."""
+    image = write_model(tmp_path / "image.safetensors", "image")
+    denoiser, config, tensors = load_checkpoint(image)
+    config["embedder"] = read_config(tuned["tuned"])["embedder"]
+    save_checkpoint(image, {"net": denoiser.net.state_dict(), **tensors}, config)
+    r = CliRunner().invoke(sample_cmd, ["--prior", str(tuned["tuned"]), "--image-model", str(image), "--seeds", "0-1",
+                                        "--no-progress", "--outdir", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    prior, images = (json.loads((tmp_path / "out" / d / "vcdm-manifest.json").read_text())["settings"]
+                     for d in ("embeddings", "images"))
+    assert (prior["--sampler"], prior["--steps"], prior["--S_churn"]) == ("consistency", 2, 0.0)
+    assert (images["--sampler"], images["--steps"], images["--S_churn"]) == (None, 40, 50.0)
