@@ -22,9 +22,14 @@ from vcdm.checkpoints import CheckpointError, load_checkpoint, read_config, save
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.cli.tune import command as tune_cmd
+from vcdm.data.structure import Structure
 from vcdm.diffusion.consistency import ECTLoss, ect_r
 from vcdm.diffusion.sampling import sample
 from vcdm.generate.files import read_tensors
+from vcdm.nets import build_network
+from vcdm.nets.edm2 import EDM2UNet
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import preset
 
 S = SD = 0.5
 N = 16
@@ -215,3 +220,30 @@ def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
                      for d in ("embeddings", "images"))
     assert (prior["--sampler"], prior["--steps"], prior["--S_churn"]) == ("consistency", 2, 0.0)
     assert (images["--sampler"], images["--steps"], images["--S_churn"]) == (None, 40, 50.0)
+
+
+@pytest.mark.parametrize("edm2", [False, True])
+def test_both_passes_share_dropout_on_edm_and_edm2_networks(edm2):
+    """With r = t (q huge) the target is the online pass itself: the loss vanishes only if both passes draw the
+    same dropout masks (dropout 0.5 here) and EDM2's forced weight normalisation keeps the weights. The
+    gradient reaches every parameter but EDM2's uncertainty head (ECT does not use it)."""
+    structure = Structure.from_flags({"image": (3, 8, 8)}, "1", "0")
+    if edm2:
+        net = EDM2UNet(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1], num_blocks=1,
+                       attn_resolutions=[], dropout=0.5)
+    else:
+        _, kwargs = preset("ddpmpp", resolution=8, channels=3, embed_dim=0, label_dim=0, augment_dim=0, cbase=8,
+                           cres=[1], dropout=0.5)
+        net = build_network("SongUNet", {**kwargs, "num_blocks": 1, "attn_resolutions": []})
+    torch.manual_seed(0)
+    denoiser = Denoiser(net.train(), structure, logvar_channels=8 if edm2 else 0)
+    with torch.no_grad():  # a trained network: the zero-initialised layers after dropout no longer vanish
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(4, structure.latent_dim, generator=torch.Generator().manual_seed(0)) * 0.5
+    same = ECTLoss(total_nimg=1, q=1e12)(denoiser, x, generator=torch.Generator().manual_seed(1))
+    assert float(same.detach().sum()) < 1e-6 * x.numel()
+    loss = ECTLoss(total_nimg=1, P_mean=0.0, P_std=0.5)(denoiser, x, generator=torch.Generator().manual_seed(1))
+    loss.sum().backward()
+    unused = [n for n, p in net.named_parameters() if p.grad is None]
+    assert float(loss.detach().sum()) > 1e-3 and all("logvar" in n for n in unused), unused  # EDM2's head: unused
