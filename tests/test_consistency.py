@@ -247,3 +247,19 @@ def test_both_passes_share_dropout_on_edm_and_edm2_networks(edm2):
     loss.sum().backward()
     unused = [n for n, p in net.named_parameters() if p.grad is None]
     assert float(loss.detach().sum()) > 1e-3 and all("logvar" in n for n in unused), unused  # EDM2's head: unused
+
+
+@pytest.mark.slow
+def test_tune_defaults_to_an_eighth_of_the_training_and_refuses_untrained_checkpoints(tuned, tmp_path):
+    r = CliRunner().invoke(tune_cmd, [str(tuned["base"]), "--dry-run", "--workers", "0", "--device", "cpu",
+                                      "--outdir", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])
+    assert options["duration"] == pytest.approx(32 / 8 / 1e6) and options["tune"] == "ect"  # trained 32 images
+    assert (options["lr"], options["lr_rampup"], options["P_mean"], options["P_std"]) == (1e-4, 0.0, -1.1, 2.0)
+    assert not (tmp_path / "runs").exists()
+    imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
+    for args, message in (([str(imported)], "records no training options"),
+                          ([str(tmp_path / "missing.safetensors")], "does not exist")):
+        r = CliRunner().invoke(tune_cmd, [*args, "--outdir", str(tmp_path / "runs")])
+        assert r.exit_code == 2 and len(error_lines(r.output)) == 1 and message in r.output, r.output

@@ -17,7 +17,8 @@ from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
 from vcdm.train.options import TrainOptions, default_workers
 
-DEFAULT_KIMG = 200.0  # ECT tunes for a small fraction of the training (the demo's models train 1000s of kimg)
+TUNE_FRACTION = 1 / 8  # default length relative to the checkpoint's training: ECT tuned EDM's CIFAR-10 model (200 Mimg)
+                       # for 25.6 Mimg (batch 128, 200k iterations)
 DEFAULT_LR = 1e-4     # ECT's constant learning rate (CIFAR-10, batch 128)
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's, reaching the largest levels
 
@@ -35,9 +36,13 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
                                    f"tune a model trained by `vcdm train`")
         recorded = TrainOptions.from_dict(training)
     given = {k: v for k, v in kwargs.items() if v is not None}
+    trained = training.get("nimg")
+    kimg = given.get("kimg") or (TUNE_FRACTION * trained / 1000 if isinstance(trained, int) and trained > 0 else None)
+    if kimg is None:
+        raise click.UsageError(f"--kimg: {checkpoint} records no training length to take 1/8 of; give the tuning length")
     return dataclasses.replace(
         recorded, init=str(checkpoint), tune="ect", transfer=None, pretrained_weights=None, freeze_pretrained=False,
-        resume=given.get("resume"), path=given.get("path", recorded.path), duration=kwargs["kimg"] / 1000,
+        resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=kwargs["lr"], lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
         P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
         ect_stages=kwargs["ect_stages"], outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
@@ -51,7 +56,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @opt("--path", "--data", metavar="ZIP|DIR", type=str, default=None,
      help="The training data, where it lies now  [default: the path the checkpoint records]")
-@opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=DEFAULT_KIMG, help="Tuning duration.")
+@opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=None,
+     help="Tuning duration  [default: 1/8 of the checkpoint's training, ECT's proportion on CIFAR-10]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=DEFAULT_LR,
      help="Learning rate, constant (no ramp-up, no decay).")
 @opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=2.0,
@@ -83,9 +89,9 @@ def command(checkpoint: str, **kwargs) -> None:
     training data. Run with plain `python` or under `torchrun` (DDP), as `vcdm train`.
 
     \b
-    vcdm tune runs/prior/network-snapshot-002000.safetensors --kimg 200 --outdir runs
-    vcdm generate --network runs/00001-ect/network-snapshot-000200.safetensors --seeds 0-63   # 2 steps
-    vcdm generate --network runs/00001-ect/network-snapshot-000200.safetensors --steps 1 --seeds 0-63
+    vcdm tune runs/prior/network-snapshot-002000.safetensors --outdir runs
+    vcdm generate --network runs/<ID>-ect/network-snapshot-<KIMG>.safetensors --seeds 0-63   # 2 steps
+    vcdm generate --network runs/<ID>-ect/network-snapshot-<KIMG>.safetensors --steps 1 --seeds 0-63
     """
     from vcdm.train import TrainingError, train
 
