@@ -43,6 +43,7 @@ class GaussianConsistency(nn.Module):
     def __init__(self, theta: float = 0.0):
         super().__init__()
         self.register_buffer("noise_scale", torch.ones(N))
+        self.register_buffer("x0_mask", torch.zeros(N, dtype=torch.bool))
         self.theta = nn.Parameter(torch.tensor([theta]))
 
     def forward(self, x, sigma, y=None, augment_labels=None):
@@ -83,8 +84,11 @@ def test_r_of_t_follows_ects_mapping():
         assert loss.stage == stage
 
 
-def test_loss_where_r_is_zero_is_the_weighted_denoising_error():
+@pytest.mark.parametrize("pred_x0", [False, True])
+def test_loss_where_r_is_zero_is_the_weighted_denoising_error(pred_x0):
+    """Per sample lambda(t) ||D - x|| (weight 1 for elements the network predicts directly, --pred_x0)."""
     model, loss = GaussianConsistency(0.3), ECTLoss(total_nimg=1, P_mean=-4.0, P_std=0.1)  # stage 0, t ~ 0.02: r = 0
+    model.x0_mask.fill_(pred_x0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, N, generator=g) * S
     per_element = loss(model, x, generator=torch.Generator().manual_seed(5))
@@ -92,7 +96,8 @@ def test_loss_where_r_is_zero_is_the_weighted_denoising_error():
     t = loss.sample_sigma(64, x.device, g)
     n = torch.randn(x.shape, generator=g)
     error = (model(x + t * n, t.flatten()) - x).detach()
-    torch.testing.assert_close(per_element.sum(1, keepdim=True), loss.weight(t) * error.norm(dim=1, keepdim=True))
+    weight = torch.ones_like(t) if pred_x0 else loss.weight(t)
+    torch.testing.assert_close(per_element.sum(1, keepdim=True), weight * error.norm(dim=1, keepdim=True))
 
 
 def test_exact_consistency_function_is_the_stationary_point_of_the_last_stage():

@@ -50,6 +50,7 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
     import torch
 
     from vcdm.generate import Conditioning, variations
+    from vcdm.generate.options import checkpoint_defaults
 
     ctx = click.get_current_context()
     if seeds is None:
@@ -58,7 +59,7 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
         raise click.BadParameter(f"{len(seeds)} seeds given but --n {n}", param_hint="'--seeds'")
     kwargs["device"] = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     with user_errors():
-        opts = pop_sampler_options(kwargs)
+        opts = pop_sampler_options(kwargs, recorded=checkpoint_defaults(image_model))
         cond = Conditioning(class_idx=kwargs.pop("class_idx"), clip_weights=kwargs.pop("clip_weights"))
         written = variations(image_model, [*images, *more_images], seeds, opts=opts, cond=cond,
                              inference=pop_inference(kwargs), **kwargs)

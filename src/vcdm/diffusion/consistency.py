@@ -15,7 +15,8 @@ sigma = 0 is never evaluated). Continuous-time consistency (sCM, Lu & Song 2024)
 products through the network, which flash attention and the U-Nets' custom layers here do not provide;
 ECT reaches comparable few-step quality at small compute from a pretrained EDM/EDM2 model.
 
-Each sample's squared error is weighted by EDM's lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2 and
+Each sample's squared error is weighted by EDM's lambda(t) = (t^2 + sigma_data^2) / (t sigma_data)^2 (per
+element at its own noise level, and 1 where the network predicts x0 directly, as vcdm's EDM loss) and
 divided by its own stopped root, sqrt(||f_t - f_r||^2 + c^2): ECT's adaptive weighting (the
 pseudo-Huber loss sqrt(||.||^2 + c^2) - c). Its value per sample is lambda ||.||^2 / sqrt(||.||^2 + c^2)
 and its gradient twice the pseudo-Huber one (Adam does not see the factor). Both passes draw the same
@@ -66,7 +67,7 @@ class ECTLoss(EDMLoss):
         D = denoiser(x + t * n, t.flatten(), y, augment_labels=augment_labels)
         err = (D - target) ** 2
         norm = (err.detach().sum(dim=1, keepdim=True).float() + self.c ** 2).sqrt().clamp(min=1e-20)
-        return self.weight(t) / norm * err
+        return self.weight(t * inner.noise_scale).masked_fill(inner.x0_mask, 1.0) / norm * err
 
     def target(self, denoiser: nn.Module, x: torch.Tensor, n: torch.Tensor, r: torch.Tensor,
                y: torch.Tensor | None, augment_labels: torch.Tensor | None) -> torch.Tensor:
