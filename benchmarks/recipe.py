@@ -9,8 +9,8 @@ training state), which compares loss, optimiser and schedule alone, and the reci
 (EDM's half-life EMA; for edm2 the 0.100 power-function profile). It measures how fast each recipe
 learns at this scale, not sample quality: `benchmarks/quality.py` measures FD, at far greater cost.
 
-    python benchmarks/recipe.py                       # image models and priors, 4 kimg each, seeds 0,1
-    python benchmarks/recipe.py --kimg 1 --seeds 0    # a rougher, quicker run
+    python benchmarks/recipe.py                                  # 1 kimg each, seeds 0,1 (results/recipe-digits.md)
+    python benchmarks/recipe.py --kimg 16 --only prior           # the priors, longer
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def run_one(name: str, kind: str, overrides: dict, seed: int, kimg: float, data:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kimg", type=float, default=4.0, help="training images per run, in thousands [4]")
+    p.add_argument("--kimg", type=float, default=1.0, help="training images per run, in thousands [1]")
     p.add_argument("--seeds", default="0,1", help="training seeds [0,1]")
     p.add_argument("--only", default="", help="run only the configurations whose name contains this")
     add_common_args(p)
