@@ -78,7 +78,7 @@ def test_dinov2_embedder_round_trips_through_its_identity(tmp_path):
     assert torch.equal(again.embed(images), first)
     compatible(identity, again.identity())
     other = save_random_weights(tmp_path / "other.pth", dim=128, depth=2, seed=4)
-    with pytest.raises(EmbedderMismatch, match="dinov2-vitb14 weights found"):
+    with pytest.raises(EmbedderMismatch, match="DINOv2 weights found"):
         load_embedder(identity, {}, clip_weights=other)
 
 

@@ -30,6 +30,7 @@ from vcdm.embedders.postprocess import FitOptions, PostProcess, PostProcessed, P
 
 EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")
 PRETRAINED = {"clip-vit-b32": 512, "dinov2-vitb14": 768}  # frozen pretrained embedders and their sizes
+WEIGHTS_NAME = {"clip-vit-b32": "CLIP", "dinov2-vitb14": "DINOv2"}
 Fitted = TypeVar("Fitted", PixelPCA, PostProcess)
 
 __all__ = ["EMBEDDERS", "PRETRAINED", "CLIPEmbedder", "ClipWeightsError", "DINOv2Embedder", "DINOv2WeightsError", "Embedder", "EmbedderError", "EmbedderMismatch",
@@ -112,7 +113,7 @@ def load_embedder(identity: Mapping[str, Any] | None, tensors: Mapping[str, torc
     else:
         raise EmbedderError(f"checkpoint records unknown embedder {name!r}; this vcdm knows {', '.join(EMBEDDERS)}")
     if identity.get("fingerprint") and embedder.fingerprint() != identity["fingerprint"]:
-        what = f"the {name} weights found" if name in PRETRAINED and not tensors else "the stored embedder state"
+        what = f"the {WEIGHTS_NAME[name]} weights found" if name in PRETRAINED and not tensors else "the stored embedder state"
         raise EmbedderMismatch(f"{what} (fingerprint {embedder.fingerprint()}) differ from those the model was "
                                f"trained with ({identity['fingerprint']})")
     return embedder
