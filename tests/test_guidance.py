@@ -35,7 +35,7 @@ from vcdm.generate import GenerateError, SamplerOptions, load_model, results_dir
 from vcdm.generate.core import PaddedDenoiser, draw
 from vcdm.generate.files import read_png, read_tensors, to_uint8
 from vcdm.generate.guide import IncompatibleGuide, check_guide
-from vcdm.generate.results import file_sha256
+from vcdm.fileio import file_sha256
 
 GOLDEN = Path(__file__).parent / "data" / "guidance-golden.json"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
+import http.client
 import itertools
 import operator
 import os
@@ -221,3 +223,35 @@ def download(url: str, dest: str | os.PathLike, *, timeout: float = 60.0, progre
                            unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as out:
             shutil.copyfileobj(response, out)
     return Path(dest)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_weights(path: str | os.PathLike | None, *, what: str, flag: str, env: str, file: str, url: str,
+                 caches: Sequence[Path], error: type[Exception], allow_download: bool = True,
+                 progress: bool = True) -> Path:
+    """A pretrained weights file: ``path`` (given as ``flag``), else ``$env``, else the first of ``caches``
+    that exists, else downloaded from ``url`` into ``caches[0]`` where allowed. Raises ``error`` with one
+    line saying which file to put where."""
+    for given, origin in ((path, flag), (os.environ.get(env) or None, f"${env}")):
+        if given is not None:
+            if not Path(given).is_file():
+                raise error(f"{origin}: no such file '{given}' (expected {file} from {url})")
+            return Path(given)
+    for candidate in caches:
+        if candidate.is_file():
+            return candidate
+    hint = f"{what} weights not found. Download {url} and either put it at {caches[0]}, pass {flag} PATH, or set ${env}=PATH"
+    if not allow_download:
+        raise error(hint)
+    try:
+        return download(url, caches[0], progress=progress)
+    except (OSError, http.client.HTTPException) as e:  # no network, timeouts, HTTP errors, read-only cache …
+        raise error(f"{hint} (download failed: {e})") from None

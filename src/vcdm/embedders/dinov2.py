@@ -17,7 +17,6 @@ the network allows. Files are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import http.client
 import math
 import os
 import re
@@ -31,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vcdm.embedders.base import Embedder, EmbedderError, state_fingerprint
-from vcdm.fileio import atomic_write, download
+from vcdm.fileio import atomic_write, find_weights
 
 URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{variant}/dinov2_{variant}_pretrain.pth"
 ENV = {"vitl14": "VCDM_DINOV2_WEIGHTS", "vitb14": "VCDM_DINOV2_VITB14_WEIGHTS"}
@@ -61,24 +60,9 @@ def cached_weights_paths(variant: str) -> list[Path]:
 def resolve_weights(path: str | os.PathLike | None = None, *, variant: str = "vitl14", flag: str = "--dinov2-weights",
                     allow_download: bool = True, progress: bool = True) -> Path:
     """Find a DINOv2 weights file (see the module docstring for the order); download if allowed."""
-    file, url, env = weights_file(variant), URL.format(variant=variant), ENV[variant]
-    for given, origin in ((path, flag), (os.environ.get(env) or None, f"${env}")):
-        if given is not None:
-            if not Path(given).is_file():
-                raise DINOv2WeightsError(f"{origin}: no such file '{given}' (expected {file} from {url})")
-            return Path(given)
-    cached = cached_weights_paths(variant)
-    for candidate in cached:
-        if candidate.is_file():
-            return candidate
-    hint = (f"DINOv2 {variant} weights not found. Download {url} and either put it at {cached[0]}, "
-            f"pass {flag} PATH, or set ${env}=PATH")
-    if not allow_download:
-        raise DINOv2WeightsError(hint)
-    try:
-        return download(url, cached[0], progress=progress)
-    except (OSError, http.client.HTTPException) as e:
-        raise DINOv2WeightsError(f"{hint} (download failed: {e})") from None
+    return find_weights(path, what=f"DINOv2 {variant}", flag=flag, env=ENV[variant], file=weights_file(variant),
+                        url=URL.format(variant=variant), caches=cached_weights_paths(variant), error=DINOv2WeightsError,
+                        allow_download=allow_download, progress=progress)
 
 
 def state_shapes(dim: int, depth: int, grid: int = 37, patch: int = 14) -> dict[str, tuple[int, ...]]:

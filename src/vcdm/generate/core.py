@@ -32,7 +32,7 @@ from vcdm.fileio import IntRanges, as_int
 from vcdm.generate.guide import Unconditional, check_guide, guide_digest, read_guide_config
 from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
                                   flag_values, inference_settings, results_dir, seed_list, seed_path)
-from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, file_sha256, manifest_digest
+from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, manifest_digest, network_sha256
 from vcdm.paths import check_writable, describe
 
 GRID_MAX = 256
@@ -330,7 +330,7 @@ def conditioning_source(model: Model, load_obs_from: str | os.PathLike | None, d
 def manifest_settings(model: Model, opts: SamplerOptions, settings: perf.InferenceSettings, *,
                       class_idx: int | None, increment_seeds: int, conditioning: str | None) -> dict:
     """What made a results folder's files, flag name → value (JSON-normalised)."""
-    record = {"network": f"sha256:{file_sha256(model.path)}", **flag_values(opts),
+    record = {"network": f"sha256:{network_sha256(model.path)}", **flag_values(opts),
               "precision": "bf16" if settings.autocast_dtype is not None else "fp32", "--class": class_idx,
               "--increment_seeds": increment_seeds, "conditioning": conditioning}
     if opts.gnet is not None:

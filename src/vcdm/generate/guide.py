@@ -11,7 +11,7 @@ import torch
 from vcdm.checkpoints import read_config
 from vcdm.data.structure import Structure
 from vcdm.generate.options import GenerateError
-from vcdm.generate.results import file_sha256
+from vcdm.generate.results import network_sha256
 
 DATA_FIELDS = ("resolution", "num_channels", "name")  # training data facts a guide must share, where both record them
 LABEL_FIELDS = ("label_dim", "class_names")           # ... and these when it is conditional too
@@ -68,7 +68,7 @@ def _shapes(structure: Structure, names: tuple[str, ...]) -> dict[str, tuple[int
 def guide_digest(path: str | os.PathLike, flag: str = "--gnet") -> str:
     """The guide's SHA-256 (what results folders and manifests record, so that two guides never share one)."""
     try:
-        return file_sha256(path)
+        return network_sha256(path)
     except OSError as e:
         raise GenerateError(f"{flag} {path}: cannot read the file ({e.strerror or e})") from None
 

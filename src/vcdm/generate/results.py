@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from vcdm.fileio import atomic_write, open_regular
+from vcdm.fileio import atomic_write, file_sha256, open_regular
 from vcdm.generate.files import naming
 from vcdm.generate.options import GenerateError
 from vcdm.safeload import JSONFileError, load_json
@@ -32,17 +32,14 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 @lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def network_sha256(path: str | os.PathLike) -> str:
+    """A network file's SHA-256, computed once per (path, size, modification time) in a process."""
     st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _cached_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def complete(path: Path) -> bool:

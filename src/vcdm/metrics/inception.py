@@ -9,7 +9,6 @@ torch-fidelity itself keeps it), then downloaded into that cache. The file is re
 """
 from __future__ import annotations
 
-import http.client
 import io
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vcdm.fileio import atomic_write, download
+from vcdm.fileio import atomic_write, find_weights
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
@@ -37,22 +36,9 @@ def cached_weights_path() -> Path:
 def resolve_weights(path: str | os.PathLike | None = None, *, allow_download: bool = True,
                     progress: bool = True) -> Path:
     """Find the Inception weights file (see the module docstring for the order); download if needed."""
-    for given, origin in ((path, "--inception-weights"), (os.environ.get(WEIGHTS_ENV) or None, f"${WEIGHTS_ENV}")):
-        if given is not None:
-            if not Path(given).is_file():
-                raise InceptionWeightsError(f"{origin}: no such file '{given}' (expected {WEIGHTS_FILE} from {WEIGHTS_URL})")
-            return Path(given)
-    cached = cached_weights_path()
-    if cached.is_file():
-        return cached
-    hint = (f"Inception-v3 weights not found. Download {WEIGHTS_URL} and either put it at {cached}, "
-            f"pass --inception-weights PATH, or set ${WEIGHTS_ENV}=PATH")
-    if not allow_download:
-        raise InceptionWeightsError(hint)
-    try:
-        return download(WEIGHTS_URL, cached, progress=progress)
-    except (OSError, http.client.HTTPException) as e:  # no network, timeouts, HTTP errors, read-only cache …
-        raise InceptionWeightsError(f"{hint} (download failed: {e})") from None
+    return find_weights(path, what="Inception-v3", flag="--inception-weights", env=WEIGHTS_ENV, file=WEIGHTS_FILE,
+                        url=WEIGHTS_URL, caches=[cached_weights_path()], error=InceptionWeightsError,
+                        allow_download=allow_download, progress=progress)
 
 
 def save_random_weights(path: str | os.PathLike, *, seed: int = 0) -> Path:

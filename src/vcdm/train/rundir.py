@@ -23,6 +23,7 @@ from typing import Any
 
 from vcdm import distributed as dist
 from vcdm.data.archive import METADATA_NAME, Archive, DatasetError, is_image
+from vcdm.fileio import file_sha256
 from vcdm.train.loggers import new_run_id, start_wandb, wandb_wanted
 from vcdm.safeload import load_json
 from vcdm.train.options import IDENTITY, OPTIONS_BYTES, OptionError, TrainOptions
@@ -60,7 +61,7 @@ def dataset_identity(path: str | os.PathLike) -> dict[str, Any]:
             entries = []
             for name in Archive(p).names:
                 if is_image(name) or name == METADATA_NAME:
-                    digest = _sha256(p / name) if name == METADATA_NAME else ""
+                    digest = file_sha256(p / name) if name == METADATA_NAME else ""
                     entries.append((name, (p / name).stat().st_size, digest))
         elif p.is_file():
             kind = "zip"
@@ -76,14 +77,6 @@ def dataset_identity(path: str | os.PathLike) -> dict[str, Any]:
             images += is_image(name)
             nbytes += size
     return {"kind": kind, "images": images, "bytes": nbytes, "sha256": h.hexdigest()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_identity(identity: dict[str, Any]) -> str:

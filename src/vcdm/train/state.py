@@ -8,7 +8,6 @@ its sidecar check or ``torch.load`` and is skipped by ``--resume=auto`` with a w
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vcdm.fileio import atomic_path, atomic_write
+from vcdm.fileio import atomic_path, atomic_write, file_sha256
 from vcdm.safeload import load_json, load_torch_zip
 
 SIDECAR_BYTES = 1 << 16  # a sidecar holds a size, a digest and a count
@@ -45,14 +44,6 @@ def free_state_path(run_dir: Path, kimg: int, resumable: bool) -> Path:
     return run_dir / state_name(kimg, "" if resumable else NONFINITE, counter)
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write atomically, then the sidecar. A stale sidecar (same name) goes first, so a crash in between
     leaves a state without sidecar (checked by loading), never one that fails its check."""
@@ -60,7 +51,7 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     side = path.with_name(path.name + ".json")
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        sidecar = {"size": tmp.stat().st_size, "sha256": _digest(tmp), "nimg": int(state["counters"]["nimg"])}
+        sidecar = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp), "nimg": int(state["counters"]["nimg"])}
         side.unlink(missing_ok=True)
     with atomic_write(side, "w") as f:
         json.dump(sidecar, f)
@@ -80,7 +71,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         size = path.stat().st_size
         if size != meta.get("size"):
             raise StateError(f"{path}: {size} bytes, its sidecar records {meta.get('size')} (truncated or replaced)")
-        if _digest(path) != meta.get("sha256"):
+        if file_sha256(path) != meta.get("sha256"):
             raise StateError(f"{path}: SHA-256 differs from its sidecar (file damaged)")
     try:
         state = load_torch_zip(path)
