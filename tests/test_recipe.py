@@ -284,3 +284,16 @@ def test_edm2_recipe_trains_an_edm2_image_model_with_its_presets_numbers(data, t
     assert (recorded["lr"], recorded["lr_ref"], recorded["P_std"]) == (0.01, 35000 * 4 / 1000, 1.6)
     denoiser = load_checkpoint(run_dir(out) / "network-snapshot-000000-0.050.safetensors")[0]
     assert type(denoiser.net).__name__ == "EDM2UNet" and denoiser.config()["logvar_channels"] == 128
+
+
+def test_augmentation_defaults_to_none_for_edm2_networks_only():
+    """EDM2's U-Nets have no augmentation input: --arch edm2-* without --augment trains unaugmented, every other
+    network keeps EDM's 0.12, and a given --augment is kept (EDM2UNet then refuses it in one line)."""
+    from vcdm.train.options import TrainOptions
+    from vcdm.train.recipe import resolve
+
+    assert resolve(TrainOptions(path="x.zip", arch="edm2-img64-xs")).augment == 0.0
+    assert resolve(TrainOptions(path="x.zip", arch="edm2-img64-xs", recipe="edm2")).augment == 0.0
+    assert resolve(TrainOptions(path="x.zip", arch="ddpmpp")).augment == 0.12
+    assert resolve(TrainOptions(path="x.zip", arch="dalle2")).augment == 0.12
+    assert resolve(TrainOptions(path="x.zip", arch="edm2-img64-xs", augment=0.2)).augment == 0.2

@@ -84,7 +84,7 @@ class ModelOptions:
     prior_dim: int | None = None
     prior_depth: int | None = None
     dropout: float | None = None  # None: 0.13 for the U-Nets (EDM), 0 for dalle2 (the release ignores it)
-    augment: float = 0.12
+    augment: float | None = None  # None: 0.12 (EDM's), 0 for EDM2's networks (they have no augmentation input)
     pretrained_weights: str | None = None
     freeze_pretrained: bool = False
     transfer: str | None = None
@@ -277,7 +277,7 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
                 raise OptionError(f"--{name}: must be 0 (off) or a number of ticks, got {getattr(self, name)}")
         if not self.duration > 0:
             raise OptionError(f"--duration: must be positive (Mimg), got {self.duration}")
-        if not (0 <= self.augment <= 1 and 0 <= (self.dropout or 0) <= 1):
+        if not (0 <= (self.augment or 0) <= 1 and 0 <= (self.dropout or 0) <= 1):
             raise OptionError("--augment and --dropout: probabilities must lie in [0, 1]")
         if self.workers < 0 or self.max_nonfinite < 0 or self.time_limit < 0:
             raise OptionError("--workers, --max-nonfinite and --time-limit: must not be negative")

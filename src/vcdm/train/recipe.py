@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # options.py takes the recipe names from here
     from vcdm.train.options import TrainOptions
 
 EDM2_PIXEL_DECAY = 35000  # batches: the reference of EDM2's img64 presets
+EDM_AUGMENT = 0.12  # EDM's and the original release's augmentation probability
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def resolve(opts: TrainOptions) -> TrainOptions:
         lr_schedule=schedule,
         lr_ref=_first(opts.lr_ref, decay * opts.batch / 1000),
         ema_std=opts.ema_std or (list(recipe.ema_std) if recipe.ema_std else None),
+        augment=_first(opts.augment, 0.0 if opts.arch in EDM2_PRESETS else EDM_AUGMENT),
     )
 
 
