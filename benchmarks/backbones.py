@@ -15,7 +15,7 @@ CNN's features against the held-out digits, with the real-digit floor. The edm2 
 profile. Post-hoc EMA: the edm2 run also keeps its two profiles at extra times on the way, and at the
 largest budget `vcdm phema`'s reconstruction gives the network for each length of `--phema-stds`.
 
-    python benchmarks/backbones.py --budgets 1,2 --num 100 --steps 10 --jobs 2
+    python benchmarks/backbones.py --budgets 2,4,8 --num 200 --steps 10 --jobs 2   # results/backbones-digits.md
     python benchmarks/backbones.py --smoke                                      # checks the script (a minute)
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ KINDS = ("prior", "ddpmpp", "edm2")
 IMAGE_KINDS = ("ddpmpp", "edm2")
 EDM2_ARCH = "edm2-img64-xs"
 PROFILE = 0.100  # the edm2 profile sampled in the main table
-PHEMA_TIMES = 8  # evenly spaced snapshot times of the edm2 run (besides the budgets), inputs of the reconstruction
+PHEMA_TIMES = 8  # the edm2 run also keeps its profiles at every 1/8 of its length: inputs of the reconstruction
 
 
 def options(kind: str, data: Path, outdir: Path, sizes: Sizes, seed: int, device: str) -> TrainOptions:
