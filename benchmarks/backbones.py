@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from quality import fmt, training_flops, write_json
+from quality import fmt, run_seed_processes, training_flops, write_json
 from vcdm.checkpoints import read_checkpoint_config
 from vcdm.data import digits
 from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say
@@ -225,23 +224,7 @@ def run_workers(args: argparse.Namespace, run: Path) -> None:
     common = ["--budgets", ",".join(f"{b:g}" for b in args.budgets), "--num", str(args.num), "--steps", str(args.steps),
               "--prior-share", str(args.prior_share), "--rampup", str(args.rampup), "--threads", str(args.threads),
               "--phema-stds", ",".join(f"{s:g}" for s in args.phema_stds), "--device", args.device]
-    common += ["--smoke"] if args.smoke else []
-    pending, running = list(args.seeds), []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            seed = pending.pop(0)
-            log = open(run / f"seed-{seed}.log", "w")
-            cmd = [sys.executable, __file__, "--seeds", str(seed), "--worker", str(run), *common]
-            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-            say(f"seed {seed}: started (log {run / f'seed-{seed}.log'})")
-        time.sleep(1.0)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode:
-                raise SystemExit(f"Error: seed {item[0]} failed (exit {item[1].returncode}); "
-                                 f"see {run / f'seed-{item[0]}.log'}")
-            say(f"seed {item[0]}: done")
+    run_seed_processes(__file__, args.seeds, args.jobs, run, common + (["--smoke"] if args.smoke else []))
 
 
 if __name__ == "__main__":

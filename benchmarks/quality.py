@@ -355,16 +355,21 @@ def check_extends(run: Path, budgets: list[float]) -> None:
 
 def run_workers(args: argparse.Namespace, run: Path) -> None:
     """Each seed in its own process (`--jobs` at a time), writing seed-<s>/results.json."""
-    pending, running = list(args.seeds), []
     common = ["--budgets", ",".join(f"{b:g}" for b in args.budgets), "--num", str(args.num), "--steps",
               str(args.steps), "--prior-share", str(args.prior_share), "--rampup", str(args.rampup),
               "--threads", str(args.threads), "--device", args.device, "--no-progress"]
-    common += ["--smoke"] if args.smoke else []
+    run_seed_processes(__file__, args.seeds, args.jobs, run, common + (["--smoke"] if args.smoke else []))
+
+
+def run_seed_processes(script: str, seeds: list[int], jobs: int, run: Path, common: list[str]) -> None:
+    """Run `script --seeds S --worker RUN *common` for each seed, `jobs` at a time, each logging to
+    RUN/seed-S.log; stop with one Error line naming the log of the first that fails."""
+    pending, running = list(seeds), []
     while pending or running:
-        while pending and len(running) < args.jobs:
+        while pending and len(running) < jobs:
             seed = pending.pop(0)
             log = open(run / f"seed-{seed}.log", "w")
-            cmd = [sys.executable, __file__, "--seeds", str(seed), "--worker", str(run), *common]
+            cmd = [sys.executable, script, "--seeds", str(seed), "--worker", str(run), *common]
             running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
             say(f"seed {seed}: started (log {run / f'seed-{seed}.log'})")
         time.sleep(1.0)
