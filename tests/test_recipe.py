@@ -19,7 +19,7 @@ from vcdm.train.build import make_denoiser, make_loss, make_optimizer
 from vcdm.train.ema import EMA
 from vcdm.train.lr_schedules import LRSchedule, edm, edm2
 from vcdm.train.options import TrainOptions
-from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
+from vcdm.train.recipe import describe, grad_inf, resolve
 from vcdm.train.state import TrainState, load_state
 from vcdm.train.step import StepSetup, reduce_loss, update
 
@@ -127,7 +127,7 @@ def test_edm2_loss_and_two_adam_steps_equal_edm2s_training_loop():
     images, labels = torch.randn([batch, 3, 8, 8], generator=gen) * 0.5, torch.randn([batch, 8], generator=gen)
     state = TrainState(net, EMA(net, halflife_nimg=1e6), make_optimizer(net.parameters(), opts))
     step = StepSetup(denoiser, net, make_loss(opts), None, [3 * 8 * 8], 1, batch, batch, 0,
-                     lr_schedule=lr_schedule(opts), grad_inf=grad_inf(opts))
+                     lr_schedule=LRSchedule.of(opts), grad_inf=grad_inf(opts))
     params = dict(net.named_parameters())
     assert set(params) == set(REF["steps"][0]["grad_norm"])
     nimg = s["nimg"]
@@ -154,7 +154,7 @@ def test_edm2_loss_and_two_adam_steps_equal_edm2s_training_loop():
 def test_edm_recipe_resolves_to_the_release_settings():
     o = resolve(TrainOptions(path="d.zip", observed=[0, 1]))
     assert (o.precond, o.P_mean, o.P_std, o.lr, o.adam_betas, o.lr_schedule) == ("edm", -1.2, 1.2, 1e-3, [0.9, 0.999], "edm")
-    assert grad_inf(o) == 1e5 and lr_schedule(o) == LRSchedule("edm", 1e-3, 10_000.0, 0.0) and o.ema_std is None
+    assert grad_inf(o) == 1e5 and LRSchedule.of(o) == LRSchedule("edm", 1e-3, 10_000.0, 0.0) and o.ema_std is None
     assert isinstance(make_loss(o), EDMLoss) and not isinstance(make_loss(o), EDM2Loss)
     assert make_loss(o).P_mean == EDMLoss().P_mean and make_loss(o).P_std == EDMLoss().P_std
     assert resolve(o) == o
@@ -177,7 +177,7 @@ def test_edm2_recipe_on_any_network():
 def test_edm2_recipe_takes_the_edm2_presets_numbers(arch, lr, decay, P):
     o = resolve(TrainOptions(path="d.zip", observed=[0, 1], arch=arch, recipe="edm2", batch=2048))
     assert (o.lr, o.lr_ref, (o.P_mean, o.P_std), o.precond) == (lr, decay * 2048 / 1000, P, "edm2")
-    assert lr_schedule(o)(1_000_000_000) == pytest.approx(lr / (1e9 / (decay * 2048)) ** 0.5)  # EDM2's schedule
+    assert LRSchedule.of(o)(1_000_000_000) == pytest.approx(lr / (1e9 / (decay * 2048)) ** 0.5)  # EDM2's schedule
     edm = resolve(TrainOptions(path="d.zip", observed=[0, 1], arch=arch))
     assert (edm.lr, edm.P_mean, edm.lr_schedule) == (1e-3, -1.2, "edm")  # the edm recipe stays EDM's
     assert f"EDM2 trains --arch {arch} with --recipe edm2" in describe(edm) and "EDM2 trains" not in describe(o)
@@ -217,7 +217,7 @@ def test_nonfinite_gradients_are_replaced_as_the_recipe_says(recipe, expected):
     net.weight.grad = torch.tensor([[float("nan"), float("inf"), -float("inf"), 2.0]])
     state = TrainState(net, EMA(net, halflife_nimg=1), torch.optim.SGD(net.parameters(), lr=1.0))
     opts = resolve(TrainOptions(recipe=recipe))
-    step = StepSetup(None, net, None, None, [4], 1, 1, 1, 0, lr_schedule=lr_schedule(opts), grad_inf=grad_inf(opts))
+    step = StepSetup(None, net, None, None, [4], 1, 1, 1, 0, lr_schedule=LRSchedule.of(opts), grad_inf=grad_inf(opts))
     update(state, step, lr=1.0)
     assert net.weight.detach().neg().flatten().tolist() == expected  # SGD, lr 1: the step is minus the gradient
 

@@ -30,7 +30,8 @@ from vcdm.train.ema import EMA, PowerFunctionEMA
 from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshots
-from vcdm.train.recipe import describe, grad_inf, lr_schedule, resolve
+from vcdm.train.lr_schedules import LRSchedule
+from vcdm.train.recipe import describe, grad_inf, resolve
 from vcdm.train.rundir import RunPlan, decide, lock_holder, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
 from vcdm.train.state import StateError, TrainState, free_state_path, load_state, save_state
@@ -220,7 +221,7 @@ class Trainer:
             (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if o.bf16 else contextlib.nullcontext)
         sizes = [s.structure.numel(n) for n in s.structure.latent_names]
         return StepSetup(train_denoiser, ddp, s.loss_fn, maker, sizes, rounds, batch_gpu * rounds, o.batch, o.seed,
-                         ls=o.ls, equally_weight=o.equally_weight_tensors, lr_schedule=lr_schedule(o),
+                         LRSchedule.of(o), ls=o.ls, equally_weight=o.equally_weight_tensors,
                          grad_inf=grad_inf(o), train_embedder=o.train_embedder, autocast=autocast)
 
     def start_logging(self, run: Run, training: dict[str, Any]) -> RunLogger | None:
@@ -261,7 +262,7 @@ class Trainer:
         print(describe(o))
         if o.lr_rampup > o.duration * 1000:
             print(f"warning: --lr-rampup {o.lr_rampup:g} kimg is longer than --duration {o.duration * 1000:g} kimg: "
-                  f"the learning rate never gets past {lr_schedule(o)(round(o.duration * 1e6)):.3g} "
+                  f"the learning rate never gets past {run.step.lr_schedule(round(o.duration * 1e6)):.3g} "
                   f"(--lr {o.lr:g}); shorten --lr-rampup", flush=True)
 
     def init_weights(self, net, structure) -> list[str]:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # options.py takes the schedule names from here
+    from vcdm.train.options import TrainOptions
 
 
 def edm(nimg: int, lr: float, rampup_kimg: float, ref_kimg: float = 0.0) -> float:
@@ -33,7 +36,8 @@ LR_SCHEDULES: dict[str, Callable[..., float]] = {"edm": edm, "edm2": edm2}
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """A schedule by name with its settings; ``schedule(nimg)`` is the learning rate."""
+    """A schedule by name with its settings; ``schedule(nimg)`` is the learning rate. A run makes one
+    (`of`) and every learning rate it uses or reports comes from it."""
     name: str
     lr: float
     rampup_kimg: float = 0.0
@@ -42,6 +46,11 @@ class LRSchedule:
     def __post_init__(self):
         if self.name not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, got '{self.name}'")
+
+    @classmethod
+    def of(cls, opts: TrainOptions) -> LRSchedule:
+        """The schedule of resolved options (vcdm.train.recipe.resolve: none of them None)."""
+        return cls(opts.lr_schedule, opts.lr, opts.lr_rampup, opts.lr_ref)
 
     def __call__(self, nimg: int) -> float:
         return LR_SCHEDULES[self.name](nimg, self.lr, self.rampup_kimg, self.ref_kimg)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vcdm.nets.presets import EDM2_PRESETS
-from vcdm.train.lr_schedules import LRSchedule
 
 if TYPE_CHECKING:  # options.py takes the recipe names from here
     from vcdm.train.options import TrainOptions
@@ -74,11 +73,6 @@ def resolve(opts: TrainOptions) -> TrainOptions:
         ema_std=opts.ema_std or (list(recipe.ema_std) if recipe.ema_std else None),
         augment=_first(opts.augment, 0.0 if opts.arch in EDM2_PRESETS else EDM_AUGMENT),
     )
-
-
-def lr_schedule(opts: TrainOptions) -> LRSchedule:
-    """The learning-rate schedule of resolved options."""
-    return LRSchedule(opts.lr_schedule, opts.lr, opts.lr_rampup, opts.lr_ref)
 
 
 def grad_inf(opts: TrainOptions) -> float:

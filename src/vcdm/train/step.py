@@ -19,7 +19,6 @@ import torch
 
 from vcdm import distributed as dist
 from vcdm.diffusion.loss import equally_weighted
-from vcdm.train.lr_schedules import LRSchedule
 from vcdm.train.sampler import mix_seed
 from vcdm.train.state import TrainState
 
@@ -50,9 +49,9 @@ class StepSetup:
     per_rank: int
     batch: int
     seed: int
+    lr_schedule: Callable[[int], float]  # vcdm.train.lr_schedules.LRSchedule: the lr of the step starting at nimg
     ls: float = 1.0
     equally_weight: bool = False
-    lr_schedule: Callable[[int], float] = LRSchedule("edm", 1e-3)
     grad_inf: float = 1e5  # what +-inf gradients become (NaN become 0)
     train_embedder: bool = False
     autocast: Callable[[], Any] = contextlib.nullcontext
