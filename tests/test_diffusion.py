@@ -339,17 +339,31 @@ def test_edm_loss_weight_noise_and_pred_x0():
     weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
     torch.testing.assert_close(loss[:, :3], weight[:, :3] * x[:, :3] ** 2)
     torch.testing.assert_close(loss[:, 3:], x[:, 3:] ** 2)  # pred_x0 elements: weight 1
-    assert sigma.log().mean().item() == pytest.approx(-1.2, abs=0.4)
 
 
-def test_vp_ve_losses_sigma_range_and_weight():
+def test_edm_loss_draws_sigma_from_its_own_log_normal():
+    """P_mean, P_std and sigma_data are the loss's, not EDM's defaults baked in."""
+    den = exact_denoiser(noise_mult=(1.0, 1.0), pred_x0=(0, 0))
+    wrapped, x = ZeroOut(den), torch.randn(32, 5) * 0.5
+    loss = EDMLoss(P_mean=0.7, P_std=0.3, sigma_data=2.0)(wrapped, x, generator=torch.Generator().manual_seed(3))
+    sigma = (torch.randn([32, 1], generator=torch.Generator().manual_seed(3)) * 0.3 + 0.7).exp()
+    torch.testing.assert_close(wrapped.seen[0][1], sigma.flatten())
+    torch.testing.assert_close(loss, (sigma ** 2 + 4.0) / (sigma * 2.0) ** 2 * x ** 2)
+
+
+def test_vp_and_ve_losses_draw_sigma_from_their_schedules():
+    """VP: t ~ U(epsilon_t, 1) mapped by sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM's
+    beta_d 19.9, beta_min 0.1); VE: sigma log-uniform on [0.02, 100]. Both weigh by 1 / sigma^2."""
     den = exact_denoiser(noise_mult=(1.0, 1.0), pred_x0=(0, 0))
     x = torch.randn(256, 5) * 0.5
-    for loss_fn, lo, hi in ((VPLoss(), VPLoss().sigma(torch.tensor(1e-5)), VPLoss().sigma(torch.tensor(1.0))), (VELoss(), 0.02, 100.0)):
+    u = torch.rand([256, 1], generator=torch.Generator().manual_seed(1))
+    t = 1 + u * (1e-5 - 1)
+    expected = {VPLoss: (9.95 * t ** 2 + 0.1 * t).exp().sub(1).sqrt(), VELoss: 0.02 * 5000 ** u}
+    assert VPLoss().sigma(torch.tensor(1.0)).item() == pytest.approx(math.sqrt(math.exp(10.05) - 1))
+    for loss_cls, sigma in expected.items():
         wrapped = ZeroOut(den)
-        loss = loss_fn(wrapped, x, generator=torch.Generator().manual_seed(1))
-        sigma = wrapped.seen[0][1].reshape(-1, 1)
-        assert lo * 0.999 <= sigma.min() and sigma.max() <= hi * 1.001
+        loss = loss_cls()(wrapped, x, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(wrapped.seen[0][1], sigma.flatten())
         torch.testing.assert_close(loss, x ** 2 / sigma ** 2)
 
 
@@ -454,7 +468,7 @@ def test_dispatcher_rejects_bad_options():
     z = torch.zeros(1, 3, dtype=F64)
     with pytest.raises(ValueError, match="sampler: expected one of edm|ablation|dpm2m"):
         sample(Gaussian(), z, sampler="ddim")
-    with pytest.raises(ValueError, match="does not take option.*S_churn"):
+    with pytest.raises(ValueError, match="dpm2m is deterministic: drop S_churn"):
         sample(Gaussian(), z, sampler="dpm2m", S_churn=1)
     with pytest.raises(ValueError, match="solver: expected heun|euler"):
         sample(Gaussian(), z, solver="rk4")
