@@ -38,7 +38,7 @@ from common import add_common_args, machine, result, row, write_json
 from vcdm import perf
 from vcdm.checkpoints import save_checkpoint
 from vcdm.data.structure import Structure
-from vcdm.diffusion.sampling import PRESETS, evaluations
+from vcdm.diffusion.settings import PRESETS, evaluations
 from vcdm.generate import Conditioning, InferenceChoices, RunOptions, SamplerOptions, generate, load_model
 from vcdm.generate.options import inference_settings
 from vcdm.nets import build_network

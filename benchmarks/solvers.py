@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vcdm.diffusion.sampling import evaluations
+from vcdm.diffusion.settings import evaluations
 from vcdm.fileio import atomic_write, parse_int_list
 
 REFERENCE = ("reference", "edm", dict(num_steps=40, S_churn=50.0, S_noise=1.007))

@@ -31,7 +31,7 @@ from vcdm.cli.variations import command as variations_cmd
 from vcdm.diffusion import Guidance, guided, sample
 from vcdm.diffusion.samplers import Churn, sample_heun
 from vcdm.diffusion.schedules import append_zero, karras_sigmas
-from vcdm.generate import GenerateError, SamplerOptions, load_model, results_dir
+from vcdm.generate import SamplerOptions, load_model, results_dir
 from vcdm.generate.core import PaddedDenoiser, draw
 from vcdm.generate.files import read_png, read_tensors, to_uint8
 from vcdm.generate.guide import IncompatibleGuide, check_guide
@@ -352,9 +352,9 @@ def test_two_stage_guided_prior_gives_the_formulas_embeddings(nets, tmp_path, mo
 def test_sampler_options_check_the_interval():
     opts = SamplerOptions(guidance=2, guidance_interval=[0.3, 5])
     assert opts.guidance_interval == (0.3, 5.0) and opts.sampler_kwargs()["guidance_interval"] == (0.3, 5.0)
-    with pytest.raises(GenerateError, match="--guidance-interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO"):
+    with pytest.raises(ValueError, match="^guidance_interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO"):
         SamplerOptions(guidance=2, guidance_interval=(3, 1))
-    with pytest.raises(TypeError, match="--guidance-interval"):
+    with pytest.raises(TypeError, match="^guidance_interval: expected"):
         SamplerOptions(guidance=2, guidance_interval="0.3,5")
     assert "guidance_interval" not in SamplerOptions(guidance=2).sampler_kwargs()
 

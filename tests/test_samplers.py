@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from vcdm.diffusion import karras_sigmas, sample, samplers, solvers
+from vcdm.diffusion import karras_sigmas, sample, samplers
 from vcdm.diffusion.schedules import append_zero
 
 F64 = torch.float64
@@ -172,11 +173,11 @@ ORDERS = [
     (samplers.sample_heun, {}, 1.8, 2.8, 2),
     (samplers.sample_euler, {}, 0.8, 1.3, 1),
     (samplers.sample_dpmpp_2m, {}, 1.8, 2.8, 1),
-    (solvers.sample_euler_ancestral, {}, 0.6, 1.3, 1),
-    (solvers.sample_dpmpp_2m_sde, {}, 1.7, 2.8, 1),
-    (solvers.sample_dpmpp_3m_sde, {}, 1.7, 3.2, 1),
-    (solvers.sample_unipc, {}, 2.7, 3.8, 1),
-    (solvers.sample_unipc, dict(order=3), 3.5, 5.5, 1),
+    (samplers.sample_euler_ancestral, {}, 0.6, 1.3, 1),
+    (samplers.sample_dpmpp_2m_sde, {}, 1.7, 2.8, 1),
+    (samplers.sample_dpmpp_3m_sde, {}, 1.7, 3.2, 1),
+    (samplers.sample_unipc, {}, 2.7, 3.8, 1),
+    (samplers.sample_unipc, dict(order=3), 3.5, 5.5, 1),
 ]
 
 
@@ -194,7 +195,7 @@ def test_new_samplers_through_the_dispatcher_with_callback():
         x = sample(Toy(), latents(), sampler=name, num_steps=8, randn_like=PseudoNoise(), callback=seen.append)
         assert x.shape == (3, 5) and x.isfinite().all()
     assert [info["i"] for info in seen] == list(range(8)) * 4 and set(seen[0]) >= {"x", "denoised", "sigma"}
-    with pytest.raises(ValueError, match="does not take option.*S_churn"):
+    with pytest.raises(ValueError, match="^sampler unipc is deterministic: drop S_churn/S_min/S_max/S_noise$"):
         sample(Toy(), latents(), sampler="unipc", S_churn=1.0)
 
 
@@ -205,25 +206,21 @@ def test_fast_preset_settings_and_flags():
     import click
     from click.testing import CliRunner
 
-    from vcdm.cli.generate import PRESETS as CLI_PRESETS, SAMPLER_FLAGS, pop_sampler_options, preset_option, sampler_options
-    from vcdm.cli.sample import STAGE_DEFAULTS, stage_options
-    from vcdm.diffusion.sampling import PRESETS, SAMPLERS
+    from vcdm.cli.generate import SAMPLER_FLAGS, pop_sampler_options, preset_option, sampler_flags
+    from vcdm.diffusion.settings import PRESETS, RELEASE_DEFAULTS
 
     assert PRESETS["fast"] == dict(sampler="unipc", num_steps=12)  # 12 NFE <= 79 / 6 (benchmarks/solvers.py)
-    assert set(CLI_PRESETS) == set(PRESETS)
-    choices = next(t.choices for flag, _, t, _ in SAMPLER_FLAGS if flag == "sampler")
-    assert set(choices) | {"ablation"} == set(SAMPLERS)
-
+    assert {flag for flag, *_ in SAMPLER_FLAGS} >= {"steps", "sampler", "S_churn", "disc", "guidance-interval"}
     got = {}
 
     @click.command()
-    @sampler_options()
-    @sampler_options("image-", STAGE_DEFAULTS)
+    @sampler_flags()
+    @sampler_flags("image-", RELEASE_DEFAULTS)
     @preset_option(both_stages=True)
     def cmd(**kwargs):
         preset = kwargs.pop("preset")
         got["generate"] = pop_sampler_options(kwargs, preset=preset)
-        got["image"] = stage_options(kwargs, "image-", preset)
+        got["image"] = pop_sampler_options(kwargs, "image-", preset)
 
     def run(*args):
         result = CliRunner().invoke(cmd, list(args), catch_exceptions=False)
@@ -237,6 +234,108 @@ def test_fast_preset_settings_and_flags():
     assert (plain.num_steps, plain.sampler, image.num_steps, image.sampler) == (30, "unipc", 12, "dpm2m")
     plain, image = run()
     assert (plain.resolved_sampler, plain.num_steps, image.num_steps, image.S_churn) == ("edm", 18, 40, 50.0)
+    plain, image = run("--preset", "fast", "--image-sampler", "edm")  # the preset's churn (none) stays
+    assert (image.sampler, image.num_steps, image.S_churn, image.S_noise) == ("edm", 12, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampler settings: one resolution rule and one set of checks for the commands, the API and sample().
+
+def test_every_sampler_name_has_one_function_and_its_options():
+    import inspect
+
+    from vcdm.diffusion.sampling import FUNCTIONS
+    from vcdm.diffusion.settings import SAMPLERS, TAKES
+
+    assert set(FUNCTIONS) == set(SAMPLERS) == set(TAKES)
+    for name in ("euler_a", "dpm2m_sde", "dpm3m_sde"):
+        assert "eta" in inspect.signature(FUNCTIONS[name]).parameters and "eta" in TAKES[name]
+    assert "order" in inspect.signature(FUNCTIONS["unipc"]).parameters and "order" in TAKES["unipc"]
+
+
+@pytest.mark.parametrize("given, preset, recorded, want", [
+    ({}, None, None, (None, 40, 50.0, 1.007)),  # the command's defaults
+    ({"sampler": "dpm2m"}, None, None, ("dpm2m", 40, 0.0, 1.0)),  # no churn: its defaults dropped
+    ({"sampler": "ablation"}, None, None, ("ablation", 40, 50.0, 1.007)),  # ablation takes churn: kept
+    ({"sampler": "consistency"}, None, None, ("consistency", 2, 0.0, 1.0)),  # its own default steps
+    ({"sampler": "consistency", "num_steps": 3}, None, None, ("consistency", 3, 0.0, 1.0)),
+    ({}, "fast", None, ("unipc", 12, 0.0, 1.0)),
+    ({"num_steps": 30}, "fast", None, ("unipc", 30, 0.0, 1.0)),
+    ({}, None, {"sampler": "consistency", "num_steps": 4, "S_churn": 0.0, "S_noise": 1.0}, ("consistency", 4, 0.0, 1.0)),
+    ({"sampler": "edm"}, None, {"sampler": "consistency", "num_steps": 4}, ("edm", 40, 50.0, 1.007)),  # given wins
+])
+def test_resolve_the_release_defaults(given, preset, recorded, want):
+    from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptions
+
+    opts = SamplerOptions.resolve(given, RELEASE_DEFAULTS, preset, recorded)
+    assert (opts.sampler, opts.num_steps, opts.S_churn, opts.S_noise) == want
+
+
+def test_the_commands_and_the_api_resolve_alike():
+    """`vcdm sample`'s flags and TwoStagePipeline's arguments give the same settings (they once had two
+    churn rules: --image-sampler ablation dropped the churn on the command line only)."""
+    import click
+    from click.testing import CliRunner
+
+    from vcdm.cli.generate import pop_sampler_options, sampler_flags
+    from vcdm.diffusion.settings import RELEASE_DEFAULTS
+    from vcdm.pipeline import pop_api_sampler_options
+
+    got = {}
+
+    @click.command()
+    @sampler_flags("image-", RELEASE_DEFAULTS)
+    def cmd(**kwargs):
+        got["cli"] = pop_sampler_options(kwargs, "image-")
+
+    for sampler in ("edm", "ablation", "dpm2m", "unipc", "euler_a"):
+        assert CliRunner().invoke(cmd, ["--image-sampler", sampler]).exit_code == 0
+        api = pop_api_sampler_options({"image_sampler": sampler}, "image_", RELEASE_DEFAULTS)
+        assert api == got["cli"] and (api.S_churn == 50.0) == (sampler in ("edm", "ablation"))
+
+
+@pytest.mark.parametrize("settings, field_message", [
+    (dict(num_steps=0), "{num_steps}: expected 1..10000 steps, got 0"),
+    (dict(sampler="ddim"), "{sampler}: expected one of edm, ablation, dpm2m, euler_a, dpm2m_sde, dpm3m_sde, unipc, "
+                           "consistency, got 'ddim'"),
+    (dict(discretization="cosine"), "{discretization}: expected one of edm, vp, ve, iddpm, got 'cosine'"),
+    (dict(solver="rk4"), "{solver}: expected one of euler, heun, got 'rk4'"),
+    (dict(sampler="dpm2m", solver="euler"), "{sampler} dpm2m does not take {solver} (those select the ablation sampler)"),
+    (dict(sampler="euler_a", S_noise=1.1), "{sampler} euler_a has no churn: drop {S_churn}/{S_min}/{S_max}/{S_noise}"),
+    (dict(sampler="unipc", order=4), "{order}: expected 1..3, got 4"),
+    (dict(sampler="edm", eta=0.5), "{sampler} edm does not take {eta}"),
+    (dict(sigma_min=2.0, sigma_max=1.0), "{sigma_min} 2.0 must be below {sigma_max} 1.0"),
+    (dict(rho=float("nan")), "{rho}: expected a finite positive number, got nan"),
+    (dict(guidance=2.0, guidance_interval=(3, 1)),
+     "{guidance_interval}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, got 3.0,1.0"),
+])
+def test_one_check_per_setting_named_by_each_layer(settings, field_message):
+    """The checks live in SamplerOptions alone: sample() says them in field names, the commands in their
+    flags, the API in its argument names."""
+    from click.testing import CliRunner
+
+    from vcdm.cli.generate import FLAGS
+    from vcdm.diffusion.settings import SamplerOptionError, SamplerOptions
+    from vcdm.generate.options import FlagError
+    from vcdm.pipeline import FLAGS as API_NAMES, pop_api_sampler_options
+
+    def named(name):
+        return re.sub(r"\{(\w+)\}", lambda m: name(m.group(1)), field_message)
+
+    with pytest.raises(SamplerOptionError) as err:
+        SamplerOptions(**settings)
+    assert str(err.value) == named(str)
+    with pytest.raises(ValueError, match=f"^{re.escape(named(str))}$"):
+        sample(Toy(), latents(), **{"sampler": None, **settings})
+    api = {f"prior_{API_NAMES[k]}": v for k, v in settings.items()}
+    with pytest.raises(FlagError, match=f"^{re.escape(named(lambda k: 'prior_' + API_NAMES[k]))}$"):
+        pop_api_sampler_options(api, "prior_")
+    if all(k in FLAGS for k in settings) and "guidance_interval" not in settings:
+        from vcdm.cli.generate import command
+
+        args = [a for k, v in settings.items() for a in (f"--{FLAGS[k]}", str(v))]
+        result = CliRunner().invoke(command, ["--network", "missing.safetensors", *args])
+        assert result.exit_code == 2 and f"Error: {named(lambda k: '--' + FLAGS[k])}" in result.output, result.output
 
 
 def test_solvers_benchmark_grid_and_report(tmp_path):

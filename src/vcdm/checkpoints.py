@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
-from vcdm.diffusion.sampling import CONSISTENCY_STEPS
+from vcdm.diffusion.settings import CONSISTENCY_STEPS
 from vcdm.fileio import atomic_write
 
 FORMAT = "vcdm-checkpoint"

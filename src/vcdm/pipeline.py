@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,17 +19,18 @@ from tqdm import tqdm
 
 from vcdm import perf
 from vcdm.checkpoints import read_config
+from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptionError
 from vcdm.distributed import parse_device
 from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_guide,
                                 load_model, split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
-from vcdm.generate.options import (FLAG_NAMES, GenerateError, InferenceChoices, SamplerOptions, inference_settings,
-                                   recorded_defaults)
+from vcdm.generate.options import (FLAG_NAMES, FlagError, GenerateError, InferenceChoices, SamplerOptions,
+                                   inference_settings, recorded_defaults)
 from vcdm.generate.two_stage import check_chain, stage_classes
 
 INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
-RELEASE_RECIPE = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}  # `vcdm sample`'s defaults, both stages
 FIELDS = {FLAG_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(SamplerOptions)}  # flag → field
+FLAGS = {field: flag for flag, field in FIELDS.items()}
 
 
 @dataclass
@@ -55,38 +55,18 @@ class PipelineOutput:
         return [PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img) for img in self.images]
 
 
-def sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None,
-                    deterministic_defaults: bool = False, preset: str | None = None,
-                    recorded: dict[str, Any] | None = None) -> SamplerOptions:
-    """Pop ``<prefix><flag>`` keys (``steps``, ``S_churn``, ``disc`` …) from ``options`` → SamplerOptions, as
-    the commands build them: with ``deterministic_defaults`` (``vcdm sample``'s rule) a sampler without
-    churn drops the churn defaults; ``preset`` (``--preset``) replaces the values not given; without one, so
-    does the checkpoint's recorded sampler (``recorded``: a consistency-tuned model's) unless ``sampler`` is
-    given. The consistency sampler's steps default to its own 2."""
-    from vcdm.diffusion.sampling import CHURN_SAMPLERS, CONSISTENCY_DEFAULT_STEPS, PRESETS
-
-    values = dict(defaults or {})
+def pop_api_sampler_options(options: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None,
+                            preset: str | None = None, recorded: dict[str, Any] | None = None) -> SamplerOptions:
+    """Pop ``<prefix><flag>`` keys (``steps``, ``S_churn``, ``disc`` …; None: not given) from ``options`` →
+    SamplerOptions, resolved as the commands resolve their flags (``SamplerOptions.resolve``); errors name
+    ``<prefix><flag>``, or ``--<flag>`` for a single stage."""
     given = {FIELDS[k[len(prefix):]]: options.pop(k) for k in list(options)
              if k.startswith(prefix) and k[len(prefix):] in FIELDS}
-    if deterministic_defaults and given.get("sampler") not in (None, "edm", "ablation"):
-        values.update({k: v for k, v in (("S_churn", 0.0), ("S_noise", 1.0)) if k not in given})
-    if preset is not None:
-        if preset not in PRESETS:
-            raise GenerateError(f"--preset: expected one of {', '.join(PRESETS)}, got '{preset}'")
-        chosen = dict(PRESETS[preset])
-        if chosen.get("sampler") not in (None, *CHURN_SAMPLERS):
-            chosen.update(S_churn=0.0, S_noise=1.0)
-        values.update({k: v for k, v in chosen.items() if k not in given})
-    elif "sampler" not in given:
-        values.update(recorded or {})
-    elif given["sampler"] == "consistency":
-        values["num_steps"] = CONSISTENCY_DEFAULT_STEPS
     try:
-        return SamplerOptions(**{**values, **given})
-    except (GenerateError, TypeError) as e:  # its messages name the flags: name this stage's arguments
-        if not prefix:
-            raise
-        raise type(e)(re.sub(r"--([\w-]+)", lambda m: prefix + m.group(1).replace("-", "_"), str(e))) from None
+        return SamplerOptions.resolve({k: v for k, v in given.items() if v is not None}, defaults, preset, recorded)
+    except SamplerOptionError as e:
+        raise FlagError(e.named(lambda key: f"{prefix}{FLAGS[key]}" if prefix and key in FLAGS
+                                else f"--{FLAGS.get(key, key)}")) from None
 
 
 def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:
@@ -130,7 +110,7 @@ class Pipeline:
         ``vcdm generate``'s sampler options under their flag names (``steps``, ``sigma_min``, ``S_churn``,
         ``disc``, ``sampler``, ``guidance``, ``gnet``, ``guidance_interval=(lo, hi)`` …) and ``bf16``,
         ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
-        opts = sampler_options(options, preset=preset, recorded=recorded_defaults(self.model.config))
+        opts = pop_api_sampler_options(options, preset=preset, recorded=recorded_defaults(self.model.config))
         settings = self.prepare(options)
         seeds = list(check_seeds(seeds, batch, "seeds", "batch"))
         check_request(self.model, opts, class_idx, None)
@@ -208,10 +188,10 @@ class TwoStagePipeline:
         ``image_steps``, ``prior_S_churn``, ``image_sampler``, ``prior_gnet``, ``image_guidance`` … (defaults:
         the original release's 40 steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``,
         ``compile``."""
-        prior_opts = sampler_options(options, "prior_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset,
-                                     recorded=recorded_defaults(self.prior.model.config))
-        image_opts = sampler_options(options, "image_", RELEASE_RECIPE, deterministic_defaults=True, preset=preset,
-                                     recorded=recorded_defaults(self.image.model.config))
+        prior_opts = pop_api_sampler_options(options, "prior_", RELEASE_DEFAULTS, preset,
+                                             recorded_defaults(self.prior.model.config))
+        image_opts = pop_api_sampler_options(options, "image_", RELEASE_DEFAULTS, preset,
+                                             recorded_defaults(self.image.model.config))
         inference = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
         check_unknown(options, ["batch", "class_idx", "increment_seeds", "preset", "progress", *INFERENCE_OPTIONS,
                                 *(f"{stage}_{flag}" for stage in ("prior", "image") for flag in FIELDS)])

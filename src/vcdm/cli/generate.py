@@ -1,17 +1,19 @@
 """`vcdm generate` (and root generate.py): the original release's sampling command, flag for flag."""
 from __future__ import annotations
 
-import math
-import re
+import dataclasses
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from vcdm.cli.errors import user_errors
+from vcdm.diffusion.settings import CHOICES, DEFAULT_STEPS, PRESETS, SAMPLERS, SamplerOptionError, SamplerOptions
 from vcdm.fileio import IntRanges
+from vcdm.generate.options import FlagError
 
 class SigmaInterval(click.ParamType):
-    """``LO,HI`` → (lo, hi), two noise levels with 0 <= lo < hi (``inf`` allowed for HI)."""
+    """``LO,HI`` → (lo, hi), two noise levels (``inf`` allowed for HI); SamplerOptions checks their order."""
     name = "LO,HI"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, float]:
@@ -21,32 +23,35 @@ class SigmaInterval(click.ParamType):
             lo, hi = (float(v) for v in str(value).split(","))
         except ValueError:
             self.fail(f"expected two noise levels SIGMA_LO,SIGMA_HI (e.g. 0.28,2.9), got '{value}'", param, ctx)
-        if not 0 <= lo < hi:
-            self.fail(f"expected 0 <= SIGMA_LO < SIGMA_HI, got '{value}'", param, ctx)
         return lo, hi
 
 
-# (flag, SamplerOptions field, click type, help). The seed's flag names; --disc maps to `discretization`.
+def choices(names: tuple[str, ...]) -> str:
+    return f"[{'|'.join(names)}]"
+
+
+# (flag, SamplerOptions field, click type, help). The original release's flag names; --disc maps to
+# `discretization`. The types only parse: SamplerOptions checks the values (vcdm.diffusion.settings).
 SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("steps", "num_steps", click.IntRange(min=1), "Number of sampling steps"),
-    ("sigma_min", "sigma_min", click.FloatRange(min=0, min_open=True), "Lowest noise level  [default: varies]"),
-    ("sigma_max", "sigma_max", click.FloatRange(min=0, min_open=True), "Highest noise level  [default: varies]"),
-    ("rho", "rho", click.FloatRange(min=0, min_open=True), "Time step exponent"),
-    ("S_churn", "S_churn", click.FloatRange(min=0), "Stochasticity strength"),
-    ("S_min", "S_min", click.FloatRange(min=0), "Stoch. min noise level"),
-    ("S_max", "S_max", click.FloatRange(min=0), "Stoch. max noise level"),
+    ("steps", "num_steps", int, "Number of sampling steps"),
+    ("sigma_min", "sigma_min", float, "Lowest noise level  [default: varies]"),
+    ("sigma_max", "sigma_max", float, "Highest noise level  [default: varies]"),
+    ("rho", "rho", float, "Time step exponent"),
+    ("S_churn", "S_churn", float, "Stochasticity strength"),
+    ("S_min", "S_min", float, "Stoch. min noise level"),
+    ("S_max", "S_max", float, "Stoch. max noise level"),
     ("S_noise", "S_noise", float, "Stoch. noise inflation"),
-    ("solver", "solver", click.Choice(["euler", "heun"]), "Ablate ODE solver"),
-    ("disc", "discretization", click.Choice(["vp", "ve", "iddpm", "edm"]), "Ablate time step discretization {t_i}"),
-    ("schedule", "schedule", click.Choice(["vp", "ve", "linear"]), "Ablate noise schedule sigma(t)"),
-    ("scaling", "scaling", click.Choice(["vp", "none"]), "Ablate signal scaling s(t)"),
-    ("sampler", "sampler", click.Choice(["edm", "dpm2m", "unipc", "euler_a", "dpm2m_sde", "dpm3m_sde", "consistency"]),
-     "edm: Heun + churn (the ablation sampler if --solver/--disc/--schedule/--scaling is given); "
-     "dpm2m: DPM-Solver++(2M); unipc: UniPC (both deterministic, one evaluation per step); euler_a: Euler "
-     "ancestral; dpm2m_sde / dpm3m_sde: DPM-Solver++(2M)/(3M) SDE; consistency: multistep consistency "
-     "sampling, 1-4 steps (default 2), for models tuned by `vcdm tune`  [default: the sampler the checkpoint "
-     "records (consistency, for tuned models), else edm]"),
-    ("guidance", "guidance", click.FloatRange(min=0, min_open=True),
+    ("solver", "solver", str, "Ablate ODE solver"),
+    ("disc", "discretization", str, "Ablate time step discretization {t_i}"),
+    ("schedule", "schedule", str, "Ablate noise schedule sigma(t)"),
+    ("scaling", "scaling", str, "Ablate signal scaling s(t)"),
+    ("sampler", "sampler", str,
+     "edm: Heun + churn (the ablation sampler if --solver/--disc/--schedule/--scaling is given); ablation: EDM's "
+     "generalized sampler; dpm2m: DPM-Solver++(2M); unipc: UniPC (both deterministic, one evaluation per step); "
+     "euler_a: Euler ancestral; dpm2m_sde / dpm3m_sde: DPM-Solver++(2M)/(3M) SDE; consistency: multistep "
+     "consistency sampling, 1-4 steps (default 2), for models tuned by `vcdm tune`  [default: the sampler the "
+     "checkpoint records (consistency, for tuned models), else edm]"),
+    ("guidance", "guidance", float,
      "Guidance scale w: D = D_g + w (D - D_g), where the guide D_g is the guiding network (gnet) or, without "
      "one, the model given the "
      "null condition (classifier-free guidance: needs a model trained with --cond-drop); 1 = none"),
@@ -57,32 +62,32 @@ SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
      "Guide only the evaluations at noise levels SIGMA_LO < sigma <= SIGMA_HI; the others are unguided  "
      "[default: all]"),
 ]
-METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI"}
-SEED_DEFAULTS: dict[str, Any] = {"num_steps": 18, "rho": 7.0, "S_churn": 0.0, "S_min": 0.0, "S_max": math.inf,
-                                 "S_noise": 1.0, "guidance": 1.0}
+FLAGS = {key: flag for flag, key, _, _ in SAMPLER_FLAGS}  # SamplerOptions field → flag
+METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI", "sampler": choices(SAMPLERS),
+            **{key: choices(names) for key, names in CHOICES.items()}}
+EDM_DEFAULTS: dict[str, Any] = {"num_steps": DEFAULT_STEPS, **{
+    f.name: f.default for f in dataclasses.fields(SamplerOptions) if f.name in FLAGS and f.default is not None}}
 
 
-def sampler_options(prefix: str = "", defaults: dict[str, Any] | None = None, stage: str = "") -> Callable:
-    """Click options for one stage's sampler: ``--steps`` … or ``--<prefix>steps`` …"""
-    defaults = {**SEED_DEFAULTS, **(defaults or {})}
+def sampler_flags(prefix: str = "", defaults: dict[str, Any] | None = None, stage: str = "") -> Callable:
+    """Click options for one stage's sampler: ``--steps`` … or ``--<prefix>steps`` …; ``defaults``: the
+    command's own (RELEASE_DEFAULTS), over EDM's."""
+    defaults = {**EDM_DEFAULTS, **(defaults or {})}
 
     def decorate(f: Callable) -> Callable:
         for flag, key, type_, help_ in reversed(SAMPLER_FLAGS):
             dest = prefix.replace("-", "_") + key
-            metavar = None if isinstance(type_, click.Choice) else METAVARS.get(key, "FLOAT")
-            f = click.option(f"--{prefix}{flag}", dest, type=type_, default=defaults.get(key), metavar=metavar,
-                             show_default=key in defaults, help=f"{stage}{help_}")(f)
+            f = click.option(f"--{prefix}{flag}", dest, type=type_, default=defaults.get(key),
+                             metavar=METAVARS.get(key, "FLOAT"), show_default=key in defaults,
+                             help=f"{stage}{help_}")(f)
         return f
     return decorate
-
-
-PRESETS = ("fast",)  # vcdm.diffusion.sampling.PRESETS
 
 
 def preset_option(both_stages: bool = False) -> Callable:
     """--preset; ``both_stages``: `vcdm sample`'s, which sets the sampler of the prior and the image model."""
     scope, per = (" for both stages", " per stage") if both_stages else ("", "")
-    return click.option("--preset", type=click.Choice(PRESETS), help=(
+    return click.option("--preset", type=click.Choice(list(PRESETS)), help=(
         f"Named sampler settings{scope}; flags given explicitly still win. fast: UniPC, 12 steps = 12 network "
         f"evaluations{per} instead of the original release's 79 (40 Heun steps with churn), at a Fréchet distance "
         "within the release setting's seed-to-seed noise or lower on the digits models measured (README, "
@@ -90,38 +95,22 @@ def preset_option(both_stages: bool = False) -> Callable:
 
 
 def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | None = None,
-                        recorded: dict[str, Any] | None = None):
-    """Remove one stage's sampler options from click's kwargs → SamplerOptions. ``preset`` replaces the
-    values of flags left at their defaults (a sampler without churn also drops the churn defaults); without
-    one, so does the sampler the checkpoint records (``recorded``, vcdm.generate.options.recorded_defaults)
-    unless --sampler is given. The consistency sampler's steps default to its own 2."""
-    from click.core import ParameterSource
-
-    from vcdm.diffusion.sampling import CHURN_SAMPLERS, CONSISTENCY_DEFAULT_STEPS, PRESETS as SETTINGS
-    from vcdm.generate import GenerateError, SamplerOptions
-
-    dest = prefix.replace("-", "_")
-    ctx = click.get_current_context()
-
-    def unset(key: str) -> bool:
-        return ctx.get_parameter_source(dest + key) == ParameterSource.DEFAULT
-
-    if preset is not None:
-        values = dict(SETTINGS[preset])
-        if values.get("sampler") not in (None, *CHURN_SAMPLERS):
-            values.update(S_churn=0.0, S_noise=1.0)
-        kwargs.update({dest + k: v for k, v in values.items() if unset(k)})
-    elif unset("sampler"):
-        kwargs.update({dest + k: v for k, v in (recorded or {}).items() if unset(k)})
-    elif kwargs[dest + "sampler"] == "consistency" and unset("num_steps"):
-        kwargs[dest + "num_steps"] = CONSISTENCY_DEFAULT_STEPS
-    values = {key: kwargs.pop(dest + key) for _, key, _, _ in SAMPLER_FLAGS}
+                        recorded: dict[str, Any] | None = None) -> SamplerOptions:
+    """Remove one stage's sampler flags from click's kwargs → SamplerOptions: the flags given, over the
+    command's defaults, resolved by ``SamplerOptions.resolve`` (``preset``; ``recorded``: the checkpoint's
+    own sampler, vcdm.generate.options.recorded_defaults). Errors name this stage's flags (--image-steps)."""
+    dest, ctx = prefix.replace("-", "_"), click.get_current_context()
+    given, defaults = {}, {}
+    for _, key, _, _ in SAMPLER_FLAGS:
+        value = kwargs.pop(dest + key)
+        if ctx.get_parameter_source(dest + key) != ParameterSource.DEFAULT:
+            given[key] = value
+        elif value is not None:
+            defaults[key] = value
     try:
-        return SamplerOptions(**values)
-    except GenerateError as e:  # its messages name the unprefixed flags: name this stage's (--image-steps)
-        if not prefix:
-            raise
-        raise type(e)(re.sub(r"--(?=\w)", f"--{prefix}", str(e))) from None
+        return SamplerOptions.resolve(given, defaults, preset, recorded)
+    except SamplerOptionError as e:
+        raise FlagError(e.named(lambda key: f"--{prefix}{FLAGS.get(key, key)}")) from None
 
 
 def inference_options(f: Callable) -> Callable:
@@ -184,7 +173,7 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> IntRa
               help="Maximum batch size")
 @click.option("--increment_seeds", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
               help="Add to every seed's noise seed: other samples for the same observations")
-@sampler_options()
+@sampler_flags()
 @preset_option()
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda (one GPU per torchrun rank) if available, "
               "else cpu]")

@@ -4,26 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
 from vcdm.cli.errors import user_errors
 from vcdm.cli.generate import (inference_options, parse_seeds, pop_inference, pop_run_options, pop_sampler_options,
-                               preset_option, sampler_options)
-
-# The original release's sampling recipe (its README), for both stages.
-STAGE_DEFAULTS = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
-
-
-def stage_options(kwargs: dict[str, Any], prefix: str, preset: str | None = None,
-                  recorded: dict[str, Any] | None = None):
-    """One stage's SamplerOptions; a sampler without churn drops the churn defaults it cannot use; ``recorded``:
-    the stage checkpoint's own sampler settings (a consistency-tuned model's), used where no flag is given."""
-    ctx, dest = click.get_current_context(), prefix.replace("-", "_")
-    if kwargs[dest + "sampler"] not in (None, "edm"):
-        for key, neutral in (("S_churn", 0.0), ("S_noise", 1.0)):
-            if ctx.get_parameter_source(dest + key) == ParameterSource.DEFAULT:
-                kwargs[dest + key] = neutral
-    return pop_sampler_options(kwargs, prefix, preset, recorded)
+                               preset_option, sampler_flags)
+from vcdm.diffusion.settings import RELEASE_DEFAULTS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -41,8 +26,8 @@ def stage_options(kwargs: dict[str, Any], prefix: str, preset: str | None = None
 @click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
 @click.option("--increment_seeds", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
               help="Add to every seed's noise seed (both stages)")
-@sampler_options("prior-", STAGE_DEFAULTS, stage="Prior: ")
-@sampler_options("image-", STAGE_DEFAULTS, stage="Image model: ")
+@sampler_flags("prior-", RELEASE_DEFAULTS, stage="Prior: ")
+@sampler_flags("image-", RELEASE_DEFAULTS, stage="Image model: ")
 @preset_option(both_stages=True)
 @click.option("--device", metavar="DEV", help="torch device  [default: cuda if available, else cpu]")
 @inference_options
@@ -70,8 +55,8 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
 
     with user_errors():
         preset = kwargs.pop("preset")
-        prior_opts = stage_options(kwargs, "prior-", preset, checkpoint_defaults(prior))
-        image_opts = stage_options(kwargs, "image-", preset, checkpoint_defaults(image_model))
+        prior_opts = pop_sampler_options(kwargs, "prior-", preset, checkpoint_defaults(prior))
+        image_opts = pop_sampler_options(kwargs, "image-", preset, checkpoint_defaults(image_model))
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
         with distributed.session(kwargs["device"]):
             result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts,

@@ -6,8 +6,8 @@ from typing import Any
 import click
 
 from vcdm.cli.errors import user_errors
-from vcdm.cli.generate import inference_options, parse_seeds, pop_inference, pop_sampler_options, sampler_options
-from vcdm.cli.sample import STAGE_DEFAULTS
+from vcdm.cli.generate import inference_options, parse_seeds, pop_inference, pop_sampler_options, sampler_flags
+from vcdm.diffusion.settings import RELEASE_DEFAULTS
 from vcdm.fileio import IntRanges
 
 
@@ -31,7 +31,7 @@ def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None
               help="Class label for class-conditional models  [default: random per seed]")
 @click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
               help="Maximum batch size")
-@sampler_options("", STAGE_DEFAULTS)
+@sampler_flags("", RELEASE_DEFAULTS)
 @click.option("--clip-weights", "--embedder-weights", "clip_weights", metavar="PATH",
               help="Local weights of the model's embedder (CLIP or DINOv2)  [default: $VCDM_CLIP_WEIGHTS or "
                    "$VCDM_DINOV2_VITB14_WEIGHTS, else the caches]")

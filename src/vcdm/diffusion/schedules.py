@@ -1,7 +1,8 @@
 """Noise levels for sampling: the time discretisations of EDM's Table 1 (edm, vp, ve, iddpm) and the
 ODE parameterisations sigma(t) and s(t) that EDM's generalized sampler integrates in.
 
-Every discretisation returns ``num_steps`` decreasing noise levels, float64, without the final 0
+The names are checked by vcdm.diffusion.settings; these functions trust their caller. Every
+discretisation returns ``num_steps`` decreasing noise levels, float64, without the final 0
 (``append_zero`` adds it). The arithmetic follows EDM's ``ablation_sampler`` operation for operation,
 so the levels match EDM's bit for bit.
 """
@@ -76,10 +77,7 @@ def default_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, 
     if discretization == "vp":
         sigma = vp_sigma(19.9, 0.1)
         return sigma(epsilon_s), sigma(1.0)
-    ranges = {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}
-    if discretization not in ranges:
-        raise ValueError(f"discretization: expected one of {'|'.join(DISCRETIZATIONS)}, got '{discretization}'")
-    return ranges[discretization]
+    return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
 
 
 @dataclass(frozen=True)
@@ -104,17 +102,13 @@ def process(schedule: str = "linear", scaling: str = "none", beta_d: float = 19.
         sigma_inv = lambda s: ((beta_min ** 2 + 2 * beta_d * (s ** 2 + 1).log()).sqrt() - beta_min) / beta_d
     elif schedule == "ve":
         sigma, sigma_deriv, sigma_inv = (lambda t: t.sqrt()), (lambda t: 0.5 / t.sqrt()), (lambda s: s ** 2)
-    elif schedule == "linear":
+    else:  # linear
         sigma, sigma_deriv, sigma_inv = (lambda t: t), (lambda t: 1), (lambda s: s)
-    else:
-        raise ValueError(f"schedule: expected one of {'|'.join(SCHEDULES)}, got '{schedule}'")
     if scaling == "vp":
         s = lambda t: 1 / (1 + sigma(t) ** 2).sqrt()
         s_deriv = lambda t: -sigma(t) * sigma_deriv(t) * s(t) ** 3
-    elif scaling == "none":
+    else:  # none
         s, s_deriv = (lambda t: 1), (lambda t: 0)
-    else:
-        raise ValueError(f"scaling: expected one of {'|'.join(SCALINGS)}, got '{scaling}'")
     return Process(sigma, sigma_deriv, sigma_inv, s, s_deriv)
 
 

@@ -1,4 +1,5 @@
-"""Sampler options and the seed release's results layout.
+"""Generation options (SamplerOptions, from vcdm.diffusion.settings; RunOptions, Conditioning) and the
+original release's results layout.
 
 Without ``--outdir`` samples go to
 ``results/<run-id>/<checkpoint-stem>/<sampler args>/[<load_obs_from parts joined by _>/]samples-<first>-<last>/``
@@ -11,12 +12,12 @@ SHA-256 (``vcdm.paths.fit_name``): the same arguments always give the same folde
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from vcdm.diffusion.settings import EXTRA_OPTIONS, SamplerOptions
 from vcdm.fileio import IntRanges, as_int
 from vcdm.paths import fit_name
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     import torch
 
     from vcdm.perf import InferenceSettings
-
-ABLATION_KEYS = ("solver", "discretization", "schedule", "scaling")
 
 
 class GenerateError(ValueError):
@@ -70,120 +69,6 @@ def seed_list(seeds: "str | Sequence[int] | IntRanges", name: str = "seeds") -> 
     if len(seeds) > MAX_SEEDS:
         raise FlagError(f"{name}: {len(seeds)} seeds; at most {MAX_SEEDS} per run (split the job)")
     return seeds.unique()
-
-
-def _number(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"--{key}: expected a number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    """The seed's sampler arguments (EDM's names) plus ``sampler`` and guidance.
-
-    ``sampler=None`` picks EDM's rule: the ablation sampler when any of solver / discretization /
-    schedule / scaling is given, else the EDM Heun sampler with churn. Guidance (vcdm.diffusion.guidance):
-    ``guidance`` w, ``gnet`` the guiding network's checkpoint (None: classifier-free guidance, the null
-    condition) and ``guidance_interval`` (lo, hi], the noise levels guided (None: all). With w = 1 the guide
-    and the interval are dropped: those are the unguided samples, and they go to the unguided folder.
-    """
-    num_steps: int = 18
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-    rho: float = 7.0
-    S_churn: float = 0.0
-    S_min: float = 0.0
-    S_max: float = math.inf
-    S_noise: float = 1.0
-    solver: str | None = None
-    discretization: str | None = None
-    schedule: str | None = None
-    scaling: str | None = None
-    sampler: str | None = None
-    guidance: float = 1.0
-    gnet: str | None = None
-    guidance_interval: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        # Floats print as the seed's click-parsed floats did ("50.0", not "50"), so directory names match.
-        for key in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance"):
-            value = getattr(self, key)
-            if value is not None:
-                object.__setattr__(self, key, _number(value, key))
-        from vcdm.diffusion.sampling import CHURN_SAMPLERS, CONSISTENCY_STEPS, MAX_STEPS, SAMPLERS
-
-        object.__setattr__(self, "num_steps", as_int(self.num_steps, "--steps"))
-        if not 1 <= self.num_steps <= MAX_STEPS:
-            raise FlagError(f"--steps: expected 1..{MAX_STEPS} steps, got {self.num_steps}")
-        self._check_ranges()
-        self._check_guide()
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise FlagError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
-        lo, hi = CONSISTENCY_STEPS
-        if self.sampler == "consistency" and not lo <= self.num_steps <= hi:
-            raise FlagError(f"--steps: the consistency sampler takes {lo}..{hi} steps, got {self.num_steps}")
-        ablation = [k for k in ABLATION_KEYS if getattr(self, k) is not None]
-        if ablation and self.sampler not in (None, "ablation"):
-            raise FlagError(f"--sampler {self.sampler} does not take --{', --'.join(ablation)} "
-                            "(those select the ablation sampler)")
-        if self.sampler not in (None, *CHURN_SAMPLERS) and (self.S_churn or self.S_noise != 1.0 or self.S_min
-                                                             or self.S_max != math.inf):
-            kind = "is deterministic" if self.sampler in ("dpm2m", "unipc") else "has no churn"
-            raise FlagError(f"--sampler {self.sampler} {kind}: drop --S_churn/--S_min/--S_max/--S_noise")
-
-    def _check_ranges(self) -> None:
-        """Every number finite (S_max may be +inf: churn at all noise levels) and in its range: a NaN or inf
-        would run the whole sampler and write black images."""
-        positive = ("sigma_min", "sigma_max", "rho", "guidance")
-        for key in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance"):
-            value = getattr(self, key)
-            if value is None or (key == "S_max" and value == math.inf):
-                continue
-            if not math.isfinite(value) or value < 0 or (key in positive and value == 0):
-                kind = "positive" if key in positive else "non-negative"
-                raise FlagError(f"--{key}: expected a finite {kind} number, got {value}")
-        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
-            raise FlagError(f"--sigma_min {self.sigma_min} must be below --sigma_max {self.sigma_max}")
-
-    def _check_guide(self) -> None:
-        if self.guidance == 1.0:
-            object.__setattr__(self, "gnet", None)
-            object.__setattr__(self, "guidance_interval", None)
-            return
-        if self.gnet is not None:
-            object.__setattr__(self, "gnet", os.fspath(self.gnet))
-        if self.guidance_interval is None:
-            return
-        interval = self.guidance_interval
-        if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
-            raise TypeError(f"--guidance-interval: expected (SIGMA_LO, SIGMA_HI), got {interval!r}")
-        lo, hi = (_number(v, "guidance-interval") for v in interval)
-        if not 0 <= lo < hi:
-            raise FlagError(f"--guidance-interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, "
-                            f"got {lo},{hi}")
-        object.__setattr__(self, "guidance_interval", (lo, hi))
-
-    @property
-    def resolved_sampler(self) -> str:
-        if self.sampler is not None:
-            return self.sampler
-        return "ablation" if any(getattr(self, k) is not None for k in ABLATION_KEYS) else "edm"
-
-    def sampler_kwargs(self) -> dict:
-        """Keyword arguments for ``vcdm.diffusion.samplers.sample`` (None values left to its defaults)."""
-        keys = ["num_steps", "sigma_min", "sigma_max", "rho"]
-        if self.resolved_sampler in ("edm", "ablation"):  # the samplers with churn
-            keys += ["S_churn", "S_min", "S_max", "S_noise"]
-        if self.resolved_sampler == "ablation":
-            keys += list(ABLATION_KEYS)
-        if self.guidance_interval is not None:
-            keys.append("guidance_interval")
-        kwargs = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        return {"sampler": self.resolved_sampler, "guidance": self.guidance, **kwargs}
-
-    def replace(self, **changes) -> "SamplerOptions":
-        return SamplerOptions(**{**asdict(self), **changes})
 
 
 def recorded_defaults(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -256,13 +141,14 @@ def inference_settings(choice: "InferenceChoices | InferenceSettings", device: "
 FLAG_NAMES = {"num_steps": "steps", "discretization": "disc"}  # field → command-line flag, where they differ
 
 
-GUIDE_FIELDS = ("gnet", "guidance_interval")
+OPTIONAL_FIELDS = ("gnet", "guidance_interval", *EXTRA_OPTIONS)  # recorded only when set
 
 
 def flag_values(opts: SamplerOptions) -> dict[str, object]:
-    """``{"--steps": 18, "--sigma_min": None, …}``: the options under their command-line names. The guide
-    and the guidance interval appear only when set (the manifests of unguided runs stay as they were)."""
-    return {f"--{FLAG_NAMES.get(k, k)}": v for k, v in asdict(opts).items() if v is not None or k not in GUIDE_FIELDS}
+    """``{"--steps": 18, "--sigma_min": None, …}``: the options under their command-line names. The guide,
+    the guidance interval and the API-only options appear only when set (the manifests of runs without
+    them stay as they were)."""
+    return {f"--{FLAG_NAMES.get(k, k)}": v for k, v in asdict(opts).items() if v is not None or k not in OPTIONAL_FIELDS}
 
 
 def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0) -> str:
@@ -281,6 +167,7 @@ def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment
         items["gnet"] = guide_digest(opts.gnet)[:16]
     if opts.guidance_interval is not None:
         items["guidance_interval"] = ",".join(map(str, opts.guidance_interval))
+    items.update({k: getattr(opts, k) for k in EXTRA_OPTIONS if getattr(opts, k) is not None})
     name = "_".join(f"{k}-{v}" for k, v in sorted(items.items()))
     return name + (f"_{increment_seeds}" if increment_seeds > 0 else "")
 

@@ -49,7 +49,7 @@ class Setup:
 
 def tuned_sampler(training: dict[str, Any]) -> dict[str, Any] | None:
     """What a consistency-tuned model records as its default sampler (None for diffusion training)."""
-    from vcdm.diffusion.sampling import CONSISTENCY_DEFAULT_STEPS
+    from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
 
     return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS} if training.get("tune") else None
 

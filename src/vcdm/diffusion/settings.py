@@ -1,0 +1,256 @@
+"""Sampler settings, in one typed place: the sampler names and the options each takes, the defaults of
+the original release and of EDM, the named presets, and every check. ``SamplerOptions`` is what the
+command line, the Python API and ``vcdm.diffusion.sample`` build; the samplers trust it.
+
+Errors name settings by their field names (``num_steps``); a command line maps them to its flags
+(``--steps``) with ``SamplerOptionError.named``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+from vcdm.diffusion.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
+
+SCHEDULE_OPTIONS = frozenset({"num_steps", "sigma_min", "sigma_max", "rho"})
+CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
+ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling")  # given without a sampler: the ablation sampler
+TAKES: dict[str, frozenset[str]] = {  # sampler name → the options it takes (beyond guidance)
+    "edm": SCHEDULE_OPTIONS | {*CHURN_OPTIONS, "solver"},
+    "ablation": SCHEDULE_OPTIONS | {*CHURN_OPTIONS, *ABLATION_OPTIONS, "epsilon_s", "C_1", "C_2", "M", "alpha"},
+    "dpm2m": SCHEDULE_OPTIONS,
+    "euler_a": SCHEDULE_OPTIONS | {"eta"},
+    "dpm2m_sde": SCHEDULE_OPTIONS | {"eta"},
+    "dpm3m_sde": SCHEDULE_OPTIONS | {"eta"},
+    "unipc": SCHEDULE_OPTIONS | {"order"},
+    "consistency": SCHEDULE_OPTIONS,
+}
+SAMPLERS = tuple(TAKES)
+CHURN_SAMPLERS = tuple(name for name, takes in TAKES.items() if "S_churn" in takes)
+DETERMINISTIC = ("dpm2m", "unipc", "consistency")  # no noise after the start ("has no churn" for the others)
+SOLVERS = ("euler", "heun")
+MAX_STEPS = 10_000  # sampling steps: the noise levels and the work grow with them (1e9 would allocate 8 GB)
+DEFAULT_STEPS = 18  # EDM's
+CONSISTENCY_STEPS = (1, 4)  # the consistency sampler's range of steps (a tuned model's; vcdm tune)
+CONSISTENCY_DEFAULT_STEPS = 2
+NO_CHURN = {"S_churn": 0.0, "S_noise": 1.0}
+
+# The original release's sampling recipe (its README): `vcdm sample`'s and `vcdm variations`' defaults.
+RELEASE_DEFAULTS: dict[str, Any] = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
+
+# Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast", measured with
+# benchmarks/solvers.py on digits models (FD by the demo's judge, paired by seed against the original
+# release's setting: Heun, 40 steps, S_churn 50 = 79 evaluations): trained 16 kimg, UniPC with 12
+# evaluations per stage is better (two-stage -13.6 +- 14.4, unconditional -40.0 +- 21.4; 5 seeds x 200
+# images); trained 32 kimg, within the release's seed-to-seed noise (two-stage +1.0 +- 2.6 with 2 seeds x
+# 1000 images, against a std of 1.4; unconditional -0.3 +- 15.7 with 5 x 200). UniPC at 24 and 8 scored
+# the same as at 12; 12 keeps a margin above the point (about 7 evaluations) where Heun's error shows.
+# A preset whose sampler has no churn also sets the churn to none.
+PRESETS: dict[str, dict[str, Any]] = {"fast": dict(sampler="unipc", num_steps=12)}
+
+FLOATS = ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance", "alpha", "epsilon_s",
+          "C_1", "C_2", "eta")
+POSITIVE = ("sigma_min", "sigma_max", "rho", "guidance", "alpha", "epsilon_s", "C_1", "C_2")
+EXTRA_OPTIONS = ("alpha", "epsilon_s", "C_1", "C_2", "M", "eta", "order")  # vcdm.diffusion.sample's only
+CHOICES = {"solver": SOLVERS, "discretization": DISCRETIZATIONS, "schedule": SCHEDULES, "scaling": SCALINGS}
+
+
+class SamplerOptionError(ValueError):
+    """A sampler setting that cannot work. Its template names settings as ``{field}``: ``str()`` gives the
+    field names, ``named(name)`` the names a command line or an API uses."""
+    usage_error = True  # a bad flag value: exit status 2 on the command line
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.named(str))
+
+    def named(self, name: Callable[[str], str]) -> str:
+        return re.sub(r"\{(\w+)\}", lambda m: name(m.group(1)), self.template)
+
+
+class SamplerOptionTypeError(SamplerOptionError, TypeError):
+    """A setting of the wrong type (a string for a number, a float for a step count)."""
+
+
+def _number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise SamplerOptionTypeError(f"{{{key}}}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _integer(value: object, key: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise SamplerOptionTypeError(f"{{{key}}}: expected integers, got {type(value).__name__} {value!r}") from None
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """One stage's sampler settings: the original release's arguments (EDM's names), the sampler, guidance,
+    and the options only the Python API sets (``alpha``, ``epsilon_s``, ``C_1``, ``C_2``, ``M`` of the ablation
+    sampler, ``eta`` of the SDE samplers, UniPC's ``order``; None: the sampler's default).
+
+    ``sampler=None`` picks EDM's rule: the ablation sampler when any of solver / discretization /
+    schedule / scaling is given, else the EDM Heun sampler with churn. ``num_steps=None``: EDM's 18, or the
+    consistency sampler's own 2. Guidance (vcdm.diffusion.guidance): ``guidance`` w, ``gnet`` the guiding
+    network's checkpoint path (None: classifier-free guidance, the null condition) and ``guidance_interval``
+    (lo, hi], the noise levels guided (None: all). With w = 1 the guide and the interval are dropped: those
+    are the unguided samples.
+    """
+    num_steps: int | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float = 7.0
+    S_churn: float = 0.0
+    S_min: float = 0.0
+    S_max: float = math.inf
+    S_noise: float = 1.0
+    solver: str | None = None
+    discretization: str | None = None
+    schedule: str | None = None
+    scaling: str | None = None
+    sampler: str | None = None
+    guidance: float = 1.0
+    gnet: str | None = None
+    guidance_interval: tuple[float, float] | None = None
+    alpha: float | None = None
+    epsilon_s: float | None = None
+    C_1: float | None = None
+    C_2: float | None = None
+    M: int | None = None
+    eta: float | None = None
+    order: int | None = None
+
+    def __post_init__(self) -> None:
+        # Floats print as the original release's click-parsed floats did ("50.0", not "50"), so folder names match.
+        for key in FLOATS:
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, _number(getattr(self, key), key))
+        for key in ("M", "order"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, _integer(getattr(self, key), key))
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise SamplerOptionError(f"{{sampler}}: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+        default = CONSISTENCY_DEFAULT_STEPS if self.sampler == "consistency" else DEFAULT_STEPS
+        steps = default if self.num_steps is None else _integer(self.num_steps, "num_steps")
+        object.__setattr__(self, "num_steps", steps)
+        if not 1 <= steps <= MAX_STEPS:
+            raise SamplerOptionError(f"{{num_steps}}: expected 1..{MAX_STEPS} steps, got {steps}")
+        self._check_ranges()
+        self._check_guide()
+        lo, hi = CONSISTENCY_STEPS
+        if self.sampler == "consistency" and not lo <= steps <= hi:
+            raise SamplerOptionError(f"{{num_steps}}: the consistency sampler takes {lo}..{hi} steps, got {steps}")
+        self._check_taken()
+
+    def _check_ranges(self) -> None:
+        """Every number finite (S_max may be +inf: churn at all noise levels) and in its range: a NaN or inf
+        would run the whole sampler and write black images."""
+        for key in FLOATS:
+            value = getattr(self, key)
+            if value is None or (key == "S_max" and value == math.inf):
+                continue
+            if not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
+                kind = "positive" if key in POSITIVE else "non-negative"
+                raise SamplerOptionError(f"{{{key}}}: expected a finite {kind} number, got {value}")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise SamplerOptionError(f"{{sigma_min}} {self.sigma_min} must be below {{sigma_max}} {self.sigma_max}")
+        limits = {"alpha": (0, 1), "epsilon_s": (0, 1), "M": (1, math.inf), "order": (1, 3)}
+        for key, (lo, hi) in limits.items():
+            value = getattr(self, key)
+            if value is not None and not lo <= value <= hi:
+                raise SamplerOptionError(f"{{{key}}}: expected {lo}..{hi}, got {value}")
+        for key, choices in CHOICES.items():
+            value = getattr(self, key)
+            if value is not None and value not in choices:
+                raise SamplerOptionError(f"{{{key}}}: expected one of {', '.join(choices)}, got '{value}'")
+
+    def _check_guide(self) -> None:
+        if self.guidance == 1.0:
+            object.__setattr__(self, "gnet", None)
+            object.__setattr__(self, "guidance_interval", None)
+            return
+        if self.gnet is not None:
+            object.__setattr__(self, "gnet", os.fspath(self.gnet))
+        if self.guidance_interval is None:
+            return
+        interval = self.guidance_interval
+        if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+            raise SamplerOptionTypeError(f"{{guidance_interval}}: expected (SIGMA_LO, SIGMA_HI), got {interval!r}")
+        lo, hi = (_number(v, "guidance_interval") for v in interval)
+        if not 0 <= lo < hi:
+            raise SamplerOptionError(f"{{guidance_interval}}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < "
+                                     f"SIGMA_HI, got {lo},{hi}")
+        object.__setattr__(self, "guidance_interval", (lo, hi))
+
+    def _check_taken(self) -> None:
+        """Options the sampler does not take must be left at their defaults."""
+        name, defaults = self.resolved_sampler, SamplerOptions.__dataclass_fields__
+        unused = [k for k in (*CHURN_OPTIONS, *ABLATION_OPTIONS, *EXTRA_OPTIONS)
+                  if k not in TAKES[name] and getattr(self, k) != defaults[k].default]
+        if not unused:
+            return
+        if unused[0] in CHURN_OPTIONS:
+            kind = "is deterministic" if name in DETERMINISTIC else "has no churn"
+            raise SamplerOptionError(f"{{sampler}} {name} {kind}: drop "
+                                     + "/".join(f"{{{k}}}" for k in CHURN_OPTIONS))
+        names = ", ".join(f"{{{k}}}" for k in unused)
+        hint = " (those select the ablation sampler)" if set(unused) <= set(ABLATION_OPTIONS) else ""
+        raise SamplerOptionError(f"{{sampler}} {name} does not take {names}{hint}")
+
+    @property
+    def resolved_sampler(self) -> str:
+        if self.sampler is not None:
+            return self.sampler
+        return "ablation" if any(getattr(self, k) is not None for k in ABLATION_OPTIONS) else "edm"
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per sample (guidance by a second network or the null condition aside)."""
+        return evaluations(self.resolved_sampler, self.num_steps, self.solver or "heun")
+
+    def sampler_kwargs(self) -> dict:
+        """The settings as keyword arguments of ``vcdm.diffusion.sample`` (unset ones left to its defaults)."""
+        sampler = self.resolved_sampler
+        keys = [k for k in TAKES[sampler] if getattr(self, k) is not None]
+        if self.guidance_interval is not None:
+            keys.append("guidance_interval")
+        return {"sampler": sampler, "guidance": self.guidance, **{k: getattr(self, k) for k in sorted(keys)}}
+
+    def replace(self, **changes: Any) -> "SamplerOptions":
+        return SamplerOptions(**{**asdict(self), **changes})
+
+    @classmethod
+    def resolve(cls, given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None, preset: str | None = None,
+                recorded: Mapping[str, Any] | None = None) -> "SamplerOptions":
+        """The settings of one stage from the options the user gave, over (in rising priority) ``defaults`` (a
+        command's own, e.g. RELEASE_DEFAULTS), then ``preset`` (PRESETS) or, without one and unless a sampler
+        is given, the checkpoint's ``recorded`` sampler (a consistency-tuned model's). A given consistency
+        sampler takes its own default steps; a sampler without churn drops churn defaults it cannot use."""
+        values = dict(defaults or {})
+        if preset is not None:
+            if preset not in PRESETS:
+                raise SamplerOptionError(f"{{preset}}: expected one of {', '.join(PRESETS)}, got '{preset}'")
+            values.update(PRESETS[preset])
+            if PRESETS[preset].get("sampler") not in (None, *CHURN_SAMPLERS):
+                values.update(NO_CHURN)
+        elif "sampler" not in given:
+            values.update(recorded or {})
+        elif given["sampler"] == "consistency":
+            values.pop("num_steps", None)
+        if given.get("sampler") not in (None, *CHURN_SAMPLERS):
+            values.update(NO_CHURN)
+        return cls(**{**values, **given})
+
+
+def evaluations(sampler: str, num_steps: int, solver: str = "heun") -> int:
+    """Network evaluations per sample: Heun takes two per step but one on the last (to sigma = 0); the
+    other samplers take one per step."""
+    return 2 * num_steps - 1 if sampler in CHURN_SAMPLERS and solver == "heun" else num_steps
