@@ -338,6 +338,40 @@ def test_one_check_per_setting_named_by_each_layer(settings, field_message):
         assert result.exit_code == 2 and f"Error: {named(lambda k: '--' + FLAGS[k])}" in result.output, result.output
 
 
+# ---------------------------------------------------------------------------------------------------
+# --class NAME: a class by the name its training data recorded.
+
+def test_class_flag_takes_a_recorded_name(models, tmp_path):
+    from click.testing import CliRunner
+
+    from vcdm.checkpoints import load_tensors, read_checkpoint_config, save_checkpoint
+    from vcdm.cli.generate import command
+    from vcdm.generate.files import read_tensors
+
+    config = read_checkpoint_config(models["cond_prior"])
+    config.data["class_names"] = ["cat", "dog", "zebra"]
+    named = tmp_path / "named.safetensors"
+    save_checkpoint(named, load_tensors(models["cond_prior"]), config)
+
+    def generate(network, cls, out):
+        return CliRunner().invoke(command, ["--network", str(network), "--class", cls, "--seeds", "0-1", "--steps", "1",
+                                           "--outdir", str(tmp_path / out), "--no-progress", "--device", "cpu"])
+
+    by_name, by_index = generate(named, "dog", "name"), generate(named, "1", "index")
+    assert by_name.exit_code == 0 and by_index.exit_code == 0, by_name.output + by_index.output
+    for seed in ("000000.pt", "000001.pt"):
+        a, b = read_tensors(tmp_path / "name" / seed), read_tensors(tmp_path / "index" / seed)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert torch.equal(a["label"], torch.tensor([0.0, 1.0, 0.0]))
+    bad = generate(named, "horse", "bad")
+    assert bad.exit_code == 2 and [line for line in bad.output.splitlines() if line.startswith("Error")] == [
+        "Error: --class: expected a class index or one of the model's class names (cat, dog, zebra), got 'horse'"]
+    unnamed = generate(models["cond_prior"], "dog", "unnamed")
+    assert unnamed.exit_code == 2 and "Error: --class: expected a class index (the model records no class names), " \
+        "got 'dog'" in unnamed.output
+    assert generate(named, "5", "range").exit_code == 2  # an index outside 0..2: the model's own check
+
+
 def test_solvers_benchmark_grid_and_report(tmp_path):
     import importlib.util
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
+from vcdm.checkpoints import read_checkpoint_config
 from vcdm.cli.errors import user_errors
 from vcdm.diffusion.settings import CHOICES, DEFAULT_STEPS, PRESETS, SAMPLERS, SamplerOptionError, SamplerOptions
 from vcdm.fileio import IntRanges
@@ -24,6 +25,9 @@ class SigmaInterval(click.ParamType):
         except ValueError:
             self.fail(f"expected two noise levels SIGMA_LO,SIGMA_HI (e.g. 0.28,2.9), got '{value}'", param, ctx)
         return lo, hi
+
+
+MAX_NAMES_SHOWN = 20  # class names listed in an error (ImageNet has 1000)
 
 
 def choices(names: tuple[str, ...]) -> str:
@@ -113,6 +117,33 @@ def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | 
         raise FlagError(e.named(lambda key: f"--{prefix}{FLAGS.get(key, key)}")) from None
 
 
+def class_option(help_: str) -> Callable:
+    """--class INT|NAME (``class_from_flag`` turns it into an index)."""
+    return click.option("--class", "class_idx", metavar="INT|NAME", help=help_)
+
+
+def class_from_flag(value: str | None, *checkpoints: str) -> int | None:
+    """--class as an index, or as a class name that the first of ``checkpoints`` recording names has (its
+    training data's dataset.json ``class_names``); one-line error listing the names otherwise. The index's
+    range is checked against the model (vcdm.generate.core.check_class)."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return int(value)
+    names: list[str] = []
+    for path in checkpoints:
+        try:
+            names = names or list(read_checkpoint_config(path).data.get("class_names") or [])
+        except (OSError, ValueError):
+            pass  # loading the checkpoint says why
+    if value in names:
+        return names.index(value)
+    if not names:
+        raise FlagError(f"--class: expected a class index (the model records no class names), got '{value}'")
+    shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (f", … ({len(names)} in all)" if len(names) > MAX_NAMES_SHOWN else "")
+    raise FlagError(f"--class: expected a class index or one of the model's class names ({shown}), got '{value}'")
+
+
 def inference_options(f: Callable) -> Callable:
     """--bf16/--fp32, --channels-last/--no-channels-last, --compile/--no-compile (unset: vcdm.perf's
     choice for the device and network)."""
@@ -167,8 +198,8 @@ def parse_seeds(ctx: click.Context, param: click.Parameter, value: str) -> IntRa
 @click.option("--seeds", default="0-63", show_default=True, metavar="LIST", callback=parse_seeds,
               help="Random seeds, one sample each (e.g. 1,2,5-10)")
 @click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="INT",
-              help="Class label  [default: random per seed]")
+@class_option("Class label: its index, or its name where the training data recorded class names  "
+              "[default: random per seed]")
 @click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
               help="Maximum batch size")
 @click.option("--increment_seeds", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
@@ -215,6 +246,7 @@ def command(network: str, seeds: IntRanges, **kwargs: Any) -> None:
     with user_errors():
         opts = pop_sampler_options(kwargs, preset=kwargs.pop("preset"), recorded=checkpoint_defaults(network))
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
+        kwargs["class_idx"] = class_from_flag(kwargs["class_idx"], network)
         cond = Conditioning(**{k: kwargs.pop(k) for k in ("class_idx", "load_obs_from", "data_path", "clip_weights")})
         with distributed.session(kwargs["device"]):
             result = generate(network, seeds, opts=opts, cond=cond, run=run, inference=inference, **kwargs)

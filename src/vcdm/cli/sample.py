@@ -6,8 +6,8 @@ from typing import Any
 import click
 
 from vcdm.cli.errors import user_errors
-from vcdm.cli.generate import (inference_options, parse_seeds, pop_inference, pop_run_options, pop_sampler_options,
-                               preset_option, sampler_flags)
+from vcdm.cli.generate import (class_from_flag, class_option, inference_options, parse_seeds, pop_inference,
+                               pop_run_options, pop_sampler_options, preset_option, sampler_flags)
 from vcdm.diffusion.settings import RELEASE_DEFAULTS
 
 
@@ -21,8 +21,8 @@ from vcdm.diffusion.settings import RELEASE_DEFAULTS
               "[default: the results layout of two `vcdm generate` runs]")
 @click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
               help="Maximum batch size")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="INT",
-              help="Class label for class-conditional models  [default: random per seed]")
+@class_option("Class label for class-conditional models: its index, or its name where the training data recorded "
+              "class names  [default: random per seed]")
 @click.option("--subdirs", is_flag=True, help="Create a subdirectory for every 1000 seeds")
 @click.option("--increment_seeds", type=click.IntRange(min=0), default=0, show_default=True, metavar="INT",
               help="Add to every seed's noise seed (both stages)")
@@ -58,6 +58,7 @@ def command(prior: str, image_model: str, seeds: list[int], **kwargs: Any) -> No
         prior_opts = pop_sampler_options(kwargs, "prior-", preset, checkpoint_defaults(prior))
         image_opts = pop_sampler_options(kwargs, "image-", preset, checkpoint_defaults(image_model))
         run, inference = pop_run_options(kwargs), pop_inference(kwargs)
+        kwargs["class_idx"] = class_from_flag(kwargs["class_idx"], prior, image_model)
         with distributed.session(kwargs["device"]):
             result = sample_two_stage(prior, image_model, seeds, prior_opts=prior_opts, image_opts=image_opts,
                                       run=run, inference=inference, **kwargs)

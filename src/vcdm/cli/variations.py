@@ -6,7 +6,8 @@ from typing import Any
 import click
 
 from vcdm.cli.errors import user_errors
-from vcdm.cli.generate import inference_options, parse_seeds, pop_inference, pop_sampler_options, sampler_flags
+from vcdm.cli.generate import (class_from_flag, class_option, inference_options, parse_seeds, pop_inference,
+                               pop_sampler_options, sampler_flags)
 from vcdm.diffusion.settings import RELEASE_DEFAULTS
 from vcdm.fileio import IntRanges
 
@@ -27,8 +28,8 @@ def optional_seeds(ctx: click.Context, param: click.Parameter, value: str | None
               help="Seeds of the variations, one each (e.g. 0-7); its length must equal --n if both are given")
 @click.option("--outdir", default="variations", show_default=True, metavar="DIR",
               help="Writes DIR/<input name>.png: the input (centre-cropped, resized), then its variations")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), metavar="INT",
-              help="Class label for class-conditional models  [default: random per seed]")
+@class_option("Class label for class-conditional models: its index, or its name where the training data recorded "
+              "class names  [default: random per seed]")
 @click.option("--batch", "max_batch_size", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
               help="Maximum batch size")
 @sampler_flags("", RELEASE_DEFAULTS)
@@ -60,7 +61,8 @@ def command(image_model: str, images: tuple[str, ...], more_images: tuple[str, .
     kwargs["device"] = kwargs["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     with user_errors():
         opts = pop_sampler_options(kwargs, recorded=checkpoint_defaults(image_model))
-        cond = Conditioning(class_idx=kwargs.pop("class_idx"), clip_weights=kwargs.pop("clip_weights"))
+        cond = Conditioning(class_idx=class_from_flag(kwargs.pop("class_idx"), image_model),
+                            clip_weights=kwargs.pop("clip_weights"))
         written = variations(image_model, [*images, *more_images], seeds, opts=opts, cond=cond,
                              inference=pop_inference(kwargs), **kwargs)
     for path in written:
