@@ -17,9 +17,11 @@ import torch
 from click.testing import CliRunner
 
 from tiny_models import EMB, REPO, RES, run
+from vcdm.checkpoints import load_checkpoint
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.cli.variations import command as variations_cmd
+from vcdm.diffusion import StackedRandomGenerator, sample
 from vcdm.generate import RunOptions, SamplerOptions, generate, results_dir
 from vcdm.generate.files import read_tensors
 
@@ -241,11 +243,29 @@ def test_bad_options(models, tmp_path):
     assert result.exit_code == 1 and "missing.safetensors" in result.output
 
 
-def test_dpm2m_and_ablation_samplers_run(models, tmp_path):
-    for args in (["--sampler", "dpm2m"], ["--solver", "euler", "--disc", "vp"], ["--bf16", "--device", "cpu"]):
-        run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / args[1], "--seeds", "0-1",
-                           "--steps", 3, *args])
-        assert len(list((tmp_path / args[1]).glob("*.png"))) == 2
+@pytest.mark.parametrize("flags, settings, tol", [
+    (["--sampler", "dpm2m"], dict(sampler="dpm2m"), 1e-6),
+    (["--solver", "euler", "--disc", "vp"], dict(sampler="ablation", solver="euler", discretization="vp"), 1e-6),
+    (["--bf16", "--device", "cpu"], dict(), 0.05),  # the network under bfloat16 autocast: within its rounding
+])
+def test_sampler_flags_give_the_samplers_output_for_each_seeds_noise(models, tmp_path, flags, settings, tol):
+    """The prior's files hold what the sampler function gives for each seed's noise (the CLI adds batching,
+    padding and float32 files); another sampler gives something else."""
+    run(generate_cmd, ["--network", models["prior"], "--outdir", tmp_path / "out", "--seeds", "0-2", "--batch", 2,
+                       "--steps", 3, *flags])
+    denoiser = load_checkpoint(models["prior"])[0]
+
+    def direct(**settings):
+        rnd = StackedRandomGenerator("cpu", [0, 1, 2])
+        return sample(denoiser, rnd.randn([3, EMB]), randn_like=rnd.randn_like, num_steps=3, **settings)
+
+    got = torch.stack([read_tensors(tmp_path / "out" / f"{seed:06d}.pt")["embedding"] for seed in range(3)]).double()
+    expected = direct(**settings)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    other = direct(sampler="edm" if settings else "dpm2m")
+    assert (other - expected).abs().max() > 10 * tol
+    if "--bf16" in flags:
+        assert not torch.equal(got, expected.float().double())
 
 
 def test_conditioning_from_data(models, tmp_path):
