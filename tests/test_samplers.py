@@ -302,6 +302,8 @@ def test_the_commands_and_the_api_resolve_alike():
     (dict(solver="rk4"), "{solver}: expected one of euler, heun, got 'rk4'"),
     (dict(sampler="dpm2m", solver="euler"), "{sampler} dpm2m does not take {solver} (those select the ablation sampler)"),
     (dict(sampler="euler_a", S_noise=1.1), "{sampler} euler_a has no churn: drop {S_churn}/{S_min}/{S_max}/{S_noise}"),
+    (dict(sampler="consistency", S_churn=1.0),
+     "{sampler} consistency has no churn: drop {S_churn}/{S_min}/{S_max}/{S_noise}"),
     (dict(sampler="unipc", order=4), "{order}: expected 1..3, got 4"),
     (dict(sampler="edm", eta=0.5), "{sampler} edm does not take {eta}"),
     (dict(sigma_min=2.0, sigma_max=1.0), "{sigma_min} 2.0 must be below {sigma_max} 1.0"),
@@ -336,6 +338,16 @@ def test_one_check_per_setting_named_by_each_layer(settings, field_message):
         args = [a for k, v in settings.items() for a in (f"--{FLAGS[k]}", str(v))]
         result = CliRunner().invoke(command, ["--network", "missing.safetensors", *args])
         assert result.exit_code == 2 and f"Error: {named(lambda k: '--' + FLAGS[k])}" in result.output, result.output
+
+
+def test_sample_takes_the_settings_object_or_its_keywords():
+    from vcdm.diffusion.settings import SamplerOptions
+
+    for name in ("edm-6-churn", "ablation-alpha-churn", "dpm2m-10"):
+        opts = SamplerOptions(**{"sampler": "edm", **SCENARIOS[name][1]})
+        assert torch.equal(sample(Toy(), latents(), options=opts, randn_like=PseudoNoise()), run(name))
+    with pytest.raises(TypeError, match="not both"):
+        sample(Toy(), latents(), options=SamplerOptions(), num_steps=3)
 
 
 # ---------------------------------------------------------------------------------------------------

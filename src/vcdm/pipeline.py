@@ -65,8 +65,9 @@ def pop_api_sampler_options(options: dict[str, Any], prefix: str = "", defaults:
     try:
         return SamplerOptions.resolve({k: v for k, v in given.items() if v is not None}, defaults, preset, recorded)
     except SamplerOptionError as e:
-        raise FlagError(e.named(lambda key: f"{prefix}{FLAGS[key]}" if prefix and key in FLAGS
-                                else f"--{FLAGS.get(key, key)}")) from None
+        kind = TypeError if isinstance(e, TypeError) else FlagError
+        raise kind(e.named(lambda key: f"{prefix}{FLAGS[key]}" if prefix and key in FLAGS
+                           else f"--{FLAGS.get(key, key)}")) from None
 
 
 def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:

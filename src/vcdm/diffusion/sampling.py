@@ -149,6 +149,8 @@ def sample(denoiser: Callable, latents: torch.Tensor, y: torch.Tensor | None = N
     vcdm.diffusion.consistency). The sigma range is clipped to the denoiser's ``sigma_min``/``sigma_max``.
     ``gnet``: the guiding network, evaluated as the denoiser is (see ``GuidedModel``).
     """
+    if options is not None and settings:
+        raise TypeError(f"sample: pass the settings as options or as keywords, not both (got {sorted(settings)})")
     if options is None:
         options = SamplerOptions(sampler=sampler, **{k: v for k, v in settings.items() if v is not None})
     model = GuidedModel(denoiser, y, options.guidance, gnet=gnet, interval=options.guidance_interval)

@@ -11,7 +11,7 @@ import math
 import operator
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping
 
 from vcdm.diffusion.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
@@ -31,7 +31,7 @@ TAKES: dict[str, frozenset[str]] = {  # sampler name → the options it takes (b
 }
 SAMPLERS = tuple(TAKES)
 CHURN_SAMPLERS = tuple(name for name, takes in TAKES.items() if "S_churn" in takes)
-DETERMINISTIC = ("dpm2m", "unipc", "consistency")  # no noise after the start ("has no churn" for the others)
+DETERMINISTIC = ("dpm2m", "unipc")  # no noise after the start ("has no churn" for the other samplers without churn)
 SOLVERS = ("euler", "heun")
 MAX_STEPS = 10_000  # sampling steps: the noise levels and the work grow with them (1e9 would allocate 8 GB)
 DEFAULT_STEPS = 18  # EDM's
@@ -192,9 +192,9 @@ class SamplerOptions:
 
     def _check_taken(self) -> None:
         """Options the sampler does not take must be left at their defaults."""
-        name, defaults = self.resolved_sampler, SamplerOptions.__dataclass_fields__
+        name, defaults = self.resolved_sampler, {f.name: f.default for f in fields(SamplerOptions)}
         unused = [k for k in (*CHURN_OPTIONS, *ABLATION_OPTIONS, *EXTRA_OPTIONS)
-                  if k not in TAKES[name] and getattr(self, k) != defaults[k].default]
+                  if k not in TAKES[name] and getattr(self, k) != defaults[k]]
         if not unused:
             return
         if unused[0] in CHURN_OPTIONS:
@@ -210,11 +210,6 @@ class SamplerOptions:
         if self.sampler is not None:
             return self.sampler
         return "ablation" if any(getattr(self, k) is not None for k in ABLATION_OPTIONS) else "edm"
-
-    @property
-    def evaluations(self) -> int:
-        """Network evaluations per sample (guidance by a second network or the null condition aside)."""
-        return evaluations(self.resolved_sampler, self.num_steps, self.solver or "heun")
 
     def sampler_kwargs(self) -> dict:
         """The settings as keyword arguments of ``vcdm.diffusion.sample`` (unset ones left to its defaults)."""
