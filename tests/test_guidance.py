@@ -74,7 +74,7 @@ class ByHand:
 
 
 class ClassifierFreeBefore:
-    """The classifier-free guidance of vcdm.diffusion.sampling.Model as it was before the guide existed."""
+    """The classifier-free guidance of vcdm.diffusion.sampling.GuidedModel as it was before the guide existed."""
 
     def __init__(self, net, y, w):
         self.net, self.y, self.w = net, y, w
