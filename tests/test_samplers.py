@@ -12,17 +12,30 @@ Regenerate (only when a change of outputs is intended): python tests/test_sample
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import math
 import re
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 
+from vcdm.checkpoints import load_tensors, read_checkpoint_config, save_checkpoint
+from vcdm.cli.errors import user_errors
+from vcdm.cli.generate import FLAGS as CLI_FLAGS, SAMPLER_FLAGS, pop_sampler_options, preset_option, sampler_flags
+from vcdm.cli.generate import command as generate_cmd
 from vcdm.diffusion import karras_sigmas, sample, samplers
+from vcdm.diffusion.sampling import FUNCTIONS
 from vcdm.diffusion.schedules import append_zero
+from vcdm.diffusion.settings import PRESETS, RELEASE_DEFAULTS, SAMPLERS, TAKES, SamplerOptionError, SamplerOptions
+from vcdm.generate.files import read_tensors
+from vcdm.generate.options import FlagError
+from vcdm.pipeline import FLAGS as API_NAMES, pop_api_sampler_options
 
 F64 = torch.float64
 GOLDEN = Path(__file__).parent / "data" / "samplers-golden.json"
@@ -203,12 +216,6 @@ def test_new_samplers_through_the_dispatcher_with_callback():
 # The fast preset and the command line.
 
 def test_fast_preset_settings_and_flags():
-    import click
-    from click.testing import CliRunner
-
-    from vcdm.cli.generate import SAMPLER_FLAGS, pop_sampler_options, preset_option, sampler_flags
-    from vcdm.diffusion.settings import PRESETS, RELEASE_DEFAULTS
-
     assert PRESETS["fast"] == dict(sampler="unipc", num_steps=12)  # 12 NFE <= 79 / 6 (benchmarks/solvers.py)
     assert {flag for flag, *_ in SAMPLER_FLAGS} >= {"steps", "sampler", "S_churn", "disc", "guidance-interval"}
     got = {}
@@ -219,8 +226,9 @@ def test_fast_preset_settings_and_flags():
     @preset_option(both_stages=True)
     def cmd(**kwargs):
         preset = kwargs.pop("preset")
-        got["generate"] = pop_sampler_options(kwargs, preset=preset)
-        got["image"] = pop_sampler_options(kwargs, "image-", preset)
+        with user_errors():
+            got["generate"] = pop_sampler_options(kwargs, preset=preset)
+            got["image"] = pop_sampler_options(kwargs, "image-", preset)
 
     def run(*args):
         result = CliRunner().invoke(cmd, list(args), catch_exceptions=False)
@@ -236,17 +244,14 @@ def test_fast_preset_settings_and_flags():
     assert (plain.resolved_sampler, plain.num_steps, image.num_steps, image.S_churn) == ("edm", 18, 40, 50.0)
     plain, image = run("--preset", "fast", "--image-sampler", "edm")  # the preset's churn (none) stays
     assert (image.sampler, image.num_steps, image.S_churn, image.S_noise) == ("edm", 12, 0.0, 1.0)
+    result = CliRunner().invoke(cmd, ["--preset", "slow"])
+    assert result.exit_code == 2 and "Error: --preset: expected one of fast, got 'slow'" in result.output
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sampler settings: one resolution rule and one set of checks for the commands, the API and sample().
 
 def test_every_sampler_name_has_one_function_and_its_options():
-    import inspect
-
-    from vcdm.diffusion.sampling import FUNCTIONS
-    from vcdm.diffusion.settings import SAMPLERS, TAKES
-
     assert set(FUNCTIONS) == set(SAMPLERS) == set(TAKES)
     for name in ("euler_a", "dpm2m_sde", "dpm3m_sde"):
         assert "eta" in inspect.signature(FUNCTIONS[name]).parameters and "eta" in TAKES[name]
@@ -265,8 +270,6 @@ def test_every_sampler_name_has_one_function_and_its_options():
     ({"sampler": "edm"}, None, {"sampler": "consistency", "num_steps": 4}, ("edm", 40, 50.0, 1.007)),  # given wins
 ])
 def test_resolve_the_release_defaults(given, preset, recorded, want):
-    from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptions
-
     opts = SamplerOptions.resolve(given, RELEASE_DEFAULTS, preset, recorded)
     assert (opts.sampler, opts.num_steps, opts.S_churn, opts.S_noise) == want
 
@@ -274,13 +277,6 @@ def test_resolve_the_release_defaults(given, preset, recorded, want):
 def test_the_commands_and_the_api_resolve_alike():
     """`vcdm sample`'s flags and TwoStagePipeline's arguments give the same settings (they once had two
     churn rules: --image-sampler ablation dropped the churn on the command line only)."""
-    import click
-    from click.testing import CliRunner
-
-    from vcdm.cli.generate import pop_sampler_options, sampler_flags
-    from vcdm.diffusion.settings import RELEASE_DEFAULTS
-    from vcdm.pipeline import pop_api_sampler_options
-
     got = {}
 
     @click.command()
@@ -314,13 +310,6 @@ def test_the_commands_and_the_api_resolve_alike():
 def test_one_check_per_setting_named_by_each_layer(settings, field_message):
     """The checks live in SamplerOptions alone: sample() says them in field names, the commands in their
     flags, the API in its argument names."""
-    from click.testing import CliRunner
-
-    from vcdm.cli.generate import FLAGS
-    from vcdm.diffusion.settings import SamplerOptionError, SamplerOptions
-    from vcdm.generate.options import FlagError
-    from vcdm.pipeline import FLAGS as API_NAMES, pop_api_sampler_options
-
     def named(name):
         return re.sub(r"\{(\w+)\}", lambda m: name(m.group(1)), field_message)
 
@@ -332,17 +321,13 @@ def test_one_check_per_setting_named_by_each_layer(settings, field_message):
     api = {f"prior_{API_NAMES[k]}": v for k, v in settings.items()}
     with pytest.raises(FlagError, match=f"^{re.escape(named(lambda k: 'prior_' + API_NAMES[k]))}$"):
         pop_api_sampler_options(api, "prior_")
-    if all(k in FLAGS for k in settings) and "guidance_interval" not in settings:
-        from vcdm.cli.generate import command
-
-        args = [a for k, v in settings.items() for a in (f"--{FLAGS[k]}", str(v))]
-        result = CliRunner().invoke(command, ["--network", "missing.safetensors", *args])
-        assert result.exit_code == 2 and f"Error: {named(lambda k: '--' + FLAGS[k])}" in result.output, result.output
+    if all(k in CLI_FLAGS for k in settings) and "guidance_interval" not in settings:
+        args = [a for k, v in settings.items() for a in (f"--{CLI_FLAGS[k]}", str(v))]
+        result = CliRunner().invoke(generate_cmd, ["--network", "missing.safetensors", *args])
+        assert result.exit_code == 2 and f"Error: {named(lambda k: '--' + CLI_FLAGS[k])}" in result.output, result.output
 
 
 def test_sample_takes_the_settings_object_or_its_keywords():
-    from vcdm.diffusion.settings import SamplerOptions
-
     for name in ("edm-6-churn", "ablation-alpha-churn", "dpm2m-10"):
         opts = SamplerOptions(**{"sampler": "edm", **SCENARIOS[name][1]})
         assert torch.equal(sample(Toy(), latents(), options=opts, randn_like=PseudoNoise()), run(name))
@@ -354,19 +339,13 @@ def test_sample_takes_the_settings_object_or_its_keywords():
 # --class NAME: a class by the name its training data recorded.
 
 def test_class_flag_takes_a_recorded_name(models, tmp_path):
-    from click.testing import CliRunner
-
-    from vcdm.checkpoints import load_tensors, read_checkpoint_config, save_checkpoint
-    from vcdm.cli.generate import command
-    from vcdm.generate.files import read_tensors
-
     config = read_checkpoint_config(models["cond_prior"])
     config.data["class_names"] = ["cat", "dog", "zebra"]
     named = tmp_path / "named.safetensors"
     save_checkpoint(named, load_tensors(models["cond_prior"]), config)
 
     def generate(network, cls, out):
-        return CliRunner().invoke(command, ["--network", str(network), "--class", cls, "--seeds", "0-1", "--steps", "1",
+        return CliRunner().invoke(generate_cmd, ["--network", str(network), "--class", cls, "--seeds", "0-1", "--steps", "1",
                                            "--outdir", str(tmp_path / out), "--no-progress", "--device", "cpu"])
 
     by_name, by_index = generate(named, "dog", "name"), generate(named, "1", "index")
@@ -385,8 +364,6 @@ def test_class_flag_takes_a_recorded_name(models, tmp_path):
 
 
 def test_solvers_benchmark_grid_and_report(tmp_path):
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("solvers_bench", Path(__file__).parents[1] / "benchmarks" / "solvers.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -91,7 +91,7 @@ def sampler_flags(prefix: str = "", defaults: dict[str, Any] | None = None, stag
 def preset_option(both_stages: bool = False) -> Callable:
     """--preset; ``both_stages``: `vcdm sample`'s, which sets the sampler of the prior and the image model."""
     scope, per = (" for both stages", " per stage") if both_stages else ("", "")
-    return click.option("--preset", type=click.Choice(list(PRESETS)), help=(
+    return click.option("--preset", metavar=choices(tuple(PRESETS)), help=(
         f"Named sampler settings{scope}; flags given explicitly still win. fast: UniPC, 12 steps = 12 network "
         f"evaluations{per} instead of the original release's 79 (40 Heun steps with churn), at a Fréchet distance "
         "within the release setting's seed-to-seed noise or lower on the digits models measured (README, "
@@ -114,7 +114,7 @@ def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | 
     try:
         return SamplerOptions.resolve(given, defaults, preset, recorded)
     except SamplerOptionError as e:
-        raise FlagError(e.named(lambda key: f"--{prefix}{FLAGS.get(key, key)}")) from None
+        raise FlagError(e.named(lambda key: f"--{prefix}{FLAGS[key]}" if key in FLAGS else f"--{key}")) from None
 
 
 def class_option(help_: str) -> Callable:
