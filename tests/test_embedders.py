@@ -117,6 +117,26 @@ def test_clip_frozen(clip_embedder):
     assert identity["name"] == "clip-vit-b32" and identity["dim"] == 512 and identity["post"] is None
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_clip_torchscript_archive_naming_code_is_refused(tmp_path, monkeypatch):
+    """OpenAI's archive format is read by the restricted unpickler: a data.pkl naming os.system is refused
+    before anything runs."""
+    import pickle
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)
+    with zipfile.ZipFile(tmp_path / "ViT-B-32.pt", "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"visual.conv1.weight": _RunsCode()}, protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps(()))
+    with pytest.raises(ClipWeightsError, match=r"cannot read CLIP weights \(refused to unpickle.*'(posix|os)\.system'"):
+        clip_mod.read_state_dict(tmp_path / "ViT-B-32.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_clip_bad_files(tmp_path, clip_model):
     garbled = [("x.safetensors", b"\x00garbage" * 10), ("x.pt", b"not a pickle at all"), ("empty.bin", b"")]
     for name, data in garbled:

@@ -13,11 +13,9 @@ Where EDM would fail or guess, we are deliberate (also stated in `vcdm dataset c
 """
 from __future__ import annotations
 
-import _codecs
 import contextlib
 import multiprocessing
 import os
-import pickle
 import re
 import signal
 import tarfile
@@ -129,27 +127,13 @@ def _derive_labels(archive: Archive, names: list[str]) -> tuple[list | None, lis
     return [classes[t] for t in tops], class_names
 
 
-_np_core = getattr(np, "_core", None) or np.core
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR's batches (dicts, lists, numpy arrays) and nothing that could run code.
-
-    The official batches are Python 2 pickles; `_codecs.encode` appears in protocol-2 pickles that
-    Python 3 writes (it is how they store bytes) and only turns a string into bytes.
-    """
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _np_core.multiarray._reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): _np_core.multiarray._reconstruct,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _codecs.encode}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
-        return self.ALLOWED[module, name]
-
-
 def _open_cifar10(path: Path) -> Source:
+    """CIFAR-10's python tarball. Its batches are pickles (the official ones Python 2's), read by vcdm's
+    restricted unpickler: dicts, lists, strings and numeric numpy arrays, nothing that could run code.
+    It is imported here because it loads torch, which the dataset tool otherwise never needs."""
+    from vcdm.legacy.records import as_array
+    from vcdm.legacy.unpickle import CIFAR_BATCH, unpickle
+
     images, labels = [], []
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -164,12 +148,12 @@ def _open_cifar10(path: Path) -> Source:
                                        f"{CIFAR_MEMBER_BYTES:,})")
                 f = tar.extractfile(info)
                 try:
-                    data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+                    data = unpickle(f, info.size, CIFAR_BATCH, encoding="latin1")
                 except Exception as e:
                     raise DatasetError(f"{path}:{member}: not a CIFAR-10 batch ({e})") from None
                 data = data if isinstance(data, dict) else {}
                 data = {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
-                x, y = np.asarray(data.get("data")), np.asarray(data.get("labels"))
+                x, y = np.asarray(as_array(data.get("data"))), np.asarray(data.get("labels"))
                 if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),) or y.dtype.kind not in "iu":
                     raise DatasetError(f"{path}:{member}: expected 'data' uint8 (N, 3072) and 'labels' (N,) integers")
                 images.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))

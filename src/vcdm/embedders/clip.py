@@ -12,11 +12,9 @@ state dicts (.safetensors, or .bin/.pt read with ``weights_only=True``) and Open
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
-import pickle
 import socket
 import threading
 import zipfile
@@ -28,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vcdm.embedders.base import Embedder, EmbedderError, state_fingerprint
+from vcdm.legacy.records import LegacyError, Record
+from vcdm.legacy.unpickle import TORCHSCRIPT_ARCHIVE, read_pickle
 
 MODEL = "ViT-B-32-quickgelu"
 ENV = "VCDM_CLIP_WEIGHTS"
@@ -190,7 +190,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # every reader has its own exception types; all mean "not usable"
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        text = str(e).strip().removeprefix(f"{path}: ")  # the restricted unpickler names the file too
+        reason = text.splitlines()[0][:200] if text else type(e).__name__
         raise ClipWeightsError(f"{path}: cannot read CLIP weights ({reason}); expected an open_clip state dict "
                                f"(.safetensors/.bin/.pt) or OpenAI's ViT-B-32.pt") from None
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
@@ -215,64 +216,20 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-_STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
-
-
-class _ScriptObject:
-    """A TorchScript module or object: only its attribute dict is kept."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.attrs = state if isinstance(state, dict) else {}
-
-
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
-    return torch.as_strided(storage, size, stride, offset)
-
-
-class _TorchScriptUnpickler(pickle.Unpickler):
-    """Reads a TorchScript archive's data.pkl into plain objects and tensors; any other global is refused."""
-
-    def __init__(self, archive: zipfile.ZipFile, root: str):
-        super().__init__(archive.open(f"{root}/data.pkl"))
-        self.archive, self.root = archive, root
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__torch__" or module.startswith("__torch__."):
-            return _ScriptObject
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if module == "torch.jit._pickle" and name.startswith(("build_", "restore_type_tag")):
-            return lambda value, *_: value
-        raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a TorchScript archive")
-
-    def persistent_load(self, pid: Any) -> torch.Tensor:
-        _, dtype, key, _location, numel = pid
-        data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-        return torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
-
-
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
-    """Named tensors of a TorchScript archive (e.g. OpenAI's ViT-B-32.pt) without running its code."""
-    with zipfile.ZipFile(path) as z:
-        roots = [n[:-len("/data.pkl")] for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if not roots:
-            raise pickle.UnpicklingError("TorchScript archive without data.pkl")
-        obj = _TorchScriptUnpickler(z, roots[0]).load()
+    """Named tensors of a TorchScript archive (e.g. OpenAI's ViT-B-32.pt), read by vcdm's restricted
+    unpickler: its code is never run, its modules become Records of their attributes."""
     out: dict[str, torch.Tensor] = {}
 
-    def walk(node: Any, prefix: str) -> None:
-        for key, value in getattr(node, "attrs", {}).items():
+    def walk(node: Record, prefix: str) -> None:
+        for key, value in node.state.items():
             if isinstance(value, torch.Tensor):
                 out[prefix + key] = value
-            elif isinstance(value, _ScriptObject):
+            elif isinstance(value, Record):
                 walk(value, f"{prefix}{key}.")
 
-    walk(obj, "")
+    root = read_pickle(path, TORCHSCRIPT_ARCHIVE)
+    if not isinstance(root, Record):
+        raise LegacyError(f"the archive holds a {type(root).__name__}, expected a TorchScript module")
+    walk(root, "")
     return out

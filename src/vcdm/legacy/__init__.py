@@ -6,11 +6,27 @@
 - :mod:`vcdm.legacy.edm2`: the same for EDM2's pickles (post-hoc reconstructions, raw snapshots as post-hoc
   EMA inputs, their encoders).
 - :mod:`vcdm.legacy.pretrained`: initialising a training network from pretrained weights.
-"""
-from vcdm.legacy.edm import NET_CLASSES, PRECOND_KINDS, LegacyNetwork, import_edm, load_legacy_pickle, to_vcdm
-from vcdm.legacy.pretrained import PretrainedReport, load_pretrained
-from vcdm.legacy.records import LegacyError, Record, UnsafePickleError
-from vcdm.legacy.unpickle import read_pickle
 
-__all__ = ["NET_CLASSES", "PRECOND_KINDS", "LegacyError", "LegacyNetwork", "PretrainedReport", "Record",
-           "UnsafePickleError", "import_edm", "load_legacy_pickle", "load_pretrained", "read_pickle", "to_vcdm"]
+Submodules are imported on first use, so the embedders and the dataset tool can use the restricted
+unpickler without loading the network importers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    **dict.fromkeys(["NET_CLASSES", "PRECOND_KINDS", "LegacyNetwork", "import_edm", "load_legacy_pickle", "to_vcdm"],
+                    "vcdm.legacy.edm"),
+    **dict.fromkeys(["PretrainedReport", "load_pretrained"], "vcdm.legacy.pretrained"),
+    **dict.fromkeys(["LegacyError", "Record", "UnsafePickleError"], "vcdm.legacy.records"),
+    "read_pickle": "vcdm.legacy.unpickle",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vcdm.legacy' has no attribute '{name}'")

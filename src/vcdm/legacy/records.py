@@ -103,9 +103,16 @@ class _NDArray(Record):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise LegacyError("malformed numpy array state")
         shape, dtype, fortran, raw = state[-4:]
+        if isinstance(raw, str):  # a Python 2 pickle read with encoding='latin1'
+            raw = raw.encode("latin1")
         if not isinstance(dtype, _NumpyDType) or not isinstance(raw, (bytes, bytearray)):
             raise LegacyError("numpy array of objects or without raw data is not allowed")
         self.array = np.frombuffer(bytes(raw), dtype=dtype.dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def as_array(value: Any) -> Any:
+    """The numpy array an unpickled array stands for; any other value unchanged."""
+    return value.array if isinstance(value, _NDArray) else value
 
 
 def _np_dtype(code: Any, align: Any = False, copy: Any = False) -> _NumpyDType:

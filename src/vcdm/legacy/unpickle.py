@@ -18,6 +18,10 @@ Here every global a file names is looked up in an allow-list that maps it to *ou
 rebuilding from raw bytes, a few builtin containers, and :class:`Record`, an inert stand-in that only
 keeps a class name and data. ``module_src`` is never executed (nor kept). Any other global is refused
 before anything is called, and only Records accept state from the file (pickle's BUILD).
+
+This is vcdm's one restricted unpickler: CIFAR-10's batches (vcdm.data.dataset_tool) and OpenAI's
+TorchScript CLIP archive (vcdm.embedders.clip) are read through it too, each with its own
+:class:`AllowList`, under the same memory and nesting bounds.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -134,18 +138,61 @@ def _storage_from_bytes(blob: Any) -> _Storage:
 
 
 # ------------------------------------------------------------------------------------------------
-# The restricted unpickler.
+# The restricted unpickler and the allow-lists it is used with.
 
-_ALLOWED: dict[str, Any] = {
-    "torch_utils.persistence._reconstruct_persistent_obj": _persistent_record,
+TENSOR_GLOBALS: dict[str, Any] = {  # how torch pickles tensors, parameters and their containers
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
     "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-    "torch.storage._load_from_bytes": _storage_from_bytes,
     "torch.Size": torch.Size,
     "collections.OrderedDict": collections.OrderedDict,
+}
+NUMPY_GLOBALS: dict[str, Any] = {  # numeric numpy arrays, scalars and dtypes; bytes as protocol 2 spells them
+    "numpy.dtype": _np_dtype,
+    "numpy.ndarray": _NDArrayType,
+    "numpy.core.multiarray.scalar": _np_scalar,
+    "numpy._core.multiarray.scalar": _np_scalar,
+    "numpy.core.multiarray._reconstruct": _np_reconstruct,
+    "numpy._core.multiarray._reconstruct": _np_reconstruct,
+    "_codecs.encode": _latin1,
+}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """The globals one kind of file may name. ``names`` maps each qualified name to what stands in for it;
+    a class of a module under ``record_prefixes`` becomes an inert :class:`Record`; ``tensors`` admits
+    torch's storage types and dtypes. ``kind`` names such a file in refusals."""
+    kind: str
+    names: Mapping[str, Any]
+    record_prefixes: tuple[str, ...] = ()
+    tensors: bool = False
+
+    def resolve(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
+        qualname = f"{module}.{name}"
+        if qualname in self.names:
+            return self.names[qualname]
+        if self.tensors and module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        if self.tensors and module == "torch" and name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+        if self.record_prefixes and module.startswith(self.record_prefixes) and name.isidentifier():
+            return _record_class(qualname)
+        raise UnsafePickleError(f"refused to unpickle: the file references '{qualname}', which {self.kind} does "
+                                "not need (loading it could run code)")
+
+
+# EDM's, EDM2's and the release's network pickles. Classes pickled by name whose instances become inert
+# Records: torch's standard layers and containers, and the data/layer classes of EDM's and the release's
+# `training` package (incl. the prior's einops / rotary-embedding layers). Only their recorded __dict__ is kept.
+NETWORK_PICKLE = AllowList("a network pickle", {
+    **TENSOR_GLOBALS, **NUMPY_GLOBALS,
+    "torch_utils.persistence._reconstruct_persistent_obj": _persistent_record,
+    "torch.storage._load_from_bytes": _storage_from_bytes,
     "copyreg._reconstructor": _reconstructor,
     "builtins.object": object,
     "builtins.set": set,
@@ -153,37 +200,25 @@ _ALLOWED: dict[str, Any] = {
     "builtins.slice": slice,
     "builtins.complex": complex,
     "builtins.bytearray": _bytearray,
-    "_codecs.encode": _latin1,
     "dnnlib.util.EasyDict": _EasyDict,
     "einops.einops.TransformRecipe": _record_class("einops.einops.TransformRecipe"),  # in the prior's Rearranges
-    "numpy.dtype": _np_dtype,
-    "numpy.ndarray": _NDArrayType,
-    "numpy.core.multiarray.scalar": _np_scalar,
-    "numpy._core.multiarray.scalar": _np_scalar,
-    "numpy.core.multiarray._reconstruct": _np_reconstruct,
-    "numpy._core.multiarray._reconstruct": _np_reconstruct,
-}
-# Classes pickled by name whose instances become inert Records: torch's standard layers and
-# containers, and the data/layer classes of EDM's and the release's `training` package (incl. the
-# prior's einops / rotary-embedding layers). Only their recorded __dict__ is kept.
-_RECORD_PREFIXES = ("torch.nn.modules.", "training.", "einops.layers.", "rotary_embedding_torch.")
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+}, record_prefixes=("torch.nn.modules.", "training.", "einops.layers.", "rotary_embedding_torch."), tensors=True)
 
 
-def _resolve_global(module: str, name: str) -> Any:
-    module = _PY2_MODULES.get(module, module)
-    qualname = f"{module}.{name}"
-    if qualname in _ALLOWED:
-        return _ALLOWED[qualname]
-    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
-        return _StorageType(name)
-    if module == "torch" and name in _TORCH_DTYPES:
-        return _TORCH_DTYPES[name]
-    if module.startswith(_RECORD_PREFIXES) and name.isidentifier():
-        return _record_class(qualname)
-    raise UnsafePickleError(f"refused to unpickle: the file references '{qualname}', which is not a tensor "
-                            "or data constructor vcdm allows (loading it could run code)")
+def _script_value(value: Any, *_type_tag: Any) -> Any:
+    """Stand-in for ``torch.jit._pickle.build_*list`` and ``restore_type_tag``: the value as pickled."""
+    return value
 
+
+# OpenAI's TorchScript CLIP archive (vcdm.embedders.clip): its modules become Records holding their
+# attributes; lists and type tags are kept as pickled.
+TORCHSCRIPT_ARCHIVE = AllowList("a TorchScript archive", {
+    **TENSOR_GLOBALS,
+    **{f"torch.jit._pickle.{name}": _script_value
+       for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "restore_type_tag")},
+}, record_prefixes=("__torch__",), tensors=True)
+# CIFAR-10's python batches (vcdm.data.dataset_tool): dicts, lists, strings and numeric numpy arrays.
+CIFAR_BATCH = AllowList("a CIFAR-10 batch", NUMPY_GLOBALS)
 
 class _Dispatch(dict):
     """Opcode handlers; a byte that is no opcode is reported as such (not as a KeyError's number)."""
@@ -216,14 +251,15 @@ class _SafeUnpickler(pickle._Unpickler):
     to the read's budget, and the nesting of hashable containers is tracked (see vcdm.legacy.limits)."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, file: Any, persistent: Callable[[Any], Any] | None = None):
-        super().__init__(file)
-        self._persistent = persistent
+    def __init__(self, file: Any, allowed: AllowList, persistent: Callable[[Any], Any] | None = None,
+                 encoding: str = "ASCII"):
+        super().__init__(file, encoding=encoding)
+        self._allowed, self._persistent = allowed, persistent
         self._budget = current_budget()
         self._nesting = NestingTracker(self._budget)
 
     def find_class(self, module: str, name: str) -> Any:
-        return _resolve_global(module, name)
+        return self._allowed.resolve(module, name)
 
     def load_reduce(self) -> None:
         charge(self._budget, self.stack[-1])
@@ -275,18 +311,28 @@ class _SafeUnpickler(pickle._Unpickler):
     dispatch = _Dispatch({code: _charged(handler) for code, handler in dispatch.items()})
 
 
-def _unpickle(f: Any, persistent: Callable[[Any], Any] | None = None) -> Any:
-    return _SafeUnpickler(f, persistent).load()
+def _unpickle(f: Any, persistent: Callable[[Any], Any] | None = None, allowed: AllowList = NETWORK_PICKLE) -> Any:
+    return _SafeUnpickler(f, allowed, persistent).load()
 
 
-def _read_torch_stream(f: Any, magic: Any) -> Any:
+def unpickle(f: Any, size: int, allowed: AllowList, *, encoding: str = "ASCII") -> Any:
+    """Unpickle one plain pickle of at most ``size`` bytes from ``f``, naming only ``allowed``'s globals,
+    under a memory budget of twice ``size`` (see vcdm.legacy.limits). ``encoding`` decodes Python 2
+    strings ('latin1' hands their bytes to numpy unchanged)."""
+    with budgeted(file_budget(size)):
+        obj = _SafeUnpickler(BoundedReader(f, size), allowed, encoding=encoding).load()
+    check_nesting(obj)
+    return obj
+
+
+def _read_torch_stream(f: Any, magic: Any, allowed: AllowList = NETWORK_PICKLE) -> Any:
     """torch's legacy format after its first object, ``magic``: protocol, sys info, the object (storages
     as persistent ids), the list of storage keys, then per storage an int64 element count and the bytes."""
     if not (type(magic) is int and magic == TORCH_MAGIC):
         raise LegacyError("not torch's serialization format (bad magic number)")
-    if _unpickle(f) != TORCH_PROTOCOL:
+    if _unpickle(f, None, allowed) != TORCH_PROTOCOL:
         raise LegacyError("unsupported torch serialization protocol")
-    info = _unpickle(f)
+    info = _unpickle(f, None, allowed)
     if not isinstance(info, dict) or not info.get("little_endian", False):
         raise LegacyError("big-endian torch files are not supported")
     storages: dict[str, _Storage] = {}
@@ -304,8 +350,8 @@ def _read_torch_stream(f: Any, magic: Any) -> Any:
             storages[key] = _Storage(stype.dtype, numel)
         return storages[key]
 
-    obj = _unpickle(f, persistent)
-    keys = _unpickle(f)
+    obj = _unpickle(f, persistent, allowed)
+    keys = _unpickle(f, None, allowed)
     if not isinstance(keys, list) or set(keys) != set(storages):
         raise LegacyError("storage key list does not match the storages the object uses")
     for key in keys:
@@ -330,7 +376,7 @@ def _zip_member(zf: zipfile.ZipFile, name: str, limit: int) -> zipfile.ZipInfo:
     return info
 
 
-def _read_torch_zip(f: Any, archive_size: int) -> Any:
+def _read_torch_zip(f: Any, archive_size: int, allowed: AllowList) -> Any:
     """torch.save's zip format: <root>/data.pkl with storages as persistent ids of <root>/data/<key>."""
     member_limit = ZIP_MEMBER_FACTOR * archive_size
     current_budget().take(ZIPINFO_BYTES * zip_entry_count(f, archive_size), "the archive's directory")
@@ -359,7 +405,7 @@ def _read_torch_zip(f: Any, archive_size: int) -> Any:
 
         info = _zip_member(zf, pkls[0], member_limit)
         with zf.open(info) as data:
-            return _unpickle(BoundedReader(data, info.file_size, f"archive member {info.filename}"), persistent)
+            return _unpickle(BoundedReader(data, info.file_size, f"archive member {info.filename}"), persistent, allowed)
 
 
 def _refuse_safetensors(head: bytes, size: int) -> None:
@@ -369,9 +415,10 @@ def _refuse_safetensors(head: bytes, size: int) -> None:
                           "use it directly as a vcdm network")
 
 
-def read_pickle(path: PathLike) -> Any:
+def read_pickle(path: PathLike, allowed: AllowList = NETWORK_PICKLE) -> Any:
     """Unpickle an EDM/VCDM file (plain pickle, torch legacy or torch zip) into plain containers,
-    tensors and :class:`Record` stand-ins, executing nothing from it."""
+    tensors and :class:`Record` stand-ins, executing nothing from it and naming only ``allowed``'s globals
+    (a TorchScript archive, a torch zip too, has its own list)."""
     path = Path(path)
     if not path.is_file():
         raise LegacyError(f"{path}: no such file")
@@ -382,12 +429,12 @@ def read_pickle(path: PathLike) -> Any:
             _refuse_safetensors(head, size)
             f.seek(0)
             if head.startswith(b"PK\x03\x04"):
-                obj = _read_torch_zip(f, size)
+                obj = _read_torch_zip(f, size, allowed)
             else:
                 reader = BoundedReader(f, size)
-                obj = _unpickle(reader)
+                obj = _unpickle(reader, None, allowed)
                 if type(obj) is int and obj == TORCH_MAGIC:
-                    obj = _read_torch_stream(reader, obj)
+                    obj = _read_torch_stream(reader, obj, allowed)
         check_nesting(obj)
         return obj
     except LegacyError as e:
