@@ -7,11 +7,9 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from vcdm.checkpoints import read_checkpoint_config
 from vcdm.cli.errors import user_errors
 from vcdm.diffusion.settings import CHOICES, DEFAULT_STEPS, PRESETS, SAMPLERS, SamplerOptionError, SamplerOptions
 from vcdm.fileio import IntRanges
-from vcdm.generate.options import FlagError
 
 class SigmaInterval(click.ParamType):
     """``LO,HI`` → (lo, hi), two noise levels (``inf`` allowed for HI); SamplerOptions checks their order."""
@@ -114,7 +112,7 @@ def pop_sampler_options(kwargs: dict[str, Any], prefix: str = "", preset: str | 
     try:
         return SamplerOptions.resolve(given, defaults, preset, recorded)
     except SamplerOptionError as e:
-        raise FlagError(e.named(lambda key: f"--{prefix}{FLAGS[key]}" if key in FLAGS else f"--{key}")) from None
+        raise click.UsageError(e.named(lambda key: f"--{prefix}{FLAGS[key]}" if key in FLAGS else f"--{key}")) from None
 
 
 def class_option(help_: str) -> Callable:
@@ -130,6 +128,8 @@ def class_from_flag(value: str | None, *checkpoints: str) -> int | None:
         return None
     if value.strip().isdigit():
         return int(value)
+    from vcdm.checkpoints import read_checkpoint_config  # torch: imported by the command, not by its --help
+
     names: list[str] = []
     for path in checkpoints:
         try:
@@ -139,9 +139,10 @@ def class_from_flag(value: str | None, *checkpoints: str) -> int | None:
     if value in names:
         return names.index(value)
     if not names:
-        raise FlagError(f"--class: expected a class index (the model records no class names), got '{value}'")
+        raise click.UsageError(f"--class: expected a class index (the model records no class names), got '{value}'")
     shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (f", … ({len(names)} in all)" if len(names) > MAX_NAMES_SHOWN else "")
-    raise FlagError(f"--class: expected a class index or one of the model's class names ({shown}), got '{value}'")
+    raise click.UsageError(f"--class: expected a class index or one of the model's class names ({shown}), got "
+                           f"'{value}'")
 
 
 def inference_options(f: Callable) -> Callable:

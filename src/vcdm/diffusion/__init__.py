@@ -1,15 +1,33 @@
-"""Diffusion machinery: losses, samplers, sampler settings, per-seed RNG, augmentation. Knows nothing about files."""
-from vcdm.diffusion.augment import AugmentPipe, edm_augment_pipe
-from vcdm.diffusion.guidance import Guidance
-from vcdm.diffusion.loss import EDMLoss, VELoss, VPLoss
-from vcdm.diffusion.rng import StackedRandomGenerator
-from vcdm.diffusion.samplers import (Churn, sample_ablation, sample_consistency, sample_dpmpp_2m, sample_dpmpp_2m_sde,
-                                     sample_dpmpp_3m_sde, sample_euler, sample_euler_ancestral, sample_heun, sample_unipc)
-from vcdm.diffusion.sampling import GuidedModel, guided, sample
-from vcdm.diffusion.schedules import karras_sigmas
-from vcdm.diffusion.settings import PRESETS, SAMPLERS, SamplerOptionError, SamplerOptions
+"""Diffusion machinery: losses, samplers, sampler settings, per-seed RNG, augmentation. Knows nothing about files.
 
-__all__ = ["AugmentPipe", "edm_augment_pipe", "EDMLoss", "VPLoss", "VELoss", "StackedRandomGenerator", "SAMPLERS",
-           "PRESETS", "SamplerOptions", "SamplerOptionError", "Churn", "Guidance", "GuidedModel", "guided",
-           "karras_sigmas", "sample", "sample_ablation", "sample_consistency", "sample_dpmpp_2m", "sample_euler",
-           "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_unipc"]
+The names below are imported on first use, so that ``vcdm.diffusion.settings`` (and with it the commands'
+--help) loads without torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AugmentPipe": "augment", "edm_augment_pipe": "augment", "Guidance": "guidance",
+    "EDMLoss": "loss", "VELoss": "loss", "VPLoss": "loss", "StackedRandomGenerator": "rng",
+    **{name: "samplers" for name in ("Churn", "sample_ablation", "sample_consistency", "sample_dpmpp_2m",
+                                      "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_euler",
+                                      "sample_euler_ancestral", "sample_heun", "sample_unipc")},
+    "GuidedModel": "sampling", "guided": "sampling", "sample": "sampling", "karras_sigmas": "schedules",
+    "PRESETS": "settings", "SAMPLERS": "settings", "SamplerOptionError": "settings", "SamplerOptions": "settings",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vcdm.diffusion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vcdm.diffusion.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -69,9 +69,6 @@ def iddpm_sigmas(num_steps: int, sigma_min: float, sigma_max: float, C_1: float 
     return u[((len(u) - 1) / max(num_steps - 1, 1) * i).round().to(torch.int64)]
 
 
-DISCRETIZATIONS = ("edm", "vp", "ve", "iddpm")
-
-
 def default_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
     """EDM's (sigma_min, sigma_max) for each discretisation."""
     if discretization == "vp":
@@ -89,9 +86,6 @@ class Process:
     sigma_inv: Callable
     s: Callable
     s_deriv: Callable
-
-
-SCHEDULES, SCALINGS = ("vp", "ve", "linear"), ("vp", "none")
 
 
 def process(schedule: str = "linear", scaling: str = "none", beta_d: float = 19.9, beta_min: float = 0.1) -> Process:

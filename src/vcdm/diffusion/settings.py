@@ -2,7 +2,7 @@
 the original release and of EDM, the named presets, and every check. ``SamplerOptions`` is what the
 command line, the Python API and ``vcdm.diffusion.sample`` build; the samplers trust it.
 
-Errors name settings by their field names (``num_steps``); a command line maps them to its flags
+Needs no torch, so that the commands' --help stays instant. Errors name settings by their field names (``num_steps``); a command line maps them to its flags
 (``--steps``) with ``SamplerOptionError.named``.
 """
 from __future__ import annotations
@@ -13,8 +13,6 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping
-
-from vcdm.diffusion.schedules import DISCRETIZATIONS, SCALINGS, SCHEDULES
 
 SCHEDULE_OPTIONS = frozenset({"num_steps", "sigma_min", "sigma_max", "rho"})
 CHURN_OPTIONS = ("S_churn", "S_min", "S_max", "S_noise")
@@ -33,6 +31,8 @@ SAMPLERS = tuple(TAKES)
 CHURN_SAMPLERS = tuple(name for name, takes in TAKES.items() if "S_churn" in takes)
 DETERMINISTIC = ("dpm2m", "unipc")  # no noise after the start ("has no churn" for the other samplers without churn)
 SOLVERS = ("euler", "heun")
+DISCRETIZATIONS = ("edm", "vp", "ve", "iddpm")  # EDM's Table 1 (vcdm.diffusion.schedules)
+SCHEDULES, SCALINGS = ("vp", "ve", "linear"), ("vp", "none")  # sigma(t) and s(t) of EDM's ablation sampler
 MAX_STEPS = 10_000  # sampling steps: the noise levels and the work grow with them (1e9 would allocate 8 GB)
 DEFAULT_STEPS = 18  # EDM's
 CONSISTENCY_STEPS = (1, 4)  # the consistency sampler's range of steps (a tuned model's; vcdm tune)
