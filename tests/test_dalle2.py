@@ -166,8 +166,8 @@ def test_prior_checkpoints_of_the_earlier_dalle2_still_load(tmp_path):
 # A snapshot of the release's prior, hand-written in its pickled form (EDMPrecond persistent, the rest
 # pickled by class name under the release's module/class names), imported by `vcdm import-edm`.
 
-RELEASE_CLASSES = {"DALLE2Prior": "DALLE2CLIPModel", "CausalTransformer": "CausalTransformer", "Attention": "Attention",
-                   "LayerNorm": "LayerNorm", "RelPosBias": "RelPosBias", "SwiGLU": "SwiGLU",
+RELEASE_CLASSES = {"DALLE2Prior": "DALLE2CLIPModel", "CausalTransformer": "CausalTransformer",
+                   "MultiQueryCosineAttention": "Attention", "LayerNorm": "LayerNorm", "RelPosBias": "RelPosBias", "SwiGLU": "SwiGLU",
                    "SinusoidalEmbedding": "SinusoidalPosEmb", "TimeMLP": "MLP"}
 
 

@@ -11,7 +11,7 @@ from vcdm.nets import build_network
 from vcdm.nets.adm import DhariwalUNet
 from vcdm.nets.layers import Conv2d, PositionalEmbedding
 from vcdm.nets.presets import PresetError, preset
-from vcdm.nets.prior import Attention, PriorTransformer, rotary, rotate
+from vcdm.nets.prior import MultiHeadRotaryAttention, PriorTransformer, rotary, rotate
 from vcdm.nets.songunet import SongUNet
 
 REFERENCE = Path(__file__).parent / "data" / "edm-networks-state-dict.json"  # copy of shared/reference
@@ -214,7 +214,7 @@ def test_prior_forward_shape_and_inputs_matter(kwargs):
 
 def test_prior_attention_is_causal():
     torch.manual_seed(0)
-    attn = Attention(dim=16, heads=2, dim_head=8, dropout=0).eval()
+    attn = MultiHeadRotaryAttention(dim=16, heads=2, dim_head=8, dropout=0).eval()
     x = torch.randn(2, 5, 16)
     cos, sin = rotary(5, 8, x.device)
     changed = x.clone()

@@ -82,7 +82,7 @@ class RelPosBias(nn.Module):
         return self.relative_attention_bias(bucket).permute(2, 0, 1)
 
 
-class Attention(nn.Module):
+class MultiQueryCosineAttention(nn.Module):
     """Causal multi-query cosine-similarity attention with a learned null key/value."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, rotary_emb: Rotary):
@@ -130,8 +130,9 @@ class CausalTransformer(nn.Module):
         super().__init__()
         self.rel_pos_bias = RelPosBias(heads)
         rotary = Rotary(min(ROTARY_DIM, dim_head))
-        self.layers = nn.ModuleList(nn.ModuleList([Attention(dim, heads, dim_head, rotary), feed_forward(dim, ff_mult)])
-                                    for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([MultiQueryCosineAttention(dim, heads, dim_head, rotary), feed_forward(dim, ff_mult)])
+            for _ in range(depth))
         self.norm = LayerNorm(dim, stable=True)
         self.project_out = nn.Linear(dim, dim, bias=False)
 

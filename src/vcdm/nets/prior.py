@@ -27,7 +27,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class Attention(nn.Module):
+class MultiHeadRotaryAttention(nn.Module):
     """Pre-norm causal multi-head self-attention with rotary position embedding."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float):
@@ -59,10 +59,12 @@ class FeedForward(nn.Module):
         return self.proj_out(F.dropout(a * F.silu(gate), self.dropout, self.training))
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
+    """Pre-norm residual attention then feed-forward."""
+
     def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int, dropout: float):
         super().__init__()
-        self.attn = Attention(dim, heads, dim_head, dropout)
+        self.attn = MultiHeadRotaryAttention(dim, heads, dim_head, dropout)
         self.ff = FeedForward(dim, ff_mult, dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -95,7 +97,7 @@ class PriorTransformer(nn.Module):
                                        nn.Linear(2 * dim, dim))
         self.proj_in = nn.Linear(embed_dim, dim)  # even when embed_dim == dim: see the class docstring
         self.query = nn.Parameter(torch.randn(dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, dim_head, ff_mult, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dim_head, ff_mult, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, bias=False)
         self.proj_out = nn.Linear(dim, embed_dim, bias=False)
 
