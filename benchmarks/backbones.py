@@ -34,7 +34,7 @@ from vcdm.checkpoints import read_checkpoint_config
 from vcdm.data import digits
 from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say
 from vcdm.demo.run import new_run_dir
-from vcdm.demo.sampling import sample_two_stage
+from vcdm.demo.sampling import two_stage_images
 from vcdm.demo.training import read_stats, train_options, train_run
 from vcdm.fileio import atomic_write
 from vcdm.metrics.judge import make_judge
@@ -115,7 +115,7 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace, sizes: Sizes, data:
         for kind in IMAGE_KINDS:
             nimg = nimgs[kind][i]
             image = profile(kept[kind][nimg], PROFILE if kind == "edm2" else None)
-            rows[kind] = judge.evaluate(sample_two_stage(prior, image, seeds, out / f"budget-{budget:g}" / kind, **kw))
+            rows[kind] = judge.evaluate(two_stage_images(prior, image, seeds, out / f"budget-{budget:g}" / kind, **kw))
             rows[kind].update(kimg=nimg / 1000, train_sec=train_seconds(out / kind, nimg))
         rows["prior"] = {"kimg": nimgs["prior"][i] / 1000, "train_sec": train_seconds(out / "prior", nimgs["prior"][i])}
         results[f"{budget:g}"] = rows
@@ -124,7 +124,7 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace, sizes: Sizes, data:
     plan = phema_io.plan(inputs, args.phema_stds)
     phema = {}
     for std, path in zip(args.phema_stds, phema_io.write(plan, args.phema_stds, out / "phema")):
-        images = sample_two_stage(prior, path, seeds, out / "phema" / f"samples-{std:.3f}", **kw)
+        images = two_stage_images(prior, path, seeds, out / "phema" / f"samples-{std:.3f}", **kw)
         phema[f"{std:.3f}"] = judge.evaluate(images)["fd"]
     return {"seed": seed, "results": results, "phema": phema, "phema_inputs": len(plan.snapshots),
             "flops": flops, "classifier_test_accuracy": judge.test_accuracy}

@@ -17,12 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from common import add_common_args, machine, markdown_table, result, row, write_json
-from vcdm.checkpoints import save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.precond import Denoiser
@@ -39,8 +40,7 @@ def write_run(folder: Path, cbase: int, times: int) -> int:
     cls, kwargs = preset("ddpmpp", resolution=32, channels=3, embed_dim=0, label_dim=0, augment_dim=0, cbase=cbase,
                          cres=[2, 2, 2], dropout=0.0)
     net = build_network(cls, kwargs)
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": Denoiser(net, structure).config(),
-              "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
+    config = CheckpointConfig(cls, kwargs, Denoiser(net, structure).config(), structure.to_dict())
     params = {name for name, _ in net.named_parameters()}
     state = net.state_dict()
     for k in range(1, times + 1):
@@ -48,7 +48,7 @@ def write_run(folder: Path, cbase: int, times: int) -> int:
             weights = {n: (t + 0.01 * k * std).half() if n in params else t for n, t in state.items()}
             training = {"nimg": k * 100_000, "batch": 512, "ema_profile": {"std": std}}
             save_checkpoint(folder / f"network-snapshot-{k * 100:06d}-{std:.3f}.safetensors", {"net": weights},
-                            dict(config, training=training))
+                            replace(config, training=training))
     return sum(t.numel() * 4 for t in state.values())
 
 

@@ -64,7 +64,7 @@ from vcdm.data import digits
 from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say
 from vcdm.demo.figures import save_panels
 from vcdm.demo.run import new_run_dir
-from vcdm.demo.sampling import sample_model, sample_two_stage, write_true_embeddings
+from vcdm.demo.sampling import sample_model, two_stage_images, write_true_embeddings
 from vcdm.demo.training import read_stats, train_options, train_run
 from vcdm.fileio import atomic_path, atomic_write
 from vcdm.metrics.judge import make_judge
@@ -175,7 +175,7 @@ def evaluate_budget(ctx: Context, out: Path, uncond: Path, prior: Path, image: P
     seeds = list(range(ctx.num))
     kw = dict(steps=ctx.steps, device=ctx.device, progress=ctx.progress)
     images = {"uncond": sample_model(uncond, seeds, out / "samples-uncond", **kw),
-              "two_stage": sample_two_stage(prior, image, seeds, out / "samples-two-stage", **kw)}
+              "two_stage": two_stage_images(prior, image, seeds, out / "samples-two-stage", **kw)}
     held_out = ctx.judge.test_images[:ctx.num]
     write_true_embeddings(image, held_out, out / "true-embeddings", ctx.device)
     images["oracle"] = sample_model(image, seeds, out / "samples-oracle", load_obs_from=out / "true-embeddings", **kw)

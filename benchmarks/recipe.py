@@ -54,7 +54,7 @@ def heldout_error(snapshot: Path, kind: str, images: torch.Tensor, net_state: di
     if net_state is not None:
         denoiser.net.load_state_dict(net_state)
     denoiser.eval()
-    embedder = load_embedder(config["embedder"], tensors.get("embedder"))
+    embedder = load_embedder(config.embedder, tensors.get("embedder"))
     x = images.float() / 127.5 - 1
     with torch.no_grad():
         emb = embedder.embed(x)

@@ -36,7 +36,7 @@ import torch
 import wholeprocess
 from common import add_common_args, machine, result, row, write_json
 from vcdm import perf
-from vcdm.checkpoints import save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.diffusion.settings import PRESETS, evaluations
 from vcdm.generate import Conditioning, InferenceChoices, RunOptions, SamplerOptions, generate, load_model
@@ -59,8 +59,7 @@ def write_model(path: Path, arch: str, exist: str, observed: str, cbase: int | N
                          augment_dim=0, **unet)
     net = build_network(cls, kwargs)
     denoiser = Denoiser(net, structure)
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": denoiser.config(),
-              "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
+    config = CheckpointConfig(cls, kwargs, denoiser.config(), structure.to_dict())
     save_checkpoint(path, {"net": net.state_dict()}, config)
     return path
 

@@ -1,5 +1,6 @@
 """The safetensors checkpoint format: CheckpointConfig, round trip, refusal of foreign, damaged and
 hostile files (with bounded memory)."""
+import hashlib
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from memory_probe import expect_one_line_error, guarded
 from vcdm.checkpoints import (SAFETENSORS_DTYPES, VERSION, CheckpointConfig, CheckpointError, load_checkpoint,
-                              read_checkpoint_config, read_config, save_checkpoint, write_safetensors)
+                              read_checkpoint_config, save_checkpoint, write_safetensors)
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network, network_classes
 from vcdm.nets.precond import Denoiser
@@ -22,18 +23,25 @@ def _checkpoint(tmp_path, **extra):
                          cbase=8, cres=[1, 1])
     torch.manual_seed(0)
     den = Denoiser(build_network(cls, kwargs), s, pred_x0="0,1")
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": den.config(), "structure": s.to_dict(),
-              "embedder": {"name": "pixel-pca", "dim": 6}, "data": {}, "training": {"lr": 1e-4}, **extra}
+    config = CheckpointConfig.from_dict({"network": {"class": cls, "kwargs": kwargs}, "denoiser": den.config(),
+                                         "structure": s.to_dict(), "embedder": {"name": "pixel-pca", "dim": 6},
+                                         "data": {}, "training": {"lr": 1e-4}, **extra})
     path = tmp_path / "net.safetensors"
     save_checkpoint(path, {"net": den.net.state_dict(), "embedder": {"mean": torch.arange(6.0)}}, config)
     return path, den
+
+
+def stored_config(path) -> dict:
+    """The config as the file stores it: the JSON in its safetensors metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["vcdm"])
 
 
 @pytest.mark.determinism
 def test_checkpoint_round_trip_rebuilds_identical_denoiser(tmp_path):
     path, den = _checkpoint(tmp_path)
     loaded, config, rest = load_checkpoint(path)
-    assert config["training"] == {"lr": 1e-4} and config["embedder"]["dim"] == 6
+    assert config.training == {"lr": 1e-4} and config.embedder["dim"] == 6 and config.data_path is None
     assert torch.equal(rest["embedder"]["mean"], torch.arange(6.0))
     sd, sd2 = den.net.state_dict(), loaded.net.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -68,9 +76,9 @@ def test_tampered_or_foreign_files_are_refused(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file(tensors, str(plain))
     with pytest.raises(CheckpointError, match="not a vcdm checkpoint"):
-        read_config(plain)
+        read_checkpoint_config(plain)
     # weights swapped for another shape, config unchanged
-    meta = {"vcdm": json.dumps(read_config(path))}
+    meta = {"vcdm": json.dumps(stored_config(path))}
     tensors["net.enc.8x8_conv.weight"] = torch.zeros(4, 3, 3, 3)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
@@ -83,7 +91,7 @@ def test_tampered_or_foreign_files_are_refused(tmp_path):
     # edited metadata
     save_file(load_file(str(path)), str(bad), metadata={"vcdm": "{not json"})
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        read_config(bad)
+        read_checkpoint_config(bad)
     # truncated file, pickle, missing file
     trunc = tmp_path / "trunc.safetensors"
     trunc.write_bytes(path.read_bytes()[:1000])
@@ -92,9 +100,29 @@ def test_tampered_or_foreign_files_are_refused(tmp_path):
     pkl = tmp_path / "net.pkl"
     pkl.write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(CheckpointError, match="import-edm"):
-        read_config(pkl)
+        read_checkpoint_config(pkl)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        read_config(tmp_path / "absent.safetensors")
+        read_checkpoint_config(tmp_path / "absent.safetensors")
+
+
+STORED = {"network": {"class": "SongUNet", "kwargs": {"img_resolution": 8, "in_channels": 3, "out_channels": 3}},
+          "denoiser": {"kind": "edm", "sigma_data": 0.5, "noise_mult": [1.0, 1.0], "pred_x0": [0, 1]},
+          "structure": {"names": ["image", "embedding"], "shapes": [[3, 8, 8], [6]], "exist": [1, 1], "observed": [0, 1]},
+          "embedder": {"name": "pixel-pca", "dim": 6}, "data": {"path": "d.zip", "resolution": 8},
+          "training": {"lr": 1e-4, "nimg": 12}, "sampler": {"name": "consistency", "num_steps": 2}, "note": "kept"}
+STORED_SHA256 = "4742f2947b738692e61cc63c86344662d314a4d50ef2a8743829f3b112a6c63e"  # written by vcdm@a0e7180
+
+
+@pytest.mark.determinism
+def test_written_bytes_are_unchanged_since_the_config_was_typed(tmp_path):
+    """The file a config and tensors make is byte for byte what vcdm wrote when configs were passed as dicts."""
+    path = tmp_path / "net.safetensors"
+    save_checkpoint(path, {"net": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.arange(3).half()},
+                           "embedder": {"mean": torch.arange(6.0)}}, CheckpointConfig.from_dict(STORED))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == STORED_SHA256
+    assert read_checkpoint_config(path).extra == {"note": "kept"} and stored_config(path)["note"] == "kept"
+    with pytest.raises(TypeError, match="expected a CheckpointConfig"):
+        save_checkpoint(path, {}, STORED)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -121,18 +149,18 @@ def test_config_round_trips_and_keeps_unknown_entries(tmp_path):
     assert config.version == VERSION and config.network == "SongUNet" and config.training == {"lr": 1e-4}
     assert config.extra == {"note": "kept"} and config.imported_from is None
     assert CheckpointConfig.from_dict(config.to_dict()) == config
-    assert read_config(path) == config.to_dict() and read_config(path)["format"] == "vcdm-checkpoint"
+    assert stored_config(path) == config.to_dict() and stored_config(path)["format"] == "vcdm-checkpoint"
 
 
 def test_config_without_version_still_loads(tmp_path):
     """Checkpoints whose config has no version field (the first files) read as version 1."""
     path, den = _checkpoint(tmp_path)
-    raw = read_config(path)
+    raw = stored_config(path)
     del raw["version"]
     old = tmp_path / "old.safetensors"
     save_file(load_file(str(path)), str(old), metadata={"vcdm": json.dumps(raw)})
     loaded, config, _ = load_checkpoint(old)
-    assert config["version"] == 1 and loaded.config() == den.config()
+    assert config.version == 1 and loaded.config() == den.config()
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -148,7 +176,7 @@ def test_config_without_version_still_loads(tmp_path):
 def test_bad_configs_are_refused_in_their_own_terms(tmp_path, edit, match):
     path, _ = _checkpoint(tmp_path)
     bad = tmp_path / "bad.safetensors"
-    save_file(load_file(str(path)), str(bad), metadata={"vcdm": json.dumps({**read_config(path), **edit})})
+    save_file(load_file(str(path)), str(bad), metadata={"vcdm": json.dumps({**stored_config(path), **edit})})
     with pytest.raises(CheckpointError, match=match) as err:
         load_checkpoint(bad)
     assert str(err.value).startswith(str(bad)) and "--" not in str(err.value)
@@ -165,10 +193,11 @@ def test_training_and_import_write_the_same_schema():
     cls, kwargs = preset("ddpmpp", resolution=8, channels=3, embed_dim=0, label_dim=0, augment_dim=0,
                          cbase=8, cres=[1, 1])
     setup = Setup(Data(), None, s, Denoiser(torch.nn.Identity(), s), cls, kwargs, None, None, None, "")
-    written = setup.config({"data_class": "ImageFolderDataset", "path": "d.zip", "lr": 1e-3})
-    config = CheckpointConfig.from_dict(written)
+    config = setup.config({"data_class": "ImageFolderDataset", "path": "d.zip", "lr": 1e-3})
+    assert CheckpointConfig.from_dict(config.to_dict()) == config
     assert config.version == VERSION and config.network == cls and config.training["lr"] == 1e-3
-    assert set(written) == set(CheckpointConfig(cls, kwargs, {}, s.to_dict()).to_dict())
+    assert config.data_path == "d.zip" and config.makes_pixels and config.sampler is None
+    assert set(config.to_dict()) == set(CheckpointConfig(cls, kwargs, {}, s.to_dict()).to_dict())
 
 
 # ------------------------------------------------------------------------------------------------

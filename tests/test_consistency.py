@@ -18,7 +18,7 @@ from torch import nn
 import vcdm
 from tiny_models import write_model
 from tiny_runs import PRIOR, base_args, error_lines, run, run_dir, write_dataset
-from vcdm.checkpoints import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
 from vcdm.cli.tune import command as tune_cmd
@@ -141,11 +141,12 @@ def test_ect_tuning_turns_the_denoiser_into_a_one_step_sampler(one_thread):
 def test_checkpoint_sampler_entry_is_checked(tmp_path):
     path = write_model(tmp_path / "prior.safetensors", "prior")
     denoiser, config, tensors = load_checkpoint(path)
-    assert "sampler" not in config
+    assert config.sampler is None
     for bad in ({"name": "edm", "num_steps": 2}, {"name": "consistency", "num_steps": 9},
                 {"name": "consistency", "num_steps": 2.0}, {"name": "consistency", "num_steps": 2, "x": 1}, [1]):
         with pytest.raises(CheckpointError, match="config entry 'sampler'"):
-            save_checkpoint(tmp_path / "bad.safetensors", {"net": denoiser.net.state_dict()}, {**config, "sampler": bad})
+            save_checkpoint(tmp_path / "bad.safetensors", {"net": denoiser.net.state_dict()},
+                            CheckpointConfig.from_dict({**config.to_dict(), "sampler": bad}))
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +166,10 @@ def tuned(tmp_path_factory):
 @pytest.mark.slow
 def test_tune_records_the_sampler_and_starts_from_the_checkpoint(tuned):
     assert "Initialised all" in tuned["output"] and "ln(sigma) ~ N(-1.1, 2^2)" in tuned["output"]
-    config = read_config(tuned["tuned"])
-    assert config["sampler"] == {"name": "consistency", "num_steps": 2}
-    assert config["training"]["tune"] == "ect" and config["training"]["init"] == str(tuned["base"])
-    assert "sampler" not in read_config(tuned["base"])
+    config = read_checkpoint_config(tuned["tuned"])
+    assert config.sampler == {"name": "consistency", "num_steps": 2}
+    assert config.training["tune"] == "ect" and config.training["init"] == str(tuned["base"])
+    assert read_checkpoint_config(tuned["base"]).sampler is None
     base, _, _ = load_checkpoint(tuned["base"])
     new, _, _ = load_checkpoint(tuned["tuned"])
     moved = [k for k, v in new.net.state_dict().items() if not torch.equal(v, base.net.state_dict()[k])]
@@ -216,7 +217,7 @@ def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
     model keeps the release's 40 steps with churn (the folders' manifests record the settings)."""
     image = write_model(tmp_path / "image.safetensors", "image")
     denoiser, config, tensors = load_checkpoint(image)
-    config["embedder"] = read_config(tuned["tuned"])["embedder"]
+    config.embedder = read_checkpoint_config(tuned["tuned"]).embedder
     save_checkpoint(image, {"net": denoiser.net.state_dict(), **tensors}, config)
     r = CliRunner().invoke(sample_cmd, ["--prior", str(tuned["tuned"]), "--image-model", str(image), "--seeds", "0-1",
                                         "--no-progress", "--outdir", str(tmp_path / "out")])

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from edm_fakes import Persistent, SeedStructure, payload_src
 
-from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, load_checkpoint, save_checkpoint
 from vcdm.cli.main import cli
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
@@ -153,8 +153,7 @@ def test_prior_checkpoints_of_the_earlier_dalle2_still_load(tmp_path):
     assert name == "PriorTransformer"
     structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (16,)}, "0,1", "0,0")
     den = Denoiser(build_network(name, kwargs), structure)
-    config = {"network": {"class": name, "kwargs": kwargs}, "denoiser": den.config(),
-              "structure": structure.to_dict(), "training": {"arch": "dalle2"}}
+    config = CheckpointConfig(name, kwargs, den.config(), structure.to_dict(), training={"arch": "dalle2"})
     save_checkpoint(tmp_path / "old.safetensors", {"net": den.net.state_dict()}, config)
     loaded, _, _ = load_checkpoint(tmp_path / "old.safetensors")
     assert type(loaded.net).__name__ == "PriorTransformer"
@@ -247,7 +246,7 @@ def test_import_release_prior_pickle(release_modules, marker, tmp_path):
     assert r.exit_code == 0, r.output
     assert "DALLE2CLIPModel" in r.output and "network: DALLE2Prior(embed_dim=48, cond_dim=10, augment_dim=9" in r.output
     loaded, config, _ = load_checkpoint(tmp_path / "p.safetensors")
-    assert config["structure"]["exist"] == [0, 1, 1] and config["denoiser"]["pred_x0"] == [0, 1, 0]
+    assert config.structure["exist"] == [0, 1, 1] and config.denoiser["pred_x0"] == [0, 1, 0]
     assert not marker.exists()
     want = Denoiser(den.net, den.structure, pred_x0=[1, 0]).eval()  # the pickle's [0, 1, 0] over (image, emb, label)
     x, cond, aug = golden_inputs(case)

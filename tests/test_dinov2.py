@@ -198,7 +198,7 @@ def test_two_stage_imagenet_recipe_on_dinov2_embeddings(tmp_path):
     from click.testing import CliRunner
     from tiny_runs import PRIOR, TINY_UNET, base_args, run, run_dir, write_dataset
 
-    from vcdm.checkpoints import read_config
+    from vcdm.checkpoints import read_checkpoint_config
     from vcdm.cli.sample import command as sample
 
     weights = save_random_weights(tmp_path / "b14.pth", dim=64, depth=1)
@@ -208,9 +208,9 @@ def test_two_stage_imagenet_recipe_on_dinov2_embeddings(tmp_path):
     run(base_args(data, tmp_path / "prior", *dino, "--exist", "0,1,1", "--observed", "0,0,1", *PRIOR[4:], "--augment", "0"))
     run(base_args(data, tmp_path / "image", *dino, "--exist", "1,1,1", "--observed", "0,1,1", *TINY_UNET))
     prior, image = (sorted(run_dir(tmp_path / d).glob("network-snapshot-*.safetensors"))[0] for d in ("prior", "image"))
-    config = read_config(prior)
-    assert config["embedder"]["name"] == "dinov2-vitb14" and config["embedder"]["dim"] == 64
-    assert config["structure"]["shapes"][1] == [64]
+    config = read_checkpoint_config(prior)
+    assert config.embedder["name"] == "dinov2-vitb14" and config.embedder["dim"] == 64
+    assert config.structure["shapes"][1] == [64]
 
     result = CliRunner().invoke(sample, ["--prior", str(prior), "--image-model", str(image), "--seeds", "0-1",
                                          "--prior-steps", "2", "--image-steps", "2", "--outdir", str(tmp_path / "out"), "--device", "cpu",

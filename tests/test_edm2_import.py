@@ -40,7 +40,8 @@ def test_edm2_pickle_imports_weights_head_and_settings(fake_modules, marker, lab
     assert not marker.exists()
     assert record.logvar_channels == EDM2_LOGVAR and record.sigma_data == 0.5 and record.use_fp16
     assert (record.kimg, record.std, record.nimg) == (123, 0.075, 123904)  # EDM2: the 1024-multiple whose // 1000 is 123
-    denoiser, raw, _ = load_checkpoint(dest)
+    denoiser, loaded, _ = load_checkpoint(dest)
+    raw = loaded.to_dict()
     assert_state_equal(denoiser.net.state_dict(), state)
     assert config.network == "EDM2UNet" and config.net_kwargs == {**config.net_kwargs, **EDM2_NET}
     assert raw["denoiser"]["logvar_channels"] == EDM2_LOGVAR and raw["denoiser"]["kind"] == "edm"
@@ -382,7 +383,7 @@ def _imported(src, folder):
 def test_train_fine_tunes_an_edm2_pickle_into_the_two_stage_image_model(fake_modules, marker):
     """`vcdm train --arch edm2-… --recipe edm2 --pretrained_weights <EDM2 pickle>` on [embedding, class]."""
     from tiny_runs import base_args, run, run_dir, write_dataset
-    from vcdm.checkpoints import read_config
+    from vcdm.checkpoints import read_checkpoint_config
 
     src = fake_modules / "edm2-img8-t-0000004-0.075.pkl"
     edm2_pickle(src, marker, label_dim=2, img_resolution=8, num_blocks=3, attn_resolutions=[16, 8], logvar_channels=128)
@@ -392,8 +393,8 @@ def test_train_fine_tunes_an_edm2_pickle_into_the_two_stage_image_model(fake_mod
                         "--augment", "0", "--duration", "0.000004", "--sample", "0", "--pretrained_weights", str(src)))
     assert "widened emb_label.weight from 2 to 10 inputs (classes at columns 8..9" in res.output
     snapshot = sorted(run_dir(out).glob("network-snapshot-*.safetensors"))[0]
-    config = read_config(snapshot)
-    assert config["network"]["kwargs"]["label_gain"] == pytest.approx(2 ** 0.5) and not marker.exists()
+    config = read_checkpoint_config(snapshot)
+    assert config.net_kwargs["label_gain"] == pytest.approx(2 ** 0.5) and not marker.exists()
 
 
 @pytest.mark.slow

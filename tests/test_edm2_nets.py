@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vcdm.checkpoints import load_checkpoint, save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, load_checkpoint, save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.edm2 import EDM2UNet, MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
@@ -235,8 +235,7 @@ def test_checkpoint_round_trip_keeps_the_uncertainty_head(tmp_path):
     torch.manual_seed(0)
     denoiser = Denoiser(build_network(name, kwargs), structure, logvar_channels=8).eval()
     fill(denoiser.net.state_dict(), 5)  # non-zero gains, so the output depends on every weight
-    config = {"network": {"class": name, "kwargs": kwargs}, "denoiser": denoiser.config(),
-              "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
+    config = CheckpointConfig(name, kwargs, denoiser.config(), structure.to_dict())
     save_checkpoint(tmp_path / "net.safetensors", {"net": denoiser.net.state_dict()}, config)
     loaded = load_checkpoint(tmp_path / "net.safetensors")[0]
     x, y, sigma = torch.randn(2, 192), torch.eye(4)[:2], torch.tensor([0.1, 3.0])

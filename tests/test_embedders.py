@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vcdm.checkpoints import load_tensors, read_config, save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, load_tensors, read_checkpoint_config, save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.embedders import (ClipWeightsError, Embedder, EmbedderError, EmbedderMismatch, FitOptions, PCAOptions,
                             PixelPCA, PostProcessOptions, build_embedder, compatible, fit_postprocess, image_batches,
@@ -243,8 +243,7 @@ def test_pixel_pca_deterministic_and_fingerprints():
 def save_embedder(path, emb: Embedder) -> None:
     """A checkpoint of a model of ``emb``'s embeddings (a placeholder network: only the embedder is read back)."""
     structure = Structure.from_flags({"embedding": (emb.dim,)}, "1", "0").to_dict()
-    config = {"network": {"class": "placeholder", "kwargs": {}}, "denoiser": {}, "structure": structure,
-              "embedder": emb.identity()}
+    config = CheckpointConfig("placeholder", {}, {}, structure, embedder=emb.identity())
     save_checkpoint(path, {"embedder": emb.export_state()}, config)
 
 
@@ -252,7 +251,7 @@ def test_pixel_pca_checkpoint_round_trip(tmp_path):
     images = _synthetic_images(100, seed=0)
     emb = PixelPCA.fit(images, dim=5, size=8)
     save_embedder(tmp_path / "ck.safetensors", emb)
-    identity = read_config(tmp_path / "ck.safetensors")["embedder"]
+    identity = read_checkpoint_config(tmp_path / "ck.safetensors").embedder
     loaded = load_embedder(identity, load_tensors(tmp_path / "ck.safetensors")["embedder"])
     assert loaded.identity() == emb.identity()
     assert torch.equal(loaded.embed(images), emb.embed(images))
@@ -345,7 +344,7 @@ def test_postprocessed_checkpoint_round_trip(tmp_path):
     assert identity["name"] == "pixel-pca" and identity["dim"] == 4 and identity["post"]["n_clusters"] == 4
     assert identity["base"]["name"] == "pixel-pca" and identity["normalisation"] == "one-hot"
     save_embedder(tmp_path / "ck.safetensors", emb)
-    loaded = load_embedder(read_config(tmp_path / "ck.safetensors")["embedder"],
+    loaded = load_embedder(read_checkpoint_config(tmp_path / "ck.safetensors").embedder,
                            load_tensors(tmp_path / "ck.safetensors")["embedder"])
     assert loaded.identity() == identity
     assert torch.equal(loaded.embed(images), emb.embed(images))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tiny_models import RES, run
-from vcdm.checkpoints import save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.data.structure import Structure
 from vcdm.generate import GenerateError, RunOptions, SamplerOptions, generate
@@ -189,9 +189,8 @@ def joint_model(path: Path) -> Path:
     torch.manual_seed(0)
     net = build_network(cls, kwargs)
     denoiser = Denoiser(net, structure)
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": denoiser.config(),
-              "structure": structure.to_dict(), "embedder": None,
-              "data": {"data_class": "CLIPDataset", "path": None, "resolution": RES, "label_dim": 0}, "training": {}}
+    config = CheckpointConfig(cls, kwargs, denoiser.config(), structure.to_dict(),
+                              data={"data_class": "CLIPDataset", "path": None, "resolution": RES, "label_dim": 0})
     save_checkpoint(path, {"net": net.state_dict(), "embedder": {}}, config)
     return path
 

@@ -7,6 +7,7 @@ classifier-free path is pinned to the numbers it gave before guidance was rewrit
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from tiny_runs import error_lines
 from test_diffusion import F64, Gaussian, posterior_mean, randn_from, whitened
 from test_samplers import PseudoNoise, Toy, latents
 from vcdm import Pipeline, TwoStagePipeline
-from vcdm.checkpoints import load_checkpoint, read_config, save_checkpoint
+from vcdm.checkpoints import load_checkpoint, read_checkpoint_config, save_checkpoint
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.main import cli
 from vcdm.cli.sample import command as sample_cmd
@@ -417,17 +418,17 @@ def test_a_bad_guidance_interval_is_a_usage_error(nets, tmp_path, value):
 
 
 def test_check_guide_data_and_noise(nets):
-    net = read_config(nets["prior"])
-    guide = json.loads(json.dumps(net))
+    net = read_checkpoint_config(nets["prior"])
+    guide = copy.deepcopy(net)
     check_guide(net, guide)
-    guide["data"]["resolution"] = 16
+    guide.data["resolution"] = 16
     with pytest.raises(IncompatibleGuide, match="other data: its resolution is 16"):
         check_guide(net, guide)
-    guide = json.loads(json.dumps(net))
-    guide["denoiser"]["noise_mult"] = [1.0, 0.5]  # image (not modelled), embedding
+    guide = copy.deepcopy(net)
+    guide.denoiser["noise_mult"] = [1.0, 0.5]  # image (not modelled), embedding
     with pytest.raises(IncompatibleGuide, match="noise levels differ"):
         check_guide(net, guide)
-    check_guide(read_config(nets["image"]), read_config(nets["uncond"]))  # an unconditional guide: allowed
+    check_guide(read_checkpoint_config(nets["image"]), read_checkpoint_config(nets["uncond"]))  # an unconditional guide: allowed
 
 
 def test_readme_guidance_commands_use_the_commands_flags():

@@ -231,9 +231,9 @@ def image_model(tmp_path):
 
 def with_config(path, edit) -> os.PathLike:
     """The checkpoint at ``path`` rewritten with ``edit(config)`` as its config (tensors unchanged)."""
-    from vcdm.checkpoints import load_tensors, read_config, save_checkpoint
+    from vcdm.checkpoints import load_tensors, read_checkpoint_config, save_checkpoint
 
-    config, tensors = read_config(path), load_tensors(path)
+    config, tensors = read_checkpoint_config(path), load_tensors(path)
     edit(config)
     save_checkpoint(path, tensors, config)
     return path
@@ -244,7 +244,7 @@ def with_config(path, edit) -> os.PathLike:
                                         (100000, "'mean' should be (30000000000,), got (48,)")])
 def test_embedder_config_is_checked_against_its_tensors_before_allocating(tmp_path, image_model, size, match):
     """size 12000 reached 15.9 GB before the error; 100000 gave a RuntimeError traceback."""
-    with_config(image_model, lambda c: c["embedder"]["config"].update(size=size))
+    with_config(image_model, lambda c: c.embedder["config"].update(size=size))
     (tmp_path / "in.png").write_bytes(b"")
     code = cli_call("variations", "--image-model", str(image_model), "--images", str(tmp_path / "in.png"),
                     "--outdir", str(tmp_path / "out"), "--device", "cpu")

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from edm_fakes import GEOMETRY, Persistent, SeedStructure, edm_form, edm_pickle, payload_src, tiny_net
 from memory_probe import expect_one_line_error, guarded
-from vcdm.checkpoints import CheckpointConfig, load_checkpoint, save_checkpoint
+from vcdm.checkpoints import load_checkpoint, save_checkpoint
 from vcdm.cli.main import cli
 from vcdm.data.structure import Structure
 from vcdm.legacy import (LegacyError, UnsafePickleError, import_edm, load_legacy_pickle, load_pretrained,
@@ -54,8 +54,7 @@ def test_import_edm_pickle_roundtrip(fake_modules, marker, save):
     assert_state_equal(rec.state_dict, net.state_dict())
 
     import_edm(src, dest)
-    denoiser, raw, _ = load_checkpoint(dest)
-    config = CheckpointConfig.from_dict(raw)
+    denoiser, config, _ = load_checkpoint(dest)
     assert_state_equal(denoiser.net.state_dict(), net.state_dict())
     assert config.network == "SongUNet" and config.net_kwargs == {**config.net_kwargs, **kwargs}
     assert config.net_kwargs["channel_mult_emb"] == 4  # defaults written out

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from vcdm import perf
-from vcdm.checkpoints import save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.diffusion.sampling import sample
 from vcdm.metrics.fid import frechet_distance
@@ -214,8 +214,7 @@ def checkpoint32(tmp_path_factory) -> Path:
     kwargs.update(num_blocks=1, attn_resolutions=[])
     torch.manual_seed(0)
     net = build_network(cls, kwargs)
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": Denoiser(net, structure).config(),
-              "structure": structure.to_dict(), "embedder": None, "data": {}, "training": {}}
+    config = CheckpointConfig(cls, kwargs, Denoiser(net, structure).config(), structure.to_dict())
     path = tmp_path_factory.mktemp("perf") / "run" / "network-snapshot-000000.safetensors"
     path.parent.mkdir()
     save_checkpoint(path, {"net": net.state_dict()}, config)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from edm_fakes import edm2_pickle
 from test_train import _assert_same_weights, _interrupt_after, last_state
 from tiny_runs import PRIOR, TINY_UNET, base_args, error_lines, run, run_dir
-from vcdm.checkpoints import load_checkpoint, read_config
+from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
 from vcdm.nets.presets import preset
@@ -190,10 +190,10 @@ def phema(*args: str, code: int = 0):
 def test_training_writes_a_snapshot_per_profile(profile_run):
     names = sorted(p.name for p in profile_run.glob("network-snapshot-*.safetensors"))
     assert names == [f"network-snapshot-{k:06d}-{s}.safetensors" for k in (0, 1, 2, 3) for s in ("0.050", "0.070", "0.100")]
-    config = read_config(profile_run / "network-snapshot-000002-0.070.safetensors")
-    assert config["training"]["ema_profile"] == {"std": 0.07, "gamma": pytest.approx(std_to_gamma(0.07))}
-    assert config["training"]["nimg"] == 2008 and config["training"]["batch"] == 8  # ticks after the first step
-    assert config["training"]["ema_std"] == [0.05, 0.07, 0.1]
+    training = read_checkpoint_config(profile_run / "network-snapshot-000002-0.070.safetensors").training
+    assert training["ema_profile"] == {"std": 0.07, "gamma": pytest.approx(std_to_gamma(0.07))}
+    assert training["nimg"] == 2008 and training["batch"] == 8  # ticks after the first step
+    assert training["ema_std"] == [0.05, 0.07, 0.1]
     path = profile_run / "network-snapshot-000002-0.070.safetensors"
     params = {"net." + name for name, _ in load_checkpoint(path)[0].net.named_parameters()}
     with safe_open(str(path), framework="pt") as f:
@@ -284,7 +284,7 @@ def test_phema_reads_edm2_raw_snapshots(fake_modules, marker, tmp_path):
     r = phema("--run", raw, "--std", "0.07", "--outdir", tmp_path / "out")
     assert "4 snapshots, kimg 4194 to 8388" in r.output and not marker.exists()
     denoiser, config, _ = load_checkpoint(tmp_path / "out" / "phema-008388-0.070.safetensors")
-    assert config["training"]["nimg"] == 8388608 and config["training"]["posthoc_ema"]["std"] == 0.07
+    assert config.training["nimg"] == 8388608 and config.training["posthoc_ema"]["std"] == 0.07
     got = denoiser.net.state_dict()
     for k, v in state.items():
         torch.testing.assert_close(got[k], v.float(), rtol=0, atol=2e-3 * max(1.0, v.float().abs().max().item()))

@@ -257,7 +257,7 @@ def test_edm2_recipe_trains_the_prior_and_a_resumed_run_keeps_it(data, tmp_path)
         "network-snapshot-000000-0.050.safetensors", "network-snapshot-000000-0.100.safetensors"]
     denoiser, config, _ = load_checkpoint(d / "network-snapshot-000000-0.100.safetensors")
     assert denoiser.config()["logvar_channels"] == 128 and "logvar_linear.weight" in denoiser.net.state_dict()
-    assert {k: config["training"][k] for k in recorded} == recorded  # the checkpoint records the resolved recipe
+    assert {k: config.training[k] for k in recorded} == recorded  # the checkpoint records the resolved recipe
     D, logvar = denoiser(torch.zeros(3, 8), torch.ones(3), return_logvar=True)
     assert D.shape == (3, 8) and logvar.shape == (3, 1)
     (first,) = [load_state(p) for p in d.glob("training-state-*.pt")]

@@ -262,7 +262,7 @@ def test_train_concatunet_joint_model_and_sample_from_its_checkpoint(tmp_path):
     assert "Network: ConcatUNet" in r.output and "generate ['image', 'embedding']" in r.output
     (snapshot,) = out.glob("*/network-snapshot-*.safetensors")
     denoiser, config, _ = load_checkpoint(snapshot)
-    assert config["network"]["kwargs"]["shapes"] == [[3, 8, 8], [4]] and config["network"]["kwargs"]["observed"] == [0, 0]
+    assert config.net_kwargs["shapes"] == [[3, 8, 8], [4]] and config.net_kwargs["observed"] == [0, 0]
     with torch.no_grad():
         x = sample(denoiser.eval(), torch.randn(2, 3 * 64 + 4, dtype=torch.float64), num_steps=3)
     got = denoiser.structure.unflatten_latent(x)
@@ -391,12 +391,11 @@ def test_guidance_warns_on_models_trained_without_cond_drop(tmp_path):
         r = CliRunner().invoke(train_command, args, catch_exceptions=False)
         assert r.exit_code == 0, r.output
         (snapshot,) = out.glob("*/network-snapshot-*.safetensors")
-        runs[drop] = read_checkpoint_config(snapshot)
-        runs[drop] = runs[drop] if isinstance(runs[drop], dict) else runs[drop].to_dict()
-    assert runs["0.2"]["training"]["cond_drop"] == 0.2
-    message = guidance_warning(runs["0"]["training"], 2.0)
+        runs[drop] = read_checkpoint_config(snapshot).training
+    assert runs["0.2"]["cond_drop"] == 0.2
+    message = guidance_warning(runs["0"], 2.0)
     assert message.startswith("warning: --guidance 2: this model was trained without --cond-drop")
-    assert guidance_warning(runs["0.2"]["training"], 2.0) is None and guidance_warning(runs["0"]["training"], 1.0) is None
+    assert guidance_warning(runs["0.2"], 2.0) is None and guidance_warning(runs["0"], 1.0) is None
     assert "imported" in guidance_warning({}, 1.5)
 
 
@@ -407,10 +406,10 @@ def test_generate_check_prints_the_guidance_warning(capsys):
     from vcdm.generate.options import SamplerOptions
 
     structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (4,)}, "1,1", "0,1")
-    model = SimpleNamespace(structure=structure, config={"training": {"cond_drop": 0.0}}, makes_images=True)
+    model = SimpleNamespace(structure=structure, config=SimpleNamespace(training={"cond_drop": 0.0}), makes_images=True)
     check_request(model, SamplerOptions(guidance=2.0), None, None)
     assert "trained without --cond-drop" in capsys.readouterr().err
-    model.config["training"]["cond_drop"] = 0.1
+    model.config.training["cond_drop"] = 0.1
     check_request(model, SamplerOptions(guidance=2.0), None, None)
     assert capsys.readouterr().err == ""
 
@@ -458,16 +457,13 @@ RELEASE_PICKLES = {
 @pytest.mark.parametrize("arch", list(RELEASE_PICKLES))
 def test_release_pickles_of_these_networks_import(fake_modules, arch):
     from vcdm.legacy import load_legacy_pickle, to_vcdm
-    from vcdm.nets import build_denoiser
-
     class_name, names, shapes, observed, data_class, make, kw = RELEASE_PICKLES[arch]
     net = recipe(make({k: v for k, v in kw.items() if k not in ("encoder_type", "decoder_type")}))
     path = fake_modules / f"{arch}.pkl"
     release_pickle(path, net, class_name, names, shapes, observed, data_class, kw)
     config, state = to_vcdm(load_legacy_pickle(path))
-    config = config.to_dict()
-    assert config["training"]["arch"] == arch and config["structure"]["observed"] == observed
-    denoiser = build_denoiser(config)
+    assert config.training["arch"] == arch and config.structure["observed"] == observed
+    denoiser = config.build_denoiser()
     denoiser.net.load_state_dict(state)
     sd = net.state_dict()
     assert all(torch.equal(sd[k], state[k]) for k in sd) and sorted(sd) == sorted(state)

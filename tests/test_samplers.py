@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -250,6 +251,12 @@ def test_fast_preset_settings_and_flags():
 
 # ---------------------------------------------------------------------------------------------------
 # Sampler settings: one resolution rule and one set of checks for the commands, the API and sample().
+
+def test_sampler_settings_and_flags_load_without_torch():
+    """The commands' --help (and their flags' checks) stay instant: no torch behind the settings."""
+    code = "import sys, vcdm.cli.generate, vcdm.cli.sample, vcdm.cli.variations; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
 
 def test_every_sampler_name_has_one_function_and_its_options():
     assert set(FUNCTIONS) == set(SAMPLERS) == set(TAKES)

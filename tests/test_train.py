@@ -19,11 +19,10 @@ import torch
 
 from edm_fakes import edm_pickle
 from tiny_runs import REPO, TINY_PRIOR, TINY_UNET, base_args, run, run_dir, write_dataset
-from vcdm.checkpoints import load_checkpoint, read_config
+from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
 from vcdm.diffusion.loss import EDMLoss
 from vcdm.embedders import load_embedder
 from vcdm.embedders.base import image_batches
-from vcdm.nets import build_denoiser
 from vcdm.train import build as build_mod
 from vcdm.train.options import TrainOptions
 from vcdm.train.sampler import PositionSampler, ShuffledDataset
@@ -102,9 +101,9 @@ def test_prior_end_to_end(data, tmp_path):
     assert [s["nimg"] for s in stats] == [4, 8, 12] and all(np.isfinite(s["loss"]) for s in stats)
     assert "tick 2" in (d / "log.txt").read_text() and "sec/kimg" in (d / "log.txt").read_text()
     denoiser, config, tensors = load_checkpoint(d / "network-snapshot-000000.safetensors")
-    assert set(config) >= {"network", "denoiser", "structure", "embedder", "data", "training"}
-    assert config["network"]["class"] == type(denoiser.net).__name__ and config["denoiser"]["pred_x0"] == [1, 1]
-    assert config["embedder"]["name"] == "pixel-pca" and set(tensors["embedder"]) == {"mean", "components", "scale"}
+    assert set(config.to_dict()) >= {"network", "denoiser", "structure", "embedder", "data", "training"}
+    assert config.network == type(denoiser.net).__name__ and config.denoiser["pred_x0"] == [1, 1]
+    assert config.embedder["name"] == "pixel-pca" and set(tensors["embedder"]) == {"mean", "components", "scale"}
     assert denoiser.structure.latent_names == ("embedding",) and denoiser.net.augment_dim == 9
     state = torch.load(d / "training-state-000000.pt", weights_only=True)
     assert state["counters"]["nimg"] == 12 and set(state) >= {"net", "ema", "optimizer", "rng"}
@@ -138,10 +137,10 @@ def test_image_model_with_clip_end_to_end(data, tmp_path, clip_weights):
     assert (d / "samples-000000.png").is_file() and (d / "samples-conditioning.png").is_file()
     grid = PIL.Image.open(d / "samples-000000.png")
     assert grid.size == (16, 16)  # 4 samples of 8x8 in a 2x2 grid
-    config = read_config(d / "network-snapshot-000000.safetensors")
-    assert config["embedder"]["name"] == "clip-vit-b32" and config["structure"]["shapes"][1] == [512]
-    assert config["network"]["kwargs"]["label_dim"] == 512 and config["network"]["kwargs"]["augment_dim"] == 9
-    assert config["data"]["data_class"] == "CLIPDataset" and config["data"]["resolution"] == 8
+    config = read_checkpoint_config(d / "network-snapshot-000000.safetensors")
+    assert config.embedder["name"] == "clip-vit-b32" and config.structure["shapes"][1] == [512]
+    assert config.net_kwargs["label_dim"] == 512 and config.net_kwargs["augment_dim"] == 9
+    assert config.data["data_class"] == "CLIPDataset" and config.data["resolution"] == 8
 
 
 def test_overfits_a_fixed_batch(tmp_path):
@@ -152,10 +151,10 @@ def test_overfits_a_fixed_batch(tmp_path):
     run(base_args(small, out, "--exist", "0,1", "--observed", "0,0", *arch, "--augment", "0", "--pca-dim", "4",
                   "--batch", "8", "--ema", "0", "--duration", "0.0008", "--tick", "1", "--lr", "2e-3"))
     denoiser, config, tensors = load_checkpoint(run_dir(out) / "network-snapshot-000000.safetensors")
-    emb = load_embedder(config["embedder"], tensors["embedder"])
+    emb = load_embedder(config.embedder, tensors["embedder"])
     x = emb.embed(next(image_batches(build_mod.open_dataset(_opts(small)), batch_size=8)))
     torch.manual_seed(1)
-    init = build_denoiser(config).eval()
+    init = config.build_denoiser().eval()
 
     def loss_of(den):
         g = torch.Generator().manual_seed(123)
@@ -249,7 +248,7 @@ def test_embedding_cache_matches_per_batch_embeddings(data, tmp_path):
     from safetensors.torch import load_file
     table = load_file(cache)["embeddings"]
     _, config, tensors = load_checkpoint(run_dir(tmp_path / "a") / "network-snapshot-000000.safetensors")
-    emb = load_embedder(config["embedder"], tensors["embedder"])
+    emb = load_embedder(config.embedder, tensors["embedder"])
     per_batch = torch.cat([emb.embed(b) for b in image_batches(build_mod.open_dataset(_opts(data)), batch_size=4)])
     assert table.shape == per_batch.shape == (16, 8)
     torch.testing.assert_close(table, per_batch, rtol=1e-5, atol=1e-5)  # embeddings are O(0.5)
@@ -408,11 +407,11 @@ def test_data_classes(data, tmp_path, data_class, exist, observed, arch, latent,
     out = tmp_path / "runs"
     run(base_args(data, out, "--data_class", data_class, "--exist", exist, "--observed", observed, *arch,
                   "--augment", "0.1", "--duration", "0.000004", "--sample", "0"))
-    config = read_config(run_dir(out) / "network-snapshot-000000.safetensors")
-    assert config["structure"]["names"] == {"ImageFolderDataset": ["image", "label"]}.get(
+    config = read_checkpoint_config(run_dir(out) / "network-snapshot-000000.safetensors")
+    assert config.structure["names"] == {"ImageFolderDataset": ["image", "label"]}.get(
         data_class, ["image", "embedding", "label"])
-    kwargs = config["network"]["kwargs"]
-    assert kwargs.get("label_dim", kwargs.get("cond_dim")) == cond_dim and config["data"]["label_dim"] == 2
+    kwargs = config.net_kwargs
+    assert kwargs.get("label_dim", kwargs.get("cond_dim")) == cond_dim and config.data["label_dim"] == 2
     assert (config["embedder"] is None) == (data_class == "ImageFolderDataset")
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tiny_runs import PRIOR, REPO, base_args, error_lines, run, run_dir, write_dataset
-from vcdm.checkpoints import read_config
+from vcdm.checkpoints import read_checkpoint_config
 from vcdm.train.ema import EMA
 from vcdm.train.state import STATE_RE, TrainState, load_state
 
@@ -31,7 +31,7 @@ def test_resume_dir_reuses_the_recorded_options(data, tmp_path, monkeypatch):
     d = run_dir(out)
     recorded = json.loads((d / "training_options.json").read_text())
     assert recorded["path"] == str(data) and recorded["exist"] == [0, 1]  # absolute; lists as lists
-    assert read_config(d / "network-snapshot-000000.safetensors")["data"]["path"] == str(data)
+    assert read_checkpoint_config(d / "network-snapshot-000000.safetensors").data_path == str(data)
     log = (d / "log.txt").read_text()
     assert "lr 0.002" in log and json.loads((d / "stats.jsonl").read_text().splitlines()[0])["lr"] == 2e-3
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from vcdm.checkpoints import save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.cli.variations import command as variations_cmd
 from vcdm.data.structure import Structure
 from vcdm.embedders import PixelPCA
@@ -44,10 +44,10 @@ def write_model(path: Path, kind: str, *, embedder: PixelPCA | None = None, emb_
     torch.manual_seed(len(str(path)))
     net = build_network(cls, kwargs)
     denoiser = Denoiser(net, structure)
-    config = {"network": {"class": cls, "kwargs": kwargs}, "denoiser": denoiser.config(),
-              "structure": structure.to_dict(), "embedder": embedder.identity() if embedder else None,
-              "data": {"data_class": "CLIPDataset", "path": data_path, "resolution": RES, "label_dim": label_dim},
-              "training": {}}
+    config = CheckpointConfig(cls, kwargs, denoiser.config(), structure.to_dict(),
+                              embedder=embedder.identity() if embedder else None,
+                              data={"data_class": "CLIPDataset", "path": data_path, "resolution": RES,
+                                    "label_dim": label_dim})
     save_checkpoint(path, {"net": net.state_dict(), "embedder": embedder.export_state() if embedder else {}}, config)
     return path
 

@@ -121,6 +121,24 @@ class CheckpointConfig:
         config.structure_object()
         return config
 
+    @property
+    def data_path(self) -> str | None:
+        """The training data's path as recorded (None for an imported network)."""
+        path = self.data.get("path")
+        return path if isinstance(path, str) and path else None
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        """The recorded data encoder (EDM2's ``StandardRGBEncoder`` for pixels, a VAE for latents); {} when
+        none is recorded (pixels)."""
+        encoder = self.data.get("encoder")
+        return dict(encoder) if isinstance(encoder, Mapping) else {}
+
+    @property
+    def makes_pixels(self) -> bool:
+        """Whether the model's samples are pixels (no latent encoder to decode through)."""
+        return self.encoder.get("class", "StandardRGBEncoder") == "StandardRGBEncoder"
+
     def structure_object(self):
         """The recorded Structure, checked to describe a plausible sample size."""
         from vcdm.data.structure import Structure
@@ -152,10 +170,11 @@ class CheckpointConfig:
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                    config: CheckpointConfig | Mapping[str, Any]) -> None:
+                    config: CheckpointConfig) -> None:
     """Write `{prefix: state_dict}` and `config` atomically to a .safetensors file."""
     if not isinstance(config, CheckpointConfig):
-        config = CheckpointConfig.from_dict(config)
+        raise TypeError(f"save_checkpoint: config is {type(config).__name__}, expected a CheckpointConfig "
+                        "(CheckpointConfig.from_dict parses a stored one)")
     flat = {f"{prefix}.{key}": value for prefix, state in tensors.items() for key, value in state.items()}
     meta = {METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
     with atomic_write(path, "wb") as f:
@@ -216,11 +235,6 @@ def read_checkpoint_config(path: str | os.PathLike) -> CheckpointConfig:
         return CheckpointConfig.from_dict(raw)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """The config of a checkpoint as a plain dict (:meth:`CheckpointConfig.to_dict`)."""
-    return read_checkpoint_config(path).to_dict()
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -285,8 +299,8 @@ def check_fits(path: str | os.PathLike, config: CheckpointConfig, shapes: Mappin
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the denoiser of a checkpoint. Returns ``(denoiser, config, tensors)``: ``config`` as a
-    dict (:meth:`CheckpointConfig.to_dict`); ``tensors`` holds any other groups (e.g. ``embedder``)
+    """Rebuild the denoiser of a checkpoint. Returns ``(denoiser, config, tensors)``: ``config`` is its
+    :class:`CheckpointConfig`; ``tensors`` holds any other groups (e.g. ``embedder``)
     for their owners to load. Memory stays within what the file's tensors need: the network is built
     on the meta device and takes the file's tensors as its own (no random initialisation to overwrite)."""
     from vcdm.nets.precond import Denoiser
@@ -300,7 +314,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         denoiser = Denoiser(net, config.structure_object(), **config.denoiser)
     except (CheckpointError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: config does not describe a buildable network: {e}") from None
-    return denoiser.to(device).eval().requires_grad_(False), config.to_dict(), tensors
+    return denoiser.to(device).eval().requires_grad_(False), config, tensors
 
 
 def state_dict_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:

@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from vcdm import perf
-from vcdm.checkpoints import read_config
+from vcdm.checkpoints import read_checkpoint_config
 from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptionError
 from vcdm.distributed import parse_device
-from vcdm.generate.core import (DatasetConditions, Model, check_request, check_seeds, denoise, draw, load_guide,
+from vcdm.generate.core import (DatasetConditions, LoadedModel, check_request, check_seeds, denoise, draw, load_guide,
                                 load_model, split_batches)
 from vcdm.generate.files import check_obs_files, to_uint8
 from vcdm.generate.options import (FLAG_NAMES, FlagError, GenerateError, InferenceChoices, SamplerOptions,
@@ -88,9 +88,9 @@ class Pipeline:
     >>> out.images.shape  # (16, H, W, C) uint8
     """
 
-    def __init__(self, model: Model, device: torch.device, clip_weights: str | os.PathLike | None = None):
+    def __init__(self, model: LoadedModel, device: torch.device, clip_weights: str | os.PathLike | None = None):
         self.model, self.device, self.clip_weights = model, device, clip_weights
-        self.guides: dict[str, Model] = {}  # guiding networks by path, loaded once
+        self.guides: dict[str, LoadedModel] = {}  # guiding networks by path, loaded once
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -132,7 +132,7 @@ class Pipeline:
         perf.prepare(self.model.denoiser, settings)
         return settings
 
-    def guide(self, opts: SamplerOptions, settings: perf.InferenceSettings) -> Model | None:
+    def guide(self, opts: SamplerOptions, settings: perf.InferenceSettings) -> LoadedModel | None:
         """The guiding network of ``opts.gnet`` (``gnet=``), loaded once and evaluated as the model is."""
         if opts.gnet is None:
             return None
@@ -143,7 +143,7 @@ class Pipeline:
         return guide
 
     def run(self, seeds: list[int], opts: SamplerOptions, settings: perf.InferenceSettings, batch: int,
-            progress: bool, conditioning: Callable[[list[int]], dict], guide: Model | None = None) -> PipelineOutput:
+            progress: bool, conditioning: Callable[[list[int]], dict], guide: LoadedModel | None = None) -> PipelineOutput:
         """Sample batch by batch (``conditioning(batch)``: keyword arguments of ``draw``) → the output."""
         parts: dict[str, list[torch.Tensor]] = {}
         with tqdm(split_batches(seeds, batch), unit="batch", disable=not progress) as bar:
@@ -177,7 +177,7 @@ class TwoStagePipeline:
     def from_checkpoints(cls, prior: str | os.PathLike, image_model: str | os.PathLike,
                          device: str | torch.device | None = None,
                          clip_weights: str | os.PathLike | None = None) -> "TwoStagePipeline":
-        check_chain(read_config(prior), read_config(image_model), prior_name=str(prior),
+        check_chain(read_checkpoint_config(prior), read_checkpoint_config(image_model), prior_name=str(prior),
                     image_name=str(image_model), class_idx=0)  # before loading any weights
         return cls(Pipeline.from_checkpoint(prior, device, clip_weights),
                    Pipeline.from_checkpoint(image_model, device, clip_weights))

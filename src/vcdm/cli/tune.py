@@ -25,12 +25,12 @@ ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's,
 
 def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     """The training options of `checkpoint` turned into a tuning run's."""
-    from vcdm.checkpoints import read_config
+    from vcdm.checkpoints import read_checkpoint_config
 
     if not Path(checkpoint).is_file():
         raise click.UsageError(f"CHECKPOINT: {checkpoint} does not exist (expected a vcdm .safetensors snapshot)")
     with user_errors():
-        training = read_config(checkpoint).get("training") or {}
+        training = read_checkpoint_config(checkpoint).training
         if not training.get("data_class"):
             raise click.UsageError(f"CHECKPOINT: {checkpoint} records no training options (an imported network?); "
                                    f"tune a model trained by `vcdm train`")

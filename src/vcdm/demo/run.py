@@ -16,7 +16,7 @@ from vcdm.data.dataset import ImageDataset
 from vcdm.demo.budget import (EVAL_RESERVE_SEC, SAFETY, SMOKE, Clock, Sizes, after_training_sec, choose_threads,
                               fmt_time, measure_rates, preview_sec, say)
 from vcdm.demo.figures import save_loss_curves, save_panels, save_png, tile
-from vcdm.demo.sampling import sample_two_stage
+from vcdm.demo.sampling import two_stage_images
 from vcdm.demo.training import final_loss, train_for, train_options
 from vcdm.fileio import atomic_write
 from vcdm.metrics.judge import make_judge
@@ -105,7 +105,7 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
     seeds = list(range(sizes.num_samples))
     say(f"[6/{total}] Two-stage sampling of {len(seeds)} digits: prior → embeddings → image model → images")
     with clock.stage("sampling"):
-        generated = sample_two_stage(prior, image_model, seeds, run / "samples", steps=sizes.steps, device=device,
+        generated = two_stage_images(prior, image_model, seeds, run / "samples", steps=sizes.steps, device=device,
                                      progress=progress)
 
     say(f"[7/{total}] Measuring and drawing")

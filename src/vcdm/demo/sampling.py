@@ -24,11 +24,12 @@ def sampler(steps: int) -> SamplerOptions:
     return SamplerOptions(num_steps=steps)
 
 
-def sample_two_stage(prior: Path, image_model: Path, seeds: Sequence[int], outdir: Path, *, steps: int,
+def two_stage_images(prior: Path, image_model: Path, seeds: Sequence[int], outdir: Path, *, steps: int,
                      device: str, progress: bool = True) -> torch.Tensor:
-    from vcdm.generate import sample_two_stage as two_stage
+    """The images of a two-stage run into ``outdir`` (vcdm.generate.sample_two_stage), read back as uint8."""
+    from vcdm.generate import sample_two_stage
 
-    res = two_stage(prior, image_model, seeds, prior_opts=sampler(steps), image_opts=sampler(steps),
+    res = sample_two_stage(prior, image_model, seeds, prior_opts=sampler(steps), image_opts=sampler(steps),
                     run=RunOptions(outdir=outdir, progress=progress), device=device)
     return read_images(res.images.outdir, seeds)
 

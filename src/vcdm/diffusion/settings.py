@@ -2,8 +2,8 @@
 the original release and of EDM, the named presets, and every check. ``SamplerOptions`` is what the
 command line, the Python API and ``vcdm.diffusion.sample`` build; the samplers trust it.
 
-Needs no torch, so that the commands' --help stays instant. Errors name settings by their field names (``num_steps``); a command line maps them to its flags
-(``--steps``) with ``SamplerOptionError.named``.
+Errors name settings by their field names (``num_steps``); a command line maps them to its flags
+(``--steps``) with ``SamplerOptionError.named``. No torch here, so that the commands' --help stays instant.
 """
 from __future__ import annotations
 

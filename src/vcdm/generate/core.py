@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vcdm import perf
-from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
+from vcdm.checkpoints import CheckpointConfig, load_checkpoint, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
@@ -40,11 +40,11 @@ PAD_MULTIPLE = 8
 
 
 @dataclass
-class Model:
+class LoadedModel:
     """A loaded checkpoint: the denoiser (eval, on device), its config, and its other tensor groups."""
     path: Path
     denoiser: torch.nn.Module
-    config: dict
+    config: CheckpointConfig
     tensors: dict = field(default_factory=dict)
 
     @property
@@ -65,27 +65,28 @@ class Model:
         return self.makes_images and len(self.structure.latent_names) > 1
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Model:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     check_pixel_model(path)
     denoiser, config, tensors = load_checkpoint(path, device)
-    return Model(Path(path), denoiser, config, tensors)
+    return LoadedModel(Path(path), denoiser, config, tensors)
 
 
 def check_pixel_model(path: str | os.PathLike) -> None:
     """Refuse a model of EDM2's VAE latents (imported from an img512 pickle): vcdm cannot decode them yet."""
-    encoder = read_checkpoint_config(path).data.get("encoder") or {}
-    if encoder.get("class", "StandardRGBEncoder") != "StandardRGBEncoder":
+    config = read_checkpoint_config(path)
+    if not config.makes_pixels:
+        encoder = config.encoder
         vae = encoder.get("vae_name", "?")
         raise GenerateError(f"{path}: a model of {encoder['class']} latents, which decode to pixels through the VAE "
                             f"{vae}; vcdm does not run that VAE yet (512 px latent decoding comes in the next round, "
                             f"reading {vae}'s config.json and diffusion_pytorch_model.safetensors from a local folder)")
 
 
-def load_embedder(model: Model, clip_weights: str | os.PathLike | None, device: torch.device):
+def load_embedder(model: LoadedModel, clip_weights: str | os.PathLike | None, device: torch.device):
     """The embedder a model was trained with, rebuilt from its config and ``embedder`` tensors."""
     from vcdm.embedders import load_embedder as _load
 
-    identity = model.config.get("embedder")
+    identity = model.config.embedder
     if identity is None:
         raise GenerateError(f"{model.path}: the checkpoint records no embedder, so it cannot embed images")
     return _load(identity, model.tensors.get("embedder"), clip_weights=clip_weights, device=device).eval()
@@ -100,9 +101,9 @@ class GenerateResult:
     settings: perf.InferenceSettings = perf.FP32  # how the network was evaluated
 
 
-def dataset_path(model: Model, data_path: str | None) -> str:
+def dataset_path(model: LoadedModel, data_path: str | None) -> str:
     """The dataset a conditional model draws its conditioning from without --load_obs_from."""
-    path = data_path or (model.config.get("data") or {}).get("path")
+    path = data_path or model.config.data_path
     if not path or not Path(path).exists():
         raise GenerateError(f"{model.path} is conditioned on {list(model.structure.observed_names)}: pass "
                             f"--load_obs_from DIR (samples of a prior) or --data_path to draw them from data "
@@ -114,7 +115,7 @@ class DatasetConditions:
     """Observed tensors of random training items, for a conditional model run without --load_obs_from
     (the original release's behaviour): the item's label and its image's embedding."""
 
-    def __init__(self, model: Model, data_path: str | None, clip_weights: str | None, device: torch.device):
+    def __init__(self, model: LoadedModel, data_path: str | None, clip_weights: str | None, device: torch.device):
         from vcdm.data.dataset import ImageDataset, to_float
 
         self.names = model.structure.observed_names
@@ -157,7 +158,7 @@ def check_recorded_class(load_obs_from: str | os.PathLike, seeds: Sequence[int],
                             "its embedding was sampled for; drop --class to use the recorded labels")
 
 
-def draw(model: Model, seeds: Sequence[int], device: torch.device, *, class_idx: int | None = None,
+def draw(model: LoadedModel, seeds: Sequence[int], device: torch.device, *, class_idx: int | None = None,
          load_obs_from: str | os.PathLike | None = None, dataset: DatasetConditions | None = None,
          observed: dict[str, torch.Tensor] | None = None, given: dict[str, torch.Tensor] | None = None,
          increment_seeds: int = 0):
@@ -221,8 +222,8 @@ class PaddedDenoiser:
         return self.denoiser(x, sigma, y)[:n]
 
 
-def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
-            settings: perf.InferenceSettings = perf.FP32, guide: Model | None = None) -> torch.Tensor:
+def denoise(model: LoadedModel, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
+            settings: perf.InferenceSettings = perf.FP32, guide: LoadedModel | None = None) -> torch.Tensor:
     """Run the sampler; returns the flat latent samples (B, N) in float64. The network (and the guiding
     network ``guide``, loaded by ``load_guide`` for ``opts.gnet``) is evaluated with ``settings`` (apply
     ``perf.prepare`` to the model first); the sampler state stays float64."""
@@ -240,13 +241,13 @@ def denoise(model: Model, latents: torch.Tensor, obs: dict[str, torch.Tensor], r
                       **opts.sampler_kwargs())
 
 
-def check_gnet(config: dict, name: str | os.PathLike, opts: SamplerOptions, flag: str = "--gnet") -> None:
+def check_gnet(config: CheckpointConfig, name: str | os.PathLike, opts: SamplerOptions, flag: str = "--gnet") -> None:
     """Refuse ``opts.gnet`` (one line) when it cannot guide the model with this ``config`` (before loading either)."""
     if opts.gnet is not None:
         check_guide(config, read_guide_config(opts.gnet, flag), net_name=str(name), guide_name=opts.gnet, flag=flag)
 
 
-def load_guide(model: Model, opts: SamplerOptions, settings: perf.InferenceSettings) -> Model | None:
+def load_guide(model: LoadedModel, opts: SamplerOptions, settings: perf.InferenceSettings) -> LoadedModel | None:
     """The guiding network of ``opts.gnet`` (None without one), checked against ``model`` and loaded as it
     was: the same loader, device and inference settings."""
     if opts.gnet is None:
@@ -257,9 +258,9 @@ def load_guide(model: Model, opts: SamplerOptions, settings: perf.InferenceSetti
     return guide
 
 
-def save_samples(model: Model, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
+def save_samples(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
     """PNG per seed for image models; otherwise a ``.pt`` of latents + observed in the release's list form.
-    A joint model (``Model.joint``) writes both: the ``.pt`` (its other tensors, as a prior's, so the folder
+    A joint model (``LoadedModel.joint``) writes both: the ``.pt`` (its other tensors, as a prior's, so the folder
     serves --load_obs_from) before the PNG, whose completeness then vouches for both. A non-finite sample
     stops the run before any of its batch is written (it would be a black image that counts as done)."""
     finite = torch.isfinite(x).all(dim=1)
@@ -300,7 +301,7 @@ def split_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, worl
     return [b.tolist() for b in torch.as_tensor(list(seeds)).tensor_split(num_batches)][rank::world]
 
 
-def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, grid: object,
+def check_request(model: LoadedModel, opts: SamplerOptions, class_idx: int | None, grid: object,
                   flags: str = "--") -> None:
     """Refuse what the model cannot do; warn about guidance it was not trained for. ``flags``: how the
     messages spell this stage's sampler flags (``--image-`` → ``--image-guidance``)."""
@@ -309,25 +310,25 @@ def check_request(model: Model, opts: SamplerOptions, class_idx: int | None, gri
         if opts.guidance != 1.0 and not model.structure.observed_names:
             raise FlagError(f"{flags}guidance: the model is unconditional; guidance needs a conditional model, or "
                             f"a guiding network ({flags}gnet)")
-        warning = guidance_warning(model.config.get("training"), opts.guidance, f"{flags}guidance")
+        warning = guidance_warning(model.config.training, opts.guidance, f"{flags}guidance")
         if warning:
             print(warning, file=sys.stderr)
     if grid is not None and not model.makes_images:
         raise FlagError("--grid: the model generates embeddings, not images")
 
 
-def conditioning_source(model: Model, load_obs_from: str | os.PathLike | None, data_path: str | None) -> str | None:
+def conditioning_source(model: LoadedModel, load_obs_from: str | os.PathLike | None, data_path: str | None) -> str | None:
     """Where the observed tensors other than a class label come from, for the manifest and the user."""
     if load_obs_from is not None:
         digest = manifest_digest(load_obs_from)
         return f"--load_obs_from samples {digest}" if digest else f"--load_obs_from {Path(load_obs_from).resolve()}"
     if set(model.structure.observed_names) - {"label"}:
-        path = data_path or (model.config.get("data") or {}).get("path")
+        path = data_path or model.config.data_path
         return f"random items of {Path(path).resolve() if path else None}"
     return None
 
 
-def manifest_settings(model: Model, opts: SamplerOptions, settings: perf.InferenceSettings, *,
+def manifest_settings(model: LoadedModel, opts: SamplerOptions, settings: perf.InferenceSettings, *,
                       class_idx: int | None, increment_seeds: int, conditioning: str | None) -> dict:
     """What made a results folder's files, flag name → value (JSON-normalised)."""
     record = {"network": f"sha256:{network_sha256(model.path)}", **flag_values(opts),
@@ -360,7 +361,7 @@ def open_folder(outdir: Path, record: dict, overwrite: bool) -> FolderLock:
 @dataclass
 class Plan:
     """One process's share of a generate run."""
-    model: Model
+    model: LoadedModel
     outdir: Path
     todo: list[int]
     batches: list[list[int]]
@@ -395,7 +396,7 @@ def run_batches(plan: Plan, sample: Callable[[list[int]], tuple[torch.Tensor, di
     return written
 
 
-def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: SamplerOptions = SamplerOptions(),
+def generate(network: str | os.PathLike | LoadedModel, seeds: Sequence[int], *, opts: SamplerOptions = SamplerOptions(),
              cond: Conditioning = Conditioning(), increment_seeds: int = 0, run: RunOptions = RunOptions(),
              device: str | torch.device | None = None,
              inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> GenerateResult:
@@ -408,7 +409,7 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: 
     folder's manifest. ``run.overwrite``: replace samples of other settings."""
     seeds = check_seeds(seeds, run.max_batch_size)
     class_idx, load_obs_from, data_path = cond.class_idx, cond.load_obs_from, cond.data_path
-    path = network.path if isinstance(network, Model) else Path(network)
+    path = network.path if isinstance(network, LoadedModel) else Path(network)
     outdir = run.outdir
     if outdir is None:
         outdir = results_dir(path, opts, seeds, class_idx=class_idx, load_obs_from=load_obs_from,
@@ -417,10 +418,10 @@ def generate(network: str | os.PathLike | Model, seeds: Sequence[int], *, opts: 
     check_writable(outdir, "--outdir")
     if run.grid is not None:
         check_writable(run.grid, "--grid", is_dir=False)
-    if isinstance(network, Model) and device is None:
+    if isinstance(network, LoadedModel) and device is None:
         device = next(network.denoiser.parameters()).device
     with distributed.session(device) as device:
-        model = network if isinstance(network, Model) else load_model(network, device)
+        model = network if isinstance(network, LoadedModel) else load_model(network, device)
         settings = inference_settings(inference, device, model.denoiser)
         perf.prepare(model.denoiser, settings)
         check_request(model, opts, class_idx, run.grid, run.flags)

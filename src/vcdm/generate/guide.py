@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from vcdm.checkpoints import read_config
+from vcdm.checkpoints import CheckpointConfig, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.generate.options import GenerateError
 from vcdm.generate.results import network_sha256
@@ -21,19 +21,19 @@ class IncompatibleGuide(GenerateError):
     """A guiding network that cannot guide the model: other tensors, noise, embedder or data."""
 
 
-def read_guide_config(path: str | os.PathLike, flag: str = "--gnet") -> dict:
+def read_guide_config(path: str | os.PathLike, flag: str = "--gnet") -> CheckpointConfig:
     try:
-        return read_config(path)
+        return read_checkpoint_config(path)
     except ValueError as e:
         raise GenerateError(f"{flag}: {e}") from None
 
 
-def check_guide(net: dict, guide: dict, *, net_name: str = "the model", guide_name: str = "the guide",
+def check_guide(net: CheckpointConfig, guide: CheckpointConfig, *, net_name: str = "the model", guide_name: str = "the guide",
                 flag: str = "--gnet") -> None:
-    """Refuse a guide (configs as stored in the checkpoints) that does not model the same tensors under the
+    """Refuse a guide (by the checkpoints' configs) that does not model the same tensors under the
     same noise, embedder and data as the network. Its conditioning must be the network's, or none (an
     unconditional guide: classifier-free guidance by a second network)."""
-    ns, gs = Structure.from_dict(net["structure"]), Structure.from_dict(guide["structure"])
+    ns, gs = net.structure_object(), guide.structure_object()
     where = f"{flag} {guide_name}"
     if _shapes(gs, gs.latent_names) != _shapes(ns, ns.latent_names):
         raise IncompatibleGuide(f"{where} generates {_shapes(gs, gs.latent_names)}, but {net_name} generates "
@@ -42,21 +42,20 @@ def check_guide(net: dict, guide: dict, *, net_name: str = "the model", guide_na
     if conditional and _shapes(gs, gs.observed_names) != _shapes(ns, ns.observed_names):
         raise IncompatibleGuide(f"{where} is conditioned on {_shapes(gs, gs.observed_names)}, {net_name} on "
                                 f"{_shapes(ns, ns.observed_names)}; a guide takes the same conditioning or none")
-    mult = [s.per_tensor(c["denoiser"].get("noise_mult"), "--noise_mult", 1.0) for c, s in ((net, ns), (guide, gs))]
+    mult = [s.per_tensor(c.denoiser.get("noise_mult"), "--noise_mult", 1.0) for c, s in ((net, ns), (guide, gs))]
     if not torch.equal(*mult):
-        raise IncompatibleGuide(f"{where} is trained with --noise_mult {guide['denoiser'].get('noise_mult')}, "
-                                f"{net_name} with {net['denoiser'].get('noise_mult')}: their noise levels differ")
+        raise IncompatibleGuide(f"{where} is trained with --noise_mult {guide.denoiser.get('noise_mult')}, "
+                                f"{net_name} with {net.denoiser.get('noise_mult')}: their noise levels differ")
     if all("embedding" in s.latent_names + s.observed_names for s in (ns, gs)):
         from vcdm.embedders import compatible
 
         try:
-            compatible(net.get("embedder"), guide.get("embedder"))
+            compatible(net.embedder, guide.embedder)
         except ValueError as e:
             raise IncompatibleGuide(f"{where} cannot guide {net_name}: {e}") from None
     fields = DATA_FIELDS + (LABEL_FIELDS if conditional else ())
-    net_data, guide_data = net.get("data") or {}, guide.get("data") or {}
     for key in fields:
-        a, b = net_data.get(key), guide_data.get(key)
+        a, b = net.data.get(key), guide.data.get(key)
         if a is not None and b is not None and a != b:
             raise IncompatibleGuide(f"{where} was trained on other data: its {key} is {b!r}, {net_name}'s {a!r}")
 

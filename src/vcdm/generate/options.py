@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from vcdm.diffusion.settings import EXTRA_OPTIONS, SamplerOptions
 from vcdm.fileio import IntRanges, as_int
@@ -24,6 +24,7 @@ from vcdm.paths import fit_name
 if TYPE_CHECKING:
     import torch
 
+    from vcdm.checkpoints import CheckpointConfig
     from vcdm.perf import InferenceSettings
 
 
@@ -71,10 +72,10 @@ def seed_list(seeds: "str | Sequence[int] | IntRanges", name: str = "seeds") -> 
     return seeds.unique()
 
 
-def recorded_defaults(config: Mapping[str, Any] | None) -> dict[str, Any]:
+def recorded_defaults(config: CheckpointConfig | None) -> dict[str, Any]:
     """The SamplerOptions a checkpoint's recorded sampler sets where the user chose none: a consistency-tuned
     model's sampler and steps, without churn (vcdm tune); {} for other models, which keep the commands' defaults."""
-    sampler = (config or {}).get("sampler")
+    sampler = config.sampler if config is not None else None
     if not sampler:
         return {}
     return {"sampler": sampler["name"], "num_steps": sampler["num_steps"], "S_churn": 0.0, "S_noise": 1.0}
@@ -82,10 +83,10 @@ def recorded_defaults(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def checkpoint_defaults(path: str | os.PathLike) -> dict[str, Any]:
     """``recorded_defaults`` of the checkpoint at ``path``; {} when it cannot be read (loading it says why)."""
-    from vcdm.checkpoints import read_config
+    from vcdm.checkpoints import read_checkpoint_config
 
     try:
-        return recorded_defaults(read_config(path))
+        return recorded_defaults(read_checkpoint_config(path))
     except (OSError, ValueError):
         return {}
 

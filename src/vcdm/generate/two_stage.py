@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from vcdm import distributed, perf
-from vcdm.checkpoints import read_config
+from vcdm.checkpoints import CheckpointConfig, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.generate.core import GenerateResult, check_gnet, check_seeds, generate
 from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, RunOptions,
@@ -25,11 +25,11 @@ class IncompatibleModels(GenerateError):
     """A prior and an image model that cannot be chained."""
 
 
-def check_chain(prior: dict, image: dict, *, prior_name: str = "prior", image_name: str = "image model",
-                class_idx: int | None = None) -> None:
-    """Refuse a prior/image-model pair whose tensors, shapes or embedders do not line up (configs as
-    stored in the checkpoints)."""
-    ps, its = Structure.from_dict(prior["structure"]), Structure.from_dict(image["structure"])
+def check_chain(prior: CheckpointConfig, image: CheckpointConfig, *, prior_name: str = "prior",
+                image_name: str = "image model", class_idx: int | None = None) -> None:
+    """Refuse a prior/image-model pair whose tensors, shapes or embedders do not line up (by their
+    checkpoints' configs)."""
+    ps, its = prior.structure_object(), image.structure_object()
     if "image" in ps.latent_names:
         raise IncompatibleModels(f"--prior {prior_name} generates images, not embeddings; pass it as --image-model")
     if "image" not in its.latent_names:
@@ -51,7 +51,7 @@ def check_chain(prior: dict, image: dict, *, prior_name: str = "prior", image_na
     from vcdm.embedders import compatible
 
     try:
-        compatible(prior.get("embedder"), image.get("embedder"))
+        compatible(prior.embedder, image.embedder)
     except ValueError as e:
         raise IncompatibleModels(f"{prior_name} and {image_name} cannot be chained: {e}") from None
 
@@ -78,11 +78,11 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
                      inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> TwoStageResult:
     """Embeddings into ``<run.outdir>/embeddings`` and images into ``<run.outdir>/images`` — or, without
     ``run.outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
-    prior_cfg, image_cfg = read_config(prior), read_config(image_model)
+    prior_cfg, image_cfg = read_checkpoint_config(prior), read_checkpoint_config(image_model)
     check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
     check_gnet(prior_cfg, prior, prior_opts, "--prior-gnet")  # both guides, before the first stage samples
     check_gnet(image_cfg, image_model, image_opts, "--image-gnet")
-    conditioned = stage_classes([Structure.from_dict(c["structure"]) for c in (prior_cfg, image_cfg)], class_idx,
+    conditioned = stage_classes([c.structure_object() for c in (prior_cfg, image_cfg)], class_idx,
                                 f"neither {prior} nor {image_model}")
     seeds = check_seeds(seeds, run.max_batch_size)
     if run.outdir is not None:

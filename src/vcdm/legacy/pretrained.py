@@ -40,10 +40,10 @@ class PretrainedReport:
 
 def _source_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from vcdm.checkpoints import CheckpointError, load_tensors, read_config
+        from vcdm.checkpoints import CheckpointError, load_tensors, read_checkpoint_config
 
         try:
-            read_config(path)
+            read_checkpoint_config(path)
             return load_tensors(path).get("net", {})
         except CheckpointError as e:
             raise LegacyError(str(e)) from None

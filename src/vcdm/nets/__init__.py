@@ -28,10 +28,3 @@ def build_network(class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return classes[class_name](**kwargs)
 
 
-def build_denoiser(config: Mapping[str, Any]):
-    """Rebuild a Denoiser (random weights) from a checkpoint config."""
-    from vcdm.data.structure import Structure
-    from vcdm.nets.precond import Denoiser
-
-    net = build_network(config["network"]["class"], config["network"]["kwargs"])
-    return Denoiser(net, Structure.from_dict(config["structure"]), **config["denoiser"])

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vcdm.checkpoints import CheckpointConfig
 from vcdm.data.structure import Structure
 from vcdm.embedders import PRETRAINED
 from vcdm import distributed as dist
@@ -33,10 +34,8 @@ class Setup:
     cache_dir: Path
     data_key: str
 
-    def config(self, training: dict[str, Any]) -> dict[str, Any]:
-        """The checkpoint config (vcdm.checkpoints.CheckpointConfig), as a dict."""
-        from vcdm.checkpoints import CheckpointConfig
-
+    def config(self, training: dict[str, Any]) -> CheckpointConfig:
+        """The checkpoint config of this run's snapshots (``training``: the options they record)."""
         d = self.dataset
         return CheckpointConfig(
             network=self.net_class, net_kwargs=self.net_kwargs, denoiser=self.denoiser.config(),
@@ -44,7 +43,7 @@ class Setup:
             data={"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
                   "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name,
                   "class_names": getattr(d, "class_names", None)},
-            training=training, sampler=tuned_sampler(training)).to_dict()
+            training=training, sampler=tuned_sampler(training))
 
 
 def tuned_sampler(training: dict[str, Any]) -> dict[str, Any] | None:

@@ -54,8 +54,8 @@ def source_tensors(path: str, flag: str = "--transfer") -> dict[str, torch.Tenso
         raise OptionError(f"{flag}: {path} does not exist")
     try:
         if Path(path).suffix == ".safetensors":
-            from vcdm.checkpoints import load_tensors, read_config
-            read_config(path)
+            from vcdm.checkpoints import load_tensors, read_checkpoint_config
+            read_checkpoint_config(path)
             return load_tensors(path).get("net", {})
         from vcdm.legacy import read_pickle
         from vcdm.legacy.edm import legacy_network

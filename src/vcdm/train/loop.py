@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from vcdm import distributed as dist
+from vcdm.checkpoints import CheckpointConfig
 from vcdm.train.batches import BatchMaker, embedding_table
 from vcdm.train.build import Setup, build, make_optimizer
 from vcdm.train.ddp import with_net, wrap_ddp
@@ -96,7 +97,7 @@ class Run:
     batches: Iterator
     plan: RunPlan
     outputs: Outputs
-    config: dict[str, Any]
+    config: CheckpointConfig
     logger: RunLogger | None = None
     preview: dict[str, Any] | None = None
     last_state: Path | None = None  # the newest training state written (or resumed from)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import errno
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from vcdm import distributed as dist
+from vcdm.checkpoints import CheckpointConfig
 
 # Temp files of atomic writes (vcdm.fileio: ".<name>.<random>.tmp") that a killed run leaves behind.
 TEMP_GLOBS = (".training-state-*.tmp", ".network-snapshot-*.tmp", ".samples-*.tmp", ".loss.png.*.tmp",
@@ -89,7 +91,7 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     return removed
 
 
-def write_snapshot(path: Path, weights: dict, embedder, config: dict, nimg: int, record: dict | None = None) -> None:
+def write_snapshot(path: Path, weights: dict, embedder, config: CheckpointConfig, nimg: int, record: dict | None = None) -> None:
     """An EMA network's weights (and a fitted embedder's state) with the checkpoint config; `record`: more
     entries for its training section (e.g. the EMA profile)."""
     from vcdm import checkpoints
@@ -99,11 +101,11 @@ def write_snapshot(path: Path, weights: dict, embedder, config: dict, nimg: int,
         extra = embedder.export_state()
         if extra:
             tensors["embedder"] = extra
-    training = dict(config["training"], nimg=nimg, **(record or {}))
-    checkpoints.save_checkpoint(path, tensors, dict(config, training=training))
+    training = dict(config.training, nimg=nimg, **(record or {}))
+    checkpoints.save_checkpoint(path, tensors, replace(config, training=training))
 
 
-def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: dict, nimg: int) -> None:
+def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: CheckpointConfig, nimg: int) -> None:
     """A snapshot per network the EMA keeps: network-snapshot-<kimg>.safetensors for EDM's EMA,
     network-snapshot-<kimg>-<std>.safetensors for each power-function profile (process 0 writes)."""
     if dist.rank() != 0:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from vcdm.checkpoints import CheckpointConfig
 
 MAX_STD = math.sqrt(1 / 12)  # gamma = 0 (a uniform average of all training); longer profiles need gamma < 0
 SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.safetensors")
@@ -156,7 +158,7 @@ def _accumulate(outs: list[dict[str, torch.Tensor]], name: str, tensor: torch.Te
 class Input:
     """An input snapshot with its checkpoint config (read from a vcdm checkpoint or an imported EDM2 pickle)."""
     snapshot: Snapshot
-    config: Any  # CheckpointConfig
+    config: CheckpointConfig
     path: Path
     extra: Callable[[], dict[str, dict[str, torch.Tensor]]]  # tensors besides the network's (a fitted embedder)
 
@@ -301,13 +303,13 @@ def write(plan: Plan, stds: Sequence[float], outdir: Path, *, group: int = 8) ->
         yield path
 
 
-def output_config(config: Any, std: float, nimg: int, inputs: Sequence[Snapshot]) -> dict[str, Any]:
+def output_config(config: CheckpointConfig, std: float, nimg: int, inputs: Sequence[Snapshot]) -> CheckpointConfig:
     """The checkpoint config of a reconstruction: the input's, with the reconstructed length and its inputs."""
     training = {k: v for k, v in config.training.items() if k != "ema_profile"}
     training.update(nimg=nimg, posthoc_ema={"std": std, "gamma": std_to_gamma(std),
                                             "inputs": [{"name": Path(s.name).name, "nimg": s.nimg, "std": s.std}
                                                        for s in inputs]})
-    return dict(config.to_dict(), training=training)
+    return replace(config, training=training)
 
 
 def output_name(nimg: int, std: float) -> str:
