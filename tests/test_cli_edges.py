@@ -189,16 +189,29 @@ def test_help_wording():
     from click.testing import CliRunner
 
     from vcdm.cli.fid import command as fid_cmd
-    from vcdm.cli.fid import default_workers
 
     generate_help = CliRunner().invoke(generate_cmd, ["--help"]).output
     assert "every stage" not in generate_help and "per stage" not in generate_help
     assert "label dropout" not in generate_help
     assert "--cond-drop" in generate_help
     assert "for both stages" in CliRunner().invoke(sample_cmd, ["--help"]).output
-    assert default_workers() == min(3, len(os.sched_getaffinity(0)))
     fid_help = " ".join(CliRunner().invoke(fid_cmd, ["calc", "--help"]).output.split())
-    assert "3 or the CPUs available if fewer" in fid_help
+    assert "the CPUs available per process, at most 8" in fid_help
+
+
+@pytest.mark.parametrize("cpus, local_world_size, workers", [(2, None, 2), (64, None, 8), (64, "4", 8), (16, "4", 4),
+                                                             (3, "8", 1)])
+def test_default_workers_share_the_cpus_up_to_8(monkeypatch, cpus, local_world_size, workers):
+    """One default for training, FID and the dataset tool: the CPUs this process may use, shared among
+    torchrun's processes on the node, at least 1, at most 8."""
+    from vcdm import workers as workers_mod
+
+    monkeypatch.setattr(workers_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    if local_world_size is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    assert workers_mod.default_workers() == workers
 
 
 def test_embedding_cache_shows_progress(tmp_path, capsys):

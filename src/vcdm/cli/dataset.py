@@ -60,7 +60,7 @@ def _resolution(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable/corrupt images (and report how many) instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace --dest if it exists (only once the new dataset is complete).")
 @click.option("--workers", type=click.IntRange(min=1), metavar="INT",
-              help="Processes decoding and resizing images  [default: CPU count, at most 16]. "
+              help="Processes decoding and resizing images  [default: the CPUs available, at most 8]. "
                    "The output does not depend on it.")
 def convert(source: str, dest: str, resolution: tuple[int, int] | None, transform: str | None, max_images: int | None,
             no_labels: bool, skip_bad: bool, overwrite: bool, workers: int | None) -> None:
@@ -81,7 +81,8 @@ def convert(source: str, dest: str, resolution: tuple[int, int] | None, transfor
     is composited onto white; EXIF orientation is ignored, as in EDM.
     """
     from vcdm.cli.errors import writable
-    from vcdm.data.dataset_tool import convert_dataset, default_workers
+    from vcdm.data.dataset_tool import convert_dataset
+    from vcdm.workers import default_workers
     from vcdm.paths import describe
 
     if transform is not None and resolution is None:

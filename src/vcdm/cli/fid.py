@@ -7,6 +7,8 @@ import os
 
 import click
 
+from vcdm.workers import MAX_WORKERS, default_workers
+
 METRIC_HELP = ("fid: Fréchet Inception Distance; kid: Kernel Inception Distance; pr: precision/recall (k=3); "
                "fd_dinov2: Fréchet distance in DINOv2 ViT-L/14 features (EDM2's second metric)")
 
@@ -19,11 +21,6 @@ def _parse_metrics(text: str) -> list[str]:
     if bad or not names:
         raise click.BadParameter(f"expected a comma-separated subset of {','.join(METRICS)}, got '{text}'", param_hint="--metrics")
     return list(dict.fromkeys(names))
-
-
-def default_workers() -> int:
-    """Image-decoding workers: 3, or fewer on a machine (or CPU set) with fewer cores."""
-    return min(3, len(os.sched_getaffinity(0)))
 
 
 def _say(message: str) -> None:
@@ -76,8 +73,8 @@ def _common(f):
                      help="dinov2_vitl14_pretrain.pth, for fd_dinov2 [default: $VCDM_DINOV2_WEIGHTS, else torch.hub's "
                           "or EDM2's cache, downloaded to torch.hub's if absent]."),
         click.option("--device", default=None, help="torch device [default: this rank's GPU if any, else cpu]."),
-        click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="3 or the CPUs "
-                     "available if fewer", help="Image-decoding worker processes."),
+        click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="the CPUs available "
+                     f"per process, at most {MAX_WORKERS}", help="Image-decoding worker processes."),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
     for option in reversed(options):

@@ -16,8 +16,9 @@ from vcdm.fileio import parse_int_list
 from vcdm.safeload import load_json
 
 from vcdm.train.lr_schedules import LR_SCHEDULES
-from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, OPTIONS_BYTES, PRECONDS, TrainOptions, default_workers
+from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, OPTIONS_BYTES, PRECONDS, TrainOptions
 from vcdm.train.recipe import RECIPES
+from vcdm.workers import default_workers
 
 D = TrainOptions()
 

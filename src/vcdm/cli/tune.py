@@ -15,7 +15,8 @@ import click
 
 from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
-from vcdm.train.options import TrainOptions, default_workers
+from vcdm.train.options import TrainOptions
+from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 8  # default length relative to the checkpoint's training: ECT tuned EDM's CIFAR-10 model (200 Mimg)
                        # for 25.6 Mimg (batch 128, 200k iterations)

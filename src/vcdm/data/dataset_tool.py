@@ -235,10 +235,6 @@ class ConvertSummary:
     skipped_small: int = 0
 
 
-def default_workers() -> int:
-    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def convert_dataset(source: str | os.PathLike, dest: str | os.PathLike, *, resolution: tuple[int, int] | str | None = None,
                     transform: str | None = None, max_images: int | None = None, use_labels: bool = True,
                     skip_bad: bool = False, overwrite: bool = False, workers: int = 1,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from vcdm.nets.presets import ARCHS
 from vcdm.train.phema import MAX_STD
 from vcdm.train.lr_schedules import LR_SCHEDULES
 from vcdm.train.recipe import RECIPES
+from vcdm.workers import default_workers
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
 TUNE_METHODS = ("ect",)  # consistency tuning (vcdm tune)
@@ -37,14 +37,6 @@ FINITE = ("ect_q", "ect_k", "ect_b", "lr", "ls", "duration", "lr_rampup", "lr_re
 
 class OptionError(ValueError):
     """Options that cannot work together; the message names the flag."""
-
-
-def default_workers() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
 
 @dataclass
