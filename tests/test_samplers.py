@@ -313,6 +313,8 @@ def test_the_commands_and_the_api_resolve_alike():
     (dict(rho=float("nan")), "{rho}: expected a finite positive number, got nan"),
     (dict(guidance=2.0, guidance_interval=(3, 1)),
      "{guidance_interval}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, got 3.0,1.0"),
+    (dict(guidance_interval=(3, 1)),  # unguided too (the interval is dropped only once it is valid)
+     "{guidance_interval}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, got 3.0,1.0"),
 ])
 def test_one_check_per_setting_named_by_each_layer(settings, field_message):
     """The checks live in SamplerOptions alone: sample() says them in field names, the commands in their

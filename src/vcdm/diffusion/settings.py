@@ -173,22 +173,22 @@ class SamplerOptions:
                 raise SamplerOptionError(f"{{{key}}}: expected one of {', '.join(choices)}, got '{value}'")
 
     def _check_guide(self) -> None:
+        """A bad interval is refused even unguided (as the command line always did); with w = 1 the guide
+        and the interval are then dropped."""
+        interval = self.guidance_interval
+        if interval is not None:
+            if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+                raise SamplerOptionTypeError(f"{{guidance_interval}}: expected (SIGMA_LO, SIGMA_HI), got {interval!r}")
+            lo, hi = (_number(v, "guidance_interval") for v in interval)
+            if not 0 <= lo < hi:
+                raise SamplerOptionError(f"{{guidance_interval}}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < "
+                                         f"SIGMA_HI, got {lo},{hi}")
+            object.__setattr__(self, "guidance_interval", (lo, hi))
         if self.guidance == 1.0:
             object.__setattr__(self, "gnet", None)
             object.__setattr__(self, "guidance_interval", None)
-            return
-        if self.gnet is not None:
+        elif self.gnet is not None:
             object.__setattr__(self, "gnet", os.fspath(self.gnet))
-        if self.guidance_interval is None:
-            return
-        interval = self.guidance_interval
-        if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
-            raise SamplerOptionTypeError(f"{{guidance_interval}}: expected (SIGMA_LO, SIGMA_HI), got {interval!r}")
-        lo, hi = (_number(v, "guidance_interval") for v in interval)
-        if not 0 <= lo < hi:
-            raise SamplerOptionError(f"{{guidance_interval}}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < "
-                                     f"SIGMA_HI, got {lo},{hi}")
-        object.__setattr__(self, "guidance_interval", (lo, hi))
 
     def _check_taken(self) -> None:
         """Options the sampler does not take must be left at their defaults."""
