@@ -34,7 +34,7 @@ from vcdm.diffusion.samplers import Churn, sample_heun
 from vcdm.diffusion.schedules import append_zero, karras_sigmas
 from vcdm.generate import SamplerOptions, load_model, results_dir
 from vcdm.generate.core import PaddedDenoiser, draw
-from vcdm.generate.files import read_png, read_tensors, to_uint8
+from vcdm.generate.files import read_png, read_tensors, to_uint8_hwc
 from vcdm.generate.guide import IncompatibleGuide, check_guide
 from vcdm.fileio import file_sha256
 
@@ -289,7 +289,7 @@ def by_hand(net_path: Path, guide_path: Path, w: float, seeds: list[int], interv
 def test_generate_with_a_guiding_network_is_the_formula_applied_by_hand(nets, tmp_path):
     args = ["--network", nets["uncond"], "--seeds", "0-3", "--steps", 4, "--fp32", "--no-channels-last"]
     run(generate_cmd, [*args, "--outdir", tmp_path / "g", "--gnet", nets["weak_uncond"], "--guidance", 2.5])
-    want = to_uint8(load_model(nets["uncond"]).structure.unflatten_latent(
+    want = to_uint8_hwc(load_model(nets["uncond"]).structure.unflatten_latent(
         by_hand(nets["uncond"], nets["weak_uncond"], 2.5, [0, 1, 2, 3], num_steps=4))["image"])
     got = np.stack([read_png(tmp_path / "g" / f"{s:06d}.png") for s in range(4)])
     assert np.array_equal(got, want)
@@ -339,7 +339,7 @@ def test_two_stage_guided_prior_gives_the_formulas_embeddings(nets, tmp_path, mo
     assert (want - by_hand(nets["prior"], nets["weak_prior"], 1.0, [0, 1, 2], num_steps=3)).abs().max() > 0.5
     embeddings = {"embedding": got}
     images = by_hand(nets["image"], nets["uncond"], 1.5, [0, 1, 2], given=embeddings, num_steps=3)
-    want_img = to_uint8(load_model(nets["image"]).structure.unflatten_latent(images)["image"])
+    want_img = to_uint8_hwc(load_model(nets["image"]).structure.unflatten_latent(images)["image"])
     assert np.array_equal(np.stack([read_png(img_dir / f"{s:06d}.png") for s in range(3)]), want_img)
     # the Python API: the same embeddings and images
     pipe = TwoStagePipeline.from_checkpoints(nets["prior"], nets["image"], device="cpu")

@@ -23,7 +23,7 @@ from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptionError
 from vcdm.distributed import parse_device
 from vcdm.generate.core import (DatasetConditions, LoadedModel, check_request, check_seeds, denoise, draw, load_guide,
                                 load_model, split_batches)
-from vcdm.generate.files import check_obs_files, to_uint8
+from vcdm.generate.files import check_obs_files, to_uint8_hwc
 from vcdm.generate.options import (FLAG_NAMES, FlagError, GenerateError, InferenceChoices, SamplerOptions,
                                    inference_settings, recorded_defaults)
 from vcdm.generate.two_stage import check_chain, stage_classes
@@ -154,7 +154,7 @@ class Pipeline:
                 for name, value in tensors.items():
                     parts.setdefault(name, []).append(value.detach().to("cpu", torch.float32))
         tensors = {name: torch.cat(values) for name, values in parts.items()}
-        images = to_uint8(tensors.pop("image")) if "image" in tensors else None
+        images = to_uint8_hwc(tensors.pop("image")) if "image" in tensors else None
         emb = tensors.get("embedding")
         return PipelineOutput(seeds, images, None if emb is None else emb.flatten(1).numpy(),
                               {k: v.numpy() for k, v in tensors.items()})

@@ -170,7 +170,10 @@ OPTIONS = [
              "reconstructs any other length from them."),
     opt("--ls", metavar="FLOAT", type=Finite(min=0, min_open=True), default=D.ls, help="Loss scaling."),
     opt("--fp16", type=bool, default=D.fp16, help="Mixed precision: float16 autocast + GradScaler (CUDA)."),
-    opt("--bf16", type=bool, default=D.bf16, help="Mixed precision: bfloat16 autocast (CUDA or CPU)."),
+    opt("--bf16", type=bool, default=None,
+        help="Mixed precision: bfloat16 autocast (CUDA or CPU), 0 for float32  [default: bf16 on CPUs with native "
+             "bf16 (AVX512-BF16, AMX) for images of 32x32 and up, else float32, as measured; a resumed run keeps "
+             "its own]"),
     opt("--bench", type=bool, default=D.bench, help="Enable cuDNN benchmarking."),
     opt("--seed", metavar="INT", type=int, default=None, help="Random seed  [default: random]"),
     opt("--max-nonfinite", metavar="N", type=click.IntRange(min=0), default=D.max_nonfinite,
@@ -276,7 +279,8 @@ def with_recorded_options(kwargs: dict) -> dict:
     if "path" not in given and not Path(str(values.get("path"))).exists():
         raise click.UsageError(f"--resume: the run's dataset {values.get('path')} (recorded in {path}) is not there; "
                                f"pass --path with where it lies now")
-    keep = {"resume", "dry_run", "device", "workers", "batch_gpu", "time_limit"}  # how this command runs
+    # How this command runs; and --bf16, which the loop resolves (a resumed run keeps the precision it recorded).
+    keep = {"resume", "dry_run", "device", "workers", "batch_gpu", "time_limit", "bf16"}
     return {k: (v if k in given or k in keep or k not in values else values[k]) for k, v in kwargs.items()}
 
 

@@ -26,7 +26,7 @@ from vcdm.checkpoints import CheckpointConfig, load_checkpoint, read_checkpoint_
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
-from vcdm.generate.files import (check_obs_files, make_grid, obs_path, read_observed, read_png, to_uint8,
+from vcdm.generate.files import (check_obs_files, make_grid, obs_path, read_observed, read_png, to_uint8_hwc,
                                  write_png, write_tensors)
 from vcdm.fileio import IntRanges, as_int
 from vcdm.generate.guide import Unconditional, check_guide, guide_digest, read_guide_config
@@ -279,7 +279,7 @@ def save_samples(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tenso
         for i, path in enumerate(paths):
             write_tensors(path.with_suffix(".pt"), {k: v[i] for k, v in rest.items()}, model.structure.names)
     if model.makes_images:
-        for path, image in zip(paths, to_uint8(tensors["image"])):
+        for path, image in zip(paths, to_uint8_hwc(tensors["image"])):
             write_png(path, image)
 
 

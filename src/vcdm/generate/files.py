@@ -27,7 +27,7 @@ from vcdm.safeload import load_torch_zip
 OBS_LIMIT = 1e4  # observed tensors read back: beyond this a network's output is meaningless (and may overflow)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) floats in [-1, 1] → (B, H, W, C) uint8, rounding as EDM's generate.py does."""
     return dataset.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -15,7 +15,7 @@ from vcdm import perf
 from vcdm.data.archive import MAX_IMAGE_PIXELS
 from vcdm.distributed import parse_device
 from vcdm.generate.core import check_class, check_seeds, denoise, draw, load_embedder, load_guide, load_model
-from vcdm.generate.files import make_grid, to_uint8, write_png
+from vcdm.generate.files import make_grid, to_uint8_hwc, write_png
 from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, SamplerOptions,
                                   inference_settings)
 from vcdm.paths import check_writable
@@ -90,7 +90,7 @@ def variations(image_model: str | os.PathLike, images: str | os.PathLike | Seque
             latents, obs, rnd = draw(model, batch, device, class_idx=class_idx,
                                      observed={"embedding": emb.expand(len(batch), -1)})
             x = denoise(model, latents, obs, rnd, opts, settings, guide)
-            tiles += list(to_uint8(s.unflatten_latent(x)["image"]))
+            tiles += list(to_uint8_hwc(s.unflatten_latent(x)["image"]))
         out = Path(outdir) / f"{stem}.png"
         write_png(out, make_grid(tiles, pad=max(1, resolution // 32), mark=0))
         written.append(out)

@@ -32,7 +32,7 @@ from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshots
 from vcdm.train.lr_schedules import LRSchedule
-from vcdm.train.recipe import describe, grad_inf, resolve
+from vcdm.train.recipe import describe, grad_inf, precision_line, resolve, resolve_precision
 from vcdm.train.rundir import RunPlan, decide, lock_holder, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
 from vcdm.train.state import StateError, TrainState, free_state_path, load_state, save_state
@@ -150,6 +150,9 @@ class Trainer:
             dist.print0(f"Run directory: {plan.run_dir}")
         torch.manual_seed(o.seed)  # network initialisation: the same in every process, whatever their number
         s = build(o, self.device)
+        o.bf16, why = resolve_precision(o, self.device, s.dataset.resolution if "image" in s.structure.latent_names
+                                        else None, plan.bf16)
+        dist.print0(precision_line(o.bf16, why))
         state = self.make_state(s, plan, loaded)
         del loaded
         cached = embedding_table(s, self.device, o.xflip) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None

@@ -96,7 +96,7 @@ class OptimOptions:
     adam_betas: list[float] | None = None  # (beta1, beta2): EDM's (0.9, 0.999), EDM2's (0.9, 0.99)
     ls: float = 1.0
     fp16: bool = False
-    bf16: bool = False
+    bf16: bool | None = None  # None: per device and network (vcdm.train.recipe.resolve_precision); runs record it resolved
     bench: bool = True
     seed: int | None = None
     max_nonfinite: int = 10

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vcdm.nets.presets import EDM2_PRESETS
+from vcdm.perf import training_precision
 
 if TYPE_CHECKING:  # options.py takes the recipe names from here
+    import torch
+
     from vcdm.train.options import TrainOptions
 
 EDM2_PIXEL_DECAY = 35000  # batches: the reference of EDM2's img64 presets
@@ -73,6 +76,25 @@ def resolve(opts: TrainOptions) -> TrainOptions:
         ema_std=opts.ema_std or (list(recipe.ema_std) if recipe.ema_std else None),
         augment=_first(opts.augment, 0.0 if opts.arch in EDM2_PRESETS else EDM_AUGMENT),
     )
+
+
+def resolve_precision(opts: TrainOptions, device: torch.device, resolution: int | None,
+                      resumed: bool | None) -> tuple[bool, str]:
+    """(bf16, why): --bf16 as given; else the choice of the run being resumed (``resumed``), so that a run
+    moved to another machine keeps its precision; else the measured default for the device and the
+    generated images' ``resolution`` (vcdm.perf.training_precision)."""
+    if opts.bf16 is not None:
+        return opts.bf16, f"--bf16 {int(opts.bf16)}"
+    if opts.fp16:
+        return False, "--fp16"
+    if resumed is not None:
+        return resumed, "the resumed run's precision"
+    return training_precision(device, resolution)
+
+
+def precision_line(bf16: bool, why: str) -> str:
+    """The line a run prints at its start."""
+    return f"Precision: {'bf16 autocast' if bf16 else 'float32'} ({why}); --bf16 0/1 overrides"
 
 
 def grad_inf(opts: TrainOptions) -> float:

@@ -44,6 +44,7 @@ class RunPlan:
     finished_nimg: int | None = None  # the resumed state already reached --duration: nothing to do
     moved_from: str | None = None  # where the resumed run's dataset was recorded, if not at --path
     created: bool = False  # process 0 made run_dir for this run
+    bf16: bool | None = None  # the resumed run's precision (False if it recorded none: vcdm trained in float32 then)
 
 
 # ------------------------------------------------------------------------------------------ dataset identity
@@ -273,6 +274,7 @@ def decide(opts: TrainOptions) -> tuple[RunPlan, dict | None, str]:
         recorded = _state_options(state, resume.parent)
         plan.run_dir = resume.parent
         plan.seed = recorded["seed"] if isinstance(recorded.get("seed"), int) else plan.seed
+        plan.bf16 = recorded.get("bf16") is True
         plan.moved_from = None if _same_place(recorded, opts.path) else str(recorded.get("path"))
         _check_finished(plan, state, opts)
     return plan, state, why
