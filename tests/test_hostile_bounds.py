@@ -20,7 +20,8 @@ import torch
 
 from memory_probe import EXTRA_MIB, baseline_mib, guarded, run_read
 from vcdm.safeload import JSONFileError, TorchFileError, load_json, load_torch_zip
-from vcdm.train.state import StateError, load_state, newest_valid_state, save_state
+from vcdm.train.outputs import save_state
+from vcdm.train.state import StateError, load_state, newest_valid_state
 
 
 def expect_refusal(code: str, match: str, *, seconds: float = 60.0) -> str:

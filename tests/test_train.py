@@ -26,7 +26,8 @@ from vcdm.embedders.base import image_batches
 from vcdm.train import build as build_mod
 from vcdm.train.options import TrainOptions
 from vcdm.train.sampler import PositionSampler, ShuffledDataset
-from vcdm.train.state import StateError, load_state, newest_valid_state, save_state
+from vcdm.train.outputs import save_state
+from vcdm.train.state import StateError, load_state, newest_valid_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

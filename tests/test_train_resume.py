@@ -313,7 +313,8 @@ def test_dataset_identity_is_the_content_not_the_place(data, tmp_path):
 
 
 def test_a_state_without_a_count_of_images_is_refused(tmp_path):
-    from vcdm.train.state import StateError, save_state
+    from vcdm.train.outputs import save_state
+    from vcdm.train.state import StateError
 
     path = tmp_path / "training-state-000000.pt"
     save_state(path, {"net": {}, "ema": {}, "optimizer": {}, "counters": {"nimg": "8"}})

@@ -48,6 +48,16 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int | Non
     return fd
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temp file ``.<name>.<random>.tmp`` beside `path` (`temp_glob` matches it): (descriptor, path)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def temp_glob(name_glob: str) -> str:
+    """The glob of the temp files that atomic writes of names matching `name_glob` leave if killed."""
+    return f".{name_glob}.*.tmp"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; rename it over `path` only if the block finishes.
@@ -56,7 +66,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -74,7 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path` for libraries that insist on writing by name; rename on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         yield Path(tmp)
         _publish(fd, tmp, path)

@@ -43,9 +43,10 @@ class EMA:
         for b_ema, b_net in zip(self.ema.buffers(), self.net.buffers()):
             b_ema.copy_(b_net)
 
-    def snapshots(self) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]]:
-        """(file name suffix, weights, what the config records) for each network a snapshot writes."""
-        yield "", self.ema.state_dict(), {}
+    def snapshots(self) -> Iterator[tuple[float | None, dict[str, torch.Tensor], dict]]:
+        """(EMA length for the file name: None, weights, what the config records) for each network a snapshot
+        writes (vcdm.train.outputs.snapshot_name)."""
+        yield None, self.ema.state_dict(), {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.ema.state_dict()
@@ -65,7 +66,7 @@ class PowerFunctionEMA:
         self.stds = [float(s) for s in stds]
         self.gammas = [std_to_gamma(s) for s in self.stds]
         self.emas = [copy.deepcopy(net).eval().requires_grad_(False) for _ in self.stds]
-        self.keys = [f"{s:.3f}" for s in self.stds]  # the snapshot names' suffixes and the state's prefixes
+        self.keys = [f"{s:.3f}" for s in self.stds]  # the state's prefixes, as the snapshot names write the lengths
         if len(set(self.keys)) != len(self.keys):
             raise ValueError(f"EMA lengths {self.stds} are not distinct to three decimals (snapshot names)")
 
@@ -87,13 +88,13 @@ class PowerFunctionEMA:
             for b_ema, b_net in zip(ema.buffers(), self.net.buffers()):
                 b_ema.copy_(b_net)
 
-    def snapshots(self) -> Iterator[tuple[str, dict[str, torch.Tensor], dict]]:
-        """One network per profile, written as network-snapshot-<kimg>-<std>.safetensors (EDM2's names) with
+    def snapshots(self) -> Iterator[tuple[float | None, dict[str, torch.Tensor], dict]]:
+        """One network per profile, named by its length (network-snapshot-<kimg>-<std>.safetensors) with
         float16 parameters, as EDM2 writes them (half the disk; buffers stay as they are), one at a time."""
-        for key, std, gamma, ema in zip(self.keys, self.stds, self.gammas, self.emas):
+        for std, gamma, ema in zip(self.stds, self.gammas, self.emas):
             params = {name for name, _ in ema.named_parameters()}
             state = {k: v.to(torch.float16) if k in params else v for k, v in ema.state_dict().items()}
-            yield f"-{key}", state, {"ema_profile": {"std": std, "gamma": gamma}}
+            yield std, state, {"ema_profile": {"std": std, "gamma": gamma}}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every profile's weights, flat, under "<std>/" prefixes."""

@@ -30,12 +30,13 @@ from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.ema import EMA, PowerFunctionEMA
 from vcdm.train.loggers import RunLogger
 from vcdm.train.options import OptionError, TrainOptions
-from vcdm.train.outputs import Outputs, TrainingError, remove_stale_temp_files, write_snapshots
+from vcdm.train.outputs import (CONDITIONING_GRID, Outputs, TrainingError, grid_name, remove_stale_temp_files,
+                                 write_snapshots, write_state)
 from vcdm.train.lr_schedules import LRSchedule
 from vcdm.train.recipe import describe, grad_inf, precision_line, resolve, resolve_precision
 from vcdm.train.rundir import RunPlan, decide, lock_holder, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
-from vcdm.train.state import StateError, TrainState, free_state_path, load_state, save_state
+from vcdm.train.state import StateError, TrainState, load_state
 from vcdm.train.step import StepSetup, train_step
 from vcdm.train.ticks import TickStats, tick_line
 
@@ -296,7 +297,7 @@ class Trainer:
         n = min(batch_gpu, PREVIEW_MAX)
         maker = BatchMaker(s.structure, self.device, embedder=s.embedder, cached=cached)
         y, reals = conditioning(s.dataset, maker, n)
-        path = run.plan.run_dir / "samples-conditioning.png"
+        path = run.plan.run_dir / CONDITIONING_GRID
         if run.plan.resume is None and y is not None:
             run.outputs.attempt(path, lambda: save_grid(reals, path))
         return {"y": y, "n": n, "denoiser": with_net(s.denoiser, run.state.ema.ema)}
@@ -368,19 +369,16 @@ class Trainer:
         o, state, outputs, run_dir = self.opts, run.state, run.outputs, run.plan.run_dir
         tick = state.counters["tick"]
         state.counters["tick"] += 1  # the state records the next tick
-        kimg = state.counters["nimg"] // 1000
         if not diverged and (done or (o.snap and tick % o.snap == 0)):
             write_snapshots(outputs, run_dir, state.ema, run.setup.embedder, run.config, state.counters["nimg"])
         if done or (o.dump and tick % o.dump == 0 and tick != 0):
-            data = state.state_dict(json.dumps(dict(o.to_dict(), dataset=run.plan.dataset)))
             poisoned = diverged or run.nonfinite_steps > 0 or not state.finite()
-            path = free_state_path(run_dir, kimg, resumable=not poisoned)
-            if outputs.attempt(path, lambda: save_state(path, data)) and not poisoned:
+            path = write_state(outputs, run_dir, state, o, run.plan.dataset, resumable=not poisoned)
+            if path is not None and not poisoned:
                 run.last_state, outputs.resumable = path, True
             run.nonfinite_steps = 0
-            del data
         if run.preview is not None and o.sample and not diverged and (done or tick % o.sample == 0):
-            path = run_dir / f"samples-{kimg:06d}.png"
+            path = run_dir / grid_name(state.counters["nimg"])
             outputs.attempt(path, lambda: self.write_preview(run.preview, path, state.counters["nimg"], run.logger))
         if self.rank == 0 and run.logger is not None and run.logger.error:
             outputs.fail(run_dir / "log.txt", run.logger.error)

@@ -1,24 +1,79 @@
-"""What a run writes, under one policy for failed writes (full disk, permissions, I/O errors).
+"""What a run writes and under which names, all in one place: network snapshots, training states and
+preview grids, written by process 0 under one policy for failed writes (full disk, permissions, I/O errors).
 
-Process 0 writes; a write that fails leaves the earlier files as they were (every write is atomic)
-and becomes one line naming the file and how to resume; `check()` stops every process with it.
+Names (<kimg>: images seen // 1000, six digits):
+
+- ``network-snapshot-<kimg>.safetensors``: the network of EDM's EMA; ``network-snapshot-<kimg>-<std>.safetensors``:
+  one per power-function EMA profile (EDM2's names, <std> to three decimals).
+- ``training-state-<kimg>.pt`` with a sidecar ``<name>.json`` (its size, SHA-256 and images seen). A later state
+  within the same kimg (short ticks, a resumed run) is ``training-state-<kimg>_<n>.pt``: no state overwrites
+  another. A state saved after non-finite losses is ``...-nonfinite.pt``, a name ``--resume`` never picks.
+- ``samples-<kimg>.png`` and ``samples-conditioning.png``: preview grids of image models.
+- ``training_options.json``, ``stats.jsonl``, ``loss.png`` and ``log.txt`` (vcdm.train.loggers).
+
+Every file but log.txt (a stream of whole lines) is written atomically (vcdm.fileio): a killed run leaves
+a temp file, never a truncated one, and the next run in the folder removes those temps (`TEMP_GLOBS`).
+A write that fails leaves the earlier files as they were and becomes one line naming the file and how to
+resume; `check()` stops every process with it.
+
+A state records the run's options as JSON text (the options of training_options.json and the dataset
+identity), not as a nested dict, although ``torch.load(weights_only=True)`` would read either: every state
+written so far holds that text, and its reader (vcdm.train.rundir) parses it as untrusted input, falling
+back to the run's training_options.json; a dict would be a second format to read for no gain.
 """
 from __future__ import annotations
 
 import errno
+import json
+import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
 
 from vcdm import distributed as dist
 from vcdm.checkpoints import CheckpointConfig
+from vcdm.fileio import atomic_path, atomic_write, file_sha256, temp_glob
 
-# Temp files of atomic writes (vcdm.fileio: ".<name>.<random>.tmp") that a killed run leaves behind.
-TEMP_GLOBS = (".training-state-*.tmp", ".network-snapshot-*.tmp", ".samples-*.tmp", ".loss.png.*.tmp",
-              ".stats.jsonl.*.tmp", ".training_options.json.*.tmp")
+if TYPE_CHECKING:
+    from vcdm.train.options import TrainOptions
+    from vcdm.train.state import TrainState
+
+STATE_RE = re.compile(r"training-state-(\d+)(?:_(\d+))?\.pt")  # resumable names; "-nonfinite" ones never match
+PROFILE_SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.safetensors")  # (kimg, EMA length)
+NONFINITE = "-nonfinite"
+CONDITIONING_GRID = "samples-conditioning.png"
+SIDECAR_BYTES = 1 << 16  # a sidecar holds a size, a digest and a count
+# Every file process 0 writes atomically, as globs: their temp files are what a killed run leaves.
+ATOMIC_FILES = ("training-state-*", "network-snapshot-*", "samples-*", "loss.png", "stats.jsonl",
+                "training_options.json")
+TEMP_GLOBS = tuple(temp_glob(name) for name in ATOMIC_FILES)
 # torch.save reports a failed write (e.g. a full disk) as a RuntimeError from its zip writer.
 TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
+
+
+def snapshot_name(nimg: int, ema_std: float | None = None) -> str:
+    """``network-snapshot-<kimg>.safetensors``, or ``...-<std>.safetensors`` for a power-function EMA profile."""
+    length = "" if ema_std is None else f"-{ema_std:.3f}"
+    return f"network-snapshot-{nimg // 1000:06d}{length}.safetensors"
+
+
+def state_name(nimg: int, suffix: str = "", counter: int = 0) -> str:
+    """``training-state-<kimg>[_<counter>].pt``; with a suffix (`NONFINITE`) a name ``--resume`` never picks."""
+    return f"training-state-{nimg // 1000:06d}{f'_{counter}' if counter else ''}{suffix}.pt"
+
+
+def sidecar_path(state_path: Path) -> Path:
+    """``<state>.json``: the state's size, SHA-256 and images seen."""
+    return state_path.with_name(state_path.name + ".json")
+
+
+def grid_name(nimg: int) -> str:
+    """``samples-<kimg>.png``: a preview grid."""
+    return f"samples-{nimg // 1000:06d}.png"
 
 
 class TrainingError(RuntimeError):
@@ -106,11 +161,41 @@ def write_snapshot(path: Path, weights: dict, embedder, config: CheckpointConfig
 
 
 def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: CheckpointConfig, nimg: int) -> None:
-    """A snapshot per network the EMA keeps: network-snapshot-<kimg>.safetensors for EDM's EMA,
-    network-snapshot-<kimg>-<std>.safetensors for each power-function profile (process 0 writes)."""
+    """A snapshot per network the EMA keeps (`snapshot_name`), one at a time (process 0 writes)."""
     if dist.rank() != 0:
         return
-    for suffix, weights, record in ema.snapshots():
-        path = run_dir / f"network-snapshot-{nimg // 1000:06d}{suffix}.safetensors"
+    for std, weights, record in ema.snapshots():
+        path = run_dir / snapshot_name(nimg, std)
         outputs.attempt(path, lambda: write_snapshot(path, weights, embedder, config, nimg, record))  # noqa: B023 (called at once)
         del weights
+
+
+def free_state_path(run_dir: Path, nimg: int, resumable: bool) -> Path:
+    """The first name for a state at `nimg` images that no earlier state (resumable or not) of the run holds."""
+    counter = 0
+    while any((run_dir / state_name(nimg, s, counter)).exists() for s in ("", NONFINITE)):
+        counter += 1
+    return run_dir / state_name(nimg, "" if resumable else NONFINITE, counter)
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write atomically, then the sidecar. A stale sidecar (same name) goes first, so a crash in between
+    leaves a state without sidecar (checked by loading), never one that fails its check."""
+    path = Path(path)
+    side = sidecar_path(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        sidecar = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp), "nimg": int(state["counters"]["nimg"])}
+        side.unlink(missing_ok=True)
+    with atomic_write(side, "w") as f:
+        json.dump(sidecar, f)
+
+
+def write_state(outputs: Outputs, run_dir: Path, state: TrainState, opts: TrainOptions, dataset: dict[str, Any],
+                resumable: bool) -> Path | None:
+    """Save `state` with the run's options and dataset identity under the next free name at its kimg
+    (``-nonfinite`` unless `resumable`). Every process calls it (the random states are gathered); returns
+    the path process 0 wrote, else None."""
+    data = state.state_dict(json.dumps(dict(opts.to_dict(), dataset=dataset)))
+    path = free_state_path(run_dir, state.counters["nimg"], resumable)
+    return path if outputs.attempt(path, lambda: save_state(path, data)) else None

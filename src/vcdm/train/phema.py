@@ -25,8 +25,9 @@ import torch
 
 from vcdm.checkpoints import CheckpointConfig
 
+from vcdm.train.outputs import PROFILE_SNAPSHOT_RE
+
 MAX_STD = math.sqrt(1 / 12)  # gamma = 0 (a uniform average of all training); longer profiles need gamma < 0
-SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.safetensors")
 EDM2_SNAPSHOT_RE = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl")  # EDM2's raw snapshots; its reconstructions are phema-*
 
 
@@ -230,7 +231,7 @@ def run_snapshots(run_dir: str | Path) -> list[Path]:
         m = EDM2_SNAPSHOT_RE.fullmatch(name)
         return m is not None and m.group(1) != "phema"
 
-    return sorted(p for p in run_dir.iterdir() if SNAPSHOT_RE.fullmatch(p.name) or edm2(p.name))
+    return sorted(p for p in run_dir.iterdir() if PROFILE_SNAPSHOT_RE.fullmatch(p.name) or edm2(p.name))
 
 
 def open_input(path: str | Path) -> Input:

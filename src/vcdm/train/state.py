@@ -1,17 +1,14 @@
-"""Training states: `training-state-<kimg:06d>.pt` + a JSON sidecar with its size and SHA-256.
-A later state within the same integer kimg (short ticks, a resumed run) is `training-state-<kimg>_<n>.pt`:
-no state overwrites another.
+"""Training states: what a run resumes from (`TrainState`), and reading a saved one back.
 
 A state holds only state dicts, tensors and plain numbers, so ``torch.load(weights_only=True)`` reads
-it. Writes are atomic (a killed run never leaves a truncated state); a state damaged elsewhere fails
-its sidecar check or ``torch.load`` and is skipped by ``--resume=auto`` with a warning.
+it. vcdm.train.outputs names and writes states (atomically, with a sidecar of their size and SHA-256); a
+state damaged elsewhere fails its sidecar check or ``torch.load`` and is skipped by ``--resume=auto``
+with a warning.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,42 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vcdm.fileio import atomic_path, atomic_write, file_sha256
+from vcdm.fileio import file_sha256
 from vcdm.safeload import load_json, load_torch_zip
-
-SIDECAR_BYTES = 1 << 16  # a sidecar holds a size, a digest and a count
-STATE_RE = re.compile(r"training-state-(\d+)(?:_(\d+))?\.pt")  # resumable names; "-nonfinite" ones never match
-NONFINITE = "-nonfinite"
+from vcdm.train.outputs import SIDECAR_BYTES, STATE_RE, sidecar_path
 
 
 class StateError(ValueError):
     """A training state that cannot be used."""
-
-
-def state_name(kimg: int, suffix: str = "", counter: int = 0) -> str:
-    """`training-state-<kimg>[_<counter>].pt`; with a suffix (e.g. "-nonfinite") a name `--resume` never picks."""
-    return f"training-state-{kimg:06d}{f'_{counter}' if counter else ''}{suffix}.pt"
-
-
-def free_state_path(run_dir: Path, kimg: int, resumable: bool) -> Path:
-    """The first name for a state at `kimg` that no earlier state (resumable or not) of the run holds."""
-    counter = 0
-    while any((run_dir / state_name(kimg, s, counter)).exists() for s in ("", NONFINITE)):
-        counter += 1
-    return run_dir / state_name(kimg, "" if resumable else NONFINITE, counter)
-
-
-def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write atomically, then the sidecar. A stale sidecar (same name) goes first, so a crash in between
-    leaves a state without sidecar (checked by loading), never one that fails its check."""
-    path = Path(path)
-    side = path.with_name(path.name + ".json")
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-        sidecar = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp), "nimg": int(state["counters"]["nimg"])}
-        side.unlink(missing_ok=True)
-    with atomic_write(side, "w") as f:
-        json.dump(sidecar, f)
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -62,7 +30,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise StateError(f"{path}: no such training state")
-    sidecar = path.with_name(path.name + ".json")
+    sidecar = sidecar_path(path)
     if sidecar.is_file():
         try:
             meta = load_json(sidecar, SIDECAR_BYTES, dict)
@@ -95,7 +63,7 @@ def newest_valid_state(run_dirs: list[Path]) -> tuple[Path, dict[str, Any]] | No
 
     def key(p: Path):
         try:
-            nimg = load_json(p.with_name(p.name + ".json"), SIDECAR_BYTES, dict).get("nimg")
+            nimg = load_json(sidecar_path(p), SIDECAR_BYTES, dict).get("nimg")
         except ValueError:
             nimg = None
         if type(nimg) is not int:  # no sidecar, or a damaged one (load_state then says what is wrong)

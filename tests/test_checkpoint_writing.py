@@ -1,0 +1,104 @@
+"""What a run writes (vcdm.train.outputs): file names, the temp files a killed run leaves and their
+removal, and what a training state records."""
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import pytest
+
+import vcdm.fileio
+from tiny_runs import TINY_UNET, base_args, run, run_dir
+from vcdm.checkpoints import read_checkpoint_config
+from vcdm.train.outputs import (ATOMIC_FILES, NONFINITE, PROFILE_SNAPSHOT_RE, STATE_RE, TEMP_GLOBS,
+                                free_state_path, grid_name, remove_stale_temp_files, snapshot_name, state_name)
+from vcdm.train.rundir import dataset_identity
+from vcdm.train.state import load_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# An image model (preview grids) with two power-function EMA profiles: three ticks of one step, each saving
+# everything (a state from the second tick on).
+IMAGE = ["--exist", "1,1", "--observed", "0,1", *TINY_UNET, "--augment", "0", "--ema-std", "0.05,0.1",
+         "--duration", "0.000012", "--snap", "1", "--dump", "1", "--sample", "1"]
+
+
+def test_names_of_snapshots_states_and_grids():
+    assert snapshot_name(12_345) == "network-snapshot-000012.safetensors"
+    assert snapshot_name(12_999, 0.05) == "network-snapshot-000012-0.050.safetensors"
+    assert PROFILE_SNAPSHOT_RE.fullmatch(snapshot_name(4_000_000, 0.1)).groups() == ("004000", "0.100")
+    assert PROFILE_SNAPSHOT_RE.fullmatch(snapshot_name(4_000_000)) is None  # EDM's EMA is no profile
+    assert grid_name(999) == "samples-000000.png" and grid_name(1_000) == "samples-000001.png"
+    assert state_name(7_999) == "training-state-000007.pt" and state_name(7_000, counter=2) == "training-state-000007_2.pt"
+    assert STATE_RE.fullmatch(state_name(7_000, counter=2)).groups() == ("000007", "2")
+    assert STATE_RE.fullmatch(state_name(7_000, NONFINITE, 1)) is None  # --resume never picks these
+
+
+def test_free_state_path_never_reuses_a_name_resumable_or_not(tmp_path):
+    names = []
+    for resumable in (True, False, True, False):
+        path = free_state_path(tmp_path, 3_500, resumable)
+        path.touch()
+        names.append(path.name)
+    assert names == ["training-state-000003.pt", "training-state-000003_1-nonfinite.pt",
+                     "training-state-000003_2.pt", "training-state-000003_3-nonfinite.pt"]
+    assert free_state_path(tmp_path, 4_000, True).name == "training-state-000004.pt"
+
+
+@pytest.fixture(scope="module")
+def image_run(data, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A run's folder and every temp file its atomic writes made."""
+    made: list[Path] = []
+    temp_beside = vcdm.fileio._temp_beside
+
+    def recording(path: Path) -> tuple[int, str]:
+        fd, tmp = temp_beside(path)
+        made.append(Path(tmp))
+        return fd, tmp
+
+    out = tmp_path_factory.mktemp("out")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vcdm.fileio, "_temp_beside", recording)
+        run(base_args(data, out, *IMAGE))
+    return run_dir(out), made
+
+
+def test_every_temp_file_of_a_run_is_one_the_next_run_removes(image_run):
+    d, made = image_run
+    made = [p for p in made if p.parent == d]  # not the embedder's cache beside the data
+    assert len(made) > 10
+    for p in made:
+        assert any(fnmatch.fnmatch(p.name, g) for g in TEMP_GLOBS), f"{p.name}: no TEMP_GLOBS pattern removes it"
+    written = sorted(p.name for p in d.iterdir())
+    for name in ATOMIC_FILES:  # no pattern for files a run no longer writes
+        assert fnmatch.filter(written, name), name
+    assert {"samples-conditioning.png", "samples-000000.png", "loss.png", "stats.jsonl",
+            "training_options.json"} <= set(written)
+    for p in made:  # as a killed run leaves them
+        p.write_bytes(b"partial")
+    foreign = [d / ".hidden-note.tmp", d / ".stats.jsonl.tmp", d / "notes.txt"]
+    for p in foreign:
+        p.write_text("the user's")
+    assert sorted(remove_stale_temp_files(d)) == sorted(set(made))
+    assert all(p.exists() for p in foreign) and sorted(p.name for p in d.iterdir()) == sorted(
+        written + [p.name for p in foreign])
+
+
+def test_snapshots_and_states_carry_their_names_and_the_runs_options(image_run, data):
+    d, _ = image_run
+    snapshots = sorted(p.name for p in d.glob("network-snapshot-*"))
+    assert snapshots == [snapshot_name(0, 0.05), snapshot_name(0, 0.1)]  # every tick's, within kimg 0: the last
+    assert read_checkpoint_config(d / snapshots[1]).training["nimg"] == 12
+    states = sorted(p.name for p in d.glob("training-state-*"))
+    assert states == ["training-state-000000.pt", "training-state-000000.pt.json", "training-state-000000_1.pt",
+                      "training-state-000000_1.pt.json"]
+    assert load_state(d / "training-state-000000.pt")["counters"]["nimg"] == 8
+    state = load_state(d / "training-state-000000_1.pt")
+    assert state["counters"]["nimg"] == 12 and isinstance(state["options"], str)
+    recorded = json.loads(state["options"])
+    options = json.loads((d / "training_options.json").read_text())
+    assert recorded["dataset"] == dataset_identity(data) == options["dataset"]
+    run_only = ("dataset", "batch_gpu", "world_size", "network")  # training_options.json's batch_gpu is the used one
+    assert {k: v for k, v in recorded.items() if k not in run_only} == {
+        k: v for k, v in options.items() if k not in run_only}
+    assert recorded["seed"] == 1 and recorded["ema_std"] == [0.05, 0.1] and recorded["path"] == str(data)
