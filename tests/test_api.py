@@ -73,7 +73,7 @@ def test_pipeline_matches_generate_command(models, tmp_path):
     assert np.array_equal(out.images, pngs(tmp_path / "i"))
 
 
-def test_options_checked(models):
+def test_pipeline_options_are_checked_under_their_own_names(models):
     pipe = vcdm.Pipeline.from_checkpoint(models["uncond"], device="cpu")
     with pytest.raises(TypeError, match="unknown option.*num_steps"):
         pipe(seeds=[0], num_steps=2)  # the flag's name is steps

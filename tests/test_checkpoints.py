@@ -125,7 +125,7 @@ def test_written_bytes_are_unchanged_since_the_config_was_typed(tmp_path):
         save_checkpoint(path, {}, STORED)
 
 
-def test_save_is_atomic(tmp_path, monkeypatch):
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path, _ = _checkpoint(tmp_path)
     before = path.read_bytes()
     import vcdm.fileio

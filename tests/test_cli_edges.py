@@ -185,7 +185,7 @@ def test_stage_flags_are_named_as_given(models, tmp_path):
     assert "warning: --guidance" not in result.output
 
 
-def test_help_wording():
+def test_help_texts_name_the_current_options():
     from click.testing import CliRunner
 
     from vcdm.cli.fid import command as fid_cmd

@@ -84,7 +84,7 @@ def test_generate_outputs_checked_before_work(models, tmp_path, read_only):
 
 
 @pytest.mark.parametrize("progress", ["--progress", "--no-progress"])
-def test_generate_disk_full(models, tmp_path, monkeypatch, progress):
+def test_generate_disk_full_gives_one_line_and_keeps_done_files(models, tmp_path, monkeypatch, progress):
     out = tmp_path / "out"
     result = CliRunner().invoke(generate_cmd, [str(a) for a in gen_args(models, "--outdir", out, "--seeds", "0")])
     assert result.exit_code == 0, result.output
@@ -99,7 +99,7 @@ def test_generate_disk_full(models, tmp_path, monkeypatch, progress):
     assert no_files(tmp_path / "new")
 
 
-def test_sample_errors(models, tmp_path, read_only, monkeypatch):
+def test_sample_write_failures_give_one_line_and_keep_done_files(models, tmp_path, read_only, monkeypatch):
     args = ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "0-1", "--prior-steps", 1,
             "--image-steps", 1, "--no-progress"]
     assert "permission denied" in invoke(sample_cmd, *args, "--outdir", read_only / "s")
@@ -114,7 +114,7 @@ def test_sample_errors(models, tmp_path, read_only, monkeypatch):
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*")) == before  # nothing partial
 
 
-def test_variations_errors(models, tmp_path, read_only, disk_full):
+def test_variations_write_failures_give_one_line_and_leave_no_files(models, tmp_path, read_only, disk_full):
     PIL.Image.fromarray(np.zeros((RES, RES, 3), np.uint8)).save(tmp_path / "in.png")
     args = ["--image-model", models["image"], "--images", tmp_path / "in.png", "--n", 1, "--steps", 1,
             "--device", "cpu"]
@@ -135,7 +135,7 @@ def fake_inception(monkeypatch) -> None:
     monkeypatch.setattr(metrics, "compute_references", lambda *a, **k: {"inception": stats})
 
 
-def test_fid_errors(tmp_path, read_only, monkeypatch):
+def test_fid_write_failures_give_one_line_naming_the_flag(tmp_path, read_only, monkeypatch):
     from vcdm.metrics import FeatureStats
 
     fake_inception(monkeypatch)

@@ -268,7 +268,7 @@ def test_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, dest_name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_bad_flags(tmp_path):
+def test_bad_conversion_options_are_refused_in_their_terms(tmp_path):
     make_folder(tmp_path / "src")
     with pytest.raises(DatasetError, match="does not exist"):
         convert_dataset(tmp_path / "missing", tmp_path / "out.zip", progress=False)
@@ -364,7 +364,7 @@ def fake_cifar(path: Path, n_per_batch=3, payload=None, protocol: int | str = "p
 
 
 @pytest.mark.parametrize("protocol", ["py2", 2, pickle.DEFAULT_PROTOCOL])
-def test_cifar10_tarball(tmp_path, protocol):
+def test_cifar10_tarball_converts_images_and_labels(tmp_path, protocol):
     images, labels = fake_cifar(tmp_path / "cifar-10-python.tar.gz", protocol=protocol)
     s = convert_dataset(tmp_path / "cifar-10-python.tar.gz", tmp_path / "cifar.zip", workers=2, progress=False)
     assert s.count == 15 and s.resolution == (32, 32)
@@ -418,7 +418,7 @@ def test_imagedataset_xflip_max_size_cache(tmp_path):
     assert 0 in cached._cache and torch.equal(cached[6][0], first.flip(-1)) and torch.equal(cached[0][0], first)
 
 
-def test_imagedataset_errors(tmp_path):
+def test_imagedataset_refuses_missing_empty_and_unreadable_sources(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         ImageDataset(tmp_path / "nope.zip")
     (tmp_path / "empty").mkdir()
@@ -457,7 +457,7 @@ def test_dataloader_workers_read_zip(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # CLI
 
-def test_info_command(tmp_path):
+def test_info_command_reports_counts_resolution_and_labels(tmp_path):
     make_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=2, size=(8, 8))
     convert_dataset(tmp_path / "src", tmp_path / "d.zip", progress=False)
     out = run_cli("info", str(tmp_path / "d.zip")).output

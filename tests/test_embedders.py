@@ -108,7 +108,7 @@ def test_clip_file_formats_give_same_weights(clip_embedder, clip_files):
     assert clip_mod._is_torchscript(clip_files / "ViT-B-32.pt")
 
 
-def test_clip_frozen(clip_embedder):
+def test_clip_stays_frozen_and_out_of_checkpoints(clip_embedder):
     assert not any(p.requires_grad for p in clip_embedder.parameters())
     clip_embedder.train()
     assert not clip_embedder.training and not clip_embedder.visual.training
@@ -260,7 +260,7 @@ def test_pixel_pca_checkpoint_round_trip(tmp_path):
         load_embedder(identity, tampered)
 
 
-def test_pixel_pca_cache(tmp_path, monkeypatch):
+def test_pixel_pca_fit_is_cached_not_refitted(tmp_path, monkeypatch):
     images = _synthetic_images(100, seed=0)
     first = PixelPCA.fit(images, dim=4, size=8, cache_dir=tmp_path)
     monkeypatch.setattr("vcdm.embedders.pca.fit_pca", lambda *a, **k: pytest.fail("refitted despite cache"))
@@ -354,7 +354,7 @@ def test_postprocessed_checkpoint_round_trip(tmp_path):
 # compatibility, building, data sampling
 
 
-def test_compatible():
+def test_compatible_refuses_embedders_that_differ():
     images = _synthetic_images(80, seed=0)
     a = PixelPCA.fit(images, dim=4, size=8).identity()
     compatible(a, json.loads(json.dumps(a)))

@@ -175,7 +175,7 @@ def test_torchrun_session_leaves_no_gloo_threads(models, tmp_path):
     assert [(tmp_path / f"gloo-threads-rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
 
 
-def test_grid(models, tmp_path):
+def test_grid_tiles_the_samples_and_is_refused_for_embeddings(models, tmp_path):
     run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path / "o", "--seeds", "0-4", "--steps", 2,
                        "--grid", tmp_path / "grid.png"])
     grid = np.asarray(PIL.Image.open(tmp_path / "grid.png"))
@@ -233,7 +233,7 @@ def test_bad_seeds_one_line_error(models, tmp_path, seeds):
     assert len(error) == 1 and "'--seeds'" in error[0]
 
 
-def test_bad_options(models, tmp_path):
+def test_bad_generate_options_and_missing_network_are_refused(models, tmp_path):
     result = run(generate_cmd, ["--network", models["uncond"], "--outdir", tmp_path, "--sampler", "dpm2m",
                                 "--S_churn", 10], ok=False)
     assert result.exit_code == 2 and "dpm2m is deterministic" in result.output

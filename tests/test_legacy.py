@@ -214,7 +214,7 @@ def test_payload_hidden_in_persistent_state_and_storage_blob(fake_modules, marke
     assert not marker.exists()
 
 
-def test_damaged_files(fake_modules, marker):
+def test_damaged_pickles_give_one_line_errors(fake_modules, marker):
     good = fake_modules / "good.pkl"
     edm_pickle(good, marker)
     blob = good.read_bytes()

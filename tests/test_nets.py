@@ -241,7 +241,7 @@ def test_prior_rejects_odd_head_dim():
 
 # --- presets -----------------------------------------------------------------------------------------
 
-def test_presets():
+def test_presets_give_the_release_hyperparameters():
     name, kw = preset("ddpmpp", resolution=64, channels=3, embed_dim=512, label_dim=512, augment_dim=9)
     assert name == "SongUNet" and kw["channel_mult"] == [2, 2, 2] and kw["model_channels"] == 128  # the release's
     assert kw["embedding_type"] == "positional" and kw["resample_filter"] == [1, 1] and kw["dropout"] == 0.13
@@ -269,7 +269,7 @@ def test_presets():
     ("ddpmpp", dict(dropout=1.5), "--dropout"),
     ("dalle2", dict(cbase=64), "--cbase"),
 ])
-def test_preset_errors(arch, kwargs, match):
+def test_bad_preset_arguments_are_refused(arch, kwargs, match):
     args = {**dict(resolution=64, channels=3, embed_dim=512, label_dim=0, augment_dim=0), **kwargs}
     with pytest.raises(PresetError, match=match):
         preset(arch, **args)

@@ -241,7 +241,7 @@ def test_generate_applies_settings_batch_invariantly(checkpoint32, tmp_path):
     assert "bf16" not in str(results_dir(checkpoint32, opts, [0, 1, 2]))  # execution details stay out of the layout
 
 
-def test_cli_flags(checkpoint32, tmp_path):
+def test_precision_flags_are_listed_and_reach_the_network(checkpoint32, tmp_path):
     from vcdm.cli.generate import command
 
     help_text = CliRunner().invoke(command, ["--help"]).output

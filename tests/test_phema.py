@@ -214,9 +214,9 @@ def test_phema_reconstructs_a_tracked_profile_and_samples(profile_run, tmp_path)
     flat = lambda d: torch.cat([p.flatten() for p in d.net.parameters()])  # noqa: E731
     err, gap = (flat(got) - flat(want)).norm(), (flat(nearest) - flat(want)).norm()
     assert err < 0.35 * gap, (err, gap)
-    assert config["training"]["posthoc_ema"]["std"] == 0.07 and config["training"]["nimg"] == 3000
-    assert "ema_profile" not in config["training"]
-    assert len(config["training"]["posthoc_ema"]["inputs"]) == 8
+    assert config.training["posthoc_ema"]["std"] == 0.07 and config.training["nimg"] == 3000
+    assert "ema_profile" not in config.training
+    assert len(config.training["posthoc_ema"]["inputs"]) == 8
     from vcdm.cli.generate import command as generate
     out = tmp_path / "samples"
     result = CliRunner().invoke(generate, ["--network", str(tmp_path / "phema-000003-0.070.safetensors"),
