@@ -413,7 +413,7 @@ def test_data_classes(data, tmp_path, data_class, exist, observed, arch, latent,
         data_class, ["image", "embedding", "label"])
     kwargs = config.net_kwargs
     assert kwargs.get("label_dim", kwargs.get("cond_dim")) == cond_dim and config.data["label_dim"] == 2
-    assert (config["embedder"] is None) == (data_class == "ImageFolderDataset")
+    assert (config.embedder is None) == (data_class == "ImageFolderDataset")
 
 
 def test_transfer_copies_matching_tensors(data, tmp_path):
