@@ -1,5 +1,5 @@
-"""Unit tests of the training loop's parts against known answers: EMA, loss reduction,
-TrainState round trip."""
+"""Unit tests of the training loop's parts against known answers: EMA, loss reduction, the data
+sampler's sharding and shuffling, the TrainState round trip and its finiteness check, typed options."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from vcdm.train.ema import EMA
+from vcdm.train.options import OptimOptions, ScheduleOptions, TrainOptions
+from vcdm.train.sampler import PositionSampler, ShuffledDataset
 from vcdm.train.state import TrainState
 from vcdm.train.step import reduce_loss
 
@@ -39,12 +41,24 @@ def test_ema_half_life_ramps_up_with_images_seen():
     assert EMA(Tiny(0.0), halflife_nimg=500_000, rampup=None).halflife(0) == 500_000
 
 
-def test_reduce_loss():
+def test_reduce_loss_means_over_the_round_or_weighs_tensors_equally():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # 2 samples; tensors of 1 and 2 elements
     assert reduce_loss(loss, [1, 2], per_rank=4, ls=2.0).item() == pytest.approx(21 / 4 * 2)
     # equally weighted, as the release: mean of tensor 1 (5/2) plus mean of tensor 2 (16/4) over this round's
     # 2 samples, not over the per-process batch of 4 (accumulation rounds each add a full mean)
     assert reduce_loss(loss, [1, 2], per_rank=4, ls=1.0, equally_weight=True).item() == pytest.approx(5 / 2 + 16 / 4)
+
+
+def test_sampler_shards_a_global_batch_into_blocks():
+    take = lambda s, n: [p for _, p in zip(range(n), s)]  # noqa: E731
+    assert take(PositionSampler(batch=8, rank=0, world_size=2), 8) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert take(PositionSampler(batch=8, rank=1, world_size=2, start=16), 4) == [20, 21, 22, 23]
+    items = [(i,) for i in range(10)]
+    ds = ShuffledDataset(items, seed=3)
+    epoch0 = [ds[p][1] for p in range(10)]
+    assert sorted(epoch0) == list(range(10)) and epoch0 != list(range(10))
+    assert all(ds[p][2] == ds[p][1] for p in range(25))  # (position, index, *item)
+    assert [ds[p][1] for p in range(10, 20)] != epoch0 and ShuffledDataset(items, seed=3)[14] == ds[14]
 
 
 def test_train_state_round_trip():
@@ -72,9 +86,18 @@ def test_train_state_round_trip():
                    ).load_state_dict({**saved, "net": {"weight": torch.ones(3, 3), "bias": torch.ones(2)}})
 
 
-def test_options_are_typed_and_grouped():
-    from vcdm.train.options import OptimOptions, ScheduleOptions, TrainOptions
+def test_optimiser_moments_count_for_finiteness():
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    state = TrainState(net, EMA(net, halflife_nimg=1.0), opt)
+    assert state.finite()
+    next(iter(opt.state.values()))["exp_avg_sq"][0] = float("inf")
+    assert not state.finite()
 
+
+def test_options_are_typed_and_grouped():
     o = TrainOptions(path="d.zip", exist=[1, 1], observed=[0, 1], lr=2e-4, duration=1.5)
     assert o.group(OptimOptions).lr == 2e-4 and o.group(ScheduleOptions).duration == 1.5
     old = {"path": "d.zip", "exist": "1,1", "observed": "0,1", "pred_x0": "1", "noise_mult": "1,2.5", "cres": "1,2",
