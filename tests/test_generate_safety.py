@@ -174,6 +174,27 @@ def test_non_finite_samples_are_not_written(models, tmp_path, monkeypatch):
     assert not list(out.glob("*.png"))
 
 
+def test_failed_start_leaves_the_folder_as_it_was(models, tmp_path, monkeypatch):
+    """A run that fails before writing a sample leaves no folder holding only its manifest: the folders it
+    made are removed, an existing folder's manifest is put back byte for byte, and a folder with samples
+    keeps them and its manifest."""
+    import vcdm.generate.core as core
+
+    done = tmp_path / "done"
+    generate(models["uncond"], [0], opts=ONE, run=RunOptions(done, progress=False))
+    emptied = tmp_path / "emptied"
+    generate(models["uncond"], [0], opts=ONE, run=RunOptions(emptied, progress=False))
+    (emptied / "000000.png").unlink()
+    before = {folder: {p.name: p.read_bytes() for p in folder.iterdir()} for folder in (done, emptied)}
+    monkeypatch.setattr(core, "denoise", lambda model, latents, *a, **k: torch.full_like(latents, float("nan")))
+    new = tmp_path / "new" / "deeper" / "out"
+    for outdir, opts in ((new, ONE), (emptied, SamplerOptions(num_steps=2)), (done, ONE)):
+        with pytest.raises(GenerateError, match="NaN"):
+            generate(models["uncond"], [0, 1], opts=opts, run=RunOptions(outdir, progress=False, subdirs=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "emptied"]
+    assert {folder: {p.name: p.read_bytes() for p in folder.iterdir()} for folder in (done, emptied)} == before
+
+
 def test_write_error_names_the_file_not_its_temp(tmp_path):
     (tmp_path / "000000.png").mkdir()  # a folder where the sample goes: the rename fails
     with pytest.raises(OSError) as info:

@@ -32,7 +32,8 @@ from vcdm.fileio import IntRanges, as_int
 from vcdm.generate.guide import Unconditional, check_guide, guide_digest, read_guide_config
 from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, RunOptions, SamplerOptions,
                                   flag_values, inference_settings, results_dir, seed_list, seed_path)
-from vcdm.generate.results import FolderLock, claim, claim_manifest, complete, manifest_digest, network_sha256
+from vcdm.generate.results import (FolderLock, claim, claim_manifest, complete, manifest_digest, network_sha256,
+                                   restored_on_failure)
 from vcdm.paths import check_writable, describe
 
 GRID_MAX = 256
@@ -434,33 +435,34 @@ def generate(network: str | os.PathLike | LoadedModel, seeds: Sequence[int], *, 
             data_path = dataset_path(model, data_path)
         record = manifest_settings(model, opts, settings, class_idx=class_idx, increment_seeds=increment_seeds,
                                    conditioning=source)
-        lock = open_folder(outdir, record, run.overwrite)
         rank, world = distributed.rank(), distributed.world_size()
-        try:
-            plan = Plan(model, outdir, [], [], run.subdirs)
-            plan.todo = plan.missing(seeds)
-            distributed.barrier()  # every rank has listed what exists before anyone writes
-            plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
-            show = run.progress and rank == 0
-            if show:
-                print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
-                      f'into "{outdir}"', file=sys.stderr)
-            dataset = None
-            if plan.todo and needs_data:
-                dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
-                if rank == 0:
-                    print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
-                          "DIR to condition on a prior's samples instead)", file=sys.stderr)
+        with restored_on_failure(outdir, rank == 0):
+            lock = open_folder(outdir, record, run.overwrite)
+            try:
+                plan = Plan(model, outdir, [], [], run.subdirs)
+                plan.todo = plan.missing(seeds)
+                distributed.barrier()  # every rank has listed what exists before anyone writes
+                plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
+                show = run.progress and rank == 0
+                if show:
+                    print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
+                          f'into "{outdir}"', file=sys.stderr)
+                dataset = None
+                if plan.todo and needs_data:
+                    dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
+                    if rank == 0:
+                        print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
+                              "DIR to condition on a prior's samples instead)", file=sys.stderr)
 
-            def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
-                latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
-                                         dataset=dataset, increment_seeds=increment_seeds)
-                return denoise(model, latents, obs, rnd, opts, settings, guide), obs
+                def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
+                    latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
+                                             dataset=dataset, increment_seeds=increment_seeds)
+                    return denoise(model, latents, obs, rnd, opts, settings, guide), obs
 
-            written = run_batches(plan, sample, show)
-            distributed.barrier()
-        finally:
-            lock.close()
+                written = run_batches(plan, sample, show)
+                distributed.barrier()
+            finally:
+                lock.close()
         if run.grid is not None and rank == 0:
             shown = seeds[:GRID_MAX]
             write_png(run.grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))

@@ -3,7 +3,8 @@ complete, claims that let several processes share one folder, and temp files lef
 
 The manifest (``vcdm-manifest.json``) is written before the first sample; a run whose settings differ
 from it is refused (``--overwrite`` deletes the folder's samples first) so that a folder never mixes
-samples of two settings. Claims are ``flock``ed files, one per batch: the kernel drops a dead process's
+samples of two settings. A run that fails before any sample is written puts the folder back as it found
+it (``FolderState``): no folder holding only a manifest is left behind. Claims are ``flock``ed files, one per batch: the kernel drops a dead process's
 locks, so a killed run never leaves a claim that blocks a later one.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import stat
 import zipfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -153,6 +155,72 @@ def manifest_digest(outdir: str | os.PathLike) -> str | None:
     if settings is None:
         return None
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FolderState:
+    """What a results folder held before a run wrote its manifest: the manifest's bytes (None: none; an
+    oversized one is not kept, and the folder is then left as the run leaves it) and the outermost folder
+    the run creates (None: the folder existed)."""
+    outdir: Path
+    manifest: bytes | None
+    created: Path | None
+    restorable: bool = True
+
+    @classmethod
+    def of(cls, outdir: Path) -> "FolderState":
+        created = None
+        for folder in (outdir, *outdir.parents):
+            if os.path.lexists(folder):
+                break
+            created = folder
+        fd = open_regular(outdir / MANIFEST)
+        if fd is None:
+            return cls(outdir, None, created)
+        with os.fdopen(fd, "rb") as f:
+            old = f.read(MANIFEST_BYTES + 1)
+        return cls(outdir, old, created, restorable=len(old) <= MANIFEST_BYTES)
+
+    def restore(self) -> None:
+        """Put the manifest back as it was (or remove it) and remove the empty folders the run made, unless
+        the folder now holds samples or another run holds it."""
+        if not self.restorable or seed_files(self.outdir):
+            return
+        path = self.outdir / MANIFEST
+        fd = open_regular(path)
+        if fd is not None:
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another run writes into the folder
+                    return
+                if self.manifest is None:
+                    path.unlink()
+                elif path.read_bytes() != self.manifest:
+                    with naming(path), atomic_write(path, "wb") as f:
+                        f.write(self.manifest)
+            finally:
+                os.close(fd)
+        if self.created is not None:
+            folders = [*reversed(subfolders(self.outdir)[1:]), self.outdir]
+            folders += [p for p in self.outdir.parents if p.is_relative_to(self.created)]
+            for folder in folders:
+                with contextlib.suppress(OSError):  # not empty: something else lives there
+                    folder.rmdir()
+
+
+@contextlib.contextmanager
+def restored_on_failure(outdir: Path, restore: bool = True) -> Iterator[None]:
+    """Put the folder back as ``FolderState`` found it if the block fails before any sample is written
+    (``restore``: False on every process but the first)."""
+    before = FolderState.of(outdir) if restore else None
+    try:
+        yield
+    except BaseException:
+        if before is not None:
+            with contextlib.suppress(OSError):  # the run's own error is the one to report
+                before.restore()
+        raise
 
 
 class FolderLock:
