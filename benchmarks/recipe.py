@@ -90,7 +90,7 @@ def main() -> None:
     rows, demo = [], {}  # demo: the first configuration of each kind, per seed (the reference)
     with tempfile.TemporaryDirectory() as tmp:
         paths = digits.write_digits(tmp, SIZES.resolution)
-        images, _ = digits.load_tensors("test", SIZES.resolution)
+        images, _ = digits.load_split_tensors("test", SIZES.resolution)
         for name, kind, overrides in CONFIGS:
             if args.only not in name:
                 continue

@@ -318,7 +318,7 @@ def test_imagedataset_keeps_grayscale_channel(tmp_path):
     (tmp_path / "g").mkdir()
     PIL.Image.fromarray(np.full((8, 8), 9, np.uint8), "L").save(tmp_path / "g" / "x.png")
     ds = ImageDataset(tmp_path / "g")
-    assert ds.num_channels == 1 and ds[0][0].shape == (1, 8, 8)
+    assert ds.num_channels == 1 and torch.equal(ds[0][0], torch.full((1, 8, 8), 9, dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_write_digits_gives_labelled_edm_zips(tmp_path):
     paths = digits.write_digits(tmp_path, 16)
     ds = ImageDataset(paths["test"], use_labels=True)
     assert (len(ds), ds.resolution, ds.num_channels, ds.label_dim) == (300, 16, 3, 10)
-    images, labels = digits.load_tensors("test", 16)
+    images, labels = digits.load_split_tensors("test", 16)
     image, label = ds[7]
     assert torch.equal(image, images[7]) and int(label.argmax()) == int(labels[7])
     mtime = paths["train"].stat().st_mtime_ns
@@ -60,12 +60,12 @@ def test_write_digits_gives_labelled_edm_zips(tmp_path):
 
 
 def test_classifier_is_deterministic_and_judges_held_out_digits():
-    images, labels = digits.load_tensors("train", 16)
+    images, labels = digits.load_split_tensors("train", 16)
     images, labels = images[:400], labels[:400]
     a = train_classifier(images, labels, epochs=8, progress=False)
     b = train_classifier(images, labels, epochs=8, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    test_images, test_labels = digits.load_tensors("test", 16)
+    test_images, test_labels = digits.load_split_tensors("test", 16)
     assert accuracy(a, test_images, test_labels) > 0.8  # 8 epochs on 400 images already learn most digits
     shuffled = test_labels[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
     assert accuracy(a, test_images, shuffled) < 0.2  # the same predictions against unrelated labels: chance

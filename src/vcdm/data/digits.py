@@ -62,13 +62,13 @@ def load_split(split: str, resolution: int = DEFAULT_RESOLUTION) -> tuple[np.nda
     return np.repeat(big[..., None], 3, axis=3), digits.target[idx].astype(np.int64)
 
 
-def load_tensors(split: str, resolution: int = DEFAULT_RESOLUTION) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split_tensors(split: str, resolution: int = DEFAULT_RESOLUTION) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 3, R, R), labels int64 (N,)) as torch tensors, the layout ImageDataset yields."""
     images, labels = load_split(split, resolution)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
-def dataset_path(dest_dir: str | os.PathLike, split: str, resolution: int = DEFAULT_RESOLUTION) -> Path:
+def zip_path(dest_dir: str | os.PathLike, split: str, resolution: int = DEFAULT_RESOLUTION) -> Path:
     return Path(dest_dir) / f"digits-{split}-{resolution}x{resolution}.zip"
 
 
@@ -77,7 +77,7 @@ def write_digits(dest_dir: str | os.PathLike, resolution: int = DEFAULT_RESOLUTI
     (ArchiveWriter publishes a zip only when complete). Returns {split: path}."""
     paths = {}
     for split in SPLITS:
-        path = paths[split] = dataset_path(dest_dir, split, resolution)
+        path = paths[split] = zip_path(dest_dir, split, resolution)
         if path.is_file():
             continue
         images, labels = load_split(split, resolution)

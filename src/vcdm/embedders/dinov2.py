@@ -39,7 +39,7 @@ POS_OFFSET = 0.1  # the official interpolate_offset
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_DIM = 64  # every DINOv2 ViT attends with 64 channels per head
-MAX_DEPTH = 64
+MAX_BLOCKS = 64
 
 
 class DINOv2WeightsError(EmbedderError):
@@ -95,7 +95,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         raise DINOv2WeightsError(f"{path}: not a DINOv2 ViT state dict (no cls_token/pos_embed/patch_embed)")
     depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     dim = token.shape[-1]
-    if dim % HEAD_DIM or not 0 < depth <= MAX_DEPTH:
+    if dim % HEAD_DIM or not 0 < depth <= MAX_BLOCKS:
         raise DINOv2WeightsError(f"{path}: not a DINOv2 ViT state dict (width {dim}, {depth} blocks)")
     expected = state_shapes(dim, depth, math.isqrt(pos.shape[1] - 1), proj.shape[-1])
     got = {k: tuple(v.shape) for k, v in state.items()}

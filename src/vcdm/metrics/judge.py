@@ -44,8 +44,8 @@ def make_judge(resolution: int, *, epochs: int, device: str, progress: bool = Tr
     held-out digits' feature statistics."""
     from vcdm.metrics.classifier import accuracy, feature_stats, train_classifier
 
-    images, labels = digits.load_tensors("train", resolution)
-    test_images, test_labels = digits.load_tensors("test", resolution)
+    images, labels = digits.load_split_tensors("train", resolution)
+    test_images, test_labels = digits.load_split_tensors("test", resolution)
     floor = torch.from_numpy(digits.stratified_pick(labels.numpy(), FLOOR_PER_CLASS, seed=1))
     floor = floor[torch.randperm(len(floor), generator=torch.Generator().manual_seed(1))]  # any prefix is balanced
     rest = torch.ones(len(images), dtype=torch.bool)

@@ -189,7 +189,7 @@ def checkpoint_input(path: str | Path) -> Input:
     return Input(Snapshot(str(path), nimg, float(profile["std"]), lambda: read_tensors(path, "net.")), config, path, extra)
 
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 MAX_HEADER = 1 << 28
@@ -210,7 +210,7 @@ def read_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         buffer = torch.empty(max((v["data_offsets"][1] - v["data_offsets"][0] for _, _, v in entries), default=0),
                              dtype=torch.uint8)
         for begin, name, v in entries:
-            end, dtype, shape = v["data_offsets"][1], DTYPES.get(v["dtype"]), v["shape"]
+            end, dtype, shape = v["data_offsets"][1], SAFETENSORS_DTYPES.get(v["dtype"]), v["shape"]
             if dtype is None or not 0 <= begin <= end <= total or (end - begin) != math.prod(shape) * dtype.itemsize:
                 raise PhemaError(f"{path}: tensor {name} is damaged ({v['dtype']} {shape} in bytes {begin}-{end})")
             f.seek(8 + size + begin)
@@ -260,7 +260,7 @@ def open_inputs(paths: Sequence[str | Path], stds: Sequence[float] | None = None
 
 
 @dataclass
-class Plan:
+class ReconstructionPlan:
     """A reconstruction's inputs (those up to its time), its time, and the input whose config it keeps."""
     inputs: list[Input]
     nimg: int
@@ -274,7 +274,7 @@ class Plan:
         return self.inputs[-1]
 
 
-def plan(inputs: Sequence[Input], stds: Sequence[float], kimg: int | None = None) -> Plan:
+def plan(inputs: Sequence[Input], stds: Sequence[float], kimg: int | None = None) -> ReconstructionPlan:
     """What reconstructing lengths `stds` at the snapshots of `kimg` (default: the newest) reads."""
     for s in stds:
         std_to_gamma(s)
@@ -287,10 +287,10 @@ def plan(inputs: Sequence[Input], stds: Sequence[float], kimg: int | None = None
         nimg = times[-1]
     used, nimg = select([i.snapshot for i in inputs], nimg)
     by_snapshot = {id(i.snapshot): i for i in inputs}
-    return Plan([by_snapshot[id(s)] for s in used], nimg)
+    return ReconstructionPlan([by_snapshot[id(s)] for s in used], nimg)
 
 
-def write(plan: Plan, stds: Sequence[float], outdir: Path, *, group: int = 8) -> Iterator[Path]:
+def write(plan: ReconstructionPlan, stds: Sequence[float], outdir: Path, *, group: int = 8) -> Iterator[Path]:
     """Reconstruct and write each length as a vcdm checkpoint (atomically); yield each path once written."""
     from vcdm.checkpoints import save_checkpoint
 
