@@ -1,4 +1,4 @@
-"""Seed-compatible entry point: `python fid.py ref --data=… --dest=…`, `python fid.py calc --images=… --ref=… --num N`."""
+"""Release-compatible entry point: `python fid.py ref --data=… --dest=…`, `python fid.py calc --images=… --ref=… --num N`."""
 from vcdm.cli.fid import command
 from vcdm.cli.main import run_click
 

@@ -1,4 +1,4 @@
-"""Speed of one denoiser evaluation (DDPM++ 64x64, the seed's conditional image model) per inference path.
+"""Speed of one denoiser evaluation (DDPM++ 64x64, the original release's conditional image model) per inference path.
 
     python benchmarks/denoiser.py                  # batch 8 and 32, 3 repetitions, every path (about an hour
                                                    # on 2 busy CPU cores, most of it compiling)

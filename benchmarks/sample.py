@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)  # --quick: the defaults below, which are already small
     p.add_argument("--images", type=int, default=8, help="images to sample (default 8, one batch)")
-    p.add_argument("--steps", type=int, default=2, help="Heun steps per stage (default 2; the seed uses 40)")
+    p.add_argument("--steps", type=int, default=2, help="Heun steps per stage (default 2; the release uses 40)")
     p.add_argument("--batch", type=int, default=None, help="maximum batch size (default: all images in one batch)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--load", action="store_true", help="whole processes, idle and with one core busy (see above)")
@@ -122,7 +122,7 @@ def main() -> None:
         print(f"\n{label} ({names}): one evaluation at batch {batch}: prior {per_eval['prior']:.3f} s, "
               f"image model {per_eval['image']:.3f} s")
         print(f"{'':<34}{'steps':>6}{'evals':>7}{'prior s':>9}{'image s':>9}{'images/s':>10}{'prior share':>13}")
-        for name, steps, sec in (("measured", args.steps, measured), ("extrapolated to the seed's 40", 40, at40)):
+        for name, steps, sec in (("measured", args.steps, measured), ("extrapolated to the release's 40", 40, at40)):
             total = sec["prior"] + sec["image"]
             print(f"{name:<34}{steps:>6}{evaluations('edm', steps):>7}{sec['prior']:>9.2f}{sec['image']:>9.2f}"
                   f"{args.images / total:>10.4f}{sec['prior'] / total:>13.1%}")

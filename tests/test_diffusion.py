@@ -242,7 +242,7 @@ def test_edm_preconditioning_formulas():
 def test_noise_mult_and_pred_x0_per_tensor():
     st = Structure.from_flags({"image": (3, 2, 2), "embedding": (3,), "label": (2,)}, "0,1,1", "0,0,0")
     net = Recorder(5)
-    den = Denoiser(net, st, noise_mult="1,0.5,2", pred_x0="0,0,1")  # indexed per data tensor, as the seed
+    den = Denoiser(net, st, noise_mult="1,0.5,2", pred_x0="0,0,1")  # indexed per data tensor, as the original release
     m = torch.tensor([0.5] * 3 + [2.0] * 2)
     assert torch.equal(den.noise_scale, m) and den.x0_mask.tolist() == [False] * 3 + [True] * 2
     x, sigma = torch.randn(4, 5), torch.tensor([0.1, 0.5, 2.0, 10.0])

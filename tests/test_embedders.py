@@ -1,5 +1,5 @@
 """Embedders: CLIP loading/preprocessing (random ViT-B/32 weights through the real loading path),
-pixel-PCA fitting and round trips, the seed's post-processing, caching and compatibility checks."""
+pixel-PCA fitting and round trips, the original release's post-processing, caching and compatibility checks."""
 from __future__ import annotations
 
 import json

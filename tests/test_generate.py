@@ -1,4 +1,4 @@
-"""Generation: seed-compatible results layout, per-seed determinism, resume, two-stage, variations."""
+"""Generation: the original release's results layout, per-seed determinism, resume, two-stage, variations."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,7 @@ def test_results_dir_matches_seed_readme():
                           load_obs_from=f"{emb_dir}/")
     assert str(img_dir) == (f"results/<IMG ID>/network-snapshot-<IMG KIMG>/{SEED_ARGS}/results_<AUX ID>_"
                             f"network-snapshot-<AUX KIMG>_{SEED_ARGS}_samples-0-19999/samples-0-19999")
-    # New options enter the name only when set; --increment_seeds is appended as in the seed.
+    # New options enter the name only when set; --increment_seeds is appended as in the original release.
     dpm = results_dir(prior, opts.replace(sampler="dpm2m", S_churn=0, S_noise=1), [3, 5], increment_seeds=2)
     assert dpm.name == "samples-3-5" and dpm.parent.name == (
         "S_churn-0.0_S_max-inf_S_min-0.0_S_noise-1.0_class-None_discretization-None_num_steps-40_rho-7.0_"

@@ -280,7 +280,7 @@ def test_fid_commands_end_to_end(tmp_path, image_dir, weights, monkeypatch, caps
     assert scores["kid_mean"] == pytest.approx(2 * (a - d) / N_IMAGES, rel=1e-2)  # float32 inside
     assert abs(scores["kid_mean"]) < 0.01 * kid_score(saved.features * 1.5, saved.features, subsets=10)["kid_mean"]
 
-    # The seed's command line (paths aside) against an EDM-format npz written by hand: the same statistics
+    # The original release's command line (paths aside) against an EDM-format npz written by hand: the same statistics
     # but for a shifted mean, so FID = |shift|² exactly when the set's FID against its own statistics is 0.
     shift = np.full(2048, 0.01)
     np.savez(tmp_path / "edm.npz", mu=saved.mu + shift, sigma=saved.sigma)

@@ -299,7 +299,7 @@ def test_pretrained_weights_zero_map_label_and_freeze(data, tmp_path, edm_pickle
 
 
 def test_transfer_copies_matching_tensors(data, tmp_path):
-    """--transfer (EDM's): an unconditional model's weights seed a class-conditional one."""
+    """--transfer (EDM's): an unconditional model's weights initialise a class-conditional one."""
     common = ["--data_class", "ImageFolderDataset", *TINY_UNET, "--augment", "0", "--sample", "0"]
     run(base_args(data, tmp_path / "src", *common, "--exist", "1,0", "--observed", "0,0", "--duration", "0.000008"))
     src = run_dir(tmp_path / "src") / "network-snapshot-000000.safetensors"

@@ -15,7 +15,7 @@ def _message(e: DatasetError) -> str:
 
 class _ConvertByDefault(click.Group):
     """`vcdm dataset --source X --dest Y` means `vcdm dataset convert --source X --dest Y`,
-    so the seed's `python dataset_tool.py --source=… --dest=…` keeps working."""
+    so the original release's `python dataset_tool.py --source=… --dest=…` keeps working."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:

@@ -10,7 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("vcdm.cli.dataset", "Build an EDM-format dataset (zip or folder) from images; `dataset info`."),
     "train": ("vcdm.cli.train", "Train a prior (embeddings) or an image model, EDM-style; torchrun-aware."),
     "tune": ("vcdm.cli.tune", "Consistency-tune a trained model of either stage into a 1-4 step sampler (ECT)."),
-    "generate": ("vcdm.cli.generate", "Sample one model for a list of seeds (the seed release's generate.py)."),
+    "generate": ("vcdm.cli.generate", "Sample one model for a list of seeds (the original release's generate.py)."),
     "sample": ("vcdm.cli.sample", "Two-stage sampling: prior → embeddings → image model → images."),
     "variations": ("vcdm.cli.variations", "Embed real images and sample variations conditioned on them."),
     "fid": ("vcdm.cli.fid", "FID/KID: reference statistics (`fid ref`) and scores (`fid calc`)."),
@@ -46,5 +46,5 @@ def cli() -> None:
 
 
 def run_click(command: click.Command, prog_name: str) -> None:
-    """Entry point of the seed-compatible root scripts (train.py, generate.py, …)."""
+    """Entry point of the release-compatible root scripts (train.py, generate.py, …)."""
     command.main(prog_name=prog_name)

@@ -6,7 +6,7 @@ is conditioned on.
   recent representation-conditioned diffusion work uses.
 - ``pixel-pca``: needs no download; fitted on the training set and stored with the run (see pca.py).
   For CPU/offline use and the demo; it is not what the paper's results use.
-Either may be followed by the seed's post-processing (``n_comp``, ``n_clusters``, ``normalise``).
+Either may be followed by the original release's post-processing (``n_comp``, ``n_clusters``, ``normalise``).
 
 A checkpoint records ``embedder.identity()`` in its config and ``embedder.export_state()`` in its
 ``embedder`` tensor group; `load_embedder` rebuilds the embedder from the two (the config checked
@@ -55,7 +55,7 @@ def build_embedder(name: str, *, data: Any = None, clip_weights: str | os.PathLi
 
     `clip_weights` is the pretrained embedder's weights file (--clip-weights, alias --embedder-weights): CLIP
     ViT-B/32's (else $VCDM_CLIP_WEIGHTS, see clip.py) or DINOv2 ViT-B/14's (else $VCDM_DINOV2_VITB14_WEIGHTS,
-    see dinov2.py); `trainable` is the original release's --train_embedder (CLIP only). pixel-pca uses `pca`. `post` adds the seed's post-processing. Fitting uses `data`
+    see dinov2.py); `trainable` is the original release's --train_embedder (CLIP only). pixel-pca uses `pca`. `post` adds the release's post-processing. Fitting uses `data`
     (a dataset or image tensor; see `image_batches`) as `fit` says (subset, seed, cache).
     """
     if name not in EMBEDDERS:

@@ -148,6 +148,6 @@ def cached_fit(cache_dir: str | os.PathLike | None, stem: str, key: Mapping[str,
 
 def default_cache_dir(dataset_path: str | os.PathLike) -> Path:
     """Where fitted embedder state is cached for a dataset: ``<dir>/cache/<dataset name>/`` beside it,
-    like the seed release's ``datasets/cache/…``."""
+    like the original release's ``datasets/cache/…``."""
     p = Path(dataset_path)
     return p.parent / "cache" / p.stem

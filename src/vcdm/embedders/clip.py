@@ -1,8 +1,8 @@
 """`clip-vit-b32`: the paper's embedder, OpenAI's CLIP ViT-B/32 image tower (512-d), via open_clip.
 
-Preprocessing is the seed release's: bilinear resize of the [-1, 1] image to 224×224 (no antialias,
+Preprocessing is the original release's: bilinear resize of the [-1, 1] image to 224×224 (no antialias,
 ``align_corners=False``), map to [0, 1], OpenAI CLIP mean/std, ``encode_image``, no L2 normalisation.
-Computed in float32 (the seed ran OpenAI's fp16 model on GPUs; use autocast to match that closely).
+Computed in float32 (the release ran OpenAI's fp16 model on GPUs; use autocast to match that closely).
 
 Weights come from a local file, never implicitly from code: ``--clip-weights PATH`` / ``clip_weights=``,
 else ``$VCDM_CLIP_WEIGHTS``, else a copy already in the Hugging Face or ``~/.cache/clip`` cache, else a

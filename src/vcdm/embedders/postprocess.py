@@ -1,15 +1,15 @@
-"""The seed release's optional post-processing of embeddings, as a wrapper embedder.
+"""The original release's optional post-processing of embeddings, as a wrapper embedder.
 
-Options (the seed's dataset flags ``--n_clusters`` / ``--n_comp``, plus normalisation):
-- ``n_clusters > 0``: k-means on the raw embeddings (scikit-learn's MiniBatchKMeans, as the seed),
+Options (the release's dataset flags ``--n_clusters`` / ``--n_comp``, plus normalisation):
+- ``n_clusters > 0``: k-means on the raw embeddings (scikit-learn's MiniBatchKMeans, as the release),
   each embedding replaced by the one-hot vector of its nearest centre.
-- ``n_comp > 0``: PCA (not whitened, as the seed's scikit-learn PCA) to ``n_comp`` components.
-- ``normalise``: per-dimension ``(x - mean) / (2 std + 1e-8)`` clamped to [-3, 3], the seed's formula
-  (std 0.5 = EDM's sigma_data). The seed computes these statistics on the raw network output; here
+- ``n_comp > 0``: PCA (not whitened, as the release's scikit-learn PCA) to ``n_comp`` components.
+- ``normalise``: per-dimension ``(x - mean) / (2 std + 1e-8)`` clamped to [-3, 3], the release's formula
+  (std 0.5 = EDM's sigma_data). The release computes these statistics on the raw network output; here
   they are computed on what is normalised (after PCA), which is what makes the formula mean anything.
-  The seed's CLIPDataset never turns it on: CLIP embeddings are used raw by default, here too.
+  The release's CLIPDataset never turns it on: CLIP embeddings are used raw by default, here too.
 
-As in the seed, clustering excludes normalisation; it also excludes PCA (a combination the seed
+As in the release, clustering excludes normalisation; it also excludes PCA (a combination the release
 accepts but cannot run). Everything is fitted once on the dataset's (un-augmented) embeddings,
 deterministically for a seed, and cached beside the dataset in a safetensors file.
 """
@@ -30,7 +30,7 @@ NORMALISED = "(x-mean)/(2*std+1e-8), clamped to [-3,3]"
 
 @dataclass(frozen=True)
 class PostProcessOptions:
-    """The seed's post-processing: k-means to ``n_clusters`` one-hot codes, PCA to ``n_comp`` components,
+    """The original release's post-processing: k-means to ``n_clusters`` one-hot codes, PCA to ``n_comp`` components,
     ``normalise`` (see the module docstring); 0 / False: off."""
     n_comp: int = 0
     n_clusters: int = 0
@@ -150,7 +150,7 @@ class PostProcessed(Embedder):
 def fit_postprocess(base: Embedder, source: Any, options: PostProcessOptions = PostProcessOptions(),
                     fit: FitOptions = FitOptions()) -> Embedder:
     """Wrap `base` with post-processing fitted on the embeddings of `source`'s images (all of them,
-    as the seed, unless `fit.max_images`). Returns `base` itself when no option is set."""
+    as the release, unless `fit.max_images`). Returns `base` itself when no option is set."""
     post = PostProcess(base.dim, options.n_comp, options.n_clusters, options.normalise)
     if not post.active:
         return base

@@ -1,4 +1,4 @@
-"""Batch generation for a list of seeds: the seed release's generate.py, resumable and torchrun-aware.
+"""Batch generation for a list of seeds: the original release's generate.py, resumable and torchrun-aware.
 
 One seed → one sample: latents, random class labels and dataset picks come from a per-seed generator
 (EDM's StackedRandomGenerator), and network evaluations are padded to a fixed multiple of samples so
@@ -401,7 +401,7 @@ def generate(network: str | os.PathLike | LoadedModel, seeds: Sequence[int], *, 
              cond: Conditioning = Conditioning(), increment_seeds: int = 0, run: RunOptions = RunOptions(),
              device: str | torch.device | None = None,
              inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> GenerateResult:
-    """Sample one file per seed into ``run.outdir`` (default: the seed's results layout), skipping seeds
+    """Sample one file per seed into ``run.outdir`` (default: the original release's results layout), skipping seeds
     whose file is complete. Under torchrun each rank takes every world-size-th batch of the missing seeds;
     other processes on the same folder share the batches through claims.
 

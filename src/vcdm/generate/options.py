@@ -95,7 +95,7 @@ def checkpoint_defaults(path: str | os.PathLike) -> dict[str, Any]:
 class RunOptions:
     """How a run is carried out and written — nothing here changes a sample.
 
-    ``outdir``: None = the seed's results layout; ``max_batch_size``: --batch; ``subdirs``: a folder per
+    ``outdir``: None = the original release's results layout; ``max_batch_size``: --batch; ``subdirs``: a folder per
     1000 seeds; ``grid``: also tile the first 256 images into this PNG; ``overwrite``: replace samples
     made with other settings; ``progress``: progress bars; ``flags``: how messages spell the stage's
     sampler flags (``--image-`` in `vcdm sample`: ``--image-guidance``)."""
@@ -153,7 +153,7 @@ def flag_values(opts: SamplerOptions) -> dict[str, object]:
 
 
 def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment_seeds: int = 0) -> str:
-    """``<sorted key-value pairs>[_<increment_seeds>]``, the seed's name for a set of sampler arguments."""
+    """``<sorted key-value pairs>[_<increment_seeds>]``, the original release's name for a set of sampler arguments."""
     items: dict[str, object] = {k: getattr(opts, k) for k in
                                 ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
                                  "solver", "discretization", "schedule", "scaling")}
@@ -174,7 +174,7 @@ def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment
 
 
 def obs_dirname(load_obs_from: str | os.PathLike) -> str:
-    """The seed's sub-directory for conditioned samples: the path's parts joined by '_' (anchor dropped,
+    """The original release's sub-directory for conditioned samples: the path's parts joined by '_' (anchor dropped,
     so an absolute path does not escape the results tree)."""
     path = Path(load_obs_from)
     parts = path.parts[1:] if path.anchor else path.parts
@@ -184,7 +184,7 @@ def obs_dirname(load_obs_from: str | os.PathLike) -> str:
 def results_dir(network: str | os.PathLike, opts: SamplerOptions, seeds: Sequence[int], *,
                 class_idx: int | None = None, load_obs_from: str | os.PathLike | None = None,
                 increment_seeds: int = 0, root: str | os.PathLike = "results") -> Path:
-    """Where the seed release writes samples of ``network`` when no --outdir is given."""
+    """Where the original release writes samples of ``network`` when no --outdir is given."""
     network = Path(network)
     names = [network.parent.name or ".", network.stem, sample_dirname(opts, class_idx, increment_seeds)]
     if load_obs_from is not None:

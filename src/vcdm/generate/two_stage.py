@@ -1,6 +1,6 @@
 """Two-stage sampling: a prior samples embeddings, an image model samples images given them.
 
-The result is byte-for-byte what running ``generate`` twice gives (the seed README's recipe): the prior
+The result is byte-for-byte what running ``generate`` twice gives (the original release's README recipe): the prior
 writes ``<seed>.pt`` files, and the image model reads them back as with ``--load_obs_from``.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
                      device: str | torch.device | None = None,
                      inference: InferenceChoices | perf.InferenceSettings = InferenceChoices()) -> TwoStageResult:
     """Embeddings into ``<run.outdir>/embeddings`` and images into ``<run.outdir>/images`` — or, without
-    ``run.outdir``, into the seed's results layout exactly as two ``generate`` runs would."""
+    ``run.outdir``, into the original release's results layout exactly as two ``generate`` runs would."""
     prior_cfg, image_cfg = read_checkpoint_config(prior), read_checkpoint_config(image_model)
     check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
     check_gnet(prior_cfg, prior, prior_opts, "--prior-gnet")  # both guides, before the first stage samples

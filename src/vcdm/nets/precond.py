@@ -8,7 +8,7 @@ per-tensor options:
   c_out and c_in (and the loss weight); c_noise, i.e. what the network is told, uses the base sigma.
 - ``pred_x0``: for these tensors the network predicts x0 directly (c_skip = 0, c_out = 1; c_in unchanged).
 
-Both are indexed per data tensor, as the seed's flags are (see ``Structure.tensor_values``).
+Both are indexed per data tensor, as the original release's flags are (see ``Structure.tensor_values``).
 
 ``logvar_channels > 0`` adds EDM2's learned uncertainty: ``denoiser(..., return_logvar=True)`` also returns
 u(sigma) = logvar_linear(logvar_fourier(ln(sigma) / 4)), shape (B, 1), which EDM2's loss divides by (Karras

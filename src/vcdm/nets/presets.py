@@ -1,4 +1,4 @@
-"""Network presets for the seed's ``--arch`` names and EDM2's, with the ``--cbase``/``--cres``/``--dropout`` overrides."""
+"""Network presets for the release's ``--arch`` names and EDM2's, with the ``--cbase``/``--cres``/``--dropout`` overrides."""
 from __future__ import annotations
 
 import sys
@@ -51,7 +51,7 @@ VECTOR_ARCHS = ("dalle2", "prior")  # transformers over embedding vectors
 # (images and vectors) jointly; film-ddpmpp and control-adm are image U-Nets with their own conditioning.
 STRUCTURE_ARCHS = ("concatunet", "film-ddpmpp", "control-adm")
 JOINT_ARCHS = ("concatunet",)
-DEFAULT_DROPOUT = 0.13  # train.py's --dropout default (EDM and the seed), applied to every U-Net
+DEFAULT_DROPOUT = 0.13  # train.py's --dropout default (EDM and the original release), applied to every U-Net
 
 _SONG = {
     "ddpmpp": dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
