@@ -12,7 +12,8 @@ import vcdm.fileio
 from tiny_runs import TINY_UNET, base_args, run, run_dir
 from vcdm.checkpoints import read_checkpoint_config
 from vcdm.train.outputs import (ATOMIC_FILES, NONFINITE, PROFILE_SNAPSHOT_RE, STATE_RE, TEMP_GLOBS,
-                                free_state_path, grid_name, remove_stale_temp_files, snapshot_name, state_name)
+                                free_state_path, grid_name, remove_stale_temp_files, resumable_states, snapshot_name,
+                                state_name)
 from vcdm.train.rundir import dataset_identity
 from vcdm.train.state import load_state
 
@@ -34,7 +35,7 @@ def test_names_of_snapshots_states_and_grids():
     assert STATE_RE.fullmatch(state_name(7_000, NONFINITE, 1)) is None  # --resume never picks these
 
 
-def test_free_state_path_never_reuses_a_name_resumable_or_not(tmp_path):
+def test_free_state_path_never_reuses_a_name_and_resume_sees_only_finite_states(tmp_path):
     names = []
     for resumable in (True, False, True, False):
         path = free_state_path(tmp_path, 3_500, resumable)
@@ -43,6 +44,8 @@ def test_free_state_path_never_reuses_a_name_resumable_or_not(tmp_path):
     assert names == ["training-state-000003.pt", "training-state-000003_1-nonfinite.pt",
                      "training-state-000003_2.pt", "training-state-000003_3-nonfinite.pt"]
     assert free_state_path(tmp_path, 4_000, True).name == "training-state-000004.pt"
+    (tmp_path / "training-state-000003.pt.json").touch()
+    assert sorted(p.name for p in resumable_states(tmp_path)) == ["training-state-000003.pt", "training-state-000003_2.pt"]
 
 
 @pytest.fixture(scope="module")

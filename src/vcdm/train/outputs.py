@@ -66,6 +66,11 @@ def state_name(nimg: int, suffix: str = "", counter: int = 0) -> str:
     return f"training-state-{nimg // 1000:06d}{f'_{counter}' if counter else ''}{suffix}.pt"
 
 
+def resumable_states(run_dir: Path) -> list[Path]:
+    """The states in `run_dir` whose names ``--resume`` may pick (not ``-nonfinite`` ones, not sidecars)."""
+    return [p for p in run_dir.glob("training-state-*.pt") if STATE_RE.fullmatch(p.name)]
+
+
 def sidecar_path(state_path: Path) -> Path:
     """``<state>.json``: the state's size, SHA-256 and images seen."""
     return state_path.with_name(state_path.name + ".json")

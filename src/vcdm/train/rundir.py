@@ -27,8 +27,8 @@ from vcdm.fileio import file_sha256
 from vcdm.train.loggers import new_run_id, start_wandb, wandb_wanted
 from vcdm.safeload import load_json
 from vcdm.train.options import IDENTITY, OPTIONS_BYTES, OptionError, TrainOptions
-from vcdm.train.outputs import TrainingError, write_failure
-from vcdm.train.state import STATE_RE, StateError, load_state, newest_valid_state
+from vcdm.train.outputs import TrainingError, resumable_states, write_failure
+from vcdm.train.state import StateError, load_state, newest_valid_state
 
 RESUME_MATCH = tuple(k for k in (*IDENTITY, "desc") if k != "path")  # the data is matched by its identity
 LOCK_NAME = "training.lock"
@@ -129,7 +129,7 @@ def _state_options(state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def _has_states(run_dir: Path) -> bool:
-    return any(STATE_RE.fullmatch(p.name) for p in run_dir.glob("training-state-*.pt"))
+    return bool(resumable_states(run_dir))
 
 
 def find_resume(opts: TrainOptions, identity: dict[str, Any]) -> tuple[Path | None, dict | None, str]:

@@ -18,7 +18,7 @@ import torch
 
 from vcdm.fileio import file_sha256
 from vcdm.safeload import load_json, load_torch_zip
-from vcdm.train.outputs import SIDECAR_BYTES, STATE_RE, sidecar_path
+from vcdm.train.outputs import SIDECAR_BYTES, STATE_RE, resumable_states, sidecar_path
 
 
 class StateError(ValueError):
@@ -55,11 +55,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
 
 def newest_valid_state(run_dirs: list[Path]) -> tuple[Path, dict[str, Any]] | None:
     """The newest loadable state (by images seen, then modification time) in `run_dirs`."""
-    candidates = []
-    for d in run_dirs:
-        for p in d.glob("training-state-*.pt"):
-            if STATE_RE.fullmatch(p.name):
-                candidates.append(p)
+    candidates = [p for d in run_dirs for p in resumable_states(d)]
 
     def key(p: Path):
         try:
