@@ -3,30 +3,30 @@
 ``Pipeline`` (one checkpoint, as ``vcdm generate``) and ``TwoStagePipeline`` (prior → image model, as
 ``vcdm sample``) take the commands' options under their flag names (``steps=``, ``S_churn=``,
 ``prior_steps=``, ``image_disc=`` …) and give, for the same seeds and settings, byte for byte the
-images the commands write: the same per-seed generators, the same seed rule for conditioned samples
-(latent noise from seed + 1), the same batch padding, and the same float32 hand-over of embeddings.
+images the commands write: they run the commands' batch loop and batch sampler (``vcdm.generate.core``)
+into memory instead of a results folder, and hand the prior's samples to the image model as float32, as
+its files would.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vcdm import perf
 from vcdm.checkpoints import read_checkpoint_config
 from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptionError
 from vcdm.distributed import parse_device
-from vcdm.generate.core import (DatasetConditions, LoadedModel, check_request, check_seeds, denoise, draw, load_guide,
-                                load_model, split_batches)
-from vcdm.generate.files import check_obs_files, to_uint8_hwc
+from vcdm.generate.core import (BatchSampler, DatasetConditions, InMemory, LoadedModel, check_request, check_seeds,
+                                load_guide, load_model, run_batches, split_batches)
+from vcdm.generate.files import check_obs_files
 from vcdm.generate.options import (FLAG_NAMES, FlagError, GenerateError, InferenceChoices, SamplerOptions,
                                    inference_settings, recorded_defaults)
-from vcdm.generate.two_stage import check_chain, stage_classes
+from vcdm.generate.two_stage import chain_classes, check_chain
 
 INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
 FIELDS = {FLAG_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(SamplerOptions)}  # flag → field
@@ -42,6 +42,14 @@ class PipelineOutput:
     images: np.ndarray | None = None
     embeddings: np.ndarray | None = None
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, seeds: list[int], samples: InMemory) -> "PipelineOutput":
+        tensors = {k: torch.stack([samples.tensors[s][k] for s in seeds]).cpu().numpy()
+                   for k in samples.tensors[seeds[0]]}
+        images = np.stack([samples.images[s] for s in seeds]) if samples.images else None
+        emb = tensors.get("embedding")
+        return cls(seeds, images, None if emb is None else emb.reshape(len(emb), -1), tensors)
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -120,9 +128,9 @@ class Pipeline:
         dataset = None
         if load_obs_from is None and set(self.model.structure.observed_names) - {"label"}:
             dataset = DatasetConditions(self.model, data_path, self.clip_weights, self.device)
-        return self.run(seeds, opts, settings, batch, progress, lambda b: dict(
-            class_idx=class_idx, load_obs_from=load_obs_from, dataset=dataset, increment_seeds=increment_seeds),
-            self.guide(opts, settings))
+        sample = BatchSampler(self.model, opts, settings, self.device, self.guide(opts, settings), class_idx,
+                              load_obs_from, dataset, increment_seeds=increment_seeds)
+        return PipelineOutput.of(seeds, self.run(seeds, sample, batch, progress))
 
     def prepare(self, options: dict[str, Any]) -> perf.InferenceSettings:
         """Pop the inference options; evaluate the network as they (or vcdm.perf's defaults) say."""
@@ -142,22 +150,11 @@ class Pipeline:
         perf.prepare(guide.denoiser, settings)
         return guide
 
-    def run(self, seeds: list[int], opts: SamplerOptions, settings: perf.InferenceSettings, batch: int,
-            progress: bool, conditioning: Callable[[list[int]], dict], guide: LoadedModel | None = None) -> PipelineOutput:
-        """Sample batch by batch (``conditioning(batch)``: keyword arguments of ``draw``) → the output."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        with tqdm(split_batches(seeds, batch), unit="batch", disable=not progress) as bar:
-            for b in bar:
-                latents, obs, rnd = draw(self.model, b, self.device, **conditioning(b))
-                x = denoise(self.model, latents, obs, rnd, opts, settings, guide)
-                tensors = {**obs, **self.model.structure.unflatten_latent(x)}
-                for name, value in tensors.items():
-                    parts.setdefault(name, []).append(value.detach().to("cpu", torch.float32))
-        tensors = {name: torch.cat(values) for name, values in parts.items()}
-        images = to_uint8_hwc(tensors.pop("image")) if "image" in tensors else None
-        emb = tensors.get("embedding")
-        return PipelineOutput(seeds, images, None if emb is None else emb.flatten(1).numpy(),
-                              {k: v.numpy() for k, v in tensors.items()})
+    def run(self, seeds: list[int], sample: BatchSampler, batch: int, progress: bool) -> InMemory:
+        """Sample ``seeds`` in batches of at most ``batch`` through the commands' batch loop, into memory."""
+        samples = InMemory(self.model)
+        run_batches(split_batches(seeds, batch), sample, samples, progress)
+        return samples
 
 
 class TwoStagePipeline:
@@ -196,29 +193,21 @@ class TwoStagePipeline:
         inference = {k: options.pop(k, None) for k in INFERENCE_OPTIONS}
         check_unknown(options, ["batch", "class_idx", "increment_seeds", "preset", "progress", *INFERENCE_OPTIONS,
                                 *(f"{stage}_{flag}" for stage in ("prior", "image") for flag in FIELDS)])
-        check_chain(self.prior.model.config, self.image.model.config, class_idx=class_idx)
+        classes = chain_classes(self.prior.model.config, self.image.model.config, class_idx)
         seeds = list(check_seeds(seeds, batch, "seeds", "batch"))
-        stages = []
-        classes = stage_classes([self.prior.model.structure, self.image.model.structure], class_idx,
-                                "neither model")
+        samplers = []
         for pipe, opts, conditioned, flags in ((self.prior, prior_opts, classes[0], "--prior-"),
                                                (self.image, image_opts, classes[1], "--image-")):
             check_request(pipe.model, opts, conditioned, None, flags)
             settings = pipe.prepare(dict(inference))
-            stages.append((pipe, opts, conditioned, settings, pipe.guide(opts, settings)))
-        (prior, p_opts, p_class, p_settings, p_guide), (image, i_opts, i_class, i_settings, i_guide) = stages
-        first = prior.run(seeds, p_opts, p_settings, batch, progress, lambda b: dict(
-            class_idx=p_class, increment_seeds=increment_seeds), p_guide)
-        index = {seed: i for i, seed in enumerate(seeds)}
-        wanted = [n for n in image.model.structure.observed_names if n in first.tensors]
-
-        def given(b: list[int]) -> dict:
-            rows = [index[s] for s in b]
-            return dict(class_idx=i_class, increment_seeds=increment_seeds,
-                        given={n: torch.from_numpy(first.tensors[n][rows]) for n in wanted})
-
-        second = image.run(seeds, i_opts, i_settings, batch, progress, given, i_guide)
-        return PipelineOutput(seeds, second.images, first.embeddings, {**first.tensors, **second.tensors})
+            samplers.append(BatchSampler(pipe.model, opts, settings, pipe.device, pipe.guide(opts, settings),
+                                         conditioned, increment_seeds=increment_seeds))
+        first = self.prior.run(seeds, samplers[0], batch, progress)
+        wanted = [n for n in self.image.model.structure.observed_names if n in first.tensors[seeds[0]]]
+        samplers[1].given = {s: {n: first.tensors[s][n] for n in wanted} for s in seeds}
+        second = self.image.run(seeds, samplers[1], batch, progress)
+        prior_out, image_out = PipelineOutput.of(seeds, first), PipelineOutput.of(seeds, second)
+        return PipelineOutput(seeds, image_out.images, prior_out.embeddings, {**prior_out.tensors, **image_out.tensors})
 
 
 def _image_dataset(images: Any, num: int | None, seed: int):

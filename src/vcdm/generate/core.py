@@ -7,17 +7,20 @@ The draws follow the original release: with --load_obs_from the latent noise use
 is not drawn from the noise that drew its embedding); otherwise a seed draws its latent noise first,
 then its class label (EDM's order), or its dataset pick for models conditioned on embeddings.
 A results folder records what made it in a manifest and is shared safely by several runs
-(``vcdm.generate.results``); ``vcdm.pipeline`` samples in memory through the same ``draw``/``denoise``.
+(``vcdm.generate.results``). ``run_batches`` is the one batch loop and ``BatchSampler`` the one way a batch is
+sampled: ``vcdm.pipeline`` runs them into memory (``InMemory``) instead of a results folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import ContextManager, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -274,14 +277,21 @@ def save_samples(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tenso
         if folder.is_symlink():
             raise GenerateError(f"{folder}: a link inside the results folder; samples are written only into "
                                 "real folders")
-    tensors = model.structure.unflatten_latent(x)
-    rest = {**obs, **{k: v for k, v in tensors.items() if k != "image"}}
-    if not model.makes_images or model.joint:
+    images, rest = kept(model, x, obs)
+    if images is None or model.joint:
         for i, path in enumerate(paths):
             write_tensors(path.with_suffix(".pt"), {k: v[i] for k, v in rest.items()}, model.structure.names)
-    if model.makes_images:
-        for path, image in zip(paths, to_uint8_hwc(tensors["image"])):
+    if images is not None:
+        for path, image in zip(paths, images):
             write_png(path, image)
+
+
+def kept(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tensor]) -> tuple[np.ndarray | None, dict]:
+    """A batch's samples as the results keep them: the images as uint8 (B, H, W, C) (None for a model without
+    images) and every other tensor, sampled or observed, as float32 (what the ``.pt`` files hold)."""
+    tensors = model.structure.unflatten_latent(x)
+    images = to_uint8_hwc(tensors.pop("image")) if model.makes_images else None
+    return images, {k: v.to(torch.float32) for k, v in {**obs, **tensors}.items()}
 
 
 def check_seeds(seeds: "str | Sequence[int] | IntRanges", max_batch_size: int, name: str = "--seeds",
@@ -360,8 +370,34 @@ def open_folder(outdir: Path, record: dict, overwrite: bool) -> FolderLock:
 
 
 @dataclass
+class BatchSampler:
+    """Samples a batch of seeds: their draws (``draw``) and the sampler run (``denoise``) under one run's
+    settings. The one way `vcdm generate`, `vcdm sample` and the Python API turn seeds into samples.
+
+    ``given``: per-seed observations sampled by a prior (float32), as ``draw`` takes them."""
+    model: LoadedModel
+    opts: SamplerOptions
+    settings: perf.InferenceSettings
+    device: torch.device
+    guide: LoadedModel | None = None
+    class_idx: int | None = None
+    load_obs_from: str | os.PathLike | None = None
+    dataset: DatasetConditions | None = None
+    given: Mapping[int, dict[str, torch.Tensor]] | None = None
+    increment_seeds: int = 0
+
+    def __call__(self, seeds: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        given = None if self.given is None else {k: torch.stack([self.given[s][k] for s in seeds])
+                                                 for k in self.given[seeds[0]]}
+        latents, obs, rnd = draw(self.model, seeds, self.device, class_idx=self.class_idx,
+                                 load_obs_from=self.load_obs_from, dataset=self.dataset, given=given,
+                                 increment_seeds=self.increment_seeds)
+        return denoise(self.model, latents, obs, rnd, self.opts, self.settings, self.guide), obs
+
+
+@dataclass
 class Plan:
-    """One process's share of a generate run."""
+    """One process's share of a generate run: the batches it samples into the results folder."""
     model: LoadedModel
     outdir: Path
     todo: list[int]
@@ -375,20 +411,49 @@ class Plan:
         return [seed for seed in batch if not complete(self.path(seed))
                 or self.model.joint and not complete(self.path(seed, "pt"))]
 
+    def claim(self, batch: list[int], wait: bool) -> ContextManager[bool]:
+        return claim(self.outdir, batch[0], wait)
 
-def run_batches(plan: Plan, sample: Callable[[list[int]], tuple[torch.Tensor, dict]], progress: bool) -> list[int]:
-    """Sample and save each batch this process can claim; then wait for batches other processes hold, and
-    do any a dead process left. Returns the seeds written."""
+    def save(self, seeds: list[int], x: torch.Tensor, obs: dict[str, torch.Tensor]) -> None:
+        save_samples(self.model, x, obs, [self.path(seed) for seed in seeds])
+
+
+class InMemory:
+    """Samples kept in memory, by seed, as a results folder keeps them (``kept``): the Python API's target.
+    The tensors stay on the sampling device until ``output`` gathers them."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.images: dict[int, np.ndarray] = {}
+        self.tensors: dict[int, dict[str, torch.Tensor]] = {}
+
+    def claim(self, batch: list[int], wait: bool) -> ContextManager[bool]:
+        return contextlib.nullcontext(True)
+
+    def missing(self, batch: list[int]) -> list[int]:
+        return batch
+
+    def save(self, seeds: list[int], x: torch.Tensor, obs: dict[str, torch.Tensor]) -> None:
+        images, tensors = kept(self.model, x, obs)
+        for i, seed in enumerate(seeds):
+            if images is not None:
+                self.images[seed] = images[i]
+            self.tensors[seed] = {k: v[i] for k, v in tensors.items()}
+
+
+def run_batches(batches: list[list[int]], sample: BatchSampler, target: Plan | InMemory, progress: bool) -> list[int]:
+    """The batch loop: sample and save each batch this process can claim; then wait for batches other
+    processes hold, and do any a dead process left. Returns the seeds written."""
     written: list[int] = []
     skipped: list[list[int]] = []
-    with tqdm(total=len(plan.batches), unit="batch", disable=not progress) as bar:
-        for wait, batches in ((False, plan.batches), (True, skipped)):
-            for batch in batches:
-                with claim(plan.outdir, batch[0], wait) as mine:
-                    todo = plan.missing(batch) if mine else []
+    with tqdm(total=len(batches), unit="batch", disable=not progress) as bar:
+        for wait, todo_batches in ((False, batches), (True, skipped)):
+            for batch in todo_batches:
+                with target.claim(batch, wait) as mine:
+                    todo = target.missing(batch) if mine else []
                     if todo:
                         x, obs = sample(todo)
-                        save_samples(plan.model, x, obs, [plan.path(seed) for seed in todo])
+                        target.save(todo, x, obs)
                         written += todo
                 if not mine:
                     skipped.append(batch)
@@ -436,33 +501,25 @@ def generate(network: str | os.PathLike | LoadedModel, seeds: Sequence[int], *, 
         record = manifest_settings(model, opts, settings, class_idx=class_idx, increment_seeds=increment_seeds,
                                    conditioning=source)
         rank, world = distributed.rank(), distributed.world_size()
-        with restored_on_failure(outdir, rank == 0):
-            lock = open_folder(outdir, record, run.overwrite)
-            try:
-                plan = Plan(model, outdir, [], [], run.subdirs)
-                plan.todo = plan.missing(seeds)
-                distributed.barrier()  # every rank has listed what exists before anyone writes
-                plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
-                show = run.progress and rank == 0
-                if show:
-                    print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
-                          f'into "{outdir}"', file=sys.stderr)
-                dataset = None
-                if plan.todo and needs_data:
-                    dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
-                    if rank == 0:
-                        print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
-                              "DIR to condition on a prior's samples instead)", file=sys.stderr)
-
-                def sample(batch: list[int]) -> tuple[torch.Tensor, dict]:
-                    latents, obs, rnd = draw(model, batch, device, class_idx=class_idx, load_obs_from=load_obs_from,
-                                             dataset=dataset, increment_seeds=increment_seeds)
-                    return denoise(model, latents, obs, rnd, opts, settings, guide), obs
-
-                written = run_batches(plan, sample, show)
-                distributed.barrier()
-            finally:
-                lock.close()
+        with restored_on_failure(outdir, rank == 0), open_folder(outdir, record, run.overwrite):
+            plan = Plan(model, outdir, [], [], run.subdirs)
+            plan.todo = plan.missing(seeds)
+            distributed.barrier()  # every rank has listed what exists before anyone writes
+            plan.batches = split_batches(plan.todo, run.max_batch_size, rank, world)
+            show = run.progress and rank == 0
+            if show:
+                print(f'Generating {len(plan.todo)} of {len(seeds)} seeds ({len(seeds) - len(plan.todo)} already there) '
+                      f'into "{outdir}"', file=sys.stderr)
+            dataset = None
+            if plan.todo and needs_data:
+                dataset = DatasetConditions(model, data_path, cond.clip_weights, device)
+                if rank == 0:
+                    print(f"Conditioning on {list(dataset.names)} of random items of {data_path} (pass --load_obs_from "
+                          "DIR to condition on a prior's samples instead)", file=sys.stderr)
+            sample = BatchSampler(model, opts, settings, device, guide, class_idx, load_obs_from, dataset,
+                                  increment_seeds=increment_seeds)
+            written = run_batches(plan.batches, sample, plan, show)
+            distributed.barrier()
         if run.grid is not None and rank == 0:
             shown = seeds[:GRID_MAX]
             write_png(run.grid, make_grid([read_png(plan.path(seed, "png")) for seed in shown]))

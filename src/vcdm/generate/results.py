@@ -245,6 +245,12 @@ class FolderLock:
     def close(self) -> None:
         os.close(self.fd)  # releases the lock
 
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 def open_claim(path: Path) -> int:
     """A descriptor of the claim file ``path``: created (O_EXCL) or, when another process made it, opened;

@@ -65,6 +65,14 @@ def stage_classes(structures: Sequence[Structure], class_idx: int | None, models
     return [class_idx if has else None for has in labelled]
 
 
+def chain_classes(prior: CheckpointConfig, image: CheckpointConfig, class_idx: int | None, *,
+                  prior_name: str = "prior", image_name: str = "image model", models: str = "neither model") -> list[int | None]:
+    """The checks of a two-stage chain (``check_chain``) and each stage's class (``stage_classes``): what
+    `vcdm sample` and ``TwoStagePipeline`` decide before either stage samples."""
+    check_chain(prior, image, prior_name=prior_name, image_name=image_name, class_idx=class_idx)
+    return stage_classes([prior.structure_object(), image.structure_object()], class_idx, models)
+
+
 @dataclass
 class TwoStageResult:
     embeddings: GenerateResult
@@ -79,11 +87,10 @@ def sample_two_stage(prior: str | os.PathLike, image_model: str | os.PathLike, s
     """Embeddings into ``<run.outdir>/embeddings`` and images into ``<run.outdir>/images`` — or, without
     ``run.outdir``, into the original release's results layout exactly as two ``generate`` runs would."""
     prior_cfg, image_cfg = read_checkpoint_config(prior), read_checkpoint_config(image_model)
-    check_chain(prior_cfg, image_cfg, prior_name=str(prior), image_name=str(image_model), class_idx=class_idx)
+    conditioned = chain_classes(prior_cfg, image_cfg, class_idx, prior_name=str(prior), image_name=str(image_model),
+                                models=f"neither {prior} nor {image_model}")
     check_gnet(prior_cfg, prior, prior_opts, "--prior-gnet")  # both guides, before the first stage samples
     check_gnet(image_cfg, image_model, image_opts, "--image-gnet")
-    conditioned = stage_classes([c.structure_object() for c in (prior_cfg, image_cfg)], class_idx,
-                                f"neither {prior} nor {image_model}")
     seeds = check_seeds(seeds, run.max_batch_size)
     if run.outdir is not None:
         emb_dir, img_dir = Path(run.outdir) / "embeddings", Path(run.outdir) / "images"
