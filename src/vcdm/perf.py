@@ -1,50 +1,16 @@
-"""How a network is evaluated at inference time: memory format, reduced precision, compilation.
+"""How a network is evaluated: memory format, reduced precision, compilation.
 
-One place decides the fastest numerically sound settings per device and network (``default_settings``),
-one applies them (``prepare``) and one wraps the evaluations (``autocast``). The sampler state stays
-float64 and the preconditioning float32 (the Denoiser casts); under bfloat16 autocast only the network's
-convolutions and matrix products run in bfloat16, accumulating in float32.
+One place decides the fastest numerically sound settings per device and network (``default_settings``,
+``training_precision``), one applies them (``prepare``) and one wraps the evaluations (``autocast``). The
+sampler state stays float64 and the preconditioning float32 (the Denoiser casts); under bfloat16 autocast
+only the network's convolutions and matrix products run in bfloat16, accumulating in float32.
 
-Per CPU (``cpu_path``, from /proc/cpuinfo's flags, capped by ONEDNN_MAX_CPU_ISA so that a weaker CPU's
-choice can be emulated on a stronger one): 'amx' and 'avx512_bf16' multiply bfloat16 natively, so U-Nets
-of 32x32 and up run under bf16 autocast (and channels_last from 64x64); 'avx2' (and anything older) would
-emulate bf16 (oneDNN reports no bf16 support; measured below), so everything stays float32, with
-channels_last for U-Nets of 32x32 and up. AMX uses the AVX512-BF16 rules: the 2.30x whole-process figure
-on an idle AMX Xeon (issue 13) was with them, and no AMX sweep of sizes has been made.
-tests/test_perf.py checks the choice for each path with patched CPU flags and ISA caps.
-
-The CPU rules come from ``benchmarks/denoiser.py`` and a sweep of DDPM++ sizes on a 2-core AMD EPYC with
-AVX512-BF16 (speed vs float32 eager, one thread, batch 8 / 64):
-
-- 64x64, cbase 128 (61.9 M params): channels_last + bf16 2.0-2.3x, bf16 1.9-2.0x, channels_last 1.1-1.2x
-  (batch 8-32, 1 or 2 threads).
-- 64x64, cbase 32-64: channels_last + bf16 1.1-2.75x, bf16 1.05-2.4x.
-- 32x32, cbase 32-128: bf16 1.15-1.95x; channels_last + bf16 is never better than bf16 alone.
-- 16x16, cbase 32 (the demo's): bf16 0.9x, channels_last + bf16 0.7x: the convolutions are too small
-  to win back the casts, so these stay float32.
-- EDM2's U-Net, 64x64 (edm2-img64-s, 280 M params; batch 2, one thread, under load): channels_last + bf16
-  1.91x EDM2's own float32 code, bf16 1.51x, float32 1.09x; bf16 moves its output by 1.6% of its RMS.
-- The prior transformer (dim 512, a few tokens per sample): bf16 between 0.8x and 2.4x depending on
-  batch size, threads and load; it takes 1-3% of two-stage sampling time, so it stays float32 on CPUs.
-
-Soundness: bf16 moves the network output by 1-2% of its RMS. Through 18-step Heun, on a briefly trained
-32x32 DDPM++ (250 steps on the UCI digits), the samples move by 0.5 of an 8-bit level RMS (23% of 8-bit
-values change, the largest by 12 levels), and the Frechet distance between the float32 and bf16 sample sets of the same seeds is 1e-4 of
-that between two float32 sets of different seeds; ``tests/test_perf.py`` checks the same on an exact
-Gaussian denoiser. ``torch.compile`` is faster per evaluation but costs minutes per process and batch
-shape, so it is opt-in. CUDA: channels_last + bf16 for U-Nets and bf16 for the prior, the usual
-mixed-precision recipe (not measured here: no GPU was available).
-
-Under load: torch's CPU kernels run on OpenMP (libgomp), whose default wait policy lets a thread that
-reaches the end of a parallel region spin, then sleep, until the others arrive. When other processes
-keep the cores busy, a thread of every region is preempted and the region waits a scheduler time slice
-for it; a network evaluation has hundreds of regions. On this project's 2-core machine under a load
-average of 10-14, 300 small 3x3 convolutions (batch 8, 32 channels, 16x16) on 2 threads took 31-50 s
-with the default policy, 0.2-0.5 s with OMP_WAIT_POLICY=PASSIVE, and 2.6 s on 1 thread — erratic
-slowdowns of the kind that made vcdm lose to EDM with one core busy. The `vcdm` command line therefore
-sets OMP_WAIT_POLICY=PASSIVE unless the variable is set (vcdm.cli; it must precede loading torch, so
-Python API users set it in their environment). Thread counts are torch's default; nothing here reads
-the momentary load.
+Per CPU path (``cpu_path``: 'amx', 'avx512_bf16', 'avx2', 'baseline', from /proc/cpuinfo's flags, capped by
+ONEDNN_MAX_CPU_ISA so that a weaker CPU's choice can be emulated on a stronger one): U-Nets of 32x32 and up
+run under bf16 autocast where bf16 is native (channels_last from 64x64), in float32 with channels_last
+where it would be emulated; smaller U-Nets and the prior stay float32. ``torch.compile`` is opt-in. The
+measurements behind these rules, and behind the command line's OMP_WAIT_POLICY=PASSIVE, are in
+benchmarks/results/perf-notes.md; tests/test_perf.py checks the choice for each path.
 """
 from __future__ import annotations
 
@@ -167,7 +133,7 @@ def training_precision(device: torch.device | str, resolution: int | None, cpu: 
 
 def default_settings(device: torch.device | str, denoiser: nn.Module | None = None) -> InferenceSettings:
     """The fastest numerically sound eager settings for ``denoiser`` (a Denoiser or a bare network; None:
-    a large U-Net) on ``device`` — see the module docstring for the measurements. Never compiles."""
+    a large U-Net) on ``device`` (measurements: benchmarks/results/perf-notes.md). Never compiles."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return FP32

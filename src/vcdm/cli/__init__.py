@@ -2,8 +2,8 @@
 
 Importing it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is already set: with libgomp's
 default policy, threads that wait at an OpenMP barrier spin before they sleep, and when other
-processes keep a core busy the spinning and the preempted threads stall every parallel region (see
-vcdm.perf). OpenMP reads the variable once, when torch loads it, so it is set here, before any
+processes keep a core busy the spinning and the preempted threads stall every parallel region
+(measured: benchmarks/results/perf-notes.md). OpenMP reads the variable once, when torch loads it, so it is set here, before any
 command imports torch.
 """
 import os
