@@ -71,7 +71,7 @@ class Models:
         for name, path in (("prior", prior), ("image", image), ("uncond", uncond)):
             if path:
                 den = load_checkpoint(path, device)[0].eval()
-                self.settings[name] = perf.resolve(device, den)
+                self.settings[name] = perf.resolve_settings(device, den)
                 perf.prepare(den, self.settings[name])
                 self.nets[name] = den
 

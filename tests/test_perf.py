@@ -59,9 +59,9 @@ def test_names_and_overrides():
                              CL_BF16.replace(compile=True), FP32.replace(compile=True))] == \
         ["fp32", "channels_last", "bf16", "channels_last+bf16", "channels_last+bf16+compile", "fp32+compile"]
     assert CL_BF16.to_dict() == {"channels_last": True, "autocast_dtype": "bfloat16", "compile": False}
-    s = perf.resolve("cpu", unet(), bf16=True, channels_last=False, compile=True)
+    s = perf.resolve_settings("cpu", unet(), bf16=True, channels_last=False, compile=True)
     assert s == InferenceSettings(channels_last=False, autocast_dtype=torch.bfloat16, compile=True)
-    assert perf.resolve("cpu", unet(), bf16=False).autocast_dtype is None
+    assert perf.resolve_settings("cpu", unet(), bf16=False).autocast_dtype is None
     with pytest.raises(ValueError, match="autocast_dtype"):
         InferenceSettings(autocast_dtype=torch.float64)
 

@@ -28,7 +28,7 @@ class OutputError(ValueError):
     """An output that cannot be written; the message is one line naming the path."""
 
 
-def describe(error: OSError, path: str | os.PathLike | None = None) -> str:
+def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> str:
     """``cannot write <path>: <reason>`` for an OS error (the path it names, else ``path``)."""
     where = error.filename if error.filename is not None else path
     reason = REASONS.get(error.errno) or error.strerror or str(error)
@@ -73,4 +73,4 @@ def check_writable(path: str | os.PathLike, flag: str, *, is_dir: bool = True) -
         if not os.access(target, os.W_OK | os.X_OK):
             raise OSError(errno.EACCES, "Permission denied", str(target))
     except OSError as e:
-        raise OutputError(f"{flag}: {describe(e, path)}") from None
+        raise OutputError(f"{flag}: {describe_os_error(e, path)}") from None

@@ -149,7 +149,7 @@ def default_settings(device: torch.device | str, denoiser: nn.Module | None = No
     return InferenceSettings(channels_last=True, autocast_dtype=bf16)
 
 
-def resolve(device: torch.device | str, denoiser: nn.Module | None = None, *, bf16: bool | None = None,
+def resolve_settings(device: torch.device | str, denoiser: nn.Module | None = None, *, bf16: bool | None = None,
             channels_last: bool | None = None, compile: bool | None = None) -> InferenceSettings:
     """``default_settings(device, denoiser)`` with the command-line choices that are not None."""
     settings = default_settings(device, denoiser)

@@ -83,7 +83,7 @@ def convert(source: str, dest: str, resolution: tuple[int, int] | None, transfor
     from vcdm.cli.errors import writable
     from vcdm.data.dataset_tool import convert_dataset
     from vcdm.workers import default_workers
-    from vcdm.paths import describe
+    from vcdm.paths import describe_os_error
 
     if transform is not None and resolution is None:
         raise click.UsageError(f"--transform={transform} needs --resolution=WxH")
@@ -95,7 +95,7 @@ def convert(source: str, dest: str, resolution: tuple[int, int] | None, transfor
     except DatasetError as e:
         raise click.ClickException(_message(e)) from None
     except OSError as e:
-        raise click.ClickException(describe(e)) from None
+        raise click.ClickException(describe_os_error(e)) from None
     labels = f"{s.num_classes} classes" if s.num_classes else "no labels"
     click.echo(f"Wrote {s.count} images ({s.resolution[0]}x{s.resolution[1]}, {labels}) to {s.dest}")
     if s.skipped_bad:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import click
 
-from vcdm.paths import check_writable, describe
+from vcdm.paths import check_writable, describe_os_error
 
 # torch.save reports a failed write as RuntimeError ("[enforce fail at inline_container.cc] ... unexpected pos",
 # "file write failed"), without errno.
@@ -31,11 +31,11 @@ def user_errors(usage: bool = False, path: str | os.PathLike | None = None) -> I
         usage = usage or getattr(e, "usage_error", False)  # a bad flag value (vcdm.generate's FlagError)
         raise (click.UsageError(message) if usage else click.ClickException(message)) from None
     except OSError as e:
-        raise click.ClickException(describe(e, path)) from None
+        raise click.ClickException(describe_os_error(e, path)) from None
     except RuntimeError as e:
         if not TORCH_WRITE_FAILED.search(str(e)):
             raise
-        raise click.ClickException(describe(OSError(errno.EIO, "write failed (disk full?)"), path)) from None
+        raise click.ClickException(describe_os_error(OSError(errno.EIO, "write failed (disk full?)"), path)) from None
 
 
 def writable(path: str | os.PathLike | None, flag: str, *, is_dir: bool = True) -> None:

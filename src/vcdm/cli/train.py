@@ -226,7 +226,7 @@ def _command(**kwargs) -> None:
     """
     from vcdm.checkpoints import CheckpointError
     from vcdm.cli.errors import writable
-    from vcdm.paths import describe
+    from vcdm.paths import describe_os_error
     from vcdm.train import TrainingError, train
 
     kwargs = with_recorded_options(kwargs)
@@ -239,7 +239,7 @@ def _command(**kwargs) -> None:
     try:
         train(opts)
     except OSError as e:  # a write the run does not handle itself
-        raise click.ClickException(describe(e)) from None
+        raise click.ClickException(describe_os_error(e)) from None
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except CheckpointError as e:

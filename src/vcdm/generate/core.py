@@ -37,7 +37,7 @@ from vcdm.generate.options import (Conditioning, FlagError, GenerateError, Infer
                                   flag_values, inference_settings, results_dir, seed_list, seed_path)
 from vcdm.generate.results import (FolderLock, claim, claim_manifest, complete, manifest_digest, network_sha256,
                                    restored_on_failure)
-from vcdm.paths import check_writable, describe
+from vcdm.paths import check_writable, describe_os_error
 
 GRID_MAX = 256
 PAD_MULTIPLE = 8
@@ -359,7 +359,7 @@ def open_folder(outdir: Path, record: dict, overwrite: bool) -> FolderLock:
         except GenerateError as e:
             problem = str(e)
         except OSError as e:  # every rank stops with the message instead of waiting for rank 0
-            problem = describe(e)
+            problem = describe_os_error(e)
     problem = distributed.broadcast_object(problem)
     if problem is not None:
         raise GenerateError(problem)

@@ -135,7 +135,7 @@ def inference_settings(choice: "InferenceChoices | InferenceSettings", device: "
 
     if isinstance(choice, perf.InferenceSettings):
         return choice
-    return perf.resolve(device, denoiser, bf16=choice.bf16, channels_last=choice.channels_last,
+    return perf.resolve_settings(device, denoiser, bf16=choice.bf16, channels_last=choice.channels_last,
                         compile=choice.compile)
 
 

@@ -186,7 +186,7 @@ def checkpoint_input(path: str | Path) -> Input:
                     groups.setdefault(prefix, {})[name] = f.get_tensor(key)
         return groups
 
-    return Input(Snapshot(str(path), nimg, float(profile["std"]), lambda: read_tensors(path, "net.")), config, path, extra)
+    return Input(Snapshot(str(path), nimg, float(profile["std"]), lambda: iter_safetensors(path, "net.")), config, path, extra)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -195,7 +195,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 MAX_HEADER = 1 << 28
 
 
-def read_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a safetensors file whose names start with `prefix` (without it), read one at a time
     with plain reads into one reused buffer: no memory map, no allocation per tensor. Each yielded tensor
     is valid until the next is read; keep a copy, not the tensor."""
@@ -243,7 +243,7 @@ def open_input(path: str | Path) -> Input:
     return checkpoint_input(path)
 
 
-IDENTITY = ("network", "net_kwargs", "denoiser", "structure", "embedder")
+NETWORK_IDENTITY = ("network", "net_kwargs", "denoiser", "structure", "embedder")
 
 
 def open_inputs(paths: Sequence[str | Path], stds: Sequence[float] | None = None) -> list[Input]:
@@ -252,7 +252,7 @@ def open_inputs(paths: Sequence[str | Path], stds: Sequence[float] | None = None
     if stds is not None:
         inputs = [i for i in inputs if any(abs(i.snapshot.std - s) < 5e-4 for s in stds)]
     for other in inputs[1:]:
-        for field in IDENTITY:
+        for field in NETWORK_IDENTITY:
             if getattr(other.config, field) != getattr(inputs[0].config, field):
                 raise PhemaError(f"{other.path}: its {field} differs from {inputs[0].path}'s; "
                                  "give snapshots of one run")
