@@ -23,7 +23,7 @@ from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from vcdm.checkpoints import CheckpointConfig
+from vcdm.checkpoints import SAFETENSORS_DTYPES, CheckpointConfig
 
 from vcdm.train.outputs import PROFILE_SNAPSHOT_RE
 
@@ -189,9 +189,7 @@ def checkpoint_input(path: str | Path) -> Input:
     return Input(Snapshot(str(path), nimg, float(profile["std"]), lambda: iter_safetensors(path, "net.")), config, path, extra)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPE_OF_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 1 << 28
 
 
@@ -210,7 +208,7 @@ def iter_safetensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tenso
         buffer = torch.empty(max((v["data_offsets"][1] - v["data_offsets"][0] for _, _, v in entries), default=0),
                              dtype=torch.uint8)
         for begin, name, v in entries:
-            end, dtype, shape = v["data_offsets"][1], SAFETENSORS_DTYPES.get(v["dtype"]), v["shape"]
+            end, dtype, shape = v["data_offsets"][1], DTYPE_OF_CODE.get(v["dtype"]), v["shape"]
             if dtype is None or not 0 <= begin <= end <= total or (end - begin) != math.prod(shape) * dtype.itemsize:
                 raise PhemaError(f"{path}: tensor {name} is damaged ({v['dtype']} {shape} in bytes {begin}-{end})")
             f.seek(8 + size + begin)
