@@ -206,12 +206,13 @@ def report(out: Path) -> str:
 
 
 def cost(out: Path, rows: list[dict]) -> str:
-    """One line: the CPU seconds spent training and sampling, and on what."""
+    """One line: the CPU seconds spent training and sampling (the judge's scoring and its own training not
+    counted), and on what."""
     trained = read(out / "training.jsonl")
     where = out / "machine.json"
     info = describe(json.loads(where.read_text())) if where.is_file() else "an unrecorded machine"
     return (f"CPU time: training {sum(r['cpu_sec'] for r in trained) / 60:.1f} min ({len(trained)} runs), sampling "
-            f"and scoring {sum(r.get('cpu_sec', 0.0) for r in rows) / 60:.1f} min; wall "
+            f"{sum(r.get('cpu_sec', 0.0) for r in rows) / 60:.1f} min; wall "
             f"{(sum(r['sec'] for r in trained) + sum(r.get('sec', 0.0) for r in rows)) / 60:.1f} min on {info}.")
 
 
