@@ -3,9 +3,13 @@ machine, markdown tables, and the ``--quick`` / ``--json`` convention that ``run
 
 Run the scripts as ``python benchmarks/<name>.py`` (this folder is then on ``sys.path``).
 
-Every script's ``--json`` file is ``{"benchmark": name, "machine": {...}, "rows": [row, ...], ...}``
-where a row is ``{"metric", "value", "unit", "reference", "ratio", "note"}``: ``reference`` names
-the row of the same run that ``ratio`` (value / reference value) compares against, or is null.
+Every script times through ``measure`` (repetitions interleaved round-robin across the cases it
+compares, warm-up calls first, min/median/max kept) and reports through ``report``: its ``--json`` file is
+``{"benchmark": name, "machine": {...}, "rows": [row, ...], ...}`` where a row is
+``{"metric", "value", "unit", "min", "max", "reps", "reference", "ratio", "note"}``. ``value`` is the
+median over ``reps`` repetitions and ``min``/``max`` bound it (null for a single figure, such as an FD);
+``reference`` names the row of the same run that ``ratio`` (value / reference value) compares against, or
+is null. The one-off costs that cannot repeat (a first compile) are single ``measure`` repetitions.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from vcdm import perf
 from vcdm.fileio import atomic_write
 
 
@@ -49,20 +55,51 @@ def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": str(device), "name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "cpu_path": perf.cpu_path(), "kernel_env": kernel_env(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def kernel_env() -> str:
+    """The torch kernel caps in force (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), or 'default'."""
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    return " ".join(caps) or "default"
 
 
 def describe(info: Mapping[str, Any]) -> str:
-    return (f"{info['device']} ({info['name']}), {info['threads']} threads on {info['cpus']} CPUs, "
+    return (f"{info['device']} ({info['name']}), CPU path {info.get('cpu_path', '?')}, kernels "
+            f"{info.get('kernel_env', '?')}, {info['threads']} threads on {info['cpus']} CPUs, "
             f"OMP_WAIT_POLICY {info['omp_wait_policy']}, torch {info['torch']}, load average {info['load_avg_1m']}")
 
 
-def interleaved(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                device: torch.device | str = "cpu") -> dict[str, list[float]]:
-    """Seconds per call of every case, ``reps`` times each, timed round-robin (case A, B, C, A, B, C, …).
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one case over its timed repetitions."""
+    seconds: tuple[float, ...]
 
-    On a machine shared with other jobs the available CPU drifts over minutes; interleaving makes that
-    drift hit every case alike, so ratios between cases stay meaningful even when absolute numbers move.
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def max(self) -> float:
+        return max(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        return spread(self.seconds)
+
+
+def measure(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1, warmup_each: int = 0,
+            device: torch.device | str = "cpu") -> dict[str, Timing]:
+    """Time every case ``reps`` times, round-robin (case A, B, C, A, B, C, …).
+
+    ``warmup`` untimed rounds of every case come first; ``warmup_each`` untimed calls precede each timed
+    call of a case (for cases whose caches the other cases evict). On a machine shared with other jobs
+    the available CPU drifts over minutes; interleaving makes that drift hit every case alike, so ratios
+    between cases stay meaningful even when absolute numbers move.
     """
     for _ in range(warmup):
         for fn in cases.values():
@@ -70,20 +107,31 @@ def interleaved(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int =
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(reps):
         for name, fn in cases.items():
+            for _ in range(warmup_each):
+                fn()
             synchronize(device)
             start = time.perf_counter()
             fn()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return times
+    return {name: Timing(tuple(t)) for name, t in times.items()}
 
 
-def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float]:
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - start
+def measure_one(fn: Callable[[], Any], reps: int, warmup: int = 1, device: torch.device | str = "cpu") -> Timing:
+    return measure({"case": fn}, reps, warmup, device=device)["case"]
+
+
+def interleaved(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
+                device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """``measure``'s seconds as plain lists (for scripts that keep their own statistics)."""
+    return {name: list(t.seconds) for name, t in measure(cases, reps, warmup, device=device).items()}
+
+
+def first_call(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, Timing]:
+    """The result and time of one call that cannot be repeated alike (a compile, a first load)."""
+    out: list[Any] = []
+    timing = measure_one(lambda: out.append(fn()), reps=1, warmup=0, device=device)
+    return out[0], timing
 
 
 def median(values: Iterable[float]) -> float:
@@ -96,8 +144,37 @@ def spread(values: Sequence[float]) -> float:
 
 
 def row(metric: str, value: float | None, unit: str, *, reference: str | None = None, ratio: float | None = None,
-        note: str = "") -> dict[str, Any]:
-    return {"metric": metric, "value": value, "unit": unit, "reference": reference, "ratio": ratio, "note": note}
+        note: str = "", low: float | None = None, high: float | None = None, reps: int | None = None) -> dict[str, Any]:
+    """One result: a figure (an FD, a ratio) or, from ``timing_row``, the median of timed repetitions."""
+    return {"metric": metric, "value": value, "unit": unit, "min": low, "max": high, "reps": reps,
+            "reference": reference, "ratio": ratio, "note": note}
+
+
+def timing_row(metric: str, timing: Timing, *, count: float | None = None, unit: str | None = None,
+               scale: float = 1.0, reference: str | None = None, ratio: float | None = None,
+               note: str = "") -> dict[str, Any]:
+    """A row from a ``Timing``: ``count`` per second (e.g. images/s; the slowest repetition is the min)
+    when ``count`` is given, else seconds times ``scale`` (e.g. 1e3 for ms)."""
+    if count is not None:
+        return row(metric, count / timing.median, unit or "per s", low=count / timing.max, high=count / timing.min,
+                   reps=len(timing.seconds), reference=reference, ratio=ratio, note=note)
+    return row(metric, timing.median * scale, unit or "s", low=timing.min * scale, high=timing.max * scale,
+               reps=len(timing.seconds), reference=reference, ratio=ratio, note=note)
+
+
+def value_cell(r: Mapping[str, Any]) -> str:
+    """A row's value for a table: the median with its [min-max] range where it was repeated."""
+    if r.get("min") is None or r.get("max") is None or (r.get("reps") or 0) < 2:
+        return fmt(r["value"])
+    return f"{fmt(r['value'])} [{fmt(r['min'])}-{fmt(r['max'])}]"
+
+
+def rows_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The markdown table every script prints of its rows."""
+    return markdown_table(["metric", "value [min-max]", "unit", "reps", "ratio vs", "ratio", "note"],
+                          [[r["metric"], value_cell(r), r["unit"], r.get("reps"), r.get("reference") or "-",
+                            "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x", r.get("note", "")]
+                           for r in rows])
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -129,3 +206,11 @@ def result(benchmark: str, rows: list[dict[str, Any]], info: Mapping[str, Any], 
     """The --json document: ``info`` is ``machine()`` from the start; the load average at the end is added."""
     return {"benchmark": benchmark, "machine": dict(info), "load_avg_end": round(os.getloadavg()[0], 2),
             "wall_s": round(wall_s, 1), "rows": rows, **extra}
+
+
+def report(args: argparse.Namespace, benchmark: str, rows: list[dict[str, Any]], info: Mapping[str, Any],
+           wall_s: float, **extra: Any) -> None:
+    """Print the rows as the common table and, with ``--json``, write the common result document."""
+    print(f"\n{benchmark}: {describe(info)}\n\n{rows_table(rows)}")
+    if getattr(args, "json", None):
+        write_json(args.json, result(benchmark, rows, info, wall_s, **extra))

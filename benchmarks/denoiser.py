@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_common_args, describe, interleaved, machine, markdown_table, median, result, row, spread, timed, write_json
+from common import add_common_args, describe, first_call, machine, markdown_table, measure, report, row, timing_row
 from vcdm.data.structure import Structure
 from vcdm.diffusion.rng import StackedRandomGenerator
 from vcdm.diffusion import karras_sigmas, sample
@@ -132,23 +132,23 @@ def bench_images(args, batch: int, paths: list[InferenceSettings], table: list, 
         for s in (s for s in paths if s.compile):
             models[s.name] = prepare(copy.deepcopy(base), s)
             cases[s.name] = evaluator(models[s.name], s, x, sigma, y, out)
-            _, compile_s[s.name, cache] = timed(cases[s.name])
+            compile_s[s.name, cache] = first_call(cases[s.name])[1].median
             print(f"  compiled {s.name} at batch {batch} in {compile_s[s.name, cache]:.0f} s ({cache} cache)", flush=True)
-    times = interleaved(cases, reps=args.reps, warmup=1)
-    ref = median(times[FP32.name])
-    best_eager = min(median(times[s.name]) for s in paths if not s.compile)
+    times = measure(cases, reps=args.reps, warmup=1)
+    ref = times[FP32.name].median
+    best_eager = min(times[s.name].median for s in paths if not s.compile)
     for s in paths:
-        sec = median(times[s.name])
+        sec = times[s.name].median
         max_abs, rel = accuracy(base, x, sigma, out[FP32.name], out[s.name])
         cold = warm = payoff = None
         if s.compile:
             cold, warm = (max(compile_s[s.name, c] - sec, 0.0) for c in ("cold", "warm"))
             payoff = math.ceil(cold / (best_eager - sec)) if sec < best_eager else None
-        table.append(["DDPM++ image model", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{spread(times[s.name]):.0%}",
+        table.append(["DDPM++ image model", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{times[s.name].spread:.0%}",
                       cold, warm, payoff, max_abs, rel])
         is_ref = s == FP32
         pays = f"pays off after {payoff} evals" if payoff else "never pays off at this batch size"
-        rows.append(row(f"denoiser b{batch} {s.name}", batch / sec, "images/s",
+        rows.append(timing_row(f"denoiser b{batch} {s.name}", times[s.name], count=batch, unit="images/s",
                         reference=None if is_ref else f"denoiser b{batch} fp32", ratio=None if is_ref else ref / sec,
                         note="reference" if is_ref else f"max|dD| {max_abs:.2g}, rel rms dF {rel:.2g}" +
                         (f", compile {cold:.0f} s cold / {warm:.0f} s warm cache, {pays}" if s.compile else "")))
@@ -163,8 +163,9 @@ def heun(args, base: Denoiser, models: dict, paths: list[InferenceSettings], bat
     results = {}
     for s in paths:
         with torch.no_grad(), autocast(s, "cpu"):
-            results[s.name] = timed(lambda: sample(models[s.name], latents, y, num_steps=args.heun_steps))
-        print(f"  heun {s.name}: {results[s.name][1]:.1f} s", flush=True)
+            out, timing = first_call(lambda: sample(models[s.name], latents, y, num_steps=args.heun_steps))
+        results[s.name] = out, timing.median
+        print(f"  heun {s.name}: {timing.median:.1f} s", flush=True)
     u8 = lambda v: ((v + 1) * 127.5).round().clip(0, 255)
     ref, ref_sec = results[FP32.name]
     for s in paths:
@@ -181,15 +182,15 @@ def bench_prior(args, batch: int, table: list, rows: list) -> None:
     paths = [FP32, InferenceSettings(autocast_dtype=BF16)]
     out = {}
     cases = {s.name: evaluator(base, s, x, sigma, None, out) for s in paths}
-    times = interleaved(cases, reps=max(args.reps, 5), warmup=2)
-    ref = median(times[FP32.name])
+    times = measure(cases, reps=max(args.reps, 5), warmup=2)
+    ref = times[FP32.name].median
     for s in paths:
-        sec = median(times[s.name])
+        sec = times[s.name].median
         max_abs, rel = accuracy(base, x, sigma, out[FP32.name], out[s.name])
-        table.append(["prior (dalle2)", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{spread(times[s.name]):.0%}",
+        table.append(["prior (dalle2)", batch, s.name, sec * 1e3, batch / sec, ref / sec, f"{times[s.name].spread:.0%}",
                       None, None, None, max_abs, rel])
         is_ref = s == FP32
-        rows.append(row(f"prior b{batch} {s.name}", 1 / sec, "evaluations/s",
+        rows.append(timing_row(f"prior b{batch} {s.name}", times[s.name], count=1, unit="evaluations/s",
                         reference=None if is_ref else f"prior b{batch} fp32", ratio=None if is_ref else ref / sec,
                         note=f"{batch / sec:.0f} samples/s" + ("" if is_ref else f", max|dD| {max_abs:.2g}")))
 
@@ -246,15 +247,15 @@ def bench_edm2(args, batch: int, table: list, rows: list) -> tuple[int, str]:
     cases["EDM2's code"] = reference
     for s in EAGER:
         cases[s.name] = evaluator(prepare(copy.deepcopy(base), s), s, x, sigma, y, out)
-    times = interleaved(cases, reps=args.reps, warmup=1)
-    ref_sec = median(times["EDM2's code"])
+    times = measure(cases, reps=args.reps, warmup=1)
+    ref_sec = times["EDM2's code"].median
     name = f"EDM2 {args.edm2_preset.removeprefix('edm2-')}"
     for path in cases:
-        sec = median(times[path])
+        sec = times[path].median
         max_abs, rel = accuracy(base, x, sigma, out["EDM2's code"], out[path])
-        table.append([name, batch, path, sec * 1e3, batch / sec, ref_sec / sec, f"{spread(times[path]):.0%}", max_abs, rel])
+        table.append([name, batch, path, sec * 1e3, batch / sec, ref_sec / sec, f"{times[path].spread:.0%}", max_abs, rel])
         is_ref = path == "EDM2's code"
-        rows.append(row(f"edm2 b{batch} {path}", batch / sec, "images/s",
+        rows.append(timing_row(f"edm2 b{batch} {path}", times[path], count=batch, unit="images/s",
                         reference=None if is_ref else f"edm2 b{batch} EDM2's code", ratio=None if is_ref else ref_sec / sec,
                         note="reference: NVlabs/edm2's networks_edm2.Precond, float32" if is_ref
                         else f"max|dD| {max_abs:.2g}, rel rms dF {rel:.2g} vs EDM2's code"))
@@ -327,7 +328,7 @@ def main() -> None:
                              [[name, *r[:7], f"{r[7]:.1%}", r[8]] for name, r in samples.items()]))
         for name, r in samples.items():
             is_ref = name == FP32.name
-            rows.append(row(f"heun{args.heun_steps} b{r[0]} {name}", r[3], "images/s",
+            rows.append(row(f"heun{args.heun_steps} b{r[0]} {name}", r[3], "images/s", reps=1,
                             reference=None if is_ref else f"heun{args.heun_steps} b{r[0]} fp32",
                             ratio=None if is_ref else r[4],
                             note=f"max|dx| {r[5]:.2g}, {r[7]:.1%} of 8-bit values changed"))
@@ -338,9 +339,8 @@ def main() -> None:
           f"(other processes share them; compare ratios, not absolute numbers)")
     wall = time.perf_counter() - start
     print(f"wall time {wall:.0f} s")
-    if args.json:
-        write_json(args.json, result("denoiser", rows, info, wall, params=params,
-                                     table=table, heun=samples, edm2_table=edm2_table, edm2_params=edm2_params))
+    report(args, "denoiser", rows, info, wall, params=params, table=table, heun=samples, edm2_table=edm2_table,
+           edm2_params=edm2_params)
 
 
 if __name__ == "__main__":
