@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from common import add_common_args, machine, result, row, write_json
+from common import add_common_args, machine, measure, report, timing_row
 from vcdm.data.dataset_tool import convert_dataset
 
 
@@ -37,8 +37,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256, help="generated image size (default 256)")
     p.add_argument("--resolution", type=int, default=64, help="output resolution (default 64)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel workers (default: CPU count)")
+    p.add_argument("--reps", type=int, default=None, help="timed conversions per mode, interleaved (default 3; --quick: 2)")
     args = p.parse_args()
     args.count = args.count or (200 if args.quick else 2000)
+    args.reps = args.reps or (2 if args.quick else 3)
     info, start = machine("cpu"), time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,28 +49,22 @@ def main() -> None:
         t0 = time.perf_counter()
         make_jpegs(tmp / "src", args.count, args.size)
         print(f"generated {args.count} {args.size}x{args.size} JPEGs in {time.perf_counter() - t0:.1f} s")
-        rows = []
-        for mode, workers in (("serial", 1), ("parallel", args.workers)):
-            t0 = time.perf_counter()
-            convert_dataset(tmp / "src", tmp / f"{mode}.zip", resolution=(args.resolution, args.resolution),
-                            workers=workers, progress=False)
-            rows.append((mode, workers, time.perf_counter() - t0))
+
+        def convert(mode: str, workers: int):
+            return lambda: convert_dataset(tmp / "src", tmp / f"{mode}.zip", resolution=(args.resolution, args.resolution),
+                                           workers=workers, overwrite=True, progress=False)
+
+        serial, parallel = "dataset tool, 1 worker", f"dataset tool, {args.workers} workers"
+        times = measure({serial: convert("serial", 1), parallel: convert("parallel", args.workers)},
+                        reps=args.reps, warmup=0)
         identical = (tmp / "serial.zip").read_bytes() == (tmp / "parallel.zip").read_bytes()
 
-    res = f"{args.size}->{args.resolution}"
-    print(f"\n{'mode':<10}{'workers':>8}{'images':>8}{'resize':>12}{'seconds':>10}{'images/s':>10}")
-    for mode, workers, sec in rows:
-        print(f"{mode:<10}{workers:>8}{args.count:>8}{res:>12}{sec:>10.2f}{args.count / sec:>10.1f}")
-    print(f"\nspeed-up {rows[0][2] / rows[1][2]:.2f}x on {os.cpu_count()} CPUs; "
-          f"outputs byte-identical: {'yes' if identical else 'NO'}")
-    if args.json:
-        (_, _, serial), (_, workers, parallel) = rows
-        note = f"{args.count} JPEGs {res}, outputs {'byte-identical' if identical else 'DIFFER'}"
-        write_json(args.json, result("dataset_tool", [
-            row("dataset tool, 1 worker", args.count / serial, "images/s", note=note),
-            row(f"dataset tool, {workers} workers", args.count / parallel, "images/s",
-                reference="dataset tool, 1 worker", ratio=serial / parallel, note=note)],
-            info, time.perf_counter() - start))
+    note = (f"{args.count} JPEGs {args.size}->{args.resolution}, outputs "
+            f"{'byte-identical' if identical else 'DIFFER'}")
+    rows = [timing_row(serial, times[serial], count=args.count, unit="images/s", note=note),
+            timing_row(parallel, times[parallel], count=args.count, unit="images/s", reference=serial,
+                       ratio=times[serial].median / times[parallel].median, note=note)]
+    report(args, "dataset_tool", rows, info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from common import add_common_args, machine, result, row, synchronize, write_json
+from common import add_common_args, machine, measure, report, timing_row
 from vcdm.data.dataset import ImageDataset
 from vcdm.metrics import InceptionFeatures, InceptionWeightsError, compute_stats, resolve_weights
 from vcdm.metrics.inception import WEIGHTS_FILE, save_random_weights
@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64, help="image size before Inception's resize to 299")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--reps", type=int, default=None, help="timed passes per case, interleaved (default 3; --quick: 2)")
     args = parser.parse_args()
+    args.reps = args.reps or (2 if args.quick else 3)
     device = torch.device(args.device)
     num = args.num or ((256 if args.quick else 1024) if device.type == "cuda" else 16)
     info, start = machine(device), time.perf_counter()
@@ -54,31 +56,24 @@ def main() -> None:
             PIL.Image.fromarray(image).save(Path(tmp) / f"{i:06d}.png")
         batches = torch.from_numpy(images).permute(0, 3, 1, 2).split(args.batch)
 
-        net(batches[0][:2].to(device))  # warm-up: cuDNN autotuning, lazy CUDA init
-        synchronize(device)
-        start = time.perf_counter()
-        for batch in batches:
-            net(batch.to(device))
-        synchronize(device)
-        bare = num / (time.perf_counter() - start)
-
         dataset = ImageDataset(tmp)
-        start = time.perf_counter()
-        compute_stats(dataset, net, batch=args.batch, device=device, num_workers=args.workers, progress=False)
-        synchronize(device)
-        full = num / (time.perf_counter() - start)
+        bare, full = "FID features, bare Inception forward", "FID features, vcdm fid pipeline (PNG -> stats)"
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; {kind}; {num} images {args.resolution}x{args.resolution}, batch {args.batch}")
-    print(f"bare Inception forward (reference): {bare:8.1f} images/s")
-    print(f"vcdm fid pipeline (PNG -> stats):   {full:8.1f} images/s  ({full / bare:.0%} of bare)")
-    if args.json:
-        note = f"{num} images {args.resolution}x{args.resolution}, batch {args.batch}, {kind.split(' (')[0]}"
-        write_json(args.json, result("fid", [
-            row("FID features, bare Inception forward", bare, "images/s", note=note),
-            row("FID features, vcdm fid pipeline (PNG -> stats)", full, "images/s",
-                reference="FID features, bare Inception forward", ratio=full / bare, note=note)],
-            info, time.perf_counter() - start))
+        def forward() -> None:
+            with torch.no_grad():
+                for batch in batches:
+                    net(batch.to(device))
+
+        times = measure({bare: forward, full: lambda: compute_stats(dataset, net, batch=args.batch, device=device,
+                                                                     num_workers=args.workers, progress=False)},
+                        reps=args.reps, warmup=1, device=device)
+
+    print(f"{kind}; {num} images {args.resolution}x{args.resolution}, batch {args.batch}")
+    note = f"{num} images {args.resolution}x{args.resolution}, batch {args.batch}, {kind.split(' (')[0]}"
+    rows = [timing_row(bare, times[bare], count=num, unit="images/s", note=note),
+            timing_row(full, times[full], count=num, unit="images/s", reference=bare,
+                       ratio=times[bare].median / times[full].median, note=note)]
+    report(args, "fid", rows, info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
