@@ -33,7 +33,7 @@ from vcdm.diffusion import Guidance, guided, sample
 from vcdm.diffusion.samplers import Churn, sample_heun
 from vcdm.diffusion.schedules import append_zero, karras_sigmas
 from vcdm.generate import SamplerOptions, load_model, results_dir
-from vcdm.generate.core import PaddedDenoiser, draw
+from vcdm.generate.core import ChunkedDenoiser, draw
 from vcdm.generate.files import read_png, read_tensors, to_uint8_hwc
 from vcdm.generate.guide import IncompatibleGuide, check_guide
 from vcdm.fileio import file_sha256
@@ -278,11 +278,11 @@ def by_hand(net_path: Path, guide_path: Path, w: float, seeds: list[int], interv
     net, guide = load_model(net_path), load_model(guide_path)
     latents, obs, rnd = draw(net, seeds, torch.device("cpu"), given=given)
     y = net.structure.flatten_observed({k: v.float() for k, v in obs.items()}) if obs else None
-    g = PaddedDenoiser(guide.denoiser)
+    g = ChunkedDenoiser(guide.denoiser)
     if not guide.structure.observed_names:
         g = (lambda padded: lambda x, sigma, y=None: padded(x, sigma, None))(g)
     with torch.no_grad():
-        return sample(ByHand(PaddedDenoiser(net.denoiser), g, w, interval), latents, y, randn_like=rnd.randn_like,
+        return sample(ByHand(ChunkedDenoiser(net.denoiser), g, w, interval), latents, y, randn_like=rnd.randn_like,
                       **opts)
 
 

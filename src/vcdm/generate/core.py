@@ -1,7 +1,7 @@
 """Batch generation for a list of seeds: the original release's generate.py, resumable and torchrun-aware.
 
 One seed → one sample: latents, random class labels and dataset picks come from a per-seed generator
-(EDM's StackedRandomGenerator), and network evaluations are padded to a fixed multiple of samples so
+(EDM's StackedRandomGenerator), and the network is evaluated in calls of one fixed size (ChunkedDenoiser) so
 kernels round alike: a seed's file does not depend on --batch or the number of processes.
 The draws follow the original release: with --load_obs_from the latent noise uses seed+1 (so an image
 is not drawn from the noise that drew its embedding); otherwise a seed draws its latent noise first,
@@ -40,7 +40,7 @@ from vcdm.generate.results import (FolderLock, claim, claim_manifest, complete, 
 from vcdm.paths import check_writable, describe_os_error
 
 GRID_MAX = 256
-PAD_MULTIPLE = 8
+CHUNK = 8  # samples per network call (ChunkedDenoiser); benchmarks/results/batch-invariance.md
 
 
 @dataclass
@@ -199,31 +199,27 @@ def draw(model: LoadedModel, seeds: Sequence[int], device: torch.device, *, clas
     return latents, obs, rnd
 
 
-class PaddedDenoiser:
-    """The denoiser evaluated on a multiple of ``multiple`` samples (the last one repeated).
+class ChunkedDenoiser:
+    """The denoiser evaluated in calls of exactly ``chunk`` samples, the last call filled up by repeating its
+    last sample. Every call then has one shape, so the kernels (and their rounding) a sample meets do not
+    depend on the batch it is in: one seed gives the same bits at any --batch and number of processes.
+    Calls of varying size do not: a 32x32 DDPM++ gives other bits for a sample evaluated among 8 or 16
+    (benchmarks/results/batch-invariance.md). Other attributes pass through."""
 
-    Matrix-multiply kernels round differently for the few leftover rows of an odd-sized batch, so the
-    same seed would give last-bit different samples at --batch 1 and 3. Padding keeps every real
-    sample on the full-tile path (measured batch-invariant on CPU). Other attributes pass through.
-    """
-
-    def __init__(self, denoiser: torch.nn.Module, multiple: int = PAD_MULTIPLE):
-        self.denoiser, self.multiple = denoiser, multiple
+    def __init__(self, denoiser: torch.nn.Module, chunk: int = CHUNK):
+        self.denoiser, self.chunk = denoiser, chunk
 
     def __getattr__(self, name: str):
         return getattr(self.denoiser, name)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        n, pad = x.shape[0], -x.shape[0] % self.multiple
-
-        def grow(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or t.ndim == 0 or t.shape[0] != n:  # shared sigma: nothing to pad
-                return t
-            return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
-
-        if pad:
-            x, sigma, y = grow(x), grow(torch.as_tensor(sigma)), grow(y)
-        return self.denoiser(x, sigma, y)[:n]
+        n, sigma = x.shape[0], torch.as_tensor(sigma)
+        outs = []
+        for start in range(0, n, self.chunk):
+            rows = torch.arange(start, start + self.chunk, device=x.device).clamp_(max=n - 1)
+            part = [t if t is None or t.ndim == 0 or t.shape[0] != n else t[rows] for t in (x, sigma, y)]
+            outs.append(self.denoiser(*part)[:n - start])  # shared sigma (0-d): nothing to pick
+        return torch.cat(outs)
 
 
 def denoise(model: LoadedModel, latents: torch.Tensor, obs: dict[str, torch.Tensor], rnd, opts: SamplerOptions,
@@ -237,11 +233,11 @@ def denoise(model: LoadedModel, latents: torch.Tensor, obs: dict[str, torch.Tens
         raise ValueError(f"denoise: pass the guide loaded by load_guide for --gnet {opts.gnet} (and only then)")
     gnet = None
     if guide is not None:
-        gnet = PaddedDenoiser(guide.denoiser)
+        gnet = ChunkedDenoiser(guide.denoiser)
         gnet = gnet if guide.structure.observed_names else Unconditional(gnet)
     y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
     with torch.no_grad(), perf.autocast(settings, latents.device):
-        return sample(PaddedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, gnet=gnet,
+        return sample(ChunkedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, gnet=gnet,
                       **opts.sampler_kwargs())
 
 
@@ -305,7 +301,7 @@ def check_seeds(seeds: "str | Sequence[int] | IntRanges", max_batch_size: int, n
 
 def split_batches(seeds: Sequence[int], max_batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """This rank's batches: the seeds cut into a multiple of ``world`` near-equal batches, every
-    ``world``-th one (what a seed's file does not depend on, thanks to PaddedDenoiser)."""
+    ``world``-th one (what a seed's file does not depend on, thanks to ChunkedDenoiser)."""
     if not seeds:
         return []
     num_batches = ((len(seeds) - 1) // (max_batch_size * world) + 1) * world
