@@ -20,12 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import soundness
 import torch
-from common import add_common_args, machine, result, row, synchronize, write_json
+import train
+from common import add_common_args, first_call, machine, measure_one, report, row, timing_row
 from denoiser import unzero_init
+from solvers import Models
+from torch.utils.flop_counter import FlopCounterMode
 
 from vcdm import perf
 from vcdm.data.structure import Structure
+from vcdm.diffusion import sample
+from vcdm.metrics.judge import make_judge
 from vcdm.nets import build_network
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import preset
@@ -44,16 +50,8 @@ def vendor_peak(name: str) -> float | None:
 def measured_peak(device: torch.device, n: int) -> float:
     """TFLOP/s of the best of a few n x n bf16 matrix products (float32 accumulation)."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        synchronize(device)
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - t) / 4)
-    return 2 * n ** 3 / best / 1e12
+    timing = measure_one(lambda: [a @ b for _ in range(4)], reps=5, warmup=1, device=device)
+    return 2 * n ** 3 / (timing.min / 4) / 1e12
 
 
 def unet(device: torch.device, tiny: bool) -> Denoiser:
@@ -66,8 +64,6 @@ def unet(device: torch.device, tiny: bool) -> Denoiser:
 
 
 def flops_per_eval(den: Denoiser, batch: int, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.randn(batch, den.structure.latent_dim, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         den(x, torch.ones(batch, device=device))
@@ -75,9 +71,8 @@ def flops_per_eval(den: Denoiser, batch: int, device: torch.device) -> float:
 
 
 def path_rows(den: Denoiser, device: torch.device, batch: int, flops: float, peak: float, reps: int) -> list[dict]:
-    """Per path: evaluations/s at `batch` → TFLOP/s and % of peak; Heun sampling images/s."""
-    from vcdm.diffusion import sample
-
+    """Per path: evaluations/s at `batch` → TFLOP/s and % of peak (median of `reps` evaluations); Heun
+    sampling images/s (one run)."""
     paths = {"fp32": perf.FP32, "default": perf.default_settings(device, den),
              "channels_last+bf16": perf.InferenceSettings(channels_last=True, autocast_dtype=torch.bfloat16)}
     x = torch.randn(batch, den.structure.latent_dim, device=device)
@@ -86,40 +81,30 @@ def path_rows(den: Denoiser, device: torch.device, batch: int, flops: float, pea
     for name, settings in paths.items():
         perf.prepare(den, settings)
         with torch.no_grad(), perf.autocast(settings, device):
-            den(x, sigma)
-            synchronize(device)
-            t = time.perf_counter()
-            for _ in range(reps):
-                den(x, sigma)
-            synchronize(device)
-            per_eval = (time.perf_counter() - t) / reps
-            t = time.perf_counter()
-            sample(den, torch.randn_like(x), None, sampler="edm", num_steps=HEUN_STEPS)
-            synchronize(device)
-            per_image = (time.perf_counter() - t) / batch
-        tflops = flops / per_eval / 1e12
-        ref.setdefault("eval", tflops)
-        ref.setdefault("sample", 1 / per_image)
+            evals = measure_one(lambda: den(x, sigma), reps=reps, warmup=1, device=device)
+            _, sampling = first_call(lambda: sample(den, torch.randn_like(x), None, sampler="edm", num_steps=HEUN_STEPS),
+                                     device=device)
+        tflops = flops / evals.median / 1e12
+        ref.setdefault("eval", evals.median)
+        ref.setdefault("sample", sampling.median)
         vs = None if name == "fp32" else "fp32"
-        rows += [row(f"U-Net evaluation, {name}", tflops, "TFLOP/s", reference=vs and f"U-Net evaluation, {vs}",
-                     ratio=vs and tflops / ref["eval"],
-                     note=f"{settings.name}; {100 * tflops / peak:.1f}% of bf16 peak {peak:.0f} TFLOP/s; batch {batch}"),
-                 row(f"sampling, {name}", 1 / per_image, "images/s", reference=vs and f"sampling, {vs}",
-                     ratio=vs and 1 / per_image / ref["sample"], note=f"{HEUN_STEPS} Heun steps, batch {batch}")]
+        rows += [timing_row(f"U-Net evaluation, {name}", evals, count=flops / 1e12, unit="TFLOP/s",
+                            reference=vs and f"U-Net evaluation, {vs}", ratio=vs and ref["eval"] / evals.median,
+                            note=f"{settings.name}; {100 * tflops / peak:.1f}% of bf16 peak {peak:.0f} TFLOP/s; "
+                            f"batch {batch}"),
+                 timing_row(f"sampling, {name}", sampling, count=batch, unit="images/s", reference=vs and f"sampling, {vs}",
+                            ratio=vs and ref["sample"] / sampling.median, note=f"{HEUN_STEPS} Heun steps, batch {batch}")]
     perf.prepare(den, perf.FP32)
     return rows
 
 
 def training_rows(device: torch.device, batch: int, steps: int, tiny: bool) -> list[dict]:
-    import train
-
     with tempfile.TemporaryDirectory() as tmp:
         data = train.make_dataset(Path(tmp) / "d.zip", n=max(2 * train.PCA_DIM, batch), res=64)
         opts = train.options("ddpmpp-64", data, Path(tmp) / "run", str(device), batch, steps)
         if tiny:
             opts = dataclasses.replace(opts, cbase=16, cres=[1, 2])
-        results = {name: train.bare_steps(opts, steps, *train.PATHS[name])
-                   for name in ("fp32", "channels_last+bf16")}
+        results = train.bare_steps(opts, steps, ["fp32", "channels_last+bf16"])
     return train.path_rows("ddpmpp-64", str(device), batch, results)
 
 
@@ -146,22 +131,13 @@ def main() -> None:
     rows += path_rows(den, device, batch, flops, peak, reps)
     rows += training_rows(device, min(batch, 16), 2 if a.quick else 5, a.tiny)
     if a.uncond or (a.prior and a.image):
-        import soundness
-        from solvers import Models
-
-        from vcdm.metrics.judge import make_judge
-
         models = Models(a.prior, a.image, a.uncond, device)
         judge = make_judge(16, epochs=3 if a.quick else 15, device=a.device, progress=False)
         for kind in [k for k, n in (("uncond", a.uncond), ("two_stage", a.prior and a.image)) if n]:
             res = soundness.compare(judge, soundness.sample_sets(models, kind, list(range(20 if a.quick else 200)),
                                                                  "edm", {"num_steps": HEUN_STEPS}))
             rows += [row(f"{kind}: {k}", v, "") for k, v in res.items()]
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f" ({r['ratio']:.2f}x)"
-        print(f"{r['metric']:<40s} {r['value']:10.3f} {r['unit']}{ratio}  {r['note']}")
-    if a.json:
-        write_json(a.json, result("gpu", rows, info, time.perf_counter() - start))
+    report(a, "gpu", rows, info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

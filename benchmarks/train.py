@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 
-from common import add_common_args, machine, result, row, write_json
+import edm
+from common import Timing, add_common_args, machine, measure, measure_one, report, timing_row
 from denoiser import unzero_init
 from vcdm.data.archive import ArchiveWriter, archive_name, encode_png
 from vcdm.train import TrainOptions, train
@@ -58,20 +59,22 @@ def options(kind: str, data: Path, out: Path, device: str, batch: int, steps: in
     return TrainOptions(**common, exist=[0, 1], observed=[0, 0], arch="dalle2", pred_x0=[1])
 
 
-def loop_rate(opts: TrainOptions) -> float:
+def loop_timing(opts: TrainOptions) -> Timing:
+    """Seconds per step of the whole loop, from its stats.jsonl: one step per tick, the first tick (warm-up)
+    left out, maintenance excluded by the loop's own clock."""
     run_dir = train(opts)
     ticks = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()][1:]
-    return 1000 / statistics.median(t["sec_per_kimg"] for t in ticks)
+    return Timing(tuple(t["sec_per_kimg"] * opts.batch / 1000 for t in ticks))
 
 
 PATHS = {"fp32": (False, False), "channels_last": (True, False), "bf16": (False, True),
          "channels_last+bf16": (True, True)}  # bare-step variants: (channels_last, bf16 autocast)
 
 
-def bare_steps(opts: TrainOptions, steps: int, channels_last: bool, bf16: bool) -> tuple[float, list[float]]:
+def bare_step(opts: TrainOptions, channels_last: bool, bf16: bool) -> tuple[Callable[[], None], list[float]]:
     """EDM's bare training step: augmentation, loss, backward, Adam, EMA of the same denoiser on random
     images and embeddings (no data loading, no embedder), from the same initialisation and the same noise
-    per step whatever the variant. Returns (images/s over the steps after the first, loss per step)."""
+    per step whatever the variant. Returns the step (each call one step) and the list its losses go to."""
     device = torch.device(opts.device)
     torch.manual_seed(0)
     s = build(opts, device)
@@ -82,10 +85,10 @@ def bare_steps(opts: TrainOptions, steps: int, channels_last: bool, bf16: bool) 
     data = torch.Generator().manual_seed(1)
     images = torch.rand(opts.batch, 3, 64, 64, generator=data).to(device) * 2 - 1
     embedding = torch.randn(opts.batch, PCA_DIM, generator=data).to(device)
-    times, losses = [], []
-    for i in range(steps + 1):
-        gen = torch.Generator(device).manual_seed(100 + i)
-        t = time.perf_counter()
+    losses: list[float] = []
+
+    def step() -> None:
+        gen = torch.Generator(device).manual_seed(100 + len(losses))
         opt.zero_grad(set_to_none=True)
         image, aug = s.augment_pipe(images, generator=gen) if s.augment_pipe is not None else (images, None)
         tensors = {"image": image, "embedding": embedding}
@@ -97,50 +100,56 @@ def bare_steps(opts: TrainOptions, steps: int, channels_last: bool, bf16: bool) 
         with torch.no_grad():
             for k, v in net.state_dict().items():
                 ema[k].lerp_(v, 0.001)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
         losses.append(loss.mean().item())
-    return opts.batch / statistics.median(times[1:]), losses
+
+    return step, losses
 
 
-def edm_step(edm_root: str, batch: int, steps: int) -> tuple[float, list[float]]:
-    """NVlabs/edm's own training step (benchmarks/edm.py) on the CPU: (images/s after the first step, losses)."""
-    import edm
-
-    step, times, losses = edm.TrainingStep(edm_root, batch), [], []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times[1:]), losses
+def bare_steps(opts: TrainOptions, steps: int, variants: list[str]) -> dict[str, tuple[Timing, list[float]]]:
+    """The bare step of each variant (names in PATHS), `steps` timed steps each after one warm-up step,
+    interleaved: (Timing, loss per step, the warm-up's first) per variant."""
+    cases, losses = {}, {}
+    for name in variants:
+        cases[name], losses[name] = bare_step(opts, *PATHS[name])
+    times = measure(cases, reps=steps, warmup=1, device=opts.device)
+    return {name: (times[name], losses[name]) for name in variants}
 
 
-def path_rows(kind: str, device: str, batch: int, results: dict[str, tuple[float, list[float]]]) -> list[dict]:
+def edm_step(edm_root: str, batch: int, steps: int) -> tuple[Timing, list[float]]:
+    """NVlabs/edm's own training step (benchmarks/edm.py) on the CPU: (Timing after one warm-up step, losses)."""
+    step, losses = edm.TrainingStep(edm_root, batch), []
+    return measure_one(lambda: losses.append(step()), reps=steps, warmup=1), losses
+
+
+def path_rows(kind: str, device: str, batch: int, results: dict[str, tuple[Timing, list[float]]]) -> list[dict]:
     """One row per bare-step variant: images/s vs float32, and how far its losses are from float32's."""
-    ref_rate, ref_loss = results["fp32"]
+    ref_time, ref_loss = results["fp32"]
     rows = []
-    for name, (rate, losses) in results.items():
+    for name, (timing, losses) in results.items():
         dev = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_loss))
         note = f"batch {batch}; losses {', '.join(f'{v:.4f}' for v in losses)}" + (
             "" if name == "fp32" else f"; max relative loss difference vs fp32 {dev:.2%}")
-        rows.append(row(f"bare training step {name}, {kind} ({device})", rate, "images/s",
-                        reference=None if name == "fp32" else f"bare training step fp32, {kind} ({device})",
-                        ratio=None if name == "fp32" else rate / ref_rate, note=note))
+        rows.append(timing_row(f"bare training step {name}, {kind} ({device})", timing, count=batch, unit="images/s",
+                               reference=None if name == "fp32" else f"bare training step fp32, {kind} ({device})",
+                               ratio=None if name == "fp32" else ref_time.median / timing.median, note=note))
     return rows
 
 
-def edm_rows(edm_root: str, batch: int, steps: int, loop: float, variants: dict[str, tuple[float, list[float]]]) -> list[dict]:
-    """NVlabs/edm's own step, and the vcdm loop and bare steps as ratios of it."""
-    rate, losses = edm_step(edm_root, batch, steps)
+def edm_rows(edm_root: str, batch: int, steps: int, loop: Timing,
+             variants: dict[str, tuple[Timing, list[float]]]) -> list[dict]:
+    """NVlabs/edm's own step, and the vcdm loop and bare steps as ratios of it (of medians)."""
+    edm_time, losses = edm_step(edm_root, batch, steps)
     ref = "EDM's own training step, ddpmpp-64 (cpu)"
-    print(f"  EDM's own step {rate:8.2f} img/s; vcdm loop {loop / rate:.2f}x, "
-          + ", ".join(f"bare {n} {r / rate:.2f}x" for n, (r, _) in variants.items()), flush=True)
-    rows = [row(ref, rate, "images/s", note=f"NVlabs/edm's EDMPrecond, EDMLoss, AugmentPipe, Adam, EMA; batch {batch}; "
-                f"losses {', '.join(f'{v:.4f}' for v in losses)}")]
-    rows.append(row("training loop vs EDM's own step, ddpmpp-64 (cpu)", loop, "images/s", reference=ref, ratio=loop / rate))
-    rows += [row(f"bare training step {n} vs EDM's own step, ddpmpp-64 (cpu)", r, "images/s", reference=ref, ratio=r / rate)
-             for n, (r, _) in variants.items()]
+    print(f"  EDM's own step {batch / edm_time.median:8.2f} img/s; vcdm loop {edm_time.median / loop.median:.2f}x, "
+          + ", ".join(f"bare {n} {edm_time.median / t.median:.2f}x" for n, (t, _) in variants.items()), flush=True)
+    rows = [timing_row(ref, edm_time, count=batch, unit="images/s",
+                       note=f"NVlabs/edm's EDMPrecond, EDMLoss, AugmentPipe, Adam, EMA; batch {batch}; "
+                       f"losses {', '.join(f'{v:.4f}' for v in losses)}")]
+    rows.append(timing_row("training loop vs EDM's own step, ddpmpp-64 (cpu)", loop, count=batch, unit="images/s",
+                           reference=ref, ratio=edm_time.median / loop.median))
+    rows += [timing_row(f"bare training step {n} vs EDM's own step, ddpmpp-64 (cpu)", t, count=batch, unit="images/s",
+                        reference=ref, ratio=edm_time.median / t.median)
+             for n, (t, _) in variants.items()]
     return rows
 
 
@@ -170,25 +179,24 @@ def main() -> None:
                 opts = options(kind, data, Path(tmp) / f"runs-{kind}-{device}", device, a.batch, a.steps)
                 sys.stdout, saved = open("/dev/null", "w"), sys.stdout  # the run's own log is not the point here
                 try:
-                    loop = loop_rate(opts)
+                    loop = loop_timing(opts)
                 finally:
                     sys.stdout.close()
                     sys.stdout = saved
                 paths = [p for p in a.paths.split(",") if p] if kind == "ddpmpp-64" else ["fp32"]
-                variants = {p: bare_steps(opts, a.steps, *PATHS[p]) for p in ["fp32"] + [p for p in paths if p != "fp32"]}
+                variants = bare_steps(opts, a.steps, ["fp32"] + [p for p in paths if p != "fp32"])
                 bare = variants["fp32"][0]
-                print(f"{kind:<12s} {device:<6s} {a.batch:>5d} {loop:>11.2f} {bare:>11.2f} {loop / bare:>9.2f}", flush=True)
-                for name, (rate, losses) in variants.items():
-                    print(f"  bare {name:<20s} {rate:8.2f} img/s ({rate / bare:.2f}x)  losses "
-                          + " ".join(f"{v:.4f}" for v in losses), flush=True)
+                print(f"{kind:<12s} {device:<6s} {a.batch:>5d} {a.batch / loop.median:>11.2f} "
+                      f"{a.batch / bare.median:>11.2f} {bare.median / loop.median:>9.2f}", flush=True)
                 ref = f"bare training step fp32, {kind} ({device})"
                 rows += path_rows(kind, device, a.batch, variants)
-                rows.append(row(f"training loop, {kind} ({device})", loop, "images/s", reference=ref, ratio=loop / bare,
-                                note=f"batch {a.batch}, {a.steps} timed steps; loop in its defaults (float32)"))
+                rows.append(timing_row(f"training loop, {kind} ({device})", loop, count=a.batch, unit="images/s",
+                                       reference=ref, ratio=bare.median / loop.median,
+                                note=f"batch {a.batch}, {a.steps} timed steps; loop in its defaults "
+                                "(precision: vcdm.perf.training_precision)"))
                 if a.edm_root and kind == "ddpmpp-64" and device == "cpu":
                     rows += edm_rows(a.edm_root, a.batch, a.steps, loop, variants)
-    if a.json:
-        write_json(a.json, result("train", rows, info, time.perf_counter() - start))
+    report(a, "train", rows, info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
