@@ -24,15 +24,18 @@ import torch
 
 from vcdm import distributed as dist
 from vcdm.checkpoints import CheckpointConfig
+from vcdm.train import finetune
 from vcdm.train.batches import BatchMaker, embedding_table
-from vcdm.train.build import Setup, build, make_optimizer
+from vcdm.train.build import (Setup, build, embedding_dim, make_network, make_optimizer, make_structure,
+                              open_dataset)
 from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.ema import EMA, PowerFunctionEMA
 from vcdm.train.loggers import RunLogger
+from vcdm.train.lr_schedules import LRSchedule
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.outputs import (CONDITIONING_GRID, Outputs, TrainingError, grid_name, remove_stale_temp_files,
                                  write_snapshots, write_state)
-from vcdm.train.lr_schedules import LRSchedule
+from vcdm.train.preview import conditioning, sample_images, save_grid
 from vcdm.train.recipe import describe, grad_inf, precision_line, resolve, resolve_precision
 from vcdm.train.rundir import RunPlan, decide, lock_holder, plan_run
 from vcdm.train.sampler import PositionSampler, ShuffledDataset, mix_seed, running
@@ -57,8 +60,6 @@ def train(opts: TrainOptions) -> Path | None:
 
 def dry_run(opts: TrainOptions) -> None:
     """Print the options and what they imply; write nothing."""
-    from vcdm.train.build import embedding_dim, make_network, make_structure, open_dataset
-
     dataset = open_dataset(opts)
     structure = make_structure(opts, dataset, embedding_dim(opts))
     net_class, net_kwargs = make_network(opts, structure, 9 if opts.augment > 0 else 0)
@@ -272,8 +273,6 @@ class Trainer:
 
     def init_weights(self, net, structure) -> list[str]:
         """--pretrained_weights / --transfer / --init; returns the names of frozen parameters."""
-        from vcdm.train import finetune
-
         o = self.opts
         if o.pretrained_weights:
             # the structure places a class-conditional ADM's class columns (the release's ImageNet fine-tuning)
@@ -287,8 +286,6 @@ class Trainer:
 
     def preview_setup(self, run: Run, cached, batch_gpu: int) -> dict[str, Any] | None:
         """Fixed conditioning for sample grids (image models only: None otherwise)."""
-        from vcdm.train.preview import conditioning, save_grid
-
         s = run.setup
         if s.structure.latent_names != ("image",) or not self.opts.sample:
             return None
@@ -396,8 +393,6 @@ class Trainer:
                   flush=True)
 
     def write_preview(self, preview: dict, path: Path, nimg: int, logger) -> None:
-        from vcdm.train.preview import sample_images, save_grid
-
         save_grid(sample_images(preview["denoiser"], preview["y"], preview["n"], self.device), path)
         logger.image("samples", path, nimg)
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from vcdm import distributed as dist
-from vcdm.checkpoints import CheckpointConfig
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.fileio import atomic_path, atomic_write, file_sha256, temp_glob
 
 if TYPE_CHECKING:
@@ -154,15 +154,13 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
 def write_snapshot(path: Path, weights: dict, embedder, config: CheckpointConfig, nimg: int, record: dict | None = None) -> None:
     """An EMA network's weights (and a fitted embedder's state) with the checkpoint config; `record`: more
     entries for its training section (e.g. the EMA profile)."""
-    from vcdm import checkpoints
-
     tensors = {"net": weights}
     if embedder is not None:
         extra = embedder.export_state()
         if extra:
             tensors["embedder"] = extra
     training = dict(config.training, nimg=nimg, **(record or {}))
-    checkpoints.save_checkpoint(path, tensors, replace(config, training=training))
+    save_checkpoint(path, tensors, replace(config, training=training))
 
 
 def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: CheckpointConfig, nimg: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vcdm import distributed as dist
 from vcdm.fileio import file_sha256
 from vcdm.safeload import load_json, load_torch_zip
 from vcdm.train.outputs import SIDECAR_BYTES, STATE_RE, resumable_states, sidecar_path
@@ -115,8 +116,6 @@ class TrainState:
 
     def state_dict(self, options: str = "{}") -> dict[str, Any]:
         """The state to save, with the random states of every process (a collective: all must call it)."""
-        from vcdm import distributed as dist
-
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "embedder": self.embedder.state_dict() if self.embedder is not None else {},
