@@ -10,11 +10,15 @@ from typing import Any
 
 import torch
 
-from vcdm.checkpoints import CheckpointConfig, state_dict_mismatch
+from vcdm.checkpoints import CheckpointConfig, save_checkpoint, state_dict_mismatch
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
 from vcdm.legacy.limits import check_sample_size
 from vcdm.legacy.records import LegacyError, Record, _plain
+from vcdm.legacy.release import is_release_prior, prior_to_vcdm
+from vcdm.legacy.release_nets import is_release_net, release_net_to_vcdm
 from vcdm.legacy.unpickle import PathLike, read_pickle
+from vcdm.nets import build_network, network_classes
+from vcdm.nets.precond import Denoiser
 
 
 PRECOND_KINDS = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
@@ -105,18 +109,18 @@ def legacy_network(obj: Any, path: PathLike) -> LegacyNetwork:
     params: set[str] = set()
     _module_tensors(model, "", state, params)
     kwargs = dict(precond.init_kwargs)
-    seed_structure = kwargs.get("structure")
+    release_structure = kwargs.get("structure")
     attrs = {k: _plain(v) for k, v in precond.state.items()
              if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
     dataset_kwargs = obj.get("dataset_kwargs") if isinstance(obj, dict) else None
     record = LegacyNetwork(
-        path=str(path), release="vcdm" if isinstance(seed_structure, Record) else "edm",
+        path=str(path), release="vcdm" if isinstance(release_structure, Record) else "edm",
         precond_class=precond.class_name, precond_kwargs={k: _plain(v) for k, v in kwargs.items() if k != "structure"},
         precond_attrs=attrs, net_class=model.class_name,
         net_kwargs={k: _plain(v) for k, v in model.init_kwargs.items() if k != "structure"},
         state_dict=state, parameter_names=frozenset(params),
         dataset_kwargs=_plain(dataset_kwargs) if isinstance(dataset_kwargs, dict) else None,
-        structure=_plain(seed_structure.state) if isinstance(seed_structure, Record) else None)
+        structure=_plain(release_structure.state) if isinstance(release_structure, Record) else None)
     check_sample_size(_recorded_shapes(record), str(path))
     return record
 
@@ -132,7 +136,7 @@ def _recorded_shapes(record: LegacyNetwork) -> list[Any]:
     return [(kw.get("in_channels", 3), kw["img_resolution"], kw["img_resolution"])]
 
 
-def _seed_structure(record: LegacyNetwork) -> Structure:
+def _release_structure(record: LegacyNetwork) -> Structure:
     """The release's Structure (names/shapes/observed of *existing* tensors, exist over all) in vcdm's terms."""
     s = record.structure or {}
     try:
@@ -151,8 +155,6 @@ def _seed_structure(record: LegacyNetwork) -> Structure:
 
 def _network_kwargs(record: LegacyNetwork) -> tuple[str, dict]:
     """vcdm network class and constructor kwargs (EDM's names) for the recorded inner model."""
-    from vcdm.nets import network_classes
-
     cls = NET_CLASSES.get(record.net_class)
     if cls is None:
         raise LegacyError(f"{record.path}: network class '{record.net_class}' has no vcdm equivalent "
@@ -204,7 +206,7 @@ def _denoiser_config(record: LegacyNetwork) -> dict:
 
 def _default_structure(record: LegacyNetwork, image: tuple[int, ...], label_dim: int) -> Structure:
     if record.release == "vcdm":
-        return _seed_structure(record)
+        return _release_structure(record)
     # An EDM network is an image model over ImageFolderDataset's (image, label); it observes the
     # label when it is class-conditional. An unconditional model records label_dim 0: shape (0,).
     shapes = {"image": image, "label": (label_dim,)}
@@ -220,17 +222,11 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
     recorded one) re-targets an unconditional network to a conditioning vector, adding ``map_label``
     initialised to zero so the imported network computes exactly what it did.
     """
-    from vcdm.legacy.release import is_release_prior, prior_to_vcdm
-    from vcdm.nets import build_network
-    from vcdm.nets.precond import Denoiser
-
     if is_release_prior(record.net_class):
-        if label_dim is not None and label_dim != (structure or _seed_structure(record)).observed_dim:
+        if label_dim is not None and label_dim != (structure or _release_structure(record)).observed_dim:
             raise LegacyError(f"{record.path}: re-targeting the release's prior to {label_dim}-d conditioning "
                               "is not supported")
         return prior_to_vcdm(record, structure)
-    from vcdm.legacy.release_nets import is_release_net, release_net_to_vcdm
-
     if is_release_net(record.net_class):  # the release's concatunet, film-ddpmpp, control-adm
         return release_net_to_vcdm(record, structure)
     cls, kwargs = _network_kwargs(record)
@@ -246,11 +242,11 @@ def to_vcdm(record: LegacyNetwork, *, label_dim: int | None = None,
     image = (kwargs["in_channels"], kwargs["img_resolution"], kwargs["img_resolution"])
     if structure is None:
         structure = _default_structure(record, image, label_dim)
-        seed_exist = (record.structure or {}).get("exist") or []
+        release_exist = (record.structure or {}).get("exist") or []
         for name in ("noise_mult", "pred_x0"):  # the release indexes these over all data tensors
             values = denoiser_cfg.get(name)
-            if values is not None and len(values) == len(seed_exist) != len(structure.names):
-                denoiser_cfg[name] = [v for v, e in zip(values, seed_exist) if e]
+            if values is not None and len(values) == len(release_exist) != len(structure.names):
+                denoiser_cfg[name] = [v for v, e in zip(values, release_exist) if e]
     check_sample_size(structure.shapes, record.path)
     latent = [structure.shape(n) for n in structure.latent_names]
     if latent != [image] or structure.observed_dim != label_dim:
@@ -286,10 +282,8 @@ def import_edm(src: PathLike, dest: PathLike, *, label_dim: int | None = None,
     """Convert an EDM/VCDM pickle into a vcdm checkpoint (written atomically), or an EDM2 pickle as
     :func:`vcdm.legacy.edm2.import_network_pickle` does when neither ``label_dim`` nor ``structure`` is given.
     Returns what was read and the config written."""
-    from vcdm.checkpoints import save_checkpoint
-
     if label_dim is None and structure is None:
-        from vcdm.legacy.edm2 import import_network_pickle
+        from vcdm.legacy.edm2 import import_network_pickle  # here: edm2 imports this module
 
         return import_network_pickle(src, dest)
     record = load_legacy_pickle(src)

@@ -24,12 +24,16 @@ from typing import Any, Iterator
 
 import torch
 
-from vcdm.checkpoints import CheckpointConfig, CheckpointError, state_dict_mismatch
+from vcdm.checkpoints import CheckpointConfig, CheckpointError, _TensorCap, save_checkpoint, state_dict_mismatch
 from vcdm.data.structure import Structure
+from vcdm.legacy import edm
 from vcdm.legacy.edm import LegacyNetwork, _module_tensors
 from vcdm.legacy.limits import check_sample_size
 from vcdm.legacy.records import LegacyError, Record, _plain
 from vcdm.legacy.unpickle import PathLike, read_pickle
+from vcdm.nets import build_network, network_classes
+from vcdm.nets.edm2 import Block, EDM2UNet
+from vcdm.nets.precond import Denoiser
 
 PICKLE_NAME = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl")  # EDM2's <prefix>-<kimg>-<std>.pkl
 # StabilityVAEEncoder's constructor defaults (EDM2's training/encoders.py), for arguments a pickle omits.
@@ -116,8 +120,6 @@ def _loss(value: Any) -> dict | None:
 
 def _unet_arguments() -> set[str]:
     """Constructor arguments of EDM2's UNet and of its blocks (``**block_kwargs``), by vcdm's signatures."""
-    from vcdm.nets.edm2 import Block, EDM2UNet
-
     unet = {n for n, p in inspect.signature(EDM2UNet).parameters.items() if p.kind is not p.VAR_KEYWORD}
     block = set(inspect.signature(Block).parameters) - {"in_channels", "out_channels", "emb_channels", "flavor",
                                                          "resample_mode", "attention"}
@@ -191,10 +193,6 @@ def to_vcdm(record: EDM2Network) -> tuple[CheckpointConfig, dict[str, torch.Tens
     network is class-conditional. The denoiser is EDM's preconditioning with the pickle's sigma_data and the
     learned uncertainty head. A raw snapshot also records its EMA profile, so `vcdm phema` takes it as input.
     """
-    from vcdm.checkpoints import _TensorCap
-    from vcdm.nets import build_network, network_classes
-    from vcdm.nets.precond import Denoiser
-
     channels, resolution, label_dim = _geometry(record)
     shapes = {"image": (channels, resolution, resolution), "label": (label_dim,)}
     structure = Structure.from_flags(shapes, "1,1" if label_dim else "1,0", "0,1" if label_dim else "0,0")
@@ -229,8 +227,6 @@ def to_vcdm(record: EDM2Network) -> tuple[CheckpointConfig, dict[str, torch.Tens
 
 def import_edm2(src: PathLike, dest: PathLike) -> tuple[EDM2Network, CheckpointConfig]:
     """Convert an EDM2 pickle into a vcdm checkpoint (written atomically)."""
-    from vcdm.checkpoints import save_checkpoint
-
     record = load_edm2_pickle(src)
     config, state = to_vcdm(record)
     save_checkpoint(dest, {"net": state}, config)
@@ -240,9 +236,6 @@ def import_edm2(src: PathLike, dest: PathLike) -> tuple[EDM2Network, CheckpointC
 def import_network_pickle(src: PathLike, dest: PathLike) -> tuple[EDM2Network | LegacyNetwork, CheckpointConfig]:
     """Convert any network pickle vcdm reads (EDM2's, EDM's, the original VCDM release's) into a vcdm
     checkpoint, reading the file once. Returns what was read and the config written."""
-    from vcdm.checkpoints import save_checkpoint
-    from vcdm.legacy import edm
-
     obj = read_pickle(src)
     if is_edm2(obj):
         record: EDM2Network | LegacyNetwork = edm2_network(obj, src)
@@ -259,7 +252,7 @@ def phema_input(path: PathLike):
     """An EDM2 raw snapshot (``network-snapshot-<kimg>-<std>.pkl``) as an input of vcdm's post-hoc EMA
     (:class:`vcdm.train.phema.Input`): its time and profile length from the name, its config as imported,
     and its tensors read again on each pass, so a reconstruction holds one snapshot at a time."""
-    from vcdm.train.phema import Input, PhemaError, Snapshot
+    from vcdm.train.phema import Input, PhemaError, Snapshot  # here: the training package imports the importers
 
     record = load_edm2_pickle(path)
     if record.nimg is None:

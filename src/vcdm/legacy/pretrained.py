@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vcdm.checkpoints import state_dict_mismatch
+from vcdm.checkpoints import (CheckpointError, load_tensors, read_checkpoint_config, state_dict_mismatch,
+                              tensor_shapes)
 from vcdm.data.structure import Structure
 from vcdm.nets.control import class_columns
+from vcdm.nets.precond import Denoiser
 from vcdm.legacy.edm import _network_kwargs, legacy_network
 from vcdm.legacy.edm2 import edm2_network, is_edm2
 from vcdm.legacy.records import LegacyError
@@ -40,8 +42,6 @@ class PretrainedReport:
 
 def _source_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from vcdm.checkpoints import CheckpointError, load_tensors, read_checkpoint_config
-
         try:
             read_checkpoint_config(path)
             return load_tensors(path).get("net", {})
@@ -97,8 +97,6 @@ def edm2_gains(path: PathLike, label_dim: int, label_balance: float = 0.5) -> di
     The gains are network kwargs, recorded in every checkpoint's config, so the model rebuilds as trained."""
     path = Path(path)
     if path.suffix == ".safetensors":  # the tensor table is enough
-        from vcdm.checkpoints import CheckpointError, tensor_shapes
-
         try:
             shape = tensor_shapes(path).get("net.emb_label.weight")
         except CheckpointError as e:
@@ -164,8 +162,6 @@ def load_pretrained(path: PathLike, target_net: nn.Module, *, freeze: bool = Fal
     the source with its control tensors, and then only those train. With ``freeze``, only the new or
     widened parameters stay trainable (the release's --freeze_pretrained).
     """
-    from vcdm.nets.precond import Denoiser
-
     path = Path(path)
     if isinstance(target_net, Denoiser):
         net, structure = target_net.net, structure or target_net.structure

@@ -14,6 +14,8 @@ import torch
 from vcdm.checkpoints import CheckpointConfig, state_dict_mismatch
 from vcdm.data.structure import DATA_CLASS_TENSORS, Structure
 from vcdm.legacy.records import LegacyError
+from vcdm.nets import build_network
+from vcdm.nets.precond import Denoiser
 
 RELEASE_PRIOR = "DALLE2CLIPModel"
 _LAYER = "causal_transformer.layers.0."
@@ -57,18 +59,16 @@ def release_to_vcdm(record, structure: Structure | None, net_kwargs: Callable[[A
     """vcdm checkpoint config and network state dict for a network of the original release: ``net_kwargs``
     gives (vcdm class, constructor kwargs) for the record and the structure it generates; ``archs`` maps
     that class to the ``--arch`` name recorded."""
-    from vcdm.legacy.edm import _denoiser_config, _seed_structure
-    from vcdm.nets import build_network
-    from vcdm.nets.precond import Denoiser
+    from vcdm.legacy.edm import _denoiser_config, _release_structure  # here: edm imports this module
 
     denoiser_cfg = _denoiser_config(record)
     if structure is None:
-        structure = _seed_structure(record)
-        seed_exist = (record.structure or {}).get("exist") or []
+        structure = _release_structure(record)
+        release_exist = (record.structure or {}).get("exist") or []
         for name in ("noise_mult", "pred_x0"):  # the release indexes these over all data tensors
             values = denoiser_cfg.get(name)
-            if values is not None and len(values) == len(seed_exist) != len(structure.names):
-                denoiser_cfg[name] = [v for v, e in zip(values, seed_exist) if e]
+            if values is not None and len(values) == len(release_exist) != len(structure.names):
+                denoiser_cfg[name] = [v for v, e in zip(values, release_exist) if e]
     cls, kwargs = net_kwargs(record, structure)
     try:
         with torch.device("meta"):  # shapes only

@@ -12,6 +12,7 @@ from vcdm.checkpoints import CheckpointConfig
 from vcdm.data.structure import Structure
 from vcdm.legacy.records import LegacyError
 from vcdm.legacy.release import release_to_vcdm
+from vcdm.nets.control import class_columns
 
 RELEASE_NETS = {"ConcatUNet": "ConcatUNet", "FilmWrappedOriginalSongUNet": "FilmSongUNet",
                 "ControlledDhariwalUNet": "ControlDhariwalUNet"}
@@ -30,8 +31,6 @@ def _existing(structure: Structure) -> tuple[list[tuple[int, ...]], list[bool]]:
 
 def release_net_kwargs(record, structure: Structure) -> tuple[str, dict]:
     """(vcdm class, constructor kwargs) for a recorded release network generating `structure`."""
-    from vcdm.nets.control import class_columns
-
     name = record.net_class.rsplit(".", 1)[-1]
     recorded = dict(record.net_kwargs)
     for key, supported in _SONG_TYPES.items():
