@@ -73,7 +73,7 @@ def test_run_prints_and_records_the_choice(tmp_path, cpu):
     cpu(AVX512_BF16)
     data = write_dataset(tmp_path / "d32.zip", res=32)
     r = run(base_args(data, tmp_path / "image", *IMAGE))
-    assert "Precision: bf16 autocast (CPU path avx512_bf16 multiplies bf16 natively: faster at 32x32" in r.output
+    assert "Precision: bf16 autocast (CPU path avx512_bf16 multiplies bf16 natively: 32x32 U-Net" in r.output
     assert recorded_bf16(tmp_path / "image") is True
     r = run(base_args(data, tmp_path / "prior", *PRIOR, "--duration", "0.000004"))
     assert "Precision: float32 (CPU path avx512_bf16: a model of vectors (the prior)" in r.output
