@@ -93,8 +93,9 @@ class Timing:
 
 
 def measure(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1, warmup_each: int = 0,
-            device: torch.device | str = "cpu") -> dict[str, Timing]:
-    """Time every case ``reps`` times, round-robin (case A, B, C, A, B, C, …).
+            device: torch.device | str = "cpu", alternate: bool = False) -> dict[str, Timing]:
+    """Time every case ``reps`` times, round-robin (case A, B, C, A, B, C, …; with ``alternate`` every
+    other round in reverse, A, B, B, A, …, so that neither case always follows the other).
 
     ``warmup`` untimed rounds of every case come first; ``warmup_each`` untimed calls precede each timed
     call of a case (for cases whose caches the other cases evict). On a machine shared with other jobs
@@ -105,8 +106,10 @@ def measure(cases: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1, 
         for fn in cases.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
+    for rep in range(reps):
+        order = list(cases) if not alternate or rep % 2 == 0 else list(reversed(cases))
+        for name in order:
+            fn = cases[name]
             for _ in range(warmup_each):
                 fn()
             synchronize(device)

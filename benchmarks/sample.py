@@ -23,8 +23,8 @@ difference between the two outputs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import wholeprocess
-from common import add_common_args, machine, result, row, write_json
+from common import add_common_args, machine, measure, measure_one, report, row
 from vcdm import perf
 from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.data.structure import Structure
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="maximum batch size (default: all images in one batch)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--load", action="store_true", help="whole processes, idle and with one core busy (see above)")
-    p.add_argument("--reps", type=int, default=None, help="--load: repetitions per case (default 3; --quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case, interleaved (default 3; --quick 2)")
     p.add_argument("--cbase", type=int, default=None, help="--load: U-Net width (default 128, EDM's; --quick 32)")
     p.add_argument("--baseline-omp-wait-policy", default=None, metavar="POLICY",
                    help="--load: OMP_WAIT_POLICY of the baseline's process (default: unset, as EDM's)")
@@ -87,32 +87,47 @@ def main() -> None:
     batch = min(args.batch or args.images, args.images)
     info, start = machine(device), time.perf_counter()
 
+    reps = args.reps or (2 if args.quick else 3)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        prior = load_model(write_model(tmp / "prior.safetensors", "dalle2", "0,1", "0,0"), device)
-        image = load_model(write_model(tmp / "image.safetensors", "ddpmpp", "1,1", "0,1"), device)
+        files = (write_model(tmp / "prior.safetensors", "dalle2", "0,1", "0,0"),
+                 write_model(tmp / "image.safetensors", "ddpmpp", "1,1", "0,1"))
+        # A copy of both networks per path: generate() prepares a network for its path (memory format).
+        models = {label: [load_model(f, device) for f in files] for label in PATHS}
+        fresh = itertools.count()  # every run writes into a new folder (generate skips seeds already there)
+        stages = {}
         for label, inference in PATHS.items():
+            prior, image = models[label]
+            # The image stage reads the embeddings of the warm-up round's prior stage.
+            emb = tmp / f"emb-{label}-warm-up"
+
+            def prior_stage(prior=prior, inference=inference, emb=emb) -> None:
+                out = emb if not emb.exists() else tmp / f"emb-{next(fresh)}"
+                generate(prior, seeds, opts=opts, run=RunOptions(out, batch, progress=False), device=device,
+                         inference=inference)
+
+            def image_stage(image=image, inference=inference, emb=emb) -> None:
+                generate(image, seeds, opts=opts, cond=Conditioning(load_obs_from=emb),
+                         run=RunOptions(tmp / f"img-{next(fresh)}", batch, progress=False), device=device,
+                         inference=inference)
+
+            stages[label, "prior"], stages[label, "image"] = prior_stage, image_stage
+        times = measure({f"{label} {stage}": fn for (label, stage), fn in stages.items()}, reps=reps, warmup=1,
+                        device=device)
+        for label, inference in PATHS.items():
+            prior, image = models[label]
             settings = {k: inference_settings(inference, device, m.denoiser)
                         for k, m in (("prior", prior), ("image", image))}
-            for key, model in (("prior", prior), ("image", image)):  # first-call overheads out of the timings
-                evaluate(perf.prepare(model.denoiser, settings[key]), model.structure, batch, device, settings[key])
-            t0 = time.perf_counter()
-            emb = generate(prior, seeds, opts=opts, run=RunOptions(tmp / f"emb-{label}", batch, progress=False),
-                           device=device, inference=inference)
-            t1 = time.perf_counter()
-            generate(image, seeds, opts=opts, cond=Conditioning(load_obs_from=emb.outdir),
-                     run=RunOptions(tmp / f"img-{label}", batch, progress=False), device=device, inference=inference)
-            t2 = time.perf_counter()
-            per_eval = {k: evaluate(m.denoiser, m.structure, batch, device, settings[k])
+            per_eval = {k: evaluate(perf.prepare(m.denoiser, settings[k]), m.structure, batch, device, settings[k])
                         for k, m in (("prior", prior), ("image", image))}
-            runs[label] = ({"prior": t1 - t0, "image": t2 - t1}, per_eval, settings)
+            runs[label] = ({k: times[f"{label} {k}"].median for k in ("prior", "image")}, per_eval, settings)
 
     batches = -(-args.images // batch)
     params = {k: sum(p.numel() for p in m.denoiser.parameters()) / 1e6 for k, m in (("prior", prior), ("image", image))}
     print(f"device {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {args.images} images, "
-          f"batch {batch}; prior (dalle2) {params['prior']:.1f} M params, DDPM++ 64x64 {params['image']:.1f} M params")
+          f"batch {batch}, medians of {reps} interleaved runs per stage; prior (dalle2) {params['prior']:.1f} M params, DDPM++ 64x64 {params['image']:.1f} M params")
     rates, rows = {}, []
     for label, (measured, per_eval, settings) in runs.items():
         # Extrapolation: the per-batch network time scales with the evaluation count, the rest stays.
@@ -133,17 +148,17 @@ def main() -> None:
     ref = rates["fp32"]
     for label, (two_stage, image_only, share, names) in rates.items():
         vs = None if label == "fp32" else "two-stage sampling, fp32"
-        rows.append(row(f"two-stage sampling, {label}", two_stage, "images/s", reference=vs,
+        rows.append(row(f"two-stage sampling, {label}", two_stage, "images/s", reference=vs, reps=reps,
                         ratio=None if vs is None else two_stage / ref[0],
-                        note=f"{names}; 40 Heun steps (extrapolated from {args.steps}), batch {batch}"))
-        rows.append(row(f"image-model stage, {label}", image_only, "images/s",
+                        note=f"{names}; 40 Heun steps (extrapolated from {args.steps} by median stage and evaluation "
+                        f"times), batch {batch}"))
+        rows.append(row(f"image-model stage, {label}", image_only, "images/s", reps=reps,
                         reference=None if vs is None else "image-model stage, fp32",
                         ratio=None if vs is None else image_only / ref[1]))
         rows.append(row(f"prior share of two-stage time, {label}", 100 * share, "%"))
     print(f"\ndefault vs fp32 eager: two-stage {rates['default'][0] / ref[0]:.2f}x, "
           f"image-model stage {rates['default'][1] / ref[1]:.2f}x")
-    if args.json:
-        write_json(args.json, result("sample", rows, info, time.perf_counter() - start))
+    report(args, "sample", rows, info, time.perf_counter() - start)
 
 
 def fast_preset_rows(measured: dict, per_eval: dict, steps: int, batches: int, images: int, names: str) -> list:
@@ -185,28 +200,25 @@ def load_main(args: argparse.Namespace) -> None:
         print(f"whole-process sampling: {args.images} images, {args.steps} Heun steps, DDPM++ 64x64 "
               f"cbase {cbase or 128}, {reps} repetitions, idle and with one core busy; reference: {reference}",
               flush=True)
-        times = wholeprocess.measure(cases, reps)
+        times = wholeprocess.measure_processes(cases, reps)
         pixels = wholeprocess.pixel_difference(cases)
     rows = wholeprocess.summary(times, args.images, args.steps, pixels)
-    for condition, secs in times.items():
-        med = {name: statistics.median(s) for name, s in secs.items()}
-        ref, ours = med[reference], med[wholeprocess.VCDM]
+    for condition, timings in times.items():
+        ref, ours = timings[reference].median, timings[wholeprocess.VCDM].median
         print(f"{condition}: reference {ref:.1f} s, vcdm {ours:.1f} s (medians) = {ref / ours:.2f}x")
     print(f"pixels, vcdm vs the reference: mean |diff| {pixels[0]:.3f}, max {pixels[1]} levels")
-    if args.json:
-        write_json(args.json, result("sample-load", rows, info, time.perf_counter() - start,
-                                     baseline_omp_wait_policy=args.baseline_omp_wait_policy or "unset",
-                                     reference=reference))
+    report(args, "sample-load", rows, info, time.perf_counter() - start,
+           baseline_omp_wait_policy=args.baseline_omp_wait_policy or "unset", reference=reference)
 
 
 def evaluate(denoiser, structure, batch: int, device: torch.device, settings: perf.InferenceSettings) -> float:
-    """Seconds for one bare network evaluation at `batch` (no padding, no sampler, no files)."""
+    """Median seconds of one bare network evaluation at `batch` (no padding, no sampler, no files)."""
     x = torch.randn(batch, structure.latent_dim, device=device)
     y = torch.randn(batch, structure.observed_dim, device=device) if structure.observed_dim else None
     with torch.no_grad(), perf.autocast(settings, device):
-        t = time.perf_counter()
-        denoiser(x, torch.tensor(1.0, device=device), y)
-        return time.perf_counter() - t
+        return measure_one(lambda: denoiser(x, torch.tensor(1.0, device=device), y), reps=3, warmup=1,
+                           device=device).median
+
 
 if __name__ == "__main__":
     main()

@@ -20,12 +20,13 @@ import argparse
 import contextlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from common import Timing, measure, timing_row
 
 BUSY_LOOP = "while True: pass"
 REFERENCE_EDM, REFERENCE_STANDIN, VCDM = "EDM generate.py", "fp32 eager baseline", "vcdm defaults"
@@ -75,30 +76,26 @@ def commands(network: Path, outdir: Path, images: int, steps: int, baseline_poli
     }
 
 
-def run_once(cmd: list[str], env: dict[str, str]) -> float:
-    """Seconds from start to exit, into an emptied --outdir (vcdm generate skips seeds already there)."""
+def run_once(cmd: list[str], env: dict[str, str]) -> None:
+    """One run from start to exit, into an emptied --outdir (vcdm generate skips seeds already there)."""
     shutil.rmtree(cmd[cmd.index("--outdir") + 1], ignore_errors=True)
-    start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} ... exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-400:]}")
-    return wall
 
 
-def measure(cases: dict[str, tuple[list[str], dict[str, str]]], reps: int) -> dict[str, dict[str, list[float]]]:
-    """{'idle'|'loaded': {case: [seconds per repetition]}}, after one untimed warm-up run of each case."""
-    for cmd, env in cases.values():
-        run_once(cmd, env)
-    times: dict[str, dict[str, list[float]]] = {c: {name: [] for name in cases} for c in ("idle", "loaded")}
-    for rep in range(reps):
-        for condition in ("idle", "loaded"):
-            order = list(cases) if rep % 2 == 0 else list(reversed(cases))
-            with competing_process(condition == "loaded"):
-                for name in order:
-                    times[condition][name].append(run_once(*cases[name]))
-                    print(f"  rep {rep + 1}/{reps} {condition:<6} {name:<20} {times[condition][name][-1]:7.1f} s "
-                          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+def measure_processes(cases: dict[str, tuple[list[str], dict[str, str]]], reps: int) -> dict[str, dict[str, Timing]]:
+    """{'idle'|'loaded': {case: Timing}}: one untimed warm-up run of each case, then ``reps`` alternating
+    repetitions per condition (common.measure)."""
+    runs = {name: lambda cmd=cmd, env=env: run_once(cmd, env) for name, (cmd, env) in cases.items()}
+    for fn in runs.values():
+        fn()
+    times = {}
+    for condition in ("idle", "loaded"):
+        with competing_process(condition == "loaded"):
+            times[condition] = measure(runs, reps, warmup=0, alternate=True)
+        print(f"  {condition}: " + ", ".join(f"{name} {t.median:.1f} s" for name, t in times[condition].items())
+              + f" (medians; load average {os.getloadavg()[0]:.1f})", flush=True)
     return times
 
 
@@ -115,25 +112,23 @@ def pixel_difference(cases: dict[str, tuple[list[str], dict[str, str]]]) -> tupl
     return float(np.mean(diffs)), int(np.max(diffs))
 
 
-def summary(times: dict[str, dict[str, list[float]]], images: int, steps: int, pixels: tuple[float, int]) -> list[dict]:
-    """Rows for run_all: images/s from the median seconds; ratio = reference median / vcdm median."""
-    from common import row
-
+def summary(times: dict[str, dict[str, Timing]], images: int, steps: int, pixels: tuple[float, int]) -> list[dict]:
+    """Rows for run_all: images/s from the median seconds (min/max from the slowest/fastest run);
+    ratio = reference median / vcdm median."""
     rows = []
     for condition, cases in times.items():
         reference = next(iter(cases))
         base, ours = cases[reference], cases[VCDM]
-        paired = sorted(b / o for b, o in zip(base, ours))
+        paired = sorted(b / o for b, o in zip(base.seconds, ours.seconds))
         ref = f"whole-process sampling, {reference} ({condition})"
-        for name, secs in cases.items():
-            spread = f"min/median/max {min(secs):.1f}/{statistics.median(secs):.1f}/{max(secs):.1f} s"
+        for name, t in cases.items():
             is_ours = name == VCDM
-            note = f"{images} images, {steps} Heun steps, {len(secs)} runs; {spread}" + (
+            note = f"{images} images, {steps} Heun steps; min/median/max {t.min:.1f}/{t.median:.1f}/{t.max:.1f} s" + (
                 f"; paired speedups {paired[0]:.2f}-{paired[-1]:.2f}x; pixels vs the reference: mean |diff| "
                 f"{pixels[0]:.3f}, max {pixels[1]} levels" if is_ours else "")
-            rows.append(row(f"whole-process sampling, {name} ({condition})", images / statistics.median(secs),
-                            "images/s", reference=ref if is_ours else None,
-                            ratio=statistics.median(base) / statistics.median(secs) if is_ours else None, note=note))
+            rows.append(timing_row(f"whole-process sampling, {name} ({condition})", t, count=images, unit="images/s",
+                                   reference=ref if is_ours else None,
+                                   ratio=base.median / t.median if is_ours else None, note=note))
     return rows
 
 

@@ -323,11 +323,14 @@ def test_whole_process_cases_and_summary(benchmarks, tmp_path, monkeypatch):
     edm_cmd = edm["EDM generate.py"][0]
     assert list(edm) == ["EDM generate.py", "vcdm defaults"] and edm_cmd[edm_cmd.index("--network") + 1].endswith("n.pkl")
     assert edm_cmd[edm_cmd.index("--edm-root") + 1] == str(tmp_path / "edm") and "generate" in edm_cmd
-    times = {"idle": {"fp32 eager baseline": [10.0, 12.0, 30.0], "vcdm defaults": [5.0, 4.0, 6.0]},
-             "loaded": {"fp32 eager baseline": [20.0, 20.0, 20.0], "vcdm defaults": [10.0, 40.0, 8.0]}}
+    from common import Timing
+
+    times = {"idle": {"fp32 eager baseline": Timing((10.0, 12.0, 30.0)), "vcdm defaults": Timing((5.0, 4.0, 6.0))},
+             "loaded": {"fp32 eager baseline": Timing((20.0, 20.0, 20.0)), "vcdm defaults": Timing((10.0, 40.0, 8.0))}}
     rows = {r["metric"]: r for r in wholeprocess.summary(times, images=8, steps=4, pixels=(0.25, 3))}
     idle = rows["whole-process sampling, vcdm defaults (idle)"]
     assert idle["value"] == 8 / 5.0 and idle["ratio"] == 12.0 / 5.0
+    assert (idle["min"], idle["max"], idle["reps"]) == (8 / 6.0, 8 / 4.0, 3)  # images/s: the slowest run is the min
     assert "min/median/max 4.0/5.0/6.0 s" in idle["note"] and "paired speedups 2.00-5.00x" in idle["note"]
     assert "mean |diff| 0.250, max 3 levels" in idle["note"]
     assert rows["whole-process sampling, vcdm defaults (loaded)"]["ratio"] == 2.0
@@ -367,3 +370,21 @@ def test_command_line_sets_passive_omp_wait_unless_set(env, expected):
     code = "import sys, os, vcdm.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_benchmark_timer_interleaves_and_rows_invert_rates(benchmarks):
+    """common.measure: warm-up rounds, then repetitions round-robin (alternate: every other round reversed),
+    warm-up calls before each timed call; timing_row: a rate's min comes from the slowest repetition."""
+    from common import Timing, measure, timing_row
+
+    calls = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in "AB"}
+    times = measure(cases, reps=3, warmup=1, alternate=True)
+    assert calls == ["A", "B", "A", "B", "B", "A", "A", "B"] and [len(t.seconds) for t in times.values()] == [3, 3]
+    calls.clear()
+    measure(cases, reps=2, warmup=0, warmup_each=1)
+    assert calls == ["A", "A", "B", "B"] * 2
+    r = timing_row("x", Timing((2.0, 4.0, 1.0)), count=8, unit="images/s", reference="y", ratio=1.5)
+    assert (r["value"], r["min"], r["max"], r["reps"], r["ratio"]) == (4.0, 2.0, 8.0, 3, 1.5)
+    ms = timing_row("y", Timing((0.002, 0.001)), scale=1e3, unit="ms")
+    assert (ms["value"], ms["min"], ms["max"]) == pytest.approx((1.5, 1.0, 2.0))
