@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_common_args, machine, markdown_table, result, row, write_json
+from common import add_common_args, machine, report, row
 from vcdm.checkpoints import CheckpointConfig, save_checkpoint
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
@@ -91,12 +91,8 @@ def main() -> None:
                 rows.append(row(f"peak RSS: phema, {2 * n} snapshots, {count} length(s)", peak, "MiB",
                                 reference="peak RSS: load one snapshot", ratio=peak / load,
                                 note=f"imports + {(peak - base) / net_mib:.2f} networks"))
-    print(f"DDPM++ 32x32 cbase {cbase}: one network {net_mib:.0f} MiB in float32; {info['name']}")
-    print(markdown_table(["metric", "MiB", "ratio", "against", "note"],
-                         [(r["metric"], r["value"], r["ratio"], r["reference"], r["note"]) for r in rows]))
-    if args.json:
-        write_json(args.json, result("phema", rows, info, time.perf_counter() - start, cbase=cbase,
-                                     network_mib=net_mib))
+    print(f"DDPM++ 32x32 cbase {cbase}: one network {net_mib:.0f} MiB in float32")
+    report(args, "phema", rows, info, time.perf_counter() - start, cbase=cbase, network_mib=net_mib)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_common_args, machine, result, row, write_json
+from common import add_common_args, machine, report, row
 from vcdm.checkpoints import load_checkpoint
 from vcdm.data import digits
 from vcdm.demo.budget import Sizes
@@ -103,8 +103,7 @@ def main() -> None:
                     rows.append(row(metric, error, "held-out EDM loss", reference=ref[0], ratio=error / ref[1],
                                     note=f"{args.kimg:g} kimg in {seconds:.0f} s"))
                     print(f"{metric:<85} {error:.4f}  x{error / ref[1]:.3f}  ({rows[-1]['note']})", flush=True)
-    if args.json:
-        write_json(args.json, result("recipe", rows, info, time.perf_counter() - start, kimg=args.kimg))
+    report(args, "recipe", rows, info, time.perf_counter() - start, kimg=args.kimg)
 
 
 if __name__ == "__main__":

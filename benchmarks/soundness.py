@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import add_common_args, machine, result, row, write_json
+from common import add_common_args, machine, report, row
 
 from vcdm import perf
 from vcdm.metrics.classifier import feature_stats
@@ -84,8 +84,7 @@ def main() -> None:
                      reference=f"{kind}: fd fp32 vs fp32 (other seeds)" if k.startswith("fd bf16 vs") else None,
                      ratio=v / noise if k.startswith("fd bf16 vs") and noise else None, note=f"{num} images")
                  for k, v in res.items()]
-    if a.json:
-        write_json(a.json, result("soundness", rows, info, time.perf_counter() - start))
+    report(a, "soundness", rows, info, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
