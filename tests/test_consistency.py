@@ -282,14 +282,25 @@ def test_both_passes_share_dropout_on_edm_and_edm2_networks(edm2):
 
 
 @pytest.mark.slow
-def test_tune_defaults_to_an_eighth_of_the_training_and_refuses_untrained_checkpoints(tuned, tmp_path):
+def test_tune_defaults_to_a_quarter_of_the_training_and_refuses_untrained_checkpoints(tuned, tmp_path):
     r = CliRunner().invoke(tune_cmd, [str(tuned["base"]), "--dry-run", "--workers", "0", "--device", "cpu",
                                       "--outdir", str(tmp_path / "runs")])
     assert r.exit_code == 0, r.output
     options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])
-    assert options["duration"] == pytest.approx(32 / 8 / 1e6) and options["tune"] == "ect"  # trained 32 images
-    assert (options["lr"], options["lr_rampup"], options["P_mean"], options["P_std"]) == (1e-4, 0.0, -1.1, 2.0)
+    assert options["duration"] == pytest.approx(32 / 4 / 1e6) and options["tune"] == "ect"  # trained 32 images
+    training = read_checkpoint_config(tuned["base"]).training  # no ramp-up: its last learning rate is its lr
+    assert training["lr_rampup"] == 0 and options["lr"] == pytest.approx(training["lr"] / 4)
+    assert (options["lr_rampup"], options["P_mean"], options["P_std"]) == (0.0, -1.1, 2.0)
+    assert (options["ect_q"], options["ect_stages"]) == (256.0, 1)  # EDM's preconditioning: ECT's smallest gap
     assert not (tmp_path / "runs").exists()
+    denoiser, config, tensors = load_checkpoint(tuned["base"])  # the same network recorded as predicting x0
+    config.training = {**config.training, "pred_x0": [1]}
+    save_checkpoint(tmp_path / "x0.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
+    for extra, q in (([], 2.0), (["--ect-q", "16"], 16.0)):
+        r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0.safetensors"), "--dry-run", "--workers", "0", *extra,
+                                          "--outdir", str(tmp_path / "runs")])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])["ect_q"] == q
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):
