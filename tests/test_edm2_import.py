@@ -63,20 +63,20 @@ def test_edm2_pickle_imports_weights_head_and_settings(fake_modules, marker, lab
 
 def _format(path):
     """The globals a pickle names and the classes it records, as vcdm's restricted unpickler sees them."""
-    import vcdm.legacy.unpickle as unpickle
     from vcdm.legacy import Record, read_pickle
+    from vcdm.legacy.unpickle import AllowList
 
-    names, resolve = set(), unpickle._resolve_global
+    names, resolve = set(), AllowList.resolve
 
-    def record(module, name):
+    def record(self, module, name):
         names.add(f"{module}.{name}")
-        return resolve(module, name)
+        return resolve(self, module, name)
 
-    unpickle._resolve_global = record
+    AllowList.resolve = record  # every read, the storage blobs' nested ones too
     try:
         obj = read_pickle(path)
     finally:
-        unpickle._resolve_global = resolve
+        AllowList.resolve = resolve
     classes, todo = set(), [obj]
     while todo:
         item = todo.pop()
