@@ -11,7 +11,8 @@ Why these images (rather than, e.g., OpenMoji emoji rendered from SVG):
 Images are upscaled (bicubic, PIL) to `resolution` (16 by default: the source has 8x8 pixels, so 32x32
 would add cost, not information), drawn as dark ink on white and stored as RGB. A fixed, stratified
 held-out split (`TEST_PER_CLASS` images of each digit, chosen with a frozen NumPy RandomState) is
-never used for training and serves as the real reference in metrics.
+never used for training and serves as the real reference in metrics. scikit-learn is imported where
+the digits are read: it is slow to import, and the zips, once written, do not need it.
 """
 from __future__ import annotations
 

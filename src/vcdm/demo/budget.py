@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from vcdm.train.build import build
 from vcdm.train.options import TrainOptions
 
 EVAL_RESERVE_SEC = 10.0  # figures, classifier features, summary
@@ -92,8 +93,6 @@ def _timed(fn, min_seconds: float, min_reps: int = 2) -> float:
 def measure_rates(opts: TrainOptions, *, seconds: float = 1.5) -> dict[str, float]:
     """Training and sampling images/s of the network `opts` describe, on its device (random inputs of
     the real shapes; a few Adam steps, then no-grad forward passes). The global RNG is left as it was."""
-    from vcdm.train.build import build
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         s = build(opts, torch.device(opts.device))

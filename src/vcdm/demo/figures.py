@@ -1,20 +1,23 @@
-"""The demo's figures: sample grids, real-vs-generated panels, loss curves."""
+"""The demo's figures: sample grids, real-vs-generated panels, loss curves.
+
+matplotlib is imported where a plot is drawn: it is slow to import, and must select its Agg backend first.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 
 from vcdm.demo.training import read_stats
 from vcdm.fileio import atomic_path, atomic_write
+from vcdm.generate.files import make_grid
 
 
 def tile(images: torch.Tensor, cols: int, scale: int = 4, pad: int = 2) -> np.ndarray:
     """uint8 (N, C, H, W) → an (H', W', 3) grid, each image enlarged `scale`x (nearest) with a grey border."""
-    from vcdm.generate.files import make_grid
-
     arr = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3).permute(0, 2, 3, 1).numpy()
     if arr.shape[3] == 1:
         arr = arr.repeat(3, axis=3)
@@ -23,8 +26,6 @@ def tile(images: torch.Tensor, cols: int, scale: int = 4, pad: int = 2) -> np.nd
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    import PIL.Image
-
     with atomic_write(path, "wb") as f:
         PIL.Image.fromarray(array).save(f, format="PNG")
 

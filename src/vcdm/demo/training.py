@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vcdm.demo.budget import SMOKE, Sizes, fmt_time, plan_kimg, say
+from vcdm.train import train
 from vcdm.train.options import TrainOptions
 
 NEVER = 10**9  # --snap/--dump/--sample interval that leaves only the first and the last tick
@@ -44,8 +45,6 @@ def read_stats(run_dir: Path) -> list[dict[str, Any]]:
 def train_run(opts: TrainOptions, max_seconds: float = math.inf) -> tuple[Path, float, bool]:
     """Train with vcdm.train, for at most `max_seconds` (the loop's --time-limit: it stops after the
     step and saves). Returns (final snapshot, kimg trained, whether the time ran out)."""
-    from vcdm.train import train
-
     run_dir = train(dataclasses.replace(opts, time_limit=max_seconds if math.isfinite(max_seconds) else 0.0))
     records = read_stats(run_dir)
     nimg = records[-1]["nimg"] if records else 0

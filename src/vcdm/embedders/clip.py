@@ -9,6 +9,9 @@ else ``$VCDM_CLIP_WEIGHTS``, else a copy already in the Hugging Face or ``~/.cac
 download from the Hugging Face hub when the network answers within seconds. Accepted files: open_clip
 state dicts (.safetensors, or .bin/.pt read with ``weights_only=True``) and OpenAI's original TorchScript
 ``ViT-B-32.pt``, whose tensors are read by a restricted unpickler (its code is never run).
+
+open_clip and huggingface_hub are imported where they are used: both are slow to import, and only
+building the tower or finding its weights needs them.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ Options (the release's dataset flags ``--n_clusters`` / ``--n_comp``, plus norma
 
 As in the release, clustering excludes normalisation; it also excludes PCA (a combination the release
 accepts but cannot run). Everything is fitted once on the dataset's (un-augmented) embeddings,
-deterministically for a seed, and cached beside the dataset in a safetensors file.
+deterministically for a seed, and cached beside the dataset in a safetensors file. scikit-learn is
+imported where k-means is fitted: it is slow to import, and only clustering needs it.
 """
 from __future__ import annotations
 

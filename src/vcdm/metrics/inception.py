@@ -5,13 +5,15 @@ so scores are comparable with EDM's and the literature's. Its weights are one fi
 `weights-inception-2015-12-05-6726825d.pth`, looked up in this order: an explicit path
 (`--inception-weights`), `$VCDM_INCEPTION_WEIGHTS`, torch.hub's checkpoint cache (where
 torch-fidelity itself keeps it), then downloaded into that cache. The file is read with
-`torch.load(weights_only=True)`, so a tampered file cannot run code.
+`torch.load(weights_only=True)`, so a tampered file cannot run code. torch-fidelity is imported where
+it is used: it is slow to import, and most commands never compute Inception features.
 """
 from __future__ import annotations
 
 import io
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -48,8 +50,6 @@ def save_random_weights(path: str | os.PathLike, *, seed: int = 0) -> Path:
     path, meaningless features. Convolutions get He-normal weights so activations neither vanish nor
     explode through the network (PyTorch's default init shrinks them to ~1e-8).
     """
-    from unittest import mock
-
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     empty = io.BytesIO()

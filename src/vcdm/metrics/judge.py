@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from vcdm.data import digits
+from vcdm.metrics.classifier import accuracy, evaluate, feature_stats, train_classifier
 
 FLOOR_PER_CLASS = 30  # real training digits kept from the classifier to score the floor (see Judge)
 
@@ -30,7 +31,6 @@ class Judge:
     test_labels: torch.Tensor
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
-        from vcdm.metrics.classifier import evaluate
         return evaluate(self.classifier, images, self.ref, labels=labels)
 
     def real_floor(self, n: int) -> dict[str, Any]:
@@ -42,8 +42,6 @@ class Judge:
 def make_judge(resolution: int, *, epochs: int, device: str, progress: bool = True) -> Judge:
     """Train the classifier on the training digits at `resolution` (all but the floor) and fit the
     held-out digits' feature statistics."""
-    from vcdm.metrics.classifier import accuracy, feature_stats, train_classifier
-
     images, labels = digits.load_split_tensors("train", resolution)
     test_images, test_labels = digits.load_split_tensors("test", resolution)
     floor = torch.from_numpy(digits.stratified_pick(labels.numpy(), FLOOR_PER_CLASS, seed=1))

@@ -2,6 +2,7 @@
 
 KID is the unbiased MMD² with the cubic polynomial kernel k(x, y) = (x·y / D + 1)³, averaged over
 random subsets (Bińkowski et al. 2018); torch-fidelity's defaults: 100 subsets of 1000, seed 2020.
+torch-fidelity is imported where it is used: it is slow to import, and FID alone does not need it.
 """
 from __future__ import annotations
 

@@ -5,17 +5,17 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from vcdm.nets.adm import DhariwalUNet
+from vcdm.nets.concatunet import ConcatUNet
+from vcdm.nets.control import ControlDhariwalUNet
+from vcdm.nets.dalle2 import DALLE2Prior
+from vcdm.nets.edm2 import EDM2UNet
+from vcdm.nets.film import FilmSongUNet
+from vcdm.nets.prior import PriorTransformer
+from vcdm.nets.songunet import SongUNet
+
 
 def network_classes() -> dict[str, type[nn.Module]]:
-    from vcdm.nets.adm import DhariwalUNet
-    from vcdm.nets.concatunet import ConcatUNet
-    from vcdm.nets.control import ControlDhariwalUNet
-    from vcdm.nets.dalle2 import DALLE2Prior
-    from vcdm.nets.edm2 import EDM2UNet
-    from vcdm.nets.film import FilmSongUNet
-    from vcdm.nets.prior import PriorTransformer
-    from vcdm.nets.songunet import SongUNet
-
     return {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "PriorTransformer": PriorTransformer,
             "DALLE2Prior": DALLE2Prior, "ConcatUNet": ConcatUNet,
             "FilmSongUNet": FilmSongUNet, "ControlDhariwalUNet": ControlDhariwalUNet, "EDM2UNet": EDM2UNet}

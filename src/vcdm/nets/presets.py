@@ -9,6 +9,8 @@ import torch
 
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
+from vcdm.nets.control import class_columns
+from vcdm.nets.film import film_preset
 from vcdm.nets.layers import GroupNorm
 
 
@@ -152,14 +154,10 @@ def structure_preset(arch: str, structure: Structure, *, augment_dim: int, cbase
     channels, resolution, _ = structure.shape("image")
     drop = DEFAULT_DROPOUT if dropout is None else dropout
     if arch == "film-ddpmpp":
-        from vcdm.nets.film import film_preset
-
         kwargs = film_preset(resolution=resolution, channels=channels, cond_dim=structure.observed_dim,
                              augment_dim=augment_dim, cbase=cbase, cres=cres, dropout=drop)
         name = "FilmSongUNet"
     elif arch == "control-adm":
-        from vcdm.nets.control import class_columns
-
         columns = class_columns(structure)
         if columns is None or columns[1] == structure.observed_dim:
             raise PresetError("--arch=control-adm conditions a class-conditional ADM on new tensors: observe the "
