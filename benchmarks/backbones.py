@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from quality import fmt, run_seed_processes, training_flops, write_json
+from common import machine, report, row, write_json
+from quality import fmt, run_seed_processes, training_flops
 from vcdm.checkpoints import read_checkpoint_config
 from vcdm.data import digits
 from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say
@@ -160,8 +162,25 @@ def table(parts: list[dict], record: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_rows(parts: list[dict]) -> list[dict]:
+    """The common result rows: per budget, each network's FD as the median over seeds with min and max."""
+    rows = []
+    for b in parts[0]["results"]:
+        fds = {kind: [p["results"][b][kind]["fd"] for p in parts] for kind in ("ddpmpp", "edm2", "real")}
+        ref = f"DDPM++ (EDM) FD, {b} kimg"
+        for kind, metric in (("ddpmpp", "DDPM++ (EDM) FD"), ("edm2", "EDM2 U-Net (profile 0.100) FD"),
+                             ("real", "real floor FD")):
+            med = statistics.median(fds[kind])
+            rows.append(row(f"{metric}, {b} kimg", med, "FD", low=min(fds[kind]), high=max(fds[kind]),
+                            reps=len(parts), reference=ref if kind == "edm2" else None,
+                            ratio=med / statistics.median(fds["ddpmpp"]) if kind == "edm2" else None,
+                            note="over training seeds"))
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="PATH", help="also write the common result rows (benchmarks/common.py) as JSON")
     p.add_argument("--budgets", default="1,2", help="increasing budgets, kimg of DDPM++ training FLOPs [1,2]")
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds [0,1]")
     p.add_argument("--num", type=int, default=100, help="two-stage samples per model [100]")
@@ -195,7 +214,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start, info = time.perf_counter(), machine(args.device)
     sizes = SMOKE if args.smoke else Sizes()
     if args.smoke:
         args.budgets = [2 ** (i + 3) * SMOKE.batch / 1000 for i in range(len(args.budgets))]
@@ -217,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_write(run / "table.md", "w") as f:
         f.write(text + "\n")
     print("\n" + text, flush=True)
+    report(args, "backbones", summary_rows(parts), info, record["wall_seconds"], run=str(run))
 
 
 def run_workers(args: argparse.Namespace, run: Path) -> None:

@@ -29,8 +29,14 @@ from pathlib import Path
 
 import torch
 
+from common import machine, report, row
+from vcdm import perf
+from vcdm.checkpoints import load_checkpoint
+from vcdm.data.dataset import to_uint8
+from vcdm.diffusion import StackedRandomGenerator, sample
 from vcdm.diffusion.settings import evaluations
 from vcdm.fileio import atomic_write, parse_int_list
+from vcdm.metrics.judge import make_judge
 
 REFERENCE = ("reference", "edm", dict(num_steps=40, S_churn=50.0, S_noise=1.007))
 SAMPLERS = ("unipc", "dpm2m_sde", "dpm2m", "euler_a", "dpm3m_sde", "heun", "heun_churn")
@@ -64,9 +70,6 @@ class Models:
     """The loaded checkpoints, evaluated as `vcdm generate` would on this device."""
 
     def __init__(self, prior: str | None, image: str | None, uncond: str | None, device: torch.device):
-        from vcdm import perf
-        from vcdm.checkpoints import load_checkpoint
-
         self.device, self.nets, self.settings = device, {}, {}
         for name, path in (("prior", prior), ("image", image), ("uncond", uncond)):
             if path:
@@ -77,9 +80,6 @@ class Models:
 
     @torch.no_grad()
     def run(self, name: str, seeds: list[int], sampler: str, opts: dict, y: torch.Tensor | None = None) -> torch.Tensor:
-        from vcdm import perf
-        from vcdm.diffusion import StackedRandomGenerator, sample
-
         den = self.nets[name]
         rnd = StackedRandomGenerator(self.device, seeds)
         latents = rnd.randn([len(seeds), den.structure.latent_dim])
@@ -88,8 +88,6 @@ class Models:
 
     def images(self, model: str, seeds: list[int], sampler: str, opts: dict, batch: int = 100) -> torch.Tensor:
         """uint8 (N, C, H, W) images of `model` ('uncond' or 'two_stage')."""
-        from vcdm.data.dataset import to_uint8
-
         out = []
         for part in [seeds[i:i + batch] for i in range(0, len(seeds), batch)]:
             y = None
@@ -104,9 +102,7 @@ class Models:
         return torch.cat(out)
 
 
-def measure(args: argparse.Namespace) -> None:
-    from vcdm.metrics.judge import make_judge
-
+def run_grid(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = Models(args.prior, args.image, args.uncond, device)
@@ -213,7 +209,23 @@ def plot(summary: dict, models: list[str], path: Path) -> None:
     fig.savefig(path)
 
 
-def report(out: Path) -> str:
+def summary_rows(summary: dict) -> list[dict]:
+    """The common result rows: each setting's FD as the median over seeds with min and max, compared with
+    the reference setting's."""
+    rows = []
+    for (label, model), s in sorted(summary.items(), key=lambda kv: (kv[0][1], kv[0][0] != "reference", -kv[1]["nfe"])):
+        ref = summary.get(("reference", model))
+        is_ref = label == "reference"
+        rows.append(row(f"FD {model}, {label}", statistics.median(s["fds"]), "FD", low=min(s["fds"]),
+                        high=max(s["fds"]), reps=len(s["fds"]),
+                        reference=None if is_ref or ref is None else f"FD {model}, reference",
+                        ratio=None if is_ref or ref is None else statistics.median(s["fds"]) / statistics.median(ref["fds"]),
+                        note=f"{s['nfe']} NFE per stage; over seeds"))
+    return rows
+
+
+def write_table(out: Path) -> tuple[str, list[dict]]:
+    """table.md and fd-vs-nfe.png from results.jsonl; returns the table and the common rows."""
     rows = read(out / "results.jsonl")
     if not rows:
         raise SystemExit(f"Error: no results in {out / 'results.jsonl'}")
@@ -223,7 +235,7 @@ def report(out: Path) -> str:
     with atomic_write(out / "table.md", "w") as f:
         f.write(text + "\n")
     plot(summary, models, out / "fd-vs-nfe.png")
-    return text
+    return text, summary_rows(summary)
 
 
 def main() -> None:
@@ -241,12 +253,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only write the table and plot from results.jsonl")
+    parser.add_argument("--json", metavar="PATH", help="also write the common result rows (benchmarks/common.py) as JSON")
     args = parser.parse_args()
+    start, info = time.perf_counter(), machine(args.device)
     if not args.report:
         if not (args.uncond or (args.prior and args.image)):
             parser.error("give --prior and --image, or --uncond, or both")
-        measure(args)
-    print(report(args.out))
+        run_grid(args)
+    text, rows = write_table(args.out)
+    print(text)
+    report(args, "solvers", rows, info, time.perf_counter() - start, out=str(args.out))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ import time
 
 import torch
 from common import add_common_args, machine, report, row
+from solvers import Models
 
 from vcdm import perf
 from vcdm.metrics.classifier import feature_stats
 from vcdm.metrics.fid import frechet_distance
+from vcdm.metrics.judge import make_judge
 
 PATHS = {"fp32": perf.FP32, "bf16": perf.InferenceSettings(autocast_dtype=torch.bfloat16)}
 
@@ -52,10 +54,6 @@ def compare(judge, sets: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def main() -> None:
-    from solvers import Models
-
-    from vcdm.metrics.judge import make_judge
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--uncond", help="unconditional image model checkpoint")
