@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
+from vcdm.cli.errors import writable
 from vcdm.data.archive import DatasetError
+from vcdm.paths import describe_os_error
+from vcdm.workers import default_workers
 
 _FLAGS = {"without_labels": "--no-labels", "max_images": "--max-images", "skip_bad": "--skip-bad"}
 
@@ -80,10 +83,7 @@ def convert(source: str, dest: str, resolution: tuple[int, int] | None, transfor
     stored as uncompressed RGB PNG. Grayscale, palette and 16-bit images become RGB uint8; alpha
     is composited onto white; EXIF orientation is ignored, as in EDM.
     """
-    from vcdm.cli.errors import writable
     from vcdm.data.dataset_tool import convert_dataset
-    from vcdm.workers import default_workers
-    from vcdm.paths import describe_os_error
 
     if transform is not None and resolution is None:
         raise click.UsageError(f"--transform={transform} needs --resolution=WxH")

@@ -7,6 +7,8 @@ import os
 
 import click
 
+from vcdm.cli.errors import user_errors, writable
+from vcdm.fileio import atomic_write
 from vcdm.workers import MAX_WORKERS, default_workers
 
 METRIC_HELP = ("fid: Fréchet Inception Distance; kid: Kernel Inception Distance; pr: precision/recall (k=3); "
@@ -85,8 +87,6 @@ def _common(f):
 def _guard(run, output: str | None = None):
     """Lower layers raise ValueError subclasses with a full message, writes OSError: show them as one line
     (naming ``output`` when the error names no file)."""
-    from vcdm.cli.errors import user_errors
-
     with user_errors(path=output):
         return run()
 
@@ -135,8 +135,6 @@ def ref(data_path: str, dest_path: str, metrics_text: str, overwrite: bool, batc
     An existing --dest that already serves --metrics is kept (the work is done); one that lacks what they
     need (DINOv2 statistics, or the features KID/precision-recall compare) is refused unless --overwrite.
     """
-    from vcdm.cli.errors import writable
-
     metrics = _parse_metrics(metrics_text)
     writable(dest_path, "--dest", is_dir=False)
 
@@ -182,8 +180,6 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
 
     Prints one `name value` line per number on stdout (e.g. `fid 2.3901`); progress goes to stderr.
     """
-    from vcdm.cli.errors import writable
-
     metrics = _parse_metrics(metrics_text)
     writable(json_path, "--json", is_dir=False)
 
@@ -210,8 +206,6 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
             for name, value in results.items():
                 click.echo(f"{name} {value:g}")
             if json_path:
-                from vcdm.fileio import atomic_write
-
                 record = dict(images=image_path, ref=ref_path, num=len(dataset), seed=seed, metrics=results,
                               **{f"{space}_weights": str(net.weights_path) for space, net in nets.items()})
                 with atomic_write(json_path, "w") as f:

@@ -12,9 +12,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from vcdm.checkpoints import CheckpointError
+from vcdm.cli.errors import writable
 from vcdm.fileio import parse_int_list
+from vcdm.paths import describe_os_error
 from vcdm.safeload import load_json
-
+from vcdm.train import TrainingError, train
 from vcdm.train.lr_schedules import LR_SCHEDULES
 from vcdm.train.options import ARCHS, EMBEDDERS, IDENTITY, OPTIONS_BYTES, PRECONDS, TrainOptions
 from vcdm.train.recipe import RECIPES
@@ -224,11 +227,6 @@ def _command(**kwargs) -> None:
         --data_class CLIPDataset --batch 128 --seed 1 --exist 1,1 --observed 0,1 --arch=ddpmpp \\
         --cres=1,2,2,2 --lr=1e-4 --dropout=0.05 --augment=0.15
     """
-    from vcdm.checkpoints import CheckpointError
-    from vcdm.cli.errors import writable
-    from vcdm.paths import describe_os_error
-    from vcdm.train import TrainingError, train
-
     kwargs = with_recorded_options(kwargs)
     for name in ("path", "data_class", "observed"):
         if kwargs[name] is None:

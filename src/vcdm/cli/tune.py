@@ -13,8 +13,11 @@ from pathlib import Path
 
 import click
 
+from vcdm.checkpoints import read_checkpoint_config
 from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
+from vcdm.train import TrainingError, train
+from vcdm.train.lr_schedules import LRSchedule
 from vcdm.train.options import TrainOptions
 from vcdm.workers import default_workers
 
@@ -29,15 +32,11 @@ ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's,
 
 def last_lr(recorded: TrainOptions, nimg: int) -> float:
     """The learning rate of the checkpoint's last training step (EDM2's schedule has decayed by then)."""
-    from vcdm.train.lr_schedules import LRSchedule
-
     return LRSchedule.of(recorded)(nimg)
 
 
 def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     """The training options of `checkpoint` turned into a tuning run's."""
-    from vcdm.checkpoints import read_checkpoint_config
-
     if not Path(checkpoint).is_file():
         raise click.UsageError(f"CHECKPOINT: {checkpoint} does not exist (expected a vcdm .safetensors snapshot)")
     with user_errors():
@@ -109,8 +108,6 @@ def command(checkpoint: str, **kwargs) -> None:
     vcdm generate --network runs/<ID>-ect/network-snapshot-<KIMG>.safetensors --seeds 0-63   # 2 steps
     vcdm generate --network runs/<ID>-ect/network-snapshot-<KIMG>.safetensors --steps 1 --seeds 0-63
     """
-    from vcdm.train import TrainingError, train
-
     opts = tune_options(checkpoint, kwargs)
     if not opts.dry_run:
         writable(opts.outdir, "--outdir")
