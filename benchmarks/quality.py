@@ -60,15 +60,17 @@ from pathlib import Path
 
 import torch
 
-from vcdm.data import digits
-from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say
-from vcdm.demo.figures import save_panels
-from vcdm.demo.run import new_run_dir
-from vcdm.demo.sampling import sample_model, two_stage_images, write_true_embeddings
-from vcdm.demo.training import read_stats, train_options, train_run
-from vcdm.fileio import atomic_path, atomic_write
-from vcdm.metrics.judge import make_judge
-from vcdm.train.options import TrainOptions
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, report, row, write_json  # noqa: E402  (sibling scripts, not a package)
+from vcdm.data import digits  # noqa: E402
+from vcdm.demo.budget import SMOKE, Sizes, fmt_time, say  # noqa: E402
+from vcdm.demo.figures import save_panels  # noqa: E402
+from vcdm.demo.run import new_run_dir  # noqa: E402
+from vcdm.demo.sampling import sample_model, two_stage_images, write_true_embeddings  # noqa: E402
+from vcdm.demo.training import read_stats, train_options, train_run  # noqa: E402
+from vcdm.fileio import atomic_path, atomic_write  # noqa: E402
+from vcdm.metrics.judge import make_judge  # noqa: E402
+from vcdm.train.options import TrainOptions  # noqa: E402
 
 MODELS = ("real", "uncond", "two_stage", "oracle")
 LABELS = {"real": "real digits (floor)", "uncond": "(a) unconditional", "two_stage": "(b) two-stage",
@@ -230,6 +232,26 @@ def column(results: dict, budget: str, model: str, key: str) -> list[float]:
     return [r[budget][model][key] for r in results.values() if r[budget][model].get(key) is not None]
 
 
+def summary_rows(results: dict[int, dict]) -> list[dict]:
+    """The common result rows: per budget, each FD (and (c)'s accuracy) as the median over seeds with its
+    min and max; (b)'s FD compared with (a)'s."""
+    rows = []
+    for b in next(iter(results.values())):
+        def spread_row(metric: str, model: str, key: str, unit: str, **kw) -> dict:
+            values = column(results, b, model, key)
+            return row(f"{metric}, {b} kimg", statistics.median(values), unit, low=min(values), high=max(values),
+                       reps=len(values), note="over training seeds", **kw)
+
+        uncond, two_stage = (statistics.median(column(results, b, m, "fd")) for m in ("uncond", "two_stage"))
+        rows += [spread_row("(a) unconditional FD", "uncond", "fd", "FD"),
+                 spread_row("(b) two-stage FD", "two_stage", "fd", "FD", reference=f"(a) unconditional FD, {b} kimg",
+                            ratio=two_stage / uncond),
+                 spread_row("(c) true embeddings FD", "oracle", "fd", "FD"),
+                 spread_row("(c) class accuracy", "oracle", "accuracy", ""),
+                 spread_row("real floor FD", "real", "fd", "FD")]
+    return rows
+
+
 def table(results: dict[int, dict], record: dict) -> str:
     seeds, plan = sorted(results), record["plan"]
     budgets = list(next(iter(results.values())))
@@ -313,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--extend", type=Path, default=None, metavar="RUN",
                    help="continue the run folder RUN to more budgets: its --budgets must begin with RUN's")
+    p.add_argument("--json", metavar="PATH", help="also write the common result rows (benchmarks/common.py) as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # run one seed into this folder (used by --jobs)
     args = p.parse_args(argv)
     try:
@@ -385,7 +408,7 @@ def run_seed_processes(script: str, seeds: list[int], jobs: int, run: Path, comm
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    start, info = time.perf_counter(), machine(args.device)
     sizes = SMOKE if args.smoke else Sizes()
     if args.smoke:
         args.budgets = [2 ** (i + 1) * SMOKE.batch / 1000 for i in range(len(args.budgets))]
@@ -421,11 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         f.write(text + "\n")
     plot(results, run / "quality.png")
     print("\n" + text, flush=True)
-
-
-def write_json(path: Path, record: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(record, f, indent=2, default=str)
+    report(args, "quality", summary_rows(results), info, record["wall_seconds"], run=str(run))
 
 
 if __name__ == "__main__":

@@ -298,6 +298,8 @@ def test_run_all_reports_failures_in_the_table(benchmarks, tmp_path, monkeypatch
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| unipc-24 | 24 |" in md  # quoted from benchmarks/solvers.py's results, not re-run
     assert "| good | fast | 5 | images/s | ref | 2.50x | quick |" in md
+    from vcdm.perf import cpu_path
+    assert f"| quick | {cpu_path()}, kernels " in md  # every figure names the CPU path it ran on
     assert "| bad | FAILED |" in md and "boom: no such dataset" in md
     assert "| silent | FAILED |" in md and "no usable --json output" in md
     assert "| gone | FAILED |" in md and "not found" in md
