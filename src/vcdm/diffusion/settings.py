@@ -42,14 +42,10 @@ NO_CHURN = {"S_churn": 0.0, "S_noise": 1.0}
 # The original release's sampling recipe (its README): `vcdm sample`'s and `vcdm variations`' defaults.
 RELEASE_DEFAULTS: dict[str, Any] = {"num_steps": 40, "S_churn": 50.0, "S_noise": 1.007}
 
-# Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast", measured with
-# benchmarks/solvers.py on digits models (FD by the demo's judge, paired by seed against the original
-# release's setting: Heun, 40 steps, S_churn 50 = 79 evaluations): trained 16 kimg, UniPC with 12
-# evaluations per stage is better (two-stage -13.6 +- 14.4, unconditional -40.0 +- 21.4; 5 seeds x 200
-# images); trained 32 kimg, within the release's seed-to-seed noise (two-stage +1.0 +- 2.6 with 2 seeds x
-# 1000 images, against a std of 1.4; unconditional -0.3 +- 15.7 with 5 x 200). UniPC at 24 and 8 scored
-# the same as at 12; 12 keeps a margin above the point (about 7 evaluations) where Heun's error shows.
-# A preset whose sampler has no churn also sets the churn to none.
+# Named sampler settings for every stage (`vcdm generate/sample --preset`). "fast": UniPC with 12
+# evaluations per stage, within the release setting's seed-to-seed FD noise on the digits models
+# (benchmarks/solvers.py; the measurements: benchmarks/results/solvers-table.md). A preset whose sampler
+# has no churn also sets the churn to none.
 PRESETS: dict[str, dict[str, Any]] = {"fast": dict(sampler="unipc", num_steps=12)}
 
 FLOATS = ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "guidance", "alpha", "epsilon_s",
