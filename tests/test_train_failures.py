@@ -154,7 +154,7 @@ def test_failed_writes_give_one_line_naming_the_file(data, tmp_path, monkeypatch
     elif target == "loss.png":
         monkeypatch.setattr("matplotlib.figure.Figure.savefig", fail)
     else:
-        monkeypatch.setattr("vcdm.checkpoints.save_checkpoint", fail)
+        monkeypatch.setattr("vcdm.train.outputs.save_checkpoint", fail)  # where the loop calls it
     out = tmp_path / "runs"
     r = run(base_args(data, out, *PRIOR, "--duration", "0.000008"), code=1)
     (err,) = error_lines(r.output)
