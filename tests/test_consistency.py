@@ -291,16 +291,16 @@ def test_tune_defaults_to_a_quarter_of_the_training_and_refuses_untrained_checkp
     training = read_checkpoint_config(tuned["base"]).training  # no ramp-up: its last learning rate is its lr
     assert training["lr_rampup"] == 0 and options["lr"] == pytest.approx(training["lr"] / 4)
     assert (options["lr_rampup"], options["P_mean"], options["P_std"]) == (0.0, -1.1, 2.0)
-    assert (options["ect_q"], options["ect_stages"]) == (256.0, 1)  # EDM's preconditioning: ECT's smallest gap
+    assert (options["ect_q"], options["ect_stages"]) == (2.0, 2)  # EDM's preconditioning: two stages of ECT's q
     assert not (tmp_path / "runs").exists()
     denoiser, config, tensors = load_checkpoint(tuned["base"])  # the same network recorded as predicting x0
     config.training = {**config.training, "pred_x0": [1]}
     save_checkpoint(tmp_path / "x0.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
-    for extra, q in (([], 2.0), (["--ect-q", "16"], 16.0)):
+    for extra, stages in (([], 1), (["--ect-stages", "4"], 4)):  # one stage keeps r(t)'s r = 0 region wide
         r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0.safetensors"), "--dry-run", "--workers", "0", *extra,
                                           "--outdir", str(tmp_path / "runs")])
         assert r.exit_code == 0, r.output
-        assert json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])["ect_q"] == q
+        assert json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])["ect_stages"] == stages
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):

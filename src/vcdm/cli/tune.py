@@ -23,10 +23,10 @@ from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 4  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
 LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's training (benchmarks/fewstep.py)
-ECT_STAGES = 1  # one stage over a short tuning (ECT's CIFAR-10 runs: 8 stages of q 2 over 25.6 Mimg)
-ECT_Q = 256.0  # the stage at ECT's smallest gap t - r (where its CIFAR-10 runs end): EDM-preconditioned networks
-ECT_Q_PRED_X0 = 2.0  # networks that predict x0 directly (--pred_x0) have no c_skip tying f(x, t) to x as t -> 0:
-                     # only the r = 0 region anchors them, which q 256 lacks (the demo prior collapsed, FD 700-1100)
+ECT_Q = 2.0  # r(t)'s first stage is ECT's (q 2: r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage
+ECT_STAGES = 2  # over a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg); benchmarks/fewstep.py
+ECT_STAGES_PRED_X0 = 1  # networks that predict x0 directly (--pred_x0) have no c_skip tying f(x, t) to x as t -> 0:
+                        # only r(t)'s r = 0 region anchors them, which later stages shrink (the demo prior collapsed)
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's, reaching the largest levels
 
 
@@ -52,13 +52,13 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         raise click.UsageError(f"--kimg: {checkpoint} records no training length to take {TUNE_FRACTION:g} of; "
                                f"give the tuning length")
     lr = given.get("lr") or LR_FRACTION * (last_lr(recorded, trained) if trained else recorded.lr)
-    q = given.get("ect_q") or (ECT_Q_PRED_X0 if any(recorded.pred_x0 or []) else ECT_Q)
+    stages = given.get("ect_stages") or (ECT_STAGES_PRED_X0 if any(recorded.pred_x0 or []) else ECT_STAGES)
     return dataclasses.replace(
         recorded, init=str(checkpoint), tune="ect", transfer=None, pretrained_weights=None, freeze_pretrained=False,
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
-        P_std=kwargs["P_std"], ect_q=q, ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
-        ect_stages=kwargs["ect_stages"], outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
+        P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
+        ect_stages=stages, outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
         batch=given.get("batch", recorded.batch), batch_gpu=given.get("batch_gpu"), tick=kwargs["tick"],
         snap=kwargs["snap"], dump=kwargs["dump"], time_limit=kwargs["time_limit"], dry_run=kwargs["dry_run"],
@@ -73,13 +73,12 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
      help="Tuning duration  [default: 1/4 of the checkpoint's training]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
      help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last]")
-@opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=None,
-     help="r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage  "
-          "[default: 256; 2 for networks that predict x0 directly]")
+@opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=ECT_Q,
+     help="r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage.")
 @opt("--ect-k", metavar="K", type=Finite(min=0), default=8.0, help="r(t)'s K.")
 @opt("--ect-b", metavar="B", type=Finite(min=0), default=1.0, help="r(t)'s B.")
-@opt("--ect-stages", metavar="INT", type=click.IntRange(min=1), default=ECT_STAGES,
-     help="Stages of r(t) over --kimg (ECT's CIFAR-10 runs: 8 stages of Q 2).")
+@opt("--ect-stages", metavar="INT", type=click.IntRange(min=1), default=None,
+     help="Stages of r(t) over --kimg  [default: 2; 1 for networks that predict x0 directly]")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")
