@@ -22,8 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from vcdm.data.structure import Structure
 from vcdm.diffusion.settings import CONSISTENCY_STEPS
 from vcdm.fileio import atomic_write
+from vcdm.nets import build_network
+from vcdm.nets.precond import Denoiser
 
 FORMAT = "vcdm-checkpoint"
 VERSION = 1                    # schema of CheckpointConfig; files without a version are version 1
@@ -141,8 +144,6 @@ class CheckpointConfig:
 
     def structure_object(self):
         """The recorded Structure, checked to describe a plausible sample size."""
-        from vcdm.data.structure import Structure
-
         try:
             structure = Structure.from_dict(self.structure)
             sizes = [math.prod(int(n) for n in shape) for shape in structure.shapes]
@@ -156,9 +157,6 @@ class CheckpointConfig:
     def build_denoiser(self, device: str | torch.device = "cpu"):
         """The recorded denoiser with fresh weights (``device='meta'``: the network's shapes only, no memory;
         the denoiser's own buffers are bounded by the structure's size)."""
-        from vcdm.nets import build_network
-        from vcdm.nets.precond import Denoiser
-
         try:
             with torch.device(device):
                 net = build_network(self.network, self.net_kwargs)
@@ -303,8 +301,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     :class:`CheckpointConfig`; ``tensors`` holds any other groups (e.g. ``embedder``)
     for their owners to load. Memory stays within what the file's tensors need: the network is built
     on the meta device and takes the file's tensors as its own (no random initialisation to overwrite)."""
-    from vcdm.nets.precond import Denoiser
-
     config = read_checkpoint_config(path)
     net = check_fits(path, config, tensor_shapes(path))
     tensors = load_tensors(path, device)

@@ -7,14 +7,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from vcdm.data.dataset import to_float
+from vcdm.generate import generate, load_model, sample_two_stage, seed_path
+from vcdm.generate.core import load_embedder
+from vcdm.generate.files import read_png, write_tensors
 from vcdm.generate.options import Conditioning, RunOptions, SamplerOptions
 
 
 def read_images(outdir: Path, seeds: Sequence[int]) -> torch.Tensor:
     """uint8 (N, C, H, W) of the PNGs that vcdm.generate wrote for `seeds`."""
-    from vcdm.generate import seed_path
-    from vcdm.generate.files import read_png
-
     return torch.from_numpy(np.stack([read_png(seed_path(outdir, s, "png")) for s in seeds])).permute(0, 3, 1, 2)
 
 
@@ -27,8 +28,6 @@ def sampler(steps: int) -> SamplerOptions:
 def two_stage_images(prior: Path, image_model: Path, seeds: Sequence[int], outdir: Path, *, steps: int,
                      device: str, progress: bool = True) -> torch.Tensor:
     """The images of a two-stage run into ``outdir`` (vcdm.generate.sample_two_stage), read back as uint8."""
-    from vcdm.generate import sample_two_stage
-
     res = sample_two_stage(prior, image_model, seeds, prior_opts=sampler(steps), image_opts=sampler(steps),
                     run=RunOptions(outdir=outdir, progress=progress), device=device)
     return read_images(res.images.outdir, seeds)
@@ -36,8 +35,6 @@ def two_stage_images(prior: Path, image_model: Path, seeds: Sequence[int], outdi
 
 def sample_model(model: Path, seeds: Sequence[int], outdir: Path, *, steps: int, device: str,
                  load_obs_from: Path | None = None, progress: bool = True) -> torch.Tensor:
-    from vcdm.generate import generate
-
     res = generate(model, seeds, opts=sampler(steps), cond=Conditioning(load_obs_from=load_obs_from),
                    run=RunOptions(outdir=outdir, progress=progress), device=device)
     return read_images(res.outdir, seeds)
@@ -46,11 +43,6 @@ def sample_model(model: Path, seeds: Sequence[int], outdir: Path, *, steps: int,
 def write_true_embeddings(image_model: Path, images: torch.Tensor, outdir: Path, device: str) -> list[int]:
     """Embed real uint8 images with the image model's own embedder and write them as per-seed
     observation files (seed i ↔ image i), the format `--load_obs_from` reads; returns the seeds."""
-    from vcdm.data.dataset import to_float
-    from vcdm.generate import load_model, seed_path
-    from vcdm.generate.core import load_embedder
-    from vcdm.generate.files import write_tensors
-
     model = load_model(image_model, device)
     embedder = load_embedder(model, None, torch.device(device))
     with torch.no_grad():

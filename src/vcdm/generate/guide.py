@@ -10,6 +10,7 @@ import torch
 
 from vcdm.checkpoints import CheckpointConfig, read_checkpoint_config
 from vcdm.data.structure import Structure
+from vcdm.embedders import compatible
 from vcdm.generate.options import GenerateError
 from vcdm.generate.results import network_sha256
 
@@ -47,8 +48,6 @@ def check_guide(net: CheckpointConfig, guide: CheckpointConfig, *, net_name: str
         raise IncompatibleGuide(f"{where} is trained with --noise_mult {guide.denoiser.get('noise_mult')}, "
                                 f"{net_name} with {net.denoiser.get('noise_mult')}: their noise levels differ")
     if all("embedding" in s.latent_names + s.observed_names for s in (ns, gs)):
-        from vcdm.embedders import compatible
-
         try:
             compatible(net.embedder, guide.embedder)
         except ValueError as e:

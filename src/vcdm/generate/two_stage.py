@@ -15,6 +15,7 @@ import torch
 from vcdm import distributed, perf
 from vcdm.checkpoints import CheckpointConfig, read_checkpoint_config
 from vcdm.data.structure import Structure
+from vcdm.embedders import compatible
 from vcdm.generate.core import GenerateResult, check_gnet, check_seeds, generate
 from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, RunOptions,
                                   SamplerOptions, results_dir)
@@ -48,7 +49,6 @@ def check_chain(prior: CheckpointConfig, image: CheckpointConfig, *, prior_name:
                                      f"{image_name} expects {its.shape(name)}")
     if "embedding" not in its.observed_names:
         return
-    from vcdm.embedders import compatible
 
     try:
         compatible(prior.embedder, image.embedder)

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from vcdm import distributed as dist
 from vcdm.data.dataset import to_float
 from vcdm.data.structure import Structure
+from vcdm.embedders.base import cached_fit, image_batches
+from vcdm.train.outputs import TrainingError, write_failure
 
 
 @dataclass
@@ -63,10 +66,6 @@ class BatchMaker:
 def embedding_table(setup, device: torch.device, xflip: bool) -> torch.Tensor:
     """Embeddings of every dataset image (no augmentation), computed once and cached beside the dataset
     (process 0 computes, the others then read its cache). A cache that cannot be written stops the run."""
-    from vcdm import distributed as dist
-    from vcdm.embedders.base import cached_fit, image_batches
-    from vcdm.train.outputs import TrainingError, write_failure
-
     emb, key = setup.embedder, {"embedder": setup.embedder.identity(), "data_key": setup.data_key, "xflip": xflip}
 
     def compute() -> dict[str, torch.Tensor]:

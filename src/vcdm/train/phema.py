@@ -22,9 +22,10 @@ from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from vcdm.checkpoints import SAFETENSORS_DTYPES, CheckpointConfig
-
+from vcdm.checkpoints import SAFETENSORS_DTYPES, CheckpointConfig, read_checkpoint_config, save_checkpoint
+from vcdm.legacy.edm2 import phema_input
 from vcdm.train.outputs import PROFILE_SNAPSHOT_RE
 
 MAX_STD = math.sqrt(1 / 12)  # gamma = 0 (a uniform average of all training); longer profiles need gamma < 0
@@ -166,10 +167,6 @@ class Input:
 
 def checkpoint_input(path: str | Path) -> Input:
     """A power-function EMA snapshot written by training (its config records the profile)."""
-    from safetensors import safe_open
-
-    from vcdm.checkpoints import read_checkpoint_config
-
     path = Path(path)
     config = read_checkpoint_config(path)
     profile, nimg = config.training.get("ema_profile"), config.training.get("nimg")
@@ -235,8 +232,6 @@ def run_snapshots(run_dir: str | Path) -> list[Path]:
 def open_input(path: str | Path) -> Input:
     """A vcdm snapshot, or an EDM2 raw snapshot (.pkl, read through the restricted unpickler, no code runs)."""
     if Path(path).suffix == ".pkl":
-        from vcdm.legacy.edm2 import phema_input
-
         return phema_input(path)
     return checkpoint_input(path)
 
@@ -290,8 +285,6 @@ def plan(inputs: Sequence[Input], stds: Sequence[float], kimg: int | None = None
 
 def write(plan: ReconstructionPlan, stds: Sequence[float], outdir: Path, *, group: int = 8) -> Iterator[Path]:
     """Reconstruct and write each length as a vcdm checkpoint (atomically); yield each path once written."""
-    from vcdm.checkpoints import save_checkpoint
-
     config = plan.newest.config
     buffers = {name for name, _ in config.build_denoiser("meta").net.named_buffers()}
     extra = plan.newest.extra()

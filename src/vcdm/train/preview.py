@@ -8,7 +8,10 @@ import torch
 from PIL import Image
 
 from vcdm.data.dataset import to_uint8
+from vcdm.diffusion.rng import StackedRandomGenerator
+from vcdm.diffusion.sampling import sample
 from vcdm.fileio import atomic_path
+from vcdm.generate.files import make_grid
 from vcdm.train.batches import BatchMaker
 
 
@@ -30,8 +33,6 @@ def conditioning(dataset, maker: BatchMaker, n: int) -> tuple[torch.Tensor | Non
 
 def save_grid(images: torch.Tensor, path: str | Path) -> None:
     """uint8 (n, C, H, W) images → a near-square PNG grid, written atomically."""
-    from vcdm.generate.files import make_grid
-
     arr = images.permute(0, 2, 3, 1).cpu().numpy()
     grid = make_grid(list(arr))
     img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
@@ -42,9 +43,6 @@ def save_grid(images: torch.Tensor, path: str | Path) -> None:
 @torch.no_grad()
 def sample_images(denoiser, y: torch.Tensor | None, n: int, device: torch.device, num_steps: int = 18) -> torch.Tensor:
     """n images (uint8) from the denoiser for seeds 0..n-1 (EDM's Heun sampler)."""
-    from vcdm.diffusion.rng import StackedRandomGenerator
-    from vcdm.diffusion.sampling import sample
-
     structure = denoiser.structure
     rnd = StackedRandomGenerator(device, range(n))
     latents = rnd.randn([n, structure.latent_dim])
