@@ -126,7 +126,7 @@ def test_rotary_rotates_interleaved_pairs_of_the_first_channels():
     torch.testing.assert_close(out[1, 4:], t[1, 4:])
 
 
-def test_relative_position_buckets():
+def test_relative_position_buckets_are_exact_then_logarithmic():
     bias = RelPosBias(heads=1)
     with torch.no_grad():
         bias.relative_attention_bias.weight.copy_(torch.arange(32.0)[:, None])

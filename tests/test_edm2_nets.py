@@ -131,7 +131,7 @@ def test_refuses_augmentation_labels():
         net(torch.zeros(1, 1, 8, 8), torch.zeros(1), augment_labels=torch.zeros(1, 9))
 
 
-def test_registered_for_checkpoints():
+def test_edm2_unet_is_buildable_by_name_from_a_checkpoint():
     net = build_network("EDM2UNet", dict(img_resolution=8, img_channels=3, label_dim=4, model_channels=8,
                                          channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))
     assert isinstance(net, EDM2UNet) and net.label_dim == 4

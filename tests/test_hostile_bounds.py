@@ -203,7 +203,7 @@ def test_tampered_state_sidecar_is_skipped_with_a_warning(tmp_path, text, match)
     assert len(caught) == 1 and "training-state-000004.pt" in str(caught[0].message)
 
 
-def test_json_reader_bounds(tmp_path):
+def test_json_reader_refuses_oversized_and_non_regular_files(tmp_path):
     (tmp_path / "a.json").write_text('{"a": [1, {"b": null}]}')
     assert load_json(tmp_path / "a.json", 100, dict) == {"a": [1, {"b": None}]}
     with pytest.raises(JSONFileError, match="more than the 10 bytes"):
@@ -470,7 +470,7 @@ def test_edm_pickle_of_a_huge_resolution_is_refused_before_building(fake_modules
     assert not marker.exists() and not (tmp_path / "big.safetensors").exists()
 
 
-def test_sample_size_check():
+def test_sample_size_check_refuses_huge_or_malformed_shapes():
     from vcdm.legacy.limits import check_sample_size
     from vcdm.legacy.records import LegacyError
 

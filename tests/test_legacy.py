@@ -110,7 +110,7 @@ def test_retarget_unconditional_to_embedding(fake_modules, marker):
         to_vcdm(load_legacy_pickle(src), structure=wrong_size)
 
 
-def test_vcdm_release_snapshot(fake_modules, marker):
+def test_original_release_snapshot_imports_its_structure(fake_modules, marker):
     """The original release's snapshot: its EDMPrecond records the Structure and per-tensor options,
     the inner WrappedOriginalSongUNet derives image size and label_dim from it."""
     net, kwargs = tiny_net(label_dim=6)
@@ -382,7 +382,7 @@ def test_load_pretrained_refuses_mismatches(fake_modules, marker):
 
 # ------------------------------------------------------------------------------------------------
 
-def test_cli_import_edm(fake_modules, marker):
+def test_import_edm_command_converts_and_refuses_overwrites_and_code(fake_modules, marker):
     src, dest = fake_modules / "edm.pkl", fake_modules / "out.safetensors"
     net, _ = edm_pickle(src, marker)
     runner = CliRunner()

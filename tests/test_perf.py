@@ -54,7 +54,7 @@ def evaluate(denoiser: nn.Module, settings: InferenceSettings, x, sigma, y=None)
         return denoiser(x, sigma, y)
 
 
-def test_names_and_overrides():
+def test_inference_settings_are_named_and_resolved_from_flags():
     assert [s.name for s in (FP32, InferenceSettings(channels_last=True), BF16, CL_BF16,
                              CL_BF16.replace(compile=True), FP32.replace(compile=True))] == \
         ["fp32", "channels_last", "bf16", "channels_last+bf16", "channels_last+bf16+compile", "fp32+compile"]
@@ -263,7 +263,7 @@ def benchmarks(monkeypatch):
     return denoiser, run_all
 
 
-def test_denoiser_benchmark_tiny(benchmarks, tmp_path, monkeypatch, capsys):
+def test_denoiser_benchmark_reports_every_setting_once(benchmarks, tmp_path, monkeypatch, capsys):
     denoiser, _ = benchmarks
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the script points it at a fresh folder
     monkeypatch.setattr(sys, "argv", ["denoiser.py", "--tiny", "--quick", "--compile", "none", "--reps", "1",
