@@ -1,0 +1,374 @@
+"""Few-step two-stage sampling on the demo digits: both stages consistency-tuned (`vcdm tune`, ECT) and
+sampled in 1+1, 2+2 and 4+4 network evaluations, against the original release's sampler (40 Heun steps
+with churn, 79+79 evaluations: `vcdm sample`'s defaults) and `--preset fast` (UniPC, 12+12); and the
+tuned image model after the untuned prior's UniPC 12 (the prior, an MLP, costs ~1/80 of a U-Net evaluation).
+
+For each training seed the demo's prior and image model (8x8 digits, as benchmarks/guidance.py) are
+trained once through LENGTHS (nested, as quality.py), and the last snapshot of each stage is tuned with
+`vcdm tune`'s defaults (the command's own option parsing, then the same Python call). Every setting draws
+the same seeds (common random numbers) and is scored by the demo judge: FD against the held-out digits,
+the judge's mean confidence on the two-stage images, and the class accuracy of the image stage given the
+held-out digits' own embeddings (quality.py's (c)). The tuning cost is each tuning run's kimg and seconds
+as a fraction of the base training's, both stages together.
+
+Speed is timed as whole processes: `vcdm sample` runs of --time-images images per setting on seed 0's
+models, one thread each, round-robin (release, fast, 1+1, 2+2, 4+4, ..., release, ...), start to exit; the
+median over --time-reps rounds, and the ratio to the release setting taken round by round.
+
+    python benchmarks/fewstep.py --out fewstep-run --seeds 0,1 --jobs 2     # train, tune, score, time
+    python benchmarks/fewstep.py --out fewstep-2 --reuse fewstep-run         # same base models, tune again
+    python benchmarks/fewstep.py --out fewstep-run --report                  # table.md, fewstep.png only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, median, result, row, write_json  # noqa: E402
+from quality import run_seed_processes, train_nested  # noqa: E402
+
+from vcdm.data import digits  # noqa: E402
+from vcdm.demo.budget import Sizes  # noqa: E402
+from vcdm.demo.training import read_stats, train_options  # noqa: E402
+from vcdm.fileio import atomic_path, atomic_write, parse_int_list  # noqa: E402
+from vcdm.generate.options import Conditioning, RunOptions, SamplerOptions  # noqa: E402
+
+SIZES = Sizes(resolution=8, cres=(1, 2))
+LENGTHS = {"prior": (32.0, 64.0, 96.0), "image": (8.0, 16.0)}  # kimg; the last is tuned
+RELEASE = dict(num_steps=40, S_churn=50.0, S_noise=1.007)
+FAST = SamplerOptions(sampler="unipc", num_steps=12)
+SETTINGS = {  # label: (tuned stages, evaluations (prior, image), `vcdm sample` flags, image-stage SamplerOptions)
+    "release: Heun 40 + churn": ((), (79, 79), [], SamplerOptions(**RELEASE)),
+    "--preset fast: UniPC 12": ((), (12, 12), ["--preset", "fast"], FAST),
+    **{f"tuned {n}+{n}": (("prior", "image"), (n, n), ["--prior-steps", str(n), "--image-steps", str(n)],
+                          SamplerOptions(sampler="consistency", num_steps=n)) for n in (1, 2, 4)},
+    **{f"prior UniPC 12 + image tuned {n}": (("image",), (12, n), ["--prior-sampler", "unipc", "--prior-steps", "12",
+                                                                  "--image-steps", str(n)],
+                                            SamplerOptions(sampler="consistency", num_steps=n)) for n in (1, 2)},
+}
+REFERENCE = "release: Heun 40 + churn"
+
+
+# ------------------------------------------------------------------------------------------ models
+def snapshot(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    if not found:
+        raise SystemExit(f"Error: no {pattern} in {folder}")
+    return found[-1]
+
+
+def train_base(run: Path, seed: int, device: str) -> dict[str, Path]:
+    """The seed's prior and image model, trained through LENGTHS unless already there."""
+    data = run / "data" / f"digits-train-{SIZES.resolution}x{SIZES.resolution}.zip"
+    nets = {}
+    for i, (kind, lengths) in enumerate(LENGTHS.items()):
+        folder = run / f"seed-{seed}" / kind
+        last = f"budget{len(lengths) - 1}-network-snapshot-*.safetensors"
+        if not sorted(folder.glob(last)):
+            opts = train_options(kind, data, folder, SIZES, seed=2 * seed + i, device=device)
+            train_nested(opts, list(lengths), rampup=0.05 * lengths[0])
+        nets[kind] = snapshot(folder, last)
+    return nets
+
+
+def tune(base: Path, outdir: Path, seed: int, device: str) -> Path:
+    """`vcdm tune BASE` with the command's defaults (parsed by the command itself), run in this process."""
+    from vcdm.cli.tune import command, tune_options
+    from vcdm.train import train
+
+    if not sorted(outdir.glob("*/network-snapshot-*.safetensors")):
+        args = [str(base), "--outdir", str(outdir), "--seed", str(seed), "--device", device, "--workers", "0",
+                "--snap", "0", "--dump", "0"]
+        with command.make_context("tune", args) as ctx:
+            train(tune_options(str(base), dict(ctx.params)))
+    return snapshot(outdir, "*/network-snapshot-*.safetensors")
+
+
+def seconds(run_dir: Path) -> float:
+    return sum(r.get("sec_per_tick", 0.0) for r in read_stats(run_dir))
+
+
+def cost(base: Path, tuned: Path) -> dict:
+    """Training and tuning length (kimg) and seconds of one stage, from the runs' own stats.jsonl."""
+    trained = [r for r in read_stats(base.parent) if r["nimg"] <= float(base.stem.split("-")[-1]) * 1000 + 0.5]
+    tuning = read_stats(tuned.parent)
+    return {"train_kimg": trained[-1]["nimg"] / 1000, "train_sec": sum(r.get("sec_per_tick", 0.0) for r in trained),
+            "tune_kimg": tuning[-1]["nimg"] / 1000, "tune_sec": seconds(tuned.parent)}
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def two_stage_images(prior: Path, image: Path, flags: list[str], seeds: list[int], device: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) images of one setting through the Python API (the same options as the flags)."""
+    import vcdm
+
+    options, it = {}, iter(flags)
+    for flag in it:
+        value = next(it)
+        options[flag.lstrip("-").replace("-", "_")] = int(value) if value.isdigit() else value
+    out = vcdm.TwoStagePipeline.from_checkpoints(prior, image, device=device)(seeds, **options)
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+
+def oracle_images(image: Path, opts: SamplerOptions, judge, num: int, folder: Path, device: str) -> torch.Tensor:
+    """The image stage given the held-out digits' own embeddings (seed i: held-out digit i)."""
+    from vcdm.demo.sampling import read_images, write_true_embeddings
+    from vcdm.generate import generate
+
+    seeds = write_true_embeddings(image, judge.test_images[:num], folder / "true-embeddings", device)
+    res = generate(image, seeds, opts=opts, cond=Conditioning(load_obs_from=folder / "true-embeddings"),
+                   run=RunOptions(outdir=folder / "images", progress=False), device=device)
+    return read_images(res.outdir, seeds)
+
+
+def run_seed(run: Path, seed: int, num: int, device: str) -> None:
+    """Train, tune and score one seed, appending rows to seed-<s>/results.jsonl (done rows are skipped)."""
+    from vcdm.metrics.judge import make_judge
+
+    base = train_base(run, seed, device)
+    tuned = {kind: tune(base[kind], run / f"seed-{seed}" / f"tuned-{kind}", seed, device) for kind in base}
+    log = run / f"seed-{seed}" / "results.jsonl"
+    done = {r.get("setting", r["kind"]) for r in read(log)}
+    for kind in base:
+        if f"cost-{kind}" not in done:
+            append(log, {"kind": "cost", "setting": f"cost-{kind}", "stage": kind, **cost(base[kind], tuned[kind])})
+    if done >= {"real", *SETTINGS}:
+        return
+    judge = make_judge(SIZES.resolution, epochs=SIZES.classifier_epochs, device=device, progress=False)
+    if "real" not in done:
+        append(log, {"kind": "score", "setting": "real", **scores(judge.real_floor(num))})
+    seeds = list(range(seed * num, (seed + 1) * num))
+    for label, (stages, nfe, flags, image_opts) in SETTINGS.items():
+        if label in done:
+            continue
+        nets = {kind: tuned[kind] if kind in stages else base[kind] for kind in base}
+        start = time.perf_counter()
+        images = two_stage_images(nets["prior"], nets["image"], flags, seeds, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            oracle = judge.evaluate(oracle_images(nets["image"], image_opts, judge, num, Path(tmp), device),
+                                    labels=judge.test_labels[:num])
+        append(log, {"kind": "score", "setting": label, "nfe": sum(nfe), **scores(judge.evaluate(images)),
+                     "accuracy": oracle["accuracy"], "oracle_fd": oracle["fd"],
+                     "sec": round(time.perf_counter() - start, 1)})
+        print(f"seed {seed}: {label}: FD {read(log)[-1]['fd']:.1f}", flush=True)
+
+
+def scores(res: dict) -> dict:
+    return {k: res[k] for k in ("fd", "mean_confidence")}
+
+
+def read(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
+
+def append(log: Path, record: dict) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ timing
+def vcdm_command() -> list[str]:
+    script = Path(sys.executable).parent / "vcdm"
+    return [str(script)] if script.is_file() else [sys.executable, "-c", "from vcdm.cli.main import cli; cli()"]
+
+
+def time_processes(run: Path, images: int, reps: int, batch: int) -> list[dict]:
+    """Whole-process seconds of `vcdm sample` per setting (seed 0's models), round-robin, one thread each."""
+    base = {k: snapshot(run / "seed-0" / k, "budget*-network-snapshot-*.safetensors") for k in LENGTHS}
+    tuned = {k: snapshot(run / "seed-0" / f"tuned-{k}", "*/network-snapshot-*.safetensors") for k in LENGTHS}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(reps + 1):  # round 0 warms the file cache and is not kept
+            for label, (stages, _, flags, _) in SETTINGS.items():
+                out = Path(tmp) / "out"
+                nets = {kind: tuned[kind] if kind in stages else base[kind] for kind in base}
+                cmd = [*vcdm_command(), "sample", "--prior", str(nets["prior"]), "--image-model",
+                       str(nets["image"]), "--seeds", f"0-{images - 1}", "--batch", str(batch),
+                       "--outdir", str(out), "--no-progress", "--device", "cpu", *flags]
+                start = time.perf_counter()
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                sec = time.perf_counter() - start
+                shutil.rmtree(out)
+                if rep:
+                    rows.append({"kind": "time", "setting": label, "round": rep, "sec": sec, "images": images})
+                    print(f"round {rep}: {label}: {sec:.1f} s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def collect(run: Path) -> tuple[dict, list[dict], list[dict]]:
+    """({seed: {setting: score row}}, cost rows, time rows) of a run folder."""
+    per_seed, costs = {}, []
+    for log in sorted(run.glob("seed-*/results.jsonl")):
+        rows = read(log)
+        seed = int(log.parent.name.split("-")[1])
+        per_seed[seed] = {r["setting"]: r for r in rows if r["kind"] == "score"}
+        costs += [dict(r, seed=seed) for r in rows if r["kind"] == "cost"]
+    return per_seed, costs, read(run / "timing.jsonl")
+
+
+def speeds(times: list[dict]) -> dict[str, tuple[float, float]]:
+    """{setting: (median images/s, median of the per-round ratios to the release setting)}."""
+    by = {}
+    for r in times:
+        by.setdefault(r["setting"], {})[r["round"]] = r
+    out = {}
+    for label, rounds in by.items():
+        ratios = [by[REFERENCE][k]["sec"] / r["sec"] for k, r in rounds.items() if k in by.get(REFERENCE, {})]
+        out[label] = (median(r["images"] / r["sec"] for r in rounds.values()), median(ratios) if ratios else None)
+    return out
+
+
+def table(run: Path) -> tuple[str, list[dict]]:
+    per_seed, costs, times = collect(run)
+    seeds, speed = sorted(per_seed), speeds(times)
+    col = lambda label, key: [per_seed[s][label][key] for s in seeds if label in per_seed[s]]  # noqa: E731
+    ref_fd = col(REFERENCE, "fd")
+    lines = [f"Two-stage sampling on the demo digits (8x8) with few network evaluations: both stages tuned by "
+             f"`vcdm tune` (its defaults) vs the release's sampler and --preset fast. {len(seeds)} training seeds "
+             f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
+             f"{LENGTHS['prior'][-1]:g} kimg, image model {LENGTHS['image'][-1]:g} kimg. FD: the demo judge's "
+             f"features vs the 300 held-out digits; real-digit floor {mean_std(col('real', 'fd'))}. Images/s: "
+             f"whole `vcdm sample` processes, one thread, median of {len({t['round'] for t in times})} rounds of "
+             f"{times[0]['images'] if times else '-'} images.", "",
+             "| setting | evaluations (prior+image) | FD ↓ | Δ FD vs release | mean confidence | (c) accuracy "
+             "| images/s | × release |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for label, (_, nfe, _, _) in SETTINGS.items():
+        fd = col(label, "fd")
+        delta = [per_seed[s][label]["fd"] - per_seed[s][REFERENCE]["fd"] for s in seeds
+                 if label in per_seed[s] and REFERENCE in per_seed[s]]
+        ips, ratio = speed.get(label, (None, None))
+        lines.append(f"| {label} | {nfe[0]}+{nfe[1]} | {mean_std(fd)} | {mean_std(delta) if label != REFERENCE else '-'} "
+                     f"| {mean_std(col(label, 'mean_confidence'))} | {mean_std(col(label, 'accuracy'))} | "
+                     f"{f'{ips:.3g}' if ips else '-'} | {f'{ratio:.3g}' if ratio else '-'} |")
+        if fd:
+            rows.append(row(f"two-stage FD, {label}", statistics.mean(fd), "FD", note=f"{len(fd)} seeds"))
+        if ips:
+            rows.append(row(f"vcdm sample, {label}", ips, "images/s", reference=f"vcdm sample, {REFERENCE}",
+                            ratio=ratio, note="whole process, 1 thread, median"))
+    lines += ["", "| stage | trained kimg | tuned kimg | tuning / training kimg | tuning / training seconds |",
+              "|---|---|---|---|---|"]
+    for stage in LENGTHS:
+        c = [r for r in costs if r["stage"] == stage]
+        lines.append(f"| {stage} | {mean_std([r['train_kimg'] for r in c])} | {mean_std([r['tune_kimg'] for r in c])} "
+                     f"| {mean_std([r['tune_kimg'] / r['train_kimg'] for r in c])} "
+                     f"| {mean_std([r['tune_sec'] / r['train_sec'] for r in c])} |")
+    both = [sum(r["tune_sec"] for r in costs if r["seed"] == s) / sum(r["train_sec"] for r in costs if r["seed"] == s)
+            for s in seeds]
+    noise = f"{statistics.stdev(ref_fd):.2g}" if len(ref_fd) > 1 else "-"
+    lines += ["", f"Tuning both stages cost {mean_std(both)} of their training's seconds (wall-clock on a shared "
+              f"machine: the kimg ratios are the steadier measure). Release seed-to-seed noise: FD std {noise}."]
+    return "\n".join(lines), rows
+
+
+def plot(run: Path, path: Path) -> None:
+    """FD against evaluations per two-stage image, and FD against whole-process images/s."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_seed, _, times = collect(run)
+    speed = speeds(times)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    for i, (label, (_, nfe, _, _)) in enumerate(SETTINGS.items()):
+        fd = [per_seed[s][label]["fd"] for s in per_seed if label in per_seed[s]]
+        if not fd:
+            continue
+        m, sd = statistics.mean(fd), statistics.stdev(fd) if len(fd) > 1 else 0.0
+        ax.errorbar([sum(nfe)], [m], yerr=[sd], fmt="o", capsize=3, color=f"C{i}", label=label)
+        if label in speed:
+            ax2.errorbar([speed[label][0]], [m], yerr=[sd], fmt="o", capsize=3, color=f"C{i}", label=label)
+    floor = [per_seed[s]["real"]["fd"] for s in per_seed if "real" in per_seed[s]]
+    for a in (ax, ax2):
+        if floor:
+            a.axhline(statistics.mean(floor), color="grey", ls=":", lw=0.8, label="real digits (floor)")
+        a.set(xscale="log", yscale="log", ylabel="FD ↓")
+    ax.set_xlabel("network evaluations per image (both stages)")
+    ax2.set_xlabel("images/s, whole `vcdm sample` process")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"Few-step two-stage sampling, demo digits 8x8, seeds {','.join(map(str, sorted(per_seed)))}",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def report(run: Path, json_path: str | None, start: float) -> None:
+    text, rows = table(run)
+    with atomic_write(run / "table.md", "w") as f:
+        f.write(text + "\n")
+    plot(run, run / "fewstep.png")
+    print("\n" + text, flush=True)
+    if json_path:
+        write_json(json_path, result("fewstep", rows, machine("cpu"), time.perf_counter() - start))
+
+
+# ------------------------------------------------------------------------------------------ running
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="run folder (created; what it already has is reused)")
+    p.add_argument("--reuse", type=Path, metavar="DIR", help="take the base models (and data) from another run folder")
+    p.add_argument("--seeds", default="0,1", help="training seeds [0,1]")
+    p.add_argument("--jobs", type=int, default=1, help="seeds at once, each in its own process [1]")
+    p.add_argument("--num", type=int, default=200, help="images per setting and seed, at most 300 [200]")
+    p.add_argument("--time-images", type=int, default=2048, help="images per timed `vcdm sample` run [2048]")
+    p.add_argument("--time-reps", type=int, default=3, help="timed rounds (0: no timing) [3]")
+    p.add_argument("--batch", type=int, default=256, help="batch of the timed runs [256]")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--report", action="store_true", help="only write table.md and fewstep.png from the run folder")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (run_all.py's format)")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # run the --seeds into this run folder
+    a = p.parse_args(argv)
+    start, seeds = time.perf_counter(), parse_int_list(a.seeds, "--seeds")
+    a.out = a.worker or a.out
+    if not 2 <= a.num <= 300:
+        p.error(f"--num: expected 2..300, got {a.num}")
+    if a.report:
+        return report(a.out, a.json, start)
+    torch.set_num_threads(1)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.reuse and not a.worker:
+        for src in [a.reuse / "data", *(a.reuse / f"seed-{s}" / k for s in seeds for k in LENGTHS)]:
+            dst = a.out / src.relative_to(a.reuse)
+            if not dst.exists():
+                shutil.copytree(src, dst)
+    if not (a.out / "data").is_dir():
+        digits.write_digits(a.out / "data", SIZES.resolution)
+    if a.worker or a.jobs == 1 or len(seeds) == 1:
+        for seed in seeds:
+            run_seed(a.out, seed, a.num, a.device)
+        if a.worker:
+            return
+    else:
+        run_seed_processes(__file__, seeds, a.jobs, a.out,
+                           ["--out", str(a.out), "--num", str(a.num), "--device", a.device])
+    if a.time_reps and not (a.out / "timing.jsonl").is_file():
+        for r in time_processes(a.out, a.time_images, a.time_reps, a.batch):
+            append(a.out / "timing.jsonl", r)
+    report(a.out, a.json, start)
+
+
+if __name__ == "__main__":
+    main()
