@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from edm_fakes import edm2_pickle
-from test_train import _assert_same_weights, _interrupt_after, last_state
-from tiny_runs import PRIOR, TINY_UNET, base_args, error_lines, run, run_dir
+from test_train_resume import _interrupt_after
+from tiny_runs import PRIOR, TINY_UNET, assert_same_weights, base_args, error_lines, last_state, run, run_dir
 from vcdm.checkpoints import load_checkpoint, read_checkpoint_config
 from vcdm.data.structure import Structure
 from vcdm.nets import build_network
@@ -326,7 +326,7 @@ def test_resume_with_profiles_is_bit_identical(data, tmp_path, monkeypatch):
     assert load_state(d / "training-state-000000.pt")["counters"]["nimg"] == 12
     r = run(["--resume", str(d), "--workers", "0", "--device", "cpu"])
     assert "Resuming from" in r.output
-    _assert_same_weights(reference, last_state(d))
+    assert_same_weights(reference, last_state(d))
     r = run(["--resume", str(d), "--ema-std", "0.05,0.2", "--duration", "0.000032", "--workers", "0",
              "--device", "cpu"], code=2)
     (err,) = error_lines(r.output)
