@@ -183,14 +183,14 @@ def vcdm_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-c", "from vcdm.cli.main import cli; cli()"]
 
 
-def time_processes(run: Path, images: int, reps: int, batch: int) -> list[dict]:
-    """Whole-process seconds of `vcdm sample` per setting (seed 0's models), round-robin, one thread each."""
+def time_processes(run: Path, images: int, reps: int, batch: int) -> None:
+    """Whole-process seconds of `vcdm sample` per setting (seed 0's models), round-robin, one thread each,
+    appended to timing.jsonl as they come (the first round warms the file cache and is not kept)."""
     base = {k: snapshot(run / "seed-0" / k, "budget*-network-snapshot-*.safetensors") for k in LENGTHS}
     tuned = {k: snapshot(run / "seed-0" / f"tuned-{k}", "*/network-snapshot-*.safetensors") for k in LENGTHS}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(reps + 1):  # round 0 warms the file cache and is not kept
+        for rep in range(reps + 1):
             for label, (stages, _, flags, _) in SETTINGS.items():
                 out = Path(tmp) / "out"
                 nets = {kind: tuned[kind] if kind in stages else base[kind] for kind in base}
@@ -202,9 +202,9 @@ def time_processes(run: Path, images: int, reps: int, batch: int) -> list[dict]:
                 sec = time.perf_counter() - start
                 shutil.rmtree(out)
                 if rep:
-                    rows.append({"kind": "time", "setting": label, "round": rep, "sec": sec, "images": images})
+                    append(run / "timing.jsonl", {"kind": "time", "setting": label, "round": rep, "sec": sec,
+                                                  "images": images})
                     print(f"round {rep}: {label}: {sec:.1f} s", flush=True)
-    return rows
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -365,8 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         run_seed_processes(__file__, seeds, a.jobs, a.out,
                            ["--out", str(a.out), "--num", str(a.num), "--device", a.device])
     if a.time_reps and not (a.out / "timing.jsonl").is_file():
-        for r in time_processes(a.out, a.time_images, a.time_reps, a.batch):
-            append(a.out / "timing.jsonl", r)
+        time_processes(a.out, a.time_images, a.time_reps, a.batch)
     report(a.out, a.json, start)
 
 
