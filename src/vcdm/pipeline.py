@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 
 from vcdm import perf
 from vcdm.checkpoints import read_checkpoint_config
+from vcdm.data.dataset import ImageDataset
 from vcdm.diffusion.settings import RELEASE_DEFAULTS, SamplerOptionError
 from vcdm.distributed import parse_device
 from vcdm.generate.core import (BatchSampler, DatasetConditions, InMemory, LoadedModel, check_request, check_seeds,
@@ -56,8 +58,6 @@ class PipelineOutput:
 
     def to_pil(self) -> list:
         """The images as PIL images (grayscale for one channel)."""
-        import PIL.Image
-
         if self.images is None:
             raise GenerateError("this model generates embeddings, not images")
         return [PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img) for img in self.images]
@@ -214,8 +214,6 @@ def _image_dataset(images: Any, num: int | None, seed: int):
     """A folder/zip path → vcdm's ImageDataset; uint8 images in memory (N×H×W×C array, N×C×H×W tensor,
     PIL images or a PipelineOutput) → a list of C×H×W uint8 tensors."""
     if isinstance(images, (str, os.PathLike)):
-        from vcdm.data.dataset import ImageDataset
-
         dataset = ImageDataset(str(images), max_size=num, random_seed=seed)
         if num is not None and len(dataset) < num:
             raise GenerateError(f"found {len(dataset)} images in {images}, but num asks for {num}")

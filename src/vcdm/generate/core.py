@@ -26,9 +26,12 @@ from tqdm import tqdm
 
 from vcdm import perf
 from vcdm.checkpoints import CheckpointConfig, load_checkpoint, read_checkpoint_config
+from vcdm.data.dataset import ImageDataset, to_float
 from vcdm.data.structure import Structure
 from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
+from vcdm.diffusion.rng import StackedRandomGenerator
+from vcdm.diffusion.sampling import sample
 from vcdm.generate.files import (check_obs_files, make_grid, obs_path, read_observed, read_png, to_uint8_hwc,
                                  write_png, write_tensors)
 from vcdm.fileio import IntRanges, as_int
@@ -120,8 +123,6 @@ class DatasetConditions:
     (the original release's behaviour): the item's label and its image's embedding."""
 
     def __init__(self, model: LoadedModel, data_path: str | None, clip_weights: str | None, device: torch.device):
-        from vcdm.data.dataset import ImageDataset, to_float
-
         self.names = model.structure.observed_names
         self.data = ImageDataset(dataset_path(model, data_path), use_labels="label" in self.names)
         self.to_float, self.device = to_float, device
@@ -170,8 +171,6 @@ def draw(model: LoadedModel, seeds: Sequence[int], device: torch.device, *, clas
 
     ``observed``: fixed conditioning; ``given``: per-seed observations sampled by a prior (float32, as
     read back from its files), which like ``load_obs_from`` moves the latent noise to seed + 1."""
-    from vcdm.diffusion.rng import StackedRandomGenerator
-
     s, n = model.structure, len(seeds)
     obs = dict(observed or {})
     if load_obs_from is not None:
@@ -227,8 +226,6 @@ def denoise(model: LoadedModel, latents: torch.Tensor, obs: dict[str, torch.Tens
     """Run the sampler; returns the flat latent samples (B, N) in float64. The network (and the guiding
     network ``guide``, loaded by ``load_guide`` for ``opts.gnet``) is evaluated with ``settings`` (apply
     ``perf.prepare`` to the model first); the sampler state stays float64."""
-    from vcdm.diffusion.sampling import sample
-
     if (guide is None) != (opts.gnet is None):
         raise ValueError(f"denoise: pass the guide loaded by load_guide for --gnet {opts.gnet} (and only then)")
     gnet = None

@@ -9,10 +9,20 @@ from typing import Any
 
 import torch
 
-from vcdm.checkpoints import CheckpointConfig
-from vcdm.data.structure import Structure
-from vcdm.embedders import PRETRAINED
 from vcdm import distributed as dist
+from vcdm.checkpoints import CheckpointConfig
+from vcdm.data.dataset import ImageDataset
+from vcdm.data.structure import Structure
+from vcdm.diffusion.augment import edm_augment_pipe
+from vcdm.diffusion.consistency import ECTLoss
+from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
+from vcdm.embedders import PRETRAINED, FitOptions, PCAOptions, PostProcessOptions, build_embedder
+from vcdm.embedders.base import default_cache_dir
+from vcdm.nets import build_network
+from vcdm.nets.precond import Denoiser
+from vcdm.nets.presets import STRUCTURE_ARCHS, VECTOR_ARCHS, preset, structure_preset
+from vcdm.train.finetune import edm2_gains
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.recipe import resolve
 
@@ -48,8 +58,6 @@ class Setup:
 
 def tuned_sampler(training: dict[str, Any]) -> dict[str, Any] | None:
     """What a consistency-tuned model records as its default sampler (None for diffusion training)."""
-    from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
-
     return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS} if training.get("tune") else None
 
 
@@ -60,8 +68,6 @@ def data_key(path: str | os.PathLike, dataset) -> str:
 
 
 def open_dataset(opts: TrainOptions):
-    from vcdm.data.dataset import ImageDataset
-
     names = opts.tensor_names
     exist = opts.exist_flags
     use_labels = "label" in names and len(exist) == len(names) and exist[names.index("label")] == 1
@@ -87,8 +93,6 @@ def embedding_option(values: list[int], flag: str, names: tuple[str, ...]) -> in
 
 def make_embedder(opts: TrainOptions, dataset, device: torch.device, cache_dir: Path, key: str):
     """Build the embedder; data-fitted ones are fitted once (process 0 first, the others read its cache)."""
-    from vcdm.embedders import FitOptions, PCAOptions, PostProcessOptions, build_embedder
-
     name = opts.embedder_name
     if name is None:
         return None
@@ -135,8 +139,6 @@ def default_arch(structure: Structure) -> str:
 
 
 def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> tuple[str, dict[str, Any]]:
-    from vcdm.nets.presets import STRUCTURE_ARCHS, VECTOR_ARCHS, preset, structure_preset
-
     arch = opts.arch or default_arch(structure)
     if arch in STRUCTURE_ARCHS:
         cres = list(opts.cres) if opts.cres else None
@@ -160,7 +162,6 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
     elif opts.prior_dim is not None or opts.prior_depth is not None:
         raise OptionError("--prior-dim/--prior-depth apply to --arch=dalle2|prior only")
     if name == "EDM2UNet" and opts.pretrained_weights:
-        from vcdm.train.finetune import edm2_gains  # widening EDM2's label path keeps the pretrained function
         kwargs.update(edm2_gains(opts.pretrained_weights, kwargs["label_dim"], kwargs.get("label_balance", 0.5)))
     return name, kwargs
 
@@ -168,9 +169,6 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 def make_loss(opts: TrainOptions):
     """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune ect the
     consistency-tuning loss over the run's --duration instead."""
-    from vcdm.diffusion.consistency import ECTLoss
-    from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
-
     if opts.tune == "ect":
         return ECTLoss(round(opts.duration * 1e6), P_mean=opts.P_mean, P_std=opts.P_std, q=opts.ect_q, k=opts.ect_k,
                        b=opts.ect_b, stages=opts.ect_stages, cond_drop=opts.cond_drop)
@@ -182,8 +180,6 @@ def make_loss(opts: TrainOptions):
 
 def make_denoiser(opts: TrainOptions, net: torch.nn.Module, structure: Structure):
     """EDM2's preconditioning is EDM's plus the learned uncertainty head (--precond edm2)."""
-    from vcdm.nets.precond import Denoiser
-
     edm2 = opts.precond == "edm2"
     return Denoiser(net, structure, kind="edm" if edm2 else opts.precond, noise_mult=opts.noise_mult,
                     pred_x0=opts.pred_x0, logvar_channels=LOGVAR_CHANNELS if edm2 else 0)
@@ -195,10 +191,6 @@ def make_optimizer(params, opts: TrainOptions) -> torch.optim.Adam:
 
 
 def build(opts: TrainOptions, device: torch.device) -> Setup:
-    from vcdm.diffusion.augment import edm_augment_pipe
-    from vcdm.embedders.base import default_cache_dir
-    from vcdm.nets import build_network
-
     opts = resolve(opts)
     dataset = open_dataset(opts)
     key = data_key(opts.path, dataset)
