@@ -2,7 +2,8 @@
 
 Only process 0 logs. stats.jsonl and loss.png are rewritten atomically each tick (a resumed run first
 drops the records past its state, so the file matches an uninterrupted run); log.txt is a stream,
-appended a whole line per write.
+appended a whole line per write. wandb, TensorBoard and matplotlib are imported where they are used:
+optional or slow to import, and most runs use none of them.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
+from PIL import Image
 
 from vcdm.fileio import atomic_path, atomic_write
 
@@ -157,8 +161,6 @@ class RunLogger:
 
     def image(self, name: str, path: Path, nimg: int) -> None:
         if self.tb is not None:
-            import numpy as np
-            from PIL import Image
             self.tb.add_image(name, np.asarray(Image.open(path)), global_step=nimg, dataformats="HWC")
         if self.use_wandb:
             import wandb
