@@ -190,7 +190,7 @@ def plot(records: dict[tuple[int, str], dict], dest: Path) -> None:
     ax2.set(xlabel="kimg", ylabel="FD of the EMA model ↓")
     ax.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    fig.suptitle("Demo U-Net on the digits: float32 (solid) vs bf16 autocast (dashed)", fontsize=9)
+    fig.suptitle("Demo U-Net on the 8x8 digits: float32 (solid) vs bf16 autocast (dashed)", fontsize=9)
     fig.tight_layout()
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png")
@@ -201,7 +201,8 @@ def report(out: Path, command: str) -> str:
     records = quality_records(out)
     text = "\n".join([f"CPU: {cpu_name()}; one thread per worker. Command: `{command}`", "",
                       "Training speed (whole loop, A/B interleaved):", "", *speed_table(out), "",
-                      "Quality (demo's unconditional U-Net, digits):", "", *quality_table(records)])
+                      "Quality (the demo's U-Net, unconditional, on the 8x8 digits; FD of the EMA model, "
+                      f"{next(iter(records.values()), {}).get('num', '-')} samples):", "", *quality_table(records)])
     with atomic_write(out / "precision-digits.md", "w") as f:
         f.write(text + "\n")
     if records:
