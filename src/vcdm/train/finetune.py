@@ -17,19 +17,23 @@ import torch
 from torch import nn
 
 from vcdm import distributed as dist
+from vcdm.checkpoints import load_tensors, read_checkpoint_config
 from vcdm.data.structure import Structure
+from vcdm.legacy import pretrained as legacy_pretrained
+from vcdm.legacy.edm import legacy_network
+from vcdm.legacy.edm2 import edm2_network, is_edm2
+from vcdm.legacy.records import LegacyError
+from vcdm.legacy.unpickle import read_pickle
 from vcdm.train.options import OptionError
 
 
 def load_pretrained(path: str, net: nn.Module, *, freeze: bool, structure: Structure | None = None) -> None:
     """`structure` locates the class label in the conditioning, for widening a class-conditional
     ``map_label`` (EDM's ImageNet ADM fine-tuned on [embedding, label], as the release does)."""
-    from vcdm.legacy import LegacyError, load_pretrained as legacy_load
-
     if not Path(path).is_file():
         raise OptionError(f"--pretrained_weights: {path} does not exist")
     try:
-        report = legacy_load(path, net, freeze=freeze, structure=structure)
+        report = legacy_pretrained.load_pretrained(path, net, freeze=freeze, structure=structure)
     except (LegacyError, ValueError) as e:
         raise OptionError(f"--pretrained_weights: {e}") from None
     dist.print0(f"Pretrained weights: {report}")
@@ -37,13 +41,10 @@ def load_pretrained(path: str, net: nn.Module, *, freeze: bool, structure: Struc
 
 def edm2_gains(path: str, label_dim: int, label_balance: float) -> dict[str, float]:
     """The EDM2UNet gains that make --pretrained_weights function-preserving (vcdm.legacy.pretrained.edm2_gains)."""
-    from vcdm.legacy import LegacyError
-    from vcdm.legacy.pretrained import edm2_gains as gains
-
     if not Path(path).is_file():
         raise OptionError(f"--pretrained_weights: {path} does not exist")
     try:
-        return gains(path, label_dim, label_balance)
+        return legacy_pretrained.edm2_gains(path, label_dim, label_balance)
     except (LegacyError, ValueError) as e:
         raise OptionError(f"--pretrained_weights: {e}") from None
 
@@ -54,12 +55,8 @@ def source_tensors(path: str, flag: str = "--transfer") -> dict[str, torch.Tenso
         raise OptionError(f"{flag}: {path} does not exist")
     try:
         if Path(path).suffix == ".safetensors":
-            from vcdm.checkpoints import load_tensors, read_checkpoint_config
             read_checkpoint_config(path)
             return load_tensors(path).get("net", {})
-        from vcdm.legacy import read_pickle
-        from vcdm.legacy.edm import legacy_network
-        from vcdm.legacy.edm2 import edm2_network, is_edm2
         obj = read_pickle(path)
         return (edm2_network(obj, path) if is_edm2(obj) else legacy_network(obj, path)).state_dict
     except ValueError as e:
