@@ -8,7 +8,6 @@ import os
 import click
 
 from vcdm.cli.errors import user_errors, writable
-from vcdm.fileio import atomic_write
 from vcdm.workers import MAX_WORKERS, default_workers
 
 METRIC_HELP = ("fid: Fréchet Inception Distance; kid: Kernel Inception Distance; pr: precision/recall (k=3); "
@@ -206,6 +205,8 @@ def calc(image_path: str, ref_path: str, num: int, seed: int, metrics_text: str,
             for name, value in results.items():
                 click.echo(f"{name} {value:g}")
             if json_path:
+                from vcdm.fileio import atomic_write
+
                 record = dict(images=image_path, ref=ref_path, num=len(dataset), seed=seed, metrics=results,
                               **{f"{space}_weights": str(net.weights_path) for space, net in nets.items()})
                 with atomic_write(json_path, "w") as f:
