@@ -248,7 +248,7 @@ def fid(images: Any, ref: Any, *, metrics: str | Sequence[str] = ("fid",), num: 
     ``num``: a random subset of this size."""
     from vcdm.metrics import (METRICS, SET_METRICS, SPACE, FeatureStats, InceptionFeatures, compute_references,
                               load_reference, missing, scores, spaces)
-    from vcdm.metrics.dinov2 import DINOv2Features
+    from vcdm.metrics.dinov2 import DINOv2Features  # here: the metrics load scipy, only fid() needs them
 
     if isinstance(metrics, str):  # --metrics' syntax, "fid,kid"
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
