@@ -130,7 +130,9 @@ def test_demo_smoke_run_reports_what_its_files_hold(tmp_path):
         assert torch.equal(grid[:, top * cell + 2:(top + 1) * cell - 2:4, left * cell + 2:(left + 1) * cell - 2:4],
                            images[s]), s
 
-    m = json.loads((run / "metrics.json").read_text())
+    def strict(token: str):
+        raise AssertionError(f"metrics.json holds {token}, which strict JSON readers refuse")
+    m = json.loads((run / "metrics.json").read_text(), parse_constant=strict)
     judge = make_judge(SMOKE.resolution, epochs=SMOKE.classifier_epochs, device="cpu", progress=False)
     assert m["classifier"]["test_accuracy"] == pytest.approx(judge.test_accuracy, abs=1e-7)
     g, floor = m["generated"], m["real_digits_floor"]

@@ -127,9 +127,9 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
         "real_digits_floor": floor,
         "training": {
             "prior": {"kimg": prior_kimg, "final_loss": final_loss(prior.parent),
-                      "measured_img_per_sec": round(prior_rates["train"], 1), "snapshot": str(prior.relative_to(run))},
+                      "measured_img_per_sec": measured(prior_rates["train"]), "snapshot": str(prior.relative_to(run))},
             "image_model": {"kimg": image_kimg, "final_loss": final_loss(image_model.parent),
-                            "measured_img_per_sec": round(image_rates["train"], 1),
+                            "measured_img_per_sec": measured(image_rates["train"]),
                             "snapshot": str(image_model.relative_to(run))}},
         "sampling": {"num_images": len(seeds), "heun_steps": sizes.steps},
         "wall_seconds": clock.record(),
@@ -137,12 +137,17 @@ def _run(run: Path, sizes: Sizes, clock: Clock, device: str, seed: int, smoke: b
                 "sizes": dataclasses.asdict(sizes)},
     }
     with atomic_write(run / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(metrics, f, indent=2, allow_nan=False)
     summary = summary_text(run, metrics)
     with atomic_write(run / "summary.txt", "w") as f:
         f.write(summary)
     say("\n" + summary)
     return run
+
+
+def measured(rate: float) -> float | None:
+    """A measured rate for metrics.json; None where none was measured (--smoke skips it), since JSON has no inf."""
+    return round(rate, 1) if math.isfinite(rate) else None
 
 
 def summary_text(run: Path, m: dict[str, Any]) -> str:
