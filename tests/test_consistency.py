@@ -121,15 +121,11 @@ def test_consistency_sampler_on_the_exact_map_reaches_the_data_distribution():
         sample_variance(GaussianConsistency(0.5), 5, n=4)
 
 
-def test_ect_tuning_turns_the_denoiser_into_a_one_step_sampler(one_thread):
-    """One step of the diffusion denoiser from x_T = T n gives variance s^4 T^2 / (s^2 + T^2)^2 (~1e-5); after
-    ECT tuning from it, one step gives s^2 within 2%: the last stage's stationary point lies within 0.45..0.5
-    (test above), and theta 0.45 already gives 0.99 s^2 (one step's variance is (T a(T))^2, a(T) = f / x)."""
-    untuned = GaussianConsistency(0.0)
-    assert sample_variance(untuned, 1) == pytest.approx(S ** 4 * T ** 2 / (S ** 2 + T ** 2) ** 2, rel=0.01)
+def tuned_gaussian(*, steps: int, q: float, stages: int, batch: int = 1024) -> GaussianConsistency:
+    """The exact Gaussian model, started at the diffusion denoiser, tuned by ECTLoss with Adam."""
     torch.manual_seed(0)
-    model, steps, batch = GaussianConsistency(0.0), 600, 1024
-    loss = ECTLoss(total_nimg=steps * batch, q=16.0, stages=2)  # ECT's last-stage gap after 2 stages, not 8
+    model = GaussianConsistency(0.0)
+    loss = ECTLoss(total_nimg=steps * batch, q=q, stages=stages)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
     g = torch.Generator().manual_seed(2)
     for step in range(steps):
@@ -138,6 +134,16 @@ def test_ect_tuning_turns_the_denoiser_into_a_one_step_sampler(one_thread):
         optimizer.zero_grad()
         (loss(model, x, generator=g).sum() / batch).backward()
         optimizer.step()
+    return model
+
+
+def test_ect_tuning_turns_the_denoiser_into_a_one_step_sampler(one_thread):
+    """One step of the diffusion denoiser from x_T = T n gives variance s^4 T^2 / (s^2 + T^2)^2 (~1e-5); after
+    ECT tuning from it, one step gives s^2 within 2%: the last stage's stationary point lies within 0.45..0.5
+    (test above), and theta 0.45 already gives 0.99 s^2 (one step's variance is (T a(T))^2, a(T) = f / x)."""
+    untuned = GaussianConsistency(0.0)
+    assert sample_variance(untuned, 1) == pytest.approx(S ** 4 * T ** 2 / (S ** 2 + T ** 2) ** 2, rel=0.01)
+    model = tuned_gaussian(steps=600, q=16.0, stages=2)  # ECT's last-stage gap after 2 stages, not 8
     assert 0.43 < model.theta.item() < 0.55
     assert sample_variance(model, 1) == pytest.approx(S ** 2, rel=0.02)
 
@@ -146,17 +152,7 @@ def test_the_short_run_recipe_reaches_the_data_distribution_in_200_steps(one_thr
     """ECT's short-run r(t): one stage at its smallest gap (q 256). With ECT's 1/(t - r) weighting, 200
     steps from the diffusion denoiser reach theta 0.486 and s^2 within 1% (one step) and 3% (two steps);
     EDM's lambda(t) in its place stops at theta 0.41 (one step: 0.974 s^2)."""
-    torch.manual_seed(0)
-    model, steps, batch = GaussianConsistency(0.0), 200, 1024
-    loss = ECTLoss(total_nimg=steps * batch, q=256.0, stages=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    g = torch.Generator().manual_seed(2)
-    for step in range(steps):
-        loss.set_nimg(step * batch)
-        x = torch.randn(batch, N, generator=g) * S
-        optimizer.zero_grad()
-        (loss(model, x, generator=g).sum() / batch).backward()
-        optimizer.step()
+    model = tuned_gaussian(steps=200, q=256.0, stages=1)
     assert 0.47 < model.theta.item() < 0.52
     assert sample_variance(model, 1) == pytest.approx(S ** 2, rel=0.015)
     assert sample_variance(model, 2) == pytest.approx(S ** 2, rel=0.03)
