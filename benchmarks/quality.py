@@ -145,11 +145,11 @@ def conditioning_gap(image_model: Path, images: torch.Tensor, device: str, sigma
     It rises as soon as the network uses its embedding, long before its samples are recognisable."""
     from vcdm.data.dataset import to_float
     from vcdm.generate import load_model
-    from vcdm.generate.core import load_embedder
+    from vcdm.generate.core import model_embedder
 
     model = load_model(image_model, device)
     denoiser, x0 = model.denoiser.eval(), to_float(images).to(device)
-    y = load_embedder(model, None, torch.device(device)).embed(x0)
+    y = model_embedder(model, None, torch.device(device)).embed(x0)
     n = len(x0)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device) * sigma
     sigmas = torch.full((n,), sigma, device=device)

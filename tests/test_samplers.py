@@ -36,7 +36,7 @@ from vcdm.diffusion.schedules import append_zero
 from vcdm.diffusion.settings import PRESETS, RELEASE_DEFAULTS, SAMPLERS, TAKES, SamplerOptionError, SamplerOptions
 from vcdm.generate.files import read_tensors
 from vcdm.generate.options import FlagError
-from vcdm.pipeline import FLAGS as API_NAMES, pop_api_sampler_options
+from vcdm.pipeline import ARGUMENTS as API_NAMES, pop_api_sampler_options
 
 F64 = torch.float64
 GOLDEN = Path(__file__).parent / "data" / "samplers-golden.json"

@@ -32,7 +32,7 @@ from vcdm.generate.two_stage import chain_classes, check_chain
 
 INFERENCE_OPTIONS = ("bf16", "channels_last", "compile")
 FIELDS = {FLAG_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(SamplerOptions)}  # flag → field
-FLAGS = {field: flag for flag, field in FIELDS.items()}
+ARGUMENTS = {field: flag for flag, field in FIELDS.items()}  # field → API argument
 
 
 @dataclass
@@ -74,8 +74,8 @@ def pop_api_sampler_options(options: dict[str, Any], prefix: str = "", defaults:
         return SamplerOptions.resolve({k: v for k, v in given.items() if v is not None}, defaults, preset, recorded)
     except SamplerOptionError as e:
         kind = TypeError if isinstance(e, TypeError) else FlagError
-        raise kind(e.named(lambda key: f"{prefix}{FLAGS[key]}" if prefix and key in FLAGS
-                           else f"--{FLAGS.get(key, key)}")) from None
+        raise kind(e.named(lambda key: f"{prefix}{ARGUMENTS[key]}" if prefix and key in ARGUMENTS
+                           else f"--{ARGUMENTS.get(key, key)}")) from None
 
 
 def check_unknown(options: dict[str, Any], valid: Sequence[str]) -> None:

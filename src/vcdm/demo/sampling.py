@@ -9,7 +9,7 @@ import torch
 
 from vcdm.data.dataset import to_float
 from vcdm.generate import generate, load_model, sample_two_stage, seed_path
-from vcdm.generate.core import load_embedder
+from vcdm.generate.core import model_embedder
 from vcdm.generate.files import read_png, write_tensors
 from vcdm.generate.options import Conditioning, RunOptions, SamplerOptions
 
@@ -44,7 +44,7 @@ def write_true_embeddings(image_model: Path, images: torch.Tensor, outdir: Path,
     """Embed real uint8 images with the image model's own embedder and write them as per-seed
     observation files (seed i ↔ image i), the format `--load_obs_from` reads; returns the seeds."""
     model = load_model(image_model, device)
-    embedder = load_embedder(model, None, torch.device(device))
+    embedder = model_embedder(model, None, torch.device(device))
     with torch.no_grad():
         emb = torch.cat([embedder.embed(to_float(b)).cpu() for b in images.split(500)])
     for i, e in enumerate(emb):

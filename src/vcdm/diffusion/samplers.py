@@ -61,11 +61,8 @@ class Churn:
         return min(self.S_churn / num_steps, math.sqrt(2) - 1) if self.S_min <= sigma <= self.S_max else 0
 
 
-NO_CHURN = Churn()
-
-
 def sample_heun(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, randn_like: Callable = torch.randn_like,
-                callback: Callback = None, churn: Churn = NO_CHURN, second_order: bool = True) -> torch.Tensor:
+                callback: Callback = None, churn: Churn = Churn(), second_order: bool = True) -> torch.Tensor:
     """EDM's stochastic sampler (Algorithm 2): churn, then a Heun step (Euler on the last step, or
     everywhere with ``second_order=False``)."""
     num_steps = len(sigmas) - 1
@@ -111,7 +108,7 @@ def sample_dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 def sample_ablation(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
                     randn_like: Callable = torch.randn_like, callback: Callback = None, process: Process = LINEAR,
-                    solver: str = "heun", alpha: float = 1.0, churn: Churn = NO_CHURN) -> torch.Tensor:
+                    solver: str = "heun", alpha: float = 1.0, churn: Churn = Churn()) -> torch.Tensor:
     """EDM's generalized sampler (Algorithm 1 with churn): integrates the ODE in t for the noise schedule
     sigma(t) and the signal scaling s(t) of ``process``, with Euler or a second-order Runge-Kutta step
     (``alpha`` 1: Heun, 0.5: midpoint). ``sigmas`` (any discretisation) are converted to times."""

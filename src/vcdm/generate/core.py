@@ -32,6 +32,7 @@ from vcdm.diffusion.loss import guidance_warning
 from vcdm import distributed
 from vcdm.diffusion.rng import StackedRandomGenerator
 from vcdm.diffusion.sampling import sample
+from vcdm.embedders import load_embedder
 from vcdm.generate.files import (check_obs_files, make_grid, obs_path, read_observed, read_png, to_uint8_hwc,
                                  write_png, write_tensors)
 from vcdm.fileio import IntRanges, as_int
@@ -89,14 +90,12 @@ def check_pixel_model(path: str | os.PathLike) -> None:
                             f"reading {vae}'s config.json and diffusion_pytorch_model.safetensors from a local folder)")
 
 
-def load_embedder(model: LoadedModel, clip_weights: str | os.PathLike | None, device: torch.device):
+def model_embedder(model: LoadedModel, clip_weights: str | os.PathLike | None, device: torch.device):
     """The embedder a model was trained with, rebuilt from its config and ``embedder`` tensors."""
-    from vcdm.embedders import load_embedder as _load
-
     identity = model.config.embedder
     if identity is None:
         raise GenerateError(f"{model.path}: the checkpoint records no embedder, so it cannot embed images")
-    return _load(identity, model.tensors.get("embedder"), clip_weights=clip_weights, device=device).eval()
+    return load_embedder(identity, model.tensors.get("embedder"), clip_weights=clip_weights, device=device).eval()
 
 
 @dataclass
@@ -126,7 +125,7 @@ class DatasetConditions:
         self.names = model.structure.observed_names
         self.data = ImageDataset(dataset_path(model, data_path), use_labels="label" in self.names)
         self.to_float, self.device = to_float, device
-        self.embedder = load_embedder(model, clip_weights, device) if "embedding" in self.names else None
+        self.embedder = model_embedder(model, clip_weights, device) if "embedding" in self.names else None
 
     def __len__(self) -> int:
         return len(self.data)

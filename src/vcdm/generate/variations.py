@@ -14,7 +14,7 @@ import torch
 from vcdm import perf
 from vcdm.data.archive import MAX_IMAGE_PIXELS
 from vcdm.distributed import parse_device
-from vcdm.generate.core import check_class, check_seeds, denoise, draw, load_embedder, load_guide, load_model
+from vcdm.generate.core import check_class, check_seeds, denoise, draw, load_guide, load_model, model_embedder
 from vcdm.generate.files import make_grid, to_uint8_hwc, write_png
 from vcdm.generate.options import (Conditioning, FlagError, GenerateError, InferenceChoices, SamplerOptions,
                                   inference_settings)
@@ -73,7 +73,7 @@ def variations(image_model: str | os.PathLike, images: str | os.PathLike | Seque
                             "only an embedding (and a class label) can be supplied")
     check_class(s, class_idx)
     guide = load_guide(model, opts, settings)
-    embedder = load_embedder(model, cond.clip_weights, device)
+    embedder = model_embedder(model, cond.clip_weights, device)
     channels, resolution = s.shape("image")[0], s.shape("image")[-1]
     written = []
     for path, stem in zip(images, stems):

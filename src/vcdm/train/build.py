@@ -22,7 +22,7 @@ from vcdm.embedders.base import default_cache_dir
 from vcdm.nets import build_network
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import STRUCTURE_ARCHS, VECTOR_ARCHS, preset, structure_preset
-from vcdm.train.finetune import edm2_gains
+from vcdm.train.finetune import pretrained_edm2_gains
 from vcdm.train.options import OptionError, TrainOptions
 from vcdm.train.recipe import resolve
 
@@ -162,7 +162,7 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
     elif opts.prior_dim is not None or opts.prior_depth is not None:
         raise OptionError("--prior-dim/--prior-depth apply to --arch=dalle2|prior only")
     if name == "EDM2UNet" and opts.pretrained_weights:
-        kwargs.update(edm2_gains(opts.pretrained_weights, kwargs["label_dim"], kwargs.get("label_balance", 0.5)))
+        kwargs.update(pretrained_edm2_gains(opts.pretrained_weights, kwargs["label_dim"], kwargs.get("label_balance", 0.5)))
     return name, kwargs
 
 

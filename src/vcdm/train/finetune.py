@@ -4,7 +4,7 @@
 input ``map_label`` which starts at zero, or, from a class-conditional network, is widened with the
 class columns copied into the label's slice; --freeze_pretrained trains only that (vcdm.legacy does it).
 EDM2's networks widen ``emb_label`` the same way, under gains fixed when the network is built
-(`edm2_gains`) so that the widened network starts as the pretrained one.
+(`pretrained_edm2_gains`) so that the widened network starts as the pretrained one.
 --transfer (EDM's): copy whatever tensors match by name and shape, leave the rest as initialised, and
 run the EMA without ramp-up.
 --init (vcdm tune): start from every network tensor of a vcdm checkpoint of the same network.
@@ -27,7 +27,7 @@ from vcdm.legacy.unpickle import read_pickle
 from vcdm.train.options import OptionError
 
 
-def load_pretrained(path: str, net: nn.Module, *, freeze: bool, structure: Structure | None = None) -> None:
+def apply_pretrained_weights(path: str, net: nn.Module, *, freeze: bool, structure: Structure | None = None) -> None:
     """`structure` locates the class label in the conditioning, for widening a class-conditional
     ``map_label`` (EDM's ImageNet ADM fine-tuned on [embedding, label], as the release does)."""
     if not Path(path).is_file():
@@ -39,7 +39,7 @@ def load_pretrained(path: str, net: nn.Module, *, freeze: bool, structure: Struc
     dist.print0(f"Pretrained weights: {report}")
 
 
-def edm2_gains(path: str, label_dim: int, label_balance: float) -> dict[str, float]:
+def pretrained_edm2_gains(path: str, label_dim: int, label_balance: float) -> dict[str, float]:
     """The EDM2UNet gains that make --pretrained_weights function-preserving (vcdm.legacy.pretrained.edm2_gains)."""
     if not Path(path).is_file():
         raise OptionError(f"--pretrained_weights: {path} does not exist")

@@ -276,7 +276,7 @@ class Trainer:
         o = self.opts
         if o.pretrained_weights:
             # the structure places a class-conditional ADM's class columns (the release's ImageNet fine-tuning)
-            finetune.load_pretrained(o.pretrained_weights, net, freeze=o.freeze_pretrained, structure=structure)
+            finetune.apply_pretrained_weights(o.pretrained_weights, net, freeze=o.freeze_pretrained, structure=structure)
             return [n for n, p in net.named_parameters() if not p.requires_grad]
         if o.transfer:
             finetune.transfer(o.transfer, net)
