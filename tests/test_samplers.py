@@ -372,7 +372,8 @@ def test_class_flag_takes_a_recorded_name(models, tmp_path):
     assert generate(named, "5", "range").exit_code == 2  # an index outside 0..2: the model's own check
 
 
-def test_solvers_benchmark_grid_and_report(tmp_path):
+def test_solvers_benchmark_grid_and_report(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))  # its shared helpers (common.py)
     spec = importlib.util.spec_from_file_location("solvers_bench", Path(__file__).parents[1] / "benchmarks" / "solvers.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -385,7 +386,7 @@ def test_solvers_benchmark_grid_and_report(tmp_path):
             for lab, fds in (("reference", (10.0, 12.0)), ("unipc-24", (11.0, 12.0))) for m in ("uncond",)
             for s, fd in enumerate(fds)]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = bench.report(tmp_path)
+    text, _ = bench.write_table(tmp_path)
     assert "| reference | 79 | 11.0 ± 1.4 (n=2) | - |" in text and "| unipc-24 | 24 | 11.5 ± 0.7 (n=2) | 0.5 ± 0.7 |" in text
     assert (tmp_path / "fd-vs-nfe.png").stat().st_size > 0 and (tmp_path / "table.md").is_file()
 
