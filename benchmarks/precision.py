@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_name, machine
+from common import cpu_name, machine, result, row, rows_table, write_json
 from train import make_dataset, options as ddpmpp_options
 from vcdm.data import digits
 from vcdm.demo.budget import SMOKE, Sizes
@@ -122,11 +122,6 @@ def quality_worker(out: Path, seed: int, precision: str, kimg: float, ticks: int
         "sec_per_kimg": [r["sec_per_kimg"] for r in records[1:]], "num": num, "sample_steps": sample_steps})
 
 
-def write_json(path: Path, record: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-
-
 # ------------------------------------------------------------------------------------------ report
 def mean_std(values: list[float]) -> str:
     if not values:
@@ -197,12 +192,37 @@ def plot(records: dict[tuple[int, str], dict], dest: Path) -> None:
     plt.close(fig)
 
 
+def common_rows(out: Path, records: dict[tuple[int, str], dict]) -> list[dict]:
+    """The figures as the benchmarks' common rows: bf16/float32 speed per CPU path and model (median of the
+    pairs, with their min and max), and bf16's FD minus float32's per kimg (median over seeds)."""
+    rows = []
+    for path in PATHS:
+        f = out / f"speed-{path}.json"
+        if f.is_file():
+            rec = json.loads(f.read_text())
+            for model, rates in rec["rates"].items():
+                pairs = [b / a for a, b in zip(rates["f32"], rates["bf16"])]
+                rows.append(row(f"training speed bf16 / float32, {model}", statistics.median(pairs), "x",
+                                low=min(pairs), high=max(pairs), reps=len(pairs), note=f"CPU path {rec['cpu_path']}"))
+    for nimg in sorted({int(n) for r in records.values() for n in r["fd"]}):
+        diffs = [records[(s, "bf16")]["fd"][str(nimg)] - records[(s, "f32")]["fd"][str(nimg)]
+                 for s in sorted({s for s, _ in records})
+                 if all(str(nimg) in records.get((s, p), {}).get("fd", {}) for p in PRECISIONS)]
+        if diffs:
+            rows.append(row(f"FD bf16 - float32 at {nimg / 1000:g} kimg", statistics.median(diffs), "FD",
+                            low=min(diffs), high=max(diffs), reps=len(diffs), note="over training seeds"))
+    return rows
+
+
 def report(out: Path, command: str) -> str:
     records = quality_records(out)
+    rows = common_rows(out, records)
+    write_json(out / "precision.json", result("precision", rows, machine(), 0.0, command=command))
     text = "\n".join([f"CPU: {cpu_name()}; one thread per worker. Command: `{command}`", "",
                       "Training speed (whole loop, A/B interleaved):", "", *speed_table(out), "",
                       "Quality (the demo's U-Net, unconditional, on the 8x8 digits; FD of the EMA model, "
-                      f"{next(iter(records.values()), {}).get('num', '-')} samples):", "", *quality_table(records)])
+                      f"{next(iter(records.values()), {}).get('num', '-')} samples):", "", *quality_table(records), "",
+                      "The figures as the benchmarks' common rows (also in precision.json):", "", rows_table(rows)])
     with atomic_write(out / "precision-digits.md", "w") as f:
         f.write(text + "\n")
     if records:
