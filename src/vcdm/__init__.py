@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from vcdm.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -22,16 +24,14 @@ _LAZY = {
 
 __all__ = [*_LAZY, "train", "__version__"]
 
+_lazy_getattr, _lazy_dir = lazy_exports(__name__, _LAZY)
+
 
 def __getattr__(name: str) -> Any:
     if name == "train":  # the subpackage, callable as vcdm.train(options)
         return importlib.import_module("vcdm.train")
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vcdm' has no attribute {name!r}")
+    return _lazy_getattr(name)
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({*_lazy_dir(), "train"})

@@ -4,8 +4,7 @@ Submodules are imported on first use, so the dataset tool's worker processes nev
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vcdm.lazy import lazy_exports
 
 _EXPORTS = {
     "ImageDataset": "vcdm.data.dataset",
@@ -17,8 +16,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vcdm.data' has no attribute '{name}'")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

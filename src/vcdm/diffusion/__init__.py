@@ -5,8 +5,7 @@ The names below are imported on first use, so that ``vcdm.diffusion.settings`` (
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vcdm.lazy import lazy_exports
 
 _LAZY = {
     "AugmentPipe": "augment", "edm_augment_pipe": "augment", "Guidance": "guidance",
@@ -20,14 +19,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vcdm.diffusion' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"vcdm.diffusion.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, {name: f"vcdm.diffusion.{module}" for name, module in _LAZY.items()})

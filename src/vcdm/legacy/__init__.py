@@ -12,8 +12,7 @@ unpickler without loading the network importers.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vcdm.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["NET_CLASSES", "PRECOND_KINDS", "LegacyNetwork", "import_edm", "load_legacy_pickle", "to_vcdm"],
@@ -25,8 +24,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vcdm.legacy' has no attribute '{name}'")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
