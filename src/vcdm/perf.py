@@ -92,6 +92,10 @@ def cpu_path(flags: frozenset[str] | None = None, env: dict[str, str] | None = N
     return "baseline"
 
 
+NATIVE_BF16_PATHS = ("amx", "avx512_bf16")
+MIN_BF16_RESOLUTION = 32  # U-Nets below it gain nothing clear from bf16, in sampling or in training
+
+
 def bf16_is_fast(device: torch.device | str) -> bool:
     """Whether ``device`` multiplies bfloat16 natively: CPUs with AVX512-BF16 or AMX (``cpu_path``, which
     honours an ONEDNN_MAX_CPU_ISA cap), CUDA GPUs since Ampere."""
@@ -100,17 +104,13 @@ def bf16_is_fast(device: torch.device | str) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                and cpu_path() in ("amx", "avx512_bf16"))
+                and cpu_path() in NATIVE_BF16_PATHS)
     return False
-
-
-NATIVE_BF16_PATHS = ("amx", "avx512_bf16")
-MIN_BF16_TRAINING_RESOLUTION = 32
 
 
 def training_precision(device: torch.device | str, resolution: int | None, cpu: str | None = None) -> tuple[bool, str]:
     """Whether to train under bfloat16 autocast when --bf16 is not given, and why (for the run's start line);
-    the measurements are in the module docstring.
+    measured by benchmarks/precision.py (results/precision-digits.md).
 
     ``resolution``: the generated images' (None: a model of vectors, the prior); ``cpu``: a ``CPU_PATHS``
     entry (default: this CPU's, ``cpu_path()``, which honours ONEDNN_MAX_CPU_ISA)."""
@@ -125,8 +125,8 @@ def training_precision(device: torch.device | str, resolution: int | None, cpu: 
         return False, f"CPU path {path}: no native bf16; emulated, it trained 7x slower on AVX2 (measured)"
     if resolution is None:
         return False, f"CPU path {path}: a model of vectors (the prior); bf16 training is unmeasured for it"
-    if resolution < MIN_BF16_TRAINING_RESOLUTION:
-        return False, f"CPU path {path}: below 32x32 bf16 gains nothing clear (measured 0.94-1.26x at 16x16)"
+    if resolution < MIN_BF16_RESOLUTION:
+        return False, f"CPU path {path}: below {MIN_BF16_RESOLUTION}x{MIN_BF16_RESOLUTION} bf16 gains nothing clear (measured 0.94-1.26x at 16x16)"
     return True, (f"CPU path {path} multiplies bf16 natively: {resolution}x{resolution} U-Net; measured 1.7x float32's "
                   f"speed at 64x64, FD on the digits within seed noise")
 
@@ -142,7 +142,7 @@ def default_settings(device: torch.device | str, denoiser: nn.Module | None = No
     bf16 = torch.bfloat16 if bf16_is_fast(device) else None
     if device.type == "cuda":
         return InferenceSettings(channels_last=resolution is not None, autocast_dtype=bf16)
-    if resolution is None or resolution < 32:
+    if resolution is None or resolution < MIN_BF16_RESOLUTION:
         return FP32
     if resolution < 64:
         return InferenceSettings(channels_last=bf16 is None, autocast_dtype=bf16)
@@ -150,7 +150,7 @@ def default_settings(device: torch.device | str, denoiser: nn.Module | None = No
 
 
 def resolve_settings(device: torch.device | str, denoiser: nn.Module | None = None, *, bf16: bool | None = None,
-            channels_last: bool | None = None, compile: bool | None = None) -> InferenceSettings:
+                     channels_last: bool | None = None, compile: bool | None = None) -> InferenceSettings:
     """``default_settings(device, denoiser)`` with the command-line choices that are not None."""
     settings = default_settings(device, denoiser)
     if bf16 is not None:
