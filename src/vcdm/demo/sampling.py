@@ -21,7 +21,6 @@ def read_images(outdir: Path, seeds: Sequence[int]) -> torch.Tensor:
 
 def sampler(steps: int) -> SamplerOptions:
     """EDM's deterministic Heun sampler with `steps` steps (both stages of the demo)."""
-
     return SamplerOptions(num_steps=steps)
 
 
@@ -29,7 +28,7 @@ def two_stage_images(prior: Path, image_model: Path, seeds: Sequence[int], outdi
                      device: str, progress: bool = True) -> torch.Tensor:
     """The images of a two-stage run into ``outdir`` (vcdm.generate.sample_two_stage), read back as uint8."""
     res = sample_two_stage(prior, image_model, seeds, prior_opts=sampler(steps), image_opts=sampler(steps),
-                    run=RunOptions(outdir=outdir, progress=progress), device=device)
+                           run=RunOptions(outdir=outdir, progress=progress), device=device)
     return read_images(res.images.outdir, seeds)
 
 
