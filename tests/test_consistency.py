@@ -17,7 +17,7 @@ from torch import nn
 
 import vcdm
 from tiny_models import write_model
-from tiny_runs import PRIOR, base_args, error_lines, run, run_dir, write_dataset
+from tiny_runs import PRIOR, assert_same_weights, base_args, error_lines, last_state, run, run_dir, write_dataset
 from vcdm.checkpoints import CheckpointConfig, CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from vcdm.cli.generate import command as generate_cmd
 from vcdm.cli.sample import command as sample_cmd
@@ -111,6 +111,25 @@ def test_exact_consistency_function_is_the_stationary_point_of_the_last_stage():
     assert expected_gradient(0.4, 7) < 0 < expected_gradient(0.6, 7)
     assert abs(expected_gradient(0.5, 7)) < 0.1 * abs(expected_gradient(0.4, 7) - expected_gradient(0.6, 7))
     assert expected_gradient(0.4, 0) > 0.3  # stage 0 is diffusion-like: its stationary point lies below 0.4
+
+
+def large_gap_gradient(theta: float, teacher: nn.Module | None, n: int = 100_000) -> float:
+    """The expected gradient in theta with r = t / 2 everywhere (q 2, k 0: a short tuning's large gap)."""
+    model, loss = GaussianConsistency(theta), ECTLoss(total_nimg=8, q=2.0, k=0.0, stages=1, teacher=teacher)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, N, generator=g) * S
+    (loss(model, x, generator=g).sum() / n).backward()
+    return model.theta.grad.item()
+
+
+def test_distillation_is_unbiased_where_consistency_training_is_not():
+    """At r = t / 2, ECT's same-noise target x + r n pulls theta to ~0.34, short of the exact map (1/2);
+    with the exact denoiser as teacher (ECD: a Heun step of its ODE) the stationary point lies at 0.5..0.55."""
+    assert large_gap_gradient(0.4, None) > 0.1  # ECT: theta 0.4 is pushed down
+    assert large_gap_gradient(0.3, None) < 0
+    teacher = GaussianConsistency(0.0).requires_grad_(False)
+    assert large_gap_gradient(0.45, teacher) < -1 and large_gap_gradient(0.5, teacher) < -1
+    assert large_gap_gradient(0.6, teacher) > 1
 
 
 def test_consistency_sampler_on_the_exact_map_reaches_the_data_distribution():
@@ -246,6 +265,23 @@ def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
                      for d in ("embeddings", "images"))
     assert (prior["--sampler"], prior["--steps"], prior["--S_churn"]) == ("consistency", 2, 0.0)
     assert (images["--sampler"], images["--steps"], images["--S_churn"]) == (None, 40, 50.0)
+
+
+@pytest.mark.slow
+def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp_path):
+    """--method ecd loads the checkpoint as its teacher, also on resume: a run stopped after one step and
+    resumed ends with the straight run's weights (a teacher taken from the resumed weights would not)."""
+    args = [str(tuned["base"]), "--method", "ecd", "--kimg", "0.016", "--tick", "0.004", "--snap", "0", "--dump", "0",
+            "--workers", "0", "--device", "cpu", "--seed", "1"]
+    invoke = lambda *extra: CliRunner().invoke(tune_cmd, [*args, *extra])  # noqa: E731
+    straight = invoke("--outdir", str(tmp_path / "straight"))
+    assert straight.exit_code == 0 and "Teacher: loaded all" in straight.output, straight.output
+    assert read_checkpoint_config(sorted(run_dir(tmp_path / "straight").glob("network-*"))[-1]).training["tune"] == "ecd"
+    stopped = invoke("--outdir", str(tmp_path / "stopped"), "--time-limit", "0.001")
+    assert stopped.exit_code == 0 and "Stopped by --time-limit" in stopped.output, stopped.output
+    resumed = invoke("--outdir", str(tmp_path / "stopped"), "--resume", "auto")
+    assert resumed.exit_code == 0 and "Resuming from" in resumed.output and "Teacher: loaded" in resumed.output
+    assert_same_weights(last_state(run_dir(tmp_path / "straight")), last_state(run_dir(tmp_path / "stopped")))
 
 
 @pytest.mark.parametrize("edm2", [False, True])

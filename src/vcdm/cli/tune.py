@@ -18,7 +18,7 @@ from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
 from vcdm.train import TrainingError, train
 from vcdm.train.lr_schedules import LRSchedule
-from vcdm.train.options import TrainOptions
+from vcdm.train.options import TUNE_METHODS, TrainOptions
 from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 4  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
@@ -54,7 +54,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     lr = given.get("lr") or LR_FRACTION * (last_lr(recorded, trained) if trained else recorded.lr)
     stages = given.get("ect_stages") or (ECT_STAGES_PRED_X0 if any(recorded.pred_x0 or []) else ECT_STAGES)
     return dataclasses.replace(
-        recorded, init=str(checkpoint), tune="ect", transfer=None, pretrained_weights=None, freeze_pretrained=False,
+        recorded, init=str(checkpoint), tune=kwargs["method"], transfer=None, pretrained_weights=None, freeze_pretrained=False,
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
         P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
@@ -69,6 +69,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @opt("--path", "--data", metavar="ZIP|DIR", type=str, default=None,
      help="The training data, where it lies now  [default: the path the checkpoint records]")
+@opt("--method", type=click.Choice(TUNE_METHODS), default="ect",
+     help="ect: consistency training (x_r = x + r n); ecd: distillation, x_r a Heun step of the checkpoint's ODE.")
 @opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=None,
      help="Tuning duration  [default: 1/4 of the checkpoint's training]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,

@@ -15,6 +15,13 @@ sigma = 0 is never evaluated). Continuous-time consistency (sCM, Lu & Song 2024)
 products through the network, which flash attention and the U-Nets' custom layers here do not provide;
 ECT reaches comparable few-step quality at small compute from a pretrained EDM/EDM2 model.
 
+Distillation (ECD, Song et al. 2023's consistency distillation on ECT's schedule; ``--method ecd``) takes
+x_r from the checkpoint's own frozen network instead: one Heun step of its probability-flow ODE from x_t to r.
+The same-noise point x + r n is right only on average over the data that could have made x_t; at the large
+gaps a short tuning needs, its error pulls f towards the posterior mean (measured: the demo prior, which
+predicts x0, collapsed onto few embeddings under ECT; benchmarks/fewstep.py). The teacher costs two more
+forward passes per step.
+
 Each sample's squared error is divided by its own stopped root, sqrt(||f_t - f_r||^2 + c^2) (ECT's adaptive
 weighting: the gradient of the pseudo-Huber loss sqrt(||.||^2 + c^2) - c), and by the gap t - r (per element at
 its own noise level, (t - r) times the element's noise scale), ECT's weighting. The gap keeps the per-sample
@@ -49,15 +56,17 @@ class ECTLoss(EDMLoss):
     """The ECT loss of a tuning run of ``total_nimg`` images, in ``stages`` equal stages.
 
     ``set_nimg`` tells it where the run is (the training step calls it before each step, so a resumed
-    run is at the same stage). Returns (B, latent_dim) like the diffusion losses.
+    run is at the same stage). Returns (B, latent_dim) like the diffusion losses. With a ``teacher`` (a
+    frozen denoiser: the tuned checkpoint's own network) it is consistency distillation instead (ECD):
+    x_r is one Heun step of the teacher's probability-flow ODE from x_t, not x + r n.
     """
 
     def __init__(self, total_nimg: int, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5,
                  q: float = 2.0, k: float = 8.0, b: float = 1.0, stages: int = 8, c: float = 0.0,
-                 cond_drop: float = 0.0):
+                 cond_drop: float = 0.0, teacher: nn.Module | None = None):
         super().__init__(P_mean, P_std, sigma_data, cond_drop)
         self.total_nimg, self.q, self.k, self.b, self.stages, self.c = max(int(total_nimg), 1), q, k, b, stages, c
-        self.stage = 0
+        self.stage, self.teacher = 0, teacher
 
     def set_nimg(self, nimg: int) -> None:
         self.stage = min(self.stages * nimg // self.total_nimg, self.stages - 1)
@@ -72,13 +81,13 @@ class ECTLoss(EDMLoss):
         if y is not None and self.cond_drop > 0:
             keep = torch.rand([x.shape[0], 1], device=x.device, generator=generator) >= self.cond_drop
             y = y * keep.to(y.dtype)
-        target = self.target(denoiser, x, n, r, y, augment_labels)
+        target = self.target(denoiser, x, n, t, r, y, augment_labels)
         D = denoiser(x + t * n, t.flatten(), y, augment_labels=augment_labels)
         err = (D - target) ** 2
         norm = (err.detach().sum(dim=1, keepdim=True).float() + self.c ** 2).sqrt().clamp(min=1e-20)
         return err / (norm * gap * inner.noise_scale)
 
-    def target(self, denoiser: nn.Module, x: torch.Tensor, n: torch.Tensor, r: torch.Tensor,
+    def target(self, denoiser: nn.Module, x: torch.Tensor, n: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                y: torch.Tensor | None, augment_labels: torch.Tensor | None) -> torch.Tensor:
         """sg(f(x_r, r)) where r > 0, the data where r = 0; dropout draws as the online pass will."""
         positive = r.flatten() > 0
@@ -86,6 +95,16 @@ class ECTLoss(EDMLoss):
             return x
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            level = torch.where(positive, r.flatten(), torch.ones_like(r.flatten()))  # r = 0: not used
-            f_r = denoiser(x + r * n, level, y, augment_labels=augment_labels)
+            level = torch.where(positive[:, None], r, torch.ones_like(r))  # r = 0: not used
+            x_r = x + r * n if self.teacher is None else self.teacher_step(x + t * n, t, level, y, augment_labels)
+            f_r = denoiser(x_r, level.flatten(), y, augment_labels=augment_labels)
         return torch.where(positive[:, None], f_r.to(x.dtype), x)
+
+    def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor | None,
+                     augment_labels: torch.Tensor | None) -> torch.Tensor:
+        """One Heun step of the teacher's ODE dx/dt = (x - D(x; t)) / t from t to r > 0 (B, 1). Per element the
+        level is t times its noise scale, which cancels from the step."""
+        d = (x_t - self.teacher(x_t, t.flatten(), y, augment_labels=augment_labels).to(x_t.dtype)) / t
+        x_euler = x_t + (r - t) * d
+        d_r = (x_euler - self.teacher(x_euler, r.flatten(), y, augment_labels=augment_labels).to(x_t.dtype)) / r
+        return x_t + (r - t) * (d + d_r) / 2

@@ -168,8 +168,8 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 
 def make_loss(opts: TrainOptions):
     """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune ect the
-    consistency-tuning loss over the run's --duration instead."""
-    if opts.tune == "ect":
+    consistency-tuning loss over the run's --duration instead (its teacher, for ecd, is set once the weights are)."""
+    if opts.tune is not None:
         return ECTLoss(round(opts.duration * 1e6), P_mean=opts.P_mean, P_std=opts.P_std, q=opts.ect_q, k=opts.ect_k,
                        b=opts.ect_b, stages=opts.ect_stages, cond_drop=opts.cond_drop)
     if opts.precond in ("edm", "edm2"):

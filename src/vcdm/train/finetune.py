@@ -11,6 +11,7 @@ run the EMA without ramp-up.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ def transfer(path: str, net: nn.Module) -> None:
                 f"({len(target) - len(copied)} keep their initialisation)")
 
 
-def initialise(path: str, net: nn.Module) -> None:
+def initialise(path: str, net: nn.Module, role: str = "Initialised") -> None:
     """Load every tensor of the checkpoint's network into ``net``, which must have exactly those."""
     source = source_tensors(path, "--init")
     target = net.state_dict()
@@ -84,4 +85,11 @@ def initialise(path: str, net: nn.Module) -> None:
         name = (wrong or extra)[0]
         raise OptionError(f"--init: {path} is not this network ({len(wrong) + len(extra)} tensors differ, e.g. {name})")
     net.load_state_dict(source)
-    dist.print0(f"Initialised all {len(target)} tensors from {path}")
+    dist.print0(f"{role} all {len(target)} tensors from {path}")
+
+
+def frozen_teacher(path: str, denoiser: nn.Module) -> nn.Module:
+    """A frozen copy of ``denoiser`` holding the checkpoint's network: consistency distillation's teacher."""
+    teacher = copy.deepcopy(denoiser)
+    initialise(path, teacher.net, role="Teacher: loaded")
+    return teacher.eval().requires_grad_(False)

@@ -157,6 +157,8 @@ class Trainer:
         dist.print0(precision_line(o.bf16, why))
         state = self.make_state(s, plan, loaded)
         del loaded
+        if o.tune == "ecd":  # the checkpoint's own network, also when resuming
+            s.loss_fn.teacher = finetune.frozen_teacher(o.init, s.denoiser)
         cached = embedding_table(s, self.device, o.xflip) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None
                                              and not o.train_embedder and "embedding" in _used(s.structure)) else None
         maker = BatchMaker(s.structure, self.device, embedder=s.embedder, augment_pipe=s.augment_pipe, cached=cached)

@@ -27,7 +27,7 @@ from vcdm.train.recipe import RECIPES
 from vcdm.workers import default_workers
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
-TUNE_METHODS = ("ect",)  # consistency tuning (vcdm tune)
+TUNE_METHODS = ("ect", "ecd")  # consistency tuning (vcdm tune): ECT, or ECT's schedule with the checkpoint as teacher
 EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.EMBEDDERS (not imported: heavy)
 
 
@@ -81,7 +81,7 @@ class ModelOptions:
     freeze_pretrained: bool = False
     transfer: str | None = None
     init: str | None = None  # a vcdm checkpoint whose every network tensor starts the run (vcdm tune)
-    tune: str | None = None  # "ect": Easy Consistency Tuning instead of the diffusion loss (vcdm.diffusion.consistency)
+    tune: str | None = None  # "ect"/"ecd": consistency tuning instead of the diffusion loss (vcdm.diffusion.consistency)
     ect_q: float = 2.0  # ECT's r(t): t - r shrinks by q per stage
     ect_k: float = 8.0  # ... times 1 + k sigmoid(-b t)
     ect_b: float = 1.0
