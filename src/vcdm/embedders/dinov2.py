@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
@@ -116,8 +115,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, patches: int) -> torch.Tensor:
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
-def build_vit(state: dict[str, torch.Tensor]) -> VisionTransformer:
+def build_vit(state: dict[str, torch.Tensor]) -> nn.Module:
     """timm's ViT holding an official DINOv2 state dict, for 224x224 inputs; returns the final-normed class token."""
+    from timm.models.vision_transformer import VisionTransformer  # lazy: timm's import costs every command ~3 s
+
     dim, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
     depth = sum(1 for k in state if k.endswith(".ls1.gamma"))
     with torch.device("meta"):
