@@ -140,6 +140,24 @@ def test_consistency_sampler_on_the_exact_map_reaches_the_data_distribution():
         sample_variance(GaussianConsistency(0.5), 5, n=4)
 
 
+@pytest.mark.parametrize("options, levels", [({"num_steps": 2}, [80.0, 0.80048]),
+                                             ({"num_steps": 4}, [80.0, 9.1336, 0.80048, 0.050036]),
+                                             ({"num_steps": 2, "rho": 7.0}, [80.0, 0.80048]),  # 7 means "the default"
+                                             ({"num_steps": 2, "rho": 3.0}, [80.0, 10.903])])
+def test_consistency_levels_renoise_near_ects_two_step_level(options, levels):
+    """The consistency sampler evaluates at Karras's levels with rho 20 unless another rho than EDM's 7 is given:
+    two steps re-noise at 0.80 (ECT's 0.821), not rho 7's 2.52."""
+    seen = []
+
+    class Recorder(GaussianConsistency):
+        def forward(self, x, sigma, y=None, augment_labels=None):
+            seen.append(float(torch.as_tensor(sigma).flatten()[0]))
+            return super().forward(x, sigma, y, augment_labels)
+
+    sample(Recorder(0.5), torch.randn(2, N, dtype=torch.float64), sampler="consistency", **options)
+    assert seen == pytest.approx(levels, rel=1e-4)
+
+
 def tuned_gaussian(*, steps: int, q: float, stages: int, batch: int = 1024) -> GaussianConsistency:
     """The exact Gaussian model, started at the diffusion denoiser, tuned by ECTLoss with Adam."""
     torch.manual_seed(0)
@@ -314,12 +332,12 @@ def test_both_passes_share_dropout_on_edm_and_edm2_networks(edm2):
 
 
 @pytest.mark.slow
-def test_tune_defaults_to_a_quarter_of_the_training_and_refuses_untrained_checkpoints(tuned, tmp_path):
+def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tuned, tmp_path):
     r = CliRunner().invoke(tune_cmd, [str(tuned["base"]), "--dry-run", "--workers", "0", "--device", "cpu",
                                       "--outdir", str(tmp_path / "runs")])
     assert r.exit_code == 0, r.output
     options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])
-    assert options["duration"] == pytest.approx(32 / 4 / 1e6) and options["tune"] == "ect"  # trained 32 images
+    assert options["duration"] == pytest.approx(32 / 2 / 1e6) and options["tune"] == "ect"  # trained 32 images
     training = read_checkpoint_config(tuned["base"]).training  # no ramp-up: its last learning rate is its lr
     assert training["lr_rampup"] == 0 and options["lr"] == pytest.approx(training["lr"] / 4)
     assert (options["lr_rampup"], options["P_mean"], options["P_std"]) == (0.0, -1.1, 2.0)
@@ -328,11 +346,12 @@ def test_tune_defaults_to_a_quarter_of_the_training_and_refuses_untrained_checkp
     denoiser, config, tensors = load_checkpoint(tuned["base"])  # the same network recorded as predicting x0
     config.training = {**config.training, "pred_x0": [1]}
     save_checkpoint(tmp_path / "x0.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
-    for extra, stages in (([], 1), (["--ect-stages", "4"], 4)):  # one stage keeps r(t)'s r = 0 region wide
+    for extra, method, stages in (([], "ecd", 2), (["--ect-stages", "4", "--method", "ect"], "ect", 4)):
         r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0.safetensors"), "--dry-run", "--workers", "0", *extra,
                                           "--outdir", str(tmp_path / "runs")])
         assert r.exit_code == 0, r.output
-        assert json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])["ect_stages"] == stages
+        options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])
+        assert (options["tune"], options["ect_stages"]) == (method, stages)  # x0-predicting networks: distilled
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):

@@ -21,18 +21,25 @@ from vcdm.train.lr_schedules import LRSchedule
 from vcdm.train.options import TUNE_METHODS, TrainOptions
 from vcdm.workers import default_workers
 
-TUNE_FRACTION = 1 / 4  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
+TUNE_FRACTION = 1 / 2  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
 LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's training (benchmarks/fewstep.py)
 ECT_Q = 2.0  # r(t)'s first stage is ECT's (q 2: r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage
-ECT_STAGES = 2  # over a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg); benchmarks/fewstep.py
-ECT_STAGES_PRED_X0 = 1  # networks that predict x0 directly (--pred_x0) have no c_skip tying f(x, t) to x as t -> 0:
-                        # only r(t)'s r = 0 region anchors them, which later stages shrink (the demo prior collapsed)
+ECT_STAGES = 2  # over a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg); benchmarks/fewstep.py. A third
+                # stage leaves no r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's, reaching the largest levels
 
 
 def last_lr(recorded: TrainOptions, nimg: int) -> float:
     """The learning rate of the checkpoint's last training step (EDM2's schedule has decayed by then)."""
     return LRSchedule.of(recorded)(nimg)
+
+
+def default_method(recorded: TrainOptions) -> str:
+    """ECD for networks that predict x0 directly (--pred_x0: the DALL-E 2 prior), ECT otherwise. Measured on the demo
+    (benchmarks/results/fewstep-digits.md): ECT's same-noise target collapsed the x0-predicting prior (two-stage FD
+    110 at one step vs ECD's 48), while for EDM-preconditioned U-Nets ECT was as good at 2-4 steps and better at one
+    (22 vs 27) at a third less compute per step."""
+    return "ecd" if any(recorded.pred_x0 or []) else "ect"
 
 
 def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
@@ -52,13 +59,13 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         raise click.UsageError(f"--kimg: {checkpoint} records no training length to take {TUNE_FRACTION:g} of; "
                                f"give the tuning length")
     lr = given.get("lr") or LR_FRACTION * (last_lr(recorded, trained) if trained else recorded.lr)
-    stages = given.get("ect_stages") or (ECT_STAGES_PRED_X0 if any(recorded.pred_x0 or []) else ECT_STAGES)
+    method = given.get("method") or default_method(recorded)
     return dataclasses.replace(
-        recorded, init=str(checkpoint), tune=kwargs["method"], transfer=None, pretrained_weights=None, freeze_pretrained=False,
+        recorded, init=str(checkpoint), tune=method, transfer=None, pretrained_weights=None, freeze_pretrained=False,
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
         P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
-        ect_stages=stages, outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
+        ect_stages=given.get("ect_stages") or ECT_STAGES, outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
         batch=given.get("batch", recorded.batch), batch_gpu=given.get("batch_gpu"), tick=kwargs["tick"],
         snap=kwargs["snap"], dump=kwargs["dump"], time_limit=kwargs["time_limit"], dry_run=kwargs["dry_run"],
@@ -69,10 +76,11 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @opt("--path", "--data", metavar="ZIP|DIR", type=str, default=None,
      help="The training data, where it lies now  [default: the path the checkpoint records]")
-@opt("--method", type=click.Choice(TUNE_METHODS), default="ect",
-     help="ect: consistency training (x_r = x + r n); ecd: distillation, x_r a Heun step of the checkpoint's ODE.")
+@opt("--method", type=click.Choice(TUNE_METHODS), default=None,
+     help="ect: consistency training (x_r = x + r n); ecd: distillation, x_r a Heun step of the checkpoint's ODE  "
+          "[default: ecd for networks that predict x0 (--pred_x0), else ect]")
 @opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=None,
-     help="Tuning duration  [default: 1/4 of the checkpoint's training]")
+     help="Tuning duration  [default: 1/2 of the checkpoint's training]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
      help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last]")
 @opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=ECT_Q,
@@ -80,7 +88,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--ect-k", metavar="K", type=Finite(min=0), default=8.0, help="r(t)'s K.")
 @opt("--ect-b", metavar="B", type=Finite(min=0), default=1.0, help="r(t)'s B.")
 @opt("--ect-stages", metavar="INT", type=click.IntRange(min=1), default=None,
-     help="Stages of r(t) over --kimg  [default: 2; 1 for networks that predict x0 directly]")
+     help="Stages of r(t) over --kimg  [default: 2]")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")

@@ -7,6 +7,7 @@ schedules) and runs a sampler of vcdm.diffusion.samplers. The settings are a ``S
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import tqdm
 from vcdm.diffusion import samplers, schedules
 from vcdm.diffusion.guidance import Guidance, guided_denoise
 from vcdm.diffusion.samplers import Callback, Churn
-from vcdm.diffusion.settings import TAKES, SamplerOptions
+from vcdm.diffusion.settings import CONSISTENCY_RHO, DEFAULT_RHO, TAKES, SamplerOptions
 
 
 class GuidedModel:
@@ -99,8 +100,10 @@ def noise_levels(model: GuidedModel, opts: SamplerOptions, device: torch.device,
 def consistency_levels(model: GuidedModel, opts: SamplerOptions, device: torch.device,
                        net_range: tuple[float, float]) -> torch.Tensor:
     """The consistency sampler's levels for ``num_steps`` n (1..4): Karras's n + 1 levels without the
-    last, sigma_min, where a step would change nothing, then 0 (n = 1: [sigma_max, 0]; n = 2 with EDM's
-    range and rho 7: [80, 2.52, 0])."""
+    last, sigma_min, where a step would change nothing, then 0, with rho CONSISTENCY_RHO where it is left at
+    EDM's 7 (n = 1: [sigma_max, 0]; n = 2 with EDM's range: [80, 0.80, 0]; n = 4: [80, 9.1, 0.80, 0.050, 0])."""
+    if opts.rho == DEFAULT_RHO:
+        opts = dataclasses.replace(opts, rho=CONSISTENCY_RHO)
     sigmas, _ = noise_levels(model, opts, device, net_range, opts.num_steps + 1)
     return torch.cat([sigmas[:-2], sigmas[-1:]])
 

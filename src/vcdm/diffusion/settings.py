@@ -37,6 +37,11 @@ MAX_STEPS = 10_000  # sampling steps: the noise levels and the work grow with th
 DEFAULT_STEPS = 18  # EDM's
 CONSISTENCY_STEPS = (1, 4)  # the consistency sampler's range of steps (a tuned model's; vcdm tune)
 CONSISTENCY_DEFAULT_STEPS = 2
+DEFAULT_RHO = 7.0  # EDM's Karras exponent
+# The consistency sampler's Karras exponent where rho is left at EDM's 7: two steps re-noise at 0.80 (EDM's
+# range), near ECT's two-step level of 0.821, not 2.52. Demo digits, tuned image model: FD 13.9 -> 10.4 at
+# 2 steps and 11.4 -> 9.2 at 4 (benchmarks/results/fewstep-digits.md).
+CONSISTENCY_RHO = 20.0
 NO_CHURN = {"S_churn": 0.0, "S_noise": 1.0}
 
 # The original release's sampling recipe (its README): `vcdm sample`'s and `vcdm variations`' defaults.
@@ -103,7 +108,7 @@ class SamplerOptions:
     num_steps: int | None = None
     sigma_min: float | None = None
     sigma_max: float | None = None
-    rho: float = 7.0
+    rho: float = DEFAULT_RHO
     S_churn: float = 0.0
     S_min: float = 0.0
     S_max: float = math.inf
