@@ -352,12 +352,12 @@ def test_two_stage_guided_prior_gives_the_formulas_embeddings(nets, tmp_path, mo
 
 def test_sampler_options_check_the_interval():
     opts = SamplerOptions(guidance=2, guidance_interval=[0.3, 5])
-    assert opts.guidance_interval == (0.3, 5.0) and opts.sampler_kwargs()["guidance_interval"] == (0.3, 5.0)
+    assert opts.guidance_interval == (0.3, 5.0)
     with pytest.raises(ValueError, match="^guidance_interval: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO"):
         SamplerOptions(guidance=2, guidance_interval=(3, 1))
     with pytest.raises(TypeError, match="^guidance_interval: expected"):
         SamplerOptions(guidance=2, guidance_interval="0.3,5")
-    assert "guidance_interval" not in SamplerOptions(guidance=2).sampler_kwargs()
+    assert SamplerOptions(guidance=2).guidance_interval is None
 
 
 def test_pipeline_guidance_one_is_unguided_and_loads_no_guide(nets):

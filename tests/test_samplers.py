@@ -238,7 +238,7 @@ def test_fast_preset_settings_and_flags():
 
     for opts in run("--preset", "fast"):
         assert (opts.resolved_sampler, opts.num_steps, opts.S_churn, opts.S_noise) == ("unipc", 12, 0.0, 1.0)
-        assert opts.sampler_kwargs() == dict(sampler="unipc", guidance=1.0, num_steps=12, rho=7.0)
+        assert (opts.guidance, opts.rho, opts.sigma_min, opts.sigma_max) == (1.0, 7.0, None, None)
     plain, image = run("--preset", "fast", "--steps", "30", "--image-sampler", "dpm2m")
     assert (plain.num_steps, plain.sampler, image.num_steps, image.sampler) == (30, "unipc", 12, "dpm2m")
     plain, image = run()

@@ -7,7 +7,6 @@ schedules) and runs a sampler of vcdm.diffusion.samplers. The settings are a ``S
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -103,7 +102,7 @@ def consistency_levels(model: GuidedModel, opts: SamplerOptions, device: torch.d
     last, sigma_min, where a step would change nothing, then 0, with rho CONSISTENCY_RHO where it is left at
     EDM's 7 (n = 1: [sigma_max, 0]; n = 2 with EDM's range: [80, 0.80, 0]; n = 4: [80, 9.1, 0.80, 0.050, 0])."""
     if opts.rho == DEFAULT_RHO:
-        opts = dataclasses.replace(opts, rho=CONSISTENCY_RHO)
+        opts = opts.replace(rho=CONSISTENCY_RHO)
     sigmas, _ = noise_levels(model, opts, device, net_range, opts.num_steps + 1)
     return torch.cat([sigmas[:-2], sigmas[-1:]])
 

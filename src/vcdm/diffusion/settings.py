@@ -212,14 +212,6 @@ class SamplerOptions:
             return self.sampler
         return "ablation" if any(getattr(self, k) is not None for k in ABLATION_OPTIONS) else "edm"
 
-    def sampler_kwargs(self) -> dict:
-        """The settings as keyword arguments of ``vcdm.diffusion.sample`` (unset ones left to its defaults)."""
-        sampler = self.resolved_sampler
-        keys = [k for k in TAKES[sampler] if getattr(self, k) is not None]
-        if self.guidance_interval is not None:
-            keys.append("guidance_interval")
-        return {"sampler": sampler, "guidance": self.guidance, **{k: getattr(self, k) for k in sorted(keys)}}
-
     def replace(self, **changes: Any) -> "SamplerOptions":
         return SamplerOptions(**{**asdict(self), **changes})
 

@@ -233,8 +233,7 @@ def denoise(model: LoadedModel, latents: torch.Tensor, obs: dict[str, torch.Tens
         gnet = gnet if guide.structure.observed_names else Unconditional(gnet)
     y = model.structure.flatten_observed({k: v.float() for k, v in obs.items()})
     with torch.no_grad(), perf.autocast(settings, latents.device):
-        return sample(ChunkedDenoiser(model.denoiser), latents, y, randn_like=rnd.randn_like, gnet=gnet,
-                      **opts.sampler_kwargs())
+        return sample(ChunkedDenoiser(model.denoiser), latents, y, options=opts, randn_like=rnd.randn_like, gnet=gnet)
 
 
 def check_gnet(config: CheckpointConfig, name: str | os.PathLike, opts: SamplerOptions, flag: str = "--gnet") -> None:
