@@ -19,6 +19,7 @@ import torch
 import vcdm.train.loggers
 from tiny_runs import (PRIOR, REPO, TINY_PRIOR, TRAIN_DRIVER, base_args, error_lines, last_state, on_loss_call, run,
                        run_dir)
+from vcdm.train.outputs import TEMP_GLOBS
 from vcdm.train.state import STATE_RE, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,8 +256,15 @@ def test_failure_in_training_exits(data, tmp_path, stage):
 @pytest.mark.parametrize("stage", ["first step", "state write"])
 def test_failure_under_torchrun_exits(data, tmp_path, stage):
     """Two processes (gloo), each with workers: a failure in both (first step) or in process 0 only (its
-    state write, which the other learns of) ends the job; process groups are shut down."""
+    state write, which the other learns of) ends the job with its cause, no process of it left running
+    (DataLoader workers included) and no temp file left in the run folder."""
     args = prior_args(data, tmp_path / "runs")
     proc = run_failing(tmp_path, args, PATCHES[stage], timeout=240,
                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert proc.returncode != 0, proc.stdout[-2000:]
+    cause = "injected failure in the first step" if stage == "first step" else "Error: cannot write: no space left on device"
+    assert cause in proc.stderr, proc.stderr[-2000:]
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "driver.py")], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the failed job still running: {left}"
+    temps = [p.name for g in TEMP_GLOBS for p in (tmp_path / "runs").rglob(g)]
+    assert not temps, temps
