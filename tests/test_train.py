@@ -220,9 +220,15 @@ def test_tensorboard_and_offline_wandb_logs_are_written(data, tmp_path, monkeypa
     run(base_args(data, out, "--exist", "0,1", "--observed", "0,0", *TINY_PRIOR, "--augment", "0",
                   "--duration", "0.000008", "--tensorboard", "--wandb_dir", str(tmp_path / "wandb")))
     d = run_dir(out)
-    assert list((d / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (d / "stats.jsonl").read_text().splitlines()]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(d / "tensorboard")).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == [(r["nimg"], pytest.approx(r["loss"], rel=1e-6)) for r in records]  # every tick's loss, at its nimg
     (offline,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
     assert offline.name.endswith(d.name)  # the run directory is named by wandb's run id
+    (log,) = offline.glob("run-*.wandb")  # wandb's record log: each history value is stored as its JSON text
+    assert all(json.dumps(r["loss"]).encode() in log.read_bytes() for r in records)
 
 
 # ------------------------------------------------------------------------------------------------ DDP, fine-tuning
