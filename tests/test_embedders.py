@@ -184,8 +184,16 @@ def test_clip_trainable_and_reload(clip_files, clip_embedder):
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     out = trainable.embed(images)
     assert out.requires_grad
-    out.sum().backward()
+    (out * torch.arange(out.shape[1])).sum().backward()  # a weighted sum: a unit-norm embedding's plain sum can be flat
     assert trainable.visual.conv1.weight.grad is not None
+    bias, grad = trainable.visual.ln_post.bias, trainable.visual.ln_post.bias.grad[0].item()
+    with torch.no_grad():  # the gradient agrees with a central difference
+        sides = []
+        for step in (1e-2, -2e-2):
+            bias[0] += step
+            sides.append((trainable.embed(images) * torch.arange(out.shape[1])).sum().item())
+        bias[0] += 1e-2
+    assert abs(grad) > 1e-3 and grad == pytest.approx((sides[0] - sides[1]) / 2e-2, rel=0.05)
     with torch.no_grad():
         trainable.visual.ln_post.bias.add_(0.1)  # "training" changed the weights
     state, identity = trainable.export_state(), trainable.identity()
