@@ -540,3 +540,18 @@ def test_torch_zip_directory_is_charged_before_python_parses_it(tmp_path, monkey
     monkeypatch.setattr(safeload, "ZIPINFO_BYTES", 1 << 20)  # 200 entries then cost more than the budget
     with pytest.raises(TorchFileError, match="the archive's directory"):
         load_torch_zip(path)
+
+
+def test_pretrained_weights_files_are_read_within_their_budget(tmp_path):
+    """The Inception, CLIP and DINOv2 weights readers refuse a 1 KB archive whose storage claims 4 GB (a bare
+    torch.load would allocate it), each with its own error naming the file."""
+    from vcdm.embedders.clip import ClipWeightsError, read_state_dict
+    from vcdm.embedders.dinov2 import DINOv2WeightsError, read_state
+    from vcdm.metrics.inception import InceptionFeatures, InceptionWeightsError
+
+    path = torch_zip(tmp_path / "weights.pt", {"data.pkl": pickle_with_storage(10 ** 9), "data/0": bytes(16)})
+    readers = [(read_state_dict, ClipWeightsError), (read_state, DINOv2WeightsError),
+               (lambda p: InceptionFeatures(p, allow_download=False, progress=False), InceptionWeightsError)]
+    for read, error in readers:
+        with pytest.raises(error, match="weights.pt.*claims 1,000,000,000 elements"):
+            read(path)

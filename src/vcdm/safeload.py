@@ -1,4 +1,5 @@
-"""Bounded reading of ``torch.save`` archives: training states and ``--load_obs_from`` sample files.
+"""Bounded reading of ``torch.save`` archives: training states, ``--load_obs_from`` sample files and the
+pretrained weights files (Inception, CLIP, DINOv2; :func:`load_weights`).
 
 ``torch.load(weights_only=True)`` runs no code from a file, but it trusts the file's sizes: a 1.9 MB
 archive whose deflated storage claims 2 GB, or a 20 KB ``data.pkl`` of 20 M one-byte list opcodes,
@@ -64,8 +65,17 @@ class _Global:
 _BUILT = object()  # any object the pickle builds (a container, a tensor): only its presence matters
 
 
-def load_torch_zip(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, after the checks above (raises TorchFileError)."""
+def load_weights(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """A pretrained weights file: a torch.save archive through :func:`load_torch_zip`; a file in torch's legacy
+    (pre-1.6, not zip) format, which these checks do not cover, by ``torch.load(weights_only=True)`` alone."""
+    if zipfile.is_zipfile(path):
+        return load_torch_zip(path, mmap=mmap)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_torch_zip(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, after the checks above (raises TorchFileError);
+    ``mmap``: tensors backed by the file, no second copy."""
     path = Path(path)
     try:
         info = path.stat()
@@ -82,14 +92,14 @@ def load_torch_zip(path: str | os.PathLike) -> Any:
     except (TorchFileError, LegacyError) as e:
         raise TorchFileError(str(e)) from None
     except (OSError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError, struct.error) as e:
-        raise TorchFileError(f"not a readable torch.save archive ({_first_line(e)})") from None
+        raise TorchFileError(f"not a readable torch.save archive ({first_line(e)})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for damaged files
-        raise TorchFileError(f"not a readable torch.save archive ({_first_line(e)})") from None
+        raise TorchFileError(f"not a readable torch.save archive ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from vcdm.embedders.base import Embedder, EmbedderError, state_fingerprint
 from vcdm.legacy.records import LegacyError, Record
 from vcdm.legacy.unpickle import TORCHSCRIPT_ARCHIVE, read_pickle
+from vcdm.safeload import load_weights
 
 MODEL = "ViT-B-32-quickgelu"
 ENV = "VCDM_CLIP_WEIGHTS"
@@ -191,7 +192,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         elif _is_torchscript(path):
             sd = _read_torchscript(path)
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_weights(path)
     except Exception as e:  # every reader has its own exception types; all mean "not usable"
         text = str(e).strip().removeprefix(f"{path}: ")  # the restricted unpickler names the file too
         reason = text.splitlines()[0][:200] if text else type(e).__name__

@@ -13,7 +13,7 @@ when every augmented training image is embedded. FD-DINOv2 uses ViT-L/14, as EDM
 
 Weights are looked up in this order: an explicit path (flag), the variant's environment variable,
 torch.hub's checkpoint cache, EDM2's (dnnlib's) cache, then a download into torch.hub's cache where
-the network allows. Files are read with ``torch.load(weights_only=True)``.
+the network allows. Files are read by ``vcdm.safeload.load_weights`` (bounded, no code run).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from vcdm.embedders.base import Embedder, EmbedderError, state_fingerprint
 from vcdm.fileio import atomic_write, find_weights
+from vcdm.safeload import first_line, load_weights
 
 URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{variant}/dinov2_{variant}_pretrain.pth"
 ENV = {"vitl14": "VCDM_DINOV2_WEIGHTS", "vitb14": "VCDM_DINOV2_VITB14_WEIGHTS"}
@@ -83,9 +84,9 @@ def state_shapes(dim: int, depth: int, grid: int = 37, patch: int = 14) -> dict[
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """The file's tensors, checked to be a whole DINOv2 ViT state dict (memory-mapped: no second copy)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_weights(path, mmap=True)
     except Exception as e:  # truncated, not a torch zip, or a pickle that would run code (refused)
-        raise DINOv2WeightsError(f"{path}: cannot be read as a state dict of tensors ({type(e).__name__}); "
+        raise DINOv2WeightsError(f"{path}: cannot be read as a state dict of tensors ({first_line(e)}); "
                                  "expected an official DINOv2 weights file (dinov2_vit*14_pretrain.pth)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DINOv2WeightsError(f"{path}: expected a state dict of tensors (dinov2_vit*14_pretrain.pth)")

@@ -5,7 +5,7 @@ so scores are comparable with EDM's and the literature's. Its weights are one fi
 `weights-inception-2015-12-05-6726825d.pth`, looked up in this order: an explicit path
 (`--inception-weights`), `$VCDM_INCEPTION_WEIGHTS`, torch.hub's checkpoint cache (where
 torch-fidelity itself keeps it), then downloaded into that cache. The file is read with
-`torch.load(weights_only=True)`, so a tampered file cannot run code. torch-fidelity is imported where
+`vcdm.safeload.load_weights` (bounded by its size, no code run). torch-fidelity is imported where
 it is used: it is slow to import, and most commands never compute Inception features.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vcdm.fileio import atomic_write, find_weights
+from vcdm.safeload import first_line, load_weights
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
@@ -83,10 +84,10 @@ class InceptionFeatures(nn.Module):
 
         self.weights_path = resolve_weights(weights, allow_download=allow_download, progress=progress)
         try:
-            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+            state = load_weights(self.weights_path)
         except Exception as e:  # truncated, not a torch file, or a pickle that would run code (refused)
             raise InceptionWeightsError(f"{self.weights_path}: cannot be read as a state dict of tensors "
-                                        f"({type(e).__name__}); expected {WEIGHTS_FILE} from {WEIGHTS_URL}") from None
+                                        f"({first_line(e)}); expected {WEIGHTS_FILE} from {WEIGHTS_URL}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise InceptionWeightsError(f"{self.weights_path}: expected a state dict of tensors ({WEIGHTS_FILE})")
         # torch-fidelity unpickles the path it is given; hand it the tensors just read safely instead.
