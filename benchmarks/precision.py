@@ -249,9 +249,9 @@ def main() -> None:
     p.add_argument("--part", choices=["all", "speed", "quality"], default="all",
                    help="both parts one after the other, or one (two commands may run the parts at once)")
     p.add_argument("--seeds", default="0,1", help="training seeds for the quality part [0,1]")
-    p.add_argument("--kimg", type=float, default=6.144, help="training length of each quality run [6.144: 96 steps]")
-    p.add_argument("--ticks", type=int, default=12, help="loss-curve points per quality run [12]")
-    p.add_argument("--snaps", type=int, default=2, help="EMA snapshots scored per quality run [2]")
+    p.add_argument("--kimg", type=float, default=192.0, help="training length of each quality run [192: 3000 steps]")
+    p.add_argument("--ticks", type=int, default=24, help="loss-curve points per quality run [24]")
+    p.add_argument("--snaps", type=int, default=4, help="EMA snapshots scored per quality run [4]")
     p.add_argument("--num", type=int, default=200, help="samples per FD [200]")
     p.add_argument("--steps", type=int, default=18, help="Heun steps when sampling [18]")
     p.add_argument("--reps", type=int, default=2, help="interleaved f32/bf16 pairs per speed measurement [2]")
