@@ -47,6 +47,9 @@ def test_dry_run_prints_options_and_writes_nothing(data, tmp_path):
     opts = json.loads(r.output[:r.output.index("\n}\n") + 2])
     assert opts["batch_gpu"] == 2 and opts["bf16"] is True and opts["fp16"] is False and opts["batch"] == 4
     assert "SongUNet" in r.output and "Dry run" in r.output
+    assert "Precision: bf16 autocast (--bf16 1)" in r.output  # what the run would train in, not only the flag
+    r = run(base_args(data, out, *PRIOR, "--dry-run"))
+    assert "Precision: float32 (CPU path" in r.output and "a model of vectors (the prior)" in r.output
     assert not out.exists()
 
 

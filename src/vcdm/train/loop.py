@@ -71,6 +71,9 @@ def dry_run(opts: TrainOptions) -> None:
           f"condition on {list(structure.observed_names)} ({structure.observed_dim} values)")
     print(f"network: {net_class} {json.dumps(net_kwargs)}")
     print(describe(opts))
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16, why = resolve_precision(opts, device, dataset.resolution if "image" in structure.latent_names else None, None)
+    print(precision_line(bf16, why) + (" (a resumed run keeps its own)" if opts.resume and opts.bf16 is None else ""))
     print(f"resume: {describe_plan(opts)}")
     print("Dry run; exiting.")
     return None
