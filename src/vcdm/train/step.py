@@ -4,7 +4,7 @@ The global batch is split over the processes and, within each, into accumulation
 `batch_gpu` (DDP synchronises only the last round). The loss is the sum of the per-element
 weighted loss divided by the per-process batch, times `ls`; the learning rate comes from the run's
 schedule (vcdm.train.lr_schedules). Non-finite gradients are replaced before Adam: NaN by 0, +-inf
-by +-`grad_inf` (EDM's 1e5, EDM2's 0). The random draws of a round (augmentation, noise levels,
+by +-`grad_inf` (the recipe's: EDM's 1e5, EDM2's 0). The random draws of a round (augmentation, noise levels,
 noise) come from a generator seeded by the global position of its first sample, so a run is
 reproducible and independent of the number of processes.
 """
@@ -50,9 +50,9 @@ class StepSetup:
     batch: int
     seed: int
     lr_schedule: Callable[[int], float]  # vcdm.train.lr_schedules.LRSchedule: the lr of the step starting at nimg
+    grad_inf: float  # what +-inf gradients become (NaN become 0): the recipe's (vcdm.train.recipe.grad_inf)
     ls: float = 1.0
     equally_weight: bool = False
-    grad_inf: float = 1e5  # what +-inf gradients become (NaN become 0)
     train_embedder: bool = False
     autocast: Callable[[], Any] = contextlib.nullcontext
 
