@@ -56,7 +56,7 @@ SETTINGS = {  # label: (tuned stages, evaluations (prior, image), `vcdm sample` 
                           SamplerOptions(sampler="consistency", num_steps=n)) for p, n in ((1, 1), (2, 2), (1, 3), (4, 4))},
     **{f"prior UniPC 12 + image tuned {n}": (("image",), (12, n), ["--prior-sampler", "unipc", "--prior-steps", "12",
                                                                   "--image-steps", str(n)],
-                                            SamplerOptions(sampler="consistency", num_steps=n)) for n in (1, 2)},
+                                            SamplerOptions(sampler="consistency", num_steps=n)) for n in (1, 2, 4)},
 }
 REFERENCE = "release: Heun 40 + churn"
 
@@ -184,19 +184,22 @@ def vcdm_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-c", "from vcdm.cli.main import cli; cli()"]
 
 
-def time_processes(run: Path, images: int, reps: int, batch: int) -> None:
-    """Whole-process seconds of `vcdm sample` per setting (seed 0's models), round-robin, one thread each,
-    appended to timing.jsonl as they come (the first round warms the file cache and is not kept)."""
+def time_processes(run: Path, images: int, reps: int, batch: int, only: list[str] | None = None) -> None:
+    """Whole-process seconds of `vcdm sample` per setting (seed 0's models; `only`: these settings and the
+    release's), round-robin, one thread each, appended to timing.jsonl as they come (a first round of 16 images
+    warms the file cache and is not kept)."""
     base = {k: snapshot(run / "seed-0" / k, "budget*-network-snapshot-*.safetensors") for k in LENGTHS}
     tuned = {k: snapshot(run / "seed-0" / f"tuned-{k}", "*/network-snapshot-*.safetensors") for k in LENGTHS}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(reps + 1):
             for label, (stages, _, flags, _) in SETTINGS.items():
+                if only and label not in (*only, REFERENCE):
+                    continue
                 out = Path(tmp) / "out"
                 nets = {kind: tuned[kind] if kind in stages else base[kind] for kind in base}
                 cmd = [*vcdm_command(), "sample", "--prior", str(nets["prior"]), "--image-model",
-                       str(nets["image"]), "--seeds", f"0-{images - 1}", "--batch", str(batch),
+                       str(nets["image"]), "--seeds", f"0-{(images if rep else min(images, 16)) - 1}", "--batch", str(batch),
                        "--outdir", str(out), "--no-progress", "--device", "cpu", *flags]
                 start = time.perf_counter()
                 subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -228,15 +231,18 @@ def collect(run: Path) -> tuple[dict, list[dict], list[dict]]:
     return per_seed, costs, read(run / "timing.jsonl")
 
 
-def speeds(times: list[dict]) -> dict[str, tuple[float, float]]:
-    """{setting: (median images/s, median of the per-round ratios to the release setting)}."""
+def speeds(times: list[dict]) -> dict[str, tuple[float, float | None, int]]:
+    """{setting: (median images/s, median of the per-round ratios to the release setting, images per process)},
+    from the setting's timed runs with the most images per process (the release's runs of that size)."""
     by = {}
     for r in times:
-        by.setdefault(r["setting"], {})[r["round"]] = r
+        by.setdefault((r["images"], r["setting"]), {})[r["round"]] = r
     out = {}
-    for label, rounds in by.items():
-        ratios = [by[REFERENCE][k]["sec"] / r["sec"] for k, r in rounds.items() if k in by.get(REFERENCE, {})]
-        out[label] = (median(r["images"] / r["sec"] for r in rounds.values()), median(ratios) if ratios else None)
+    for (images, label), rounds in sorted(by.items()):
+        reference = by.get((images, REFERENCE), {})
+        ratios = [reference[k]["sec"] / r["sec"] for k, r in rounds.items() if k in reference]
+        out[label] = (median(r["images"] / r["sec"] for r in rounds.values()), median(ratios) if ratios else None,
+                      images)
     return out
 
 
@@ -250,19 +256,19 @@ def table(run: Path) -> tuple[str, list[dict]]:
              f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
              f"{LENGTHS['prior'][-1]:g} kimg, image model {LENGTHS['image'][-1]:g} kimg. FD: the demo judge's "
              f"features vs the 300 held-out digits; real-digit floor {mean_std(col('real', 'fd'))}. Images/s: "
-             f"whole `vcdm sample` processes, one thread, median of {len({t['round'] for t in times})} rounds of "
-             f"{times[0]['images'] if times else '-'} images.", "",
+             f"whole `vcdm sample` processes, one thread, median of {len({t['round'] for t in times})} rounds, "
+             f"ratios to the release's process of as many images, round by round.", "",
              "| setting | evaluations (prior+image) | FD ↓ | Δ FD vs release | mean confidence | (c) accuracy "
-             "| images/s | × release |", "|---|---|---|---|---|---|---|---|"]
+             "| images/s | × release | images per process |", "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for label, (_, nfe, _, _) in SETTINGS.items():
         fd = col(label, "fd")
         delta = [per_seed[s][label]["fd"] - per_seed[s][REFERENCE]["fd"] for s in seeds
                  if label in per_seed[s] and REFERENCE in per_seed[s]]
-        ips, ratio = speed.get(label, (None, None))
+        ips, ratio, images = speed.get(label, (None, None, None))
         lines.append(f"| {label} | {nfe[0]}+{nfe[1]} | {mean_std(fd)} | {mean_std(delta) if label != REFERENCE else '-'} "
                      f"| {mean_std(col(label, 'mean_confidence'))} | {mean_std(col(label, 'accuracy'))} | "
-                     f"{f'{ips:.3g}' if ips else '-'} | {f'{ratio:.3g}' if ratio else '-'} |")
+                     f"{f'{ips:.3g}' if ips else '-'} | {f'{ratio:.3g}' if ratio else '-'} | {images or '-'} |")
         if fd:
             rows.append(row(f"two-stage FD, {label}", statistics.mean(fd), "FD", note=f"{len(fd)} seeds"))
         if ips:
@@ -337,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-images", type=int, default=2048, help="images per timed `vcdm sample` run [2048]")
     p.add_argument("--time-reps", type=int, default=3, help="timed rounds (0: no timing) [3]")
     p.add_argument("--batch", type=int, default=256, help="batch of the timed runs [256]")
+    p.add_argument("--time-settings", metavar="LABEL;...", help="time only these settings (and the release's), "
+                   "';'-separated labels; timings of another --time-images are kept beside the earlier ones")
     p.add_argument("--device", default="cpu")
     p.add_argument("--report", action="store_true", help="only write table.md and fewstep.png from the run folder")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (run_all.py's format)")
@@ -365,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run_seed_processes(__file__, seeds, a.jobs, a.out,
                            ["--out", str(a.out), "--num", str(a.num), "--device", a.device])
-    if a.time_reps and not (a.out / "timing.jsonl").is_file():
-        time_processes(a.out, a.time_images, a.time_reps, a.batch)
+    if a.time_reps and not any(r["images"] == a.time_images for r in read(a.out / "timing.jsonl")):
+        time_processes(a.out, a.time_images, a.time_reps, a.batch, a.time_settings.split(";") if a.time_settings else None)
     report(a.out, a.json, start)
 
 
