@@ -1,11 +1,11 @@
-"""Cost of consistency tuning (`vcdm tune`, ECT) per image, relative to training, in the same run.
+"""Cost of consistency tuning (`vcdm tune`, ECT and ECD) per image, relative to training, in the same run.
 
 For each model (benchmarks/train.py's: DDPM++ 64x64 given a pixel-pca embedding, and the dalle2 prior),
-a short `vcdm train` run makes the checkpoint; `vcdm tune` then runs the same loop with the ECT loss (one
-more forward pass without gradients per step) for the same number of steps. Both numbers are the runs'
-own stats.jsonl (median sec/kimg of the ticks after the first, one step per tick). Their ratio is what
-a tuning image costs in training images; a tuning of 1/8 of the training (`vcdm tune`'s default length)
-then costs ratio / 8 of the training.
+a short `vcdm train` run makes the checkpoint; `vcdm tune` then runs the same loop with each method's loss
+(ECT: one more forward pass without gradients per step; ECD: three, two of them the frozen teacher's) for
+the same number of steps. All numbers are the runs' own stats.jsonl (median sec/kimg of the ticks after
+the first, one step per tick). Their ratio is what a tuning image costs in training images; a tuning of
+1/2 of the training (`vcdm tune`'s default length) then costs ratio / 2 of the training.
 
     python benchmarks/tune.py                      # CPU, batch 4, 3 timed steps
     python benchmarks/tune.py --quick --json out.json
@@ -43,9 +43,9 @@ def rate(run_dir: Path) -> float:
     return 1000 / statistics.median(t["sec_per_kimg"] for t in ticks)
 
 
-def tuning(opts: TrainOptions, snapshot: Path, out: Path) -> TrainOptions:
+def tuning(opts: TrainOptions, snapshot: Path, out: Path, method: str) -> TrainOptions:
     """`vcdm tune`'s options from `snapshot`, with the training run's geometry and length."""
-    return dataclasses.replace(opts, init=str(snapshot), tune="ect", outdir=str(out), lr=1e-4, lr_schedule="edm",
+    return dataclasses.replace(opts, init=str(snapshot), tune=method, outdir=str(out), lr=1e-4, lr_schedule="edm",
                                P_mean=-1.1, P_std=2.0)
 
 
@@ -56,25 +56,27 @@ def main() -> None:
                     "--quick: 2)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--models", default="ddpmpp-64,prior", help="comma-separated: ddpmpp-64, prior")
+    ap.add_argument("--methods", default="ect,ecd", help="comma-separated: ect, ecd")
     a = ap.parse_args()
     a.steps = a.steps or (2 if a.quick else 3)
     info, start, rows = machine("cpu"), time.perf_counter(), []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {info['name']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "bench-64.zip", n=max(2 * PCA_DIM, a.batch), res=64)
-        print(f"{'model':<12s} {'batch':>5s} {'train img/s':>12s} {'tune img/s':>11s} {'tune/train cost':>16s}")
+        print(f"{'model':<12s} {'method':<6s} {'batch':>5s} {'train img/s':>12s} {'tune img/s':>11s} {'tune/train cost':>16s}")
         for kind in a.models.split(","):
             opts = options(kind, data, Path(tmp) / f"train-{kind}", "cpu", a.batch, a.steps)
             run_dir = quietly(train, opts)
             snapshot = sorted(run_dir.glob("network-snapshot-*.safetensors"))[-1]
             trained = rate(run_dir)
-            tuned = rate(quietly(train, tuning(opts, snapshot, Path(tmp) / f"tune-{kind}")))
-            cost = trained / tuned
-            print(f"{kind:<12s} {a.batch:>5d} {trained:>12.2f} {tuned:>11.2f} {cost:>16.2f}", flush=True)
             rows.append(row(f"training loop, {kind} (cpu)", trained, "images/s"))
-            rows.append(row(f"ECT tuning loop, {kind} (cpu)", tuned, "images/s", reference=f"training loop, {kind} (cpu)",
-                            ratio=tuned / trained, note=f"batch {a.batch}, {a.steps} timed steps; a tuning image costs "
-                            f"{cost:.2f} training images"))
+            for method in a.methods.split(","):
+                tuned = rate(quietly(train, tuning(opts, snapshot, Path(tmp) / f"tune-{kind}-{method}", method)))
+                cost = trained / tuned
+                print(f"{kind:<12s} {method:<6s} {a.batch:>5d} {trained:>12.2f} {tuned:>11.2f} {cost:>16.2f}", flush=True)
+                rows.append(row(f"{method.upper()} tuning loop, {kind} (cpu)", tuned, "images/s",
+                                reference=f"training loop, {kind} (cpu)", ratio=tuned / trained,
+                                note=f"batch {a.batch}, {a.steps} timed steps; a tuning image costs {cost:.2f} training images"))
     if a.json:
         write_json(a.json, result("tune", rows, info, time.perf_counter() - start))
 
