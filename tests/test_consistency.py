@@ -294,6 +294,7 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
     invoke = lambda *extra: CliRunner().invoke(tune_cmd, [*args, *extra])  # noqa: E731
     straight = invoke("--outdir", str(tmp_path / "straight"))
     assert straight.exit_code == 0 and "Teacher: loaded all" in straight.output, straight.output
+    assert run_dir(tmp_path / "straight").name.endswith("-ecd")  # the run directory names the method
     assert read_checkpoint_config(sorted(run_dir(tmp_path / "straight").glob("network-*"))[-1]).training["tune"] == "ecd"
     stopped = invoke("--outdir", str(tmp_path / "stopped"), "--time-limit", "0.001")
     assert stopped.exit_code == 0 and "Stopped by --time-limit" in stopped.output, stopped.output

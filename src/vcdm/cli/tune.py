@@ -65,7 +65,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
         P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
-        ect_stages=given.get("ect_stages") or ECT_STAGES, outdir=kwargs["outdir"], desc=given.get("desc", "ect"), nosubdir=False,
+        ect_stages=given.get("ect_stages") or ECT_STAGES, outdir=kwargs["outdir"], desc=given.get("desc", method), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
         batch=given.get("batch", recorded.batch), batch_gpu=given.get("batch_gpu"), tick=kwargs["tick"],
         snap=kwargs["snap"], dump=kwargs["dump"], time_limit=kwargs["time_limit"], dry_run=kwargs["dry_run"],
@@ -95,7 +95,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--batch", metavar="INT", type=click.IntRange(min=1), default=None, help="Total batch size  [default: the training's]")
 @opt("--batch-gpu", metavar="INT", type=click.IntRange(min=1), default=None, help="Limit batch size per process.")
 @opt("--outdir", metavar="DIR", type=str, default="training-runs", help="Where to make the run directory.")
-@opt("--desc", metavar="STR", type=str, default=None, help="Appended to the run directory name  [default: ect]")
+@opt("--desc", metavar="STR", type=str, default=None, help="Appended to the run directory name  [default: the method]")
 @opt("--seed", metavar="INT", type=int, default=None, help="Random seed  [default: random]")
 @opt("--tick", metavar="KIMG", type=Finite(min=0, min_open=True), default=10.0, help="How often to print progress.")
 @opt("--snap", metavar="TICKS", type=click.IntRange(min=0), default=5,
@@ -114,8 +114,8 @@ def command(checkpoint: str, **kwargs) -> None:
 
     \b
     vcdm tune runs/prior/network-snapshot-002000.safetensors --outdir runs
-    vcdm generate --network runs/<ID>-ect/network-snapshot-<KIMG>.safetensors --seeds 0-63   # 2 steps
-    vcdm generate --network runs/<ID>-ect/network-snapshot-<KIMG>.safetensors --steps 1 --seeds 0-63
+    vcdm generate --network runs/<ID>-<METHOD>/network-snapshot-<KIMG>.safetensors --seeds 0-63   # 2 steps
+    vcdm generate --network runs/<ID>-<METHOD>/network-snapshot-<KIMG>.safetensors --steps 1 --seeds 0-63
     """
     opts = tune_options(checkpoint, kwargs)
     if not opts.dry_run:
