@@ -16,7 +16,7 @@ import tqdm
 from vcdm.diffusion import samplers, schedules
 from vcdm.diffusion.guidance import Guidance, guided_denoise
 from vcdm.diffusion.samplers import Callback, Churn
-from vcdm.diffusion.settings import CONSISTENCY_RHO, DEFAULT_RHO, TAKES, SamplerOptions
+from vcdm.diffusion.settings import TAKES, SamplerOptions
 
 
 class GuidedModel:
@@ -92,17 +92,15 @@ def noise_levels(model: GuidedModel, opts: SamplerOptions, device: torch.device,
         iddpm = {k: getattr(opts, k) for k in ("C_1", "C_2", "M") if getattr(opts, k) is not None}
         sigmas = schedules.iddpm_sigmas(num_steps, sigma_min, sigma_max, device=device, **iddpm)
     else:
-        sigmas = schedules.karras_sigmas(num_steps, sigma_min, sigma_max, opts.rho, device)
+        sigmas = schedules.karras_sigmas(num_steps, sigma_min, sigma_max, opts.karras_rho, device)
     return schedules.append_zero(model.round_sigma(sigmas)), (sigma_min, sigma_max, eps)
 
 
 def consistency_levels(model: GuidedModel, opts: SamplerOptions, device: torch.device,
                        net_range: tuple[float, float]) -> torch.Tensor:
     """The consistency sampler's levels for ``num_steps`` n (1..4): Karras's n + 1 levels without the
-    last, sigma_min, where a step would change nothing, then 0, with rho CONSISTENCY_RHO where it is left at
-    EDM's 7 (n = 1: [sigma_max, 0]; n = 2 with EDM's range: [80, 0.80, 0]; n = 4: [80, 9.1, 0.80, 0.050, 0])."""
-    if opts.rho == DEFAULT_RHO:
-        opts = opts.replace(rho=CONSISTENCY_RHO)
+    last, sigma_min, where a step would change nothing, then 0, at ``opts.karras_rho`` (n = 1: [sigma_max, 0];
+    n = 2 with EDM's range: [80, 0.80, 0]; n = 4: [80, 9.1, 0.80, 0.050, 0])."""
     sigmas, _ = noise_levels(model, opts, device, net_range, opts.num_steps + 1)
     return torch.cat([sigmas[:-2], sigmas[-1:]])
 

@@ -212,6 +212,12 @@ class SamplerOptions:
             return self.sampler
         return "ablation" if any(getattr(self, k) is not None for k in ABLATION_OPTIONS) else "edm"
 
+    @property
+    def karras_rho(self) -> float:
+        """The exponent of Karras's levels: ``rho``, or CONSISTENCY_RHO for the consistency sampler where ``rho``
+        is left at EDM's 7 (so 7 cannot be asked of that sampler)."""
+        return CONSISTENCY_RHO if self.resolved_sampler == "consistency" and self.rho == DEFAULT_RHO else self.rho
+
     def replace(self, **changes: Any) -> "SamplerOptions":
         return SamplerOptions(**{**asdict(self), **changes})
 
