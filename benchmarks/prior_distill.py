@@ -18,15 +18,18 @@ import argparse
 import copy
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from common import write_json
 from vcdm.checkpoints import load_checkpoint, save_checkpoint
 from vcdm.diffusion.sampling import sample
+from vcdm.diffusion.schedules import default_range
 
-SIGMA_MAX = 80.0  # the consistency sampler's one level (EDM's range)
+SIGMA_MAX = default_range("edm")[1]  # the one-step consistency sampler's level
 
 
 def pairs(denoiser, count: int, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +86,13 @@ def main() -> None:
                     dataclasses.replace(config, sampler={"name": "consistency", "num_steps": 1}))
     judge = make_judge(fewstep.SIZES.resolution, epochs=fewstep.SIZES.classifier_epochs, device="cpu", progress=False)
     seeds = list(range(a.seed * a.num, (a.seed + 1) * a.num))  # fewstep.py's
-    rows = {"teacher_sec": teacher_sec, "student_sec": student_sec, "final_loss": sum(losses[-100:]) / 100}
+    rows = {"teacher_sec": teacher_sec, "student_sec": student_sec, "final_loss": statistics.fmean(losses[-100:])}
     for image_steps in (1, 2, 3):
         images = fewstep.two_stage_images(out, image, ["--image-steps", str(image_steps)], seeds, "cpu")
         rows[f"fd_1+{image_steps}"] = judge.evaluate(images)["fd"]
         print(f"seed {a.seed}: distilled prior 1 + tuned image {image_steps}: FD {rows[f'fd_1+{image_steps}']:.2f}",
               flush=True)
-    (folder / "distilled-prior" / "result.json").write_text(json.dumps(rows, indent=1))
+    write_json(folder / "distilled-prior" / "result.json", rows)
     print(json.dumps(rows))
 
 
