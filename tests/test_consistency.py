@@ -286,6 +286,7 @@ def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.determinism
 def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp_path):
     """--method ecd loads the checkpoint as its teacher, also on resume: a run stopped after one step and
     resumed ends with the straight run's weights (a teacher taken from the resumed weights would not)."""
