@@ -1,7 +1,8 @@
-"""`vcdm tune`: Easy Consistency Tuning of a trained model of either stage (vcdm.diffusion.consistency).
+"""`vcdm tune`: a trained model of either stage turned into a sampler of 1-4 evaluations, by Easy Consistency
+Tuning or consistency distillation (vcdm.diffusion.consistency) or by distilling its ODE (vcdm.diffusion.distillation).
 
 The run is a training run: the checkpoint's recorded training options (dataset, structure, network,
-embedder, batch, EMA) with the ECT loss, every network tensor taken from the checkpoint (--init), a
+embedder, batch, EMA) with the method's loss, every network tensor taken from the checkpoint (--init), a
 constant learning rate and no ramp-up; DDP (torchrun), --resume, snapshots and --ema-std's post-hoc
 EMA work as in `vcdm train`. Its snapshots record the consistency sampler, which `vcdm generate`,
 `vcdm sample` and the Python API then use by default (2 steps; --steps 1-4).
@@ -26,6 +27,7 @@ LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's trai
 ECT_Q = 2.0  # r(t)'s first stage is ECT's (q 2: r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage
 ECT_STAGES = 2  # over a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg); benchmarks/fewstep.py. A third
                 # stage leaves no r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant
+TEACHER_STEPS = 18  # kd: EDM's Heun sampler for 32x32 images (35 evaluations)
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's, reaching the largest levels
 
 
@@ -35,11 +37,12 @@ def last_lr(recorded: TrainOptions, nimg: int) -> float:
 
 
 def default_method(recorded: TrainOptions) -> str:
-    """ECD for networks that predict x0 directly (--pred_x0: the DALL-E 2 prior), ECT otherwise. Measured on the demo
-    (benchmarks/results/fewstep-digits.md): ECT's same-noise target collapsed the x0-predicting prior (two-stage FD
-    110 at one step vs ECD's 48), while for EDM-preconditioned U-Nets ECT was as good at 2-4 steps and better at one
-    (22 vs 27) at a third less compute per step."""
-    return "ecd" if any(recorded.pred_x0 or []) else "ect"
+    """KD for networks that predict x0 directly (--pred_x0: the DALL-E 2 prior), ECT otherwise. Measured on the demo
+    (benchmarks/results/fewstep-digits.md): consistency tuning left the x0-predicting prior 20-40 FD behind its own
+    UniPC 12 (ECT collapsed it: two-stage FD 110 at one step; ECD 48), distilling its ODE closes the gap (one step
+    as good as UniPC 12) for 35 cheap evaluations per sample; for EDM-preconditioned U-Nets ECT was as good as ECD
+    at 2-4 steps and better at one (22 vs 27) at a third less compute per step, and better than KD at 2 steps."""
+    return "kd" if any(recorded.pred_x0 or []) else "ect"
 
 
 def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
@@ -65,7 +68,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
         P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
-        ect_stages=given.get("ect_stages") or ECT_STAGES, outdir=kwargs["outdir"], desc=given.get("desc", method), nosubdir=False,
+        ect_stages=given.get("ect_stages") or ECT_STAGES, teacher_steps=kwargs["teacher_steps"], outdir=kwargs["outdir"], desc=given.get("desc", method), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
         batch=given.get("batch", recorded.batch), batch_gpu=given.get("batch_gpu"), tick=kwargs["tick"],
         snap=kwargs["snap"], dump=kwargs["dump"], time_limit=kwargs["time_limit"], dry_run=kwargs["dry_run"],
@@ -77,8 +80,9 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--path", "--data", metavar="ZIP|DIR", type=str, default=None,
      help="The training data, where it lies now  [default: the path the checkpoint records]")
 @opt("--method", type=click.Choice(TUNE_METHODS), default=None,
-     help="ect: consistency training (x_r = x + r n); ecd: distillation, x_r a Heun step of the checkpoint's ODE  "
-          "[default: ecd for networks that predict x0 (--pred_x0), else ect]")
+     help="ect: consistency training (x_r = x + r n); ecd: distillation, x_r a Heun step of the checkpoint's ODE; "
+          "kd: regression onto the checkpoint's ODE solution (--teacher-steps)  "
+          "[default: kd for networks that predict x0 (--pred_x0), else ect]")
 @opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=None,
      help="Tuning duration  [default: 1/2 of the checkpoint's training]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
@@ -89,6 +93,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--ect-b", metavar="B", type=Finite(min=0), default=1.0, help="r(t)'s B.")
 @opt("--ect-stages", metavar="INT", type=click.IntRange(min=1), default=None,
      help="Stages of r(t) over --kimg  [default: 2]")
+@opt("--teacher-steps", metavar="INT", type=click.IntRange(min=2), default=TEACHER_STEPS,
+     help="kd: steps of the checkpoint's Heun sampler solved for each target (2 INT - 1 evaluations)")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")
@@ -109,7 +115,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--dry-run", "-n", type=bool, default=False, help="Print the options, then exit, writing nothing.")
 def command(checkpoint: str, **kwargs) -> None:
     """Tune CHECKPOINT (a prior or an image model trained by `vcdm train`, EDM or EDM2 network) into a
-    sampler of 1-4 network evaluations by Easy Consistency Tuning (Geng et al. 2024). Needs the
+    sampler of 1-4 network evaluations: Easy Consistency Tuning (Geng et al. 2024), consistency distillation
+    on its schedule, or distillation of the checkpoint's ODE (Luhman & Luhman 2021). Needs the
     training data. Run with plain `python` or under `torchrun` (DDP), as `vcdm train`.
 
     \b

@@ -96,15 +96,16 @@ class ECTLoss(EDMLoss):
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             level = torch.where(positive[:, None], r, torch.ones_like(r))  # r = 0: not used
-            x_r = x + r * n if self.teacher is None else self.teacher_step(x + t * n, t, level, y, augment_labels)
+            x_r = x + r * n if self.teacher is None else heun_step(self.teacher, x + t * n, t, level, y, augment_labels)
             f_r = denoiser(x_r, level.flatten(), y, augment_labels=augment_labels)
         return torch.where(positive[:, None], f_r.to(x.dtype), x)
 
-    def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor | None,
-                     augment_labels: torch.Tensor | None) -> torch.Tensor:
-        """One Heun step of the teacher's ODE dx/dt = (x - D(x; t)) / t from t to r > 0 (B, 1). Per element the
-        level is t times its noise scale, which cancels from the step."""
-        d = (x_t - self.teacher(x_t, t.flatten(), y, augment_labels=augment_labels).to(x_t.dtype)) / t
-        x_euler = x_t + (r - t) * d
-        d_r = (x_euler - self.teacher(x_euler, r.flatten(), y, augment_labels=augment_labels).to(x_t.dtype)) / r
-        return x_t + (r - t) * (d + d_r) / 2
+
+def heun_step(teacher: nn.Module, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor | None,
+              augment_labels: torch.Tensor | None) -> torch.Tensor:
+    """One Heun step of the teacher's ODE dx/dt = (x - D(x; t)) / t from t to r > 0 (B, 1). Per element the
+    level is t times its noise scale, which cancels from the step."""
+    d = (x_t - teacher(x_t, t.flatten(), y, augment_labels=augment_labels).to(x_t.dtype)) / t
+    x_euler = x_t + (r - t) * d
+    d_r = (x_euler - teacher(x_euler, r.flatten(), y, augment_labels=augment_labels).to(x_t.dtype)) / r
+    return x_t + (r - t) * (d + d_r) / 2

@@ -15,6 +15,7 @@ from vcdm.data.dataset import ImageDataset
 from vcdm.data.structure import Structure
 from vcdm.diffusion.augment import edm_augment_pipe
 from vcdm.diffusion.consistency import ECTLoss
+from vcdm.diffusion.distillation import DistillLoss
 from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
 from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
 from vcdm.embedders import PRETRAINED, FitOptions, PCAOptions, PostProcessOptions, build_embedder
@@ -167,8 +168,10 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 
 
 def make_loss(opts: TrainOptions):
-    """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune ect the
-    consistency-tuning loss over the run's --duration instead (its teacher, for ecd, is set once the weights are)."""
+    """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune the tuning
+    method's instead (ect/ecd over the run's --duration; the teacher, for ecd and kd, is set once the weights are)."""
+    if opts.tune == "kd":
+        return DistillLoss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop, teacher_steps=opts.teacher_steps)
     if opts.tune is not None:
         return ECTLoss(round(opts.duration * 1e6), P_mean=opts.P_mean, P_std=opts.P_std, q=opts.ect_q, k=opts.ect_k,
                        b=opts.ect_b, stages=opts.ect_stages, cond_drop=opts.cond_drop)

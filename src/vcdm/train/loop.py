@@ -32,7 +32,7 @@ from vcdm.train.ddp import with_net, wrap_ddp
 from vcdm.train.ema import EMA, PowerFunctionEMA
 from vcdm.train.loggers import RunLogger
 from vcdm.train.lr_schedules import LRSchedule
-from vcdm.train.options import OptionError, TrainOptions
+from vcdm.train.options import TEACHER_METHODS, OptionError, TrainOptions
 from vcdm.train.outputs import (CONDITIONING_GRID, Outputs, TrainingError, grid_name, remove_stale_temp_files,
                                  write_snapshots, write_state)
 from vcdm.train.preview import conditioning, sample_images, save_grid
@@ -160,7 +160,7 @@ class Trainer:
         dist.print0(precision_line(o.bf16, why))
         state = self.make_state(s, plan, loaded)
         del loaded
-        if o.tune == "ecd":  # the checkpoint's own network, also when resuming
+        if o.tune in TEACHER_METHODS:  # the checkpoint's own network, also when resuming
             s.loss_fn.teacher = finetune.frozen_teacher(o.init, s.denoiser)
         cached = embedding_table(s, self.device, o.xflip) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None
                                              and not o.train_embedder and "embedding" in _used(s.structure)) else None

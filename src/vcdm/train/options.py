@@ -27,7 +27,8 @@ from vcdm.train.recipe import RECIPES
 from vcdm.workers import default_workers
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
-TUNE_METHODS = ("ect", "ecd")  # consistency tuning (vcdm tune): ECT, or ECT's schedule with the checkpoint as teacher
+TUNE_METHODS = ("ect", "ecd", "kd")  # vcdm tune: ECT; ECT's schedule with the checkpoint as teacher; its ODE distilled
+TEACHER_METHODS = ("ecd", "kd")  # the tuning methods that load the checkpoint as a frozen teacher
 EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.EMBEDDERS (not imported: heavy)
 
 
@@ -81,11 +82,12 @@ class ModelOptions:
     freeze_pretrained: bool = False
     transfer: str | None = None
     init: str | None = None  # a vcdm checkpoint whose every network tensor starts the run (vcdm tune)
-    tune: str | None = None  # "ect"/"ecd": consistency tuning instead of the diffusion loss (vcdm.diffusion.consistency)
+    tune: str | None = None  # "ect"/"ecd"/"kd": tuning instead of the diffusion loss (vcdm.diffusion.consistency, .distillation)
     ect_q: float = 2.0  # ECT's r(t): t - r shrinks by q per stage
     ect_k: float = 8.0  # ... times 1 + k sigmoid(-b t)
     ect_b: float = 1.0
     ect_stages: int = 8  # equal stages over --duration
+    teacher_steps: int = 18  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
 
 
 @dataclass
@@ -256,6 +258,8 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
         if self.tune and not (self.ect_q > 1 and self.ect_k >= 0 and self.ect_b >= 0 and self.ect_stages >= 1):
             raise OptionError(f"--ect-q/--ect-k/--ect-b/--ect-stages: expected q > 1, k >= 0, b >= 0, stages >= 1, got "
                               f"{self.ect_q:g}, {self.ect_k:g}, {self.ect_b:g}, {self.ect_stages}")
+        if self.tune == "kd" and self.teacher_steps < 2:
+            raise OptionError(f"--teacher-steps: expected at least 2, got {self.teacher_steps}")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:
