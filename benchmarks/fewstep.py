@@ -1,5 +1,5 @@
-"""Few-step two-stage sampling on the demo digits: both stages consistency-tuned (`vcdm tune`'s defaults: the
-prior, which predicts x0, distilled (ECD); the image model by ECT) and sampled in 1+1, 2+2, 1+3 and 4+4 network
+"""Few-step two-stage sampling on the demo digits: both stages tuned (`vcdm tune`'s defaults: the prior, which
+predicts x0, by distilling its ODE (KD); the image model by ECT) and sampled in 1+1, 1+2, 2+2, 1+3 and 4+4 network
 evaluations, against the original release's sampler (40 Heun steps
 with churn, 79+79 evaluations: `vcdm sample`'s defaults) and `--preset fast` (UniPC, 12+12); and the
 tuned image model after the untuned prior's UniPC 12 (the prior, an MLP, costs ~1/80 of a U-Net evaluation).
@@ -18,6 +18,7 @@ median over --time-reps rounds, and the ratio to the release setting taken round
 
     python benchmarks/fewstep.py --out fewstep-run --seeds 0,1 --jobs 2     # train, tune, score, time
     python benchmarks/fewstep.py --out fewstep-2 --reuse fewstep-run         # same base models, tune again
+    python benchmarks/fewstep.py --out fewstep-kd --reuse fewstep-run --image-method kd --time-reps 0
     python benchmarks/fewstep.py --out fewstep-run --report                  # table.md, fewstep.png only
 """
 from __future__ import annotations
@@ -39,11 +40,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, median, result, row, write_json  # noqa: E402
 from quality import run_seed_processes, train_nested  # noqa: E402
 
+from vcdm.checkpoints import read_checkpoint_config  # noqa: E402
 from vcdm.data import digits  # noqa: E402
 from vcdm.demo.budget import Sizes  # noqa: E402
 from vcdm.demo.training import read_stats, train_options  # noqa: E402
 from vcdm.fileio import atomic_path, atomic_write, parse_int_list  # noqa: E402
 from vcdm.generate.options import Conditioning, RunOptions, SamplerOptions  # noqa: E402
+from vcdm.train.options import TUNE_METHODS  # noqa: E402
 
 SIZES = Sizes(resolution=8, cres=(1, 2))
 LENGTHS = {"prior": (32.0, 64.0, 96.0), "image": (8.0, 16.0)}  # kimg; the last is tuned
@@ -52,8 +55,10 @@ FAST = SamplerOptions(sampler="unipc", num_steps=12)
 SETTINGS = {  # label: (tuned stages, evaluations (prior, image), `vcdm sample` flags, image-stage SamplerOptions)
     "release: Heun 40 + churn": ((), (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ((), (12, 12), ["--preset", "fast"], FAST),
+    "ODE: Heun 18 + 18, no churn": ((), (35, 35), ["--prior-steps", "18", "--prior-S_churn", "0", "--image-steps", "18",
+                                                   "--image-S_churn", "0"], SamplerOptions(num_steps=18, S_churn=0.0)),
     **{f"tuned {p}+{n}": (("prior", "image"), (p, n), ["--prior-steps", str(p), "--image-steps", str(n)],
-                          SamplerOptions(sampler="consistency", num_steps=n)) for p, n in ((1, 1), (2, 2), (1, 3), (4, 4))},
+                          SamplerOptions(sampler="consistency", num_steps=n)) for p, n in ((1, 1), (1, 2), (2, 2), (1, 3), (4, 4))},
     **{f"prior UniPC 12 + image tuned {n}": (("image",), (12, n), ["--prior-sampler", "unipc", "--prior-steps", "12",
                                                                   "--image-steps", str(n)],
                                             SamplerOptions(sampler="consistency", num_steps=n)) for n in (1, 2, 4)},
@@ -83,14 +88,15 @@ def train_base(run: Path, seed: int, device: str) -> dict[str, Path]:
     return nets
 
 
-def tune(base: Path, outdir: Path, seed: int, device: str) -> Path:
-    """`vcdm tune BASE` with the command's defaults (parsed by the command itself), run in this process."""
+def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None) -> Path:
+    """`vcdm tune BASE` with the command's defaults (parsed by the command itself; `method`: its --method),
+    run in this process."""
     from vcdm.cli.tune import command, tune_options
     from vcdm.train import train
 
     if not sorted(outdir.glob("*/network-snapshot-*.safetensors")):
         args = [str(base), "--outdir", str(outdir), "--seed", str(seed), "--device", device, "--workers", "0",
-                "--snap", "0", "--dump", "0"]
+                "--snap", "0", "--dump", "0", *(["--method", method] if method else [])]
         with command.make_context("tune", args) as ctx:
             train(tune_options(str(base), dict(ctx.params)))
     return snapshot(outdir, "*/network-snapshot-*.safetensors")
@@ -132,12 +138,13 @@ def oracle_images(image: Path, opts: SamplerOptions, judge, num: int, folder: Pa
     return read_images(res.outdir, seeds)
 
 
-def run_seed(run: Path, seed: int, num: int, device: str) -> None:
-    """Train, tune and score one seed, appending rows to seed-<s>/results.jsonl (done rows are skipped)."""
+def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str | None]) -> None:
+    """Train, tune (`methods`: each stage's --method, None for the default) and score one seed, appending rows to
+    seed-<s>/results.jsonl (done rows are skipped)."""
     from vcdm.metrics.judge import make_judge
 
     base = train_base(run, seed, device)
-    tuned = {kind: tune(base[kind], run / f"seed-{seed}" / f"tuned-{kind}", seed, device) for kind in base}
+    tuned = {kind: tune(base[kind], run / f"seed-{seed}" / f"tuned-{kind}", seed, device, methods[kind]) for kind in base}
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind in base:
@@ -191,6 +198,7 @@ def time_processes(run: Path, images: int, reps: int, batch: int, only: list[str
     base = {k: snapshot(run / "seed-0" / k, "budget*-network-snapshot-*.safetensors") for k in LENGTHS}
     tuned = {k: snapshot(run / "seed-0" / f"tuned-{k}", "*/network-snapshot-*.safetensors") for k in LENGTHS}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = max((r["round"] for r in read(run / "timing.jsonl") if r["images"] == images), default=0)
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(reps + 1):
             for label, (stages, _, flags, _) in SETTINGS.items():
@@ -206,9 +214,9 @@ def time_processes(run: Path, images: int, reps: int, batch: int, only: list[str
                 sec = time.perf_counter() - start
                 shutil.rmtree(out)
                 if rep:
-                    append(run / "timing.jsonl", {"kind": "time", "setting": label, "round": rep, "sec": sec,
+                    append(run / "timing.jsonl", {"kind": "time", "setting": label, "round": done + rep, "sec": sec,
                                                   "images": images})
-                    print(f"round {rep}: {label}: {sec:.1f} s", flush=True)
+                    print(f"round {done + rep}: {label}: {sec:.1f} s", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -251,8 +259,11 @@ def table(run: Path) -> tuple[str, list[dict]]:
     seeds, speed = sorted(per_seed), speeds(times)
     col = lambda label, key: [per_seed[s][label][key] for s in seeds if label in per_seed[s]]  # noqa: E731
     ref_fd = col(REFERENCE, "fd")
+    methods = {k: read_checkpoint_config(snapshot(run / f"seed-{seeds[0]}" / f"tuned-{k}", "*/network-snapshot-*.safetensors"))
+               .training["tune"].upper() for k in LENGTHS}
     lines = [f"Two-stage sampling on the demo digits (8x8) with few network evaluations: both stages tuned by "
-             f"`vcdm tune` (its defaults: prior ECD, image model ECT) vs the release's sampler and --preset fast. {len(seeds)} training seeds "
+             f"`vcdm tune` (prior {methods['prior']}, image model {methods['image']}) vs the release's sampler and --preset fast. "
+             f"{len(seeds)} training seeds "
              f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
              f"{LENGTHS['prior'][-1]:g} kimg, image model {LENGTHS['image'][-1]:g} kimg. FD: the demo judge's "
              f"features vs the 300 held-out digits; real-digit floor {mean_std(col('real', 'fd'))}. Images/s: "
@@ -344,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-reps", type=int, default=3, help="timed rounds (0: no timing) [3]")
     p.add_argument("--batch", type=int, default=256, help="batch of the timed runs [256]")
     p.add_argument("--time-settings", metavar="LABEL;...", help="time only these settings (and the release's), "
-                   "';'-separated labels; timings of another --time-images are kept beside the earlier ones")
+                   "';'-separated labels; earlier timings are kept, new rounds numbered after them (the release's too)")
+    p.add_argument("--prior-method", choices=TUNE_METHODS, help="`vcdm tune --method` of the prior [its default]")
+    p.add_argument("--image-method", choices=TUNE_METHODS, help="`vcdm tune --method` of the image model [its default]")
     p.add_argument("--device", default="cpu")
     p.add_argument("--report", action="store_true", help="only write table.md and fewstep.png from the run folder")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (run_all.py's format)")
@@ -367,14 +380,18 @@ def main(argv: list[str] | None = None) -> None:
         digits.write_digits(a.out / "data", SIZES.resolution)
     if a.worker or a.jobs == 1 or len(seeds) == 1:
         for seed in seeds:
-            run_seed(a.out, seed, a.num, a.device)
+            run_seed(a.out, seed, a.num, a.device, {"prior": a.prior_method, "image": a.image_method})
         if a.worker:
             return
     else:
         run_seed_processes(__file__, seeds, a.jobs, a.out,
-                           ["--out", str(a.out), "--num", str(a.num), "--device", a.device])
-    if a.time_reps and not any(r["images"] == a.time_images for r in read(a.out / "timing.jsonl")):
-        time_processes(a.out, a.time_images, a.time_reps, a.batch, a.time_settings.split(";") if a.time_settings else None)
+                           ["--out", str(a.out), "--num", str(a.num), "--device", a.device,
+                            *(["--prior-method", a.prior_method] if a.prior_method else []),
+                            *(["--image-method", a.image_method] if a.image_method else [])])
+    only = a.time_settings.split(";") if a.time_settings else None
+    timed = {r["setting"] for r in read(a.out / "timing.jsonl") if r["images"] == a.time_images}
+    if a.time_reps and not set(only or SETTINGS) <= timed:
+        time_processes(a.out, a.time_images, a.time_reps, a.batch, only)
     report(a.out, a.json, start)
 
 

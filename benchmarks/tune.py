@@ -1,8 +1,9 @@
-"""Cost of consistency tuning (`vcdm tune`, ECT and ECD) per image, relative to training, in the same run.
+"""Cost of tuning (`vcdm tune`: ECT, ECD and KD) per image, relative to training, in the same run.
 
 For each model (benchmarks/train.py's: DDPM++ 64x64 given a pixel-pca embedding, and the dalle2 prior),
 a short `vcdm train` run makes the checkpoint; `vcdm tune` then runs the same loop with each method's loss
-(ECT: one more forward pass without gradients per step; ECD: three, two of them the frozen teacher's) for
+(ECT: one more forward pass without gradients per step; ECD: three, two of them the frozen teacher's; KD:
+the teacher's Heun sampler, 2 x 18 - 1 = 35 passes without gradients, and no second pass of the network) for
 the same number of steps. All numbers are the runs' own stats.jsonl (median sec/kimg of the ticks after
 the first, one step per tick). Their ratio is what a tuning image costs in training images; a tuning of
 1/2 of the training (`vcdm tune`'s default length) then costs ratio / 2 of the training.
@@ -56,7 +57,7 @@ def main() -> None:
                     "--quick: 2)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--models", default="ddpmpp-64,prior", help="comma-separated: ddpmpp-64, prior")
-    ap.add_argument("--methods", default="ect,ecd", help="comma-separated: ect, ecd")
+    ap.add_argument("--methods", default="ect,ecd,kd", help="comma-separated: ect, ecd, kd")
     a = ap.parse_args()
     a.steps = a.steps or (2 if a.quick else 3)
     info, start, rows = machine("cpu"), time.perf_counter(), []
