@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vcdm.nets.layers import cpu_constant
+
 COSINE_SCALE = 16.0  # fixed logit scale of the cosine-similarity attention
 ROTARY_DIM = 32      # head channels that get the rotary embedding (min(32, dim_head))
 
@@ -53,7 +55,7 @@ class Rotary(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("freqs", 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("freqs", cpu_constant(lambda: 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)))
 
     def forward(self, t: Tensor) -> Tensor:
         pos = torch.arange(t.shape[-2], device=t.device).to(self.freqs.dtype)
@@ -71,7 +73,8 @@ class RelPosBias(nn.Module):
     def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 128):
         super().__init__()
         self.num_buckets, self.max_distance = num_buckets, max_distance
-        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads, _weight=torch.randn(num_buckets, heads))  # its
+        # own init, torch.nn.init.normal_, is out-of-place arithmetic on the meta device (layers.weight_init)
 
     def forward(self, n: int, device: torch.device) -> Tensor:
         dist = (torch.arange(n, device=device)[:, None] - torch.arange(n + 1, device=device)).clamp(min=0)

@@ -65,8 +65,8 @@ class MPFourier(nn.Module):
 
     def __init__(self, num_channels: int, bandwidth: float = 1):
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+        self.register_buffer("freqs", torch.randn(num_channels).mul_(2 * math.pi).mul_(bandwidth))  # in place: layers.weight_init
+        self.register_buffer("phases", torch.rand(num_channels).mul_(2 * math.pi))
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.outer(x.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)

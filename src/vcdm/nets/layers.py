@@ -7,7 +7,7 @@ and the forward passes apply the same operations in the same order.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,15 +15,25 @@ from torch.nn import functional as F
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> Tensor:
+    """EDM's initialisations. In-place arithmetic throughout: on the meta device (a checkpoint's shape check)
+    out-of-place arithmetic runs torch's Python meta kernels, whose first use imports torch._dynamo (1.2 s)."""
     if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(6 / (fan_in + fan_out)))
     if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(2 / (fan_in + fan_out)))
     if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
     if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(1 / fan_in))
     raise ValueError(f"unknown weight init mode '{mode}'")
+
+
+def cpu_constant(make: Callable[[], Tensor]) -> Tensor:
+    """A constant computed on the CPU, then placed on the default device (the meta device included: no
+    arithmetic there, see weight_init)."""
+    with torch.device("cpu"):
+        value = make()
+    return value.to(torch.get_default_device())
 
 
 class Linear(nn.Module):
@@ -32,8 +42,8 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         kw = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = nn.Parameter(weight_init([out_features, in_features], **kw) * init_weight)
-        self.bias = nn.Parameter(weight_init([out_features], **kw) * init_bias) if bias else None
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **kw).mul_(init_weight))
+        self.bias = nn.Parameter(weight_init([out_features], **kw).mul_(init_bias)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = x @ self.weight.to(x.dtype).t()
@@ -56,10 +66,11 @@ class Conv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
         kw = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **kw) * init_weight) if kernel else None
-        self.bias = nn.Parameter(weight_init([out_channels], **kw) * init_bias) if kernel and bias else None
-        f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        self.register_buffer("resample_filter", torch.outer(f, f)[None, None] / f.sum().square() if up or down else None)
+        self.weight = nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **kw).mul_(init_weight)) if kernel else None
+        self.bias = nn.Parameter(weight_init([out_channels], **kw).mul_(init_bias)) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32, device="cpu")
+        self.register_buffer("resample_filter", cpu_constant(lambda: torch.outer(f, f)[None, None] / f.sum().square())
+                             if up or down else None)
 
     def forward(self, x: Tensor) -> Tensor:
         w = None if self.weight is None else self.weight.to(x.dtype)
@@ -172,7 +183,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", torch.randn(num_channels // 2).mul_(scale))
 
     def forward(self, x: Tensor) -> Tensor:
         x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
