@@ -186,6 +186,15 @@ def test_ode_distillation_turns_the_denoiser_into_a_one_and_two_step_sampler(one
         DistillLoss()(model, torch.zeros(2, N))
 
 
+def test_ode_distillation_makes_its_tensors_on_the_data_device():
+    """The meta device stands in for CUDA: a level or noise tensor made on the default device (the CPU) would
+    not combine with the batch."""
+    with torch.device("meta"):
+        model, teacher = GaussianConsistency(0.3), GaussianConsistency(0.0)
+    loss = DistillLoss(teacher=teacher, teacher_steps=3)(model, torch.zeros(4, N, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == (4, N)
+
+
 def test_ode_distillation_trains_half_the_samples_at_the_top_level_and_the_rest_within_the_range():
     starts = []
 

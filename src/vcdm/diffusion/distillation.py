@@ -12,7 +12,7 @@ Each sample is noised as in training, x_t = x + t n, at t = the consistency samp
 (sigma_max, EDM's 80) with probability ``top_fraction`` (what one-step sampling uses) and otherwise at ln t ~
 N(P_mean, P_std^2) within the sampler's range (what its re-noised later steps use). The target is the
 teacher's ODE solved from (x_t, t) to 0 by EDM's Heun sampler on Karras's levels from t to sigma_min; the error
-is weighted as the checkpoint's training weighted it (EDM's lambda, 1 for x0-predicted elements).
+is weighted by EDM's lambda(t) (1 for x0-predicted elements, as in training).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def ode_solution(teacher: nn.Module, x_t: torch.Tensor, t: torch.Tensor, steps: 
     """The teacher's probability-flow ODE solved from x_t at t (B, 1) to 0: Heun steps over Karras's ``steps``
     levels from each sample's t to sigma_min, then the teacher's denoised output there (EDM's last, Euler,
     step to 0): 2 steps - 1 evaluations, EDM's sampler with num_steps = steps."""
-    levels = karras_sigmas(steps, sigma_min, t.double(), rho).to(x_t.dtype)  # (B, steps)
+    levels = karras_sigmas(steps, sigma_min, t.double(), rho, t.device).to(x_t.dtype)  # (B, steps)
     x = x_t
     for i in range(steps - 1):
         x = heun_step(teacher, x, levels[:, i:i + 1], levels[:, i + 1:i + 2], y, augment_labels)
@@ -39,7 +39,7 @@ def ode_solution(teacher: nn.Module, x_t: torch.Tensor, t: torch.Tensor, steps: 
 
 
 class DistillLoss(EDMLoss):
-    """Squared error, weighted as in training, between the tuned network at (x_t, t) and the frozen
+    """Squared error, weighted by EDM's lambda(t), between the tuned network at (x_t, t) and the frozen
     ``teacher``'s ODE solution from there (set by the training loop once the checkpoint's weights are loaded).
     Returns (B, latent_dim) like the diffusion losses."""
 
