@@ -58,7 +58,8 @@ SETTINGS = {  # label: (tuned stages, evaluations (prior, image), `vcdm sample` 
     "ODE: Heun 18 + 18, no churn": ((), (35, 35), ["--prior-steps", "18", "--prior-S_churn", "0", "--image-steps", "18",
                                                    "--image-S_churn", "0"], SamplerOptions(num_steps=18, S_churn=0.0)),
     **{f"tuned {p}+{n}": (("prior", "image"), (p, n), ["--prior-steps", str(p), "--image-steps", str(n)],
-                          SamplerOptions(sampler="consistency", num_steps=n)) for p, n in ((1, 1), (1, 2), (2, 2), (1, 3), (4, 4))},
+                          SamplerOptions(sampler="consistency", num_steps=n))
+       for p, n in ((1, 1), (1, 2), (2, 2), (1, 3), (4, 4))},
     **{f"prior UniPC 12 + image tuned {n}": (("image",), (12, n), ["--prior-sampler", "unipc", "--prior-steps", "12",
                                                                   "--image-steps", str(n)],
                                             SamplerOptions(sampler="consistency", num_steps=n)) for n in (1, 2, 4)},
@@ -144,7 +145,8 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     from vcdm.metrics.judge import make_judge
 
     base = train_base(run, seed, device)
-    tuned = {kind: tune(base[kind], run / f"seed-{seed}" / f"tuned-{kind}", seed, device, methods[kind]) for kind in base}
+    tuned = {kind: tune(base[kind], run / f"seed-{seed}" / f"tuned-{kind}", seed, device, methods[kind])
+             for kind in base}
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind in base:
@@ -259,10 +261,11 @@ def table(run: Path) -> tuple[str, list[dict]]:
     seeds, speed = sorted(per_seed), speeds(times)
     col = lambda label, key: [per_seed[s][label][key] for s in seeds if label in per_seed[s]]  # noqa: E731
     ref_fd = col(REFERENCE, "fd")
-    methods = {k: read_checkpoint_config(snapshot(run / f"seed-{seeds[0]}" / f"tuned-{k}", "*/network-snapshot-*.safetensors"))
-               .training["tune"].upper() for k in LENGTHS}
+    tuned = {k: snapshot(run / f"seed-{seeds[0]}" / f"tuned-{k}", "*/network-snapshot-*.safetensors") for k in LENGTHS}
+    methods = {k: read_checkpoint_config(path).training["tune"].upper() for k, path in tuned.items()}
     lines = [f"Two-stage sampling on the demo digits (8x8) with few network evaluations: both stages tuned by "
-             f"`vcdm tune` (prior {methods['prior']}, image model {methods['image']}) vs the release's sampler and --preset fast. "
+             f"`vcdm tune` (prior {methods['prior']}, image model {methods['image']}) vs the release's sampler and "
+             f"--preset fast. "
              f"{len(seeds)} training seeds "
              f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
              f"{LENGTHS['prior'][-1]:g} kimg, image model {LENGTHS['image'][-1]:g} kimg. FD: the demo judge's "

@@ -9,7 +9,7 @@ import click
 COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("vcdm.cli.dataset", "Build an EDM-format dataset (zip or folder) from images; `dataset info`."),
     "train": ("vcdm.cli.train", "Train a prior (embeddings) or an image model, EDM-style; torchrun-aware."),
-    "tune": ("vcdm.cli.tune", "Consistency-tune a trained model of either stage into a 1-4 step sampler (ECT)."),
+    "tune": ("vcdm.cli.tune", "Tune a trained model of either stage into a 1-4 step sampler (ECT, ECD or KD)."),
     "generate": ("vcdm.cli.generate", "Sample one model for a list of seeds (the original release's generate.py)."),
     "sample": ("vcdm.cli.sample", "Two-stage sampling: prior → embeddings → image model → images."),
     "variations": ("vcdm.cli.variations", "Embed real images and sample variations conditioned on them."),

@@ -66,7 +66,8 @@ class Conv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
         kw = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **kw).mul_(init_weight)) if kernel else None
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = nn.Parameter(weight_init(shape, **kw).mul_(init_weight)) if kernel else None
         self.bias = nn.Parameter(weight_init([out_channels], **kw).mul_(init_bias)) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32, device="cpu")
         self.register_buffer("resample_filter", cpu_constant(lambda: torch.outer(f, f)[None, None] / f.sum().square())
