@@ -9,6 +9,9 @@ theta 0 is the diffusion denoiser, theta 1/2 the exact consistency function.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -383,6 +386,29 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
     resumed = invoke("--outdir", str(tmp_path / "stopped"), "--resume", "auto")
     assert resumed.exit_code == 0 and "Resuming from" in resumed.output and "Teacher: loaded" in resumed.output
     assert_same_weights(last_state(run_dir(tmp_path / "straight")), last_state(run_dir(tmp_path / "stopped")))
+
+
+@pytest.mark.slow
+def test_ode_distillation_under_torchrun_takes_the_single_process_step(tuned, tmp_path):
+    """kd under DDP: two processes of 2 samples each take the step that one process takes over two accumulation
+    rounds of 2 (rank r draws what round r draws), so the first Adam moments (the gradient) agree."""
+    script = tmp_path / "vcdm_cli.py"
+    script.write_text("from vcdm.cli.main import cli\ncli()\n")
+    args = [str(tuned["base"]), "--method", "kd", "--teacher-steps", "3", "--kimg", "0.004", "--batch", "4",
+            "--batch-gpu", "2", "--tick", "0.004", "--snap", "0", "--dump", "0", "--workers", "0", "--device", "cpu",
+            "--seed", "1"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "tune", *args, "--outdir", str(tmp_path / "ddp")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 processes x 1 rounds x 2" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = CliRunner().invoke(tune_cmd, [*args, "--outdir", str(tmp_path / "one")])
+    assert one.exit_code == 0 and "1 processes x 2 rounds x 2" in one.output, one.output
+    moments = lambda d: [v["exp_avg"] for v in last_state(run_dir(d))["optimizer"]["state"].values()]  # noqa: E731
+    single = moments(tmp_path / "one")
+    scale = max(float(m.abs().max()) for m in single)
+    assert scale > 0
+    for a, b in zip(moments(tmp_path / "ddp"), single, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("edm2", [False, True])
