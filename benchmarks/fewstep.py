@@ -311,15 +311,16 @@ def plot(run: Path, path: Path) -> None:
 
     per_seed, _, times = collect(run)
     speed = speeds(times)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 3.8), dpi=80)
+    colours = plt.get_cmap("tab20").colors
     for i, (label, (_, nfe, _, _)) in enumerate(SETTINGS.items()):
         fd = [per_seed[s][label]["fd"] for s in per_seed if label in per_seed[s]]
         if not fd:
             continue
         m, sd = statistics.mean(fd), statistics.stdev(fd) if len(fd) > 1 else 0.0
-        ax.errorbar([sum(nfe)], [m], yerr=[sd], fmt="o", capsize=3, color=f"C{i}", label=label)
+        ax.errorbar([sum(nfe)], [m], yerr=[sd], fmt="o", capsize=3, color=colours[i], label=label)
         if label in speed:
-            ax2.errorbar([speed[label][0]], [m], yerr=[sd], fmt="o", capsize=3, color=f"C{i}", label=label)
+            ax2.errorbar([speed[label][0]], [m], yerr=[sd], fmt="o", capsize=3, color=colours[i], label=label)
     floor = [per_seed[s]["real"]["fd"] for s in per_seed if "real" in per_seed[s]]
     for a in (ax, ax2):
         if floor:
@@ -327,7 +328,7 @@ def plot(run: Path, path: Path) -> None:
         a.set(xscale="log", yscale="log", ylabel="FD ↓")
     ax.set_xlabel("network evaluations per image (both stages)")
     ax2.set_xlabel("images/s, whole `vcdm sample` process")
-    ax.legend(fontsize=7)
+    ax2.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"Few-step two-stage sampling, demo digits 8x8, seeds {','.join(map(str, sorted(per_seed)))}",
                  fontsize=9)
     fig.tight_layout()
