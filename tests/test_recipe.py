@@ -253,8 +253,9 @@ def test_edm2_recipe_trains_the_prior_and_a_resumed_run_keeps_it(data, tmp_path)
     assert {k: recorded[k] for k in ("recipe", "precond", "adam_betas", "lr_schedule", "lr_ref", "lr", "P_mean")} == {
         "recipe": "edm2", "precond": "edm2", "adam_betas": [0.9, 0.99], "lr_schedule": "edm2", "lr_ref": 35000 * 4 / 1000,
         "lr": 2e-3, "P_mean": -1.2}
-    assert sorted(p.name for p in d.glob("network-snapshot-*.safetensors")) == [
-        "network-snapshot-000000-0.050.safetensors", "network-snapshot-000000-0.100.safetensors"]
+    assert sorted(p.name for p in d.glob("network-snapshot-*.safetensors")) == [  # two ticks of 4 images
+        "network-snapshot-000000-0.050-4img.safetensors", "network-snapshot-000000-0.050.safetensors",
+        "network-snapshot-000000-0.100-4img.safetensors", "network-snapshot-000000-0.100.safetensors"]
     denoiser, config, _ = load_checkpoint(d / "network-snapshot-000000-0.100.safetensors")
     assert denoiser.config()["logvar_channels"] == 128 and "logvar_linear.weight" in denoiser.net.state_dict()
     assert {k: config.training[k] for k in recorded} == recorded  # the checkpoint records the resolved recipe

@@ -52,8 +52,9 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(data, tmp_path)
     a, b = run_dir(nodes / "runs"), run_dir(single / "runs")
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())  # process 1 wrote no second state or snapshot
-    assert [n for n in names if n.startswith(("network-snapshot", "training-state"))] == [
-        "network-snapshot-000000.safetensors", "training-state-000000.pt", "training-state-000000.pt.json"]
+    assert [n for n in names if n.startswith(("network-snapshot", "training-state"))] == [  # snapshots at 4 and 8
+        "network-snapshot-000000-4img.safetensors", "network-snapshot-000000.safetensors", "training-state-000000.pt",
+        "training-state-000000.pt.json"]
     snapshot = "network-snapshot-000000.safetensors"
     assert (a / snapshot).read_bytes() == (b / snapshot).read_bytes()
     sa, sb = load_state(a / "training-state-000000.pt"), load_state(b / "training-state-000000.pt")

@@ -4,7 +4,10 @@ preview grids, written by process 0 under one policy for failed writes (full dis
 Names (<kimg>: images seen // 1000, six digits):
 
 - ``network-snapshot-<kimg>.safetensors``: the network of EDM's EMA; ``network-snapshot-<kimg>-<std>.safetensors``:
-  one per power-function EMA profile (EDM2's names, <std> to three decimals).
+  one per power-function EMA profile (EDM2's names, <std> to three decimals). A later snapshot within the same
+  kimg (ticks under 1 kimg apart) takes the name, and the earlier one moves to
+  ``network-snapshot-<kimg>[-<std>]-<images>img.safetensors`` (sorting just before it): the plain name holds the
+  latest, as in EDM, and no snapshot overwrites another of another time.
 - ``training-state-<kimg>.pt`` with a sidecar ``<name>.json`` (its size, SHA-256 and images seen). A later state
   within the same kimg (short ticks, a resumed run) is ``training-state-<kimg>_<n>.pt``: no state overwrites
   another. A state saved after non-finite losses is ``...-nonfinite.pt``, a name ``--resume`` never picks.
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from vcdm import distributed as dist
-from vcdm.checkpoints import CheckpointConfig, save_checkpoint
+from vcdm.checkpoints import CheckpointConfig, CheckpointError, read_checkpoint_config, save_checkpoint
 from vcdm.fileio import atomic_path, atomic_write, file_sha256, temp_glob
 
 if TYPE_CHECKING:
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from vcdm.train.state import TrainState
 
 STATE_RE = re.compile(r"training-state-(\d+)(?:_(\d+))?\.pt")  # resumable names; "-nonfinite" ones never match
-PROFILE_SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.safetensors")  # (kimg, EMA length)
+PROFILE_SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)(?:-\d+img)?\.safetensors")  # (kimg, EMA length)
 NONFINITE = "-nonfinite"
 CONDITIONING_GRID = "samples-conditioning.png"
 SIDECAR_BYTES = 1 << 16  # a sidecar holds a size, a digest and a count
@@ -55,10 +58,34 @@ TEMP_GLOBS = tuple(temp_glob(name) for name in ATOMIC_FILES)
 TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
 
 
-def snapshot_name(nimg: int, ema_std: float | None = None) -> str:
-    """``network-snapshot-<kimg>.safetensors``, or ``...-<std>.safetensors`` for a power-function EMA profile."""
+def snapshot_name(nimg: int, ema_std: float | None = None, exact: bool = False) -> str:
+    """``network-snapshot-<kimg>.safetensors``, or ``...-<std>.safetensors`` for a power-function EMA profile;
+    ``exact``: ending ``-<images>img`` (a snapshot moved aside by a later one of the same kimg)."""
     length = "" if ema_std is None else f"-{ema_std:.3f}"
-    return f"network-snapshot-{nimg // 1000:06d}{length}.safetensors"
+    images = f"-{nimg}img" if exact else ""
+    return f"network-snapshot-{nimg // 1000:06d}{length}{images}.safetensors"
+
+
+def move_aside(path: Path, nimg: int, ema_std: float | None) -> None:
+    """Before the snapshot of `nimg` images is written to `path`: an earlier snapshot there of another time moves
+    to its exact name; one whose config cannot be read (or names another kimg) to ``<name>-unreadable[_<n>]``."""
+    if not path.exists():
+        return
+    try:
+        held = read_checkpoint_config(path).training.get("nimg")
+    except CheckpointError:
+        held = None
+    if held == nimg:
+        return  # the same point again (a resumed run): replaced
+    if isinstance(held, int) and held // 1000 == nimg // 1000:
+        target = path.with_name(snapshot_name(held, ema_std, exact=True))
+    else:
+        target = path.with_name(f"{path.stem}-unreadable{path.suffix}")
+    stem, counter = target.stem, 0
+    while target.exists():
+        counter += 1
+        target = target.with_name(f"{stem}_{counter}{target.suffix}")
+    os.replace(path, target)
 
 
 def state_name(nimg: int, suffix: str = "", counter: int = 0) -> str:
@@ -169,7 +196,12 @@ def write_snapshots(outputs: Outputs, run_dir: Path, ema, embedder, config: Chec
         return
     for std, weights, record in ema.snapshots():
         path = run_dir / snapshot_name(nimg, std)
-        outputs.attempt(path, lambda: write_snapshot(path, weights, embedder, config, nimg, record))  # noqa: B023 (called at once)
+
+        def write() -> None:
+            move_aside(path, nimg, std)  # noqa: B023 (called at once)
+            write_snapshot(path, weights, embedder, config, nimg, record)  # noqa: B023
+
+        outputs.attempt(path, write)
         del weights
 
 
