@@ -116,10 +116,11 @@ def describe(opts: TrainOptions) -> str:
     ema = (f"EMA profiles std {','.join(f'{s:g}' for s in opts.ema_std)}" if opts.ema_std
            else f"EMA half-life {opts.ema:g} Mimg")
     hint = f"; EDM2 trains --arch {opts.arch} with --recipe edm2" if opts.recipe == "edm" and opts.arch in EDM2_PRESETS else ""
+    tune = ""
     if opts.tune == "kd":
         tune = f"; ODE distillation (KD): the checkpoint's {opts.teacher_steps}-step Heun sampler as target"
-    else:
-        tune = (f"; consistency tuning ({opts.tune.upper() if opts.tune else ''}): r(t) with q {opts.ect_q:g}, k {opts.ect_k:g}, "
-                f"b {opts.ect_b:g} over {opts.ect_stages} stages" if opts.tune else "")
+    elif opts.tune:
+        tune = (f"; consistency tuning ({opts.tune.upper()}): r(t) with q {opts.ect_q:g}, k {opts.ect_k:g}, "
+                f"b {opts.ect_b:g} over {opts.ect_stages} stages")
     return (f"recipe {opts.recipe}: --precond {opts.precond}, {noise}Adam betas {b1:g},{b2:g}, lr {opts.lr:g} "
             f"({opts.lr_schedule} schedule, ramp-up {opts.lr_rampup:g} kimg{decay}), {ema}, {grads}{hint}{tune}")
