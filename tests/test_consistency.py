@@ -374,7 +374,7 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
     """--method ecd/kd load the checkpoint as their teacher, also on resume: a run stopped after one step and
     resumed ends with the straight run's weights (a teacher taken from the resumed weights would not)."""
     args = [str(tuned["base"]), "--method", method, "--kimg", "0.016", "--tick", "0.004", "--snap", "0", "--dump", "0",
-            "--workers", "0", "--device", "cpu", "--seed", "1", "--teacher-steps", "3"]
+            "--workers", "0", "--device", "cpu", "--seed", "1", *(["--teacher-steps", "3"] if method == "kd" else [])]
     invoke = lambda *extra: CliRunner().invoke(tune_cmd, [*args, *extra])  # noqa: E731
     straight = invoke("--outdir", str(tmp_path / "straight"))
     assert straight.exit_code == 0 and "Teacher: loaded all" in straight.output, straight.output
@@ -462,6 +462,10 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
         options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])
         assert (options["tune"], options["ect_stages"]) == (method, stages)  # x0-predicting networks: ODE distilled
         assert options["teacher_steps"] == 18
+    for extra, message in ((["--ect-q", "4"], "--ect-q does not apply to --method kd"),
+                           (["--method", "ect", "--teacher-steps", "8"], "--teacher-steps does not apply to --method ect")):
+        r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0.safetensors"), "--dry-run", *extra])
+        assert r.exit_code == 2 and error_lines(r.output) == [f"Error: {message}"], r.output
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):

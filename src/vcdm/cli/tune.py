@@ -24,6 +24,7 @@ from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 2  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
 LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's training (benchmarks/fewstep.py)
+ECT_K, ECT_B = 8.0, 1.0  # r(t)'s sigmoid term: ECT's
 ECT_Q = 2.0  # r(t)'s first stage is ECT's (q 2: r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage
 ECT_STAGES = 2  # over a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg); benchmarks/fewstep.py. A third
                 # stage leaves no r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant
@@ -63,12 +64,17 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
                                f"give the tuning length")
     lr = given.get("lr") or LR_FRACTION * (last_lr(recorded, trained) if trained else recorded.lr)
     method = given.get("method") or default_method(recorded)
+    unused = ("ect_q", "ect_k", "ect_b", "ect_stages") if method == "kd" else ("teacher_steps",)
+    for name in unused:
+        if name in given:
+            raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --method {method}")
     return dataclasses.replace(
         recorded, init=str(checkpoint), tune=method, transfer=None, pretrained_weights=None, freeze_pretrained=False,
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
-        P_std=kwargs["P_std"], ect_q=kwargs["ect_q"], ect_k=kwargs["ect_k"], ect_b=kwargs["ect_b"],
-        ect_stages=given.get("ect_stages") or ECT_STAGES, teacher_steps=kwargs["teacher_steps"], outdir=kwargs["outdir"],
+        P_std=kwargs["P_std"], ect_q=given.get("ect_q", ECT_Q), ect_k=given.get("ect_k", ECT_K), ect_b=given.get("ect_b", ECT_B),
+        ect_stages=given.get("ect_stages", ECT_STAGES), teacher_steps=given.get("teacher_steps", TEACHER_STEPS),
+        outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
         batch=given.get("batch", recorded.batch), batch_gpu=given.get("batch_gpu"), tick=kwargs["tick"],
@@ -88,14 +94,16 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
      help="Tuning duration  [default: 1/2 of the checkpoint's training]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
      help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last]")
-@opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=ECT_Q,
-     help="r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage.")
-@opt("--ect-k", metavar="K", type=Finite(min=0), default=8.0, help="r(t)'s K.")
-@opt("--ect-b", metavar="B", type=Finite(min=0), default=1.0, help="r(t)'s B.")
+@opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=None,
+     help=f"ect/ecd: r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage  "
+          f"[default: {ECT_Q:g}]")
+@opt("--ect-k", metavar="K", type=Finite(min=0), default=None, help=f"ect/ecd: r(t)'s K  [default: {ECT_K:g}]")
+@opt("--ect-b", metavar="B", type=Finite(min=0), default=None, help=f"ect/ecd: r(t)'s B  [default: {ECT_B:g}]")
 @opt("--ect-stages", metavar="INT", type=click.IntRange(min=1), default=None,
-     help="Stages of r(t) over --kimg  [default: 2]")
-@opt("--teacher-steps", metavar="INT", type=click.IntRange(min=2), default=TEACHER_STEPS,
-     help="kd: steps of the checkpoint's Heun sampler solved for each target (2 INT - 1 evaluations)")
+     help=f"ect/ecd: stages of r(t) over --kimg  [default: {ECT_STAGES}]")
+@opt("--teacher-steps", metavar="INT", type=click.IntRange(min=2), default=None,
+     help=f"kd: steps of the checkpoint's Heun sampler solved for each target (2 INT - 1 evaluations)  "
+          f"[default: {TEACHER_STEPS}]")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")
