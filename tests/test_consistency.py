@@ -186,7 +186,7 @@ def test_ode_distillation_turns_the_denoiser_into_a_one_and_two_step_sampler(one
     for steps in (1, 2):
         assert sample_variance(model, steps) == pytest.approx(S ** 2, rel=0.02)
     with pytest.raises(RuntimeError, match="needs its teacher"):
-        DistillLoss()(model, torch.zeros(2, N))
+        DistillLoss(teacher_steps=2)(model, torch.zeros(2, N))
 
 
 def test_ode_distillation_makes_its_tensors_on_the_data_device():

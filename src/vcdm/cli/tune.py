@@ -19,16 +19,15 @@ from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
 from vcdm.train import TrainingError, train
 from vcdm.train.lr_schedules import LRSchedule
-from vcdm.train.options import TUNE_METHODS, TrainOptions
+from vcdm.train.options import ECT_B, ECT_K, ECT_Q, TEACHER_STEPS, TUNE_METHODS, TrainOptions
 from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 2  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
 LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's training (benchmarks/fewstep.py)
-ECT_K, ECT_B = 8.0, 1.0  # r(t)'s sigmoid term: ECT's
-ECT_Q = 2.0  # r(t)'s first stage is ECT's (q 2: r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage
-ECT_STAGES = 2  # over a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg); benchmarks/fewstep.py. A third
-                # stage leaves no r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant
-TEACHER_STEPS = 18  # kd: EDM's Heun sampler for 32x32 images (35 evaluations)
+# r(t)'s first stage is ECT's q 2 (r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage, over 2 stages
+# in a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg; benchmarks/fewstep.py). A third stage leaves no
+# r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant.
+ECT_STAGES = 2
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's ln(t) distribution: wider than EDM's, reaching the largest levels
 
 

@@ -43,8 +43,8 @@ class DistillLoss(EDMLoss):
     ``teacher``'s ODE solution from there (set by the training loop once the checkpoint's weights are loaded).
     Returns (B, latent_dim) like the diffusion losses."""
 
-    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5, cond_drop: float = 0.0,
-                 teacher_steps: int = 18, top_fraction: float = 0.5, teacher: nn.Module | None = None):
+    def __init__(self, teacher_steps: int, P_mean: float = -1.1, P_std: float = 2.0, sigma_data: float = 0.5,
+                 cond_drop: float = 0.0, top_fraction: float = 0.5, teacher: nn.Module | None = None):
         super().__init__(P_mean, P_std, sigma_data, cond_drop)
         if teacher_steps < 2:
             raise ValueError(f"teacher_steps: expected at least 2 (one Heun step), got {teacher_steps}")

@@ -29,6 +29,8 @@ from vcdm.workers import default_workers
 PRECONDS = ("edm", "vp", "ve", "edm2")
 TUNE_METHODS = ("ect", "ecd", "kd")  # vcdm tune: ECT; ECT's schedule with the checkpoint as teacher; its ODE distilled
 TEACHER_METHODS = ("ecd", "kd")  # the tuning methods that load the checkpoint as a frozen teacher
+ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0  # ECT's r(t) (its CIFAR-10 values); vcdm tune's defaults too
+TEACHER_STEPS = 18  # kd: EDM's Heun sampler for 32x32 images (35 evaluations)
 EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.EMBEDDERS (not imported: heavy)
 
 
@@ -83,11 +85,11 @@ class ModelOptions:
     transfer: str | None = None
     init: str | None = None  # a vcdm checkpoint whose every network tensor starts the run (vcdm tune)
     tune: str | None = None  # "ect"/"ecd"/"kd": tuning instead of the diffusion loss (vcdm.diffusion.consistency, .distillation)
-    ect_q: float = 2.0  # ECT's r(t): t - r shrinks by q per stage
-    ect_k: float = 8.0  # ... times 1 + k sigmoid(-b t)
-    ect_b: float = 1.0
+    ect_q: float = ECT_Q  # ECT's r(t): t - r shrinks by q per stage
+    ect_k: float = ECT_K  # ... times 1 + k sigmoid(-b t)
+    ect_b: float = ECT_B
     ect_stages: int = 8  # equal stages over --duration
-    teacher_steps: int = 18  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
+    teacher_steps: int = TEACHER_STEPS  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
 
 
 @dataclass
