@@ -28,6 +28,7 @@ from vcdm.cli.tune import command as tune_cmd
 from vcdm.data.structure import Structure
 from vcdm.diffusion.consistency import ECTLoss, ect_gap, ect_r
 from vcdm.diffusion.distillation import DistillLoss, ode_solution
+from vcdm.diffusion.dmd import DMDLoss
 from vcdm.diffusion.sampling import sample
 from vcdm.generate.files import read_tensors
 from vcdm.nets import build_network
@@ -214,6 +215,44 @@ def test_ode_distillation_trains_half_the_samples_at_the_top_level_and_the_rest_
     assert float(t.min()) == pytest.approx(0.002) and float(t.max()) == T
 
 
+class GaussianDenoiser(nn.Module):
+    """D(x, t) = x v / (v + t^2), the exact denoiser of N(0, v I); v learnable (DMD's fake denoiser learns the
+    variance of the sampler's outputs). The parameter sits in ``net``, as a Denoiser's do."""
+    sigma_min, sigma_max = 0.002, T
+
+    def __init__(self, variance: float):
+        super().__init__()
+        self.register_buffer("noise_scale", torch.ones(N))
+        self.register_buffer("x0_mask", torch.zeros(N, dtype=torch.bool))
+        self.net = nn.Module()
+        self.net.log_v = nn.Parameter(torch.tensor([variance]).log())
+
+    def forward(self, x, sigma, y=None, augment_labels=None):
+        v = self.net.log_v.exp().to(x.dtype)
+        return x * v / (v + torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1) ** 2)
+
+
+def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the_data(one_thread):
+    """DMD from the diffusion denoiser (theta 0: its two-step samples have variance 0.05, the data 0.25): the
+    teacher is the exact denoiser of the data, the fake denoiser learns the sampler's variance; both the sampler's
+    two-step samples and the fake denoiser's variance reach the data's, and theta the exact map (1/2)."""
+    torch.manual_seed(0)
+    loss = DMDLoss(steps=2, fake_updates=5, fake_lr=1e-2, teacher=GaussianDenoiser(S ** 2).requires_grad_(False))
+    loss.make_fake()
+    model = GaussianConsistency(0.0)
+    assert sample_variance(model, 2) < 0.06
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        opt.zero_grad()
+        (loss(model, torch.randn(256, N, generator=g) * S, generator=g).sum() / 256).backward()
+        opt.step()
+    assert sample_variance(model, 2) == pytest.approx(S ** 2, rel=0.03)
+    assert loss.fake.net.log_v.exp().item() == pytest.approx(S ** 2, rel=0.05)
+    assert model.theta.item() == pytest.approx(0.5, abs=0.03)
+    assert torch.equal(loss.teacher.net.log_v, torch.tensor([S ** 2]).log())  # the teacher stays frozen
+
+
 def test_consistency_sampler_on_the_exact_map_reaches_the_data_distribution():
     """1, 2 and 4 steps of the exact consistency function give variance s^2 (Monte-Carlo sd 0.25%)."""
     for steps in (1, 2, 4):
@@ -369,23 +408,35 @@ def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.determinism
-@pytest.mark.parametrize("method", ["ecd", "kd"])
+@pytest.mark.parametrize("method", ["ecd", "kd", "dmd"])
 def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp_path, method):
     """--method ecd/kd load the checkpoint as their teacher, also on resume: a run stopped after one step and
-    resumed ends with the straight run's weights (a teacher taken from the resumed weights would not)."""
-    args = [str(tuned["base"]), "--method", method, "--kimg", "0.016", "--tick", "0.004", "--snap", "0", "--dump", "0",
-            "--workers", "0", "--device", "cpu", "--seed", "1", *(["--teacher-steps", "3"] if method == "kd" else [])]
+    resumed ends with the straight run's weights (a teacher taken from the resumed weights would not). dmd (the
+    default for a tuned checkpoint) loads the diffusion model it was tuned from, and resumes its fake denoiser
+    and that one's optimiser from the state."""
+    checkpoint, flags = ((tuned["tuned"], ["--sampler-steps", "1"]) if method == "dmd" else
+                         (tuned["base"], ["--method", method, *(["--teacher-steps", "3"] if method == "kd" else [])]))
+    args = [str(checkpoint), *flags, "--kimg", "0.016", "--tick", "0.004", "--snap", "0", "--dump", "0",
+            "--workers", "0", "--device", "cpu", "--seed", "1"]
     invoke = lambda *extra: CliRunner().invoke(tune_cmd, [*args, *extra])  # noqa: E731
     straight = invoke("--outdir", str(tmp_path / "straight"))
     assert straight.exit_code == 0 and "Teacher: loaded all" in straight.output, straight.output
     assert run_dir(tmp_path / "straight").name.endswith(f"-{method}")  # the run directory names the method
     snapshot = read_checkpoint_config(sorted(run_dir(tmp_path / "straight").glob("network-*"))[-1])
-    assert snapshot.training["tune"] == method and snapshot.sampler["name"] == "consistency"
+    assert snapshot.training["tune"] == method
+    assert snapshot.sampler == {"name": "consistency", "num_steps": 1 if method == "dmd" else 2}  # dmd: the steps it trained
     stopped = invoke("--outdir", str(tmp_path / "stopped"), "--time-limit", "0.001")
     assert stopped.exit_code == 0 and "Stopped by --time-limit" in stopped.output, stopped.output
     resumed = invoke("--outdir", str(tmp_path / "stopped"), "--resume", "auto")
     assert resumed.exit_code == 0 and "Resuming from" in resumed.output and "Teacher: loaded" in resumed.output
     assert_same_weights(last_state(run_dir(tmp_path / "straight")), last_state(run_dir(tmp_path / "stopped")))
+    if method == "dmd":
+        assert "Teacher: loaded all" in straight.output and str(tuned["base"]) in straight.output
+        fake = [last_state(run_dir(tmp_path / d))["loss"]["fake"] for d in ("straight", "stopped")]
+        teacher, _, _ = load_checkpoint(tuned["base"])
+        assert fake[0].keys() == teacher.net.state_dict().keys()
+        assert all(torch.equal(fake[0][k], fake[1][k]) for k in fake[0])
+        assert not all(torch.equal(fake[0][k], v) for k, v in teacher.net.state_dict().items())  # it trained
 
 
 @pytest.mark.slow
@@ -466,6 +517,20 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
                            (["--method", "ect", "--teacher-steps", "8"], "--teacher-steps does not apply to --method ect")):
         r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0.safetensors"), "--dry-run", *extra])
         assert r.exit_code == 2 and error_lines(r.output) == [f"Error: {message}"], r.output
+    r = CliRunner().invoke(tune_cmd, [str(tuned["tuned"]), "--dry-run", "--workers", "0", "--outdir", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])  # a tuned checkpoint: refined by DMD
+    assert (options["tune"], options["init"], options["teacher"]) == ("dmd", str(tuned["tuned"]), str(tuned["base"]))
+    assert options["duration"] == pytest.approx(2 * 32 / 1e6) and options["lr"] == pytest.approx(training["lr"] / 200)
+    assert (options["dmd_steps"], options["fake_updates"], options["fake_lr"]) == (2, 5, None)
+    for args, message in (([str(tuned["base"]), "--fake-updates", "2"], "--fake-updates does not apply to --method ect"),
+                          ([str(tuned["base"]), "--method", "ect", "--teacher", str(tuned["base"])],
+                           "--teacher does not apply to --method ect"),
+                          ([str(tuned["tuned"]), "--teacher", str(tmp_path / "gone.safetensors")],
+                           f"--teacher: {tmp_path / 'gone.safetensors'} does not exist")):
+        r = CliRunner().invoke(tune_cmd, [*args, "--dry-run"])
+        assert r.exit_code == 2 and error_lines(r.output) == [f"Error: {message}" + (
+            " (expected a vcdm .safetensors snapshot)" if "gone" in message else "")], r.output
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):

@@ -19,11 +19,15 @@ from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
 from vcdm.train import TrainingError, train
 from vcdm.train.lr_schedules import LRSchedule
-from vcdm.train.options import ECT_B, ECT_K, ECT_Q, TEACHER_STEPS, TUNE_METHODS, TrainOptions
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, CONSISTENCY_STEPS
+from vcdm.train.options import (ECT_B, ECT_K, ECT_Q, FAKE_UPDATES, TEACHER_METHODS, TEACHER_STEPS, TUNE_METHODS,
+                                TrainOptions)
 from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 2  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
 LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's training (benchmarks/fewstep.py)
+DMD_FRACTION = 2       # dmd: length relative to the teacher's training (benchmarks/fewstep.py)
+DMD_LR_FRACTION = 1 / 200  # dmd: the sampler's and the fake denoiser's learning rate, of the teacher's last
 # r(t)'s first stage is ECT's q 2 (r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage, over 2 stages
 # in a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg; benchmarks/fewstep.py). A third stage leaves no
 # r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant.
@@ -37,42 +41,75 @@ def last_lr(recorded: TrainOptions, nimg: int) -> float:
 
 
 def default_method(recorded: TrainOptions) -> str:
-    """KD for networks that predict x0 directly (--pred_x0: the DALL-E 2 prior), ECT otherwise. Measured on the demo
+    """DMD for a checkpoint that was itself tuned (refining its sampler); otherwise KD for networks that predict x0
+    directly (--pred_x0: the DALL-E 2 prior), ECT for the rest. Measured on the demo
     (benchmarks/results/fewstep-digits.md): consistency tuning left the x0-predicting prior 20-40 FD behind its own
     UniPC 12 (ECT collapsed it: two-stage FD 110 at one step; ECD 48), distilling its ODE closes the gap (one step
     as good as UniPC 12) for 35 cheap evaluations per sample; for EDM-preconditioned U-Nets ECT was as good as ECD
-    at 2-4 steps and better at one (22 vs 27) at a third less compute per step, and better than KD at 2 steps."""
+    at 2-4 steps and better at one (22 vs 27) at a third less compute per step, and better than KD at 2 steps.
+    DMD then goes past the ODE those methods learn, towards the churned sampler's samples."""
+    if recorded.tune:
+        return "dmd"
     return "kd" if any(recorded.pred_x0 or []) else "ect"
+
+
+def default_teacher(recorded: TrainOptions) -> str | None:
+    """The diffusion model a tuned checkpoint was tuned from (None for a diffusion model: itself)."""
+    return (recorded.teacher or recorded.init) if recorded.tune else None
+
+
+METHOD_FLAGS = {"ect_q": ("ect", "ecd"), "ect_k": ("ect", "ecd"), "ect_b": ("ect", "ecd"), "ect_stages": ("ect", "ecd"),
+                "teacher_steps": ("kd",), "teacher": ("ecd", "kd", "dmd"), "fake_updates": ("dmd",),
+                "fake_lr": ("dmd",), "sampler_steps": ("dmd",)}
+
+
+def recorded_training(checkpoint: str, flag: str = "CHECKPOINT") -> dict:
+    """The training options a vcdm checkpoint records (a UsageError naming ``flag`` if it has none)."""
+    if not Path(checkpoint).is_file():
+        raise click.UsageError(f"{flag}: {checkpoint} does not exist (expected a vcdm .safetensors snapshot)")
+    with user_errors():
+        training = read_checkpoint_config(checkpoint).training
+    if not training.get("data_class"):
+        raise click.UsageError(f"{flag}: {checkpoint} records no training options (an imported network?); "
+                               f"tune a model trained by `vcdm train`")
+    return training
+
+
+def trained_nimg(training: dict) -> int | None:
+    nimg = training.get("nimg")
+    return nimg if isinstance(nimg, int) and nimg > 0 else None
 
 
 def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     """The training options of `checkpoint` turned into a tuning run's."""
-    if not Path(checkpoint).is_file():
-        raise click.UsageError(f"CHECKPOINT: {checkpoint} does not exist (expected a vcdm .safetensors snapshot)")
+    training = recorded_training(checkpoint)
     with user_errors():
-        training = read_checkpoint_config(checkpoint).training
-        if not training.get("data_class"):
-            raise click.UsageError(f"CHECKPOINT: {checkpoint} records no training options (an imported network?); "
-                                   f"tune a model trained by `vcdm train`")
         recorded = TrainOptions.from_dict(training)
     given = {k: v for k, v in kwargs.items() if v is not None}
-    trained = training.get("nimg") if isinstance(training.get("nimg"), int) and training["nimg"] > 0 else None
-    kimg = given.get("kimg") or (TUNE_FRACTION * trained / 1000 if trained else None)
-    if kimg is None:
-        raise click.UsageError(f"--kimg: {checkpoint} records no training length to take {TUNE_FRACTION:g} of; "
-                               f"give the tuning length")
-    lr = given.get("lr") or LR_FRACTION * (last_lr(recorded, trained) if trained else recorded.lr)
     method = given.get("method") or default_method(recorded)
-    unused = ("ect_q", "ect_k", "ect_b", "ect_stages") if method == "kd" else ("teacher_steps",)
-    for name in unused:
-        if name in given:
+    for name in given.keys() & METHOD_FLAGS.keys():
+        if method not in METHOD_FLAGS[name]:
             raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --method {method}")
+    teacher = given.get("teacher") or default_teacher(recorded) if method in TEACHER_METHODS else None
+    source = recorded_training(teacher, "--teacher" if "teacher" in given else "the checkpoint's recorded teacher"
+                               ) if teacher else training  # the diffusion training the defaults are relative to
+    with user_errors():
+        diffusion = TrainOptions.from_dict(source)
+    trained = trained_nimg(source)
+    fraction, lr_fraction = (DMD_FRACTION, DMD_LR_FRACTION) if method == "dmd" else (TUNE_FRACTION, LR_FRACTION)
+    kimg = given.get("kimg") or (fraction * trained / 1000 if trained else None)
+    if kimg is None:
+        raise click.UsageError(f"--kimg: {teacher or checkpoint} records no training length to take {fraction:g} of; "
+                               f"give the tuning length")
+    lr = given.get("lr") or lr_fraction * (last_lr(diffusion, trained) if trained else diffusion.lr)
     return dataclasses.replace(
         recorded, init=str(checkpoint), tune=method, transfer=None, pretrained_weights=None, freeze_pretrained=False,
         resume=given.get("resume"), path=given.get("path", recorded.path), duration=kimg / 1000,
         lr=lr, lr_schedule="edm", lr_rampup=0.0, lr_ref=0.0, P_mean=kwargs["P_mean"],
         P_std=kwargs["P_std"], ect_q=given.get("ect_q", ECT_Q), ect_k=given.get("ect_k", ECT_K), ect_b=given.get("ect_b", ECT_B),
         ect_stages=given.get("ect_stages", ECT_STAGES), teacher_steps=given.get("teacher_steps", TEACHER_STEPS),
+        teacher=teacher, fake_updates=given.get("fake_updates", FAKE_UPDATES), fake_lr=given.get("fake_lr"),
+        dmd_steps=given.get("sampler_steps", CONSISTENCY_DEFAULT_STEPS),
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
@@ -87,12 +124,16 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
      help="The training data, where it lies now  [default: the path the checkpoint records]")
 @opt("--method", type=click.Choice(TUNE_METHODS), default=None,
      help="ect: consistency training (x_r = x + r n); ecd: distillation, x_r a Heun step of the checkpoint's ODE; "
-          "kd: regression onto the checkpoint's ODE solution (--teacher-steps)  "
-          "[default: kd for networks that predict x0 (--pred_x0), else ect]")
+          "kd: regression onto the checkpoint's ODE solution (--teacher-steps); dmd: distribution matching (DMD2) "
+          "against --teacher  [default: dmd for a tuned checkpoint, kd for networks that predict x0 (--pred_x0), "
+          "else ect]")
+@opt("--teacher", metavar="SAFETENSORS", type=str, default=None,
+     help="ecd/kd/dmd: the diffusion model distilled  [default: the one a tuned CHECKPOINT was tuned from, else CHECKPOINT]")
 @opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=None,
-     help="Tuning duration  [default: 1/2 of the checkpoint's training]")
+     help="Tuning duration  [default: 1/2 of the checkpoint's training; dmd: 2x the teacher's]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
-     help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last]")
+     help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last; dmd: 1/200 of the "
+          "teacher's]")
 @opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=None,
      help=f"ect/ecd: r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage  "
           f"[default: {ECT_Q:g}]")
@@ -103,6 +144,13 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--teacher-steps", metavar="INT", type=click.IntRange(min=2), default=None,
      help=f"kd: steps of the checkpoint's Heun sampler solved for each target (2 INT - 1 evaluations)  "
           f"[default: {TEACHER_STEPS}]")
+@opt("--sampler-steps", metavar="INT", type=click.IntRange(*CONSISTENCY_STEPS), default=None,
+     help="dmd: the consistency sampler's steps it trains, recorded as the tuned model's default  "
+          f"[default: {CONSISTENCY_DEFAULT_STEPS}]")
+@opt("--fake-updates", metavar="INT", type=click.IntRange(min=1), default=None,
+     help=f"dmd: steps of the fake denoiser per step  [default: {FAKE_UPDATES}]")
+@opt("--fake-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
+     help="dmd: the fake denoiser's learning rate  [default: --lr]")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")

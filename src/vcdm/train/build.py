@@ -16,6 +16,7 @@ from vcdm.data.structure import Structure
 from vcdm.diffusion.augment import edm_augment_pipe
 from vcdm.diffusion.consistency import ECTLoss
 from vcdm.diffusion.distillation import DistillLoss
+from vcdm.diffusion.dmd import DMDLoss
 from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
 from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
 from vcdm.embedders import PRETRAINED, FitOptions, PCAOptions, PostProcessOptions, build_embedder
@@ -59,7 +60,10 @@ class Setup:
 
 def tuned_sampler(training: dict[str, Any]) -> dict[str, Any] | None:
     """What a consistency-tuned model records as its default sampler (None for diffusion training)."""
-    return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS} if training.get("tune") else None
+    if not training.get("tune"):
+        return None
+    steps = training.get("dmd_steps", CONSISTENCY_DEFAULT_STEPS) if training["tune"] == "dmd" else CONSISTENCY_DEFAULT_STEPS
+    return {"name": "consistency", "num_steps": steps}
 
 
 def data_key(path: str | os.PathLike, dataset) -> str:
@@ -170,6 +174,9 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 def make_loss(opts: TrainOptions):
     """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune the tuning
     method's instead (ect/ecd over the run's --duration; the teacher, for ecd and kd, is set once the weights are)."""
+    if opts.tune == "dmd":
+        return DMDLoss(steps=opts.dmd_steps, fake_updates=opts.fake_updates, fake_lr=opts.fake_lr or opts.lr,
+                       P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop)
     if opts.tune == "kd":
         return DistillLoss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop, teacher_steps=opts.teacher_steps)
     if opts.tune is not None:

@@ -158,10 +158,12 @@ class Trainer:
         o.bf16, why = resolve_precision(o, self.device, s.dataset.resolution if "image" in s.structure.latent_names
                                         else None, plan.bf16)
         dist.print0(precision_line(o.bf16, why))
+        if o.tune in TEACHER_METHODS:  # the checkpoint's own network (or --teacher), also when resuming
+            s.loss_fn.teacher = finetune.frozen_teacher(o.teacher or o.init, s.denoiser)
+            if o.tune == "dmd":  # its fake denoiser starts as the teacher (a resumed run's is in the state)
+                s.loss_fn.make_fake(lambda net: wrap_ddp(net, self.device))
         state = self.make_state(s, plan, loaded)
         del loaded
-        if o.tune in TEACHER_METHODS:  # the checkpoint's own network, also when resuming
-            s.loss_fn.teacher = finetune.frozen_teacher(o.init, s.denoiser)
         cached = embedding_table(s, self.device, o.xflip) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None
                                              and not o.train_embedder and "embedding" in _used(s.structure)) else None
         maker = BatchMaker(s.structure, self.device, embedder=s.embedder, augment_pipe=s.augment_pipe, cached=cached)
@@ -208,7 +210,8 @@ class Trainer:
             params += [p for p in trained_embedder.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, o)
         scaler = torch.amp.GradScaler("cuda") if o.fp16 else None
-        state = TrainState(net, ema, optimizer, scaler=scaler, embedder=trained_embedder, frozen=frozen)
+        state = TrainState(net, ema, optimizer, scaler=scaler, embedder=trained_embedder, frozen=frozen,
+                           loss=s.loss_fn)
         if loaded is not None:
             try:
                 state.load_state_dict(loaded)

@@ -27,9 +27,10 @@ from vcdm.train.recipe import RECIPES
 from vcdm.workers import default_workers
 
 PRECONDS = ("edm", "vp", "ve", "edm2")
-TUNE_METHODS = ("ect", "ecd", "kd")  # vcdm tune: ECT; ECT's schedule with the checkpoint as teacher; its ODE distilled
-TEACHER_METHODS = ("ecd", "kd")  # the tuning methods that load the checkpoint as a frozen teacher
+TUNE_METHODS = ("ect", "ecd", "kd", "dmd")  # vcdm tune: ECT; ECT's schedule with the checkpoint as teacher; its ODE distilled; DMD2
+TEACHER_METHODS = ("ecd", "kd", "dmd")  # the tuning methods that load the checkpoint as a frozen teacher
 ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0  # ECT's r(t) (its CIFAR-10 values); vcdm tune's defaults too
+FAKE_UPDATES = 5  # dmd: DMD2's fake-denoiser steps per sampler step (its two time-scale update rule)
 TEACHER_STEPS = 18  # kd: EDM's Heun sampler for 32x32 images (35 evaluations)
 EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.EMBEDDERS (not imported: heavy)
 
@@ -90,6 +91,10 @@ class ModelOptions:
     ect_b: float = ECT_B
     ect_stages: int = 8  # equal stages over --duration
     teacher_steps: int = TEACHER_STEPS  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
+    teacher: str | None = None  # ecd/kd/dmd: the frozen teacher's checkpoint (None: --init's)
+    dmd_steps: int = 2  # dmd: the consistency sampler's steps it trains
+    fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
+    fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
 
 
 @dataclass

@@ -104,12 +104,13 @@ def restore_rng(rng: dict[str, Any]) -> None:
 
 class TrainState:
     """Everything a run resumes from: the network, its EMA, the optimiser (and fp16 scaler), a trained
-    embedder, the counters (images seen, tick, data position, consecutive non-finite steps, seconds)
+    embedder, a loss's own trained state (DMD's fake denoiser and its optimiser), the counters (images seen, tick, data position, consecutive non-finite steps, seconds)
     and every process's random states. `state_dict()` is what `save_state` writes."""
 
     def __init__(self, net: torch.nn.Module, ema, optimizer: torch.optim.Optimizer, *, scaler=None,
-                 embedder: torch.nn.Module | None = None, frozen: list[str] | None = None):
+                 embedder: torch.nn.Module | None = None, frozen: list[str] | None = None, loss=None):
         self.net, self.ema, self.optimizer, self.scaler, self.embedder = net, ema, optimizer, scaler, embedder
+        self.loss = loss if hasattr(loss, "state_dict") else None
         self.frozen = list(frozen or [])
         self.counters: dict[str, Any] = {"nimg": 0, "tick": 0, "position": 0, "nonfinite": 0, "total_sec": 0.0}
         self.rng: list[dict[str, Any]] = []  # per process, as loaded; see restore_rng
@@ -119,6 +120,7 @@ class TrainState:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "embedder": self.embedder.state_dict() if self.embedder is not None else {},
+                "loss": self.loss.state_dict() if self.loss is not None else {},
                 "rng": dist.gather_objects(capture_rng(self.counters["position"])),
                 "counters": dict(self.counters), "frozen": list(self.frozen), "options": options}
 
@@ -133,6 +135,8 @@ class TrainState:
                 self.scaler.load_state_dict(state["scaler"])
             if self.embedder is not None and state.get("embedder"):
                 self.embedder.load_state_dict(state["embedder"])
+            if self.loss is not None:
+                self.loss.load_state_dict(state["loss"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise StateError(" ".join(str(e).split())[:300]) from None
         self.counters.update(state["counters"])
