@@ -29,6 +29,7 @@ from vcdm.data.structure import Structure
 from vcdm.diffusion.consistency import ECTLoss, ect_gap, ect_r
 from vcdm.diffusion.distillation import DistillLoss, ode_solution
 from vcdm.diffusion.dmd import DMDLoss
+from vcdm.diffusion.loss import EDMLoss
 from vcdm.diffusion.sampling import sample
 from vcdm.generate.files import read_tensors
 from vcdm.nets import build_network
@@ -237,7 +238,8 @@ def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the
     teacher is the exact denoiser of the data, the fake denoiser learns the sampler's variance; both the sampler's
     two-step samples and the fake denoiser's variance reach the data's, and theta the exact map (1/2)."""
     torch.manual_seed(0)
-    loss = DMDLoss(steps=2, fake_updates=5, fake_lr=1e-2, teacher=GaussianDenoiser(S ** 2).requires_grad_(False))
+    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2,
+                   teacher=GaussianDenoiser(S ** 2).requires_grad_(False))
     loss.make_fake()
     model = GaussianConsistency(0.0)
     assert sample_variance(model, 2) < 0.06
@@ -462,6 +464,27 @@ def test_ode_distillation_under_torchrun_takes_the_single_process_step(tuned, tm
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
+@pytest.mark.slow
+def test_distribution_matching_runs_under_torchrun_with_its_fake_denoiser_in_ddp(tuned, tmp_path):
+    """dmd under DDP (two processes): the fake denoiser is wrapped too (its steps are collectives); the run ends, and
+    its state holds the trained fake denoiser, which a resumed single process takes up."""
+    script = tmp_path / "vcdm_cli.py"
+    script.write_text("from vcdm.cli.main import cli\ncli()\n")
+    args = [str(tuned["tuned"]), "--kimg", "0.008", "--batch", "4", "--tick", "0.004", "--snap", "0", "--dump", "0",
+            "--workers", "0", "--device", "cpu", "--seed", "1", "--fake-updates", "2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "tune", *args, "--outdir", str(tmp_path / "ddp")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 processes x 1 rounds x 2" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = last_state(run_dir(tmp_path / "ddp"))
+    teacher, _, _ = load_checkpoint(tuned["base"])
+    assert any(not torch.equal(state["loss"]["fake"][k], v) for k, v in teacher.net.state_dict().items())
+    assert state["loss"]["fake_opt"]["state"]  # Adam's moments of the fake denoiser
+    more = CliRunner().invoke(tune_cmd, [*args[:1], *args[3:], "--kimg", "0.012", "--outdir", str(tmp_path / "ddp"),
+                                         "--resume", "auto"])
+    assert more.exit_code == 0 and "Resuming from" in more.output, more.output
+
+
 @pytest.mark.parametrize("edm2", [False, True])
 def test_both_passes_share_dropout_on_edm_and_edm2_networks(edm2):
     """With r = t (q huge) the target is the online pass itself: the loss vanishes only if both passes draw the
@@ -531,6 +554,16 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
         r = CliRunner().invoke(tune_cmd, [*args, "--dry-run"])
         assert r.exit_code == 2 and error_lines(r.output) == [f"Error: {message}" + (
             " (expected a vcdm .safetensors snapshot)" if "gone" in message else "")], r.output
+    denoiser, config, tensors = load_checkpoint(tuned["tuned"])  # tuned from a model that is not here (moved)
+    config.training = {**config.training, "init": str(tmp_path / "moved.safetensors")}
+    save_checkpoint(tmp_path / "orphan.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
+    r = CliRunner().invoke(tune_cmd, [str(tmp_path / "orphan.safetensors"), "--dry-run"])
+    assert r.exit_code == 2 and error_lines(r.output) == [
+        f"Error: --teacher: {tmp_path / 'orphan.safetensors'} was tuned from {tmp_path / 'moved.safetensors'}, which "
+        f"does not exist (here); give that diffusion model's path with --teacher"], r.output
+    r = CliRunner().invoke(tune_cmd, [str(tmp_path / "orphan.safetensors"), "--dry-run", "--teacher", str(tuned["base"]),
+                                      "--workers", "0", "--outdir", str(tmp_path / "runs")])
+    assert r.exit_code == 0 and '"teacher": "' + str(tuned["base"]) in r.output, r.output
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):

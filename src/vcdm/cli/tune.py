@@ -91,8 +91,10 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         if method not in METHOD_FLAGS[name]:
             raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --method {method}")
     teacher = given.get("teacher") or default_teacher(recorded) if method in TEACHER_METHODS else None
-    source = recorded_training(teacher, "--teacher" if "teacher" in given else "the checkpoint's recorded teacher"
-                               ) if teacher else training  # the diffusion training the defaults are relative to
+    if teacher and "teacher" not in given and not Path(teacher).is_file():
+        raise click.UsageError(f"--teacher: {checkpoint} was tuned from {teacher}, which does not exist (here); "
+                               f"give that diffusion model's path with --teacher")
+    source = recorded_training(teacher, "--teacher") if teacher else training  # the training the defaults follow
     with user_errors():
         diffusion = TrainOptions.from_dict(source)
     trained = trained_nimg(source)

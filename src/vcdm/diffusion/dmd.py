@@ -21,11 +21,12 @@ restores it (`state_dict`) and DDP averages its gradients.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
 
-from vcdm.diffusion.loss import EDMLoss, _inner
+from vcdm.diffusion.loss import _inner
 from vcdm.diffusion.schedules import default_range, karras_sigmas
 from vcdm.diffusion.settings import CONSISTENCY_RHO
 
@@ -33,15 +34,16 @@ SAMPLER_RANGE = default_range("edm")
 DMD_LEVELS = (0.02, 0.98)  # DMD2's range of the teacher's 1000 Karras levels for x_s, as fractions
 
 
-class DMDLoss(EDMLoss):
-    """The sampler's DMD loss; (B, latent_dim) like the diffusion losses. ``teacher`` (the checkpoint's frozen
-    denoiser) is set by the training loop, which then calls ``make_fake`` (after resuming, ``load_state_dict``)."""
+class DMDLoss:
+    """The sampler's DMD loss; (B, latent_dim) like the diffusion losses. ``fake_loss`` is the diffusion loss the fake
+    denoiser trains with (the checkpoint's: EDM's, EDM2's with its uncertainty, VP's, VE's). ``teacher`` (the frozen
+    diffusion model) is set by the training loop, which then calls ``make_fake`` (a resumed run then loads its
+    ``state_dict``)."""
 
-    def __init__(self, steps: int = 2, fake_updates: int = 5, fake_lr: float = 1e-4,
-                 fake_betas: tuple[float, float] = (0.0, 0.999), P_mean: float = -1.1, P_std: float = 2.0,
-                 sigma_data: float = 0.5, cond_drop: float = 0.0, teacher: nn.Module | None = None):
-        super().__init__(P_mean, P_std, sigma_data, cond_drop)
-        self.steps, self.fake_updates, self.fake_lr, self.fake_betas = steps, fake_updates, fake_lr, fake_betas
+    def __init__(self, fake_loss: Callable, steps: int = 2, fake_updates: int = 5, fake_lr: float = 1e-4,
+                 fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0, teacher: nn.Module | None = None):
+        self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
+        self.fake_betas, self.cond_drop = fake_betas, cond_drop
         self.teacher, self.fake, self.fake_train, self.fake_opt = teacher, None, None, None
 
     def make_fake(self, wrap=lambda net: net) -> None:
@@ -115,7 +117,7 @@ class DMDLoss(EDMLoss):
         with torch.enable_grad():
             for _ in range(self.fake_updates):
                 self.fake_opt.zero_grad(set_to_none=True)
-                loss = EDMLoss.__call__(self, self.fake_train, sample, y, augment_labels, generator)
+                loss = self.fake_loss(self.fake_train, sample, y, augment_labels, generator=generator)
                 (loss.sum() / sample.shape[0]).backward()
                 for p in self.fake.net.parameters():
                     if p.grad is not None:

@@ -140,6 +140,9 @@ class Denoiser(nn.Module):
         return D, self.net.logvar_linear(self.net.logvar_fourier(sigma.log().flatten() / 4)).reshape(B, 1)
 
 
+UNCERTAINTY_HEAD = "logvar_"  # the prefix of the uncertainty head's module names in the network
+
+
 def attach_uncertainty_head(net: nn.Module, channels: int) -> None:
     """Give ``net`` EDM2's uncertainty head (``logvar_fourier``, ``logvar_linear``) on its device, unless it
     has one of this width already (e.g. loaded from a checkpoint)."""

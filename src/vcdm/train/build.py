@@ -172,20 +172,26 @@ def make_network(opts: TrainOptions, structure: Structure, augment_dim: int) -> 
 
 
 def make_loss(opts: TrainOptions):
-    """The loss of resolved options: EDM's, EDM2's (with P_mean/P_std), VP's or VE's; with --tune the tuning
-    method's instead (ect/ecd over the run's --duration; the teacher, for ecd and kd, is set once the weights are)."""
-    if opts.tune == "dmd":
-        return DMDLoss(steps=opts.dmd_steps, fake_updates=opts.fake_updates, fake_lr=opts.fake_lr or opts.lr,
-                       P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop)
+    """The loss of resolved options: the diffusion loss, or with --tune the tuning method's (ect/ecd over the
+    run's --duration; the teacher, for ecd, kd and dmd, is set once the weights are)."""
+    if opts.tune == "dmd":  # the fake denoiser learns the sampler's outputs (their conditioning dropped already)
+        return DMDLoss(diffusion_loss(opts, cond_drop=0.0), steps=opts.dmd_steps, fake_updates=opts.fake_updates,
+                       fake_lr=opts.fake_lr or opts.lr, cond_drop=opts.cond_drop)
     if opts.tune == "kd":
         return DistillLoss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop, teacher_steps=opts.teacher_steps)
     if opts.tune is not None:
         return ECTLoss(round(opts.duration * 1e6), P_mean=opts.P_mean, P_std=opts.P_std, q=opts.ect_q, k=opts.ect_k,
                        b=opts.ect_b, stages=opts.ect_stages, cond_drop=opts.cond_drop)
+    return diffusion_loss(opts)
+
+
+def diffusion_loss(opts: TrainOptions, cond_drop: float | None = None):
+    """EDM's loss, EDM2's (with P_mean/P_std), VP's or VE's; ``cond_drop``: instead of --cond-drop."""
+    drop = opts.cond_drop if cond_drop is None else cond_drop
     if opts.precond in ("edm", "edm2"):
         loss = EDM2Loss if opts.precond == "edm2" else EDMLoss
-        return loss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop)
-    return {"vp": VPLoss, "ve": VELoss}[opts.precond](cond_drop=opts.cond_drop)
+        return loss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=drop)
+    return {"vp": VPLoss, "ve": VELoss}[opts.precond](cond_drop=drop)
 
 
 def make_denoiser(opts: TrainOptions, net: torch.nn.Module, structure: Structure):

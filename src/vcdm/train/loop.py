@@ -24,6 +24,7 @@ import torch
 
 from vcdm import distributed as dist
 from vcdm.checkpoints import CheckpointConfig
+from vcdm.nets.precond import UNCERTAINTY_HEAD
 from vcdm.train import finetune
 from vcdm.train.batches import BatchMaker, embedding_table
 from vcdm.train.build import (Setup, build, embedding_dim, make_network, make_optimizer, make_structure,
@@ -290,6 +291,8 @@ class Trainer:
             finetune.transfer(o.transfer, net)
         if o.init:
             finetune.initialise(o.init, net)
+        if o.tune:  # the tuning losses do not use EDM2's uncertainty head: frozen, so DDP expects no gradient for it
+            return [n for n, _ in net.named_parameters() if n.startswith(UNCERTAINTY_HEAD)]
         return []
 
     def preview_setup(self, run: Run, cached, batch_gpu: int) -> dict[str, Any] | None:
