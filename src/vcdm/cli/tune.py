@@ -26,8 +26,11 @@ from vcdm.workers import default_workers
 
 TUNE_FRACTION = 1 / 2  # default length relative to the checkpoint's training (benchmarks/fewstep.py)
 LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's training (benchmarks/fewstep.py)
-DMD_FRACTION = 2       # dmd: length relative to the teacher's training (benchmarks/fewstep.py)
-DMD_LR_FRACTION = 1 / 200  # dmd: the sampler's and the fake denoiser's learning rate, of the teacher's last
+# dmd: (length relative to the teacher's training, learning rate of both networks relative to the teacher's last), for
+# networks that predict x0 and for the rest. Measured on the demo digits (benchmarks/results/fewstep-digits.md): the
+# prior at 1/300 was best from 1/3 to 1/2 of its training and drifted after 2/3 (at 1/100 it drifted after 1/6); the
+# image model at 1/200 still improved at 2x (at 1/300 it was slower, at 1/20 it got worse).
+DMD_DEFAULTS = {True: (1 / 2, 1 / 300), False: (2.0, 1 / 200)}
 # r(t)'s first stage is ECT's q 2 (r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage, over 2 stages
 # in a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg; benchmarks/fewstep.py). A third stage leaves no
 # r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant.
@@ -40,6 +43,11 @@ def last_lr(recorded: TrainOptions, nimg: int) -> float:
     return LRSchedule.of(recorded)(nimg)
 
 
+def predicts_x0(recorded: TrainOptions) -> bool:
+    """Whether the network predicts x0 directly (--pred_x0: the DALL-E 2 prior), which several defaults follow."""
+    return any(recorded.pred_x0 or [])
+
+
 def default_method(recorded: TrainOptions) -> str:
     """DMD for a checkpoint that was itself tuned (refining its sampler); otherwise KD for networks that predict x0
     directly (--pred_x0: the DALL-E 2 prior), ECT for the rest. Measured on the demo
@@ -50,7 +58,14 @@ def default_method(recorded: TrainOptions) -> str:
     DMD then goes past the ODE those methods learn, towards the churned sampler's samples."""
     if recorded.tune:
         return "dmd"
-    return "kd" if any(recorded.pred_x0 or []) else "ect"
+    return "kd" if predicts_x0(recorded) else "ect"
+
+
+def default_sampler_steps(recorded: TrainOptions) -> int:
+    """dmd: 1 step for networks that predict x0 (the demo prior: two-stage FD 4.9-5.0 at one step against 6.2-6.5
+    at two, whether DMD trained one step or two; benchmarks/results/fewstep-digits.md), else the consistency
+    sampler's default 2."""
+    return 1 if predicts_x0(recorded) else CONSISTENCY_DEFAULT_STEPS
 
 
 def default_teacher(recorded: TrainOptions) -> str | None:
@@ -98,7 +113,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     with user_errors():
         diffusion = TrainOptions.from_dict(source)
     trained = trained_nimg(source)
-    fraction, lr_fraction = (DMD_FRACTION, DMD_LR_FRACTION) if method == "dmd" else (TUNE_FRACTION, LR_FRACTION)
+    fraction, lr_fraction = DMD_DEFAULTS[predicts_x0(recorded)] if method == "dmd" else (TUNE_FRACTION, LR_FRACTION)
     kimg = given.get("kimg") or (fraction * trained / 1000 if trained else None)
     if kimg is None:
         raise click.UsageError(f"--kimg: {teacher or checkpoint} records no training length to take {fraction:g} of; "
@@ -111,7 +126,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         P_std=kwargs["P_std"], ect_q=given.get("ect_q", ECT_Q), ect_k=given.get("ect_k", ECT_K), ect_b=given.get("ect_b", ECT_B),
         ect_stages=given.get("ect_stages", ECT_STAGES), teacher_steps=given.get("teacher_steps", TEACHER_STEPS),
         teacher=teacher, fake_updates=given.get("fake_updates", FAKE_UPDATES), fake_lr=given.get("fake_lr"),
-        dmd_steps=given.get("sampler_steps", CONSISTENCY_DEFAULT_STEPS),
+        dmd_steps=given.get("sampler_steps", default_sampler_steps(recorded)),
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
@@ -132,10 +147,11 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--teacher", metavar="SAFETENSORS", type=str, default=None,
      help="ecd/kd/dmd: the diffusion model distilled  [default: the one a tuned CHECKPOINT was tuned from, else CHECKPOINT]")
 @opt("--kimg", metavar="KIMG", type=Finite(min=0, min_open=True), default=None,
-     help="Tuning duration  [default: 1/2 of the checkpoint's training; dmd: 2x the teacher's]")
+     help="Tuning duration  [default: 1/2 of the checkpoint's training; dmd: 1/2 of the teacher's for networks that "
+          "predict x0, else 2x]")
 @opt("--lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
-     help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last; dmd: 1/200 of the "
-          "teacher's]")
+     help="Learning rate, constant (no ramp-up, no decay)  [default: 1/4 of the training's last; dmd: 1/300 of the "
+          "teacher's for networks that predict x0, else 1/200]")
 @opt("--ect-q", metavar="Q", type=Finite(min=1, min_open=True), default=None,
      help=f"ect/ecd: r(t) = t (1 - q^-(a+1) (1 + k sigmoid(-b t))) at stage a: t - r shrinks by Q per stage  "
           f"[default: {ECT_Q:g}]")
@@ -148,7 +164,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
           f"[default: {TEACHER_STEPS}]")
 @opt("--sampler-steps", metavar="INT", type=click.IntRange(*CONSISTENCY_STEPS), default=None,
      help="dmd: the consistency sampler's steps it trains, recorded as the tuned model's default  "
-          f"[default: {CONSISTENCY_DEFAULT_STEPS}]")
+          f"[default: 1 for networks that predict x0 (--pred_x0), else {CONSISTENCY_DEFAULT_STEPS}]")
 @opt("--fake-updates", metavar="INT", type=click.IntRange(min=1), default=None,
      help=f"dmd: steps of the fake denoiser per step  [default: {FAKE_UPDATES}]")
 @opt("--fake-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
