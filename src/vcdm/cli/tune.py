@@ -1,5 +1,6 @@
 """`vcdm tune`: a trained model of either stage turned into a sampler of 1-4 evaluations, by Easy Consistency
-Tuning or consistency distillation (vcdm.diffusion.consistency) or by distilling its ODE (vcdm.diffusion.distillation).
+Tuning or consistency distillation (vcdm.diffusion.consistency) or by distilling its ODE (vcdm.diffusion.distillation);
+a tuned model tuned again by distribution matching against the diffusion model (vcdm.diffusion.dmd).
 
 The run is a training run: the checkpoint's recorded training options (dataset, structure, network,
 embedder, batch, EMA) with the method's loss, every network tensor taken from the checkpoint (--init), a

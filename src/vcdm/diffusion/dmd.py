@@ -15,8 +15,15 @@ The sampler trained is the consistency sampler of ``steps`` levels (vcdm.diffusi
 input is pure noise at the top level or, for a later step, its own (gradient-free) output re-noised to
 that step's level (DMD2's backward simulation), so training sees what sampling will. The fake denoiser
 starts as the teacher and takes ``fake_updates`` Adam steps per sampler step on the sampler's detached
-outputs (DMD2's two time-scale update rule). It is part of the training state: the training loop saves and
-restores it (`state_dict`) and DDP averages its gradients.
+outputs (DMD2's two time-scale update rule), with DMD2's Adam betas (0, 0.999). It is part of the training
+state: the training loop saves and restores it (`state_dict`) and DDP averages its gradients. The noise level of
+x_s is Karras's (rho 7) level at a uniform fraction in [0.02, 0.98] of the sampler's range (DMD2's timesteps 20-980
+of 1000). The returned per-element value 0.5 ||G(x) - sg(G(x) - grad)||^2 exists for its gradient, ``grad``; its
+size says nothing about sample quality. Neither the regression loss of DMD (v1) nor DMD2's GAN term is used.
+
+The sampler starts from a tuned checkpoint (`vcdm tune` of a tuned model: ECT's or KD's sampler), not from the
+diffusion model, so the short run refines a working few-step sampler. On the demo the first few thousand images
+make it worse before it improves (the fake denoiser has yet to learn the sampler's outputs).
 """
 from __future__ import annotations
 
