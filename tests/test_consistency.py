@@ -485,6 +485,29 @@ def test_distribution_matching_runs_under_torchrun_with_its_fake_denoiser_in_ddp
     assert more.exit_code == 0 and "Resuming from" in more.output, more.output
 
 
+@pytest.mark.slow
+def test_tuning_an_edm2_network_under_torchrun_leaves_its_uncertainty_head_out(tmp_path):
+    """EDM2's uncertainty head serves only its diffusion loss: a tuning run freezes it, so DDP does not wait for its
+    gradient (before, the second step of `vcdm tune` under torchrun failed: "Expected to have finished reduction")."""
+    data = write_dataset(tmp_path / "tiny.zip")
+    run(base_args(data, tmp_path / "train", "--exist", "1,1", "--observed", "0,1", "--arch", "edm2-img64-xs",
+                  "--cbase", "32", "--cres", "1,2", "--recipe", "edm2", "--augment", "0", "--duration", "0.000008",
+                  "--sample", "0"))
+    base = sorted(run_dir(tmp_path / "train").glob("network-snapshot-*.safetensors"))[-1]
+    script = tmp_path / "vcdm_cli.py"
+    script.write_text("from vcdm.cli.main import cli\ncli()\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "tune", str(base), "--kimg", "0.012", "--batch", "4", "--tick", "0.004",
+                           "--snap", "0", "--dump", "0", "--workers", "0", "--device", "cpu", "--seed", "1",
+                           "--outdir", str(tmp_path / "ddp")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = last_state(run_dir(tmp_path / "ddp"))
+    assert state["frozen"] and all(n.startswith("logvar_") for n in state["frozen"])
+    trained, _, _ = load_checkpoint(base)
+    assert all(torch.equal(state["net"][n], trained.net.state_dict()[n]) for n in state["frozen"])
+
+
 @pytest.mark.parametrize("edm2", [False, True])
 def test_both_passes_share_dropout_on_edm_and_edm2_networks(edm2):
     """With r = t (q huge) the target is the online pass itself: the loss vanishes only if both passes draw the
