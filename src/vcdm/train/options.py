@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, CONSISTENCY_STEPS
 from vcdm.nets.presets import ARCHS
 from vcdm.train.phema import MAX_STD
 from vcdm.train.lr_schedules import LR_SCHEDULES
@@ -36,7 +37,7 @@ EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.
 
 
 OPTIONS_BYTES = 1 << 20  # a training_options.json holds a few KB
-FINITE = ("ect_q", "ect_k", "ect_b", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
+FINITE = ("ect_q", "ect_k", "ect_b", "fake_lr", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
 class OptionError(ValueError):
@@ -92,7 +93,7 @@ class ModelOptions:
     ect_stages: int = 8  # equal stages over --duration
     teacher_steps: int = TEACHER_STEPS  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
     teacher: str | None = None  # ecd/kd/dmd: the frozen teacher's checkpoint (None: --init's)
-    dmd_steps: int = 2  # dmd: the consistency sampler's steps it trains
+    dmd_steps: int = CONSISTENCY_DEFAULT_STEPS  # dmd: the consistency sampler's steps it trains (and records)
     fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
 
@@ -267,6 +268,11 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
                               f"{self.ect_q:g}, {self.ect_k:g}, {self.ect_b:g}, {self.ect_stages}")
         if self.tune == "kd" and self.teacher_steps < 2:
             raise OptionError(f"--teacher-steps: expected at least 2, got {self.teacher_steps}")
+        if self.tune == "dmd" and not (CONSISTENCY_STEPS[0] <= self.dmd_steps <= CONSISTENCY_STEPS[1]
+                                       and self.fake_updates >= 1 and (self.fake_lr is None or self.fake_lr > 0)):
+            raise OptionError(f"--sampler-steps/--fake-updates/--fake-lr: expected {CONSISTENCY_STEPS[0]}.."
+                              f"{CONSISTENCY_STEPS[1]} steps, at least 1 update and a positive lr, got "
+                              f"{self.dmd_steps}, {self.fake_updates}, {self.fake_lr}")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:
