@@ -26,6 +26,11 @@ from vcdm.diffusion.schedules import default_range, karras_sigmas
 SAMPLER_RANGE = default_range("edm")  # the consistency sampler's levels lie in it (clipped to the network's)
 
 
+def sampler_range(inner: nn.Module) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of the consistency sampler's levels for a denoiser: EDM's range clipped to its own."""
+    return max(SAMPLER_RANGE[0], float(inner.sigma_min)), min(SAMPLER_RANGE[1], float(inner.sigma_max))
+
+
 def ode_solution(teacher: nn.Module, x_t: torch.Tensor, t: torch.Tensor, steps: int, sigma_min: float,
                  y: torch.Tensor | None, augment_labels: torch.Tensor | None, rho: float = 7.0) -> torch.Tensor:
     """The teacher's probability-flow ODE solved from x_t at t (B, 1) to 0: Heun steps over Karras's ``steps``
@@ -55,8 +60,7 @@ class DistillLoss(EDMLoss):
         if self.teacher is None:
             raise RuntimeError("DistillLoss needs its teacher (the checkpoint's frozen network) before the first step")
         inner = _inner(denoiser)
-        sigma_min = max(SAMPLER_RANGE[0], float(inner.sigma_min))
-        top = min(SAMPLER_RANGE[1], float(inner.sigma_max))
+        sigma_min, top = sampler_range(inner)
         t = self.sample_sigma(x.shape[0], x.device, generator).clamp(sigma_min, top)
         at_top = torch.rand([x.shape[0], 1], device=x.device, generator=generator) < self.top_fraction
         t = torch.where(at_top, torch.full_like(t, top), t)

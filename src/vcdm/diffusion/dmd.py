@@ -33,11 +33,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vcdm.diffusion.distillation import sampler_range
 from vcdm.diffusion.loss import _inner
-from vcdm.diffusion.schedules import default_range, karras_sigmas
+from vcdm.diffusion.schedules import karras_sigmas
 from vcdm.diffusion.settings import CONSISTENCY_RHO
 
-SAMPLER_RANGE = default_range("edm")
 DMD_LEVELS = (0.02, 0.98)  # DMD2's range of the teacher's 1000 Karras levels for x_s, as fractions
 
 
@@ -70,7 +70,7 @@ class DMDLoss:
 
     def levels(self, inner: nn.Module, device: torch.device) -> torch.Tensor:
         """The consistency sampler's levels for ``steps`` (its Karras levels without sigma_min)."""
-        lo, hi = max(SAMPLER_RANGE[0], float(inner.sigma_min)), min(SAMPLER_RANGE[1], float(inner.sigma_max))
+        lo, hi = sampler_range(inner)
         return karras_sigmas(self.steps + 1, lo, hi, CONSISTENCY_RHO, device)[:-1].float()
 
     def sampler_input(self, denoiser: nn.Module, shape: torch.Size, y, augment_labels, generator) -> tuple:
@@ -115,7 +115,7 @@ class DMDLoss:
     @staticmethod
     def dmd_level(u: torch.Tensor, inner: nn.Module) -> torch.Tensor:
         """Karras's (rho 7) level at fraction ``u`` from the top of the sampler's range."""
-        lo, hi = max(SAMPLER_RANGE[0], float(inner.sigma_min)), min(SAMPLER_RANGE[1], float(inner.sigma_max))
+        lo, hi = sampler_range(inner)
         return (hi ** (1 / 7) + u * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
 
     def train_fake(self, sample: torch.Tensor, y, augment_labels, generator) -> None:
