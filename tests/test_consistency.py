@@ -568,7 +568,7 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])  # a tuned checkpoint: refined by DMD
     assert (options["tune"], options["init"], options["teacher"]) == ("dmd", str(tuned["tuned"]), str(tuned["base"]))
     assert options["duration"] == pytest.approx(2 * 32 / 1e6) and options["lr"] == pytest.approx(training["lr"] / 200)
-    assert (options["dmd_steps"], options["fake_updates"], options["fake_lr"]) == (2, 5, None)
+    assert (options["dmd_steps"], options["fake_updates"], options["fake_lr"]) == (2, 5, options["lr"])  # fake: --lr
     for args, message in (([str(tuned["base"]), "--fake-updates", "2"], "--fake-updates does not apply to --method ect"),
                           ([str(tuned["base"]), "--method", "ect", "--teacher", str(tuned["base"])],
                            "--teacher does not apply to --method ect"),
@@ -593,6 +593,17 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     r = CliRunner().invoke(tune_cmd, [str(tmp_path / "orphan.safetensors"), "--dry-run", "--teacher", str(tuned["base"]),
                                       "--workers", "0", "--outdir", str(tmp_path / "runs")])
     assert r.exit_code == 0 and '"teacher": "' + str(tuned["base"]) in r.output, r.output
+    other = write_model(tmp_path / "image.safetensors", "image")  # a teacher that records no training, then one of
+    r = CliRunner().invoke(tune_cmd, [str(tuned["tuned"]), "--teacher", str(other), "--dry-run"])  # another network
+    assert r.exit_code == 2 and error_lines(r.output) == [f"Error: --teacher: {other} records no training options "
+                                                          f"(an imported network?); tune a model trained by `vcdm train`"]
+    denoiser, config, tensors = load_checkpoint(other)
+    config.training = read_checkpoint_config(tuned["base"]).training
+    save_checkpoint(other, {"net": denoiser.net.state_dict(), **tensors}, config)
+    r = CliRunner().invoke(tune_cmd, [str(tuned["tuned"]), "--teacher", str(other), "--workers", "0", "--device", "cpu",
+                                      "--outdir", str(tmp_path / "mismatch")])
+    assert r.exit_code != 0 and len(error_lines(r.output)) == 1, r.output
+    assert f"Error: --teacher: {other} is not this network" in r.output
     imported = write_model(tmp_path / "imported.safetensors", "prior")  # records no training options
     for args, message in (([str(imported)], "records no training options"),
                           ([str(tmp_path / "missing.safetensors")], "does not exist")):

@@ -106,7 +106,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     for name in given.keys() & METHOD_FLAGS.keys():
         if method not in METHOD_FLAGS[name]:
             raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --method {method}")
-    teacher = given.get("teacher") or default_teacher(recorded) if method in TEACHER_METHODS else None
+    teacher = (given.get("teacher") or default_teacher(recorded)) if method in TEACHER_METHODS else None
     if teacher and "teacher" not in given and not Path(teacher).is_file():
         raise click.UsageError(f"--teacher: {checkpoint} was tuned from {teacher}, which does not exist (here); "
                                f"give that diffusion model's path with --teacher")

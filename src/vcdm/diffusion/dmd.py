@@ -47,18 +47,17 @@ class DMDLoss:
     diffusion model) is set by the training loop, which then calls ``make_fake`` (a resumed run then loads its
     ``state_dict``)."""
 
-    def __init__(self, fake_loss: Callable, steps: int = 2, fake_updates: int = 5, fake_lr: float = 1e-4,
+    def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *,
                  fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0, teacher: nn.Module | None = None):
         self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
         self.fake_betas, self.cond_drop = fake_betas, cond_drop
         self.teacher, self.fake, self.fake_train, self.fake_opt = teacher, None, None, None
 
-    def make_fake(self, wrap=lambda net: net) -> None:
-        """The fake denoiser: a trainable copy of the teacher (``wrap``: DDP over its network)."""
-        from vcdm.train.ddp import with_net
-
+    def make_fake(self, training_view: Callable[[nn.Module], nn.Module] = lambda fake: fake) -> None:
+        """The fake denoiser: a trainable copy of the teacher; ``training_view`` gives the module its steps run
+        through (the training loop's: DDP over its network)."""
         self.fake = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        self.fake_train = with_net(self.fake, wrap(self.fake.net))
+        self.fake_train = training_view(self.fake)
         self.fake_opt = torch.optim.Adam(self.fake.net.parameters(), lr=self.fake_lr, betas=self.fake_betas)
 
     def state_dict(self) -> dict:

@@ -75,15 +75,15 @@ def transfer(path: str, net: nn.Module) -> None:
                 f"({len(target) - len(copied)} keep their initialisation)")
 
 
-def initialise(path: str, net: nn.Module, role: str = "Initialised") -> None:
-    """Load every tensor of the checkpoint's network into ``net``, which must have exactly those."""
-    source = source_tensors(path, "--init")
+def initialise(path: str, net: nn.Module, role: str = "Initialised", flag: str = "--init") -> None:
+    """Load every tensor of the checkpoint's network into ``net``, which must have exactly those (errors name ``flag``)."""
+    source = source_tensors(path, flag)
     target = net.state_dict()
     wrong = sorted(k for k in target if k not in source or tuple(source[k].shape) != tuple(target[k].shape))
     extra = sorted(set(source) - set(target))
     if wrong or extra:
         name = (wrong or extra)[0]
-        raise OptionError(f"--init: {path} is not this network ({len(wrong) + len(extra)} tensors differ, e.g. {name})")
+        raise OptionError(f"{flag}: {path} is not this network ({len(wrong) + len(extra)} tensors differ, e.g. {name})")
     net.load_state_dict(source)
     dist.print0(f"{role} all {len(target)} tensors from {path}")
 
@@ -91,5 +91,5 @@ def initialise(path: str, net: nn.Module, role: str = "Initialised") -> None:
 def frozen_teacher(path: str, denoiser: nn.Module) -> nn.Module:
     """A frozen copy of ``denoiser`` holding the checkpoint's network: consistency distillation's teacher."""
     teacher = copy.deepcopy(denoiser)
-    initialise(path, teacher.net, role="Teacher: loaded")
+    initialise(path, teacher.net, role="Teacher: loaded", flag="--teacher")
     return teacher.eval().requires_grad_(False)

@@ -64,12 +64,14 @@ def resolve(opts: TrainOptions) -> TrainOptions:
     preset = network_recipe(opts.arch) if opts.recipe == "edm2" else {}
     schedule = opts.lr_schedule or recipe.lr_schedule
     decay = preset.get("decay", EDM2_PIXEL_DECAY) if schedule == "edm2" else 0
+    lr = _first(opts.lr, preset.get("lr"), recipe.lr)
     return dataclasses.replace(
         opts,
         precond=opts.precond or recipe.precond,
         P_mean=_first(opts.P_mean, preset.get("P_mean"), recipe.P_mean),
         P_std=_first(opts.P_std, preset.get("P_std"), recipe.P_std),
-        lr=_first(opts.lr, preset.get("lr"), recipe.lr),
+        lr=lr,
+        fake_lr=_first(opts.fake_lr, lr) if opts.tune == "dmd" else opts.fake_lr,  # dmd: the fake denoiser's, --lr's
         adam_betas=list(opts.adam_betas or recipe.adam_betas),
         lr_schedule=schedule,
         lr_ref=_first(opts.lr_ref, decay * opts.batch / 1000),
@@ -121,7 +123,7 @@ def describe(opts: TrainOptions) -> str:
         tune = f"; ODE distillation (KD): the checkpoint's {opts.teacher_steps}-step Heun sampler as target"
     elif opts.tune == "dmd":
         tune = (f"; distribution matching (DMD2) of the {opts.dmd_steps}-step sampler: the fake denoiser takes "
-                f"{opts.fake_updates} steps at lr {opts.fake_lr or opts.lr:g} per step; teacher {opts.teacher or opts.init}")
+                f"{opts.fake_updates} steps at lr {opts.fake_lr:g} per step; teacher {opts.teacher or opts.init}")
     elif opts.tune:
         tune = (f"; consistency tuning ({opts.tune.upper()}): r(t) with q {opts.ect_q:g}, k {opts.ect_k:g}, "
                 f"b {opts.ect_b:g} over {opts.ect_stages} stages")
