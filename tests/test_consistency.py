@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -28,14 +29,16 @@ from vcdm.cli.tune import command as tune_cmd
 from vcdm.data.structure import Structure
 from vcdm.diffusion.consistency import ECTLoss, ect_gap, ect_r
 from vcdm.diffusion.distillation import DistillLoss, ode_solution
-from vcdm.diffusion.dmd import DMDLoss
+from vcdm.diffusion.dmd import Critic, DMDLoss, frozen
 from vcdm.diffusion.loss import EDMLoss
 from vcdm.diffusion.sampling import sample
 from vcdm.generate.files import read_tensors
 from vcdm.nets import build_network
 from vcdm.nets.edm2 import EDM2UNet
 from vcdm.nets.precond import Denoiser
-from vcdm.nets.presets import preset
+from vcdm.nets.presets import ARCHS, VECTOR_ARCHS, preset
+from vcdm.train.build import make_network
+from vcdm.train.options import TrainOptions
 
 S = SD = 0.5
 N = 16
@@ -255,6 +258,74 @@ def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the
     assert torch.equal(loss.teacher.net.log_v, torch.tensor([S ** 2]).log())  # the teacher stays frozen
 
 
+class Energy(nn.Module):
+    """(B, 2) features: the mean square of the coordinates (what tells two centred Gaussians apart) and a constant."""
+
+    def forward(self, x):
+        return torch.stack([x.pow(2).mean(dim=1), torch.ones(len(x))], dim=1)
+
+
+class GaussianWithBottleneck(GaussianDenoiser):
+    """The exact Gaussian denoiser whose network has a middle block (``dec``'s ``in1``) for the discriminator to read:
+    the energy of its input scaled to unit variance under the denoiser's own data variance."""
+    structure = types.SimpleNamespace(latent_dim=N)
+
+    def __init__(self, variance: float):
+        super().__init__(variance)
+        self.net.dec = nn.ModuleDict({"1x1_in1": Energy()})
+
+    def forward(self, x, sigma, y=None, augment_labels=None):
+        t = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+        self.net.dec["1x1_in1"](x / (self.net.log_v.exp() + t ** 2).sqrt())
+        return super().forward(x, sigma, y, augment_labels)
+
+
+@pytest.mark.parametrize("gan_weight, data_sd", [(0.1, 0.6), (0.1, S)])
+def test_distribution_matching_with_a_gan_term_follows_the_real_data_past_the_teacher(one_thread, gan_weight, data_sd):
+    """The teacher is the exact denoiser of N(0, 0.25 I); the real data has sd ``data_sd``. DMD alone brings the
+    two-step sampler to the teacher's variance (test above); with DMD2's GAN term (a discriminator on the fake
+    denoiser's bottleneck, given the real data) it reaches the real data's: 0.36, where the teacher is wrong, and
+    0.25 where it is right."""
+    torch.manual_seed(0)
+    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2, gan_weight=gan_weight,
+                   teacher=GaussianWithBottleneck(S ** 2).requires_grad_(False))
+    loss.make_fake()
+    model = GaussianConsistency(0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        opt.zero_grad()
+        (loss(model, torch.randn(256, N, generator=g) * data_sd, generator=g).sum() / 256).backward()
+        opt.step()
+    assert sample_variance(model, 2) == pytest.approx(data_sd ** 2, rel=0.04)
+    assert loss.critic.head is not None and set(loss.state_dict()) == {"fake", "fake_opt", "discriminator"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_network_has_a_bottleneck_for_the_gan_discriminator(arch):
+    """DMD2's discriminator reads the fake denoiser's middle block (U-Nets: (B, C, H, W) at the lowest resolution)
+    or output token (priors: (B, C)) and gives one logit per sample; under ``frozen`` its gradient reaches the
+    sampler's output only."""
+    prior = arch in VECTOR_ARCHS
+    structure = Structure.from_flags({"image": (3, 8, 8), "embedding": (8,), "label": (10,)},
+                                     *(("0,1,0", "0,0,0") if prior else ("1,1,1", "0,1,1")))
+    sizes = ({"prior_dim": 32, "prior_depth": 1} if prior else
+             {"cbase": 64, "cres": [1, 1]} if "adm" in arch else {"cbase": 16, "cres": [1, 2]})
+    torch.manual_seed(0)
+    critic = Critic(Denoiser(build_network(*make_network(TrainOptions(arch=arch, **sizes), structure, 0)), structure),
+                    gan=True)
+    x = torch.randn(3, structure.latent_dim, requires_grad=True)
+    y = torch.randn(3, structure.observed_dim) if structure.observed_dim else None
+    with frozen(critic):
+        features = critic.features(x, torch.ones(3), y, None)
+        logit = critic.logits(x, torch.ones(3), y, None)
+    assert features.shape[:1] == (3,) and (features.ndim == 2 if prior else features.shape[2:] == (4, 4))
+    assert logit.shape == (3, 1) and torch.isfinite(logit).all()
+    logit.sum().backward()
+    assert float(x.grad.abs().sum()) > 0 and all(p.grad is None for p in critic.parameters())
+    assert all(p.requires_grad for p in critic.parameters())
+
+
 def test_consistency_sampler_on_the_exact_map_reaches_the_data_distribution():
     """1, 2 and 4 steps of the exact consistency function give variance s^2 (Monte-Carlo sd 0.25%)."""
     for steps in (1, 2, 4):
@@ -410,13 +481,15 @@ def test_two_stage_sample_uses_each_stages_recorded_sampler(tuned, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.determinism
-@pytest.mark.parametrize("method", ["ecd", "kd", "dmd"])
+@pytest.mark.parametrize("method", ["ecd", "kd", "dmd", "dmd-gan"])
 def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp_path, method):
     """--method ecd/kd load the checkpoint as their teacher, also on resume: a run stopped after one step and
     resumed ends with the straight run's weights (a teacher taken from the resumed weights would not). dmd (the
     default for a tuned checkpoint) loads the diffusion model it was tuned from, and resumes its fake denoiser
-    and that one's optimiser from the state."""
-    checkpoint, flags = ((tuned["tuned"], ["--sampler-steps", "1"]) if method == "dmd" else
+    and that one's optimiser from the state; with a GAN term, its discriminator too."""
+    gan = ["--gan-weight", "3e-3"] if method == "dmd-gan" else []
+    method = method.removesuffix("-gan")
+    checkpoint, flags = ((tuned["tuned"], ["--sampler-steps", "1", *gan]) if method == "dmd" else
                          (tuned["base"], ["--method", method, *(["--teacher-steps", "3"] if method == "kd" else [])]))
     args = [str(checkpoint), *flags, "--kimg", "0.016", "--tick", "0.004", "--snap", "0", "--dump", "0",
             "--workers", "0", "--device", "cpu", "--seed", "1"]
@@ -439,6 +512,16 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
         assert fake[0].keys() == teacher.net.state_dict().keys()
         assert all(torch.equal(fake[0][k], fake[1][k]) for k in fake[0])
         assert not all(torch.equal(fake[0][k], v) for k, v in teacher.net.state_dict().items())  # it trained
+        heads = [last_state(run_dir(tmp_path / d))["loss"].get("discriminator") for d in ("straight", "stopped")]
+        assert (heads[0] is not None) == bool(gan)
+        if gan:
+            assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+            wrong = invoke("--outdir", str(tmp_path / "stopped"), "--resume", "auto", "--gan-weight", "0",
+                           "--kimg", "0.032")
+            resumed_state = sorted(run_dir(tmp_path / "stopped").glob("training-state-*.pt"))[-1]
+            assert wrong.exit_code != 0 and error_lines(wrong.output) == [
+                f"Error: --resume: {resumed_state} does not fit these options (its fake denoiser was trained with a "
+                f"GAN term: resume with --gan-weight > 0)"], wrong.output
 
 
 @pytest.mark.slow
@@ -466,12 +549,12 @@ def test_ode_distillation_under_torchrun_takes_the_single_process_step(tuned, tm
 
 @pytest.mark.slow
 def test_distribution_matching_runs_under_torchrun_with_its_fake_denoiser_in_ddp(tuned, tmp_path):
-    """dmd under DDP (two processes): the fake denoiser is wrapped too (its steps are collectives); the run ends, and
-    its state holds the trained fake denoiser, which a resumed single process takes up."""
+    """dmd with its GAN term under DDP (two processes): the fake denoiser and its discriminator are wrapped too (their
+    steps are collectives); the run ends, and its state holds them trained, which a resumed single process takes up."""
     script = tmp_path / "vcdm_cli.py"
     script.write_text("from vcdm.cli.main import cli\ncli()\n")
     args = [str(tuned["tuned"]), "--kimg", "0.008", "--batch", "4", "--tick", "0.004", "--snap", "0", "--dump", "0",
-            "--workers", "0", "--device", "cpu", "--seed", "1", "--fake-updates", "2"]
+            "--workers", "0", "--device", "cpu", "--seed", "1", "--fake-updates", "2", "--gan-weight", "3e-3"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), "tune", *args, "--outdir", str(tmp_path / "ddp")],
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
@@ -480,6 +563,7 @@ def test_distribution_matching_runs_under_torchrun_with_its_fake_denoiser_in_ddp
     teacher, _, _ = load_checkpoint(tuned["base"])
     assert any(not torch.equal(state["loss"]["fake"][k], v) for k, v in teacher.net.state_dict().items())
     assert state["loss"]["fake_opt"]["state"]  # Adam's moments of the fake denoiser
+    assert state["loss"]["discriminator"].keys() == {"mix.weight", "mix.bias", "out.weight", "out.bias"}
     more = CliRunner().invoke(tune_cmd, [*args[:1], *args[3:], "--kimg", "0.012", "--outdir", str(tmp_path / "ddp"),
                                          "--resume", "auto"])
     assert more.exit_code == 0 and "Resuming from" in more.output, more.output
@@ -570,6 +654,7 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     assert options["duration"] == pytest.approx(2 * 32 / 1e6) and options["lr"] == pytest.approx(training["lr"] / 200)
     assert (options["dmd_steps"], options["fake_updates"], options["fake_lr"]) == (2, 5, options["lr"])  # fake: --lr
     for args, message in (([str(tuned["base"]), "--fake-updates", "2"], "--fake-updates does not apply to --method ect"),
+                          ([str(tuned["base"]), "--gan-weight", "0.1"], "--gan-weight does not apply to --method ect"),
                           ([str(tuned["base"]), "--method", "ect", "--teacher", str(tuned["base"])],
                            "--teacher does not apply to --method ect"),
                           ([str(tuned["tuned"]), "--teacher", str(tmp_path / "gone.safetensors")],

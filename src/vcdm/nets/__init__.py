@@ -28,3 +28,15 @@ def build_network(class_name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return classes[class_name](**kwargs)
 
 
+def bottleneck(net: nn.Module) -> nn.Module:
+    """The module whose output sums up the network's input at its coarsest: a U-Net's middle block (the end of its
+    lowest-resolution ``in0``/``in1`` pair), a prior transformer's final norm (of its output token). DMD2's
+    discriminator reads it."""
+    if isinstance(net, PriorTransformer):
+        return net.norm
+    if isinstance(net, DALLE2Prior):
+        return net.causal_transformer.norm
+    middle = [block for name, block in getattr(net, "dec", {}).items() if "_in1" in name]
+    if not middle:
+        raise ValueError(f"{type(net).__name__}: no bottleneck known for a discriminator")
+    return middle[0]

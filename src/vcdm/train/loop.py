@@ -162,7 +162,7 @@ class Trainer:
         if o.tune in TEACHER_METHODS:  # the checkpoint's own network (or --teacher), also when resuming
             s.loss_fn.teacher = finetune.frozen_teacher(o.teacher or o.init, s.denoiser)
             if o.tune == "dmd":  # its fake denoiser starts as the teacher (a resumed run's is in the state)
-                s.loss_fn.make_fake(lambda fake: with_net(fake, wrap_ddp(fake.net, self.device)))
+                s.loss_fn.make_fake(lambda critic: wrap_ddp(critic, self.device))
         state = self.make_state(s, plan, loaded)
         del loaded
         cached = embedding_table(s, self.device, o.xflip) if (o.embed_cache and s.embedder is not None and s.augment_pipe is None

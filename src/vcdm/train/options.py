@@ -96,6 +96,7 @@ class ModelOptions:
     dmd_steps: int = CONSISTENCY_DEFAULT_STEPS  # dmd: the consistency sampler's steps it trains (and records)
     fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
+    gan_weight: float = 0.0  # dmd: DMD2's GAN term, the sampler's generator-loss weight (0: none)
 
 
 @dataclass
@@ -269,10 +270,11 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
         if self.tune == "kd" and self.teacher_steps < 2:
             raise OptionError(f"--teacher-steps: expected at least 2, got {self.teacher_steps}")
         if self.tune == "dmd" and not (CONSISTENCY_STEPS[0] <= self.dmd_steps <= CONSISTENCY_STEPS[1]
-                                       and self.fake_updates >= 1 and (self.fake_lr is None or self.fake_lr > 0)):
-            raise OptionError(f"--sampler-steps/--fake-updates/--fake-lr: expected {CONSISTENCY_STEPS[0]}.."
-                              f"{CONSISTENCY_STEPS[1]} steps, at least 1 update and a positive lr, got "
-                              f"{self.dmd_steps}, {self.fake_updates}, {self.fake_lr}")
+                                       and self.fake_updates >= 1 and (self.fake_lr is None or self.fake_lr > 0)
+                                       and 0 <= self.gan_weight < math.inf):
+            raise OptionError(f"--sampler-steps/--fake-updates/--fake-lr/--gan-weight: expected {CONSISTENCY_STEPS[0]}.."
+                              f"{CONSISTENCY_STEPS[1]} steps, at least 1 update, a positive lr and a finite weight >= 0, "
+                              f"got {self.dmd_steps}, {self.fake_updates}, {self.fake_lr}, {self.gan_weight}")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:

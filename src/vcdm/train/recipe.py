@@ -123,7 +123,9 @@ def describe(opts: TrainOptions) -> str:
         tune = f"; ODE distillation (KD): the checkpoint's {opts.teacher_steps}-step Heun sampler as target"
     elif opts.tune == "dmd":
         tune = (f"; distribution matching (DMD2) of the {opts.dmd_steps}-step sampler: the fake denoiser takes "
-                f"{opts.fake_updates} steps at lr {opts.fake_lr:g} per step; teacher {opts.teacher or opts.init}")
+                f"{opts.fake_updates} steps at lr {opts.fake_lr:g} per step"
+                f"{f', with a discriminator (GAN term weight {opts.gan_weight:g})' if opts.gan_weight else ''}; "
+                f"teacher {opts.teacher or opts.init}")
     elif opts.tune:
         tune = (f"; consistency tuning ({opts.tune.upper()}): r(t) with q {opts.ect_q:g}, k {opts.ect_k:g}, "
                 f"b {opts.ect_b:g} over {opts.ect_stages} stages")
