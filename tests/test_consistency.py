@@ -653,6 +653,7 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     assert (options["tune"], options["init"], options["teacher"]) == ("dmd", str(tuned["tuned"]), str(tuned["base"]))
     assert options["duration"] == pytest.approx(2 * 32 / 1e6) and options["lr"] == pytest.approx(training["lr"] / 200)
     assert (options["dmd_steps"], options["fake_updates"], options["fake_lr"]) == (2, 5, options["lr"])  # fake: --lr
+    assert (options["gan_weight"], options["gan_lr"]) == (0.0, training["lr"])  # a new head: the teacher's training lr
     for args, message in (([str(tuned["base"]), "--fake-updates", "2"], "--fake-updates does not apply to --method ect"),
                           ([str(tuned["base"]), "--gan-weight", "0.1"], "--gan-weight does not apply to --method ect"),
                           ([str(tuned["base"]), "--method", "ect", "--teacher", str(tuned["base"])],

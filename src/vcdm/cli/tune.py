@@ -76,7 +76,8 @@ def default_teacher(recorded: TrainOptions) -> str | None:
 
 METHOD_FLAGS = {"ect_q": ("ect", "ecd"), "ect_k": ("ect", "ecd"), "ect_b": ("ect", "ecd"), "ect_stages": ("ect", "ecd"),
                 "teacher_steps": ("kd",), "teacher": ("ecd", "kd", "dmd"), "fake_updates": ("dmd",),
-                "fake_lr": ("dmd",), "sampler_steps": ("dmd",), "gan_weight": ("dmd",)}
+                "fake_lr": ("dmd",), "sampler_steps": ("dmd",), "gan_weight": ("dmd",),
+                "gan_lr": ("dmd",)}
 
 
 def recorded_training(checkpoint: str, flag: str = "CHECKPOINT") -> dict:
@@ -127,7 +128,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         P_std=kwargs["P_std"], ect_q=given.get("ect_q", ECT_Q), ect_k=given.get("ect_k", ECT_K), ect_b=given.get("ect_b", ECT_B),
         ect_stages=given.get("ect_stages", ECT_STAGES), teacher_steps=given.get("teacher_steps", TEACHER_STEPS),
         teacher=teacher, fake_updates=given.get("fake_updates", FAKE_UPDATES), fake_lr=given.get("fake_lr"),
-        gan_weight=given.get("gan_weight", 0.0),
+        gan_weight=given.get("gan_weight", 0.0), gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
         dmd_steps=given.get("sampler_steps", default_sampler_steps(recorded)),
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
@@ -174,6 +175,9 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--gan-weight", metavar="FLOAT", type=Finite(min=0), default=None,
      help="dmd: DMD2's GAN term, a discriminator on the fake denoiser's bottleneck given real data; the sampler's "
           "weight of its loss (DMD2's ImageNet value: 3e-3)  [default: 0, none]")
+@opt("--gan-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
+     help="dmd: the discriminator head's learning rate (it starts from random weights)  "
+          "[default: the teacher's training lr]")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")

@@ -126,12 +126,14 @@ class DMDLoss:
     """The sampler's DMD loss; (B, latent_dim) like the diffusion losses. ``fake_loss`` is the diffusion loss the fake
     denoiser trains with (the checkpoint's: EDM's, EDM2's with its uncertainty, VP's, VE's). ``teacher`` (the frozen
     diffusion model) is set by the training loop, which then calls ``make_fake`` (a resumed run then loads its
-    ``state_dict``). ``gan_weight`` > 0 adds DMD2's GAN term (the module's docstring)."""
+    ``state_dict``). ``gan_weight`` > 0 adds DMD2's GAN term (the module's docstring); its discriminator head, new and
+    random, learns at ``gan_lr``."""
 
     def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *, gan_weight: float = 0.0,
-                 fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0, teacher: nn.Module | None = None):
+                 gan_lr: float | None = None, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,
+                 teacher: nn.Module | None = None):
         self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
-        self.gan_weight, self.fake_betas, self.cond_drop = gan_weight, fake_betas, cond_drop
+        self.gan_weight, self.gan_lr, self.fake_betas, self.cond_drop = gan_weight, gan_lr, fake_betas, cond_drop
         self.teacher, self.critic, self.critic_train, self.fake_opt = teacher, None, None, None
 
     @property
@@ -143,7 +145,10 @@ class DMDLoss:
         term); ``training_view`` gives the module its updates run through (the training loop's: DDP over it)."""
         self.critic = Critic(copy.deepcopy(self.teacher).train().requires_grad_(True), gan=self.gan_weight > 0)
         self.critic_train = training_view(self.critic)
-        self.fake_opt = torch.optim.Adam(self.critic.parameters(), lr=self.fake_lr, betas=self.fake_betas)
+        groups = [{"params": list(self.fake.parameters())}]
+        if self.critic.head is not None:  # a new layer: its own lr (``gan_lr``, else the fake's)
+            groups.append({"params": list(self.critic.head.parameters()), "lr": self.gan_lr or self.fake_lr})
+        self.fake_opt = torch.optim.Adam(groups, lr=self.fake_lr, betas=self.fake_betas)
 
     def state_dict(self) -> dict:
         state = {"fake": self.fake.net.state_dict(), "fake_opt": self.fake_opt.state_dict()}

@@ -176,7 +176,8 @@ def make_loss(opts: TrainOptions):
     run's --duration; the teacher, for ecd, kd and dmd, is set once the weights are)."""
     if opts.tune == "dmd":  # the fake denoiser learns the sampler's outputs (their conditioning dropped already)
         return DMDLoss(diffusion_loss(opts, cond_drop=0.0), steps=opts.dmd_steps, fake_updates=opts.fake_updates,
-                       fake_lr=opts.fake_lr, gan_weight=opts.gan_weight, cond_drop=opts.cond_drop)
+                       fake_lr=opts.fake_lr, gan_weight=opts.gan_weight, gan_lr=opts.gan_lr,
+                       cond_drop=opts.cond_drop)
     if opts.tune == "kd":
         return DistillLoss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop, teacher_steps=opts.teacher_steps)
     if opts.tune is not None:

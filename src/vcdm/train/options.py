@@ -37,7 +37,7 @@ EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.
 
 
 OPTIONS_BYTES = 1 << 20  # a training_options.json holds a few KB
-FINITE = ("ect_q", "ect_k", "ect_b", "fake_lr", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
+FINITE = ("ect_q", "ect_k", "ect_b", "fake_lr", "gan_lr", "gan_weight", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
 class OptionError(ValueError):
@@ -97,6 +97,7 @@ class ModelOptions:
     fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
     gan_weight: float = 0.0  # dmd: DMD2's GAN term, the sampler's generator-loss weight (0: none)
+    gan_lr: float | None = None  # dmd: the discriminator head's learning rate (None: --lr; vcdm tune: the teacher's)
 
 
 @dataclass
@@ -271,10 +272,11 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             raise OptionError(f"--teacher-steps: expected at least 2, got {self.teacher_steps}")
         if self.tune == "dmd" and not (CONSISTENCY_STEPS[0] <= self.dmd_steps <= CONSISTENCY_STEPS[1]
                                        and self.fake_updates >= 1 and (self.fake_lr is None or self.fake_lr > 0)
-                                       and 0 <= self.gan_weight < math.inf):
-            raise OptionError(f"--sampler-steps/--fake-updates/--fake-lr/--gan-weight: expected {CONSISTENCY_STEPS[0]}.."
-                              f"{CONSISTENCY_STEPS[1]} steps, at least 1 update, a positive lr and a finite weight >= 0, "
-                              f"got {self.dmd_steps}, {self.fake_updates}, {self.fake_lr}, {self.gan_weight}")
+                                       and self.gan_weight >= 0 and (self.gan_lr is None or self.gan_lr > 0)):
+            raise OptionError(f"--sampler-steps/--fake-updates/--fake-lr/--gan-weight/--gan-lr: expected "
+                              f"{CONSISTENCY_STEPS[0]}..{CONSISTENCY_STEPS[1]} steps, at least 1 update, a positive lr, a "
+                              f"finite weight >= 0 and a positive lr, got {self.dmd_steps}, {self.fake_updates}, "
+                              f"{self.fake_lr}, {self.gan_weight}, {self.gan_lr}")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:

@@ -72,6 +72,7 @@ def resolve(opts: TrainOptions) -> TrainOptions:
         P_std=_first(opts.P_std, preset.get("P_std"), recipe.P_std),
         lr=lr,
         fake_lr=_first(opts.fake_lr, lr) if opts.tune == "dmd" else opts.fake_lr,  # dmd: the fake denoiser's, --lr's
+        gan_lr=_first(opts.gan_lr, lr) if opts.tune == "dmd" else opts.gan_lr,  # dmd: the discriminator's, --lr's
         adam_betas=list(opts.adam_betas or recipe.adam_betas),
         lr_schedule=schedule,
         lr_ref=_first(opts.lr_ref, decay * opts.batch / 1000),
@@ -124,7 +125,7 @@ def describe(opts: TrainOptions) -> str:
     elif opts.tune == "dmd":
         tune = (f"; distribution matching (DMD2) of the {opts.dmd_steps}-step sampler: the fake denoiser takes "
                 f"{opts.fake_updates} steps at lr {opts.fake_lr:g} per step"
-                f"{f', with a discriminator (GAN term weight {opts.gan_weight:g})' if opts.gan_weight else ''}; "
+                f"{f', with a discriminator at lr {opts.gan_lr:g} (GAN term weight {opts.gan_weight:g})' if opts.gan_weight else ''}; "
                 f"teacher {opts.teacher or opts.init}")
     elif opts.tune:
         tune = (f"; consistency tuning ({opts.tune.upper()}): r(t) with q {opts.ect_q:g}, k {opts.ect_k:g}, "
