@@ -1,6 +1,7 @@
 """Few-step two-stage sampling on the demo digits: both stages tuned (`vcdm tune`'s defaults: the prior, which
 predicts x0, by distilling its ODE (KD); the image model by ECT), then tuned again (`vcdm tune` of a tuned
-checkpoint: distribution matching, DMD, against the base model), sampled in 1+1 .. 4+4 network evaluations,
+checkpoint: distribution matching, DMD, against the base model; or DMD with DMD2's GAN term, --gan-weight
+GAN_WEIGHTS), sampled in 1+1 .. 4+4 network evaluations,
 against the original release's sampler (40 Heun steps with churn, 79+79 evaluations: `vcdm sample`'s
 defaults), its deterministic ODE sampler and `--preset fast` (UniPC, 12+12); and the tuned image models after the
 untuned prior's UniPC 12 (the prior, an MLP, costs ~1/80 of a U-Net evaluation).
@@ -56,7 +57,9 @@ SIZES = Sizes(resolution=8, cres=(1, 2))
 LENGTHS = {"prior": (32.0, 64.0, 96.0), "image": (8.0, 16.0)}  # kimg; the last is tuned
 RELEASE = dict(num_steps=40, S_churn=50.0, S_noise=1.007)
 FAST = SamplerOptions(sampler="unipc", num_steps=12)
-TUNED, BOTH = {"prior": "tuned", "image": "tuned"}, {"prior": "refined", "image": "refined"}
+TUNED, BOTH, GAN = ({"prior": "tuned", "image": "tuned"}, {"prior": "refined", "image": "refined"},
+                    {"prior": "gan", "image": "gan"})
+GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ({}, (12, 12), ["--preset", "fast"], FAST),
@@ -74,6 +77,12 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
     "prior UniPC 12 + image DMD 2": ({"image": "refined"}, (12, 2), ["--prior-sampler", "unipc", "--prior-steps", "12",
                                                                      "--image-steps", "2"],
                                      SamplerOptions(sampler="consistency", num_steps=2)),
+    **{f"DMD+GAN {p}+{n}": (GAN, (p, n), ["--prior-steps", str(p), "--image-steps", str(n)],
+                            SamplerOptions(sampler="consistency", num_steps=n))
+       for p, n in ((1, 1), (1, 2), (2, 2), (4, 4))},
+    "release prior + image DMD+GAN 2": ({"image": "gan"}, (79, 2), ["--image-steps", "2"],
+                                        SamplerOptions(sampler="consistency", num_steps=2)),
+    "prior DMD+GAN 1 + release image": ({"prior": "gan"}, (1, 79), ["--prior-steps", "1"], SamplerOptions(**RELEASE)),
 }
 REFERENCE = "release: Heun 40 + churn"
 
@@ -100,22 +109,24 @@ def train_base(run: Path, seed: int, device: str) -> dict[str, Path]:
     return nets
 
 
-def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, teacher: Path | None = None) -> Path:
+def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, teacher: Path | None = None,
+         extra: tuple[str, ...] = ()) -> Path:
     """`vcdm tune BASE` with the command's defaults (parsed by the command itself; `method`: its --method;
-    `teacher`: its --teacher), run in this process."""
+    `teacher`: its --teacher; `extra`: more flags), run in this process."""
     from vcdm.cli.tune import command, tune_options
     from vcdm.train import train
 
     if not sorted(outdir.glob("*/network-snapshot-*.safetensors")):
         args = [str(base), "--outdir", str(outdir), "--seed", str(seed), "--device", device, "--workers", "0",
                 "--snap", "0", "--dump", "0", *(["--method", method] if method else []),
-                *(["--teacher", str(teacher)] if teacher else [])]
+                *(["--teacher", str(teacher)] if teacher else []), *extra]
         with command.make_context("tune", args) as ctx:
             train(tune_options(str(base), dict(ctx.params)))
     return snapshot(outdir, "*/network-snapshot-*.safetensors")
 
 
-TUNINGS = ("tuned", "refined")  # `vcdm tune` of the base model, then of the tuned one (its default there: DMD)
+TUNINGS = ("tuned", "refined", "gan")  # `vcdm tune` of the base model, then of the tuned one (its default there:
+# DMD), or of the tuned one with DMD2's GAN term (--gan-weight GAN_WEIGHTS)
 
 
 def cost_label(kind: str, tuning: str) -> str:
@@ -169,6 +180,9 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["refined"] = {kind: tune(tuned, run / f"seed-{seed}" / f"refined-{kind}", seed, device, None,
                                     models["base"][kind])
                          for kind, tuned in models["tuned"].items()}  # a tuned checkpoint's default: DMD
+    models["gan"] = {kind: tune(tuned, run / f"seed-{seed}" / f"gan-{kind}", seed, device, None, models["base"][kind],
+                                ("--gan-weight", GAN_WEIGHTS[kind]))
+                     for kind, tuned in models["tuned"].items()}
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind, base in models["base"].items():
@@ -285,7 +299,11 @@ def speeds(times: list[dict]) -> dict[str, tuple[float, float | None, int]]:
 def timed_as(label: str) -> str:
     """The setting whose timing a setting shares when not timed itself: the same networks and evaluations, other
     weights (DMD's rows, the tuned rows')."""
-    return label.replace("DMD", "tuned")
+    return label.replace("DMD+GAN", "tuned").replace("DMD", "tuned")
+
+
+def method_label(training: dict) -> str:
+    return training["tune"].upper() + ("+GAN" if training.get("gan_weight") else "")
 
 
 def table(run: Path) -> tuple[str, list[dict]]:
@@ -293,13 +311,14 @@ def table(run: Path) -> tuple[str, list[dict]]:
     seeds, speed = sorted(per_seed), speeds(times)
     col = lambda label, key: [per_seed[s][label][key] for s in seeds if label in per_seed[s]]  # noqa: E731
     ref_fd = col(REFERENCE, "fd")
-    methods = {(t, k): read_checkpoint_config(snapshot(run / f"seed-{seeds[0]}" / f"{t}-{k}",
-                                                       "*/network-snapshot-*.safetensors")).training["tune"].upper()
+    methods = {(t, k): method_label(read_checkpoint_config(snapshot(run / f"seed-{seeds[0]}" / f"{t}-{k}",
+                                                                    "*/network-snapshot-*.safetensors")).training)
                for t in TUNINGS for k in LENGTHS}
     lines = [f"Two-stage sampling on the demo digits (8x8) with few network evaluations: both stages tuned by "
              f"`vcdm tune` (\"tuned\": prior {methods['tuned', 'prior']}, image model {methods['tuned', 'image']}), then "
              f"the tuned models tuned again (`vcdm tune`'s default for a tuned checkpoint; \"DMD\": prior "
-             f"{methods['refined', 'prior']}, image model {methods['refined', 'image']}) vs the release's sampler and "
+             f"{methods['refined', 'prior']}, image model {methods['refined', 'image']}; \"DMD+GAN\": the same with "
+             f"DMD2's GAN term, --gan-weight {GAN_WEIGHTS['prior']} and {GAN_WEIGHTS['image']}) vs the release's sampler and "
              f"--preset fast. {per_seed[seeds[0]][REFERENCE].get('num', '?')} images per setting and seed. "
              f"{len(seeds)} training seeds "
              f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
@@ -335,7 +354,7 @@ def table(run: Path) -> tuple[str, list[dict]]:
                          f"| {mean_std([r['tune_sec'] / r['train_sec'] for r in c])} |")
     noise = f"{statistics.stdev(ref_fd):.2g}" if len(ref_fd) > 1 else "-"
     lines.append("")
-    for tunings in (TUNINGS[:1], TUNINGS):
+    for tunings in (TUNINGS[:1], *((TUNINGS[0], t) for t in TUNINGS[1:])):
         both = [sum(r["tune_sec"] for r in costs if r["seed"] == s and r.get("tuning", "tuned") in tunings) /
                 sum(r["train_sec"] for r in costs if r["seed"] == s and r.get("tuning", "tuned") == "tuned")
                 for s in seeds]
@@ -360,10 +379,10 @@ def plot(run: Path, path: Path) -> None:
         if not fd:
             continue
         m, sd = statistics.mean(fd), statistics.stdev(fd) if len(fd) > 1 else 0.0
-        ax.errorbar([sum(nfe)], [m], yerr=[sd], fmt="o", capsize=3, color=colours[i], label=label)
+        ax.errorbar([sum(nfe)], [m], yerr=[sd], fmt="o", capsize=3, color=colours[i % len(colours)], label=label)
         timing = speed.get(label) or speed.get(timed_as(label))
         if timing:
-            ax2.errorbar([timing[0]], [m], yerr=[sd], fmt="o", capsize=3, color=colours[i], label=label)
+            ax2.errorbar([timing[0]], [m], yerr=[sd], fmt="o", capsize=3, color=colours[i % len(colours)], label=label)
     floor = [per_seed[s]["real"]["fd"] for s in per_seed if "real" in per_seed[s]]
     for a in (ax, ax2):
         if floor:

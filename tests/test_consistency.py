@@ -236,22 +236,29 @@ class GaussianDenoiser(nn.Module):
         return x * v / (v + torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1) ** 2)
 
 
+def distribution_matched(teacher: nn.Module, *, steps: int, data_sd: float, gan_weight: float = 0.0):
+    """(the two-step sampler, its DMDLoss) after ``steps`` DMD steps from the diffusion denoiser (theta 0) against the
+    frozen ``teacher``, given real data N(0, data_sd^2 I) (which only the GAN term reads)."""
+    torch.manual_seed(0)
+    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2, gan_weight=gan_weight,
+                   teacher=teacher.requires_grad_(False))
+    loss.make_fake()
+    model = GaussianConsistency(0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        (loss(model, torch.randn(256, N, generator=g) * data_sd, generator=g).sum() / 256).backward()
+        opt.step()
+    return model, loss
+
+
 def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the_data(one_thread):
     """DMD from the diffusion denoiser (theta 0: its two-step samples have variance 0.05, the data 0.25): the
     teacher is the exact denoiser of the data, the fake denoiser learns the sampler's variance; both the sampler's
     two-step samples and the fake denoiser's variance reach the data's, and theta the exact map (1/2)."""
-    torch.manual_seed(0)
-    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2,
-                   teacher=GaussianDenoiser(S ** 2).requires_grad_(False))
-    loss.make_fake()
-    model = GaussianConsistency(0.0)
-    assert sample_variance(model, 2) < 0.06
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        opt.zero_grad()
-        (loss(model, torch.randn(256, N, generator=g) * S, generator=g).sum() / 256).backward()
-        opt.step()
+    assert sample_variance(GaussianConsistency(0.0), 2) < 0.06
+    model, loss = distribution_matched(GaussianDenoiser(S ** 2), steps=300, data_sd=S)
     assert sample_variance(model, 2) == pytest.approx(S ** 2, rel=0.03)
     assert loss.fake.net.log_v.exp().item() == pytest.approx(S ** 2, rel=0.05)
     assert model.theta.item() == pytest.approx(0.5, abs=0.03)
@@ -286,17 +293,7 @@ def test_distribution_matching_with_a_gan_term_follows_the_real_data_past_the_te
     two-step sampler to the teacher's variance (test above); with DMD2's GAN term (a discriminator on the fake
     denoiser's bottleneck, given the real data) it reaches the real data's: 0.36, where the teacher is wrong, and
     0.25 where it is right."""
-    torch.manual_seed(0)
-    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2, gan_weight=gan_weight,
-                   teacher=GaussianWithBottleneck(S ** 2).requires_grad_(False))
-    loss.make_fake()
-    model = GaussianConsistency(0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(500):
-        opt.zero_grad()
-        (loss(model, torch.randn(256, N, generator=g) * data_sd, generator=g).sum() / 256).backward()
-        opt.step()
+    model, loss = distribution_matched(GaussianWithBottleneck(S ** 2), steps=500, data_sd=data_sd, gan_weight=gan_weight)
     assert sample_variance(model, 2) == pytest.approx(data_sd ** 2, rel=0.04)
     assert loss.critic.head is not None and set(loss.state_dict()) == {"fake", "fake_opt", "discriminator"}
 
