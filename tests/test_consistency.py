@@ -665,7 +665,7 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     save_checkpoint(tmp_path / "x0-tuned.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
     r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0-tuned.safetensors"), "--dry-run", "--workers", "0",
                                       "--outdir", str(tmp_path / "runs")])
-    assert r.exit_code == 0 and '"dmd_steps": 1,' in r.output, r.output
+    assert r.exit_code == 0 and '"dmd_steps": 1,' in r.output and '"gan_weight": 0.3,' in r.output, r.output
     denoiser, config, tensors = load_checkpoint(tuned["tuned"])  # tuned from a model that is not here (moved)
     config.training = {**config.training, "init": str(tmp_path / "moved.safetensors")}
     save_checkpoint(tmp_path / "orphan.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)

@@ -32,6 +32,11 @@ LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's trai
 # prior at 1/300 was best from 1/3 to 1/2 of its training and drifted after 2/3 (at 1/100 it drifted after 1/6); the
 # image model at 1/200 still improved at 2x (at 1/300 it was slower, at 1/20 it got worse).
 DMD_DEFAULTS = {True: (1 / 2, 1 / 300), False: (2.0, 1 / 200)}
+# dmd's --gan-weight by whether the network predicts x0. Measured on the demo digits, same sampling seeds
+# (benchmarks/results/fewstep-digits.md): the prior's one step gained 0.2-0.6 FD on both seeds at 0.3 (3e-2: less, 1:
+# no more); the image model's 2 steps at DMD2's 3e-3 gained nothing measurable (2.93 vs 2.92, 7.4 vs 7.6) at twice
+# the tuning cost, so the rest have none by default.
+DMD_GAN_WEIGHTS = {True: 0.3, False: 0.0}
 # r(t)'s first stage is ECT's q 2 (r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage, over 2 stages
 # in a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg; benchmarks/fewstep.py). A third stage leaves no
 # r = 0 region: a network that predicts x0 (no c_skip) then collapses to a constant.
@@ -128,7 +133,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         P_std=kwargs["P_std"], ect_q=given.get("ect_q", ECT_Q), ect_k=given.get("ect_k", ECT_K), ect_b=given.get("ect_b", ECT_B),
         ect_stages=given.get("ect_stages", ECT_STAGES), teacher_steps=given.get("teacher_steps", TEACHER_STEPS),
         teacher=teacher, fake_updates=given.get("fake_updates", FAKE_UPDATES), fake_lr=given.get("fake_lr"),
-        gan_weight=given.get("gan_weight", 0.0), gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
+        gan_weight=given.get("gan_weight", DMD_GAN_WEIGHTS[predicts_x0(recorded)] if method == "dmd" else 0.0),
+        gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
         dmd_steps=given.get("sampler_steps", default_sampler_steps(recorded)),
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
@@ -174,7 +180,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
      help="dmd: the fake denoiser's learning rate  [default: --lr]")
 @opt("--gan-weight", metavar="FLOAT", type=Finite(min=0), default=None,
      help="dmd: DMD2's GAN term, a discriminator on the fake denoiser's bottleneck given real data; the sampler's "
-          "weight of its loss (DMD2's ImageNet value: 3e-3)  [default: 0, none]")
+          "weight of its loss (DMD2's ImageNet value: 3e-3); 0: none  [default: 0.3 for networks that predict x0 "
+          "(--pred_x0), else 0]")
 @opt("--gan-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
      help="dmd: the discriminator head's learning rate (it starts from random weights)  "
           "[default: the teacher's training lr]")
