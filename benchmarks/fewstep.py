@@ -59,7 +59,8 @@ RELEASE = dict(num_steps=40, S_churn=50.0, S_noise=1.007)
 FAST = SamplerOptions(sampler="unipc", num_steps=12)
 TUNED, BOTH, GAN = ({"prior": "tuned", "image": "tuned"}, {"prior": "refined", "image": "refined"},
                     {"prior": "gan", "image": "gan"})
-GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning
+GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning (the image
+# model's is DMD2's; `vcdm tune`'s default for it is 0)
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ({}, (12, 12), ["--preset", "fast"], FAST),
@@ -126,7 +127,7 @@ def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, t
 
 
 TUNINGS = ("tuned", "refined", "gan")  # `vcdm tune` of the base model, then of the tuned one (its default there:
-# DMD), or of the tuned one with DMD2's GAN term (--gan-weight GAN_WEIGHTS)
+# DMD) without DMD2's GAN term, or with it (--gan-weight GAN_WEIGHTS)
 
 
 def cost_label(kind: str, tuning: str) -> str:
@@ -178,7 +179,7 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["tuned"] = {kind: tune(base, run / f"seed-{seed}" / f"tuned-{kind}", seed, device, methods[kind])
                        for kind, base in models["base"].items()}
     models["refined"] = {kind: tune(tuned, run / f"seed-{seed}" / f"refined-{kind}", seed, device, None,
-                                    models["base"][kind])
+                                    models["base"][kind], ("--gan-weight", "0"))
                          for kind, tuned in models["tuned"].items()}  # a tuned checkpoint's default: DMD
     models["gan"] = {kind: tune(tuned, run / f"seed-{seed}" / f"gan-{kind}", seed, device, None, models["base"][kind],
                                 ("--gan-weight", GAN_WEIGHTS[kind]))
