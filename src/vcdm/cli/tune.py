@@ -34,8 +34,8 @@ LR_FRACTION = 1 / 4    # default learning rate relative to the checkpoint's trai
 DMD_DEFAULTS = {True: (1 / 2, 1 / 300), False: (2.0, 1 / 200)}
 # dmd's --gan-weight by whether the network predicts x0. Measured on the demo digits, same sampling seeds
 # (benchmarks/results/fewstep-digits.md): the prior's one step gained 0.2-0.6 FD on both seeds at 0.3 (3e-2: less, 1:
-# no more); the image model's 2 steps at DMD2's 3e-3 gained nothing measurable (2.93 vs 2.92, 7.4 vs 7.6) at twice
-# the tuning cost, so the rest have none by default.
+# no more); the image model's 2 steps at DMD2's 3e-3 gained nothing measurable (2.93 vs 2.92, 7.4 vs 7.6; 3e-2: 7.7)
+# at twice the tuning cost, so the rest have none by default.
 DMD_GAN_WEIGHTS = {True: 0.3, False: 0.0}
 # r(t)'s first stage is ECT's q 2 (r = 0 below t ~ 2, r ~ t / 2 above), then the gap halves per stage, over 2 stages
 # in a short tuning (ECT's CIFAR-10 runs: 8 stages over 25.6 Mimg; benchmarks/fewstep.py). A third stage leaves no
