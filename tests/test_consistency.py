@@ -241,7 +241,7 @@ def distribution_matched(teacher: nn.Module, *, steps: int, data_sd: float, gan_
     frozen ``teacher``, given real data N(0, data_sd^2 I) (which only the GAN term reads)."""
     torch.manual_seed(0)
     loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2, gan_weight=gan_weight,
-                   teacher=teacher.requires_grad_(False))
+                   gan_lr=1e-2, teacher=teacher.requires_grad_(False))
     loss.make_fake()
     model = GaussianConsistency(0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

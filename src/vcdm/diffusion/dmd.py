@@ -114,7 +114,8 @@ class Critic(nn.Module):
 
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
-    """``module``'s parameters take no gradient inside (the sampler's GAN loss reaches the sampler only)."""
+    """``module``'s parameters (all trainable: a Critic's) take no gradient inside (the sampler's GAN loss reaches the
+    sampler only)."""
     module.requires_grad_(False)
     try:
         yield
@@ -130,9 +131,11 @@ class DMDLoss:
     random, learns at ``gan_lr``."""
 
     def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *, gan_weight: float = 0.0,
-                 gan_lr: float | None = None, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,
+                 gan_lr: float = 0.0, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,
                  teacher: nn.Module | None = None):
         self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
+        if gan_weight > 0 and not gan_lr > 0:
+            raise ValueError(f"gan_lr: the GAN term's discriminator needs a positive learning rate, got {gan_lr}")
         self.gan_weight, self.gan_lr, self.fake_betas, self.cond_drop = gan_weight, gan_lr, fake_betas, cond_drop
         self.teacher, self.critic, self.critic_train, self.fake_opt = teacher, None, None, None
 
@@ -146,8 +149,8 @@ class DMDLoss:
         self.critic = Critic(copy.deepcopy(self.teacher).train().requires_grad_(True), gan=self.gan_weight > 0)
         self.critic_train = training_view(self.critic)
         groups = [{"params": list(self.fake.parameters())}]
-        if self.critic.head is not None:  # a new layer: its own lr (``gan_lr``, else the fake's)
-            groups.append({"params": list(self.critic.head.parameters()), "lr": self.gan_lr or self.fake_lr})
+        if self.critic.head is not None:  # a new layer: its own lr
+            groups.append({"params": list(self.critic.head.parameters()), "lr": self.gan_lr})
         self.fake_opt = torch.optim.Adam(groups, lr=self.fake_lr, betas=self.fake_betas)
 
     def state_dict(self) -> dict:
