@@ -176,6 +176,27 @@ def test_text_where_a_list_is_expected():
         vcdm.fid(np.zeros((2, 8, 8, 3), np.uint8), mu_sigma_only, metrics="fid,kid")  # parsed as ['fid', 'kid']
 
 
+@pytest.mark.parametrize("tune, field, value, line", [
+    ("dmd", "gan_weight", -1.0, "--gan-weight: expected a weight >= 0 (0: no GAN term), got -1"),
+    ("dmd", "gan_lr", 0.0, "--gan-lr: expected a positive lr, got 0"),
+    ("dmd", "fake_lr", -1e-3, "--fake-lr: expected a positive lr, got -0.001"),
+    ("dmd", "fake_updates", 0, "--fake-updates: expected at least 1, got 0"),
+    ("dmd", "dmd_steps", 5, "--sampler-steps: expected 1..4, got 5"),
+    ("ect", "ect_q", 1.0, "--ect-q: expected a number > 1, got 1"),
+    ("kd", "teacher_steps", 1, "--teacher-steps: expected at least 2, got 1"),
+])
+def test_tuning_options_name_the_flag_that_is_wrong(tune, field, value, line):
+    """An API caller's TrainOptions gets the one flag at fault, not a list of every flag of its method."""
+    from vcdm.train.options import OptionError, TrainOptions
+
+    opts = TrainOptions(path="data.zip", observed="1,0", tune=tune, init="net.safetensors")
+    opts.validate()
+    setattr(opts, field, value)
+    with pytest.raises(OptionError) as err:
+        opts.validate()
+    assert str(err.value) == line
+
+
 def test_stage_flags_are_named_as_given(models, tmp_path):
     common = ["--prior", models["prior"], "--image-model", models["image"], "--seeds", "0", "--outdir", tmp_path / "o"]
     result = run(sample_cmd, [*common, "--image-steps", 10**9], ok=False)

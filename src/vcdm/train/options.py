@@ -44,6 +44,13 @@ class OptionError(ValueError):
     """Options that cannot work together; the message names the flag."""
 
 
+def _require(flag: str, value: float | int | None, ok: bool, expected: str) -> None:
+    """One check of one flag: the one-line error names the flag, what it takes and what it got."""
+    if not ok:
+        raise OptionError(f"{flag}: expected {expected}, got {value:g}" if isinstance(value, float)
+                          else f"{flag}: expected {expected}, got {value}")
+
+
 @dataclass
 class DataOptions:
     path: str = ""
@@ -265,18 +272,20 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             raise OptionError("--init starts from a whole vcdm checkpoint: drop --transfer/--pretrained_weights")
         if self.tune is not None and self.tune not in TUNE_METHODS:
             raise OptionError(f"--tune: expected one of {', '.join(TUNE_METHODS)}, got '{self.tune}'")
-        if self.tune and not (self.ect_q > 1 and self.ect_k >= 0 and self.ect_b >= 0 and self.ect_stages >= 1):
-            raise OptionError(f"--ect-q/--ect-k/--ect-b/--ect-stages: expected q > 1, k >= 0, b >= 0, stages >= 1, got "
-                              f"{self.ect_q:g}, {self.ect_k:g}, {self.ect_b:g}, {self.ect_stages}")
-        if self.tune == "kd" and self.teacher_steps < 2:
-            raise OptionError(f"--teacher-steps: expected at least 2, got {self.teacher_steps}")
-        if self.tune == "dmd" and not (CONSISTENCY_STEPS[0] <= self.dmd_steps <= CONSISTENCY_STEPS[1]
-                                       and self.fake_updates >= 1 and (self.fake_lr is None or self.fake_lr > 0)
-                                       and self.gan_weight >= 0 and (self.gan_lr is None or self.gan_lr > 0)):
-            raise OptionError(f"--sampler-steps/--fake-updates/--fake-lr/--gan-weight/--gan-lr: expected "
-                              f"{CONSISTENCY_STEPS[0]}..{CONSISTENCY_STEPS[1]} steps, at least 1 update, a positive lr, a "
-                              f"finite weight >= 0 and a positive lr, got {self.dmd_steps}, {self.fake_updates}, "
-                              f"{self.fake_lr}, {self.gan_weight}, {self.gan_lr}")
+        if self.tune:
+            _require("--ect-q", self.ect_q, self.ect_q > 1, "a number > 1")
+            _require("--ect-k", self.ect_k, self.ect_k >= 0, "a number >= 0")
+            _require("--ect-b", self.ect_b, self.ect_b >= 0, "a number >= 0")
+            _require("--ect-stages", self.ect_stages, self.ect_stages >= 1, "at least 1")
+        if self.tune == "kd":
+            _require("--teacher-steps", self.teacher_steps, self.teacher_steps >= 2, "at least 2")
+        if self.tune == "dmd":
+            low, high = CONSISTENCY_STEPS
+            _require("--sampler-steps", self.dmd_steps, low <= self.dmd_steps <= high, f"{low}..{high}")
+            _require("--fake-updates", self.fake_updates, self.fake_updates >= 1, "at least 1")
+            _require("--fake-lr", self.fake_lr, self.fake_lr is None or self.fake_lr > 0, "a positive lr")
+            _require("--gan-weight", self.gan_weight, self.gan_weight >= 0, "a weight >= 0 (0: no GAN term)")
+            _require("--gan-lr", self.gan_lr, self.gan_lr is None or self.gan_lr > 0, "a positive lr")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:
