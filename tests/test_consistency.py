@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import vcdm
-from tiny_models import write_model
+from tiny_models import EMB, write_model
 from tiny_runs import PRIOR, assert_same_weights, base_args, error_lines, last_state, run, run_dir, write_dataset
 from vcdm.checkpoints import CheckpointConfig, CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from vcdm.cli.generate import command as generate_cmd
@@ -29,7 +29,7 @@ from vcdm.cli.tune import command as tune_cmd
 from vcdm.data.structure import Structure
 from vcdm.diffusion.consistency import ECTLoss, ect_gap, ect_r
 from vcdm.diffusion.distillation import DistillLoss, ode_solution
-from vcdm.diffusion.dmd import Critic, DMDLoss, frozen
+from vcdm.diffusion.dmd import DMD_LEVELS, Critic, DMDLoss, frozen
 from vcdm.diffusion.loss import EDMLoss
 from vcdm.diffusion.sampling import sample
 from vcdm.generate.files import read_tensors
@@ -236,12 +236,15 @@ class GaussianDenoiser(nn.Module):
         return x * v / (v + torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1) ** 2)
 
 
-def distribution_matched(teacher: nn.Module, *, steps: int, data_sd: float, gan_weight: float = 0.0):
-    """(the two-step sampler, its DMDLoss) after ``steps`` DMD steps from the diffusion denoiser (theta 0) against the
-    frozen ``teacher``, given real data N(0, data_sd^2 I) (which only the GAN term reads)."""
+def distribution_matched(teacher: nn.Module, *, steps: int, data_sd: float, gan_weight: float = 0.0,
+                         sampler_steps: int = 2, guidance: float = 1.0, guide: nn.Module | None = None):
+    """(the ``sampler_steps``-step sampler, its DMDLoss) after ``steps`` DMD steps from the diffusion denoiser (theta 0)
+    against the frozen ``teacher`` (guided by ``guide`` at ``guidance``), given real data N(0, data_sd^2 I) (which only
+    the GAN term reads)."""
     torch.manual_seed(0)
-    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=2, fake_updates=5, fake_lr=1e-2, gan_weight=gan_weight,
-                   gan_lr=1e-2, teacher=teacher.requires_grad_(False))
+    loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=sampler_steps, fake_updates=5, fake_lr=1e-2,
+                   gan_weight=gan_weight, gan_lr=1e-2, teacher=teacher.requires_grad_(False), guidance=guidance,
+                   guide=guide)
     loss.make_fake()
     model = GaussianConsistency(0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -263,6 +266,41 @@ def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the
     assert loss.fake.net.log_v.exp().item() == pytest.approx(S ** 2, rel=0.05)
     assert model.theta.item() == pytest.approx(0.5, abs=0.03)
     assert torch.equal(loss.teacher.net.log_v, torch.tensor([S ** 2]).log())  # the teacher stays frozen
+
+
+def guided_fixed_point(v: float, v_guide: float, w: float, n: int = 50_000) -> float:
+    """The variance V of a one-step Gaussian sampler at which DMD's mean update vanishes, given a perfect fake denoiser
+    (the exact one of N(0, V I)) and the teacher of N(0, v I) guided away from that of N(0, v_guide I) at ``w``:
+    E[(V / (V + t^2) - a(t)) x_t . x / mean |x - a(t) x_t|] = 0, a(t) = w v / (v + t^2) + (1 - w) v_g / (v_g + t^2),
+    x ~ N(0, V I), x_t = x + t n over DMD's levels t. Monte Carlo with common random numbers, then bisection in log V."""
+    g = torch.Generator().manual_seed(0)
+    u = DMD_LEVELS[0] + torch.rand(n, 1, generator=g, dtype=torch.float64) * (DMD_LEVELS[1] - DMD_LEVELS[0])
+    t = DMDLoss.dmd_level(u, GaussianDenoiser(v))
+    z, noise = (torch.randn(n, N, generator=g, dtype=torch.float64) for _ in range(2))
+    a = w * v / (v + t ** 2) + (1 - w) * v_guide / (v_guide + t ** 2)
+
+    def mean_update(V: float) -> float:
+        x = z * V ** 0.5
+        x_t = x + t * noise
+        return ((V / (V + t ** 2) - a) * x_t * x / (x - a * x_t).abs().mean(1, keepdim=True)).sum(1).mean().item()
+
+    lo, hi = 1e-3, 5.0
+    for _ in range(40):
+        lo, hi = (lo, (lo * hi) ** 0.5) if mean_update((lo * hi) ** 0.5) > 0 else ((lo * hi) ** 0.5, hi)
+    return (lo * hi) ** 0.5
+
+
+def test_distribution_matching_of_a_guided_teacher_reaches_the_guided_models_fixed_point(one_thread):
+    """Autoguidance in DMD (--guidance, --guide): the teacher is the exact denoiser of N(0, 0.25 I), the guide that of
+    N(0, 0.36 I), w 1.5. The guided denoiser is no Gaussian's, so the one-step sampler settles where DMD's mean update
+    vanishes (``guided_fixed_point``: 0.21), narrower than the teacher's 0.25, which it reaches unguided (w 1)."""
+    expected = guided_fixed_point(S ** 2, 0.36, 1.5)
+    assert expected == pytest.approx(0.21, abs=0.01)
+    model, loss = distribution_matched(GaussianDenoiser(S ** 2), steps=600, data_sd=S, sampler_steps=1, guidance=1.5,
+                                       guide=GaussianDenoiser(0.36).requires_grad_(False))
+    assert sample_variance(model, 1) == pytest.approx(expected, rel=0.02)
+    assert loss.fake.net.log_v.exp().item() == pytest.approx(expected, rel=0.05)  # the fake learnt the sampler's V
+    assert guided_fixed_point(S ** 2, 0.36, 1.0) == pytest.approx(S ** 2, rel=0.01)  # w 1: the teacher's own
 
 
 class Energy(nn.Module):
@@ -519,6 +557,37 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
             assert wrong.exit_code != 0 and error_lines(wrong.output) == [
                 f"Error: --resume: {resumed_state} does not fit these options (its fake denoiser was trained with a "
                 f"GAN term: resume with --gan-weight > 0)"], wrong.output
+
+
+@pytest.mark.slow
+def test_distribution_matching_guides_its_teacher_by_a_weaker_checkpoint(tuned, tmp_path):
+    """--guidance W --guide G: DMD's real denoiser is D_g + W (D - D_g). Guided by the teacher itself it is the
+    teacher's, and the run's weights equal the unguided run's bit for bit; guided by the base run's first snapshot
+    (untrained) they differ. The snapshot records both flags; a guide of other tensors, and a guide without a scale,
+    are refused in one line."""
+    first = sorted(run_dir(tuned["root"] / "train").glob("network-snapshot-*.safetensors"))[0]
+    assert first != tuned["base"]
+    args = [str(tuned["tuned"]), "--kimg", "0.008", "--tick", "0.004", "--snap", "0", "--dump", "0", "--workers", "0",
+            "--device", "cpu", "--seed", "1", "--fake-updates", "2"]
+    states = {}
+    for name, extra in (("plain", []), ("self", ["--guidance", "2", "--guide", str(tuned["base"])]),
+                        ("early", ["--guidance", "2", "--guide", str(first)])):
+        r = CliRunner().invoke(tune_cmd, [*args, *extra, "--outdir", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        states[name] = last_state(run_dir(tmp_path / name))
+    assert f"guided at 2 by {first}" in r.output
+    assert_same_weights(states["plain"], states["self"])
+    assert not all(torch.equal(v, states["early"]["net"][k]) for k, v in states["plain"]["net"].items())
+    training = read_checkpoint_config(sorted(run_dir(tmp_path / "early").glob("network-*"))[-1]).training
+    assert (training["guidance"], training["guide"]) == (2.0, str(first))
+    image = write_model(tmp_path / "image.safetensors", "image")
+    r = CliRunner().invoke(tune_cmd, [*args, "--guidance", "2", "--guide", str(image), "--outdir", str(tmp_path / "x")])
+    assert r.exit_code != 0 and error_lines(r.output) == [
+        f"Error: --guide {image} generates {{'image': (3, 8, 8)}}, but {tuned['base']} generates "
+        f"{{'embedding': ({EMB},)}}"], r.output
+    r = CliRunner().invoke(tune_cmd, [*args, "--guide", str(first), "--outdir", str(tmp_path / "y")])
+    assert r.exit_code != 0 and error_lines(r.output) == [
+        f"Error: --guide {first}: a guide needs --guidance other than 1 (at 1 it is not used)"], r.output
 
 
 @pytest.mark.slow

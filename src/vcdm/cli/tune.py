@@ -82,7 +82,7 @@ def default_teacher(recorded: TrainOptions) -> str | None:
 METHOD_FLAGS = {"ect_q": ("ect", "ecd"), "ect_k": ("ect", "ecd"), "ect_b": ("ect", "ecd"), "ect_stages": ("ect", "ecd"),
                 "teacher_steps": ("kd",), "teacher": ("ecd", "kd", "dmd"), "fake_updates": ("dmd",),
                 "fake_lr": ("dmd",), "sampler_steps": ("dmd",), "gan_weight": ("dmd",),
-                "gan_lr": ("dmd",)}
+                "gan_lr": ("dmd",), "guidance": ("dmd",), "guide": ("dmd",)}
 
 
 def recorded_training(checkpoint: str, flag: str = "CHECKPOINT") -> dict:
@@ -135,6 +135,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         teacher=teacher, fake_updates=given.get("fake_updates", FAKE_UPDATES), fake_lr=given.get("fake_lr"),
         gan_weight=given.get("gan_weight", DMD_GAN_WEIGHTS[predicts_x0(recorded)] if method == "dmd" else 0.0),
         gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
+        guidance=given.get("guidance", 1.0), guide=given.get("guide"),
         dmd_steps=given.get("sampler_steps", default_sampler_steps(recorded)),
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
@@ -185,6 +186,12 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
 @opt("--gan-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,
      help="dmd: the discriminator head's learning rate (it starts from random weights)  "
           "[default: the teacher's training lr]")
+@opt("--guidance", metavar="W", type=Finite(min=0, min_open=True), default=None,
+     help="dmd: guide the teacher, D_g + W (D - D_g), so that the sampler learns the guided model's samples "
+          "(with --guide: autoguidance)  [default: 1, unguided]")
+@opt("--guide", metavar="SAFETENSORS", type=str, default=None,
+     help="dmd: the guiding network D_g, a weaker model of the same data (an earlier snapshot or a smaller network; "
+          "EDM2's autoguidance)  [default: the teacher's own null condition, classifier-free]")
 @opt("--P_mean", metavar="FLOAT", type=float, default=ECT_P_MEAN, help="Mean of ln(t).")
 @opt("--P_std", metavar="FLOAT", type=Finite(min=0, min_open=True), default=ECT_P_STD,
      help="Standard deviation of ln(t).")

@@ -28,6 +28,11 @@ bottleneck, as in DMD2), and the sampler adds ``gan_weight`` x the non-saturatin
 outputs. Real data is what lets the sampler go past the teacher's distribution, which DMD alone can only match. Both
 weights are per sample, beside per-element losses that are summed: DMD2's weights beside its means over elements.
 
+Guidance (``guidance`` != 1): the teacher's denoiser is guided, D_g + w (D - D_g) (vcdm.diffusion.guidance), away from
+a weaker model of the same data (``guide``: autoguidance, Karras et al. 2024) or from its own null condition
+(classifier-free), and the sampler learns the guided model's distribution, as DMD2 distils guided text-to-image
+teachers. What a guided sampler does at every step is then built into the few-step sampler.
+
 The sampler starts from a tuned checkpoint (`vcdm tune` of a tuned model: ECT's or KD's sampler), not from the
 diffusion model, so the short run refines a working few-step sampler. On the demo the first few thousand images
 make it worse before it improves (the fake denoiser has yet to learn the sampler's outputs).
@@ -43,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vcdm.diffusion.distillation import sampler_range
+from vcdm.diffusion.guidance import Guidance, guided_denoise
 from vcdm.diffusion.loss import _inner
 from vcdm.diffusion.schedules import karras_sigmas
 from vcdm.diffusion.settings import CONSISTENCY_RHO
@@ -128,16 +134,20 @@ class DMDLoss:
     denoiser trains with (the checkpoint's: EDM's, EDM2's with its uncertainty, VP's, VE's). ``teacher`` (the frozen
     diffusion model) is set by the training loop, which then calls ``make_fake`` (a resumed run then loads its
     ``state_dict``). ``gan_weight`` > 0 adds DMD2's GAN term (the module's docstring); its discriminator head, new and
-    random, learns at ``gan_lr``."""
+    random, learns at ``gan_lr``. ``guidance`` != 1 guides the teacher (vcdm.diffusion.guidance): away from ``guide``
+    (autoguidance by a weaker model of the same data, set by the training loop as the teacher is) or, without one, from
+    its own null condition (classifier-free); the sampler then matches the guided model's distribution, as DMD2's
+    text-to-image runs match a guided teacher's."""
 
     def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *, gan_weight: float = 0.0,
                  gan_lr: float = 0.0, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, guidance: float = 1.0, guide: Callable | None = None):
         self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
         if gan_weight > 0 and not gan_lr > 0:
             raise ValueError(f"gan_lr: the GAN term's discriminator needs a positive learning rate, got {gan_lr}")
         self.gan_weight, self.gan_lr, self.fake_betas, self.cond_drop = gan_weight, gan_lr, fake_betas, cond_drop
-        self.teacher, self.critic, self.critic_train, self.fake_opt = teacher, None, None, None
+        self.teacher, self.guidance, self.guide = teacher, guidance, guide
+        self.critic, self.critic_train, self.fake_opt = None, None, None
 
     @property
     def fake(self) -> nn.Module | None:
@@ -205,7 +215,7 @@ class DMDLoss:
         noise = s * inner.noise_scale * torch.randn(x.shape, device=x.device, generator=generator)
         with torch.no_grad():
             x_s = sample.float() + noise
-            real = self.teacher(x_s, s.flatten(), y, augment_labels=augment_labels).float()
+            real = self.real(x_s, s.flatten(), y, augment_labels)
             fake = self.fake(x_s, s.flatten(), y, augment_labels=augment_labels).float()
             norm = (sample.float() - real).abs().mean(dim=1, keepdim=True).clamp(min=1e-8)
             target = sample.float() - (fake - real) / norm
@@ -215,6 +225,11 @@ class DMDLoss:
         with frozen(self.critic):
             logit = self.critic.logits(sample.float() + noise, s.flatten(), y, augment_labels)
         return loss + self.gan_weight * F.softplus(-logit)
+
+    def real(self, x: torch.Tensor, sigma: torch.Tensor, y, augment_labels) -> torch.Tensor:
+        """The teacher's denoiser, guided when ``guidance`` != 1 (the guide sees no augmentation labels)."""
+        teacher = lambda x, sigma, y: self.teacher(x, sigma, y, augment_labels=augment_labels)  # noqa: E731
+        return guided_denoise(teacher, x, sigma, y, Guidance(self.guidance, self.guide)).float()
 
     def random_level(self, batch: int, inner: nn.Module, generator) -> torch.Tensor:
         """(B, 1) levels for x_s: Karras's at fractions uniform in DMD_LEVELS."""

@@ -177,7 +177,7 @@ def make_loss(opts: TrainOptions):
     if opts.tune == "dmd":  # the fake denoiser learns the sampler's outputs (their conditioning dropped already)
         return DMDLoss(diffusion_loss(opts, cond_drop=0.0), steps=opts.dmd_steps, fake_updates=opts.fake_updates,
                        fake_lr=opts.fake_lr, gan_weight=opts.gan_weight, gan_lr=opts.gan_lr,
-                       cond_drop=opts.cond_drop)
+                       cond_drop=opts.cond_drop, guidance=opts.guidance)
     if opts.tune == "kd":
         return DistillLoss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop, teacher_steps=opts.teacher_steps)
     if opts.tune is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from torch import nn
 from vcdm import distributed as dist
 from vcdm.checkpoints import load_tensors, read_checkpoint_config
 from vcdm.data.structure import Structure
+from vcdm.generate.core import load_model
+from vcdm.generate.guide import Unconditional, check_guide, read_guide_config
 from vcdm.legacy import pretrained as legacy_pretrained
 from vcdm.legacy.edm import legacy_network
 from vcdm.legacy.edm2 import edm2_network, is_edm2
@@ -86,6 +89,20 @@ def initialise(path: str, net: nn.Module, role: str = "Initialised", flag: str =
         raise OptionError(f"{flag}: {path} is not this network ({len(wrong) + len(extra)} tensors differ, e.g. {name})")
     net.load_state_dict(source)
     dist.print0(f"{role} all {len(target)} tensors from {path}")
+
+
+def frozen_guide(path: str, teacher: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """--guide's network, frozen, refused (one line) as `vcdm generate --gnet` refuses a guide that cannot guide the
+    teacher; an unconditional guide is called without the conditioning."""
+    try:
+        check_guide(read_checkpoint_config(teacher), read_guide_config(path, "--guide"), net_name=teacher,
+                    guide_name=path, flag="--guide")
+        guide = load_model(path, device)
+    except ValueError as e:
+        raise OptionError(str(e) if str(e).startswith("--guide") else f"--guide {path}: {e}") from None
+    denoiser = guide.denoiser.eval().requires_grad_(False)
+    dist.print0(f"Guide: loaded {path}")
+    return denoiser if guide.structure.observed_names else Unconditional(denoiser)
 
 
 def frozen_teacher(path: str, denoiser: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ EMBEDDERS = ("clip-vit-b32", "pixel-pca", "dinov2-vitb14")  # as vcdm.embedders.
 
 
 OPTIONS_BYTES = 1 << 20  # a training_options.json holds a few KB
-FINITE = ("ect_q", "ect_k", "ect_b", "fake_lr", "gan_lr", "gan_weight", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
+FINITE = ("ect_q", "ect_k", "ect_b", "fake_lr", "gan_lr", "gan_weight", "guidance", "lr", "ls", "duration", "lr_rampup", "lr_ref", "P_mean", "P_std", "ema", "ema_rampup", "tick", "time_limit", "augment", "dropout")
 
 
 class OptionError(ValueError):
@@ -105,6 +105,8 @@ class ModelOptions:
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
     gan_weight: float = 0.0  # dmd: DMD2's GAN term, the sampler's generator-loss weight (0: none)
     gan_lr: float | None = None  # dmd: the discriminator head's learning rate (None: --lr; vcdm tune: the teacher's)
+    guidance: float = 1.0  # dmd: the teacher's guidance scale (1: unguided)
+    guide: str | None = None  # dmd: the network the teacher is guided away from (None: its null condition)
 
 
 @dataclass
@@ -286,6 +288,12 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             _require("--fake-lr", self.fake_lr, self.fake_lr is None or self.fake_lr > 0, "a positive lr")
             _require("--gan-weight", self.gan_weight, self.gan_weight >= 0, "a weight >= 0 (0: no GAN term)")
             _require("--gan-lr", self.gan_lr, self.gan_lr is None or self.gan_lr > 0, "a positive lr")
+            _require("--guidance", self.guidance, self.guidance > 0, "a positive scale (1: unguided)")
+            if self.guide is not None and self.guidance == 1:
+                raise OptionError(f"--guide {self.guide}: a guide needs --guidance other than 1 (at 1 it is not used)")
+        elif self.guidance != 1 or self.guide is not None:
+            raise OptionError("--guidance/--guide: guide the teacher of `vcdm tune --method dmd`; a sampler's guidance "
+                              "is `vcdm generate --guidance`")
         if self.freeze_pretrained and not self.pretrained_weights:
             raise OptionError("--freeze_pretrained needs --pretrained_weights")
         if self.batch_gpu is not None and self.batch_gpu > self.batch:

@@ -126,7 +126,8 @@ def describe(opts: TrainOptions) -> str:
         tune = (f"; distribution matching (DMD2) of the {opts.dmd_steps}-step sampler: the fake denoiser takes "
                 f"{opts.fake_updates} steps at lr {opts.fake_lr:g} per step"
                 f"{f', with a discriminator at lr {opts.gan_lr:g} (GAN term weight {opts.gan_weight:g})' if opts.gan_weight else ''}; "
-                f"teacher {opts.teacher or opts.init}")
+                f"teacher {opts.teacher or opts.init}"
+                f"{'' if opts.guidance == 1 else f', guided at {opts.guidance:g} by ' + (opts.guide or 'its null condition')}")
     elif opts.tune:
         tune = (f"; consistency tuning ({opts.tune.upper()}): r(t) with q {opts.ect_q:g}, k {opts.ect_k:g}, "
                 f"b {opts.ect_b:g} over {opts.ect_stages} stages")
