@@ -303,6 +303,19 @@ def test_distribution_matching_of_a_guided_teacher_reaches_the_guided_models_fix
     assert guided_fixed_point(S ** 2, 0.36, 1.0) == pytest.approx(S ** 2, rel=0.01)  # w 1: the teacher's own
 
 
+def test_distribution_matching_without_a_guide_guides_its_teacher_by_the_null_condition():
+    """--guidance W without --guide: classifier-free, D(x; y=0) + W (D(x; y) - D(x; y=0)), for a teacher whose output
+    moves with its conditioning by the sum of y."""
+
+    class Conditional(nn.Module):
+        def forward(self, x, sigma, y=None, augment_labels=None):
+            return 0.5 * x + y.sum(dim=1, keepdim=True)
+
+    x, y = torch.randn(4, N), torch.randn(4, 3)
+    real = DMDLoss(EDMLoss(), steps=1, fake_updates=1, fake_lr=1e-3, teacher=Conditional(), guidance=3.0).real
+    torch.testing.assert_close(real(x, torch.ones(4), y, None), 0.5 * x + 3 * y.sum(dim=1, keepdim=True))
+
+
 class Energy(nn.Module):
     """(B, 2) features: the mean square of the coordinates (what tells two centred Gaussians apart) and a constant."""
 
@@ -563,8 +576,8 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
 def test_distribution_matching_guides_its_teacher_by_a_weaker_checkpoint(tuned, tmp_path):
     """--guidance W --guide G: DMD's real denoiser is D_g + W (D - D_g). Guided by the teacher itself it is the
     teacher's, and the run's weights equal the unguided run's bit for bit; guided by the base run's first snapshot
-    (untrained) they differ. The snapshot records both flags; a guide of other tensors, and a guide without a scale,
-    are refused in one line."""
+    (untrained) they differ. The snapshot records both flags; a guide of other tensors, a guide without a scale, and
+    classifier-free guidance of an unconditional model are refused in one line."""
     first = sorted(run_dir(tuned["root"] / "train").glob("network-snapshot-*.safetensors"))[0]
     assert first != tuned["base"]
     args = [str(tuned["tuned"]), "--kimg", "0.008", "--tick", "0.004", "--snap", "0", "--dump", "0", "--workers", "0",
@@ -588,6 +601,10 @@ def test_distribution_matching_guides_its_teacher_by_a_weaker_checkpoint(tuned, 
     r = CliRunner().invoke(tune_cmd, [*args, "--guide", str(first), "--outdir", str(tmp_path / "y")])
     assert r.exit_code != 0 and error_lines(r.output) == [
         f"Error: --guide {first}: a guide needs --guidance other than 1 (at 1 it is not used)"], r.output
+    r = CliRunner().invoke(tune_cmd, [*args, "--guidance", "2", "--outdir", str(tmp_path / "z")])  # the prior: no y
+    assert r.exit_code != 0 and error_lines(r.output) == [
+        "Error: --guidance 2: without --guide the teacher is guided by its null condition, but this model is "
+        "unconditional; give --guide"], r.output
 
 
 @pytest.mark.slow
