@@ -1,7 +1,8 @@
 """Few-step two-stage sampling on the demo digits: both stages tuned (`vcdm tune`'s defaults: the prior, which
 predicts x0, by distilling its ODE (KD); the image model by ECT), then tuned again (`vcdm tune` of a tuned
 checkpoint: distribution matching, DMD, against the base model; or DMD with DMD2's GAN term, --gan-weight
-GAN_WEIGHTS), sampled in 1+1 .. 4+4 network evaluations,
+GAN_WEIGHTS; or, "dmd3", the image model's DMD of a 3-step sampler after the GAN prior), sampled in 1+1 .. 4+4
+network evaluations,
 against the original release's sampler (40 Heun steps with churn, 79+79 evaluations: `vcdm sample`'s
 defaults), its deterministic ODE sampler and `--preset fast` (UniPC, 12+12); and the tuned image models after the
 untuned prior's UniPC 12 (the prior, an MLP, costs ~1/80 of a U-Net evaluation).
@@ -57,10 +58,11 @@ SIZES = Sizes(resolution=8, cres=(1, 2))
 LENGTHS = {"prior": (32.0, 64.0, 96.0), "image": (8.0, 16.0)}  # kimg; the last is tuned
 RELEASE = dict(num_steps=40, S_churn=50.0, S_noise=1.007)
 FAST = SamplerOptions(sampler="unipc", num_steps=12)
-TUNED, BOTH, GAN = ({"prior": "tuned", "image": "tuned"}, {"prior": "refined", "image": "refined"},
-                    {"prior": "gan", "image": "gan"})
+TUNED, BOTH, GAN, DMD3 = ({"prior": "tuned", "image": "tuned"}, {"prior": "refined", "image": "refined"},
+                          {"prior": "gan", "image": "gan"}, {"prior": "dmd3", "image": "dmd3"})
 GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning (the image
 # model's is DMD2's; `vcdm tune`'s default for it is 0)
+SHARED = {("dmd3", "prior"): "gan"}  # the "dmd3" tuning's prior is the "gan" one's (the same one-step prior)
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ({}, (12, 12), ["--preset", "fast"], FAST),
@@ -84,6 +86,8 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
     "release prior + image DMD+GAN 2": ({"image": "gan"}, (79, 2), ["--image-steps", "2"],
                                         SamplerOptions(sampler="consistency", num_steps=2)),
     "prior DMD+GAN 1 + release image": ({"prior": "gan"}, (1, 79), ["--prior-steps", "1"], SamplerOptions(**RELEASE)),
+    "DMD+GAN 1+3 (image DMD of 3 steps)": (DMD3, (1, 3), ["--prior-steps", "1", "--image-steps", "3"],
+                                           SamplerOptions(sampler="consistency", num_steps=3)),
 }
 REFERENCE = "release: Heun 40 + churn"
 
@@ -126,8 +130,12 @@ def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, t
     return snapshot(outdir, "*/network-snapshot-*.safetensors")
 
 
-TUNINGS = ("tuned", "refined", "gan")  # `vcdm tune` of the base model, then of the tuned one (its default there:
-# DMD) without DMD2's GAN term, or with it (--gan-weight GAN_WEIGHTS)
+TUNINGS = ("tuned", "refined", "gan", "dmd3")  # `vcdm tune` of the base model, then of the tuned one (its default
+# there: DMD) without DMD2's GAN term, with it (--gan-weight GAN_WEIGHTS), or the image model's 3-step sampler
+
+
+def tuning_folder(run: Path, seed: int, tuning: str, kind: str) -> Path:
+    return run / f"seed-{seed}" / f"{SHARED.get((tuning, kind), tuning)}-{kind}"
 
 
 def cost_label(kind: str, tuning: str) -> str:
@@ -184,6 +192,9 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["gan"] = {kind: tune(tuned, run / f"seed-{seed}" / f"gan-{kind}", seed, device, None, models["base"][kind],
                                 ("--gan-weight", GAN_WEIGHTS[kind]))
                      for kind, tuned in models["tuned"].items()}
+    models["dmd3"] = {"prior": models["gan"]["prior"],
+                      "image": tune(models["tuned"]["image"], tuning_folder(run, seed, "dmd3", "image"), seed, device, None,
+                                    models["base"]["image"], ("--gan-weight", "0", "--sampler-steps", "3"))}
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind, base in models["base"].items():
@@ -238,7 +249,7 @@ def time_processes(run: Path, images: int, reps: int, batch: int, only: list[str
     release's), round-robin, one thread each, appended to timing.jsonl as they come (a first round of 16 images
     warms the file cache and is not kept)."""
     models = {"base": {k: snapshot(run / "seed-0" / k, "budget*-network-snapshot-*.safetensors") for k in LENGTHS},
-              **{t: {k: snapshot(run / "seed-0" / f"{t}-{k}", "*/network-snapshot-*.safetensors") for k in LENGTHS}
+              **{t: {k: snapshot(tuning_folder(run, 0, t, k), "*/network-snapshot-*.safetensors") for k in LENGTHS}
                  for t in TUNINGS}}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = max((r["round"] for r in read(run / "timing.jsonl") if r["images"] == images), default=0)
@@ -300,11 +311,13 @@ def speeds(times: list[dict]) -> dict[str, tuple[float, float | None, int]]:
 def timed_as(label: str) -> str:
     """The setting whose timing a setting shares when not timed itself: the same networks and evaluations, other
     weights (DMD's rows, the tuned rows')."""
-    return label.replace("DMD+GAN", "tuned").replace("DMD", "tuned")
+    return label.split(" (")[0].replace("DMD+GAN", "tuned").replace("DMD", "tuned")
 
 
 def method_label(training: dict) -> str:
-    return training["tune"].upper() + ("+GAN" if training.get("gan_weight") else "")
+    steps = training.get("dmd_steps", 2) if training["tune"] == "dmd" else None
+    return (training["tune"].upper() + ("+GAN" if training.get("gan_weight") else "")
+            + (f" ({steps} step{'s' * (steps > 1)})" if steps else ""))
 
 
 def table(run: Path) -> tuple[str, list[dict]]:
@@ -312,14 +325,15 @@ def table(run: Path) -> tuple[str, list[dict]]:
     seeds, speed = sorted(per_seed), speeds(times)
     col = lambda label, key: [per_seed[s][label][key] for s in seeds if label in per_seed[s]]  # noqa: E731
     ref_fd = col(REFERENCE, "fd")
-    methods = {(t, k): method_label(read_checkpoint_config(snapshot(run / f"seed-{seeds[0]}" / f"{t}-{k}",
+    methods = {(t, k): method_label(read_checkpoint_config(snapshot(tuning_folder(run, seeds[0], t, k),
                                                                     "*/network-snapshot-*.safetensors")).training)
                for t in TUNINGS for k in LENGTHS}
     lines = [f"Two-stage sampling on the demo digits (8x8) with few network evaluations: both stages tuned by "
              f"`vcdm tune` (\"tuned\": prior {methods['tuned', 'prior']}, image model {methods['tuned', 'image']}), then "
              f"the tuned models tuned again (`vcdm tune`'s default for a tuned checkpoint; \"DMD\": prior "
              f"{methods['refined', 'prior']}, image model {methods['refined', 'image']}; \"DMD+GAN\": the same with "
-             f"DMD2's GAN term, --gan-weight {GAN_WEIGHTS['prior']} and {GAN_WEIGHTS['image']}) vs the release's sampler and "
+             f"DMD2's GAN term, --gan-weight {GAN_WEIGHTS['prior']} and {GAN_WEIGHTS['image']}; the last row's image model "
+             f"trained by DMD for 3 steps, --sampler-steps 3) vs the release's sampler and "
              f"--preset fast. {per_seed[seeds[0]][REFERENCE].get('num', '?')} images per setting and seed. "
              f"{len(seeds)} training seeds "
              f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
@@ -348,7 +362,7 @@ def table(run: Path) -> tuple[str, list[dict]]:
     lines += ["", "| stage | tuning | trained kimg | tuned kimg | tuning / training kimg | tuning / training seconds |",
               "|---|---|---|---|---|---|"]
     for stage in LENGTHS:
-        for tuning in TUNINGS:
+        for tuning in (t for t in TUNINGS if (t, stage) not in SHARED):
             c = [r for r in costs if r["stage"] == stage and r.get("tuning", "tuned") == tuning]
             lines.append(f"| {stage} | {methods[tuning, stage]} | {mean_std([r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_kimg'] for r in c])} | {mean_std([r['tune_kimg'] / r['train_kimg'] for r in c])} "
