@@ -135,7 +135,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         teacher=teacher, fake_updates=given.get("fake_updates", FAKE_UPDATES), fake_lr=given.get("fake_lr"),
         gan_weight=given.get("gan_weight", DMD_GAN_WEIGHTS[predicts_x0(recorded)] if method == "dmd" else 0.0),
         gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
-        guidance=given.get("guidance", 1.0), guide=given.get("guide"),
+        guidance=given.get("guidance", TrainOptions.guidance), guide=given.get("guide"),  # not the checkpoint's
         dmd_steps=given.get("sampler_steps", default_sampler_steps(recorded)),
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,

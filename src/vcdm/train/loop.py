@@ -162,9 +162,6 @@ class Trainer:
         if o.tune in TEACHER_METHODS:  # the checkpoint's own network (or --teacher), also when resuming
             s.loss_fn.teacher = finetune.frozen_teacher(o.teacher or o.init, s.denoiser)
             if o.tune == "dmd":  # its fake denoiser starts as the teacher (a resumed run's is in the state)
-                if o.guidance != 1 and not o.guide and not s.structure.observed_names:
-                    raise OptionError(f"--guidance {o.guidance:g}: without --guide the teacher is guided by its null "
-                                      f"condition, but this model is unconditional; give --guide")
                 s.loss_fn.guide = finetune.frozen_guide(o.guide, o.teacher or o.init, self.device) if o.guide else None
                 s.loss_fn.make_fake(lambda critic: wrap_ddp(critic, self.device))
         state = self.make_state(s, plan, loaded)

@@ -291,6 +291,9 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
             _require("--guidance", self.guidance, self.guidance > 0, "a positive scale (1: unguided)")
             if self.guide is not None and self.guidance == 1:
                 raise OptionError(f"--guide {self.guide}: a guide needs --guidance other than 1 (at 1 it is not used)")
+            if self.guidance != 1 and self.guide is None and not any(self.observed):
+                raise OptionError(f"--guidance {self.guidance:g}: without --guide the teacher is guided by its null "
+                                  f"condition, but this model is unconditional; give --guide")
         elif self.guidance != 1 or self.guide is not None:
             raise OptionError("--guidance/--guide: guide the teacher of `vcdm tune --method dmd`; a sampler's guidance "
                               "is `vcdm generate --guidance`")
