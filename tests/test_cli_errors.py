@@ -40,8 +40,23 @@ def read_only(tmp_path, monkeypatch) -> Path:
     return ro
 
 
-def fsync(fd: int) -> None:
+def fsync(*args) -> None:
+    """Fails as a full disk does (as os.fsync, or as a file's write)."""
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def full_disk_writes(monkeypatch) -> None:
+    """Every write to a file opened by its descriptor (as atomic writes open their temp files) fails as on a full
+    disk; unlike a failing fsync this reaches writes that skip the fsync (samples)."""
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real(fd, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = fsync
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
 
 
 @pytest.fixture
@@ -89,7 +104,7 @@ def test_generate_disk_full_gives_one_line_and_keeps_done_files(models, tmp_path
     result = CliRunner().invoke(generate_cmd, [str(a) for a in gen_args(models, "--outdir", out, "--seeds", "0")])
     assert result.exit_code == 0, result.output
     before = (out / "000000.png").read_bytes()
-    monkeypatch.setattr(os, "fsync", fsync)
+    full_disk_writes(monkeypatch)
     line = invoke(generate_cmd, *gen_args(models, "--outdir", out, "--batch", 1, progress))
     assert line == f"Error: cannot write {out / '000001.png'}: no space left on device"
     assert (out / "000000.png").read_bytes() == before and not (out / "000001.png").exists()
@@ -108,7 +123,7 @@ def test_sample_write_failures_give_one_line_and_keep_done_files(models, tmp_pat
     done = CliRunner().invoke(sample_cmd, [str(a) for a in args + ["--outdir", tmp_path / "s", "--seeds", "0"]])
     assert done.exit_code == 0, done.output
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*"))
-    monkeypatch.setattr(os, "fsync", fsync)
+    full_disk_writes(monkeypatch)
     line = invoke(sample_cmd, *args, "--outdir", tmp_path / "s")
     assert line == f"Error: cannot write {tmp_path / 's' / 'embeddings' / '000001.pt'}: no space left on device"
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*")) == before  # nothing partial

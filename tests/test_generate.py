@@ -455,6 +455,20 @@ def test_incomplete_files_redone_and_stale_temps_removed(models, tmp_path):
     assert generate(models["prior"], range(2), opts=opts, run=RunOptions(prior, progress=False)).written == [0]
 
 
+def test_samples_skip_the_fsync_and_a_file_a_power_cut_emptied_is_redone(models, tmp_path, monkeypatch):
+    """Sample files are renamed into place without an fsync (the manifest keeps its fsync): a power cut can then leave
+    a name with none of its bytes, which the next run finds incomplete and writes again."""
+    synced, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(Path(f"/proc/self/fd/{fd}").readlink().name) or real(fd))
+    out, opts = tmp_path / "out", SamplerOptions(num_steps=1)
+    generate(models["uncond"], range(3), opts=opts, run=RunOptions(out, progress=False))
+    assert synced and all(name.startswith(".vcdm-manifest.json.") for name in synced), synced
+    good = (out / "000002.png").read_bytes()
+    (out / "000002.png").write_bytes(b"")
+    assert generate(models["uncond"], range(3), opts=opts, run=RunOptions(out, progress=False)).written == [2]
+    assert (out / "000002.png").read_bytes() == good
+
+
 def test_concurrent_runs_split_the_work(models, tmp_path):
     """A batch claimed by another live process is left to it: this run waits, then finds it done."""
     import threading

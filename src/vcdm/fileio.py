@@ -25,10 +25,14 @@ def umask() -> int:
     return mask
 
 
-def _publish(fd: int, tmp: str, path: Path) -> None:
-    """Give the temp file normal permissions (mkstemp makes it 0600; by descriptor, so a link planted at
-    ``tmp`` is never followed) and rename it into place. An error names ``path``, the file the user knows."""
+def _permit(fd: int) -> None:
+    """Give a temp file normal permissions (mkstemp makes it 0600; by descriptor, so a link planted at its
+    name is never followed)."""
     os.fchmod(fd, 0o666 & ~umask())
+
+
+def _rename(tmp: str, path: Path) -> None:
+    """Move a finished temp file into place; an error names ``path``, the file the user knows."""
     try:
         os.replace(tmp, path)
     except OSError as e:
@@ -59,10 +63,14 @@ def temp_glob(name_glob: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; rename it over `path` only if the block finishes.
+def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """Open a temp file beside `path`; rename it over `path` only if the block finishes and the file closes.
 
-    A crash, Ctrl-C or a full disk leaves `path` as it was (absent or the previous version).
+    A crash, Ctrl-C or a full disk leaves `path` as it was (absent or the previous version). ``durable``:
+    the bytes also reach the disk (fsync) before the rename, so that a power cut cannot leave a renamed but
+    torn file. Samples skip it (``durable=False``): their readers check each file's end
+    (vcdm.generate.results.complete) and redo a torn one, and an fsync per file is most of the time spent
+    writing thousands of small samples.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,8 +79,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
-            _publish(f.fileno(), tmp, path)
+            if durable:
+                os.fsync(f.fileno())
+            _permit(f.fileno())
+        _rename(tmp, path)  # after the close, which reports what some file systems (NFS) defer to it
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -87,7 +97,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = _temp_beside(path)
     try:
         yield Path(tmp)
-        _publish(fd, tmp, path)
+        _permit(fd)
+        _rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

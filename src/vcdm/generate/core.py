@@ -256,8 +256,9 @@ def load_guide(model: LoadedModel, opts: SamplerOptions, settings: perf.Inferenc
 def save_samples(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tensor], paths: Sequence[Path]) -> None:
     """PNG per seed for image models; otherwise a ``.pt`` of latents + observed in the release's list form.
     A joint model (``LoadedModel.joint``) writes both: the ``.pt`` (its other tensors, as a prior's, so the folder
-    serves --load_obs_from) before the PNG, whose completeness then vouches for both. A non-finite sample
-    stops the run before any of its batch is written (it would be a black image that counts as done)."""
+    serves --load_obs_from) before the PNG. A non-finite sample stops the run before any of its batch is written (it
+    would be a black image that counts as done). Samples are not fsynced (``atomic_write``'s ``durable``): a file a
+    power cut tore fails ``complete``, and the next run redoes its seed."""
     finite = torch.isfinite(x).all(dim=1)
     if not finite.all():
         bad = [path for path, ok in zip(paths, finite.tolist()) if not ok]
@@ -271,10 +272,11 @@ def save_samples(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tenso
     images, rest = kept(model, x, obs)
     if images is None or model.joint:
         for i, path in enumerate(paths):
-            write_tensors(path.with_suffix(".pt"), {k: v[i] for k, v in rest.items()}, model.structure.names)
+            write_tensors(path.with_suffix(".pt"), {k: v[i] for k, v in rest.items()}, model.structure.names,
+                          durable=False)
     if images is not None:
         for path, image in zip(paths, images):
-            write_png(path, image)
+            write_png(path, image, durable=False)
 
 
 def kept(model: LoadedModel, x: torch.Tensor, obs: dict[str, torch.Tensor]) -> tuple[np.ndarray | None, dict]:

@@ -44,10 +44,10 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write one (H, W, C) uint8 image; C = 1 gives a grayscale PNG."""
+def write_png(path: str | os.PathLike, image: np.ndarray, durable: bool = True) -> None:
+    """Write one (H, W, C) uint8 image; C = 1 gives a grayscale PNG. ``durable``: as ``atomic_write``'s."""
     pil = PIL.Image.fromarray(image[:, :, 0], "L") if image.shape[2] == 1 else PIL.Image.fromarray(image, "RGB")
-    with naming(path), atomic_write(path, "wb") as f:
+    with naming(path), atomic_write(path, "wb", durable) as f:
         pil.save(f, format="PNG")
 
 
@@ -70,14 +70,14 @@ def tensor_order(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                  names: Sequence[str] | None = None) -> None:
+                  names: Sequence[str] | None = None, durable: bool = True) -> None:
     """Write one sample's ``{name: tensor}`` as the release's list over `names` (default: `tensor_order`),
-    float32 with its own storage, loadable with ``weights_only``."""
+    float32 with its own storage, loadable with ``weights_only``. ``durable``: as ``atomic_write``'s."""
     names = tensor_order(list(tensors)) if names is None else tuple(names)
     if not set(tensors) <= set(names):
         raise ValueError(f"tensors {sorted(set(tensors) - set(names))} are not among {list(names)}")
     data = [tensors[n].detach().to("cpu", torch.float32).clone() if n in tensors else None for n in names]
-    with naming(path), atomic_write(path, "wb") as f:
+    with naming(path), atomic_write(path, "wb", durable) as f:
         try:
             torch.save(data, f)
         except RuntimeError as e:  # torch.save reports a failed write (a full disk) without errno
