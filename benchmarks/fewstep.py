@@ -51,6 +51,7 @@ from vcdm.data import digits  # noqa: E402
 from vcdm.demo.budget import Sizes  # noqa: E402
 from vcdm.demo.training import read_stats, train_options  # noqa: E402
 from vcdm.fileio import atomic_path, atomic_write, parse_int_list  # noqa: E402
+from vcdm.diffusion.settings import DMD_REFINE_LEVEL  # noqa: E402
 from vcdm.generate.options import Conditioning, RunOptions, SamplerOptions  # noqa: E402
 from vcdm.train.options import TUNE_METHODS  # noqa: E402
 
@@ -62,6 +63,7 @@ TUNED, BOTH, GAN, DMD3 = ({"prior": "tuned", "image": "tuned"}, {"prior": "refin
                           {"prior": "gan", "image": "gan"}, {"prior": "dmd3", "image": "dmd3"})
 GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning (the image
 # model's is DMD2's; `vcdm tune`'s default for it is 0)
+REFINE = DMD_REFINE_LEVEL * 0.5  # the one-step DMD prior's second level, as `vcdm tune` now records it (sigma_data 0.5)
 SHARED = {("dmd3", "prior"): "gan"}  # the "dmd3" tuning's prior is the "gan" one's (the same one-step prior)
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
@@ -88,6 +90,10 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
     "prior DMD+GAN 1 + release image": ({"prior": "gan"}, (1, 79), ["--prior-steps", "1"], SamplerOptions(**RELEASE)),
     "DMD+GAN 1+3 (image DMD of 3 steps)": (DMD3, (1, 3), ["--prior-steps", "1", "--image-steps", "3"],
                                            SamplerOptions(sampler="consistency", num_steps=3)),
+    **{f"{name} 2+{n} (prior step 2 at {REFINE})": (tuning, (2, n), ["--prior-levels", f"80,{REFINE}", "--image-steps",
+                                                                      str(n)], SamplerOptions(sampler="consistency",
+                                                                                              num_steps=n))
+       for name, tuning, n in (("DMD", BOTH, 2), ("DMD+GAN", GAN, 2), ("DMD+GAN", DMD3, 3))},
 }
 REFERENCE = "release: Heun 40 + churn"
 
@@ -162,7 +168,8 @@ def two_stage_images(prior: Path, image: Path, flags: list[str], seeds: list[int
     options, it = {}, iter(flags)
     for flag in it:
         value = next(it)
-        options[flag.lstrip("-").replace("-", "_")] = int(value) if value.isdigit() else value
+        options[flag.lstrip("-").replace("-", "_")] = (int(value) if value.isdigit() else
+                                                        tuple(map(float, value.split(","))) if "," in value else value)
     out = vcdm.TwoStagePipeline.from_checkpoints(prior, image, device=device)(seeds, **options)
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 

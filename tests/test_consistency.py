@@ -32,12 +32,14 @@ from vcdm.diffusion.distillation import DistillLoss, ode_solution
 from vcdm.diffusion.dmd import DMD_LEVELS, Critic, DMDLoss, frozen
 from vcdm.diffusion.loss import EDMLoss
 from vcdm.diffusion.sampling import sample
+from vcdm.diffusion.settings import DMD_REFINE_LEVEL, SamplerOptions
+from vcdm.generate import results_dir
 from vcdm.generate.files import read_tensors
 from vcdm.nets import build_network
 from vcdm.nets.edm2 import EDM2UNet
 from vcdm.nets.precond import Denoiser
 from vcdm.nets.presets import ARCHS, VECTOR_ARCHS, preset
-from vcdm.train.build import make_network
+from vcdm.train.build import make_network, tuned_sampler
 from vcdm.train.options import TrainOptions
 
 S = SD = 0.5
@@ -62,12 +64,12 @@ class GaussianConsistency(nn.Module):
         return c_skip * x + c_out * w * c_in * x
 
 
-def sample_variance(model: nn.Module, steps: int, n: int = 20000) -> float:
+def sample_variance(model: nn.Module, steps: int, n: int = 20000, **options) -> float:
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(n, N, generator=g, dtype=torch.float64)
     with torch.no_grad():
         x = sample(model, latents, sampler="consistency", num_steps=steps,
-                   randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype))
+                   randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype), **options)
     return x.var().item()
 
 
@@ -400,6 +402,19 @@ def test_consistency_levels_renoise_near_ects_two_step_level(options, levels):
     assert seen == pytest.approx(levels, rel=1e-4)
 
 
+@pytest.mark.parametrize("levels", [(80.0, 0.15), (80.0, 2.0, 0.15), (10.0,)])
+def test_consistency_sampler_at_given_levels_matches_the_gaussian_answer(levels):
+    """Given levels, the sampler evaluates once at each, in order, re-noising to the next: for the linear model
+    f(x, t) = a(t) x (a partly tuned one, theta 0.25) the variance is v_1 = (t_1 a(t_1))^2, then
+    v_(k+1) = (v_k + t_(k+1)^2) a(t_(k+1))^2 (Monte-Carlo sd 0.25%)."""
+    model = GaussianConsistency(0.25)
+    a = lambda t: float(model(torch.ones(1, N, dtype=torch.float64), t)[0, 0].detach())  # noqa: E731
+    variance = (levels[0] * a(levels[0])) ** 2
+    for t in levels[1:]:
+        variance = (variance + t ** 2) * a(t) ** 2
+    assert sample_variance(model, len(levels), levels=levels) == pytest.approx(variance, rel=0.01)
+
+
 def tuned_gaussian(*, steps: int, q: float, stages: int, batch: int = 1024) -> GaussianConsistency:
     """The exact Gaussian model, started at the diffusion denoiser, tuned by ECTLoss with Adam."""
     torch.manual_seed(0)
@@ -442,7 +457,11 @@ def test_checkpoint_sampler_entry_is_checked(tmp_path):
     denoiser, config, tensors = load_checkpoint(path)
     assert config.sampler is None
     for bad in ({"name": "edm", "num_steps": 2}, {"name": "consistency", "num_steps": 9},
-                {"name": "consistency", "num_steps": 2.0}, {"name": "consistency", "num_steps": 2, "x": 1}, [1]):
+                {"name": "consistency", "num_steps": 2.0}, {"name": "consistency", "num_steps": 2, "x": 1}, [1],
+                {"name": "consistency", "num_steps": 2, "levels": [80.0]},
+                {"name": "consistency", "num_steps": 2, "levels": [0.15, 80.0]},
+                {"name": "consistency", "num_steps": 2, "levels": [80.0, -1.0]},
+                {"name": "consistency", "num_steps": 2, "levels": [80.0, "0.15"]}):
         with pytest.raises(CheckpointError, match="config entry 'sampler'"):
             save_checkpoint(tmp_path / "bad.safetensors", {"net": denoiser.net.state_dict()},
                             CheckpointConfig.from_dict({**config.to_dict(), "sampler": bad}))
@@ -496,6 +515,51 @@ def test_generate_and_api_use_the_recorded_sampler(tuned, tmp_path):
         "Error: --steps: the consistency sampler takes 1..4 steps, got 5"], r.output
     with pytest.raises(ValueError, match="steps: the consistency sampler takes 1..4 steps, got 5"):
         vcdm.Pipeline.from_checkpoint(tuned["tuned"], device="cpu")(seeds=range(2), steps=5)
+
+
+@pytest.mark.slow
+def test_a_one_step_dmd_prior_records_a_second_evaluation_at_the_refine_level(tuned):
+    """DMD's one-step sampler of a network that predicts x0 records that step (at the sampler's top level) and a second
+    at DMD_REFINE_LEVEL x sigma_data; other tunings record their steps alone."""
+    denoiser, _, _ = load_checkpoint(tuned["tuned"])
+    dmd = {"tune": "dmd", "dmd_steps": 1, "pred_x0": [1]}
+    assert tuned_sampler(dmd, denoiser) == {"name": "consistency", "num_steps": 2,
+                                            "levels": [80.0, DMD_REFINE_LEVEL * denoiser.sigma_data]}
+    assert tuned_sampler({**dmd, "pred_x0": [0]}, denoiser) == {"name": "consistency", "num_steps": 1}
+    assert tuned_sampler({**dmd, "dmd_steps": 2}, denoiser) == {"name": "consistency", "num_steps": 2}
+    assert tuned_sampler({"tune": "kd", "pred_x0": [1]}, denoiser) == {"name": "consistency", "num_steps": 2}
+    assert tuned_sampler({"tune": None}, denoiser) is None
+
+
+@pytest.mark.slow
+def test_recorded_levels_are_the_default_and_steps_drop_them(tuned, tmp_path):
+    """A checkpoint that records levels samples at them (as --levels given explicitly; the manifest and the results
+    folder name them); --steps N samples Karras's N levels instead, and --levels with other steps is refused."""
+    denoiser, config, tensors = load_checkpoint(tuned["tuned"])
+    config.sampler = {"name": "consistency", "num_steps": 2, "levels": [80.0, 0.15]}
+    save_checkpoint(tmp_path / "refined.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
+    args = ["--network", str(tmp_path / "refined.safetensors"), "--seeds", "0-3", "--no-progress"]
+    for name, extra in (("default", []), ("levels", ["--levels", "80,0.15"]), ("karras", ["--steps", "2"]),
+                        ("one", ["--steps", "1"])):
+        r = CliRunner().invoke(generate_cmd, [*args, "--outdir", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+    default, levels, karras, one = ([read_tensors(tmp_path / d / f"{s:06d}.pt")["embedding"] for s in range(4)]
+                                    for d in ("default", "levels", "karras", "one"))
+    assert all(torch.equal(a, b) for a, b in zip(default, levels))
+    assert not any(torch.equal(a, b) for a, b in zip(default, karras))
+    manifest = lambda d: json.loads((tmp_path / d / "vcdm-manifest.json").read_text())["settings"]  # noqa: E731
+    assert (manifest("default")["--levels"], manifest("default")["--steps"]) == ([80.0, 0.15], 2)
+    assert "--levels" not in manifest("karras") and "--levels" not in manifest("one")
+    api = vcdm.Pipeline.from_checkpoint(tmp_path / "refined.safetensors", device="cpu")(seeds=range(4))
+    assert all(torch.equal(torch.from_numpy(api.embeddings[i]), default[i]) for i in range(4))
+    r = CliRunner().invoke(generate_cmd, [*args, "--outdir", str(tmp_path / "bad"), "--levels", "80,0.15",
+                                          "--steps", "3"])
+    assert r.exit_code == 2 and error_lines(r.output) == [
+        "Error: --levels: 2 noise levels for 3 --steps; give one level per step (or leave the steps out)"], r.output
+    name = results_dir(tmp_path / "refined.safetensors", SamplerOptions(sampler="consistency", levels=(80, 0.15)),
+                       range(4)).parent.name
+    assert "levels-80.0,0.15" in name and "levels" not in results_dir(
+        tmp_path / "refined.safetensors", SamplerOptions(sampler="consistency"), range(4)).parent.name
 
 
 @pytest.mark.slow

@@ -265,6 +265,9 @@ def test_every_sampler_name_has_one_function_and_its_options():
     assert "order" in inspect.signature(FUNCTIONS["unipc"]).parameters and "order" in TAKES["unipc"]
 
 
+TUNED = {"sampler": "consistency", "num_steps": 2, "S_churn": 0.0, "S_noise": 1.0}  # recorded_defaults of a tuned model
+
+
 @pytest.mark.parametrize("given, preset, recorded, want", [
     ({}, None, None, (None, 40, 50.0, 1.007)),  # the command's defaults
     ({"sampler": "dpm2m"}, None, None, ("dpm2m", 40, 0.0, 1.0)),  # no churn: its defaults dropped
@@ -275,10 +278,16 @@ def test_every_sampler_name_has_one_function_and_its_options():
     ({"num_steps": 30}, "fast", None, ("unipc", 30, 0.0, 1.0)),
     ({}, None, {"sampler": "consistency", "num_steps": 4, "S_churn": 0.0, "S_noise": 1.0}, ("consistency", 4, 0.0, 1.0)),
     ({"sampler": "edm"}, None, {"sampler": "consistency", "num_steps": 4}, ("edm", 40, 50.0, 1.007)),  # given wins
+    ({}, None, {**TUNED, "levels": (80.0, 0.15)}, ("consistency", 2, 0.0, 1.0)),
+    ({"num_steps": 1}, None, {**TUNED, "levels": (80.0, 0.15)},
+     ("consistency", 1, 0.0, 1.0)),  # steps given: the recorded levels go
+    ({"levels": (80.0, 9.0, 0.5)}, None, {**TUNED, "levels": (80.0, 0.15)},
+     ("consistency", 3, 0.0, 1.0)),  # levels given: they set the steps
 ])
 def test_resolve_the_release_defaults(given, preset, recorded, want):
     opts = SamplerOptions.resolve(given, RELEASE_DEFAULTS, preset, recorded)
     assert (opts.sampler, opts.num_steps, opts.S_churn, opts.S_noise) == want
+    assert opts.levels == given.get("levels", (recorded or {}).get("levels") if "num_steps" not in given else None)
 
 
 def test_the_commands_and_the_api_resolve_alike():
@@ -315,6 +324,13 @@ def test_the_commands_and_the_api_resolve_alike():
      "{guidance_interval}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, got 3.0,1.0"),
     (dict(guidance_interval=(3, 1)),  # unguided too (the interval is dropped only once it is valid)
      "{guidance_interval}: expected SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, got 3.0,1.0"),
+    (dict(sampler="consistency", levels=(0.15, 80)),
+     "{levels}: expected 1..4 finite positive noise levels, falling (e.g. 80,0.15), got 0.15,80.0"),
+    (dict(sampler="consistency", levels=(80, 9, 0.8, 0.05, 0.01)),
+     "{levels}: expected 1..4 finite positive noise levels, falling (e.g. 80,0.15), got 80.0,9.0,0.8,0.05,0.01"),
+    (dict(sampler="consistency", levels=(80, 0.15), num_steps=3),
+     "{levels}: 2 noise levels for 3 {num_steps}; give one level per step (or leave the steps out)"),
+    (dict(sampler="edm", levels=(80, 0.15)), "{sampler} edm does not take {levels}"),
 ])
 def test_one_check_per_setting_named_by_each_layer(settings, field_message):
     """The checks live in SamplerOptions alone: sample() says them in field names, the commands in their
@@ -330,8 +346,9 @@ def test_one_check_per_setting_named_by_each_layer(settings, field_message):
     api = {f"prior_{API_NAMES[k]}": v for k, v in settings.items()}
     with pytest.raises(FlagError, match=f"^{re.escape(named(lambda k: 'prior_' + API_NAMES[k]))}$"):
         pop_api_sampler_options(api, "prior_")
-    if all(k in CLI_FLAGS for k in settings) and "guidance_interval" not in settings:
-        args = [a for k, v in settings.items() for a in (f"--{CLI_FLAGS[k]}", str(v))]
+    if all(k in CLI_FLAGS for k in settings):
+        args = [a for k, v in settings.items() for a in (f"--{CLI_FLAGS[k]}", ",".join(map(str, v))
+                                                         if isinstance(v, tuple) else str(v))]
         result = CliRunner().invoke(generate_cmd, ["--network", "missing.safetensors", *args])
         assert result.exit_code == 2 and f"Error: {named(lambda k: '--' + CLI_FLAGS[k])}" in result.output, result.output
 

@@ -49,16 +49,25 @@ def _mapping(d: Mapping[str, Any], key: str, optional: bool = False) -> dict | N
 
 
 def _sampler(value: Any) -> dict[str, Any] | None:
-    """A recorded sampler: the consistency sampler and its steps (vcdm.diffusion.sampling), or None."""
+    """A recorded sampler: the consistency sampler, its steps and optionally its levels (one per step, falling;
+    vcdm.diffusion.sampling), or None."""
     if value is None:
         return None
     lo, hi = CONSISTENCY_STEPS
-    steps = value.get("num_steps") if isinstance(value, Mapping) else None
-    if (set(value) != {"name", "num_steps"} or value.get("name") != "consistency" or type(steps) is not int
-            or not lo <= steps <= hi):
+    keys_ok = isinstance(value, Mapping) and set(value) - {"levels"} == {"name", "num_steps"}
+    steps = value.get("num_steps") if keys_ok else None
+    levels = value.get("levels") if keys_ok else None
+    good_levels = levels is None or (
+        isinstance(levels, list) and len(levels) == steps
+        and all(type(v) in (int, float) and 0 < v < float("inf") for v in levels)
+        and all(a > b for a, b in zip(levels, levels[1:])))
+    if not keys_ok or value.get("name") != "consistency" or type(steps) is not int or not lo <= steps <= hi \
+            or not good_levels:
         raise CheckpointError(f"config entry 'sampler' is {json.dumps(value)[:80]}, expected "
-                              f'{{"name": "consistency", "num_steps": {lo}..{hi}}}')
-    return {"name": "consistency", "num_steps": steps}
+                              f'{{"name": "consistency", "num_steps": {lo}..{hi}}} and optionally "levels": one falling '
+                              "positive noise level per step")
+    recorded = {"name": "consistency", "num_steps": steps}
+    return recorded if levels is None else dict(recorded, levels=[float(v) for v in levels])
 
 
 @dataclass
@@ -69,7 +78,8 @@ class CheckpointConfig:
     ``Denoiser`` kwargs (preconditioning); ``structure``: ``Structure.to_dict()``; ``embedder``: the
     embedder identity (None for none); ``data``/``training``: provenance; ``imported_from``: the source
     of an imported network; ``sampler``: the sampler the model was made for, used by default
-    (``{"name": "consistency", "num_steps": 2}`` after `vcdm tune`; None: the commands' own defaults);
+    (``{"name": "consistency", "num_steps": 2}`` after `vcdm tune`, with ``"levels"`` where it chose them; None: the
+    commands' own defaults);
     ``extra``: other top-level entries, kept as they are.
     """
     network: str

@@ -25,6 +25,19 @@ class SigmaInterval(click.ParamType):
         return lo, hi
 
 
+class NoiseLevels(click.ParamType):
+    """``S1,S2,...`` → (s1, s2, ...), noise levels; SamplerOptions checks their number and order."""
+    name = "SIGMA,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected noise levels SIGMA,... separated by commas (e.g. 80,0.15), got '{value}'", param, ctx)
+
+
 MAX_NAMES_SHOWN = 20  # class names listed in an error (ImageNet has 1000)
 
 
@@ -63,9 +76,13 @@ SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
     ("guidance-interval", "guidance_interval", SigmaInterval(),
      "Guide only the evaluations at noise levels SIGMA_LO < sigma <= SIGMA_HI; the others are unguided  "
      "[default: all]"),
+    ("levels", "levels", NoiseLevels(),
+     "The consistency sampler's noise levels, falling, one evaluation at each (e.g. 80,0.15: the sample of one step "
+     "re-noised to 0.15 and denoised again); they set the steps  [default: the levels the checkpoint records, else "
+     "Karras's]"),
 ]
 FLAGS = {key: flag for flag, key, _, _ in SAMPLER_FLAGS}  # SamplerOptions field → flag
-METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI", "sampler": choices(SAMPLERS),
+METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI", "levels": "SIGMA,...", "sampler": choices(SAMPLERS),
             **{key: choices(names) for key, names in CHOICES.items()}}
 EDM_DEFAULTS: dict[str, Any] = {"num_steps": DEFAULT_STEPS, **{
     f.name: f.default for f in dataclasses.fields(SamplerOptions) if f.name in FLAGS and f.default is not None}}

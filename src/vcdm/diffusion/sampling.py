@@ -100,7 +100,9 @@ def consistency_levels(model: GuidedModel, opts: SamplerOptions, device: torch.d
                        net_range: tuple[float, float]) -> torch.Tensor:
     """The consistency sampler's levels for ``num_steps`` n (1..4): Karras's n + 1 levels without the
     last, sigma_min, where a step would change nothing, then 0, at ``opts.karras_rho`` (n = 1: [sigma_max, 0];
-    n = 2 with EDM's range: [80, 0.80, 0]; n = 4: [80, 9.1, 0.80, 0.050, 0])."""
+    n = 2 with EDM's range: [80, 0.80, 0]; n = 4: [80, 9.1, 0.80, 0.050, 0]); or ``opts.levels``, then 0."""
+    if opts.levels is not None:
+        return schedules.append_zero(model.round_sigma(torch.tensor(opts.levels, dtype=torch.float64, device=device)))
     sigmas, _ = noise_levels(model, opts, device, net_range, opts.num_steps + 1)
     return torch.cat([sigmas[:-2], sigmas[-1:]])
 

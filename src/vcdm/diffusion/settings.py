@@ -25,7 +25,7 @@ TAKES: dict[str, frozenset[str]] = {  # sampler name → the options it takes (b
     "dpm2m_sde": SCHEDULE_OPTIONS | {"eta"},
     "dpm3m_sde": SCHEDULE_OPTIONS | {"eta"},
     "unipc": SCHEDULE_OPTIONS | {"order"},
-    "consistency": SCHEDULE_OPTIONS,
+    "consistency": SCHEDULE_OPTIONS | {"levels"},
 }
 SAMPLERS = tuple(TAKES)
 CHURN_SAMPLERS = tuple(name for name, takes in TAKES.items() if "S_churn" in takes)
@@ -42,6 +42,12 @@ DEFAULT_RHO = 7.0  # EDM's Karras exponent
 # range), near ECT's two-step level of 0.821, not 2.52. Demo digits, tuned image model: FD 13.9 -> 10.4 at
 # 2 steps and 11.4 -> 9.2 at 4 (benchmarks/results/fewstep-digits.md).
 CONSISTENCY_RHO = 20.0
+# A one-step DMD sampler's second evaluation, the default `vcdm tune` records for it: its sample re-noised to this
+# fraction of sigma_data and denoised once more, which mends what the one step gets wrong in the small. Demo digits'
+# one-step DMD+GAN prior before the 3-step image model (2000 images, seed 0): FD 4.66 in one step; 3.09 / 3.06 / 3.12
+# / 3.39 / 4.13 / 5.03 with the second level at 0.05 / 0.11 / 0.24 / 0.46 / 0.64 / 0.80 (sigma_data 0.5); the
+# release's 79 evaluations: 3.21 (benchmarks/results/fewstep-digits.md).
+DMD_REFINE_LEVEL = 0.3
 NO_CHURN = {"S_churn": 0.0, "S_noise": 1.0}
 
 # The original release's sampling recipe (its README): `vcdm sample`'s and `vcdm variations`' defaults.
@@ -103,7 +109,8 @@ class SamplerOptions:
     consistency sampler's own 2. Guidance (vcdm.diffusion.guidance): ``guidance`` w, ``gnet`` the guiding
     network's checkpoint path (None: classifier-free guidance, the null condition) and ``guidance_interval``
     (lo, hi], the noise levels guided (None: all). With w = 1 the guide and the interval are dropped: those
-    are the unguided samples.
+    are the unguided samples. ``levels``: the consistency sampler's noise levels, one evaluation at each (None:
+    Karras's, vcdm.diffusion.sampling.consistency_levels).
     """
     num_steps: int | None = None
     sigma_min: float | None = None
@@ -128,6 +135,7 @@ class SamplerOptions:
     M: int | None = None
     eta: float | None = None
     order: int | None = None
+    levels: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Floats print as the original release's click-parsed floats did ("50.0", not "50"), so folder names match.
@@ -139,17 +147,38 @@ class SamplerOptions:
                 object.__setattr__(self, key, _integer(getattr(self, key), key))
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise SamplerOptionError(f"{{sampler}}: expected one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+        levels = self._levels()
         default = CONSISTENCY_DEFAULT_STEPS if self.sampler == "consistency" else DEFAULT_STEPS
+        default = default if levels is None else len(levels)
         steps = default if self.num_steps is None else _integer(self.num_steps, "num_steps")
         object.__setattr__(self, "num_steps", steps)
         if not 1 <= steps <= MAX_STEPS:
             raise SamplerOptionError(f"{{num_steps}}: expected 1..{MAX_STEPS} steps, got {steps}")
+        if levels is not None and steps != len(levels):
+            raise SamplerOptionError(f"{{levels}}: {len(levels)} noise levels for {steps} {{num_steps}}; give one "
+                                     "level per step (or leave the steps out)")
         self._check_ranges()
         self._check_guide()
         lo, hi = CONSISTENCY_STEPS
         if self.sampler == "consistency" and not lo <= steps <= hi:
             raise SamplerOptionError(f"{{num_steps}}: the consistency sampler takes {lo}..{hi} steps, got {steps}")
         self._check_taken()
+
+    def _levels(self) -> tuple[float, ...] | None:
+        """``levels`` as floats, checked: the consistency sampler's 1..4 noise levels, one evaluation at each, falling
+        (the sampler ends at 0)."""
+        if self.levels is None:
+            return None
+        if isinstance(self.levels, (str, bytes)) or not hasattr(self.levels, "__len__"):
+            raise SamplerOptionTypeError(f"{{levels}}: expected a sequence of noise levels, got {self.levels!r}")
+        levels = tuple(_number(v, "levels") for v in self.levels)
+        lo, hi = CONSISTENCY_STEPS
+        if (not lo <= len(levels) <= hi or not all(math.isfinite(v) and v > 0 for v in levels)
+                or any(a <= b for a, b in zip(levels, levels[1:]))):
+            raise SamplerOptionError(f"{{levels}}: expected {lo}..{hi} finite positive noise levels, falling (e.g. "
+                                     f"80,0.15), got {','.join(map(str, levels)) or 'none'}")
+        object.__setattr__(self, "levels", levels)
+        return levels
 
     def _check_ranges(self) -> None:
         """Every number finite (S_max may be +inf: churn at all noise levels) and in its range: a NaN or inf
@@ -194,7 +223,7 @@ class SamplerOptions:
     def _check_taken(self) -> None:
         """Options the sampler does not take must be left at their defaults."""
         name, defaults = self.resolved_sampler, {f.name: f.default for f in fields(SamplerOptions)}
-        unused = [k for k in (*CHURN_OPTIONS, *ABLATION_OPTIONS, *EXTRA_OPTIONS)
+        unused = [k for k in (*CHURN_OPTIONS, *ABLATION_OPTIONS, *EXTRA_OPTIONS, "levels")
                   if k not in TAKES[name] and getattr(self, k) != defaults[k]]
         if not unused:
             return
@@ -227,7 +256,8 @@ class SamplerOptions:
         """The settings of one stage from the options the user gave, over (in rising priority) ``defaults`` (a
         command's own, e.g. RELEASE_DEFAULTS), then ``preset`` (PRESETS) or, without one and unless a sampler
         is given, the checkpoint's ``recorded`` sampler (a consistency-tuned model's). A given consistency
-        sampler takes its own default steps; a sampler without churn drops churn defaults it cannot use."""
+        sampler takes its own default steps; a sampler without churn drops churn defaults it cannot use. Given
+        steps drop the recorded levels; given levels set the steps."""
         values = dict(defaults or {})
         if preset is not None:
             if preset not in PRESETS:
@@ -241,6 +271,10 @@ class SamplerOptions:
             values.pop("num_steps", None)
         if given.get("sampler") not in (None, *CHURN_SAMPLERS):
             values.update(NO_CHURN)
+        if "num_steps" in given and "levels" not in given:  # recorded levels were for their own number of steps
+            values.pop("levels", None)
+        elif "levels" in given and "num_steps" not in given:  # the levels give the steps
+            values.pop("num_steps", None)
         return cls(**{**values, **given})
 
 

@@ -74,11 +74,13 @@ def seed_list(seeds: "str | Sequence[int] | IntRanges", name: str = "seeds") -> 
 
 def recorded_defaults(config: CheckpointConfig | None) -> dict[str, Any]:
     """The SamplerOptions a checkpoint's recorded sampler sets where the user chose none: a consistency-tuned
-    model's sampler and steps, without churn (vcdm tune); {} for other models, which keep the commands' defaults."""
+    model's sampler, steps and levels where it records them, without churn (vcdm tune); {} for other models, which
+    keep the commands' defaults."""
     sampler = config.sampler if config is not None else None
     if not sampler:
         return {}
-    return {"sampler": sampler["name"], "num_steps": sampler["num_steps"], "S_churn": 0.0, "S_noise": 1.0}
+    levels = {"levels": tuple(sampler["levels"])} if "levels" in sampler else {}
+    return {"sampler": sampler["name"], "num_steps": sampler["num_steps"], **levels, "S_churn": 0.0, "S_noise": 1.0}
 
 
 def checkpoint_defaults(path: str | os.PathLike) -> dict[str, Any]:
@@ -142,7 +144,7 @@ def inference_settings(choice: "InferenceChoices | InferenceSettings", device: "
 FLAG_NAMES = {"num_steps": "steps", "discretization": "disc"}  # field → command-line flag, where they differ
 
 
-OPTIONAL_FIELDS = ("gnet", "guidance_interval", *EXTRA_OPTIONS)  # recorded only when set
+OPTIONAL_FIELDS = ("gnet", "guidance_interval", *EXTRA_OPTIONS, "levels")  # recorded only when set
 
 
 def flag_values(opts: SamplerOptions) -> dict[str, object]:
@@ -166,8 +168,9 @@ def sample_dirname(opts: SamplerOptions, class_idx: int | None = None, increment
         from vcdm.generate.guide import guide_digest
 
         items["gnet"] = guide_digest(opts.gnet)[:16]
-    if opts.guidance_interval is not None:
-        items["guidance_interval"] = ",".join(map(str, opts.guidance_interval))
+    for key in ("guidance_interval", "levels"):
+        if getattr(opts, key) is not None:
+            items[key] = ",".join(map(str, getattr(opts, key)))
     items.update({k: getattr(opts, k) for k in EXTRA_OPTIONS if getattr(opts, k) is not None})
     name = "_".join(f"{k}-{v}" for k, v in sorted(items.items()))
     return name + (f"_{increment_seeds}" if increment_seeds > 0 else "")

@@ -15,10 +15,10 @@ from vcdm.data.dataset import ImageDataset
 from vcdm.data.structure import Structure
 from vcdm.diffusion.augment import edm_augment_pipe
 from vcdm.diffusion.consistency import ECTLoss
-from vcdm.diffusion.distillation import DistillLoss
+from vcdm.diffusion.distillation import DistillLoss, sampler_range
 from vcdm.diffusion.dmd import DMDLoss
 from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
-from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, DMD_REFINE_LEVEL
 from vcdm.embedders import PRETRAINED, FitOptions, PCAOptions, PostProcessOptions, build_embedder
 from vcdm.embedders.base import default_cache_dir
 from vcdm.nets import build_network
@@ -55,15 +55,22 @@ class Setup:
             data={"data_class": training["data_class"], "path": training["path"], "resolution": d.resolution,
                   "num_channels": d.num_channels, "label_dim": d.label_dim, "name": d.name,
                   "class_names": getattr(d, "class_names", None)},
-            training=training, sampler=tuned_sampler(training))
+            training=training, sampler=tuned_sampler(training, self.denoiser))
 
 
-def tuned_sampler(training: dict[str, Any]) -> dict[str, Any] | None:
-    """What a consistency-tuned model records as its default sampler (None for diffusion training)."""
+def tuned_sampler(training: dict[str, Any], denoiser: Denoiser) -> dict[str, Any] | None:
+    """What a consistency-tuned model records as its default sampler (None for diffusion training): its steps. DMD's
+    one-step sampler of a network that predicts x0 (a prior) records that step and a second evaluation, its sample
+    re-noised to DMD_REFINE_LEVEL x sigma_data (vcdm.diffusion.settings); `--steps 1` samples the one step alone."""
     if not training.get("tune"):
         return None
-    steps = training.get("dmd_steps", CONSISTENCY_DEFAULT_STEPS) if training["tune"] == "dmd" else CONSISTENCY_DEFAULT_STEPS
-    return {"name": "consistency", "num_steps": steps}
+    if training["tune"] != "dmd":
+        return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS}
+    steps = training.get("dmd_steps", CONSISTENCY_DEFAULT_STEPS)
+    if steps > 1 or not any(training.get("pred_x0") or []):
+        return {"name": "consistency", "num_steps": steps}
+    levels = [sampler_range(denoiser)[1], DMD_REFINE_LEVEL * denoiser.sigma_data]
+    return {"name": "consistency", "num_steps": 2, "levels": levels}
 
 
 def data_key(path: str | os.PathLike, dataset) -> str:
