@@ -20,7 +20,7 @@ from vcdm.cli.errors import user_errors, writable
 from vcdm.cli.train import Finite, opt
 from vcdm.train import TrainingError, train
 from vcdm.train.lr_schedules import LRSchedule
-from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, CONSISTENCY_STEPS
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, CONSISTENCY_STEPS, DMD_REFINE_LEVEL
 from vcdm.train.options import (ECT_B, ECT_K, ECT_Q, FAKE_UPDATES, TEACHER_METHODS, TEACHER_STEPS, TUNE_METHODS,
                                 TrainOptions)
 from vcdm.workers import default_workers
@@ -173,7 +173,9 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
      help=f"kd: steps of the checkpoint's Heun sampler solved for each target (2 INT - 1 evaluations)  "
           f"[default: {TEACHER_STEPS}]")
 @opt("--sampler-steps", metavar="INT", type=click.IntRange(*CONSISTENCY_STEPS), default=None,
-     help="dmd: the consistency sampler's steps it trains, recorded as the tuned model's default  "
+     help="dmd: the consistency sampler's steps it trains, recorded as the tuned model's default (one step of a "
+          f"network that predicts x0: recorded with a second evaluation, at {DMD_REFINE_LEVEL} sigma_data; `vcdm "
+          "generate --steps 1` skips it)  "
           f"[default: 1 for networks that predict x0 (--pred_x0), else {CONSISTENCY_DEFAULT_STEPS}]")
 @opt("--fake-updates", metavar="INT", type=click.IntRange(min=1), default=None,
      help=f"dmd: steps of the fake denoiser per step  [default: {FAKE_UPDATES}]")
