@@ -117,8 +117,8 @@ class Pipeline:
                  **options: Any) -> PipelineOutput:
         """Sample ``seeds`` (as --seeds writes them, "0-15,20", or a range or sequence of ints); ``options``:
         ``vcdm generate``'s sampler options under their flag names (``steps``, ``sigma_min``, ``S_churn``,
-        ``disc``, ``sampler``, ``guidance``, ``gnet``, ``guidance_interval=(lo, hi)`` …) and ``bf16``,
-        ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
+        ``disc``, ``sampler``, ``guidance``, ``gnet``, ``guidance_interval=(lo, hi)``, ``levels=(80, 0.15)`` …) and
+        ``bf16``, ``channels_last``, ``compile`` (None: vcdm.perf's choice)."""
         opts = pop_api_sampler_options(options, preset=preset, recorded=recorded_defaults(self.model.config))
         settings = self.prepare(options)
         seeds = list(check_seeds(seeds, batch, "seeds", "batch"))
@@ -183,7 +183,7 @@ class TwoStagePipeline:
                  increment_seeds: int = 0, preset: str | None = None, progress: bool = False,
                  **options: Any) -> PipelineOutput:
         """Sample ``seeds``; ``options``: ``vcdm sample``'s under their flag names — ``prior_steps``,
-        ``image_steps``, ``prior_S_churn``, ``image_sampler``, ``prior_gnet``, ``image_guidance`` … (defaults:
+        ``image_steps``, ``prior_S_churn``, ``image_sampler``, ``prior_gnet``, ``prior_levels`` … (defaults:
         the original release's 40 steps, S_churn 50, S_noise 1.007) — and ``bf16``, ``channels_last``,
         ``compile``."""
         prior_opts = pop_api_sampler_options(options, "prior_", RELEASE_DEFAULTS, preset,
