@@ -59,12 +59,13 @@ SIZES = Sizes(resolution=8, cres=(1, 2))
 LENGTHS = {"prior": (32.0, 64.0, 96.0), "image": (8.0, 16.0)}  # kimg; the last is tuned
 RELEASE = dict(num_steps=40, S_churn=50.0, S_noise=1.007)
 FAST = SamplerOptions(sampler="unipc", num_steps=12)
-TUNED, BOTH, GAN, DMD3 = ({"prior": "tuned", "image": "tuned"}, {"prior": "refined", "image": "refined"},
-                          {"prior": "gan", "image": "gan"}, {"prior": "dmd3", "image": "dmd3"})
+TUNED, BOTH, GAN, DMD3, DIRECT, DIRECT64 = ({"prior": t, "image": t}
+                                            for t in ("tuned", "refined", "gan", "dmd3", "direct", "direct64"))
 GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning (the image
 # model's is DMD2's; `vcdm tune`'s default for it is 0)
 REFINE = DMD_REFINE_LEVEL * 0.5  # the one-step DMD prior's second level, as `vcdm tune` now records it (sigma_data 0.5)
-SHARED = {("dmd3", "prior"): "gan"}  # the "dmd3" tuning's prior is the "gan" one's (the same one-step prior)
+SHARED = {("dmd3", "prior"): "gan", ("direct", "prior"): "gan", ("direct64", "prior"): "gan"}  # their prior is the
+# "gan" tuning's (the same one-step prior)
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ({}, (12, 12), ["--preset", "fast"], FAST),
@@ -94,6 +95,12 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
                                                                       str(n)], SamplerOptions(sampler="consistency",
                                                                                               num_steps=n))
        for name, tuning, n in (("DMD", BOTH, 2), ("DMD+GAN", GAN, 2), ("DMD+GAN", DMD3, 3))},
+    "DMD+GAN 1+2 (image DMD of the diffusion model)": (DIRECT, (1, 2), ["--prior-steps", "1", "--image-steps", "2"],
+                                                       SamplerOptions(sampler="consistency", num_steps=2)),
+    **{f"DMD+GAN 2+2 (prior step 2 at {REFINE}; image DMD of the diffusion model{length})": (
+        tuning, (2, 2), ["--prior-levels", f"80,{REFINE}", "--image-steps", "2"],
+        SamplerOptions(sampler="consistency", num_steps=2))
+       for length, tuning in (("", DIRECT), (", 64 kimg", DIRECT64))},
 }
 REFERENCE = "release: Heun 40 + churn"
 
@@ -136,8 +143,11 @@ def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, t
     return snapshot(outdir, "*/network-snapshot-*.safetensors")
 
 
-TUNINGS = ("tuned", "refined", "gan", "dmd3")  # `vcdm tune` of the base model, then of the tuned one (its default
-# there: DMD) without DMD2's GAN term, with it (--gan-weight GAN_WEIGHTS), or the image model's 3-step sampler
+# `vcdm tune` of the base model, then of the tuned one (its default there: DMD) without DMD2's GAN term, with it
+# (--gan-weight GAN_WEIGHTS), or the image model's 3-step sampler; "direct": the image model's DMD started from the
+# diffusion model itself (--method dmd; "direct64": for 64 kimg, 4x its training), after the GAN prior
+TUNINGS = ("tuned", "refined", "gan", "dmd3", "direct", "direct64")
+PATH_COSTS = TUNINGS[:-2]  # tunings whose cost adds to "tuned"'s (the "direct" image models skip the tuned one)
 
 
 def tuning_folder(run: Path, seed: int, tuning: str, kind: str) -> Path:
@@ -202,6 +212,12 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["dmd3"] = {"prior": models["gan"]["prior"],
                       "image": tune(models["tuned"]["image"], tuning_folder(run, seed, "dmd3", "image"), seed, device, None,
                                     models["base"]["image"], ("--gan-weight", "0", "--sampler-steps", "3"))}
+    models["direct"] = {"prior": models["gan"]["prior"],
+                        "image": tune(models["base"]["image"], tuning_folder(run, seed, "direct", "image"), seed,
+                                      device, "dmd", models["base"]["image"], ("--gan-weight", "0"))}
+    models["direct64"] = {"prior": models["gan"]["prior"],
+                          "image": tune(models["base"]["image"], tuning_folder(run, seed, "direct64", "image"), seed,
+                                        device, "dmd", models["base"]["image"], ("--gan-weight", "0", "--kimg", "64"))}
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind, base in models["base"].items():
@@ -339,8 +355,11 @@ def table(run: Path) -> tuple[str, list[dict]]:
              f"`vcdm tune` (\"tuned\": prior {methods['tuned', 'prior']}, image model {methods['tuned', 'image']}), then "
              f"the tuned models tuned again (`vcdm tune`'s default for a tuned checkpoint; \"DMD\": prior "
              f"{methods['refined', 'prior']}, image model {methods['refined', 'image']}; \"DMD+GAN\": the same with "
-             f"DMD2's GAN term, --gan-weight {GAN_WEIGHTS['prior']} and {GAN_WEIGHTS['image']}; the last row's image model "
-             f"trained by DMD for 3 steps, --sampler-steps 3) vs the release's sampler and "
+             f"DMD2's GAN term, --gan-weight {GAN_WEIGHTS['prior']} and {GAN_WEIGHTS['image']}; \"image DMD of 3 steps\": "
+             f"the image model trained by DMD for 3 steps, --sampler-steps 3; \"prior step 2 at {REFINE}\": the prior's "
+             f"one DMD step and a second evaluation at {REFINE}, --prior-levels 80,{REFINE}; \"image DMD of the diffusion "
+             f"model\": the image model's DMD started from the diffusion model itself, --method dmd) vs the release's "
+             f"sampler and "
              f"--preset fast. {per_seed[seeds[0]][REFERENCE].get('num', '?')} images per setting and seed. "
              f"{len(seeds)} training seeds "
              f"({','.join(map(str, seeds))}), mean ± std over seeds; Δ FD paired by seed. Base models: prior "
@@ -371,12 +390,13 @@ def table(run: Path) -> tuple[str, list[dict]]:
     for stage in LENGTHS:
         for tuning in (t for t in TUNINGS if (t, stage) not in SHARED):
             c = [r for r in costs if r["stage"] == stage and r.get("tuning", "tuned") == tuning]
-            lines.append(f"| {stage} | {methods[tuning, stage]} | {mean_std([r['train_kimg'] for r in c])} "
+            method = methods[tuning, stage] + (" of the diffusion model" if tuning.startswith("direct") else "")
+            lines.append(f"| {stage} | {method} | {mean_std([r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_kimg'] for r in c])} | {mean_std([r['tune_kimg'] / r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_sec'] / r['train_sec'] for r in c])} |")
     noise = f"{statistics.stdev(ref_fd):.2g}" if len(ref_fd) > 1 else "-"
     lines.append("")
-    for tunings in (TUNINGS[:1], *((TUNINGS[0], t) for t in TUNINGS[1:])):
+    for tunings in (PATH_COSTS[:1], *((PATH_COSTS[0], t) for t in PATH_COSTS[1:])):
         both = [sum(r["tune_sec"] for r in costs if r["seed"] == s and r.get("tuning", "tuned") in tunings) /
                 sum(r["train_sec"] for r in costs if r["seed"] == s and r.get("tuning", "tuned") == "tuned")
                 for s in seeds]
