@@ -82,7 +82,8 @@ SAMPLER_FLAGS: list[tuple[str, str, Any, str]] = [
      "Karras's]"),
 ]
 FLAGS = {key: flag for flag, key, _, _ in SAMPLER_FLAGS}  # SamplerOptions field → flag
-METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI", "levels": "SIGMA,...", "sampler": choices(SAMPLERS),
+METAVARS = {"num_steps": "INT", "gnet": "PATH", "guidance_interval": "LO,HI", "levels": "SIGMA,...",
+            "sampler": choices(SAMPLERS),
             **{key: choices(names) for key, names in CHOICES.items()}}
 EDM_DEFAULTS: dict[str, Any] = {"num_steps": DEFAULT_STEPS, **{
     f.name: f.default for f in dataclasses.fields(SamplerOptions) if f.name in FLAGS and f.default is not None}}
