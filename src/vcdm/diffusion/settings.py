@@ -46,7 +46,8 @@ CONSISTENCY_RHO = 20.0
 # fraction of sigma_data and denoised once more, which mends what the one step gets wrong in the small. Demo digits'
 # one-step DMD+GAN prior before the 3-step image model (2000 images, seed 0): FD 4.66 in one step; 3.09 / 3.06 / 3.12
 # / 3.39 / 4.13 / 5.03 with the second level at 0.05 / 0.11 / 0.24 / 0.46 / 0.64 / 0.80 (sigma_data 0.5); the
-# release's 79 evaluations: 3.21 (benchmarks/results/fewstep-digits.md).
+# release's 79 evaluations: 3.21 (benchmarks/results/fewstep-digits.md). A third training seed got worse with it
+# (two-stage 6.47 at 0.80, 9.5 at 0.15): its tuned network's low levels had drifted. To revisit.
 DMD_REFINE_LEVEL = 0.3
 NO_CHURN = {"S_churn": 0.0, "S_noise": 1.0}
 
