@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 from vcdm.data.structure import Structure
-from vcdm.diffusion.settings import CONSISTENCY_STEPS
+from vcdm.diffusion.settings import CONSISTENCY_STEPS, SamplerOptionError, SamplerOptions
 from vcdm.fileio import atomic_write
 from vcdm.nets import build_network
 from vcdm.nets.precond import Denoiser
@@ -49,20 +49,20 @@ def _mapping(d: Mapping[str, Any], key: str, optional: bool = False) -> dict | N
 
 
 def _sampler(value: Any) -> dict[str, Any] | None:
-    """A recorded sampler: the consistency sampler, its steps and optionally its levels (one per step, falling;
-    vcdm.diffusion.sampling), or None."""
+    """A recorded sampler: the consistency sampler, its steps and optionally its levels, checked as the commands check
+    them (SamplerOptions), or None."""
     if value is None:
         return None
     lo, hi = CONSISTENCY_STEPS
     keys_ok = isinstance(value, Mapping) and set(value) - {"levels"} == {"name", "num_steps"}
-    steps = value.get("num_steps") if keys_ok else None
-    levels = value.get("levels") if keys_ok else None
-    good_levels = levels is None or (
-        isinstance(levels, list) and len(levels) == steps
-        and all(type(v) in (int, float) and 0 < v < float("inf") for v in levels)
-        and all(a > b for a, b in zip(levels, levels[1:])))
-    if not keys_ok or value.get("name") != "consistency" or type(steps) is not int or not lo <= steps <= hi \
-            or not good_levels:
+    steps, levels = (value.get("num_steps"), value.get("levels")) if keys_ok else (None, None)
+    try:
+        ok = (keys_ok and value["name"] == "consistency" and type(steps) is int
+              and (levels is None or isinstance(levels, list))
+              and SamplerOptions(sampler="consistency", num_steps=steps, levels=levels) is not None)
+    except SamplerOptionError:
+        ok = False
+    if not ok:
         raise CheckpointError(f"config entry 'sampler' is {json.dumps(value)[:80]}, expected "
                               f'{{"name": "consistency", "num_steps": {lo}..{hi}}} and optionally "levels": one falling '
                               "positive noise level per step")
