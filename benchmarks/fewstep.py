@@ -147,7 +147,8 @@ def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, t
 # (--gan-weight GAN_WEIGHTS), or the image model's 3-step sampler; "direct": the image model's DMD started from the
 # diffusion model itself (--method dmd; "direct64": for 64 kimg, 4x its training), after the GAN prior
 TUNINGS = ("tuned", "refined", "gan", "dmd3", "direct", "direct64")
-PATH_COSTS = TUNINGS[:-2]  # tunings whose cost adds to "tuned"'s (the "direct" image models skip the tuned one)
+FROM_BASE = ("direct", "direct64")  # tunings whose image model starts from the base model, not the tuned one
+PATH_COSTS = tuple(t for t in TUNINGS if t not in FROM_BASE)  # tunings whose cost adds to "tuned"'s
 
 
 def tuning_folder(run: Path, seed: int, tuning: str, kind: str) -> Path:
@@ -390,7 +391,7 @@ def table(run: Path) -> tuple[str, list[dict]]:
     for stage in LENGTHS:
         for tuning in (t for t in TUNINGS if (t, stage) not in SHARED):
             c = [r for r in costs if r["stage"] == stage and r.get("tuning", "tuned") == tuning]
-            method = methods[tuning, stage] + (" of the diffusion model" if tuning.startswith("direct") else "")
+            method = methods[tuning, stage] + (" of the diffusion model" if tuning in FROM_BASE else "")
             lines.append(f"| {stage} | {method} | {mean_std([r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_kimg'] for r in c])} | {mean_std([r['tune_kimg'] / r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_sec'] / r['train_sec'] for r in c])} |")
