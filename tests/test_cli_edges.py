@@ -182,6 +182,8 @@ def test_text_where_a_list_is_expected():
     ("dmd", "fake_lr", -1e-3, "--fake-lr: expected a positive lr, got -0.001"),
     ("dmd", "fake_updates", 0, "--fake-updates: expected at least 1, got 0"),
     ("dmd", "dmd_steps", 5, "--sampler-steps: expected 1..4, got 5"),
+    ("dmd", "dmd_levels", [80.0, 1.0, 0.15], "--sampler-levels: 3 noise levels for 2 --sampler-steps; give one level "
+     "per step (or leave the steps out)"),
     ("ect", "ect_q", 1.0, "--ect-q: expected a number > 1, got 1"),
     ("kd", "teacher_steps", 1, "--teacher-steps: expected at least 2, got 1"),
 ])

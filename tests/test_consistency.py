@@ -239,16 +239,17 @@ class GaussianDenoiser(nn.Module):
 
 
 def distribution_matched(teacher: nn.Module, *, steps: int, data_sd: float, gan_weight: float = 0.0,
-                         sampler_steps: int = 2, guidance: float = 1.0, guide: nn.Module | None = None):
+                         sampler_steps: int = 2, guidance: float = 1.0, guide: nn.Module | None = None,
+                         levels: tuple[float, ...] | None = None, model: nn.Module | None = None):
     """(the ``sampler_steps``-step sampler, its DMDLoss) after ``steps`` DMD steps from the diffusion denoiser (theta 0)
     against the frozen ``teacher`` (guided by ``guide`` at ``guidance``), given real data N(0, data_sd^2 I) (which only
     the GAN term reads)."""
     torch.manual_seed(0)
     loss = DMDLoss(EDMLoss(P_mean=-1.1, P_std=2.0), steps=sampler_steps, fake_updates=5, fake_lr=1e-2,
                    gan_weight=gan_weight, gan_lr=1e-2, teacher=teacher.requires_grad_(False), guidance=guidance,
-                   guide=guide)
+                   guide=guide, levels=levels)
     loss.make_fake()
-    model = GaussianConsistency(0.0)
+    model = GaussianConsistency(0.0) if model is None else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -268,6 +269,31 @@ def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the
     assert loss.fake.net.log_v.exp().item() == pytest.approx(S ** 2, rel=0.05)
     assert model.theta.item() == pytest.approx(0.5, abs=0.03)
     assert torch.equal(loss.teacher.net.log_v, torch.tensor([S ** 2]).log())  # the teacher stays frozen
+
+
+class LevelsSeen(GaussianConsistency):
+    """The one-parameter sampler, recording the noise levels it is evaluated at."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.seen: set[float] = set()
+
+    def forward(self, x, sigma, y=None, augment_labels=None):
+        self.seen.update(torch.as_tensor(sigma).flatten().tolist())
+        return super().forward(x, sigma, y, augment_labels)
+
+
+def test_distribution_matching_at_given_levels_trains_the_sampler_there(one_thread):
+    """--sampler-levels 80,0.15: DMD evaluates the sampler at exactly those levels (its second step on its own first
+    step's output re-noised to 0.15), and the two-step sampler at them reaches the data's variance (0.25) from the
+    denoiser's (0.019 there)."""
+    levels = (T, 0.15)
+    assert sample_variance(GaussianConsistency(0.0), 2, levels=levels) == pytest.approx(0.019, abs=0.002)
+    model, _ = distribution_matched(GaussianDenoiser(S ** 2), steps=300, data_sd=S, levels=levels, model=LevelsSeen())
+    assert sorted(model.seen) == pytest.approx([0.15, T])
+    assert sample_variance(model, 2, levels=levels) == pytest.approx(S ** 2, rel=0.03)
+    with pytest.raises(ValueError, match="levels: 3 noise levels for 2 steps"):
+        DMDLoss(EDMLoss(), steps=2, fake_updates=1, fake_lr=1e-3, levels=(T, 1.0, 0.15))
 
 
 def guided_fixed_point(v: float, v_guide: float, w: float, n: int = 50_000) -> float:
@@ -527,6 +553,8 @@ def test_a_one_step_dmd_prior_records_a_second_evaluation_at_the_refine_level(tu
                                             "levels": [80.0, DMD_REFINE_LEVEL * denoiser.sigma_data]}
     assert tuned_sampler({**dmd, "pred_x0": [0]}, denoiser) == {"name": "consistency", "num_steps": 1}
     assert tuned_sampler({**dmd, "dmd_steps": 2}, denoiser) == {"name": "consistency", "num_steps": 2}
+    assert tuned_sampler({**dmd, "dmd_steps": 2, "dmd_levels": [80.0, 0.15]}, denoiser) == {  # --sampler-levels
+        "name": "consistency", "num_steps": 2, "levels": [80.0, 0.15]}
     assert tuned_sampler({"tune": "kd", "pred_x0": [1]}, denoiser) == {"name": "consistency", "num_steps": 2}
     assert tuned_sampler({"tune": None}, denoiser) is None
 
@@ -816,6 +844,20 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0-tuned.safetensors"), "--dry-run", "--workers", "0",
                                       "--outdir", str(tmp_path / "runs")])
     assert r.exit_code == 0 and '"dmd_steps": 1,' in r.output and '"gan_weight": 0.3,' in r.output, r.output
+    r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0-tuned.safetensors"), "--dry-run", "--workers", "0",
+                                      "--outdir", str(tmp_path / "runs"), "--sampler-levels", "80,0.15"])
+    options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])  # the levels set the steps
+    assert (options["dmd_steps"], options["dmd_levels"]) == (2, [80.0, 0.15]) and "at levels 80,0.15" in r.output
+    for extra, message in ((["--sampler-levels", "80,1,0.15", "--sampler-steps", "2"],
+                            "--sampler-levels: 3 noise levels for 2 --sampler-steps; give one level per step (or leave "
+                            "the steps out)"),
+                           (["--sampler-levels", "0.15,80"], "--sampler-levels: expected 1..4 finite positive noise "
+                            "levels, falling (e.g. 80,0.15), got 0.15,80.0"),
+                           (["--sampler-levels", "80,x"], "Invalid value for '--sampler-levels' / '--sampler_levels': "
+                            "expected noise levels SIGMA,... separated by commas (e.g. 80,0.15), got '80,x'"),
+                           (["--method", "kd", "--sampler-levels", "80"], "--sampler-levels does not apply to --method kd")):
+        r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0-tuned.safetensors"), "--dry-run", "--workers", "0", *extra])
+        assert r.exit_code == 2 and error_lines(r.output) == [f"Error: {message}"], r.output
     denoiser, config, tensors = load_checkpoint(tuned["tuned"])  # tuned from a model that is not here (moved)
     config.training = {**config.training, "init": str(tmp_path / "moved.safetensors")}
     save_checkpoint(tmp_path / "orphan.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)

@@ -17,6 +17,7 @@ import click
 
 from vcdm.checkpoints import read_checkpoint_config
 from vcdm.cli.errors import user_errors, writable
+from vcdm.cli.generate import NoiseLevels
 from vcdm.cli.train import Finite, opt
 from vcdm.train import TrainingError, train
 from vcdm.train.lr_schedules import LRSchedule
@@ -81,7 +82,7 @@ def default_teacher(recorded: TrainOptions) -> str | None:
 
 METHOD_FLAGS = {"ect_q": ("ect", "ecd"), "ect_k": ("ect", "ecd"), "ect_b": ("ect", "ecd"), "ect_stages": ("ect", "ecd"),
                 "teacher_steps": ("kd",), "teacher": ("ecd", "kd", "dmd"), "fake_updates": ("dmd",),
-                "fake_lr": ("dmd",), "sampler_steps": ("dmd",), "gan_weight": ("dmd",),
+                "fake_lr": ("dmd",), "sampler_steps": ("dmd",), "sampler_levels": ("dmd",), "gan_weight": ("dmd",),
                 "gan_lr": ("dmd",), "guidance": ("dmd",), "guide": ("dmd",)}
 
 
@@ -120,6 +121,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
     with user_errors():
         diffusion = TrainOptions.from_dict(source)
     trained = trained_nimg(source)
+    levels = given.get("sampler_levels")
     fraction, lr_fraction = DMD_DEFAULTS[predicts_x0(recorded)] if method == "dmd" else (TUNE_FRACTION, LR_FRACTION)
     kimg = given.get("kimg") or (fraction * trained / 1000 if trained else None)
     if kimg is None:
@@ -136,7 +138,8 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         gan_weight=given.get("gan_weight", DMD_GAN_WEIGHTS[predicts_x0(recorded)] if method == "dmd" else 0.0),
         gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
         guidance=given.get("guidance", TrainOptions.guidance), guide=given.get("guide"),  # not the checkpoint's
-        dmd_steps=given.get("sampler_steps", default_sampler_steps(recorded)),
+        dmd_steps=given.get("sampler_steps", len(levels) if levels else default_sampler_steps(recorded)),
+        dmd_levels=list(levels) if levels else None,
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
         seed=given.get("seed"), device=given.get("device"), workers=kwargs["workers"],
@@ -177,6 +180,10 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
           f"network that predicts x0: recorded with a second evaluation, at {DMD_REFINE_LEVEL} sigma_data; `vcdm "
           "generate --steps 1` skips it)  "
           f"[default: 1 for networks that predict x0 (--pred_x0), else {CONSISTENCY_DEFAULT_STEPS}]")
+@opt("--sampler-levels", metavar="SIGMA,...", type=NoiseLevels(), default=None,
+     help="dmd: the noise levels of those steps, one each, falling (e.g. 80,0.15: the second step denoises the "
+          "first's sample re-noised to 0.15), trained and recorded as the tuned model's default; they set "
+          "--sampler-steps  [default: Karras's]")
 @opt("--fake-updates", metavar="INT", type=click.IntRange(min=1), default=None,
      help=f"dmd: steps of the fake denoiser per step  [default: {FAKE_UPDATES}]")
 @opt("--fake-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,

@@ -11,9 +11,9 @@ In x0 terms the sampler's output moves along D_fake(x_s; s) - D_real(x_s; s), no
 mean |G(x) - D_real(x_s; s)| (Yin et al.'s weighting). The fixed point is the teacher's distribution
 itself, which a churned SDE sampler approaches and the ODE does not quite.
 
-The sampler trained is the consistency sampler of ``steps`` levels (vcdm.diffusion.sampling): its
-input is pure noise at the top level or, for a later step, its own (gradient-free) output re-noised to
-that step's level (DMD2's backward simulation), so training sees what sampling will. The fake denoiser
+The sampler trained is the consistency sampler of ``steps`` levels (Karras's, or ``levels``;
+vcdm.diffusion.sampling): its input is pure noise at the top level or, for a later step, its own
+(gradient-free) output re-noised to that step's level (DMD2's backward simulation), so training sees what sampling will. The fake denoiser
 starts as the teacher and takes ``fake_updates`` Adam steps per sampler step on the sampler's detached
 outputs (DMD2's two time-scale update rule), with DMD2's Adam betas (0, 0.999). It is part of the training
 state: the training loop saves and restores it (`state_dict`) and DDP averages its gradients. The noise level of
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,12 +137,16 @@ class DMDLoss:
     random, learns at ``gan_lr``. ``guidance`` != 1 guides the teacher (vcdm.diffusion.guidance): away from ``guide``
     (autoguidance by a weaker model of the same data, set by the training loop as the teacher is) or, without one, from
     its own null condition (classifier-free); the sampler then matches the guided model's distribution, as DMD2's
-    text-to-image runs match a guided teacher's."""
+    text-to-image runs match a guided teacher's. ``levels``: the sampler's noise levels, one per step (None: Karras's)."""
 
     def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *, gan_weight: float = 0.0,
                  gan_lr: float = 0.0, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,
-                 teacher: nn.Module | None = None, guidance: float = 1.0, guide: Callable | None = None):
+                 teacher: nn.Module | None = None, guidance: float = 1.0, guide: Callable | None = None,
+                 levels: Sequence[float] | None = None):
         self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
+        self.sampler_levels = None if levels is None else tuple(levels)
+        if self.sampler_levels is not None and len(self.sampler_levels) != steps:
+            raise ValueError(f"levels: {len(self.sampler_levels)} noise levels for {steps} steps")
         if gan_weight > 0 and not gan_lr > 0:
             raise ValueError(f"gan_lr: the GAN term's discriminator needs a positive learning rate, got {gan_lr}")
         self.gan_weight, self.gan_lr, self.fake_betas, self.cond_drop = gan_weight, gan_lr, fake_betas, cond_drop
@@ -178,7 +182,9 @@ class DMDLoss:
         self.fake_opt.load_state_dict(state["fake_opt"])
 
     def levels(self, inner: nn.Module, device: torch.device) -> torch.Tensor:
-        """The consistency sampler's levels for ``steps`` (its Karras levels without sigma_min)."""
+        """The consistency sampler's levels: those given, or Karras's for ``steps`` without sigma_min."""
+        if self.sampler_levels is not None:
+            return torch.tensor(self.sampler_levels, dtype=torch.float32, device=device)
         lo, hi = sampler_range(inner)
         return karras_sigmas(self.steps + 1, lo, hi, CONSISTENCY_RHO, device)[:-1].float()
 

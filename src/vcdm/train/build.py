@@ -59,14 +59,16 @@ class Setup:
 
 
 def tuned_sampler(training: dict[str, Any], denoiser: Denoiser) -> dict[str, Any] | None:
-    """What a consistency-tuned model records as its default sampler (None for diffusion training): its steps. DMD's
-    one-step sampler of a network that predicts x0 (a prior) records that step and a second evaluation, its sample
+    """What a consistency-tuned model records as its default sampler (None for diffusion training): its steps, and
+    the levels DMD trained where given (--sampler-levels). DMD's one-step sampler of a network that predicts x0 (a prior) records that step and a second evaluation, its sample
     re-noised to DMD_REFINE_LEVEL x sigma_data (vcdm.diffusion.settings); `--steps 1` samples the one step alone."""
     if not training.get("tune"):
         return None
     if training["tune"] != "dmd":
         return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS}
     steps = training.get("dmd_steps", CONSISTENCY_DEFAULT_STEPS)
+    if training.get("dmd_levels"):
+        return {"name": "consistency", "num_steps": steps, "levels": list(training["dmd_levels"])}
     if steps > 1 or not any(training.get("pred_x0") or []):
         return {"name": "consistency", "num_steps": steps}
     levels = [sampler_range(denoiser)[1], DMD_REFINE_LEVEL * denoiser.sigma_data]
@@ -184,7 +186,7 @@ def make_loss(opts: TrainOptions):
     if opts.tune == "dmd":  # the fake denoiser learns the sampler's outputs (their conditioning dropped already)
         return DMDLoss(diffusion_loss(opts, cond_drop=0.0), steps=opts.dmd_steps, fake_updates=opts.fake_updates,
                        fake_lr=opts.fake_lr, gan_weight=opts.gan_weight, gan_lr=opts.gan_lr,
-                       cond_drop=opts.cond_drop, guidance=opts.guidance)
+                       cond_drop=opts.cond_drop, guidance=opts.guidance, levels=opts.dmd_levels)
     if opts.tune == "kd":
         return DistillLoss(P_mean=opts.P_mean, P_std=opts.P_std, cond_drop=opts.cond_drop, teacher_steps=opts.teacher_steps)
     if opts.tune is not None:

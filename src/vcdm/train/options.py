@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vcdm.data.structure import DATA_CLASS_TENSORS
-from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, CONSISTENCY_STEPS
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, CONSISTENCY_STEPS, SamplerOptionError, SamplerOptions
 from vcdm.nets.presets import ARCHS
 from vcdm.train.phema import MAX_STD
 from vcdm.train.lr_schedules import LR_SCHEDULES
@@ -101,6 +101,7 @@ class ModelOptions:
     teacher_steps: int = TEACHER_STEPS  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
     teacher: str | None = None  # ecd/kd/dmd: the frozen teacher's checkpoint (None: --init's)
     dmd_steps: int = CONSISTENCY_DEFAULT_STEPS  # dmd: the consistency sampler's steps it trains (and records)
+    dmd_levels: list[float] | None = None  # dmd: that sampler's noise levels, one per step (None: Karras's)
     fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
     gan_weight: float = 0.0  # dmd: DMD2's GAN term, the sampler's generator-loss weight (0: none)
@@ -169,7 +170,7 @@ def _recorded_type(value: Any, hint: Any) -> bool:
     if hint is int:
         return type(value) is int
     return hint is Any or isinstance(value, hint)
-LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float, "ema_std": float,
+LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float, "ema_std": float, "dmd_levels": float,
                "cres": int}
 
 
@@ -284,6 +285,12 @@ class TrainOptions(IOOptions, ScheduleOptions, OptimOptions, ModelOptions, Embed
         if self.tune == "dmd":
             low, high = CONSISTENCY_STEPS
             _require("--sampler-steps", self.dmd_steps, low <= self.dmd_steps <= high, f"{low}..{high}")
+            if self.dmd_levels is not None:
+                try:
+                    SamplerOptions(sampler="consistency", num_steps=self.dmd_steps, levels=self.dmd_levels)
+                except SamplerOptionError as e:
+                    flags = {"levels": "--sampler-levels", "num_steps": "--sampler-steps"}
+                    raise OptionError(e.named(lambda field: flags.get(field, field))) from None
             _require("--fake-updates", self.fake_updates, self.fake_updates >= 1, "at least 1")
             _require("--fake-lr", self.fake_lr, self.fake_lr is None or self.fake_lr > 0, "a positive lr")
             _require("--gan-weight", self.gan_weight, self.gan_weight >= 0, "a weight >= 0 (0: no GAN term)")

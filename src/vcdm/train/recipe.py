@@ -123,7 +123,8 @@ def describe(opts: TrainOptions) -> str:
     if opts.tune == "kd":
         tune = f"; ODE distillation (KD): the checkpoint's {opts.teacher_steps}-step Heun sampler as target"
     elif opts.tune == "dmd":
-        tune = (f"; distribution matching (DMD2) of the {opts.dmd_steps}-step sampler: the fake denoiser takes "
+        levels = f" at levels {','.join(f'{v:g}' for v in opts.dmd_levels)}" if opts.dmd_levels else ""
+        tune = (f"; distribution matching (DMD2) of the {opts.dmd_steps}-step sampler{levels}: the fake denoiser takes "
                 f"{opts.fake_updates} steps at lr {opts.fake_lr:g} per step"
                 f"{f', with a discriminator at lr {opts.gan_lr:g} (GAN term weight {opts.gan_weight:g})' if opts.gan_weight else ''}; "
                 f"teacher {opts.teacher or opts.init}"
