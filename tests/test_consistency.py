@@ -8,6 +8,7 @@ theta 0 is the diffusion denoiser, theta 1/2 the exact consistency function.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -272,10 +273,13 @@ def test_distribution_matching_turns_the_denoiser_into_a_two_step_sampler_of_the
 
 
 class LevelsSeen(GaussianConsistency):
-    """The one-parameter sampler, recording the noise levels it is evaluated at."""
+    """The one-parameter sampler, recording the noise levels it is evaluated at; ``x0``: flagged as a network that
+    predicts x0 (as the prior is), which DMD's default levels look at."""
+    sigma_data = SD
 
-    def __init__(self):
+    def __init__(self, x0: bool = False):
         super().__init__(0.0)
+        self.x0_mask.fill_(x0)
         self.seen: set[float] = set()
 
     def forward(self, x, sigma, y=None, augment_labels=None):
@@ -286,12 +290,17 @@ class LevelsSeen(GaussianConsistency):
 def test_distribution_matching_at_given_levels_trains_the_sampler_there(one_thread):
     """--sampler-levels 80,0.15: DMD evaluates the sampler at exactly those levels (its second step on its own first
     step's output re-noised to 0.15), and the two-step sampler at them reaches the data's variance (0.25) from the
-    denoiser's (0.019 there)."""
+    denoiser's (0.019 there). Without levels: Karras's (80, 0.80), or for a network that predicts x0 its top level and
+    DMD_REFINE_LEVEL sigma_data."""
     levels = (T, 0.15)
     assert sample_variance(GaussianConsistency(0.0), 2, levels=levels) == pytest.approx(0.019, abs=0.002)
     model, _ = distribution_matched(GaussianDenoiser(S ** 2), steps=300, data_sd=S, levels=levels, model=LevelsSeen())
     assert sorted(model.seen) == pytest.approx([0.15, T])
     assert sample_variance(model, 2, levels=levels) == pytest.approx(S ** 2, rel=0.03)
+    model, _ = distribution_matched(GaussianDenoiser(S ** 2), steps=3, data_sd=S, model=LevelsSeen())
+    assert sorted(model.seen) == pytest.approx([0.80, T], abs=0.01)
+    model, _ = distribution_matched(GaussianDenoiser(S ** 2), steps=3, data_sd=S, model=LevelsSeen(x0=True))
+    assert sorted(model.seen) == pytest.approx([DMD_REFINE_LEVEL * SD, T])
     with pytest.raises(ValueError, match="levels: 3 noise levels for 2 steps"):
         DMDLoss(EDMLoss(), steps=2, fake_updates=1, fake_lr=1e-3, levels=(T, 1.0, 0.15))
 
@@ -544,18 +553,20 @@ def test_generate_and_api_use_the_recorded_sampler(tuned, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_one_step_dmd_prior_records_a_second_evaluation_at_the_refine_level(tuned):
-    """DMD's one-step sampler of a network that predicts x0 records that step (at the sampler's top level) and a second
-    at DMD_REFINE_LEVEL x sigma_data; other tunings record their steps alone."""
+def test_dmd_records_the_levels_it_trained(tuned):
+    """DMD's sampler records its steps, and its levels where they are not Karras's: those given, or a network that
+    predicts x0 at 2 steps, its top level and DMD_REFINE_LEVEL x sigma_data; other tunings record their steps alone."""
     denoiser, _, _ = load_checkpoint(tuned["tuned"])
-    dmd = {"tune": "dmd", "dmd_steps": 1, "pred_x0": [1]}
-    assert tuned_sampler(dmd, denoiser) == {"name": "consistency", "num_steps": 2,
-                                            "levels": [80.0, DMD_REFINE_LEVEL * denoiser.sigma_data]}
-    assert tuned_sampler({**dmd, "pred_x0": [0]}, denoiser) == {"name": "consistency", "num_steps": 1}
-    assert tuned_sampler({**dmd, "dmd_steps": 2}, denoiser) == {"name": "consistency", "num_steps": 2}
-    assert tuned_sampler({**dmd, "dmd_steps": 2, "dmd_levels": [80.0, 0.15]}, denoiser) == {  # --sampler-levels
-        "name": "consistency", "num_steps": 2, "levels": [80.0, 0.15]}
-    assert tuned_sampler({"tune": "kd", "pred_x0": [1]}, denoiser) == {"name": "consistency", "num_steps": 2}
+    x0 = copy.deepcopy(denoiser)
+    x0.x0_mask.fill_(True)
+    dmd = {"tune": "dmd", "dmd_steps": 2}
+    assert tuned_sampler(dmd, x0) == {"name": "consistency", "num_steps": 2,
+                                      "levels": [80.0, DMD_REFINE_LEVEL * denoiser.sigma_data]}
+    assert tuned_sampler(dmd, denoiser) == {"name": "consistency", "num_steps": 2}
+    assert tuned_sampler({**dmd, "dmd_steps": 1}, x0) == {"name": "consistency", "num_steps": 1}
+    assert tuned_sampler({**dmd, "dmd_levels": [80.0, 1.0]}, x0) == {  # --sampler-levels
+        "name": "consistency", "num_steps": 2, "levels": [80.0, 1.0]}
+    assert tuned_sampler({"tune": "kd"}, x0) == {"name": "consistency", "num_steps": 2}
     assert tuned_sampler({"tune": None}, denoiser) is None
 
 
@@ -843,7 +854,7 @@ def test_tune_defaults_to_half_the_training_and_refuses_untrained_checkpoints(tu
     save_checkpoint(tmp_path / "x0-tuned.safetensors", {"net": denoiser.net.state_dict(), **tensors}, config)
     r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0-tuned.safetensors"), "--dry-run", "--workers", "0",
                                       "--outdir", str(tmp_path / "runs")])
-    assert r.exit_code == 0 and '"dmd_steps": 1,' in r.output and '"gan_weight": 0.3,' in r.output, r.output
+    assert r.exit_code == 0 and '"dmd_steps": 2,' in r.output and '"gan_weight": 0.3,' in r.output, r.output
     r = CliRunner().invoke(tune_cmd, [str(tmp_path / "x0-tuned.safetensors"), "--dry-run", "--workers", "0",
                                       "--outdir", str(tmp_path / "runs"), "--sampler-levels", "80,0.15"])
     options = json.loads(r.output[r.output.index("{"):r.output.index("\n}") + 2])  # the levels set the steps

@@ -68,13 +68,6 @@ def default_method(recorded: TrainOptions) -> str:
     return "kd" if predicts_x0(recorded) else "ect"
 
 
-def default_sampler_steps(recorded: TrainOptions) -> int:
-    """dmd: 1 step for networks that predict x0 (the demo prior: two-stage FD 4.9-5.0 at one step against 6.2-6.5
-    at two, whether DMD trained one step or two; benchmarks/results/fewstep-digits.md), else the consistency
-    sampler's default 2."""
-    return 1 if predicts_x0(recorded) else CONSISTENCY_DEFAULT_STEPS
-
-
 def default_teacher(recorded: TrainOptions) -> str | None:
     """The diffusion model a tuned checkpoint was tuned from (None for a diffusion model: itself)."""
     return (recorded.teacher or recorded.init) if recorded.tune else None
@@ -138,7 +131,7 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
         gan_weight=given.get("gan_weight", DMD_GAN_WEIGHTS[predicts_x0(recorded)] if method == "dmd" else 0.0),
         gan_lr=given.get("gan_lr", diffusion.lr if method == "dmd" else None),
         guidance=given.get("guidance", TrainOptions.guidance), guide=given.get("guide"),  # not the checkpoint's
-        dmd_steps=given.get("sampler_steps", len(levels) if levels else default_sampler_steps(recorded)),
+        dmd_steps=given.get("sampler_steps", len(levels) if levels else CONSISTENCY_DEFAULT_STEPS),
         dmd_levels=list(levels) if levels else None,
         outdir=kwargs["outdir"],
         desc=given.get("desc", method), nosubdir=False,
@@ -176,14 +169,13 @@ def tune_options(checkpoint: str, kwargs: dict) -> TrainOptions:
      help=f"kd: steps of the checkpoint's Heun sampler solved for each target (2 INT - 1 evaluations)  "
           f"[default: {TEACHER_STEPS}]")
 @opt("--sampler-steps", metavar="INT", type=click.IntRange(*CONSISTENCY_STEPS), default=None,
-     help="dmd: the consistency sampler's steps it trains, recorded as the tuned model's default (one step of a "
-          f"network that predicts x0: recorded with a second evaluation, at {DMD_REFINE_LEVEL} sigma_data; `vcdm "
-          "generate --steps 1` skips it)  "
-          f"[default: 1 for networks that predict x0 (--pred_x0), else {CONSISTENCY_DEFAULT_STEPS}]")
+     help=f"dmd: the consistency sampler's steps it trains, recorded as the tuned model's default  "
+          f"[default: {CONSISTENCY_DEFAULT_STEPS}]")
 @opt("--sampler-levels", metavar="SIGMA,...", type=NoiseLevels(), default=None,
      help="dmd: the noise levels of those steps, one each, falling (e.g. 80,0.15: the second step denoises the "
           "first's sample re-noised to 0.15), trained and recorded as the tuned model's default; they set "
-          "--sampler-steps  [default: Karras's]")
+          f"--sampler-steps  [default: Karras's; 2 steps of a network that predicts x0 (--pred_x0): its top level "
+          f"and {DMD_REFINE_LEVEL} sigma_data]")
 @opt("--fake-updates", metavar="INT", type=click.IntRange(min=1), default=None,
      help=f"dmd: steps of the fake denoiser per step  [default: {FAKE_UPDATES}]")
 @opt("--fake-lr", metavar="FLOAT", type=Finite(min=0, min_open=True), default=None,

@@ -51,7 +51,7 @@ from vcdm.diffusion.distillation import sampler_range
 from vcdm.diffusion.guidance import Guidance, guided_denoise
 from vcdm.diffusion.loss import _inner
 from vcdm.diffusion.schedules import karras_sigmas
-from vcdm.diffusion.settings import CONSISTENCY_RHO
+from vcdm.diffusion.settings import CONSISTENCY_RHO, DMD_REFINE_LEVEL
 from vcdm.nets import bottleneck
 
 DMD_LEVELS = (0.02, 0.98)  # DMD2's range of the teacher's 1000 Karras levels for x_s, as fractions
@@ -129,6 +129,15 @@ def frozen(module: nn.Module) -> Iterator[None]:
         module.requires_grad_(True)
 
 
+def default_levels(steps: int, inner: nn.Module) -> tuple[float, float] | None:
+    """The levels DMD trains a sampler of ``steps`` at when none are given, where they are not Karras's (None): a
+    network that predicts x0 (the prior) takes 2 steps at its top level and DMD_REFINE_LEVEL x sigma_data, its second
+    step mending in the small what its first gets wrong (vcdm.diffusion.settings)."""
+    if steps != 2 or not bool(inner.x0_mask.any()):
+        return None
+    return sampler_range(inner)[1], DMD_REFINE_LEVEL * float(inner.sigma_data)
+
+
 class DMDLoss:
     """The sampler's DMD loss; (B, latent_dim) like the diffusion losses. ``fake_loss`` is the diffusion loss the fake
     denoiser trains with (the checkpoint's: EDM's, EDM2's with its uncertainty, VP's, VE's). ``teacher`` (the frozen
@@ -182,9 +191,11 @@ class DMDLoss:
         self.fake_opt.load_state_dict(state["fake_opt"])
 
     def levels(self, inner: nn.Module, device: torch.device) -> torch.Tensor:
-        """The consistency sampler's levels: those given, or Karras's for ``steps`` without sigma_min."""
-        if self.sampler_levels is not None:
-            return torch.tensor(self.sampler_levels, dtype=torch.float32, device=device)
+        """The consistency sampler's levels: those given, else ``default_levels``, else Karras's for ``steps`` without
+        sigma_min."""
+        levels = self.sampler_levels or default_levels(self.steps, inner)
+        if levels is not None:
+            return torch.tensor(levels, dtype=torch.float32, device=device)
         lo, hi = sampler_range(inner)
         return karras_sigmas(self.steps + 1, lo, hi, CONSISTENCY_RHO, device)[:-1].float()
 

@@ -42,12 +42,14 @@ DEFAULT_RHO = 7.0  # EDM's Karras exponent
 # range), near ECT's two-step level of 0.821, not 2.52. Demo digits, tuned image model: FD 13.9 -> 10.4 at
 # 2 steps and 11.4 -> 9.2 at 4 (benchmarks/results/fewstep-digits.md).
 CONSISTENCY_RHO = 20.0
-# A one-step DMD sampler's second evaluation, the default `vcdm tune` records for it: its sample re-noised to this
-# fraction of sigma_data and denoised once more, which mends what the one step gets wrong in the small. Demo digits'
-# one-step DMD+GAN prior before the 3-step image model (2000 images, seed 0): FD 4.66 in one step; 3.09 / 3.06 / 3.12
-# / 3.39 / 4.13 / 5.03 with the second level at 0.05 / 0.11 / 0.24 / 0.46 / 0.64 / 0.80 (sigma_data 0.5); the
-# release's 79 evaluations: 3.21 (benchmarks/results/fewstep-digits.md). A third training seed got worse with it
-# (two-stage 6.47 at 0.80, 9.5 at 0.15): its tuned network's low levels had drifted. To revisit.
+# The second of the two levels DMD trains a network that predicts x0 (the prior) at, as a fraction of sigma_data
+# (vcdm.diffusion.dmd.default_levels; the first is the top level): the second step re-noises the first's sample a
+# little and denoises it once more, mending what one step gets wrong in the small. Demo digits, one-step DMD+GAN prior
+# given a second evaluation it was not trained for (2000 images, seed 0): FD 4.66 in one step; 3.09 / 3.06 / 3.12 /
+# 3.39 / 4.13 / 5.03 with it at 0.05 / 0.11 / 0.24 / 0.46 / 0.64 / 0.80 (sigma_data 0.5); the release's 79
+# evaluations: 3.21. Trained at 80 and 0.15 rather than given the untrained second step (6000 images per training
+# seed): 4.01 / 3.69 / 5.71 against 3.86 / 3.93 / 6.98 on seeds 0 / 1 / 2; the third seed's one-step network had
+# drifted at the low level (benchmarks/results/fewstep-digits.md).
 DMD_REFINE_LEVEL = 0.3
 NO_CHURN = {"S_churn": 0.0, "S_noise": 1.0}
 

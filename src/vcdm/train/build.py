@@ -15,10 +15,10 @@ from vcdm.data.dataset import ImageDataset
 from vcdm.data.structure import Structure
 from vcdm.diffusion.augment import edm_augment_pipe
 from vcdm.diffusion.consistency import ECTLoss
-from vcdm.diffusion.distillation import DistillLoss, sampler_range
-from vcdm.diffusion.dmd import DMDLoss
+from vcdm.diffusion.distillation import DistillLoss
+from vcdm.diffusion.dmd import DMDLoss, default_levels
 from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
-from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS, DMD_REFINE_LEVEL
+from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
 from vcdm.embedders import PRETRAINED, FitOptions, PCAOptions, PostProcessOptions, build_embedder
 from vcdm.embedders.base import default_cache_dir
 from vcdm.nets import build_network
@@ -59,20 +59,15 @@ class Setup:
 
 
 def tuned_sampler(training: dict[str, Any], denoiser: Denoiser) -> dict[str, Any] | None:
-    """What a consistency-tuned model records as its default sampler (None for diffusion training): its steps, and
-    the levels DMD trained where given (--sampler-levels). DMD's one-step sampler of a network that predicts x0 (a prior) records that step and a second evaluation, its sample
-    re-noised to DMD_REFINE_LEVEL x sigma_data (vcdm.diffusion.settings); `--steps 1` samples the one step alone."""
+    """What a consistency-tuned model records as its default sampler (None for diffusion training): its steps, and the
+    levels DMD trained where they are not Karras's (--sampler-levels, or vcdm.diffusion.dmd.default_levels)."""
     if not training.get("tune"):
         return None
     if training["tune"] != "dmd":
         return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS}
     steps = training.get("dmd_steps", CONSISTENCY_DEFAULT_STEPS)
-    if training.get("dmd_levels"):
-        return {"name": "consistency", "num_steps": steps, "levels": list(training["dmd_levels"])}
-    if steps > 1 or not any(training.get("pred_x0") or []):
-        return {"name": "consistency", "num_steps": steps}
-    levels = [sampler_range(denoiser)[1], DMD_REFINE_LEVEL * denoiser.sigma_data]
-    return {"name": "consistency", "num_steps": 2, "levels": levels}
+    levels = training.get("dmd_levels") or default_levels(steps, denoiser)
+    return {"name": "consistency", "num_steps": steps, **({"levels": list(levels)} if levels else {})}
 
 
 def data_key(path: str | os.PathLike, dataset) -> str:
