@@ -59,13 +59,13 @@ SIZES = Sizes(resolution=8, cres=(1, 2))
 LENGTHS = {"prior": (32.0, 64.0, 96.0), "image": (8.0, 16.0)}  # kimg; the last is tuned
 RELEASE = dict(num_steps=40, S_churn=50.0, S_noise=1.007)
 FAST = SamplerOptions(sampler="unipc", num_steps=12)
-TUNED, BOTH, GAN, DMD3, DIRECT, DIRECT64 = ({"prior": t, "image": t}
-                                            for t in ("tuned", "refined", "gan", "dmd3", "direct", "direct64"))
+TUNED, BOTH, GAN, DMD3, DIRECT, DIRECT64, GAN2 = ({"prior": t, "image": t} for t in ("tuned", "refined", "gan", "dmd3",
+                                                                                      "direct", "direct64", "gan2"))
 GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning (the image
 # model's is DMD2's; `vcdm tune`'s default for it is 0)
 REFINE = DMD_REFINE_LEVEL * 0.5  # the one-step DMD prior's second level, as `vcdm tune` now records it (sigma_data 0.5)
-SHARED = {("dmd3", "prior"): "gan", ("direct", "prior"): "gan", ("direct64", "prior"): "gan"}  # their prior is the
-# "gan" tuning's (the same one-step prior)
+SHARED = {("dmd3", "prior"): "gan", ("direct", "prior"): "gan", ("direct64", "prior"): "gan",  # the one-step prior
+          ("gan2", "image"): "direct64"}  # "gan2": the prior's DMD+GAN at vcdm tune's levels, before "direct64"'s image
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ({}, (12, 12), ["--preset", "fast"], FAST),
@@ -101,6 +101,8 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
         tuning, (2, 2), ["--prior-levels", f"80,{REFINE}", "--image-steps", "2"],
         SamplerOptions(sampler="consistency", num_steps=2))
        for length, tuning in (("", DIRECT), (", 64 kimg", DIRECT64))},
+    "DMD+GAN 2+2 (prior DMD at 80 and 0.15; image DMD of the diffusion model, 64 kimg)": (
+        GAN2, (2, 2), [], SamplerOptions(sampler="consistency", num_steps=2)),
 }
 REFERENCE = "release: Heun 40 + churn"
 
@@ -145,9 +147,12 @@ def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, t
 
 # `vcdm tune` of the base model, then of the tuned one (its default there: DMD) without DMD2's GAN term, with it
 # (--gan-weight GAN_WEIGHTS), or the image model's 3-step sampler; "direct": the image model's DMD started from the
-# diffusion model itself (--method dmd; "direct64": for 64 kimg, 4x its training), after the GAN prior
-TUNINGS = ("tuned", "refined", "gan", "dmd3", "direct", "direct64")
-FROM_BASE = ("direct", "direct64")  # tunings whose image model starts from the base model, not the tuned one
+# diffusion model itself (--method dmd; "direct64": for 64 kimg, 4x its training), after the GAN prior; "gan2": the
+# prior's DMD+GAN at `vcdm tune`'s default levels (80, 0.15), before "direct64"'s image model. The prior's DMD runs
+# before it trained one step (ONE_STEP, then the default).
+TUNINGS = ("tuned", "refined", "gan", "dmd3", "direct", "direct64", "gan2")
+FROM_BASE = ("direct", "direct64", "gan2")  # tunings whose image model starts from the base model, not the tuned one
+ONE_STEP = {"prior": ("--sampler-steps", "1"), "image": ()}
 PATH_COSTS = tuple(t for t in TUNINGS if t not in FROM_BASE)  # tunings whose cost adds to "tuned"'s
 
 
@@ -205,10 +210,10 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["tuned"] = {kind: tune(base, run / f"seed-{seed}" / f"tuned-{kind}", seed, device, methods[kind])
                        for kind, base in models["base"].items()}
     models["refined"] = {kind: tune(tuned, run / f"seed-{seed}" / f"refined-{kind}", seed, device, None,
-                                    models["base"][kind], ("--gan-weight", "0"))
+                                    models["base"][kind], ("--gan-weight", "0", *ONE_STEP[kind]))
                          for kind, tuned in models["tuned"].items()}  # a tuned checkpoint's default: DMD
     models["gan"] = {kind: tune(tuned, run / f"seed-{seed}" / f"gan-{kind}", seed, device, None, models["base"][kind],
-                                ("--gan-weight", GAN_WEIGHTS[kind]))
+                                ("--gan-weight", GAN_WEIGHTS[kind], *ONE_STEP[kind]))
                      for kind, tuned in models["tuned"].items()}
     models["dmd3"] = {"prior": models["gan"]["prior"],
                       "image": tune(models["tuned"]["image"], tuning_folder(run, seed, "dmd3", "image"), seed, device, None,
@@ -219,6 +224,9 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["direct64"] = {"prior": models["gan"]["prior"],
                           "image": tune(models["base"]["image"], tuning_folder(run, seed, "direct64", "image"), seed,
                                         device, "dmd", models["base"]["image"], ("--gan-weight", "0", "--kimg", "64"))}
+    models["gan2"] = {"prior": tune(models["tuned"]["prior"], tuning_folder(run, seed, "gan2", "prior"), seed, device,
+                                    None, models["base"]["prior"], ("--gan-weight", GAN_WEIGHTS["prior"])),
+                      "image": models["direct64"]["image"]}
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind, base in models["base"].items():
@@ -391,7 +399,8 @@ def table(run: Path) -> tuple[str, list[dict]]:
     for stage in LENGTHS:
         for tuning in (t for t in TUNINGS if (t, stage) not in SHARED):
             c = [r for r in costs if r["stage"] == stage and r.get("tuning", "tuned") == tuning]
-            method = methods[tuning, stage] + (" of the diffusion model" if tuning in FROM_BASE else "")
+            method = methods[tuning, stage] + (" of the diffusion model" if tuning in FROM_BASE and stage == "image"
+                                               else "")
             lines.append(f"| {stage} | {method} | {mean_std([r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_kimg'] for r in c])} | {mean_std([r['tune_kimg'] / r['train_kimg'] for r in c])} "
                          f"| {mean_std([r['tune_sec'] / r['train_sec'] for r in c])} |")
