@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -201,11 +202,9 @@ def oracle_images(image: Path, opts: SamplerOptions, judge, num: int, folder: Pa
     return read_images(res.outdir, seeds)
 
 
-def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str | None]) -> None:
-    """Train, tune (`methods`: each stage's --method, None for the default) and score one seed, appending rows to
-    seed-<s>/results.jsonl (done rows are skipped)."""
-    from vcdm.metrics.judge import make_judge
-
+def seed_models(run: Path, seed: int, device: str, methods: dict[str, str | None]) -> dict[str, dict[str, Path]]:
+    """{tuning: {stage: snapshot}} of one seed: trained and tuned (`methods`: each stage's --method, None for the
+    default) unless already there."""
     models = {"base": train_base(run, seed, device)}
     models["tuned"] = {kind: tune(base, run / f"seed-{seed}" / f"tuned-{kind}", seed, device, methods[kind])
                        for kind, base in models["base"].items()}
@@ -227,6 +226,18 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     models["gan2"] = {"prior": tune(models["tuned"]["prior"], tuning_folder(run, seed, "gan2", "prior"), seed, device,
                                     None, models["base"]["prior"], ("--gan-weight", GAN_WEIGHTS["prior"])),
                       "image": models["direct64"]["image"]}
+    return models
+
+
+def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str | None], more: int = 0,
+             more_settings: tuple[str, ...] = ()) -> None:
+    """Train, tune and score one seed, appending rows to seed-<s>/results.jsonl (done rows are skipped); then
+    `more_settings` on `more` images beside the `num` (score_more)."""
+    from vcdm.metrics.judge import make_judge
+
+    models = seed_models(run, seed, device, methods)
+    if more:
+        score_more(run, seed, models, num, more, more_settings, device)
     log = run / f"seed-{seed}" / "results.jsonl"
     done = {r.get("setting", r["kind"]) for r in read(log)}
     for kind, base in models["base"].items():
@@ -254,6 +265,45 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
                      "accuracy": oracle["accuracy"], "oracle_fd": oracle["fd"],
                      "sec": round(time.perf_counter() - start, 1)})
         print(f"seed {seed}: {label}: FD {read(log)[-1]['fd']:.1f}", flush=True)
+
+
+MORE_START = 30_000  # the first sampling seed of the extra images, the same for every training seed
+MORE_SETTINGS = ("release: Heun 40 + churn",
+                 "DMD+GAN 2+2 (prior DMD at 80 and 0.15; image DMD of the diffusion model, 64 kimg)")
+
+
+def score_more(run: Path, seed: int, models: dict, num: int, more: int, labels: tuple[str, ...], device: str) -> None:
+    """FD of each of `labels` on one set: the seed's `num` benchmark images and `more` others (sampling seeds from
+    MORE_START), for less sampling noise than `num` alone gives (2000 images of one model: FD 6.6-8.4 by the seeds).
+    Images are cached per block of `num` in seed-<s>/more/ (npz); rows of kind "more" in results.jsonl."""
+    import numpy as np
+
+    from vcdm.metrics.judge import make_judge
+
+    log = run / f"seed-{seed}" / "results.jsonl"
+    done = {(r["setting"], r["num"]) for r in read(log) if r["kind"] == "more"}
+    labels = [label for label in labels if (label, num + more) not in done]
+    if not labels:
+        return
+    judge = make_judge(SIZES.resolution, epochs=SIZES.classifier_epochs, device=device, progress=False)
+    for label in labels:
+        stages, _, flags, _ = SETTINGS[label]
+        nets = {kind: models[stages.get(kind, "base")][kind] for kind in LENGTHS}
+        blocks = []
+        for first in [seed * num, *range(MORE_START, MORE_START + more, num)]:
+            cache = run / f"seed-{seed}" / "more" / f"{slug(label)}-{first}.npz"
+            if not cache.is_file():
+                images = two_stage_images(nets["prior"], nets["image"], flags, list(range(first, first + num)), device)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_write(cache, "wb") as f:
+                    np.savez(f, images=images.numpy())
+            blocks.append(torch.from_numpy(np.load(cache)["images"]))
+        append(log, {"kind": "more", "setting": label, "num": num + more, **scores(judge.evaluate(torch.cat(blocks)))})
+        print(f"seed {seed}: {label}, {num + more} images: FD {read(log)[-1]['fd']:.2f}", flush=True)
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.,+]+", "-", label).strip("-")
 
 
 def scores(res: dict) -> dict:
@@ -325,6 +375,29 @@ def collect(run: Path) -> tuple[dict, list[dict], list[dict]]:
     return per_seed, costs, read(run / "timing.jsonl")
 
 
+def more_table(run: Path) -> list[str]:
+    """The settings scored on more images per seed (score_more), as table lines ([] if none were)."""
+    per_seed = {int(log.parent.name.split("-")[1]): {r["setting"]: r for r in read(log) if r["kind"] == "more"}
+                for log in sorted(run.glob("seed-*/results.jsonl"))}
+    labels = list(dict.fromkeys(label for rows in per_seed.values() for label in rows))
+    if not labels:
+        return []
+    lines = ["", f"On more images per seed (score_more: the benchmark's and more from sampling seed {MORE_START}), "
+                 "mean ± std over seeds; Δ FD paired by seed, then each seed's:", "",
+             "| setting | images per seed | FD ↓ | Δ FD vs release | per seed (Δ) |", "|---|---|---|---|---|"]
+    for label in labels:
+        rows = {s: r[label] for s, r in sorted(per_seed.items()) if label in r}
+        ref = {s: per_seed[s][REFERENCE] for s in rows if REFERENCE in per_seed[s]
+               and per_seed[s][REFERENCE]["num"] == rows[s]["num"]}
+        delta = {s: rows[s]["fd"] - ref[s]["fd"] for s in ref}
+        each = ", ".join(f"{s}: {rows[s]['fd']:.2f}" + (f" ({delta[s]:+.2f})" if s in delta and label != REFERENCE
+                                                          else "") for s in rows)
+        lines.append(f"| {label} | {'/'.join(sorted({str(r['num']) for r in rows.values()}))} | "
+                     f"{mean_std([r['fd'] for r in rows.values()])} | "
+                     f"{mean_std(list(delta.values())) if label != REFERENCE else '-'} | {each} |")
+    return lines
+
+
 def speeds(times: list[dict]) -> dict[str, tuple[float, float | None, int]]:
     """{setting: (median images/s, median of the per-round ratios to the release setting, images per process)},
     from the setting's timed runs with the most images per process (the release's runs of that size)."""
@@ -394,6 +467,7 @@ def table(run: Path) -> tuple[str, list[dict]]:
         if ips:
             rows.append(row(f"vcdm sample, {label}", ips, "images/s", reference=f"vcdm sample, {REFERENCE}",
                             ratio=ratio, note="whole process, 1 thread, median"))
+    lines += more_table(run)
     lines += ["", "| stage | tuning | trained kimg | tuned kimg | tuning / training kimg | tuning / training seconds |",
               "|---|---|---|---|---|---|"]
     for stage in LENGTHS:
@@ -470,6 +544,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="seeds at once, each in its own process [1]")
     p.add_argument("--num", type=int, default=2000, help="images per setting and seed (the image stage given the "
                    "held-out digits: at most their 300) [2000]")
+    p.add_argument("--more", type=int, default=0, help="score --more-settings on this many more images per seed (a "
+                   "multiple of --num; sampling seeds from 30000), with the --num: less sampling noise [0]")
+    p.add_argument("--more-settings", metavar="LABEL;...", default=";".join(MORE_SETTINGS),
+                   help="';'-separated labels scored by --more [the release's and the best 2+2]")
     p.add_argument("--time-images", type=int, default=2048, help="images per timed `vcdm sample` run [2048]")
     p.add_argument("--time-reps", type=int, default=3, help="timed rounds (0: no timing) [3]")
     p.add_argument("--batch", type=int, default=256, help="batch of the timed runs [256]")
@@ -486,6 +564,11 @@ def main(argv: list[str] | None = None) -> None:
     a.out = a.worker or a.out
     if not 2 <= a.num <= 100_000:
         p.error(f"--num: expected 2..100000, got {a.num}")
+    more_settings = tuple(a.more_settings.split(";"))
+    if a.more % a.num or a.more < 0:
+        p.error(f"--more: expected a multiple of --num ({a.num}), got {a.more}")
+    if unknown := [label for label in more_settings if label not in SETTINGS]:
+        p.error(f"--more-settings: no setting '{unknown[0]}' (see the table's labels)")
     if a.report:
         return report(a.out, a.json, start)
     torch.set_num_threads(1)
@@ -499,12 +582,14 @@ def main(argv: list[str] | None = None) -> None:
         digits.write_digits(a.out / "data", SIZES.resolution)
     if a.worker or a.jobs == 1 or len(seeds) == 1:
         for seed in seeds:
-            run_seed(a.out, seed, a.num, a.device, {"prior": a.prior_method, "image": a.image_method})
+            run_seed(a.out, seed, a.num, a.device, {"prior": a.prior_method, "image": a.image_method}, a.more,
+                     more_settings)
         if a.worker:
             return
     else:
         run_seed_processes(__file__, seeds, a.jobs, a.out,
-                           ["--out", str(a.out), "--num", str(a.num), "--device", a.device,
+                           ["--out", str(a.out), "--num", str(a.num), "--device", a.device, "--more", str(a.more),
+                            "--more-settings", a.more_settings,
                             *(["--prior-method", a.prior_method] if a.prior_method else []),
                             *(["--image-method", a.image_method] if a.image_method else [])])
     only = a.time_settings.split(";") if a.time_settings else None
