@@ -419,10 +419,14 @@ def timed_as(label: str) -> str:
     return label.split(" (")[0].replace("DMD+GAN", "tuned").replace("DMD", "tuned")
 
 
-def method_label(training: dict) -> str:
+def method_label(config) -> str:
+    """The tuning method of a tuned checkpoint's config, with DMD's steps and the levels it recorded."""
+    training = config.training
     steps = training.get("dmd_steps", 2) if training["tune"] == "dmd" else None
+    levels = (config.sampler or {}).get("levels")
+    at = f" at {', '.join(f'{v:g}' for v in levels)}" if steps and levels and len(levels) == steps else ""
     return (training["tune"].upper() + ("+GAN" if training.get("gan_weight") else "")
-            + (f" ({steps} step{'s' * (steps > 1)})" if steps else ""))
+            + (f" ({steps} step{'s' * (steps > 1)}{at})" if steps else ""))
 
 
 def table(run: Path) -> tuple[str, list[dict]]:
@@ -431,7 +435,7 @@ def table(run: Path) -> tuple[str, list[dict]]:
     col = lambda label, key: [per_seed[s][label][key] for s in seeds if label in per_seed[s]]  # noqa: E731
     ref_fd = col(REFERENCE, "fd")
     methods = {(t, k): method_label(read_checkpoint_config(snapshot(tuning_folder(run, seeds[0], t, k),
-                                                                    "*/network-snapshot-*.safetensors")).training)
+                                                                    "*/network-snapshot-*.safetensors")))
                for t in TUNINGS for k in LENGTHS}
     lines = [f"Two-stage sampling on the demo digits (8x8) with few network evaluations: both stages tuned by "
              f"`vcdm tune` (\"tuned\": prior {methods['tuned', 'prior']}, image model {methods['tuned', 'image']}), then "
