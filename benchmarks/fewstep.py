@@ -239,7 +239,7 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
     if more:
         score_more(run, seed, models, num, more, more_settings, device)
     log = run / f"seed-{seed}" / "results.jsonl"
-    done = {r.get("setting", r["kind"]) for r in read(log)}
+    done = {r.get("setting", r["kind"]) for r in read(log) if r["kind"] != "more"}
     for kind, base in models["base"].items():
         for tuning in TUNINGS:
             if cost_label(kind, tuning) not in done:
