@@ -98,14 +98,15 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
        for name, tuning, n in (("DMD", BOTH, 2), ("DMD+GAN", GAN, 2), ("DMD+GAN", DMD3, 3))},
     "DMD+GAN 1+2 (image DMD of the diffusion model)": (DIRECT, (1, 2), ["--prior-steps", "1", "--image-steps", "2"],
                                                        SamplerOptions(sampler="consistency", num_steps=2)),
-    **{f"DMD+GAN 2+2 (prior step 2 at {REFINE}; image DMD of the diffusion model{length})": (
+    **{f"DMD+GAN 2+2 (prior step 2 at {REFINE}, image DMD of the diffusion model{length})": (
         tuning, (2, 2), ["--prior-levels", f"80,{REFINE}", "--image-steps", "2"],
         SamplerOptions(sampler="consistency", num_steps=2))
        for length, tuning in (("", DIRECT), (", 64 kimg", DIRECT64))},
-    "DMD+GAN 2+2 (prior DMD at 80 and 0.15; image DMD of the diffusion model, 64 kimg)": (
+    "DMD+GAN 2+2 (prior DMD at 80 and 0.15, image DMD of the diffusion model for 64 kimg)": (
         GAN2, (2, 2), [], SamplerOptions(sampler="consistency", num_steps=2)),
 }
 REFERENCE = "release: Heun 40 + churn"
+assert not any(";" in label for label in SETTINGS), "--time-settings and --more-settings separate labels by ';'"
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -269,7 +270,7 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
 
 MORE_START = 30_000  # the first sampling seed of the extra images, the same for every training seed
 MORE_SETTINGS = ("release: Heun 40 + churn",
-                 "DMD+GAN 2+2 (prior DMD at 80 and 0.15; image DMD of the diffusion model, 64 kimg)")
+                 "DMD+GAN 2+2 (prior DMD at 80 and 0.15, image DMD of the diffusion model for 64 kimg)")
 
 
 def score_more(run: Path, seed: int, models: dict, num: int, more: int, labels: tuple[str, ...], device: str) -> None:
