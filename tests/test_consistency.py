@@ -638,10 +638,11 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
     resumed ends with the straight run's weights (a teacher taken from the resumed weights would not). dmd (the
     default for a tuned checkpoint) loads the diffusion model it was tuned from, and resumes its fake denoiser
     and that one's optimiser from the state; with a GAN term, its discriminator too."""
-    gan = ["--gan-weight", "3e-3"] if method == "dmd-gan" else []
-    method = method.removesuffix("-gan")
-    checkpoint, flags = ((tuned["tuned"], ["--sampler-steps", "1", *gan]) if method == "dmd" else
+    dmd = {"dmd": ["--sampler-levels", "80,0.5"], "dmd-gan": ["--sampler-steps", "1", "--gan-weight", "3e-3"]}
+    recorded = {"dmd": {"num_steps": 2, "levels": [80.0, 0.5]}, "dmd-gan": {"num_steps": 1}}.get(method, {"num_steps": 2})
+    checkpoint, flags = ((tuned["tuned"], dmd[method]) if method in dmd else
                          (tuned["base"], ["--method", method, *(["--teacher-steps", "3"] if method == "kd" else [])]))
+    gan, method = method.endswith("-gan"), method.removesuffix("-gan")
     args = [str(checkpoint), *flags, "--kimg", "0.016", "--tick", "0.004", "--snap", "0", "--dump", "0",
             "--workers", "0", "--device", "cpu", "--seed", "1"]
     invoke = lambda *extra: CliRunner().invoke(tune_cmd, [*args, *extra])  # noqa: E731
@@ -650,7 +651,7 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
     assert run_dir(tmp_path / "straight").name.endswith(f"-{method}")  # the run directory names the method
     snapshot = read_checkpoint_config(sorted(run_dir(tmp_path / "straight").glob("network-*"))[-1])
     assert snapshot.training["tune"] == method
-    assert snapshot.sampler == {"name": "consistency", "num_steps": 1 if method == "dmd" else 2}  # dmd: the steps it trained
+    assert snapshot.sampler == {"name": "consistency", **recorded}  # dmd: the steps (and levels) it trained
     stopped = invoke("--outdir", str(tmp_path / "stopped"), "--time-limit", "0.001")
     assert stopped.exit_code == 0 and "Stopped by --time-limit" in stopped.output, stopped.output
     resumed = invoke("--outdir", str(tmp_path / "stopped"), "--resume", "auto")
@@ -664,7 +665,7 @@ def test_distillation_tuning_resumes_bit_identically_with_its_teacher(tuned, tmp
         assert all(torch.equal(fake[0][k], fake[1][k]) for k in fake[0])
         assert not all(torch.equal(fake[0][k], v) for k, v in teacher.net.state_dict().items())  # it trained
         heads = [last_state(run_dir(tmp_path / d))["loss"].get("discriminator") for d in ("straight", "stopped")]
-        assert (heads[0] is not None) == bool(gan)
+        assert (heads[0] is not None) == gan
         if gan:
             assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
             wrong = invoke("--outdir", str(tmp_path / "stopped"), "--resume", "auto", "--gan-weight", "0",
