@@ -11,11 +11,12 @@ In x0 terms the sampler's output moves along D_fake(x_s; s) - D_real(x_s; s), no
 mean |G(x) - D_real(x_s; s)| (Yin et al.'s weighting). The fixed point is the teacher's distribution
 itself, which a churned SDE sampler approaches and the ODE does not quite.
 
-The sampler trained is the consistency sampler of ``steps`` levels (Karras's, or ``levels``;
-vcdm.diffusion.sampling): its input is pure noise at the top level or, for a later step, its own
-(gradient-free) output re-noised to that step's level (DMD2's backward simulation), so training sees what sampling will. The fake denoiser
-starts as the teacher and takes ``fake_updates`` Adam steps per sampler step on the sampler's detached
-outputs (DMD2's two time-scale update rule), with DMD2's Adam betas (0, 0.999). It is part of the training
+The sampler trained is the consistency sampler of ``steps`` levels (``levels``, else ``default_levels``,
+else Karras's; vcdm.diffusion.sampling): its input is pure noise at the top level or, for a later step,
+its own (gradient-free) output re-noised to that step's level (DMD2's backward simulation), so training
+sees what sampling will. The fake denoiser starts as the teacher and takes ``fake_updates`` Adam steps per
+sampler step on the sampler's detached outputs (DMD2's two time-scale update rule), with DMD2's Adam betas
+(0, 0.999). It is part of the training
 state: the training loop saves and restores it (`state_dict`) and DDP averages its gradients. The noise level of
 x_s is Karras's (rho 7) level at a uniform fraction in [0.02, 0.98] of the sampler's range (DMD2's timesteps 20-980
 of 1000). The returned per-element value 0.5 ||G(x) - sg(G(x) - grad)||^2 exists for its gradient, ``grad``; its
@@ -146,7 +147,8 @@ class DMDLoss:
     random, learns at ``gan_lr``. ``guidance`` != 1 guides the teacher (vcdm.diffusion.guidance): away from ``guide``
     (autoguidance by a weaker model of the same data, set by the training loop as the teacher is) or, without one, from
     its own null condition (classifier-free); the sampler then matches the guided model's distribution, as DMD2's
-    text-to-image runs match a guided teacher's. ``levels``: the sampler's noise levels, one per step (None: Karras's)."""
+    text-to-image runs match a guided teacher's. ``levels``: the sampler's noise levels, one per step (None:
+    ``default_levels``, else Karras's)."""
 
     def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *, gan_weight: float = 0.0,
                  gan_lr: float = 0.0, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,

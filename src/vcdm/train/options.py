@@ -101,7 +101,7 @@ class ModelOptions:
     teacher_steps: int = TEACHER_STEPS  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
     teacher: str | None = None  # ecd/kd/dmd: the frozen teacher's checkpoint (None: --init's)
     dmd_steps: int = CONSISTENCY_DEFAULT_STEPS  # dmd: the consistency sampler's steps it trains (and records)
-    dmd_levels: list[float] | None = None  # dmd: that sampler's noise levels, one per step (None: Karras's)
+    dmd_levels: list[float] | None = None  # dmd: that sampler's noise levels, one per step (None: DMDLoss's default)
     fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
     gan_weight: float = 0.0  # dmd: DMD2's GAN term, the sampler's generator-loss weight (0: none)
