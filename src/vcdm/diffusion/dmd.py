@@ -11,8 +11,8 @@ In x0 terms the sampler's output moves along D_fake(x_s; s) - D_real(x_s; s), no
 mean |G(x) - D_real(x_s; s)| (Yin et al.'s weighting). The fixed point is the teacher's distribution
 itself, which a churned SDE sampler approaches and the ODE does not quite.
 
-The sampler trained is the consistency sampler of ``steps`` levels (``levels``, else ``default_levels``,
-else Karras's; vcdm.diffusion.sampling): its input is pure noise at the top level or, for a later step,
+The sampler trained is the consistency sampler of ``steps`` levels (``sampler_levels``, else Karras's;
+vcdm.diffusion.sampling): its input is pure noise at the top level or, for a later step,
 its own (gradient-free) output re-noised to that step's level (DMD2's backward simulation), so training
 sees what sampling will. The fake denoiser starts as the teacher and takes ``fake_updates`` Adam steps per
 sampler step on the sampler's detached outputs (DMD2's two time-scale update rule), with DMD2's Adam betas
@@ -130,10 +130,13 @@ def frozen(module: nn.Module) -> Iterator[None]:
         module.requires_grad_(True)
 
 
-def default_levels(steps: int, inner: nn.Module) -> tuple[float, float] | None:
-    """The levels DMD trains a sampler of ``steps`` at when none are given, where they are not Karras's (None): a
-    network that predicts x0 (the prior) takes 2 steps at its top level and DMD_REFINE_LEVEL x sigma_data, its second
-    step mending in the small what its first gets wrong (vcdm.diffusion.settings)."""
+def sampler_levels(steps: int, inner: nn.Module, given: Sequence[float] | None = None) -> tuple[float, ...] | None:
+    """The levels DMD trains a sampler of ``steps`` at, where they are not Karras's (None): those ``given``
+    (--sampler-levels); else, for a network that predicts x0 (the prior), 2 steps at its top level and
+    DMD_REFINE_LEVEL x sigma_data, the second step mending in the small what the first gets wrong
+    (vcdm.diffusion.settings). Training and the sampler a tuned checkpoint records both ask here."""
+    if given:
+        return tuple(given)
     if steps != 2 or not bool(inner.x0_mask.any()):
         return None
     return sampler_range(inner)[1], DMD_REFINE_LEVEL * float(inner.sigma_data)
@@ -148,16 +151,16 @@ class DMDLoss:
     (autoguidance by a weaker model of the same data, set by the training loop as the teacher is) or, without one, from
     its own null condition (classifier-free); the sampler then matches the guided model's distribution, as DMD2's
     text-to-image runs match a guided teacher's. ``levels``: the sampler's noise levels, one per step (None:
-    ``default_levels``, else Karras's)."""
+    ``sampler_levels``' default, else Karras's)."""
 
     def __init__(self, fake_loss: Callable, steps: int, fake_updates: int, fake_lr: float, *, gan_weight: float = 0.0,
                  gan_lr: float = 0.0, fake_betas: tuple[float, float] = (0.0, 0.999), cond_drop: float = 0.0,
                  teacher: nn.Module | None = None, guidance: float = 1.0, guide: Callable | None = None,
                  levels: Sequence[float] | None = None):
         self.fake_loss, self.steps, self.fake_updates, self.fake_lr = fake_loss, steps, fake_updates, fake_lr
-        self.sampler_levels = None if levels is None else tuple(levels)
-        if self.sampler_levels is not None and len(self.sampler_levels) != steps:
-            raise ValueError(f"levels: {len(self.sampler_levels)} noise levels for {steps} steps")
+        self.given_levels = None if levels is None else tuple(levels)
+        if self.given_levels is not None and len(self.given_levels) != steps:
+            raise ValueError(f"levels: {len(self.given_levels)} noise levels for {steps} steps")
         if gan_weight > 0 and not gan_lr > 0:
             raise ValueError(f"gan_lr: the GAN term's discriminator needs a positive learning rate, got {gan_lr}")
         self.gan_weight, self.gan_lr, self.fake_betas, self.cond_drop = gan_weight, gan_lr, fake_betas, cond_drop
@@ -193,9 +196,8 @@ class DMDLoss:
         self.fake_opt.load_state_dict(state["fake_opt"])
 
     def levels(self, inner: nn.Module, device: torch.device) -> torch.Tensor:
-        """The consistency sampler's levels: those given, else ``default_levels``, else Karras's for ``steps`` without
-        sigma_min."""
-        levels = self.sampler_levels or default_levels(self.steps, inner)
+        """The consistency sampler's levels: ``sampler_levels``', else Karras's for ``steps`` without sigma_min."""
+        levels = sampler_levels(self.steps, inner, self.given_levels)
         if levels is not None:
             return torch.tensor(levels, dtype=torch.float32, device=device)
         lo, hi = sampler_range(inner)

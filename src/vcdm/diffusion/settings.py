@@ -43,7 +43,7 @@ DEFAULT_RHO = 7.0  # EDM's Karras exponent
 # 2 steps and 11.4 -> 9.2 at 4 (benchmarks/results/fewstep-digits.md).
 CONSISTENCY_RHO = 20.0
 # The second of the two levels DMD trains a network that predicts x0 (the prior) at, as a fraction of sigma_data
-# (vcdm.diffusion.dmd.default_levels; the first is the top level): the second step re-noises the first's sample a
+# (vcdm.diffusion.dmd.sampler_levels; the first is the top level): the second step re-noises the first's sample a
 # little and denoises it once more, mending what one step gets wrong in the small. Demo digits, one-step DMD+GAN prior
 # given a second evaluation it was not trained for (2000 images, seed 0): FD 4.66 in one step; 3.09 / 3.06 / 3.12 /
 # 3.39 / 4.13 / 5.03 with it at 0.05 / 0.11 / 0.24 / 0.46 / 0.64 / 0.80 (sigma_data 0.5); the release's 79

@@ -16,7 +16,7 @@ from vcdm.data.structure import Structure
 from vcdm.diffusion.augment import edm_augment_pipe
 from vcdm.diffusion.consistency import ECTLoss
 from vcdm.diffusion.distillation import DistillLoss
-from vcdm.diffusion.dmd import DMDLoss, default_levels
+from vcdm.diffusion.dmd import DMDLoss, sampler_levels
 from vcdm.diffusion.loss import EDM2Loss, EDMLoss, VELoss, VPLoss
 from vcdm.diffusion.settings import CONSISTENCY_DEFAULT_STEPS
 from vcdm.embedders import PRETRAINED, FitOptions, PCAOptions, PostProcessOptions, build_embedder
@@ -60,13 +60,13 @@ class Setup:
 
 def tuned_sampler(training: dict[str, Any], denoiser: Denoiser) -> dict[str, Any] | None:
     """What a consistency-tuned model records as its default sampler (None for diffusion training): its steps, and the
-    levels DMD trained where they are not Karras's (--sampler-levels, or vcdm.diffusion.dmd.default_levels)."""
+    levels DMD trained where they are not Karras's (vcdm.diffusion.dmd.sampler_levels)."""
     if not training.get("tune"):
         return None
     if training["tune"] != "dmd":
         return {"name": "consistency", "num_steps": CONSISTENCY_DEFAULT_STEPS}
     steps = training.get("dmd_steps", CONSISTENCY_DEFAULT_STEPS)
-    levels = training.get("dmd_levels") or default_levels(steps, denoiser)
+    levels = sampler_levels(steps, denoiser, training.get("dmd_levels"))
     return {"name": "consistency", "num_steps": steps, **({"levels": list(levels)} if levels else {})}
 
 

@@ -101,7 +101,7 @@ class ModelOptions:
     teacher_steps: int = TEACHER_STEPS  # kd: the teacher's Heun sampler steps (2 n - 1 evaluations per sample and step)
     teacher: str | None = None  # ecd/kd/dmd: the frozen teacher's checkpoint (None: --init's)
     dmd_steps: int = CONSISTENCY_DEFAULT_STEPS  # dmd: the consistency sampler's steps it trains (and records)
-    dmd_levels: list[float] | None = None  # dmd: that sampler's noise levels, one per step (None: DMDLoss's default)
+    dmd_levels: list[float] | None = None  # dmd: that sampler's levels, one per step (None: dmd.sampler_levels')
     fake_updates: int = FAKE_UPDATES  # dmd: fake-denoiser steps per training step
     fake_lr: float | None = None  # dmd: the fake denoiser's learning rate (None: --lr)
     gan_weight: float = 0.0  # dmd: DMD2's GAN term, the sampler's generator-loss weight (0: none)
@@ -170,8 +170,8 @@ def _recorded_type(value: Any, hint: Any) -> bool:
     if hint is int:
         return type(value) is int
     return hint is Any or isinstance(value, hint)
-LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float, "ema_std": float, "dmd_levels": float,
-               "cres": int}
+LIST_FIELDS = {"exist": int, "observed": int, "n_comp": int, "n_clusters": int, "pred_x0": int, "noise_mult": float,
+               "ema_std": float, "dmd_levels": float, "cres": int}
 
 
 # What defines a run's model and the data it learns: a resumed run must keep these (--resume=auto
