@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, median, result, row, write_json  # noqa: E402
 from quality import run_seed_processes, train_nested  # noqa: E402
 
-from vcdm.checkpoints import read_checkpoint_config  # noqa: E402
+from vcdm.checkpoints import CheckpointConfig, read_checkpoint_config  # noqa: E402
 from vcdm.data import digits  # noqa: E402
 from vcdm.demo.budget import Sizes  # noqa: E402
 from vcdm.demo.training import read_stats, train_options  # noqa: E402
@@ -64,9 +64,11 @@ TUNED, BOTH, GAN, DMD3, DIRECT, DIRECT64, GAN2 = ({"prior": t, "image": t} for t
                                                                                       "direct", "direct64", "gan2"))
 GAN_WEIGHTS = {"prior": "0.3", "image": "3e-3"}  # `vcdm tune --gan-weight` of each stage's "gan" tuning (the image
 # model's is DMD2's; `vcdm tune`'s default for it is 0)
-REFINE = DMD_REFINE_LEVEL * 0.5  # the one-step DMD prior's second level, as `vcdm tune` now records it (sigma_data 0.5)
+REFINE = DMD_REFINE_LEVEL * 0.5  # the prior's second level, where `vcdm tune` trains it (sigma_data 0.5)
 SHARED = {("dmd3", "prior"): "gan", ("direct", "prior"): "gan", ("direct64", "prior"): "gan",  # the one-step prior
           ("gan2", "image"): "direct64"}  # "gan2": the prior's DMD+GAN at vcdm tune's levels, before "direct64"'s image
+BEST = "DMD+GAN 2+2 (prior DMD at 80 and 0.15, image DMD of the diffusion model for 64 kimg)"  # `vcdm tune`'s defaults
+# for the prior (KD, then DMD+GAN), the image model's DMD of the diffusion model for 64 kimg
 SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, image); `vcdm sample` flags; image-stage SamplerOptions)
     "release: Heun 40 + churn": ({}, (79, 79), [], SamplerOptions(**RELEASE)),
     "--preset fast: UniPC 12": ({}, (12, 12), ["--preset", "fast"], FAST),
@@ -102,8 +104,7 @@ SETTINGS = {  # label: (each stage's tuning, else base; evaluations (prior, imag
         tuning, (2, 2), ["--prior-levels", f"80,{REFINE}", "--image-steps", "2"],
         SamplerOptions(sampler="consistency", num_steps=2))
        for length, tuning in (("", DIRECT), (", 64 kimg", DIRECT64))},
-    "DMD+GAN 2+2 (prior DMD at 80 and 0.15, image DMD of the diffusion model for 64 kimg)": (
-        GAN2, (2, 2), [], SamplerOptions(sampler="consistency", num_steps=2)),
+    BEST: (GAN2, (2, 2), [], SamplerOptions(sampler="consistency", num_steps=2)),
 }
 REFERENCE = "release: Heun 40 + churn"
 assert not any(";" in label for label in SETTINGS), "--time-settings and --more-settings separate labels by ';'"
@@ -155,7 +156,7 @@ def tune(base: Path, outdir: Path, seed: int, device: str, method: str | None, t
 TUNINGS = ("tuned", "refined", "gan", "dmd3", "direct", "direct64", "gan2")
 FROM_BASE = ("direct", "direct64", "gan2")  # tunings whose image model starts from the base model, not the tuned one
 ONE_STEP = {"prior": ("--sampler-steps", "1"), "image": ()}
-BEST_PATH = {("prior", "tuned"), ("prior", "gan2"), ("image", "direct64")}  # the tunings behind the best 2+2
+BEST_PATH = {("prior", "tuned"), ("prior", "gan2"), ("image", "direct64")}  # the tunings behind BEST
 PATH_COSTS = tuple(t for t in TUNINGS if t not in FROM_BASE)  # tunings whose cost adds to "tuned"'s
 
 
@@ -270,8 +271,7 @@ def run_seed(run: Path, seed: int, num: int, device: str, methods: dict[str, str
 
 
 MORE_START = 30_000  # the first sampling seed of the extra images, the same for every training seed
-MORE_SETTINGS = ("release: Heun 40 + churn",
-                 "DMD+GAN 2+2 (prior DMD at 80 and 0.15, image DMD of the diffusion model for 64 kimg)")
+MORE_SETTINGS = (REFERENCE, BEST)
 
 
 def score_more(run: Path, seed: int, models: dict, num: int, more: int, labels: tuple[str, ...], device: str) -> None:
@@ -421,7 +421,7 @@ def timed_as(label: str) -> str:
     return label.split(" (")[0].replace("DMD+GAN", "tuned").replace("DMD", "tuned")
 
 
-def method_label(config) -> str:
+def method_label(config: CheckpointConfig) -> str:
     """The tuning method of a tuned checkpoint's config, with DMD's steps and the levels it recorded."""
     training = config.training
     steps = training.get("dmd_steps", 2) if training["tune"] == "dmd" else None
@@ -495,8 +495,8 @@ def table(run: Path) -> tuple[str, list[dict]]:
                      f"(wall-clock on a shared machine: the kimg ratios are the steadier measure).")
     best = [sum(r["tune_sec"] for r in costs if r["seed"] == s and (r["stage"], r.get("tuning", "tuned")) in BEST_PATH)
             / sum(r["train_sec"] for r in costs if r["seed"] == s and r.get("tuning", "tuned") == "tuned") for s in seeds]
-    lines.append(f"Tuning both stages for the best 2+2 (prior KD then DMD+GAN at 80 and 0.15; image DMD of the diffusion "
-                 f"model for 64 kimg) cost {mean_std(best)} of their training's seconds.")
+    lines.append(f"Tuning both stages for \"{BEST}\" (prior KD then DMD+GAN; image model DMD of the diffusion model) "
+                 f"cost {mean_std(best)} of their training's seconds.")
     lines.append(f"Release seed-to-seed noise: FD std {noise}.")
     return "\n".join(lines), rows
 
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num", type=int, default=2000, help="images per setting and seed (the image stage given the "
                    "held-out digits: at most their 300) [2000]")
     p.add_argument("--more", type=int, default=0, help="score --more-settings on this many more images per seed (a "
-                   "multiple of --num; sampling seeds from 30000), with the --num: less sampling noise [0]")
+                   f"multiple of --num; sampling seeds from {MORE_START}), with the --num: less sampling noise [0]")
     p.add_argument("--more-settings", metavar="LABEL;...", default=";".join(MORE_SETTINGS),
                    help="';'-separated labels scored by --more [the release's and the best 2+2]")
     p.add_argument("--time-images", type=int, default=2048, help="images per timed `vcdm sample` run [2048]")
